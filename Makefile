@@ -1,0 +1,46 @@
+# negalign — set-up, tests and the demo. Every target sets itself up on a fresh clone.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.negalign-installed
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+DEMO_OUT ?= demo-output
+PYTEST_ARGS ?=
+
+.PHONY: install test test-fast lint format demo clean help
+
+help:
+	@echo "make demo      set up and run the pipeline on the bundled tiny model (writes $(DEMO_OUT)/)"
+	@echo "make test      set up and run the whole test suite (slow end-to-end tests included)"
+	@echo "make test-fast the tests without the slow end-to-end ones"
+	@echo "make lint      ruff"
+	@echo "make install   create $(VENV) with torch pinned and negalign in editable mode"
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_PINS)
+	$(BIN)/python -m pip install -q -e '.[dev]' $(TORCH_PINS)
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+demo: $(STAMP)
+	@bash scripts/demo.sh "$(BIN)/negalign" "$(DEMO_OUT)"
+
+clean:
+	rm -rf $(DEMO_OUT) .negalign-cache .pytest_cache .ruff_cache

@@ -1,0 +1,33 @@
+"""Package data: class-name presets, prompt templates, model configs (see ATTRIBUTION.md)."""
+
+from __future__ import annotations
+
+import functools
+import json
+from importlib import resources
+from pathlib import Path
+
+
+def asset_path(name: str) -> Path:
+    return Path(str(resources.files(__package__).joinpath(name)))
+
+
+@functools.cache
+def class_presets() -> dict[str, tuple[str, ...]]:
+    data = json.loads(asset_path("class_names.json").read_text(encoding="utf-8"))
+    return {name: tuple(words) for name, words in data.items()}
+
+
+@functools.cache
+def template_sets() -> dict[str, tuple[str, ...]]:
+    data = json.loads(asset_path("templates.json").read_text(encoding="utf-8"))
+    return {name: tuple(t) for name, t in data.items() if not name.startswith("_")}
+
+
+@functools.cache
+def csp_suffixes() -> tuple[str, ...]:
+    return tuple(json.loads(asset_path("csp_suffixes.json").read_text(encoding="utf-8")))
+
+
+def model_config_dir() -> Path:
+    return asset_path("model_configs")

@@ -1,0 +1,46 @@
+"""The ``negalign`` command: one Typer app, one module per command group."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from negalign_cli import __version__
+from negalign_cli.cli import cache_cmd, embed_cmd, models_cmd
+
+app = typer.Typer(
+    name="negalign",
+    help="Zero-shot OOD detection with CLIP and negative labels: MCM, NegLabel, NegRefine and NegAlign, "
+    "with every stage cached by content.",
+    epilog="Example: negalign embed texts --classes waterbird --model negalign-tiny-test --out d",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    rich_markup_mode="markdown",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"negalign {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Zero-shot OOD detection with CLIP and negative labels."""
+
+
+app.command("models", epilog=models_cmd.EXAMPLE)(models_cmd.models)
+app.add_typer(embed_cmd.app, name="embed")
+app.add_typer(cache_cmd.app, name="cache")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,106 @@
+"""`negalign cache ls|info|gc`: look at and prune the cache."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from negalign_cli.cli.console import guarded, stdout
+from negalign_cli.cli.options import CacheDir
+from negalign_cli.settings import resolve_cache_dir
+from negalign_cli.stages.workspace import Workspace, parse_age
+
+app = typer.Typer(help="Show and prune the cache (artifacts and per-item vectors).", no_args_is_help=True)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _workspace(cache_dir) -> Workspace:
+    return Workspace.open(resolve_cache_dir(cache_dir))
+
+
+@app.command("ls", epilog="Example: negalign cache ls --cache-dir ~/.negalign")
+@guarded
+def ls(
+    cache_dir: CacheDir = None,
+    stage: Annotated[Optional[str], typer.Option("--stage", help="Only this stage.", show_default=False)] = None,
+) -> None:
+    """List cached artifacts (newest first) and the per-item vector namespaces."""
+    workspace = _workspace(cache_dir)
+    records = [r for r in workspace.store.records() if stage is None or r["stage"] == stage]
+    namespaces = workspace.items.namespaces()
+    if not records and not namespaces:
+        stdout().print(f"cache {workspace.root} is empty")
+        return
+    table = Table(title=f"{len(records)} artifact(s) in {workspace.root}", title_justify="left")
+    for column in ("stage", "key", "created", "size", "params"):
+        table.add_column(column, overflow="fold" if column == "params" else "ellipsis")
+    for record in records:
+        table.add_row(
+            record["stage"], record["key"][:12], record["created"], _size(record["bytes"]), record["params_summary"]
+        )
+    stdout().print(table)
+    if namespaces:
+        items = Table(title="per-item vectors", title_justify="left")
+        for column in ("kind", "namespace", "model", "dim", "dtype"):
+            items.add_column(column)
+        for info in namespaces:
+            items.add_row(info.kind, info.id[:12], info.model[:16], str(info.dim), info.dtype)
+        stdout().print(items)
+        stdout().print(f"{workspace.items.count()} vector(s) in {len(namespaces)} namespace(s)")
+
+
+@app.command("info", epilog="Example: negalign cache info 3fa2b1c0")
+@guarded
+def info(
+    key: Annotated[str, typer.Argument(help="Artifact key or a unique prefix of it (4+ characters).")],
+    cache_dir: CacheDir = None,
+) -> None:
+    """Print an artifact's manifest: parameters, input digests, output files, counts, timing."""
+    workspace = _workspace(cache_dir)
+    full = workspace.store.resolve(key)
+    manifest = workspace.store.manifest(full)
+    record = workspace.store.index[full]
+    stdout().print(f"[bold]{manifest['stage']}[/] {full}\n{workspace.root / record['path']}")
+    stdout().print_json(json.dumps(manifest))
+
+
+@app.command("gc", epilog="Example: negalign cache gc --items-older-than 30d --dry-run")
+@guarded
+def gc(
+    cache_dir: CacheDir = None,
+    items_older_than: Annotated[
+        Optional[str],
+        typer.Option("--items-older-than", help="Also drop per-item vectors stored longer ago (90m, 12h, 30d).",
+                     show_default=False),
+    ] = None,
+    items_model: Annotated[
+        Optional[str],
+        typer.Option("--items-model", help="Also drop per-item vectors of models whose fingerprint starts so.",
+                     show_default=False),
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would go.")] = False,
+) -> None:
+    """Remove what nothing reaches: artifact folders missing from the index, index entries whose
+    folder is gone, temporary folders of runs that died; optionally old or per-model vectors."""
+    age = parse_age(items_older_than) if items_older_than else None
+    workspace = _workspace(cache_dir)
+    report = workspace.gc(items_older_than=age, items_model=items_model, dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    stdout().print(
+        f"{verb}: {len(report.unreachable_artifacts)} unreachable artifact(s), "
+        f"{len(report.orphan_temp_folders)} orphaned temp folder(s), "
+        f"{len(report.dangling_index_entries)} dangling index entr(y/ies), "
+        f"{report.items_removed} per-item vector(s); {_size(report.freed_bytes)} of files"
+    )
+    for name in report.unreachable_artifacts + report.orphan_temp_folders:
+        stdout().print(f"  {name}")

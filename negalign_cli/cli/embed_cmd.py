@@ -1,0 +1,89 @@
+"""`negalign embed texts`: class and negative-label text embeddings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from negalign_cli.cli import options as o
+from negalign_cli.cli.console import guarded, stdout
+from negalign_cli.models import load_model
+from negalign_cli.stages.inputs import load_classes, load_negatives, load_templates
+from negalign_cli.stages.text import embed_texts
+from negalign_cli.stages.workspace import Workspace
+
+app = typer.Typer(help="Encode texts (and, later, images) once; every later stage reads the cache.",
+                  no_args_is_help=True)
+
+TEXTS_EXAMPLE = (
+    "Example: negalign embed texts --classes waterbird --model negalign-tiny-test --out d  "
+    "(with real weights: --model ViT-B-16 --pretrained /path/ViT-B-16.pt --classes imagenet "
+    "--negatives neg_labels_noun.txt)"
+)
+
+
+@app.command("texts", epilog=TEXTS_EXAMPLE)
+@guarded
+def texts(
+    classes: Annotated[
+        str, typer.Option("--classes", "-c", help="Class preset (imagenet, waterbird, ...) or a file, one class a line.")
+    ],
+    model: o.Model = "negalign-tiny-test",
+    pretrained: o.Pretrained = None,
+    negatives: Annotated[
+        Optional[Path], typer.Option("--negatives", "-n", help="Negative-label file, one label a line.",
+                                     show_default=False)
+    ] = None,
+    templates: Annotated[
+        str, typer.Option("--templates", help="Template set for classes (noun, adjective, object, background, "
+                                              "bare) or a file with one template a line containing {}.")
+    ] = "noun",
+    negative_templates: Annotated[
+        Optional[str], typer.Option("--negative-templates", help="Template set for negatives (default: as "
+                                                                  "--templates).", show_default=False)
+    ] = None,
+    out: o.Out = None,
+    cache_dir: o.CacheDir = None,
+    device: o.Device = "auto",
+    precision: o.PrecisionOpt = o.Precision.fp32,
+    batch_size: o.BatchSize = 1024,
+    verbose: o.Verbose = 0,
+    quiet: o.Quiet = False,
+) -> None:
+    """Encode ID class names (and optionally negative labels) with prompt templates: each word is
+    the mean of its normalised prompt embeddings, normalised again. Writes class_embeddings.npy +
+    classes.txt (and negative_embeddings.npy + negatives.txt)."""
+    rt = o.runtime(cache_dir, device, precision, batch_size)
+    report = o.reporter(verbose, quiet)
+    class_list = load_classes(classes, report)
+    negative_list = load_negatives(negatives, report) if negatives is not None else None
+    template_set = load_templates(templates)
+    negative_set = load_templates(negative_templates) if negative_templates else None
+    loaded = load_model(model, pretrained, rt.device, rt.precision)
+    report.info(f"model {loaded.describe()}")
+    workspace = Workspace.open(rt.cache_dir)
+    result = embed_texts(
+        loaded,
+        class_list,
+        template_set,
+        workspace,
+        negatives=negative_list,
+        negative_templates=negative_set,
+        batch_size=rt.batch_size,
+        reporter=report,
+    )
+    counts = result.artifact.manifest["counts"]
+    status = "cache hit" if result.hit else f"encoded {counts['encoded']}, {counts['from_item_cache']} from item cache"
+    summary = f"embed-texts {result.artifact.key[:12]}: {counts['classes']} classes"
+    if "negatives" in counts:
+        summary += f", {counts['negatives']} negatives"
+    stdout().print(f"{summary} ({status})")
+    if counts.get("truncated_prompts"):
+        report.warn(f"{counts['truncated_prompts']} prompt(s) were longer than the model's context and were cut")
+    if out is not None:
+        written = result.artifact.export(out)
+        stdout().print(f"wrote {', '.join(p.name for p in written)} to {out}")
+    else:
+        stdout().print(f"artifact: {result.artifact.path}")

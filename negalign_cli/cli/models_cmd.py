@@ -1,0 +1,38 @@
+"""`negalign models`: the architectures negalign can build."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from negalign_cli.cli.console import guarded, stdout
+from negalign_cli.models import list_architectures
+
+EXAMPLE = "Example: negalign models --filter ViT-B"
+
+
+@guarded
+def models(
+    filter_text: Annotated[
+        Optional[str], typer.Option("--filter", "-f", help="Only names containing this text.", show_default=False)
+    ] = None,
+    names_only: Annotated[bool, typer.Option("--names", help="One name a line, nothing else.")] = False,
+) -> None:
+    """List model architectures: the project's own (no weights needed) and open_clip's, with the
+    open_clip weight tags each one knows."""
+    infos = [i for i in list_architectures() if not filter_text or filter_text.lower() in i.name.lower()]
+    if names_only:
+        for info in infos:
+            typer.echo(info.name)
+        return
+    table = Table(title=f"{len(infos)} architectures", title_justify="left")
+    table.add_column("model", style="bold")
+    table.add_column("from")
+    table.add_column("needs --pretrained")
+    table.add_column("open_clip tags / notes", overflow="fold")
+    for info in infos:
+        notes = info.description or ", ".join(info.tags) or "no tags: pass a checkpoint path or 'random'"
+        table.add_row(info.name, info.source, "yes" if info.needs_weights else "no", notes)
+    stdout().print(table)

@@ -1,0 +1,57 @@
+"""Options shared by every command (one definition each), and the runtime they build."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from negalign_cli.cli.console import RichReporter
+from negalign_cli.settings import CACHE_ENV, DEVICE_ENV, Runtime
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+CacheDir = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--cache-dir",
+        envvar=CACHE_ENV,
+        help=f"Cache folder (else ${CACHE_ENV}, else ./.negalign-cache).",
+        show_default=False,
+    ),
+]
+Device = Annotated[
+    str, typer.Option("--device", envvar=DEVICE_ENV, help=f"auto, cpu, cuda or cuda:N (else ${DEVICE_ENV}).")
+]
+PrecisionOpt = Annotated[Precision, typer.Option("--precision", help="Model precision (fp16 needs CUDA).")]
+BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Items per forward pass.")]
+Verbose = Annotated[int, typer.Option("-v", "--verbose", count=True, help="More detail (repeatable).")]
+Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="Only warnings, errors and results.")]
+Model = Annotated[
+    str, typer.Option("--model", "-m", help="open_clip architecture or a project model (`negalign models`).")
+]
+Pretrained = Annotated[
+    Optional[str],
+    typer.Option(
+        "--pretrained",
+        help="open_clip tag (e.g. openai), local checkpoint path, or 'random'. Not needed for negalign-* models.",
+        show_default=False,
+    ),
+]
+Out = Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write the user-facing files here.")]
+
+
+def runtime(cache_dir: Path | None, device: str, precision: Precision | str, batch_size: int) -> Runtime:
+    value = precision.value if isinstance(precision, Precision) else precision
+    return Runtime.create(cache_dir=cache_dir, device=device, precision=value, batch_size=batch_size)
+
+
+def reporter(verbose: int, quiet: bool) -> RichReporter:
+    return RichReporter(-1 if quiet else verbose)

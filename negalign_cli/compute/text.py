@@ -1,0 +1,65 @@
+"""Text encoding: prompts from templates, batched, template-averaged, L2-normalised. Pure."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+PLACEHOLDER = "{}"
+
+
+def format_prompts(words: Sequence[str], templates: Sequence[str]) -> list[str]:
+    """Word-major prompt list: all templates of ``words[0]``, then of ``words[1]``, ..."""
+    return [template.replace(PLACEHOLDER, word) for word in words for template in templates]
+
+
+def count_truncated(tokenizer: Callable, texts: Sequence[str], context_length: int) -> int:
+    """How many texts are longer than the text tower's context (they get cut at the end).
+
+    Uses the tokenizer's ``encode`` (open_clip's BPE tokenizer) and counts start/end tokens; a
+    tokenizer without ``encode`` reports 0.
+    """
+    encode = getattr(tokenizer, "encode", None)
+    if encode is None:
+        return 0
+    return sum(len(encode(text)) + 2 > context_length for text in texts)
+
+
+@torch.inference_mode()
+def encode_texts(
+    model: torch.nn.Module,
+    tokenizer: Callable[[list[str]], torch.Tensor],
+    words: Sequence[str],
+    templates: Sequence[str],
+    *,
+    batch_size: int = 1024,
+    device: torch.device | str | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Embed each word as the mean of its L2-normalised prompt embeddings, L2-normalised again.
+
+    This is CLIP's zero-shot classifier recipe, the one NegLabel and NegRefine use for both ID
+    classes and negative labels. ``batch_size`` counts prompts; a batch always holds whole words.
+    Returns a float32 CPU tensor of shape ``(len(words), embed_dim)``; ``on_batch(n)`` is called
+    with the number of words finished after each batch.
+    """
+    if not templates:
+        raise ValueError("at least one template is needed")
+    if not words:
+        raise ValueError("no words to encode")
+    if device is None:
+        device = next(model.parameters()).device
+    n_templates = len(templates)
+    words_per_batch = max(1, batch_size // n_templates)
+    chunks = []
+    for start in range(0, len(words), words_per_batch):
+        chunk = words[start : start + words_per_batch]
+        tokens = tokenizer(format_prompts(chunk, templates)).to(device)
+        features = F.normalize(model.encode_text(tokens).float(), dim=-1)
+        features = features.view(len(chunk), n_templates, -1).mean(dim=1)
+        chunks.append(F.normalize(features, dim=-1).cpu())
+        if on_batch is not None:
+            on_batch(len(chunk))
+    return torch.cat(chunks)

@@ -1,0 +1,82 @@
+"""Resolution of the options every command shares: cache folder, device, precision."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from negalign_cli.errors import NegalignError
+
+CACHE_ENV = "NEGALIGN_CACHE"
+DEVICE_ENV = "NEGALIGN_DEVICE"
+DEFAULT_CACHE_DIR = ".negalign-cache"
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_cache_dir(cache_dir: str | Path | None = None) -> Path:
+    """``cache_dir`` if given, else ``$NEGALIGN_CACHE``, else ``./.negalign-cache``."""
+    chosen = cache_dir or os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR
+    path = Path(chosen).expanduser()
+    if path.exists() and not path.is_dir():
+        raise NegalignError(f"cache folder {path} exists and is not a folder")
+    return path
+
+
+def resolve_device(device: str | None = None) -> torch.device:
+    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:i``."""
+    name = (device or os.environ.get(DEVICE_ENV) or "auto").strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    match = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if not match:
+        raise NegalignError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise NegalignError(f"device {name} asked for, but CUDA is not available here: use --device cpu")
+    index = int(match.group(1) or 0)
+    if index >= torch.cuda.device_count():
+        raise NegalignError(f"device {name} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return torch.device("cuda", index)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    """fp32 everywhere; fp16 only on CUDA (CPU kernels for it are slow or missing); bf16 anywhere."""
+    key = precision.strip().lower()
+    if key not in PRECISIONS:
+        raise NegalignError(f"unknown precision {precision!r}: use fp32, fp16 or bf16")
+    if key == "fp16" and device.type != "cuda":
+        raise NegalignError("--precision fp16 needs a CUDA device; on the CPU use fp32 or bf16")
+    return PRECISIONS[key]
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how a command runs; built once by the CLI from flags, environment and defaults."""
+
+    cache_dir: Path
+    device: torch.device
+    precision: str
+    batch_size: int
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return PRECISIONS[self.precision]
+
+    @classmethod
+    def create(
+        cls,
+        cache_dir: str | Path | None = None,
+        device: str | None = None,
+        precision: str = "fp32",
+        batch_size: int = 256,
+    ) -> Runtime:
+        if batch_size < 1:
+            raise NegalignError(f"--batch-size must be at least 1 (got {batch_size})")
+        resolved_device = resolve_device(device)
+        resolve_precision(precision, resolved_device)
+        return cls(resolve_cache_dir(cache_dir), resolved_device, precision.strip().lower(), batch_size)

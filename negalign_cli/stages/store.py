@@ -1,0 +1,395 @@
+"""The content-addressed artifact store (DESIGN.md §3).
+
+Layout under the cache root::
+
+    index/                 diskcache Index: key -> record (stage, created, size, params)
+    artifacts/<stage>/<key>/manifest.json + output files
+    tmp/<key>.<random>/    a run in progress (renamed into artifacts/ when complete)
+    locks/<key>.lock       one file lock per key: two processes compute a key once
+
+A stage run is identified by ``StageSpec.key``: the sha256 of the canonical JSON of the stage
+name, the stage version, its parameters and the digests of its inputs. Outputs are written to a
+temporary folder, digested into ``manifest.json`` and renamed into place, so a killed run never
+leaves a visible partial artifact. Every read re-digests the outputs; a truncated or edited file is
+reported and the artifact recomputed, never used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import diskcache
+from filelock import FileLock, Timeout
+
+from negalign_cli import __version__
+from negalign_cli.errors import NegalignError
+from negalign_cli.hashing import canonical_json, sha256_file, sha256_text
+from negalign_cli.reporting import NullReporter, Reporter
+
+MANIFEST = "manifest.json"
+LOCK_POLL_SECONDS = 0.5
+
+ComputeFn = Callable[[Path], Mapping[str, Any] | None]
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What identifies one stage run. ``inputs`` maps an input name to its content digest."""
+
+    stage: str
+    version: int
+    params: Mapping[str, Any]
+    inputs: Mapping[str, str] = field(default_factory=dict)
+
+    def key_material(self) -> dict[str, Any]:
+        return {"stage": self.stage, "version": self.version, "params": dict(self.params), "inputs": dict(self.inputs)}
+
+    @property
+    def key(self) -> str:
+        return sha256_text(canonical_json(self.key_material()))
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A verified, complete artifact folder."""
+
+    key: str
+    stage: str
+    path: Path
+    manifest: dict[str, Any]
+
+    def file(self, name: str) -> Path:
+        if name not in self.manifest["outputs"]:
+            raise KeyError(f"artifact {self.stage}/{self.key[:12]} has no output {name!r}")
+        return self.path / name
+
+    @property
+    def files(self) -> list[str]:
+        return sorted(self.manifest["outputs"])
+
+    def export(self, out_dir: str | Path) -> list[Path]:
+        """Copy the outputs and the manifest into ``out_dir`` (the user-facing ``--out``)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        written = []
+        for name in [*self.files, MANIFEST]:
+            target = out / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self.path / name, target)
+            written.append(target)
+        return written
+
+
+@dataclass(frozen=True)
+class StageResult:
+    artifact: Artifact
+    hit: bool
+
+
+@dataclass
+class GcReport:
+    unreachable_artifacts: list[str] = field(default_factory=list)
+    dangling_index_entries: list[str] = field(default_factory=list)
+    orphan_temp_folders: list[str] = field(default_factory=list)
+    freed_bytes: int = 0
+    items_removed: int = 0
+
+
+def _now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def folder_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def params_summary(params: Mapping[str, Any], limit: int = 80) -> str:
+    parts = []
+    for name in sorted(params):
+        value = params[name]
+        if isinstance(value, (list, tuple)):
+            text = f"[{len(value)}]"
+        elif isinstance(value, dict):
+            text = "{…}"
+        else:
+            text = str(value)
+            if len(text) > 24:
+                text = text[:12] + "…"
+        parts.append(f"{name}={text}")
+    summary = " ".join(parts)
+    return summary if len(summary) <= limit else summary[: limit - 1] + "…"
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"negalign": __version__, "python": platform.python_version()}
+    for module in ("torch", "open_clip", "numpy"):
+        with contextlib.suppress(Exception):
+            versions[module] = __import__(module).__version__
+    return versions
+
+
+class ArtifactStore:
+    """Stage artifacts on disk, indexed by key. Safe for several processes on one local disk."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.artifacts_dir = self.root / "artifacts"
+        self.tmp_dir = self.root / "tmp"
+        self.locks_dir = self.root / "locks"
+        for folder in (self.artifacts_dir, self.tmp_dir, self.locks_dir):
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise NegalignError(f"cannot create cache folder {folder}: {exc.strerror}") from exc
+        self._index: diskcache.Index | None = None
+
+    # ----------------------------------------------------------------- index
+    @property
+    def index(self) -> diskcache.Index:
+        if self._index is None:
+            # SQLite set-up is not safe when two processes create the file at the same moment.
+            with FileLock(str(self.locks_dir / "index-open.lock")):
+                self._index = diskcache.Index(str(self.root / "index"))
+        return self._index
+
+    def close(self) -> None:
+        if self._index is not None:
+            self._index.cache.close()
+            self._index = None
+
+    def _lock(self, key: str) -> FileLock:
+        return FileLock(str(self.locks_dir / f"{key}.lock"))
+
+    def artifact_dir(self, stage: str, key: str) -> Path:
+        return self.artifacts_dir / stage / key
+
+    # ---------------------------------------------------------------- lookup
+    def _verify(self, folder: Path) -> tuple[dict[str, Any] | None, str | None]:
+        """Return (manifest, None) if ``folder`` is complete and intact, else (None, reason)."""
+        manifest_path = folder / MANIFEST
+        if not manifest_path.is_file():
+            return None, "manifest.json is missing"
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+            outputs = manifest["outputs"]
+        except (ValueError, KeyError, TypeError):
+            return None, "manifest.json is unreadable"
+        for name, meta in outputs.items():
+            path = folder / name
+            if not path.is_file():
+                return None, f"{name} is missing"
+            if path.stat().st_size != meta["bytes"]:
+                return None, f"{name} has {path.stat().st_size} bytes, expected {meta['bytes']}"
+            if sha256_file(path) != meta["sha256"]:
+                return None, f"{name} does not match its digest"
+        return manifest, None
+
+    def _record(self, key: str, manifest: dict[str, Any], folder: Path) -> dict[str, Any]:
+        return {
+            "key": key,
+            "stage": manifest["stage"],
+            "stage_version": manifest["stage_version"],
+            "path": str(folder.relative_to(self.root)),
+            "created": manifest["created"],
+            "bytes": folder_size(folder),
+            "params": manifest["params"],
+            "params_summary": params_summary(manifest["params"]),
+        }
+
+    def _find(self, key: str, stage: str | None) -> tuple[Artifact | None, str | None]:
+        """Look ``key`` up; returns (artifact, None), (None, corruption reason) or (None, None)."""
+        record = self.index.get(key)
+        if record is not None:
+            folder = self.root / record["path"]
+            stage = record["stage"]
+        elif stage is not None:
+            folder = self.artifact_dir(stage, key)
+            if not folder.exists():
+                return None, None
+        else:
+            return None, None
+        if not folder.exists():
+            return None, "its folder is missing"
+        manifest, reason = self._verify(folder)
+        if manifest is None:
+            return None, reason
+        if record is None:  # complete on disk, not yet indexed (a run stopped between rename and index)
+            self.index[key] = self._record(key, manifest, folder)
+        return Artifact(key=key, stage=manifest["stage"], path=folder, manifest=manifest), None
+
+    def get(self, spec_or_key: StageSpec | str) -> Artifact | None:
+        """The verified artifact for a spec or a full key, or None."""
+        if isinstance(spec_or_key, StageSpec):
+            artifact, _ = self._find(spec_or_key.key, spec_or_key.stage)
+        else:
+            artifact, _ = self._find(spec_or_key, None)
+        return artifact
+
+    def resolve(self, key_prefix: str) -> str:
+        """Full key for a unique prefix (at least 4 characters) of a key in the index."""
+        prefix = key_prefix.strip().lower()
+        if len(prefix) < 4:
+            raise NegalignError(f"key prefix {key_prefix!r} is too short: give at least 4 characters")
+        matches = [key for key in self.index if key.startswith(prefix)]
+        if not matches:
+            raise NegalignError(f"no artifact with a key starting {prefix!r} in {self.root}")
+        if len(matches) > 1:
+            raise NegalignError(f"key prefix {prefix!r} is ambiguous: {len(matches)} artifacts match")
+        return matches[0]
+
+    # ------------------------------------------------------------------- run
+    @contextlib.contextmanager
+    def _holding(self, key: str, stage: str, reporter: Reporter) -> Iterator[None]:
+        lock = self._lock(key)
+        try:
+            lock.acquire(timeout=LOCK_POLL_SECONDS)
+        except Timeout:
+            reporter.info(f"waiting for another process that is computing {stage} {key[:12]}")
+            lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def run(self, spec: StageSpec, compute: ComputeFn, reporter: Reporter | None = None) -> StageResult:
+        """Return the stored artifact for ``spec``, or run ``compute(tmp_folder)`` and store it.
+
+        ``compute`` writes its output files into the folder it is given and may return a mapping of
+        counts and notes for the manifest (``{"counts": {...}, ...}``).
+        """
+        reporter = reporter or NullReporter()
+        key = spec.key
+        artifact, _ = self._find(key, spec.stage)
+        if artifact is not None:
+            reporter.info(f"cache hit: {spec.stage} {key[:12]} (computed {artifact.manifest['created']})")
+            return StageResult(artifact, hit=True)
+        with self._holding(key, spec.stage, reporter):
+            artifact, reason = self._find(key, spec.stage)
+            if artifact is not None:
+                reporter.info(f"cache hit: {spec.stage} {key[:12]} (computed by another process)")
+                return StageResult(artifact, hit=True)
+            if reason is not None:
+                reporter.warn(f"cached {spec.stage} {key[:12]} is corrupt ({reason}); recomputing it")
+                self._remove(key, self.artifact_dir(spec.stage, key))
+            artifact = self._compute(spec, key, compute)
+        return StageResult(artifact, hit=False)
+
+    def _compute(self, spec: StageSpec, key: str, compute: ComputeFn) -> Artifact:
+        tmp = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=self.tmp_dir))
+        try:
+            started = time.perf_counter()
+            extra = dict(compute(tmp) or {})
+            seconds = time.perf_counter() - started
+            outputs = {}
+            for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+                name = path.relative_to(tmp).as_posix()
+                if name == MANIFEST:
+                    raise RuntimeError(f"stage {spec.stage} must not write {MANIFEST} itself")
+                outputs[name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+            manifest = {
+                "key": key,
+                "stage": spec.stage,
+                "stage_version": spec.version,
+                "params": dict(spec.params),
+                "inputs": dict(spec.inputs),
+                "outputs": outputs,
+                "counts": extra.pop("counts", {}),
+                "timing": {"seconds": round(seconds, 4)},
+                "created": _now_iso(),
+                "versions": library_versions(),
+                **extra,
+            }
+            with open(tmp / MANIFEST, "w", encoding="utf-8") as handle:
+                json.dump(manifest, handle, indent=2, sort_keys=True)
+                handle.flush()
+                os.fsync(handle.fileno())
+            final = self.artifact_dir(spec.stage, key)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.index[key] = self._record(key, manifest, final)
+        return Artifact(key=key, stage=spec.stage, path=final, manifest=manifest)
+
+    def _remove(self, key: str, folder: Path | None = None) -> int:
+        record = self.index.pop(key, None)
+        if folder is None and record is not None:
+            folder = self.root / record["path"]
+        freed = 0
+        if folder is not None and folder.exists():
+            freed = folder_size(folder)
+            shutil.rmtree(folder)
+        return freed
+
+    def remove(self, key: str) -> int:
+        """Delete one artifact (under its lock); returns the bytes freed."""
+        with self._lock(key):
+            return self._remove(key)
+
+    # ---------------------------------------------------------------- browse
+    def records(self) -> list[dict[str, Any]]:
+        """Index records, newest first."""
+        return sorted(self.index.values(), key=lambda r: r["created"], reverse=True)
+
+    def manifest(self, key: str) -> dict[str, Any]:
+        record = self.index.get(key)
+        if record is None:
+            raise NegalignError(f"no artifact {key[:12]} in the index")
+        manifest, reason = self._verify(self.root / record["path"])
+        if manifest is None:
+            raise NegalignError(f"artifact {key[:12]} is corrupt ({reason}); the next run will recompute it")
+        return manifest
+
+    # -------------------------------------------------------------------- gc
+    def gc(self, dry_run: bool = False) -> GcReport:
+        """Remove artifact folders the index does not reach, index entries whose folder is gone,
+        and temporary folders that no running process owns."""
+        report = GcReport()
+        indexed = set(self.index.keys())
+        for key in list(indexed):
+            record = self.index.get(key)
+            if record is not None and not (self.root / record["path"]).exists():
+                report.dangling_index_entries.append(key)
+                if not dry_run:
+                    self.index.pop(key, None)
+        for stage_dir in sorted(p for p in self.artifacts_dir.iterdir() if p.is_dir()):
+            for folder in sorted(p for p in stage_dir.iterdir() if p.is_dir()):
+                if folder.name in indexed:
+                    continue
+                if self._claim(folder.name, folder, report, dry_run):
+                    report.unreachable_artifacts.append(f"{stage_dir.name}/{folder.name}")
+        for folder in sorted(p for p in self.tmp_dir.iterdir() if p.is_dir()):
+            if self._claim(folder.name.split(".")[0], folder, report, dry_run):
+                report.orphan_temp_folders.append(folder.name)
+        return report
+
+    def _claim(self, key: str, folder: Path, report: GcReport, dry_run: bool) -> bool:
+        """Remove ``folder`` if no process holds ``key``'s lock. True if it was (or would be) removed."""
+        lock = self._lock(key)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            return False  # a live run owns it
+        try:
+            if not folder.exists() or (folder.parent.parent == self.artifacts_dir and key in self.index):
+                return False
+            report.freed_bytes += folder_size(folder)
+            if not dry_run:
+                shutil.rmtree(folder)
+            return True
+        finally:
+            lock.release()

@@ -1,0 +1,119 @@
+"""Text embeddings: per-word cache (``text_embeddings``) and the ``embed texts`` stage."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from negalign_cli.compute.text import count_truncated, encode_texts, format_prompts
+from negalign_cli.models import LoadedModel
+from negalign_cli.reporting import NullReporter, Reporter
+from negalign_cli.stages.inputs import TemplateSet, WordList
+from negalign_cli.stages.store import StageResult, StageSpec
+from negalign_cli.stages.workspace import Workspace
+
+TEXT_ITEMS_VERSION = 1
+EMBED_TEXTS_STAGE = "embed-texts"
+EMBED_TEXTS_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TextEmbeddings:
+    vectors: np.ndarray  # (n, D) float32, L2-normalised
+    encoded: int  # words encoded now (the rest came from the cache)
+    truncated: int  # prompts longer than the context, among those encoded now
+
+
+def text_embeddings(
+    model: LoadedModel,
+    words: Sequence[str],
+    templates: TemplateSet,
+    workspace: Workspace,
+    *,
+    batch_size: int = 1024,
+    reporter: Reporter | None = None,
+) -> TextEmbeddings:
+    """Embeddings of ``words`` under ``templates``; only words not cached for this model,
+    precision and template set are encoded."""
+    reporter = reporter or NullReporter()
+    namespace = workspace.items.namespace(
+        "text",
+        model.fingerprint,
+        {"templates": list(templates.templates), "precision": model.precision, "version": TEXT_ITEMS_VERSION},
+        dim=model.embed_dim,
+        dtype="float32",
+    )
+    vectors, found = namespace.get_many(words)
+    missing_rows = np.flatnonzero(~found)
+    missing = list(dict.fromkeys(words[i] for i in missing_rows))
+    truncated = 0
+    if missing:
+        truncated = count_truncated(model.tokenizer, format_prompts(missing, templates.templates), model.context_length)
+        with reporter.progress(f"encoding {len(missing)} texts × {len(templates.templates)} templates", len(missing)) as advance:
+            encoded = encode_texts(
+                model.model, model.tokenizer, missing, templates.templates, batch_size=batch_size, on_batch=advance
+            ).numpy()
+        namespace.put_many(missing, encoded)
+        position = {word: row for row, word in enumerate(missing)}
+        vectors[missing_rows] = encoded[[position[words[i]] for i in missing_rows]]
+    return TextEmbeddings(vectors, len(missing), truncated)
+
+
+def embed_texts(
+    model: LoadedModel,
+    classes: WordList,
+    templates: TemplateSet,
+    workspace: Workspace,
+    *,
+    negatives: WordList | None = None,
+    negative_templates: TemplateSet | None = None,
+    batch_size: int = 1024,
+    reporter: Reporter | None = None,
+) -> StageResult:
+    """The ``embed texts`` stage: ``class_embeddings.npy`` + ``classes.txt`` (and
+    ``negative_embeddings.npy`` + ``negatives.txt`` when negatives are given)."""
+    reporter = reporter or NullReporter()
+    negative_templates = negative_templates or templates
+    params = {
+        "model": model.name,
+        "precision": model.precision,
+        "templates": list(templates.templates),
+        "negative_templates": list(negative_templates.templates) if negatives is not None else None,
+    }
+    inputs = {"model": model.fingerprint, "classes": classes.digest}
+    if negatives is not None:
+        inputs["negatives"] = negatives.digest
+    spec = StageSpec(EMBED_TEXTS_STAGE, EMBED_TEXTS_VERSION, params, inputs)
+
+    def compute(folder):
+        counts = {"classes": len(classes)}
+        encoded = truncated = 0
+        groups = [("class", classes, templates)]
+        if negatives is not None:
+            groups.append(("negative", negatives, negative_templates))
+        for name, words, group_templates in groups:
+            result = text_embeddings(
+                model, words.words, group_templates, workspace, batch_size=batch_size, reporter=reporter
+            )
+            np.save(folder / f"{name}_embeddings.npy", result.vectors)
+            listing = "classes.txt" if name == "class" else "negatives.txt"
+            (folder / listing).write_text("\n".join(words.words) + "\n", encoding="utf-8")
+            encoded += result.encoded
+            truncated += result.truncated
+        if negatives is not None:
+            counts["negatives"] = len(negatives)
+        counts["encoded"] = encoded
+        counts["from_item_cache"] = len(classes) + (len(negatives) if negatives else 0) - encoded
+        counts["truncated_prompts"] = truncated
+        return {"counts": counts, "model": model.describe(), "sources": _sources(classes, negatives)}
+
+    return workspace.store.run(spec, compute, reporter)
+
+
+def _sources(classes: WordList, negatives: WordList | None) -> dict[str, str]:
+    sources = {"classes": classes.source}
+    if negatives is not None:
+        sources["negatives"] = negatives.source
+    return sources

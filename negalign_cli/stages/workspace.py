@@ -1,0 +1,47 @@
+"""The cache root as a whole: the artifact store plus the per-item vector store."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from negalign_cli.errors import NegalignError
+from negalign_cli.stages.items import ItemStore
+from negalign_cli.stages.store import ArtifactStore, GcReport
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_age(text: str) -> float:
+    """``90s``, ``15m``, ``12h``, ``30d``, ``2w`` -> seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text.lower())
+    if not match:
+        raise NegalignError(f"cannot read age {text!r}: use a number and a unit, e.g. 90s, 15m, 12h, 30d, 2w")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+@dataclass
+class Workspace:
+    root: Path
+    store: ArtifactStore
+    items: ItemStore
+
+    @classmethod
+    def open(cls, root: str | Path) -> Workspace:
+        root = Path(root)
+        return cls(root, ArtifactStore(root), ItemStore(root))
+
+    def close(self) -> None:
+        self.store.close()
+        self.items.close()
+
+    def gc(
+        self, items_older_than: float | None = None, items_model: str | None = None, dry_run: bool = False
+    ) -> GcReport:
+        report = self.store.gc(dry_run=dry_run)
+        if items_model:
+            report.items_removed += self.items.evict_model(items_model, dry_run=dry_run)
+        if items_older_than is not None:
+            report.items_removed += self.items.evict_older_than(items_older_than, dry_run=dry_run)
+        return report

@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # an open_clip tag must fail at once, not after retries
+os.environ["COLUMNS"] = "200"  # rich tables must not wrap differently per terminal
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    from negalign_cli.models import load_model
+
+    return load_model("negalign-tiny-test")
+
+
+@pytest.fixture()
+def workspace(tmp_path):
+    from negalign_cli.stages.workspace import Workspace
+
+    ws = Workspace.open(tmp_path / "cache")
+    yield ws
+    ws.close()
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """No test may touch ./.negalign-cache or a user's $NEGALIGN_CACHE."""
+    monkeypatch.setenv("NEGALIGN_CACHE", str(tmp_path / "env-cache"))
+    monkeypatch.delenv("NEGALIGN_DEVICE", raising=False)
