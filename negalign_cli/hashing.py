@@ -18,7 +18,9 @@ def canonical_json(obj: Any) -> str:
     Keys are sorted, separators fixed, tuples become lists; NaN/inf and objects JSON does not
     know are rejected, so that a key can never silently depend on ``repr``.
     """
-    return json.dumps(_normalise(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return json.dumps(
+        _normalise(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
 
 
 def _normalise(obj: Any) -> Any:

@@ -83,14 +83,17 @@ class LoadedModel:
 
     @property
     def context_length(self) -> int:
-        return int(getattr(self.tokenizer, "context_length", self.config["text_cfg"].get("context_length", 77)))
+        return int(
+            getattr(self.tokenizer, "context_length", self.config["text_cfg"].get("context_length", 77))
+        )
 
     @property
     def short_fingerprint(self) -> str:
         return self.fingerprint[:16]
 
     def describe(self) -> str:
-        return f"{self.name} ({self.weights}; fingerprint {self.short_fingerprint}; {self.device}, {self.precision})"
+        where = f"{self.device}, {self.precision}"
+        return f"{self.name} ({self.weights}; fingerprint {self.short_fingerprint}; {where})"
 
 
 # --------------------------------------------------------------------------- registry
@@ -231,7 +234,9 @@ def load_model(
     elif _looks_like_path(pretrained):
         raise NegalignError(f"checkpoint not found: {pretrained}")
     else:
-        raise NegalignError(f"--pretrained {pretrained!r} is neither a file nor a tag of {name}: {_weights_hint(name, tags)}")
+        raise NegalignError(
+            f"--pretrained {pretrained!r} is neither a file nor a tag of {name}: {_weights_hint(name, tags)}"
+        )
 
     quick_gelu = False
     if tag is not None:
@@ -244,16 +249,21 @@ def load_model(
             if is_local_dir:
                 model = open_clip.create_model(name, device="cpu")
             elif tag is not None:
-                model = open_clip.create_model(name, pretrained=tag, device="cpu", force_quick_gelu=quick_gelu)
+                model = open_clip.create_model(
+                    name, pretrained=tag, device="cpu", force_quick_gelu=quick_gelu
+                )
             else:
                 with _seeded(seed if seed is not None else DEFAULT_RANDOM_SEED):
-                    model = open_clip.create_model(name, pretrained=None, device="cpu", force_quick_gelu=quick_gelu)
+                    model = open_clip.create_model(
+                        name, pretrained=None, device="cpu", force_quick_gelu=quick_gelu
+                    )
         except NegalignError:
             raise
         except Exception as exc:  # open_clip raises RuntimeError/OSError/HF errors for a failed download
             if tag is not None:
                 raise NegalignError(
-                    f"could not get weights {name}/{tag} ({_first_line(exc)}). Offline? Download the checkpoint "
+                    f"could not get weights {name}/{tag} ({_first_line(exc)}). Offline? "
+                    "Download the checkpoint "
                     f"elsewhere and pass --pretrained /path/to/{name}.bin (set HF_HUB_OFFLINE=1 to fail fast)"
                 ) from exc
             raise NegalignError(f"could not build model {name}: {_first_line(exc)}") from exc

@@ -40,7 +40,9 @@ def resolve_device(device: str | None = None) -> torch.device:
         raise NegalignError(f"device {name} asked for, but CUDA is not available here: use --device cpu")
     index = int(match.group(1) or 0)
     if index >= torch.cuda.device_count():
-        raise NegalignError(f"device {name} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist")
+        raise NegalignError(
+            f"device {name} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist"
+        )
     return torch.device("cuda", index)
 
 

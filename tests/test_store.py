@@ -156,7 +156,10 @@ def test_killed_run_leaves_no_visible_artifact_and_next_run_completes(tmp_path):
     assert len(list(store.tmp_dir.iterdir())) == 1  # the dead run's temp folder, invisible to readers
 
     finished = subprocess.run(
-        [sys.executable, str(WORKER), str(root), "count", str(markers)], capture_output=True, text=True, check=True
+        [sys.executable, str(WORKER), str(root), "count", str(markers)],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert finished.stdout.startswith("COMPUTED")
     assert store.get(BASE) is not None

@@ -31,3 +31,9 @@ def csp_suffixes() -> tuple[str, ...]:
 
 def model_config_dir() -> Path:
     return asset_path("model_configs")
+
+
+def negative_presets() -> dict[str, Path]:
+    """Bundled negative-label lists by name (file stem under ``assets/negatives``)."""
+    folder = asset_path("negatives")
+    return {path.stem: path for path in sorted(folder.glob("*.txt"))}

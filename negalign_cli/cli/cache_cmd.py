@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -32,7 +32,7 @@ def _workspace(cache_dir) -> Workspace:
 @guarded
 def ls(
     cache_dir: CacheDir = None,
-    stage: Annotated[Optional[str], typer.Option("--stage", help="Only this stage.", show_default=False)] = None,
+    stage: Annotated[str | None, typer.Option("--stage", help="Only this stage.", show_default=False)] = None,
 ) -> None:
     """List cached artifacts (newest first) and the per-item vector namespaces."""
     workspace = _workspace(cache_dir)
@@ -42,11 +42,13 @@ def ls(
         stdout().print(f"cache {workspace.root} is empty")
         return
     table = Table(title=f"{len(records)} artifact(s) in {workspace.root}", title_justify="left")
-    for column in ("stage", "key", "created", "size", "params"):
-        table.add_column(column, overflow="fold" if column == "params" else "ellipsis")
+    for column in ("stage", "key", "created (UTC)", "size"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("params", ratio=1)
     for record in records:
+        created = record["created"][:16].replace("T", " ")
         table.add_row(
-            record["stage"], record["key"][:12], record["created"], _size(record["bytes"]), record["params_summary"]
+            record["stage"], record["key"][:12], created, _size(record["bytes"]), record["params_summary"]
         )
     stdout().print(table)
     if namespaces:
@@ -79,14 +81,20 @@ def info(
 def gc(
     cache_dir: CacheDir = None,
     items_older_than: Annotated[
-        Optional[str],
-        typer.Option("--items-older-than", help="Also drop per-item vectors stored longer ago (90m, 12h, 30d).",
-                     show_default=False),
+        str | None,
+        typer.Option(
+            "--items-older-than",
+            help="Also drop per-item vectors stored longer ago (90m, 12h, 30d).",
+            show_default=False,
+        ),
     ] = None,
     items_model: Annotated[
-        Optional[str],
-        typer.Option("--items-model", help="Also drop per-item vectors of models whose fingerprint starts so.",
-                     show_default=False),
+        str | None,
+        typer.Option(
+            "--items-model",
+            help="Also drop per-item vectors of models whose fingerprint starts so.",
+            show_default=False,
+        ),
     ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would go.")] = False,
 ) -> None:

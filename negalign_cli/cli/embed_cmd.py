@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -14,8 +13,9 @@ from negalign_cli.stages.inputs import load_classes, load_negatives, load_templa
 from negalign_cli.stages.text import embed_texts
 from negalign_cli.stages.workspace import Workspace
 
-app = typer.Typer(help="Encode texts (and, later, images) once; every later stage reads the cache.",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="Encode texts (and, later, images) once; every later stage reads the cache.", no_args_is_help=True
+)
 
 TEXTS_EXAMPLE = (
     "Example: negalign embed texts --classes waterbird --model negalign-tiny-test --out d  "
@@ -28,21 +28,38 @@ TEXTS_EXAMPLE = (
 @guarded
 def texts(
     classes: Annotated[
-        str, typer.Option("--classes", "-c", help="Class preset (imagenet, waterbird, ...) or a file, one class a line.")
+        str,
+        typer.Option(
+            "--classes", "-c", help="Class preset (imagenet, waterbird, ...) or a file, one class a line."
+        ),
     ],
     model: o.Model = "negalign-tiny-test",
     pretrained: o.Pretrained = None,
     negatives: Annotated[
-        Optional[Path], typer.Option("--negatives", "-n", help="Negative-label file, one label a line.",
-                                     show_default=False)
+        str | None,
+        typer.Option(
+            "--negatives",
+            "-n",
+            help="Negative-label file (one label a line) or a bundled "
+            "list: negrefine-imagenet-noun, negrefine-imagenet-adj.",
+            show_default=False,
+        ),
     ] = None,
     templates: Annotated[
-        str, typer.Option("--templates", help="Template set for classes (noun, adjective, object, background, "
-                                              "bare) or a file with one template a line containing {}.")
+        str,
+        typer.Option(
+            "--templates",
+            help="Template set for classes (noun, adjective, object, background, "
+            "bare) or a file with one template a line containing {}.",
+        ),
     ] = "noun",
     negative_templates: Annotated[
-        Optional[str], typer.Option("--negative-templates", help="Template set for negatives (default: as "
-                                                                  "--templates).", show_default=False)
+        str | None,
+        typer.Option(
+            "--negative-templates",
+            help="Template set for negatives (default: as --templates).",
+            show_default=False,
+        ),
     ] = None,
     out: o.Out = None,
     cache_dir: o.CacheDir = None,
@@ -75,13 +92,19 @@ def texts(
         reporter=report,
     )
     counts = result.artifact.manifest["counts"]
-    status = "cache hit" if result.hit else f"encoded {counts['encoded']}, {counts['from_item_cache']} from item cache"
+    status = (
+        "cache hit"
+        if result.hit
+        else f"encoded {counts['encoded']}, {counts['from_item_cache']} from item cache"
+    )
     summary = f"embed-texts {result.artifact.key[:12]}: {counts['classes']} classes"
     if "negatives" in counts:
         summary += f", {counts['negatives']} negatives"
     stdout().print(f"{summary} ({status})")
     if counts.get("truncated_prompts"):
-        report.warn(f"{counts['truncated_prompts']} prompt(s) were longer than the model's context and were cut")
+        report.warn(
+            f"{counts['truncated_prompts']} prompt(s) were longer than the model's context and were cut"
+        )
     if out is not None:
         written = result.artifact.export(out)
         stdout().print(f"wrote {', '.join(p.name for p in written)} to {out}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -16,7 +16,8 @@ EXAMPLE = "Example: negalign models --filter ViT-B"
 @guarded
 def models(
     filter_text: Annotated[
-        Optional[str], typer.Option("--filter", "-f", help="Only names containing this text.", show_default=False)
+        str | None,
+        typer.Option("--filter", "-f", help="Only names containing this text.", show_default=False),
     ] = None,
     names_only: Annotated[bool, typer.Option("--names", help="One name a line, nothing else.")] = False,
 ) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -19,7 +19,7 @@ class Precision(str, Enum):
 
 
 CacheDir = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option(
         "--cache-dir",
         envvar=CACHE_ENV,
@@ -38,14 +38,15 @@ Model = Annotated[
     str, typer.Option("--model", "-m", help="open_clip architecture or a project model (`negalign models`).")
 ]
 Pretrained = Annotated[
-    Optional[str],
+    str | None,
     typer.Option(
         "--pretrained",
-        help="open_clip tag (e.g. openai), local checkpoint path, or 'random'. Not needed for negalign-* models.",
+        help="open_clip tag (e.g. openai), local checkpoint path, or 'random'. "
+        "Not needed for negalign-* models.",
         show_default=False,
     ),
 ]
-Out = Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write the user-facing files here.")]
+Out = Annotated[Path | None, typer.Option("--out", "-o", help="Also write the user-facing files here.")]
 
 
 def runtime(cache_dir: Path | None, device: str, precision: Precision | str, batch_size: int) -> Runtime:

@@ -27,6 +27,40 @@ def count_truncated(tokenizer: Callable, texts: Sequence[str], context_length: i
     return sum(len(encode(text)) + 2 > context_length for text in texts)
 
 
+def encode_tokens(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """``model.encode_text(tokens)``, but without the padding columns when that is exact.
+
+    For open_clip's standard ``CLIP`` (causal mask, pooling at the end-of-text token, zero padding)
+    the columns after the longest prompt's last token cannot influence any pooled feature, so
+    they are cut before the transformer: prompts of ~10 tokens in a 77-token context encode
+    several times faster with identical results. Any other text tower takes the plain path.
+    """
+    import open_clip
+
+    exact = (
+        type(model) is open_clip.CLIP
+        and getattr(model, "text_pool_type", None) == "argmax"
+        and getattr(model, "attn_mask", None) is not None
+        and tokens.dim() == 2
+    )
+    if not exact:
+        return model.encode_text(tokens)
+    length = int((tokens != 0).sum(dim=1).max())
+    if length >= tokens.shape[1] or bool((tokens[:, length:] != 0).any()):
+        return model.encode_text(tokens)
+    tokens = tokens[:, :length]
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
+    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    x = model.ln_final(x)
+    x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+    if model.text_projection is None:
+        return x
+    if isinstance(model.text_projection, torch.nn.Linear):
+        return model.text_projection(x)
+    return x @ model.text_projection
+
+
 @torch.inference_mode()
 def encode_texts(
     model: torch.nn.Module,
@@ -57,7 +91,7 @@ def encode_texts(
     for start in range(0, len(words), words_per_batch):
         chunk = words[start : start + words_per_batch]
         tokens = tokenizer(format_prompts(chunk, templates)).to(device)
-        features = F.normalize(model.encode_text(tokens).float(), dim=-1)
+        features = F.normalize(encode_tokens(model, tokens).float(), dim=-1)
         features = features.view(len(chunk), n_templates, -1).mean(dim=1)
         chunks.append(F.normalize(features, dim=-1).cpu())
         if on_batch is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from negalign_cli.assets import class_presets, template_sets
+from negalign_cli.assets import class_presets, negative_presets, template_sets
 from negalign_cli.compute.text import PLACEHOLDER
 from negalign_cli.errors import NegalignError
 from negalign_cli.hashing import sha256_lines
@@ -73,7 +73,9 @@ def load_classes(spec: str, reporter: Reporter | None = None) -> WordList:
         return WordList(f"preset:{spec}", presets[spec])
     candidate = Path(spec).expanduser()
     if not candidate.exists() and "/" not in spec and "." not in spec:
-        raise NegalignError(f"unknown class preset {spec!r} and no such file; presets: {', '.join(sorted(presets))}")
+        raise NegalignError(
+            f"unknown class preset {spec!r} and no such file; presets: {', '.join(sorted(presets))}"
+        )
     classes = read_word_file(candidate, "class")
     if classes.duplicates:
         shown = ", ".join(repr(d) for d in dict.fromkeys(classes.duplicates))
@@ -84,11 +86,18 @@ def load_classes(spec: str, reporter: Reporter | None = None) -> WordList:
 
 
 def load_negatives(path: str | Path, reporter: Reporter | None = None) -> WordList:
-    """A negative-label file; duplicates are reported and dropped, blank lines skipped."""
+    """A negative-label file or a bundled list (``negrefine-imagenet-noun``, ``negrefine-imagenet-adj``);
+    duplicates are reported and dropped, blank lines skipped."""
     reporter = reporter or NullReporter()
+    presets = negative_presets()
+    if str(path) in presets:
+        listed = read_word_file(presets[str(path)], "negatives")
+        return WordList(f"preset:{path}", listed.words)
     negatives = read_word_file(path, "negatives")
     if negatives.duplicates:
-        reporter.warn(f"{path}: dropped {len(negatives.duplicates)} duplicate entr(y/ies), kept the first of each")
+        reporter.warn(
+            f"{path}: dropped {len(negatives.duplicates)} duplicate entr(y/ies), kept the first of each"
+        )
     if negatives.blank_lines:
         reporter.warn(f"{path}: skipped {negatives.blank_lines} blank line(s)")
     return negatives
@@ -108,7 +117,9 @@ def load_templates(spec: str) -> TemplateSet:
         return TemplateSet(spec, sets[spec])
     candidate = Path(spec).expanduser()
     if not candidate.exists() and "/" not in spec and "." not in spec:
-        raise NegalignError(f"unknown template set {spec!r} and no such file; sets: {', '.join(sorted(sets))}")
+        raise NegalignError(
+            f"unknown template set {spec!r} and no such file; sets: {', '.join(sorted(sets))}"
+        )
     listed = read_word_file(candidate, "template")
     bad = [t for t in listed.words if PLACEHOLDER not in t]
     if bad:

@@ -168,5 +168,5 @@ class Namespace:
             ns_key = NAMESPACE_PREFIX + tag
             if ns_key not in cache:
                 cache.set(ns_key, self.info.__dict__)
-            for key, vector in zip(self._keys(items), vectors):
+            for key, vector in zip(self._keys(items), vectors, strict=True):
                 cache.set(key, vector.tobytes(), tag=tag)

@@ -53,7 +53,12 @@ class StageSpec:
     inputs: Mapping[str, str] = field(default_factory=dict)
 
     def key_material(self) -> dict[str, Any]:
-        return {"stage": self.stage, "version": self.version, "params": dict(self.params), "inputs": dict(self.inputs)}
+        return {
+            "stage": self.stage,
+            "version": self.version,
+            "params": dict(self.params),
+            "inputs": dict(self.inputs),
+        }
 
     @property
     def key(self) -> str:

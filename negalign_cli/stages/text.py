@@ -50,10 +50,19 @@ def text_embeddings(
     missing = list(dict.fromkeys(words[i] for i in missing_rows))
     truncated = 0
     if missing:
-        truncated = count_truncated(model.tokenizer, format_prompts(missing, templates.templates), model.context_length)
-        with reporter.progress(f"encoding {len(missing)} texts × {len(templates.templates)} templates", len(missing)) as advance:
+        truncated = count_truncated(
+            model.tokenizer, format_prompts(missing, templates.templates), model.context_length
+        )
+        with reporter.progress(
+            f"encoding {len(missing)} texts × {len(templates.templates)} templates", len(missing)
+        ) as advance:
             encoded = encode_texts(
-                model.model, model.tokenizer, missing, templates.templates, batch_size=batch_size, on_batch=advance
+                model.model,
+                model.tokenizer,
+                missing,
+                templates.templates,
+                batch_size=batch_size,
+                on_batch=advance,
             ).numpy()
         namespace.put_many(missing, encoded)
         position = {word: row for row, word in enumerate(missing)}
