@@ -15,8 +15,8 @@ from negalign_cli.stages.text import embed_texts, text_embeddings
 WORDS = ["waterbird", "landbird", "a rather long phrase with several words", "café", "x"]
 
 
-def brute_force(model, tokenizer, words, templates):
-    """One text at a time: normalise each prompt embedding, average, normalise again."""
+def brute_force(model, tokenizer, words, templates, normalize_prompts=False):
+    """One text at a time: average the prompt embeddings (each normalised first if asked), normalise."""
     rows = []
     with torch.no_grad():
         for word in words:
@@ -24,17 +24,25 @@ def brute_force(model, tokenizer, words, templates):
             for template in templates:
                 tokens = tokenizer([template.format(word)])
                 vector = model.encode_text(tokens)[0].double()
-                prompt_vectors.append(vector / vector.norm())
+                prompt_vectors.append(vector / vector.norm() if normalize_prompts else vector)
             mean = torch.stack(prompt_vectors).mean(0)
             rows.append(mean / mean.norm())
     return torch.stack(rows)
 
 
+@pytest.mark.parametrize("normalize_prompts", [False, True])
 @pytest.mark.parametrize("template_set", ["noun", "adjective", "object", "background"])
-def test_encode_texts_equals_per_template_loop(tiny_model, template_set):
+def test_encode_texts_equals_per_template_loop(tiny_model, template_set, normalize_prompts):
     templates = template_sets()[template_set]
-    expected = brute_force(tiny_model.model, tiny_model.tokenizer, WORDS, templates)
-    got = encode_texts(tiny_model.model, tiny_model.tokenizer, WORDS, templates, batch_size=7)
+    expected = brute_force(tiny_model.model, tiny_model.tokenizer, WORDS, templates, normalize_prompts)
+    got = encode_texts(
+        tiny_model.model,
+        tiny_model.tokenizer,
+        WORDS,
+        templates,
+        batch_size=7,
+        normalize_prompts=normalize_prompts,
+    )
     assert got.dtype == torch.float32 and got.shape == (len(WORDS), tiny_model.embed_dim)
     torch.testing.assert_close(got.double(), expected, atol=1e-6, rtol=0)
     torch.testing.assert_close(got.norm(dim=1), torch.ones(len(WORDS)), atol=1e-6, rtol=0)

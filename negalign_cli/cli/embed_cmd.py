@@ -70,7 +70,7 @@ def texts(
     quiet: o.Quiet = False,
 ) -> None:
     """Encode ID class names (and optionally negative labels) with prompt templates: each word is
-    the mean of its normalised prompt embeddings, normalised again. Writes class_embeddings.npy +
+    the normalised mean of its prompt embeddings (NegLabel's recipe). Writes class_embeddings.npy +
     classes.txt (and negative_embeddings.npy + negatives.txt)."""
     rt = o.runtime(cache_dir, device, precision, batch_size)
     report = o.reporter(verbose, quiet)

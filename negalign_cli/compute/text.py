@@ -71,11 +71,14 @@ def encode_texts(
     batch_size: int = 1024,
     device: torch.device | str | None = None,
     on_batch: Callable[[int], None] | None = None,
+    normalize_prompts: bool = False,
 ) -> torch.Tensor:
-    """Embed each word as the mean of its L2-normalised prompt embeddings, L2-normalised again.
+    """Embed each word as the L2-normalised mean of its prompt embeddings.
 
-    This is CLIP's zero-shot classifier recipe, the one NegLabel and NegRefine use for both ID
-    classes and negative labels. ``batch_size`` counts prompts; a batch always holds whole words.
+    By default the raw prompt embeddings are averaged, as NegLabel, CSP and NegRefine do for ID
+    classes and negative labels alike (``features.view(-1, T, D).mean(1)``, then normalise);
+    ``normalize_prompts=True`` normalises each prompt embedding first, as CLIP's own zero-shot
+    classifier does. ``batch_size`` counts prompts; a batch always holds whole words.
     Returns a float32 CPU tensor of shape ``(len(words), embed_dim)``; ``on_batch(n)`` is called
     with the number of words finished after each batch.
     """
@@ -91,7 +94,9 @@ def encode_texts(
     for start in range(0, len(words), words_per_batch):
         chunk = words[start : start + words_per_batch]
         tokens = tokenizer(format_prompts(chunk, templates)).to(device)
-        features = F.normalize(encode_tokens(model, tokens).float(), dim=-1)
+        features = encode_tokens(model, tokens).float()
+        if normalize_prompts:
+            features = F.normalize(features, dim=-1)
         features = features.view(len(chunk), n_templates, -1).mean(dim=1)
         chunks.append(F.normalize(features, dim=-1).cpu())
         if on_batch is not None:

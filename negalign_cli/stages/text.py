@@ -14,9 +14,9 @@ from negalign_cli.stages.inputs import TemplateSet, WordList
 from negalign_cli.stages.store import StageResult, StageSpec
 from negalign_cli.stages.workspace import Workspace
 
-TEXT_ITEMS_VERSION = 1
+TEXT_ITEMS_VERSION = 2  # 2: raw prompt embeddings averaged (NegLabel recipe)
 EMBED_TEXTS_STAGE = "embed-texts"
-EMBED_TEXTS_VERSION = 1
+EMBED_TEXTS_VERSION = 2
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,258 @@
+"""Negative vocabulary stages: ``mine-negatives`` and ``split-vocab`` (DESIGN.md §4–§5)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from negalign_cli.assets import csp_suffixes
+from negalign_cli.compute.text import count_truncated, format_prompts
+from negalign_cli.compute.vocab import (
+    ROLE_AMBIGUOUS,
+    ROLE_BACKGROUND,
+    ROLE_OBJECT,
+    ROLES,
+    assign_roles,
+    build_candidates,
+    class_similarity,
+    least_similar,
+    role_scores,
+)
+from negalign_cli.errors import NegalignError
+from negalign_cli.models import LoadedModel
+from negalign_cli.reporting import NullReporter, Reporter
+from negalign_cli.stages.inputs import TemplateSet, WordList, load_templates
+from negalign_cli.stages.lexicon import DEFAULT_EXCLUDE, Lexicon
+from negalign_cli.stages.store import Artifact, StageResult, StageSpec
+from negalign_cli.stages.text import text_embeddings
+from negalign_cli.stages.workspace import Workspace
+
+MINE_STAGE, MINE_VERSION = "mine-negatives", 1
+SCORES_STAGE, SCORES_VERSION = "split-scores", 1
+SPLIT_STAGE, SPLIT_VERSION = "split-vocab", 1
+DEFAULT_TAU = 0.05
+ROLE_FILES = {ROLE_OBJECT: "neg_obj.txt", ROLE_BACKGROUND: "neg_bg.txt", ROLE_AMBIGUOUS: "neg_ambiguous.txt"}
+
+
+def _write_lines(path, lines: Sequence[str]) -> None:
+    path.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------- mining
+def mine_negatives(
+    model: LoadedModel,
+    classes: WordList,
+    lexicon: Lexicon,
+    workspace: Workspace,
+    *,
+    exclude: Sequence[str] = DEFAULT_EXCLUDE,
+    top_p: float = 0.15,
+    quantile: float = 1.0,
+    saturate_above: float = 0.95,
+    seed: int = 0,
+    noun_templates: TemplateSet | None = None,
+    adjective_templates: TemplateSet | None = None,
+    suffixes: Sequence[str] | None = None,
+    batch_size: int = 1024,
+    reporter: Reporter | None = None,
+) -> StageResult:
+    """NegLabel's negative mining in its CSP form (NegRefine's ``create_initial_negative_labels``):
+    keep the ``top_p`` share of nouns and of adjective phrases least similar to the ID classes."""
+    reporter = reporter or NullReporter()
+    if not 0 < top_p <= 1:
+        raise NegalignError(f"--top-p must be in (0, 1], got {top_p}")
+    if not 0 <= quantile <= 1:
+        raise NegalignError(f"--quantile must be in [0, 1], got {quantile}")
+    unknown = sorted(set(exclude) - set(lexicon.files))
+    if unknown:
+        reporter.warn(f"--exclude names files the lexicon does not have: {', '.join(unknown)}")
+    noun_templates = noun_templates or load_templates("noun")
+    adjective_templates = adjective_templates or load_templates("adjective")
+    suffixes = list(suffixes or csp_suffixes())
+    params = {
+        "exclude": sorted(exclude),
+        "top_p": top_p,
+        "quantile": quantile,
+        "saturate_above": saturate_above,
+        "seed": seed,
+        "noun_templates": list(noun_templates.templates),
+        "adjective_templates": list(adjective_templates.templates),
+        "suffixes": suffixes,
+        "precision": model.precision,
+    }
+    inputs = {"model": model.fingerprint, "classes": classes.digest, "lexicon": lexicon.digest}
+    spec = StageSpec(MINE_STAGE, MINE_VERSION, params, inputs)
+
+    def compute(folder):
+        candidates = build_candidates(lexicon.files, classes.words, exclude, suffixes, seed)
+        if not candidates.nouns and not candidates.phrases:
+            raise NegalignError("the lexicon leaves no candidate words after exclusions")
+
+        def embed(words, templates):
+            return torch.from_numpy(
+                text_embeddings(
+                    model, words, templates, workspace, batch_size=batch_size, reporter=reporter
+                ).vectors
+            )
+
+        class_features = embed(list(classes.words), noun_templates)
+        frames = []
+        kept_lists = {}
+        for kind, words, sources, templates in (
+            ("noun", candidates.nouns, candidates.noun_sources, noun_templates),
+            ("adj", candidates.phrases, candidates.adjective_sources, adjective_templates),
+        ):
+            if not words:
+                kept_lists[kind] = []
+                continue
+            similarity = class_similarity(embed(words, templates), class_features, quantile, saturate_above)
+            keep = least_similar(similarity, top_p).numpy()
+            rank = np.full(len(words), -1)
+            rank[keep] = np.arange(len(keep))
+            kept_lists[kind] = [words[i] for i in keep]
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "word": words,
+                        "kind": kind,
+                        "source": sources,
+                        "similarity": similarity.numpy().astype(np.float64),
+                        "kept": rank >= 0,
+                        "rank": rank,
+                    }
+                )
+            )
+        _write_lines(folder / "neg_labels_noun.txt", kept_lists["noun"])
+        _write_lines(folder / "neg_labels_adj.txt", kept_lists["adj"])
+        pd.concat(frames, ignore_index=True).to_csv(
+            folder / "mining_scores.csv", index=False, float_format="%.8f"
+        )
+        return {
+            "counts": {
+                "candidate_nouns": len(candidates.nouns),
+                "candidate_adjectives": len(candidates.phrases),
+                "kept_nouns": len(kept_lists["noun"]),
+                "kept_adjectives": len(kept_lists["adj"]),
+                "dropped_as_class_name": candidates.dropped_as_class,
+                "duplicates_across_files": candidates.duplicates,
+            },
+            "sources": {"classes": classes.source, "lexicon": lexicon.source},
+            "model": model.describe(),
+        }
+
+    return workspace.store.run(spec, compute, reporter)
+
+
+# ----------------------------------------------------------------------------- split
+@dataclass(frozen=True)
+class VocabEntry:
+    words: WordList
+    source: str  # "noun" or "adj"
+
+
+def split_scores(
+    model: LoadedModel,
+    entries: Sequence[VocabEntry],
+    workspace: Workspace,
+    *,
+    object_templates: TemplateSet | None = None,
+    background_templates: TemplateSet | None = None,
+    batch_size: int = 1024,
+    reporter: Reporter | None = None,
+) -> StageResult:
+    """r-scores of every entry (no threshold): ``scores.parquet`` (word, source, r_score,
+    obj_affinity, bg_affinity). Separate from thresholding so that a new tau costs nothing."""
+    reporter = reporter or NullReporter()
+    if not entries:
+        raise NegalignError("split-vocab needs --nouns, --adjs or both")
+    bare = load_templates("bare")
+    object_templates = object_templates or load_templates("object")
+    background_templates = background_templates or load_templates("background")
+    params = {
+        "bare_templates": list(bare.templates),
+        "object_templates": list(object_templates.templates),
+        "background_templates": list(background_templates.templates),
+        "precision": model.precision,
+    }
+    inputs = {"model": model.fingerprint, **{f"{e.source}s": e.words.digest for e in entries}}
+    spec = StageSpec(SCORES_STAGE, SCORES_VERSION, params, inputs)
+
+    def compute(folder):
+        words = [w for e in entries for w in e.words.words]
+        sources = [e.source for e in entries for _ in e.words.words]
+        vectors = [
+            text_embeddings(model, words, t, workspace, batch_size=batch_size, reporter=reporter).vectors
+            for t in (bare, object_templates, background_templates)
+        ]
+        r, obj, bg = role_scores(*vectors)
+        frame = pd.DataFrame(
+            {"word": words, "source": sources, "r_score": r, "obj_affinity": obj, "bg_affinity": bg}
+        )
+        frame.to_parquet(folder / "scores.parquet", index=False)
+        unique = list(dict.fromkeys(words))
+        truncated = sum(
+            count_truncated(model.tokenizer, format_prompts(unique, t.templates), model.context_length)
+            for t in (bare, object_templates, background_templates)
+        )
+        return {
+            "counts": {"entries": len(words), "truncated_prompts": truncated},
+            "sources": {e.source: e.words.source for e in entries},
+            "model": model.describe(),
+        }
+
+    return workspace.store.run(spec, compute, reporter)
+
+
+def split_vocab(
+    scores: Artifact, workspace: Workspace, *, tau: float = DEFAULT_TAU, reporter: Reporter | None = None
+) -> StageResult:
+    """Threshold stored r-scores at ±tau into ``neg_obj.txt``, ``neg_bg.txt``, ``neg_ambiguous.txt``
+    and ``split_scores.csv``."""
+    if tau < 0:
+        raise NegalignError(
+            f"--tau must be ≥ 0 (got {tau}): words with r ≥ tau are objects, r ≤ −tau backgrounds"
+        )
+    spec = StageSpec(SPLIT_STAGE, SPLIT_VERSION, {"tau": tau}, {"scores": scores.key})
+
+    def compute(folder):
+        frame = pd.read_parquet(scores.file("scores.parquet"))
+        frame["role"] = assign_roles(frame["r_score"].to_numpy(), tau)
+        frame.to_csv(folder / "split_scores.csv", index=False, float_format="%.8f")
+        counts = {}
+        for role in ROLES:
+            chosen = frame[frame["role"] == role]
+            _write_lines(folder / ROLE_FILES[role], chosen["word"].tolist())
+            counts[role] = len(chosen)
+        return {"counts": counts, "scores_artifact": scores.key}
+
+    return workspace.store.run(spec, compute, reporter)
+
+
+@dataclass(frozen=True)
+class SplitSummary:
+    table: pd.DataFrame  # rows: source (+ "all"); columns: count and share per role
+    most_object: pd.DataFrame
+    most_background: pd.DataFrame
+
+
+def summarise_split(split: Artifact, top: int = 10) -> SplitSummary:
+    frame = pd.read_csv(split.file("split_scores.csv"), keep_default_na=False)
+    rows = []
+    for source, group in [*frame.groupby("source", sort=False), ("all", frame)]:
+        row = {"source": source, "total": len(group)}
+        for role in ROLES:
+            n = int((group["role"] == role).sum())
+            row[role] = n
+            row[f"{role}_pct"] = 100.0 * n / max(len(group), 1)
+        rows.append(row)
+    ordered = frame.sort_values("r_score", kind="stable")
+    columns = ["word", "source", "r_score"]
+    return SplitSummary(
+        pd.DataFrame(rows),
+        ordered[::-1].head(top)[columns].reset_index(drop=True),
+        ordered.head(top)[columns],
+    )
