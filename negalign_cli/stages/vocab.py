@@ -256,3 +256,85 @@ def summarise_split(split: Artifact, top: int = 10) -> SplitSummary:
         ordered[::-1].head(top)[columns].reset_index(drop=True),
         ordered.head(top)[columns],
     )
+
+
+# ----------------------------------------------------------------------------- negatives for scoring
+@dataclass(frozen=True)
+class NegativeVocab:
+    """Negative labels in scoring order (nouns, then adjective phrases), with roles if split."""
+
+    words: tuple[str, ...]
+    sources: tuple[str, ...]  # "noun" or "adj"
+    roles: tuple[str, ...] | None
+    origin: str
+
+    @property
+    def digest(self) -> str:
+        from negalign_cli.hashing import sha256_json
+
+        return sha256_json({"words": self.words, "sources": self.sources, "roles": self.roles})
+
+    def indices(self, *roles: str) -> np.ndarray:
+        if self.roles is None:
+            raise NegalignError(
+                "this needs negative roles: pass --negatives-split DIR (a split-vocab output)"
+            )
+        return np.flatnonzero(np.isin(np.array(self.roles), list(roles))).astype(np.int64)
+
+
+def negatives_from_split(folder) -> NegativeVocab:
+    """Read a ``split-vocab`` output folder (``split_scores.csv``)."""
+    from pathlib import Path
+
+    path = Path(folder).expanduser() / "split_scores.csv"
+    if not path.is_file():
+        raise NegalignError(f"{path} not found: --negatives-split takes a split-vocab --out folder")
+    frame = pd.read_csv(path, keep_default_na=False, dtype={"word": str, "source": str, "role": str})
+    missing = {"word", "source", "role"} - set(frame.columns)
+    if missing:
+        raise NegalignError(f"{path} lacks column(s) {', '.join(sorted(missing))}")
+    bad = sorted(set(frame["source"]) - {"noun", "adj"}) + sorted(set(frame["role"]) - set(ROLES))
+    if bad:
+        raise NegalignError(f"{path} has unknown source/role values: {', '.join(bad)}")
+    frame = pd.concat([frame[frame["source"] == "noun"], frame[frame["source"] == "adj"]])
+    return NegativeVocab(
+        tuple(frame["word"]), tuple(frame["source"]), tuple(frame["role"]), f"split {path.parent}"
+    )
+
+
+def negatives_from_lists(nouns: WordList | None, adjs: WordList | None) -> NegativeVocab:
+    words, sources = [], []
+    for listed, source in ((nouns, "noun"), (adjs, "adj")):
+        if listed is not None:
+            words.extend(listed.words)
+            sources.extend([source] * len(listed))
+    if not words:
+        raise NegalignError("no negatives: pass --negatives-split DIR, or --nouns and/or --adjs")
+    origin = " + ".join(w.source for w in (nouns, adjs) if w is not None)
+    return NegativeVocab(tuple(words), tuple(sources), None, origin)
+
+
+def negative_features(
+    model: LoadedModel,
+    vocab: NegativeVocab,
+    workspace: Workspace,
+    *,
+    noun_templates: TemplateSet | None = None,
+    adjective_templates: TemplateSet | None = None,
+    batch_size: int = 1024,
+    reporter: Reporter | None = None,
+) -> np.ndarray:
+    """Text features of the negatives in vocab order: nouns with the noun templates, adjective
+    phrases with the adjective templates (NegLabel/NegRefine)."""
+    noun_templates = noun_templates or load_templates("noun")
+    adjective_templates = adjective_templates or load_templates("adjective")
+    sources = np.array(vocab.sources)
+    features = np.zeros((len(vocab.words), model.embed_dim), dtype=np.float32)
+    for source, templates in (("noun", noun_templates), ("adj", adjective_templates)):
+        rows = np.flatnonzero(sources == source)
+        if rows.size:
+            words = [vocab.words[i] for i in rows]
+            features[rows] = text_embeddings(
+                model, words, templates, workspace, batch_size=batch_size, reporter=reporter
+            ).vectors
+    return features

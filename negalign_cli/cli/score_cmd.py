@@ -1,0 +1,238 @@
+"""`negalign score` and `negalign evaluate`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from negalign_cli.cli import options as o
+from negalign_cli.cli.console import guarded, stdout
+from negalign_cli.compute.scores import ScoreConfig
+from negalign_cli.errors import NegalignError
+from negalign_cli.models import load_model
+from negalign_cli.stages.evaluation import NEGALIGN, EvaluateRequest, evaluate, parse_lambdas, parse_ood
+from negalign_cli.stages.inputs import load_classes, load_negatives
+from negalign_cli.stages.scoring import open_image_set, score_images
+from negalign_cli.stages.vocab import negatives_from_lists, negatives_from_split
+from negalign_cli.stages.workspace import Workspace
+
+SCORE_EXAMPLE = (
+    "Example: negalign score --images-dir emb/id --classes waterbird --negatives-split split "
+    "--role-aware --model negalign-tiny-test --out scores/id"
+)
+EVALUATE_EXAMPLE = (
+    "Example: negalign evaluate --id scores/id/scores.parquet --ood placesbg=scores/placesbg/scores.parquet "
+    "--compare --lambda sweep --out results"
+)
+
+
+@guarded
+def score(
+    images_dir: Annotated[Path, typer.Option("--images-dir", help="An `embed images` --out folder.")],
+    classes: Annotated[
+        str, typer.Option("--classes", "-c", help="Class preset or a file, one class a line.")
+    ],
+    negatives_split: Annotated[
+        Path | None,
+        typer.Option(
+            "--negatives-split",
+            help="A split-vocab --out folder (roles for M2 and P_align).",
+            show_default=False,
+        ),
+    ] = None,
+    nouns: Annotated[
+        str | None, typer.Option("--nouns", help="Noun negatives (without a split).", show_default=False)
+    ] = None,
+    adjs: Annotated[
+        str | None,
+        typer.Option("--adjs", help="Adjective-phrase negatives (without a split).", show_default=False),
+    ] = None,
+    cam_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--cam-dir", help="A `cam` --out folder (default: look in --images-dir).", show_default=False
+        ),
+    ] = None,
+    model: o.Model = "negalign-tiny-test",
+    pretrained: o.Pretrained = None,
+    groups: Annotated[int, typer.Option("--groups", min=1, help="NegLabel groups G.")] = 100,
+    group_seed: Annotated[int, typer.Option("--group-seed", help="Seed of the group permutation.")] = 0,
+    neg_topk: Annotated[
+        int | None,
+        typer.Option("--neg-topk", min=1, help="M1: the K largest negative logits only.", show_default=False),
+    ] = None,
+    role_aware: Annotated[
+        bool, typer.Option("--role-aware", help="M2: object-leaning negatives for S*.")
+    ] = False,
+    include_ambiguous: Annotated[
+        bool, typer.Option("--role-aware-include-ambiguous", help="M2 with ambiguous words too.")
+    ] = False,
+    multimatch: Annotated[
+        bool, typer.Option("--multimatch/--no-multimatch", help="NegRefine multi-matching.")
+    ] = True,
+    mcm_temperature: Annotated[
+        float, typer.Option("--mcm-temperature", help="MCM softmax temperature.")
+    ] = 1.0,
+    out: o.Out = None,
+    cache_dir: o.CacheDir = None,
+    device: o.Device = "auto",
+    precision: o.PrecisionOpt = o.Precision.fp32,
+    batch_size: o.BatchSize = 1024,
+    verbose: o.Verbose = 0,
+    quiet: o.Quiet = False,
+) -> None:
+    """Score every image: MCM, NegLabel (plain and *), NegRefine multi-matching, and the background
+    terms (s_bg_pos, s_bg_neg, P_align) when CAM outputs exist. Writes scores.parquet. M3 (z-scoring)
+    happens in `evaluate` (--scale-stabilize), where the ID set is known."""
+    rt = o.runtime(cache_dir, device, precision, batch_size)
+    report = o.reporter(verbose, quiet)
+    if negatives_split is not None and (nouns or adjs):
+        raise NegalignError("give either --negatives-split or --nouns/--adjs, not both")
+    vocab = (
+        negatives_from_split(negatives_split)
+        if negatives_split is not None
+        else negatives_from_lists(
+            load_negatives(nouns, report) if nouns else None, load_negatives(adjs, report) if adjs else None
+        )
+    )
+    config = ScoreConfig(
+        groups=groups,
+        group_seed=group_seed,
+        mcm_temperature=mcm_temperature,
+        neg_topk=neg_topk,
+        role_aware=role_aware or include_ambiguous,
+        include_ambiguous=include_ambiguous,
+    )
+    if len(vocab.words) < groups:
+        raise NegalignError(f"{len(vocab.words)} negatives cannot fill --groups {groups}")
+    image_set = open_image_set(images_dir, cam_dir)
+    class_list = load_classes(classes, report)
+    loaded = load_model(model, pretrained, rt.device, rt.precision)
+    report.info(f"model {loaded.describe()}; {len(vocab.words)} negatives from {vocab.origin}")
+    result = score_images(
+        loaded,
+        image_set,
+        class_list,
+        vocab,
+        Workspace.open(rt.cache_dir),
+        config,
+        multimatch=multimatch,
+        batch_size=rt.batch_size,
+        reporter=report,
+    )
+    counts = result.artifact.manifest["counts"]
+    hit = " (cache hit)" if result.hit else ""
+    stdout().print(f"score {result.artifact.key[:12]}{hit}: {counts['images']} images scored")
+    if out is not None:
+        written = result.artifact.export(out)
+        stdout().print(f"wrote {', '.join(p.name for p in written)} to {out}")
+    else:
+        stdout().print(f"scores: {result.artifact.file('scores.parquet')}")
+
+
+@guarded
+def evaluate_command(
+    id_file: Annotated[Path, typer.Option("--id", help="ID scores: scores.parquet or any CSV/parquet.")],
+    ood: Annotated[list[str], typer.Option("--ood", help="NAME=FILE, repeatable.")],
+    score_column: Annotated[
+        str | None,
+        typer.Option("--score", help="Evaluate this one column (any method, any tool).", show_default=False),
+    ] = None,
+    lambdas: Annotated[
+        str | None,
+        typer.Option(
+            "--lambda",
+            help="NegAlign λ: sweep (0,0.5,1,2,5,10), a list 0,1,2 or a value.",
+            show_default=False,
+        ),
+    ] = None,
+    compare: Annotated[bool, typer.Option("--compare", help="Every method column side by side.")] = False,
+    metrics: Annotated[
+        str, typer.Option("--metrics", help="neglabel (ID positive) or openood (OOD positive).")
+    ] = ("neglabel"),
+    select_on: Annotated[
+        str | None,
+        typer.Option(
+            "--select-lambda-on",
+            help="Choose λ on this OOD set (validation), not per set.",
+            show_default=False,
+        ),
+    ] = None,
+    scale_stabilize: Annotated[
+        bool, typer.Option("--scale-stabilize", help="M3: z-score S* and P_align with ID statistics.")
+    ] = False,
+    calibration: Annotated[
+        Path | None,
+        typer.Option(
+            "--calibration", help="M3 statistics from a file (results.json or JSON).", show_default=False
+        ),
+    ] = None,
+    drop_nonfinite: Annotated[bool, typer.Option("--drop-nonfinite", help="Leave out NaN/inf rows.")] = False,
+    out: o.Out = None,
+    cache_dir: o.CacheDir = None,
+    verbose: o.Verbose = 0,
+    quiet: o.Quiet = False,
+) -> None:
+    """Metrics (AUROC, FPR@95, AUPR-In, AUPR-Out) of ID against each OOD set, a λ sweep for
+    NegAlign (S* + λ·P_align, from stored components), the method table, results.json,
+    metrics.csv, roc.png and score_hist.png."""
+    report = o.reporter(verbose, quiet)
+    if not (score_column or lambdas or compare):
+        compare = True
+    request = EvaluateRequest(
+        id_path=id_file.expanduser(),
+        oods=parse_ood(ood),
+        score_column=score_column,
+        lambdas=parse_lambdas(lambdas),
+        compare=compare,
+        convention=metrics,
+        select_on=select_on,
+        scale_stabilize=scale_stabilize or calibration is not None,
+        calibration_path=calibration,
+        drop_nonfinite=drop_nonfinite,
+    )
+    result = evaluate(request, Workspace.open(o.runtime(cache_dir, "cpu", "fp32", 1).cache_dir), report)
+    import json
+
+    results = json.loads(result.artifact.file("results.json").read_text(encoding="utf-8"))
+    render_results(results)
+    if out is not None:
+        written = result.artifact.export(out)
+        stdout().print(f"wrote {', '.join(p.name for p in written)} to {out}")
+    else:
+        stdout().print(f"results: {result.artifact.path}")
+
+
+def render_results(results: dict) -> None:
+    convention = results["metrics_convention"]
+    sets = list(results["ood"])
+    definition = results["metric_definitions"][convention]["fpr95"]
+    table = Table(
+        title=f"AUROC ↑ / FPR@95 ↓ in % ({convention} convention: {definition})", title_justify="left"
+    )
+    table.add_column("method")
+    for name in [*sets, "mean"] if len(sets) > 1 else sets:
+        table.add_column(name, justify="right")
+    blocks = [results["ood"][n] for n in sets] + ([results["mean"]] if len(sets) > 1 else [])
+    for method in results["mean"]["methods"]:
+        label = method
+        if method == NEGALIGN:
+            lambdas = {b["methods"][method].get("lambda") for b in results["ood"].values()}
+            label += f" (λ={lambdas.pop():g})" if len(lambdas) == 1 else " (λ per set)"
+        cells = []
+        for block in blocks:
+            m = block["methods"][method]["metrics"][convention]
+            cells.append(f"{100 * m['auroc']:.2f} / {100 * m['fpr95']:.2f}")
+        table.add_row(label, *cells)
+    stdout().print(table)
+    if "lambda_selection" in results:
+        stdout().print(f"λ chosen by: {results['lambda_selection']['rule']}")
+    if "lambda_sweep" in results:
+        sweep = " ".join(
+            f"{float(k):g}:{100 * v['metrics'][convention]['auroc']:.2f}"
+            for k, v in results["lambda_sweep"].items()
+        )
+        stdout().print(f"λ sweep (mean AUROC %): {sweep}")

@@ -1,0 +1,271 @@
+"""OOD scores on cached embeddings: MCM, NegLabel (grouped, top-k), NegRefine multi-matching,
+P_align. Pure, vectorised, chunked over images. Higher score = more in-distribution.
+
+Notation (DESIGN.md §5): x = L2-normalised image embedding, P = ID class features (K×D),
+N = negative features (M×D); logits are 100·cos.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+LOGIT_SCALE = 100.0
+MEMORY_BUDGET_FLOATS = 1 << 25  # ~128 MiB of float32 per chunk of logits
+
+
+def chunk_rows(n_columns: int, budget: int = MEMORY_BUDGET_FLOATS) -> int:
+    """Images per chunk so that one chunk's logits stay within the budget."""
+    return max(1, budget // max(1, n_columns))
+
+
+# ----------------------------------------------------------------------------- MCM
+def mcm(cosines: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """MCM: max_k softmax(x·P / T)_k on raw cosines (T = 1, MCM's default)."""
+    return torch.softmax(cosines / temperature, dim=-1).max(dim=-1).values
+
+
+# ----------------------------------------------------------------------------- NegLabel
+def group_order(n_negatives: int, groups: int, seed: int = 0) -> torch.Tensor:
+    """Column order of NegRefine's grouping: drop the last ``n mod G`` negatives, then permute the
+    rest with ``torch.randperm`` seeded with ``seed`` (a CPU generator); group g is the g-th
+    contiguous block of ``n // G`` columns of that order."""
+    if groups < 1:
+        raise ValueError("groups must be at least 1")
+    if n_negatives < groups:
+        raise ValueError(f"{n_negatives} negatives cannot fill {groups} groups")
+    kept = n_negatives - n_negatives % groups
+    if groups == 1:
+        return torch.arange(kept)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(kept, generator=generator)
+
+
+def neglabel_grouped(pos_logits: torch.Tensor, grouped_neg_logits: torch.Tensor, groups: int) -> torch.Tensor:
+    """Mean over groups of Σ_{k∈pos} softmax([pos, neg_g])_k = sigmoid(LSE(pos) − LSE(neg_g)).
+
+    ``grouped_neg_logits`` holds the negatives already in group order (``group_order``)."""
+    n = grouped_neg_logits.shape[0]
+    pos_lse = torch.logsumexp(pos_logits, dim=-1, keepdim=True)
+    neg_lse = torch.logsumexp(grouped_neg_logits.reshape(n, groups, -1), dim=-1)
+    return torch.sigmoid(pos_lse - neg_lse).mean(dim=-1)
+
+
+def neglabel_topk(pos_logits: torch.Tensor, neg_logits: torch.Tensor, k: int) -> torch.Tensor:
+    """NegLabel* M1: only the k largest negative logits of each image enter the softmax."""
+    k = min(k, neg_logits.shape[-1])
+    top = torch.topk(neg_logits, k, dim=-1).values
+    return torch.sigmoid(torch.logsumexp(pos_logits, dim=-1) - torch.logsumexp(top, dim=-1))
+
+
+# ----------------------------------------------------------------------------- NegRefine
+def multimatch(
+    images: torch.Tensor, pair_features: torch.Tensor, pair_negative_logits: torch.Tensor
+) -> torch.Tensor:
+    """NegRefine's multi-matching score: max over an image's pairs of
+    exp(100·x·f(p and n)) / (exp(100·x·f(p and n)) + exp(100·x·f(n))) = sigmoid(difference).
+
+    ``pair_features``: (n, pairs, D) features of the image's "p and n" texts;
+    ``pair_negative_logits``: (n, pairs) the logit 100·x·f(n) of each pair's negative."""
+    pair_logits = LOGIT_SCALE * torch.einsum("nd,npd->np", images, pair_features)
+    return torch.sigmoid(pair_logits - pair_negative_logits).max(dim=-1).values
+
+
+# ----------------------------------------------------------------------------- P_align
+def p_align(
+    background: torch.Tensor,
+    predicted_class_features: torch.Tensor,
+    background_negatives: torch.Tensor,
+    k: int = 5,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """P_align = b·P_{c_hat} − mean(top-k of b·N_bg); returns (p_align, s_bg_pos, s_bg_neg)."""
+    s_bg_pos = (background * predicted_class_features).sum(dim=-1)
+    k = min(k, background_negatives.shape[0])
+    s_bg_neg = torch.topk(background @ background_negatives.T, k, dim=-1).values.mean(dim=-1)
+    return s_bg_pos - s_bg_neg, s_bg_pos, s_bg_neg
+
+
+# ----------------------------------------------------------------------------- M3
+def zscore(values: np.ndarray, mean: float, std: float) -> np.ndarray:
+    """NegLabel* M3: standardise with statistics fitted on the ID set (std 0 -> divide by 1)."""
+    return (values - mean) / (std if std > 0 else 1.0)
+
+
+# ----------------------------------------------------------------------------- all at once
+@dataclass(frozen=True)
+class ScoreConfig:
+    groups: int = 100
+    group_seed: int = 0
+    mcm_temperature: float = 1.0
+    neg_topk: int | None = None  # M1
+    role_aware: bool = False  # M2
+    include_ambiguous: bool = False  # M2 + ambiguous words
+    multimatch_pos: int = 5
+    multimatch_neg: int = 5
+    multimatch_weight: float = 2.0
+    align_topk: int = 5
+
+    @property
+    def star_is_plain(self) -> bool:
+        return self.neg_topk is None and not self.role_aware
+
+
+Rows = torch.Tensor | np.ndarray  # numpy arrays may be memory-mapped: rows are read chunk by chunk
+
+
+def unit_rows(array: Rows, start: int, stop: int) -> torch.Tensor:
+    """Rows ``start:stop`` as L2-normalised float32 (reads only those rows of a memory map)."""
+    block = array[start:stop]
+    tensor = (
+        torch.from_numpy(np.asarray(block, dtype=np.float32))
+        if isinstance(block, np.ndarray)
+        else block.float()
+    )
+    return torch.nn.functional.normalize(tensor, dim=-1)
+
+
+@dataclass
+class ScoreInputs:
+    images: Rows  # (N, D) image embeddings (normalised here, chunk by chunk)
+    classes: torch.Tensor  # (K, D)
+    negatives: torch.Tensor  # (M, D), nouns then adjective phrases (NegRefine's order)
+    class_names: Sequence[str]
+    negative_names: Sequence[str]
+    star_indices: torch.Tensor | None = None  # rows of ``negatives`` forming N_obj (+ N_amb), for M2
+    background: Rows | None = None  # (N, D) background embeddings (normalised here), or None
+    background_valid: torch.Tensor | None = None  # (N,) bool
+    background_indices: torch.Tensor | None = None  # rows of ``negatives`` forming N_bg
+
+
+def pair_text(positive: str, negative: str) -> str:
+    return f"{positive} and {negative}"
+
+
+SCORE_COLUMNS = (
+    "pred_class",
+    "s_mcm",
+    "s_neglabel_plain",
+    "s_neglabel_star",
+    "s_multimatch",
+    "s_negrefine",
+    "s_bg_pos",
+    "s_bg_neg",
+    "p_align",
+)
+
+
+def compute_scores(
+    inputs: ScoreInputs,
+    config: ScoreConfig,
+    encode_pairs: Callable[[list[str]], torch.Tensor] | None = None,
+    on_chunk: Callable[[int], None] | None = None,
+) -> dict[str, np.ndarray]:
+    """Every score component for every image, in chunks of images (no N×M matrix is ever whole).
+
+    One matmul per chunk gives all negative logits, laid out as [grouped order | dropped]: the
+    grouped NegLabel reads the first block as a view, top-k (M1, multi-matching) reads all of it,
+    M2 gathers its columns. ``encode_pairs`` turns NegRefine's "p and n" texts into features
+    (noun templates); each distinct pair is encoded once per call. Without it the multi-matching
+    columns are NaN; without background embeddings the P_align columns are NaN.
+    """
+    classes = inputs.classes.float()
+    negatives = inputs.negatives.float()
+    n_images, n_neg = inputs.images.shape[0], negatives.shape[0]
+    order = group_order(n_neg, config.groups, config.group_seed)
+    dropped = torch.tensor(sorted(set(range(n_neg)) - set(order.tolist())), dtype=torch.long)
+    layout = torch.cat([order, dropped])  # column j of the logits is negative layout[j]
+    position = torch.empty_like(layout)
+    position[layout] = torch.arange(n_neg)
+    laid_out = negatives[layout].T.contiguous()
+    kept = order.shape[0]
+
+    star_columns = star_order = None
+    if config.role_aware:
+        if inputs.star_indices is None or inputs.star_indices.numel() == 0:
+            raise ValueError("role-aware scoring needs object-leaning negatives (N_obj)")
+        star_columns = position[inputs.star_indices]
+        if config.neg_topk is None:
+            star_order = group_order(star_columns.shape[0], config.groups, config.group_seed)
+            star_columns = star_columns[star_order]
+    with_background = inputs.background is not None and inputs.background_indices is not None
+    if with_background:
+        if inputs.background_indices.numel() == 0:
+            raise ValueError("P_align needs background-leaning negatives (N_bg)")
+        background_negatives = negatives[inputs.background_indices]
+    k_pos = min(config.multimatch_pos, classes.shape[0])
+    k_neg = min(config.multimatch_neg, n_neg)
+
+    out = {name: np.full(n_images, np.nan) for name in SCORE_COLUMNS if name != "pred_class"}
+    out["pred_class"] = np.empty(n_images, dtype=np.int64)
+    top_pos = np.empty((n_images, k_pos), dtype=np.int64)
+    top_neg = np.empty((n_images, k_neg), dtype=np.int64)
+    top_neg_logits = np.empty((n_images, k_neg), dtype=np.float32)
+    step = chunk_rows(n_neg + classes.shape[0])
+    for start in range(0, n_images, step):
+        stop = min(start + step, n_images)
+        x = unit_rows(inputs.images, start, stop)
+        cos_pos = x @ classes.T
+        pos_logits = LOGIT_SCALE * cos_pos
+        logits = LOGIT_SCALE * (x @ laid_out)
+        predicted = pos_logits.argmax(dim=-1)
+        out["pred_class"][start:stop] = predicted.numpy()
+        out["s_mcm"][start:stop] = mcm(cos_pos, config.mcm_temperature).numpy()
+        plain = neglabel_grouped(pos_logits, logits[:, :kept], config.groups)
+        out["s_neglabel_plain"][start:stop] = plain.numpy()
+        if config.star_is_plain:
+            star = plain
+        elif config.neg_topk is not None:
+            star_logits = logits if star_columns is None else logits[:, star_columns]
+            star = neglabel_topk(pos_logits, star_logits, config.neg_topk)
+        else:
+            kept_star = star_columns.shape[0] - star_columns.shape[0] % config.groups
+            star = neglabel_grouped(pos_logits, logits[:, star_columns[:kept_star]], config.groups)
+        out["s_neglabel_star"][start:stop] = star.numpy()
+        values, columns = torch.topk(logits, k_neg, dim=-1)
+        top_neg[start:stop] = layout[columns].numpy()
+        top_neg_logits[start:stop] = values.numpy()
+        top_pos[start:stop] = torch.topk(pos_logits, k_pos, dim=-1).indices.numpy()
+        if with_background:
+            aligned, pos, neg = p_align(
+                unit_rows(inputs.background, start, stop),
+                classes[predicted],
+                background_negatives,
+                config.align_topk,
+            )
+            if inputs.background_valid is not None:
+                aligned = torch.where(inputs.background_valid[start:stop], aligned, torch.zeros_like(aligned))
+            out["p_align"][start:stop] = aligned.numpy()
+            out["s_bg_pos"][start:stop] = pos.numpy()
+            out["s_bg_neg"][start:stop] = neg.numpy()
+        if on_chunk is not None:
+            on_chunk(stop - start)
+
+    if encode_pairs is not None:
+        pair_ids, pair_texts = distinct_pairs(top_pos, top_neg, inputs.class_names, inputs.negative_names)
+        pair_features = encode_pairs(pair_texts).float()
+        # pairs are positive-major (p0n0, p0n1, ...): pair (i, j) meets negative j
+        pair_negative_logits = torch.from_numpy(np.tile(top_neg_logits, (1, k_pos)))
+        rows = chunk_rows(pair_ids.shape[1] * pair_features.shape[1])
+        for start in range(0, n_images, rows):
+            stop = min(start + rows, n_images)
+            features = pair_features[torch.from_numpy(pair_ids[start:stop])]
+            out["s_multimatch"][start:stop] = multimatch(
+                unit_rows(inputs.images, start, stop), features, pair_negative_logits[start:stop]
+            ).numpy()
+    out["s_negrefine"] = out["s_neglabel_plain"] + config.multimatch_weight * out["s_multimatch"]
+    return out
+
+
+def distinct_pairs(
+    top_pos: np.ndarray, top_neg: np.ndarray, class_names: Sequence[str], negative_names: Sequence[str]
+) -> tuple[np.ndarray, list[str]]:
+    """Pair ids per image ((n, k_pos·k_neg), positive-major as NegRefine lists them) into the list
+    of distinct "p and n" texts."""
+    n_neg = len(negative_names)
+    codes = (top_pos[:, :, None] * n_neg + top_neg[:, None, :]).reshape(top_pos.shape[0], -1)
+    unique, inverse = np.unique(codes, return_inverse=True)
+    texts = [pair_text(class_names[c // n_neg], negative_names[c % n_neg]) for c in unique.tolist()]
+    return inverse.reshape(codes.shape), texts

@@ -1,0 +1,385 @@
+"""The ``evaluate`` stage: metrics, lambda sweep, the method table, plots (DESIGN.md §4–§5)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from negalign_cli import __version__
+from negalign_cli.compute.evaluation import (
+    ALIGN,
+    DEFAULT_LAMBDAS,
+    STAR,
+    all_metrics,
+    best_lambda,
+    final_score,
+    fit_calibration,
+    lambda_sweep,
+    statistics,
+)
+from negalign_cli.compute.metrics import CONVENTIONS, DEFINITIONS
+from negalign_cli.errors import NegalignError
+from negalign_cli.hashing import sha256_file
+from negalign_cli.reporting import NullReporter, Reporter
+from negalign_cli.stages.scoring import read_score_metadata
+from negalign_cli.stages.store import StageResult, StageSpec
+from negalign_cli.stages.workspace import Workspace
+
+EVALUATE_STAGE, EVALUATE_VERSION = "evaluate", 1
+METHODS = {"MCM": "s_mcm", "NegLabel": "s_neglabel_plain", "NegRefine": "s_negrefine", "NegLabel*": STAR}
+NEGALIGN = "NegAlign"
+
+
+def parse_lambdas(text: str | None) -> list[float] | None:
+    """``sweep`` (the method document's grid), ``0,0.5,1`` or a single value."""
+    if text is None:
+        return None
+    if text.strip().lower() == "sweep":
+        return list(DEFAULT_LAMBDAS)
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError as exc:
+        raise NegalignError(
+            f"cannot read --lambda {text!r}: use sweep, a value, or values like 0,0.5,1"
+        ) from exc
+    if not values or not all(np.isfinite(values)):
+        raise NegalignError(f"cannot read --lambda {text!r}: use sweep, a value, or values like 0,0.5,1")
+    return sorted(set(values))
+
+
+def parse_ood(items: list[str]) -> list[tuple[str, Path]]:
+    """``NAME=FILE`` pairs; names must be unique."""
+    pairs = []
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise NegalignError(f"--ood takes NAME=FILE, got {item!r}")
+        pairs.append((name.strip(), Path(path.strip()).expanduser()))
+    names = [n for n, _ in pairs]
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise NegalignError(f"--ood name(s) given more than once: {', '.join(duplicated)}")
+    if not pairs:
+        raise NegalignError("give at least one --ood NAME=FILE")
+    return pairs
+
+
+def read_score_file(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise NegalignError(f"score file not found: {path}")
+    try:
+        if path.suffix.lower() in (".parquet", ".pq"):
+            frame = pd.read_parquet(path)
+        elif path.suffix.lower() in (".tsv", ".tab"):
+            frame = pd.read_csv(path, sep="\t")
+        else:
+            frame = pd.read_csv(path)
+    except Exception as exc:  # pandas/pyarrow raise many types for a broken file
+        raise NegalignError(f"cannot read score file {path}: {str(exc).splitlines()[0][:160]}") from exc
+    if frame.empty:
+        raise NegalignError(f"score file {path} has no rows")
+    return frame
+
+
+@dataclass
+class EvaluateRequest:
+    id_path: Path
+    oods: list[tuple[str, Path]]
+    score_column: str | None = None
+    lambdas: list[float] | None = None
+    compare: bool = False
+    convention: str = "neglabel"
+    select_on: str | None = None
+    scale_stabilize: bool = False
+    calibration_path: Path | None = None
+    drop_nonfinite: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "oods": [name for name, _ in self.oods],
+            "score_column": self.score_column,
+            "lambdas": self.lambdas,
+            "compare": self.compare,
+            "convention": self.convention,
+            "select_on": self.select_on,
+            "scale_stabilize": self.scale_stabilize,
+            "drop_nonfinite": self.drop_nonfinite,
+        }
+
+
+def _usable(frame: pd.DataFrame, column: str) -> bool:
+    return column in frame.columns and pd.to_numeric(frame[column], errors="coerce").notna().any()
+
+
+def _load_calibration(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise NegalignError(f"cannot read calibration file {path}") from exc
+    data = data.get("calibration", data)
+    try:
+        return {k: {"mean": float(data[k]["mean"]), "std": float(data[k]["std"])} for k in (STAR, ALIGN)}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise NegalignError(f"{path} holds no mean/std for {STAR} and {ALIGN}") from exc
+
+
+def evaluate(request: EvaluateRequest, workspace: Workspace, reporter: Reporter | None = None) -> StageResult:
+    reporter = reporter or NullReporter()
+    if request.convention not in CONVENTIONS:
+        raise NegalignError(f"unknown --metrics {request.convention!r}: use neglabel or openood")
+    names = [name for name, _ in request.oods]
+    if request.select_on is not None and request.select_on not in names:
+        raise NegalignError(
+            f"--select-lambda-on {request.select_on!r} is not one of the --ood names ({', '.join(names)})"
+        )
+    inputs = {"id": sha256_file(request.id_path) if request.id_path.is_file() else "missing"}
+    for name, path in request.oods:
+        inputs[f"ood:{name}"] = sha256_file(path) if path.is_file() else "missing"
+    if request.calibration_path is not None:
+        inputs["calibration"] = sha256_file(request.calibration_path)
+    spec = StageSpec(EVALUATE_STAGE, EVALUATE_VERSION, request.params(), inputs)
+    return workspace.store.run(spec, lambda folder: _evaluate(request, folder, reporter), reporter)
+
+
+def _evaluate(request: EvaluateRequest, folder: Path, reporter: Reporter) -> dict:
+    id_frame = read_score_file(request.id_path)
+    ood_frames = {name: read_score_file(path) for name, path in request.oods}
+    frames = {"ID": id_frame, **ood_frames}
+    models = {
+        name: read_score_metadata(path).get("model")
+        for name, path in [("ID", request.id_path), *request.oods]
+    }
+    if len({m for m in models.values() if m}) > 1:
+        shown = ", ".join(f"{n}={m[:12]}" for n, m in models.items() if m)
+        raise NegalignError(f"score files come from different models ({shown})")
+
+    # which columns are evaluated
+    wants_negalign = request.lambdas is not None or request.compare
+    negalign_ok = all(_usable(f, STAR) and _usable(f, ALIGN) for f in frames.values())
+    if request.lambdas is not None and not negalign_ok:
+        raise NegalignError(
+            f"--lambda needs the {STAR} and {ALIGN} columns in every file "
+            f"({ALIGN} is empty when `score` ran without `cam`)"
+        )
+    columns: dict[str, str] = {}
+    if request.score_column is not None:
+        columns[request.score_column] = request.score_column
+    if request.compare:
+        for method, column in METHODS.items():
+            if all(_usable(f, column) for f in frames.values()):
+                columns[method] = column
+            else:
+                reporter.info(f"{method}: column {column} missing or empty in a file, left out of the table")
+    if request.compare and not negalign_ok:
+        reporter.info(
+            f"{NEGALIGN}: needs {STAR} and {ALIGN} in every file (run `cam` before `score`), left out"
+        )
+    if not columns and not (wants_negalign and negalign_ok):
+        raise NegalignError(
+            "nothing to evaluate: give --score COLUMN, --lambda, or --compare with score files"
+        )
+    needed = sorted(set(columns.values()) | ({STAR, ALIGN} if wants_negalign and negalign_ok else set()))
+    for name, frame in frames.items():
+        absent = [c for c in needed if c not in frame.columns]
+        if absent:
+            raise NegalignError(f"{name} score file lacks column(s) {', '.join(absent)}")
+
+    # non-finite scores
+    dropped = {}
+    for name in list(frames):
+        values = frames[name][needed].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+        bad = ~np.isfinite(values).all(axis=1)
+        if bad.any():
+            if not request.drop_nonfinite:
+                raise NegalignError(
+                    f"{name}: {int(bad.sum())} row(s) have NaN/inf in {', '.join(needed)}; "
+                    "pass --drop-nonfinite to leave them out"
+                )
+            reporter.warn(f"{name}: left out {int(bad.sum())} row(s) with NaN/inf scores")
+            frames[name] = frames[name][~bad]
+        dropped[name] = int(bad.sum())
+        if frames[name].empty:
+            raise NegalignError(f"{name}: no rows left to evaluate")
+    id_frame, ood_frames = frames["ID"], {n: frames[n] for n in ood_frames}
+
+    def column(frame, name):
+        return pd.to_numeric(frame[name]).to_numpy(dtype=np.float64)
+
+    results: dict[str, Any] = {
+        "negalign_version": __version__,
+        "metrics_convention": request.convention,
+        "metric_definitions": DEFINITIONS,
+        "config": {**request.params(), "score_files": _score_configs(request)},
+        "id": {"file": str(request.id_path), "n": len(id_frame), "dropped_nonfinite": dropped["ID"]},
+        "ood": {},
+    }
+    calibration = None
+    if wants_negalign and negalign_ok and (request.scale_stabilize or request.calibration_path):
+        if request.calibration_path is not None:
+            calibration = _load_calibration(request.calibration_path)
+            source = str(request.calibration_path)
+        else:
+            calibration = fit_calibration(column(id_frame, STAR), column(id_frame, ALIGN))
+            source = "fitted on the ID set"
+        results["calibration"] = {**calibration, "source": source}
+    lambdas = request.lambdas or list(DEFAULT_LAMBDAS)
+    sweeps = {}
+    if wants_negalign and negalign_ok:
+        id_star, id_align = column(id_frame, STAR), column(id_frame, ALIGN)
+        for name, frame in ood_frames.items():
+            sweeps[name] = lambda_sweep(
+                id_star, id_align, column(frame, STAR), column(frame, ALIGN), lambdas, calibration
+            )
+    chosen: dict[str, float] = {}
+    if sweeps:
+        if request.select_on is not None:
+            lam = best_lambda(sweeps[request.select_on], request.convention)
+            chosen = {name: lam for name in ood_frames}
+            rule = f"best AUROC on the OOD set {request.select_on!r}, applied to every set"
+        else:
+            chosen = {name: best_lambda(sweep, request.convention) for name, sweep in sweeps.items()}
+            rule = "best AUROC on each test OOD set (the method document's protocol; optimistic)"
+        results["lambda_selection"] = {"rule": rule, "lambda": chosen}
+
+    rows = []
+    for name, frame in ood_frames.items():
+        block: dict[str, Any] = {
+            "file": str(dict(request.oods)[name]),
+            "n": len(frame),
+            "dropped_nonfinite": dropped[name],
+            "statistics": {
+                "id": statistics(_stat_columns(id_frame)),
+                "ood": statistics(_stat_columns(frame)),
+            },
+            "methods": {},
+        }
+        for method, col in columns.items():
+            metrics = all_metrics(column(id_frame, col), column(frame, col))
+            block["methods"][method] = {"column": col, "metrics": metrics}
+            rows.append(_row(name, method, None, metrics, request.convention))
+        if name in sweeps:
+            sweep = sweeps[name]
+            block["best_lambda"] = best_lambda(sweep, request.convention)
+            block["best_auroc"] = sweep[block["best_lambda"]][request.convention]["auroc"]
+            block["lambda_sweep"] = {str(lam): {"lambda": lam, "metrics": m} for lam, m in sweep.items()}
+            lam = chosen[name]
+            block["methods"][NEGALIGN] = {
+                "column": f"{STAR} + λ·{ALIGN}",
+                "lambda": lam,
+                "metrics": sweep[lam],
+            }
+            rows.append(_row(name, NEGALIGN, lam, sweep[lam], request.convention))
+            for other, metrics in sweep.items():
+                rows.append(_row(name, f"{NEGALIGN} sweep", other, metrics, request.convention))
+        results["ood"][name] = block
+    results["mean"] = _mean_block(results["ood"], request.convention)
+    if "lambda_sweep" in results["mean"]:  # the method document's top-level keys
+        for key in ("best_lambda", "best_auroc", "lambda_sweep"):
+            results[key] = results["mean"][key]
+    results["statistics"] = {"id": statistics(_stat_columns(id_frame))}
+    for name, frame in ood_frames.items():
+        results["statistics"][f"ood:{name}"] = statistics(_stat_columns(frame))
+
+    (folder / "results.json").write_text(json.dumps(results, indent=2, sort_keys=False), encoding="utf-8")
+    mean_rows = [
+        _row("mean", m, b.get("lambda"), b["metrics"], request.convention)
+        for m, b in results["mean"]["methods"].items()
+    ]
+    pd.DataFrame(rows + mean_rows).to_csv(folder / "metrics.csv", index=False, float_format="%.4f")
+    from negalign_cli.stages.plots import plot_histograms, plot_roc
+
+    main_method = NEGALIGN if sweeps else next(iter(columns))
+    plot_roc(
+        folder / "roc.png",
+        _scores_for(main_method, id_frame, chosen, calibration, columns, column),
+        {
+            n: _scores_for(main_method, f, chosen, calibration, columns, column, n)
+            for n, f in ood_frames.items()
+        },
+        title=main_method,
+    )
+    components = [
+        c
+        for c in ("s_neglabel_plain", STAR, ALIGN, "s_negrefine", "s_mcm", request.score_column)
+        if c and all(_usable(f, c) for f in frames.values())
+    ]
+    plot_histograms(folder / "score_hist.png", id_frame, ood_frames, list(dict.fromkeys(components)))
+    return {"counts": {"id": len(id_frame), **{f"ood:{n}": len(f) for n, f in ood_frames.items()}}}
+
+
+def _scores_for(method, frame, chosen, calibration, columns, column, name=None):
+    if method == NEGALIGN:
+        lam = chosen[name] if name is not None else next(iter(chosen.values()))
+        return final_score(column(frame, STAR), column(frame, ALIGN), lam, calibration)
+    return column(frame, columns[method])
+
+
+def _stat_columns(frame: pd.DataFrame) -> dict[str, np.ndarray]:
+    out = {}
+    for name in ("s_mcm", "s_neglabel_plain", STAR, "s_multimatch", "s_negrefine", ALIGN):
+        if name in frame.columns:
+            out[name] = pd.to_numeric(frame[name], errors="coerce").to_numpy(dtype=np.float64)
+    if "cam_valid" in frame.columns and frame["cam_valid"].notna().any():
+        out["cam_valid"] = frame["cam_valid"].fillna(False).to_numpy(dtype=bool)
+    return out
+
+
+def _row(ood: str, method: str, lam: float | None, metrics: dict, convention: str) -> dict:
+    chosen = metrics[convention]
+    return {
+        "ood": ood,
+        "method": method,
+        "lambda": lam,
+        "convention": convention,
+        "auroc_pct": 100 * chosen["auroc"],
+        "fpr95_pct": 100 * chosen["fpr95"],
+        "aupr_in_pct": 100 * chosen["aupr_in"],
+        "aupr_out_pct": 100 * chosen["aupr_out"],
+    }
+
+
+def _average(metric_dicts: list[dict]) -> dict:
+    return {
+        c: {k: float(np.mean([m[c][k] for m in metric_dicts])) for k in metric_dicts[0][c]}
+        for c in metric_dicts[0]
+    }
+
+
+def _mean_block(blocks: dict[str, dict], convention: str) -> dict:
+    mean: dict[str, Any] = {"methods": {}}
+    first = next(iter(blocks.values()))
+    for method in first["methods"]:
+        entries = [b["methods"][method] for b in blocks.values()]
+        mean["methods"][method] = {"metrics": _average([e["metrics"] for e in entries])}
+        if "lambda" in entries[0]:
+            mean["methods"][method]["lambda"] = (
+                entries[0]["lambda"] if len({e["lambda"] for e in entries}) == 1 else None
+            )
+    if "lambda_sweep" in first:
+        sweep = {
+            key: {
+                "lambda": first["lambda_sweep"][key]["lambda"],
+                "metrics": _average([b["lambda_sweep"][key]["metrics"] for b in blocks.values()]),
+            }
+            for key in first["lambda_sweep"]
+        }
+        best = max(sorted(sweep, key=float), key=lambda k: sweep[k]["metrics"][convention]["auroc"])
+        mean.update(
+            best_lambda=sweep[best]["lambda"],
+            best_auroc=sweep[best]["metrics"][convention]["auroc"],
+            lambda_sweep=sweep,
+        )
+    return mean
+
+
+def _score_configs(request: EvaluateRequest) -> dict[str, Any]:
+    configs = {"ID": read_score_metadata(request.id_path).get("config")}
+    for name, path in request.oods:
+        configs[name] = read_score_metadata(path).get("config")
+    return configs

@@ -1,0 +1,66 @@
+"""Figures written by ``evaluate``: ROC curves and score histograms (matplotlib, no display)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_roc(path: Path, id_scores: np.ndarray, ood_scores: dict[str, np.ndarray], title: str) -> None:
+    """ROC of ID (positive) against each OOD set for one score."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(5, 5), dpi=120)
+    for name, scores in ood_scores.items():
+        labels = np.r_[np.ones(len(id_scores)), np.zeros(len(scores))]
+        values = np.r_[id_scores, scores]
+        fpr, tpr, _ = roc_curve(labels, values)
+        axis.plot(fpr, tpr, label=f"{name} (AUROC {100 * roc_auc_score(labels, values):.2f})")
+    axis.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    axis.axhline(0.95, color="grey", linestyle="--", linewidth=0.8)
+    axis.set(
+        xlabel="false positive rate (OOD accepted)",
+        ylabel="true positive rate (ID kept)",
+        title=f"ROC: {title}",
+    )
+    axis.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def plot_histograms(
+    path: Path, id_frame: pd.DataFrame, ood_frames: dict[str, pd.DataFrame], columns: list[str]
+) -> None:
+    """One row per OOD set, one column per score component: ID against OOD."""
+    plt = _pyplot()
+    rows, cols = max(1, len(ood_frames)), max(1, len(columns))
+    figure, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), dpi=110, squeeze=False)
+    for r, (name, frame) in enumerate(ood_frames.items()):
+        for c, column in enumerate(columns):
+            axis = axes[r][c]
+            id_values = pd.to_numeric(id_frame[column], errors="coerce").dropna().to_numpy()
+            ood_values = pd.to_numeric(frame[column], errors="coerce").dropna().to_numpy()
+            both = np.r_[id_values, ood_values]
+            bins = np.linspace(both.min(), both.max(), 40) if both.size and np.ptp(both) > 0 else 20
+            axis.hist(id_values, bins=bins, alpha=0.55, density=True, label="ID")
+            axis.hist(ood_values, bins=bins, alpha=0.55, density=True, label=name)
+            axis.set_title(column, fontsize=8)
+            axis.tick_params(labelsize=7)
+            if c == 0:
+                axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)

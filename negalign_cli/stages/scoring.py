@@ -1,0 +1,239 @@
+"""The ``score`` stage: every score component of every image, from cached embeddings.
+
+Reads what ``embed images`` and ``cam`` write (DESIGN.md §4):
+
+- ``image_embeddings.npy`` (N×D) and ``images.parquet`` (row, path, label, digest, status, reason;
+  ``row`` is the image's row in the ``.npy`` file, −1 for a skipped image);
+- optionally ``background_embeddings.npy`` (N×D, same rows) and ``cam.parquet`` (one row per
+  embedding row: pred_class, pred_score, cam_valid, fg_fraction).
+
+Writes ``scores.parquet``: one row per embedded image with its path, label and every component.
+The model fingerprint and the score configuration travel in the parquet metadata.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from negalign_cli.compute.scores import ScoreConfig, ScoreInputs, compute_scores
+from negalign_cli.compute.vocab import ROLE_AMBIGUOUS, ROLE_BACKGROUND, ROLE_OBJECT
+from negalign_cli.errors import NegalignError
+from negalign_cli.hashing import sha256_file
+from negalign_cli.models import LoadedModel
+from negalign_cli.reporting import NullReporter, Reporter
+from negalign_cli.stages.inputs import WordList, load_templates
+from negalign_cli.stages.store import StageResult, StageSpec
+from negalign_cli.stages.text import text_embeddings
+from negalign_cli.stages.vocab import NegativeVocab, negative_features
+from negalign_cli.stages.workspace import Workspace
+
+SCORE_STAGE, SCORE_VERSION = "score", 1
+METADATA_KEY = b"negalign"
+EMBEDDINGS, IMAGES = "image_embeddings.npy", "images.parquet"
+BACKGROUND, CAM = "background_embeddings.npy", "cam.parquet"
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """An ``embed images`` (+ ``cam``) output folder, checked for consistency."""
+
+    folder: Path
+    cam_folder: Path | None
+    model_fingerprint: str | None
+
+    @property
+    def has_cam(self) -> bool:
+        return self.cam_folder is not None
+
+    def digests(self) -> dict[str, str]:
+        files = {"embeddings": self.folder / EMBEDDINGS, "images": self.folder / IMAGES}
+        if self.cam_folder is not None:
+            files.update(background=self.cam_folder / BACKGROUND, cam=self.cam_folder / CAM)
+        return {name: sha256_file(path) for name, path in files.items()}
+
+
+def _manifest_model(folder: Path) -> str | None:
+    manifest = folder / "manifest.json"
+    if not manifest.is_file():
+        return None
+    try:
+        return json.loads(manifest.read_text(encoding="utf-8")).get("inputs", {}).get("model")
+    except ValueError:
+        return None
+
+
+def open_image_set(images_dir: str | Path, cam_dir: str | Path | None = None) -> ImageSet:
+    folder = Path(images_dir).expanduser()
+    for name in (EMBEDDINGS, IMAGES):
+        if not (folder / name).is_file():
+            raise NegalignError(
+                f"{folder / name} not found: --images-dir takes an `embed images` --out folder"
+            )
+    cam_folder = Path(cam_dir).expanduser() if cam_dir is not None else folder
+    if not (cam_folder / BACKGROUND).is_file() or not (cam_folder / CAM).is_file():
+        if cam_dir is not None:
+            raise NegalignError(
+                f"{cam_folder} lacks {BACKGROUND} or {CAM}: --cam-dir takes a `cam` --out folder"
+            )
+        cam_folder = None
+    fingerprints = {f for f in (_manifest_model(folder), cam_folder and _manifest_model(cam_folder)) if f}
+    if len(fingerprints) > 1:
+        raise NegalignError("the image embeddings and the CAM outputs come from different models")
+    return ImageSet(folder, cam_folder, next(iter(fingerprints), None))
+
+
+def _load_images(
+    image_set: ImageSet,
+) -> tuple[pd.DataFrame, np.ndarray, np.ndarray | None, pd.DataFrame | None]:
+    embeddings = np.load(image_set.folder / EMBEDDINGS, mmap_mode="r")
+    table = pd.read_parquet(image_set.folder / IMAGES)
+    if "row" not in table.columns:
+        raise NegalignError(f"{image_set.folder / IMAGES} has no 'row' column")
+    table = table[table["row"] >= 0].sort_values("row")
+    if len(table) != embeddings.shape[0] or not np.array_equal(
+        table["row"].to_numpy(), np.arange(len(table))
+    ):
+        raise NegalignError(
+            f"{image_set.folder}: {IMAGES} lists {len(table)} embedded images but {EMBEDDINGS} has "
+            f"{embeddings.shape[0]} rows"
+        )
+    background = cam = None
+    if image_set.cam_folder is not None:
+        background = np.load(image_set.cam_folder / BACKGROUND, mmap_mode="r")
+        cam = pd.read_parquet(image_set.cam_folder / CAM)
+        if background.shape != embeddings.shape or len(cam) != embeddings.shape[0]:
+            raise NegalignError(
+                f"{image_set.cam_folder}: CAM outputs do not match the {embeddings.shape[0]} images"
+            )
+    return table.reset_index(drop=True), embeddings, background, cam
+
+
+def score_images(
+    model: LoadedModel,
+    image_set: ImageSet,
+    classes: WordList,
+    negatives: NegativeVocab,
+    workspace: Workspace,
+    config: ScoreConfig,
+    *,
+    multimatch: bool = True,
+    batch_size: int = 1024,
+    reporter: Reporter | None = None,
+) -> StageResult:
+    """Score one image set; changing a switch reruns only this stage (texts come from the item cache)."""
+    reporter = reporter or NullReporter()
+    if image_set.model_fingerprint and image_set.model_fingerprint != model.fingerprint:
+        raise NegalignError(
+            f"the images were embedded with model {image_set.model_fingerprint[:16]}, not with "
+            f"{model.describe()}: pass the same --model/--pretrained"
+        )
+    if config.role_aware and negatives.roles is None:
+        raise NegalignError("--role-aware needs --negatives-split DIR (a split-vocab output)")
+    if not image_set.has_cam:
+        reporter.info("no CAM outputs beside the embeddings: the background columns stay empty")
+    params = {**asdict(config), "multimatch": multimatch, "precision": model.precision}
+    inputs = {
+        "model": model.fingerprint,
+        "classes": classes.digest,
+        "negatives": negatives.digest,
+        **image_set.digests(),
+    }
+    spec = StageSpec(SCORE_STAGE, SCORE_VERSION, params, inputs)
+
+    def compute(folder):
+        table, embeddings, background, cam = _load_images(image_set)
+        noun_templates = load_templates("noun")
+        class_features = text_embeddings(
+            model, classes.words, noun_templates, workspace, batch_size=batch_size, reporter=reporter
+        ).vectors
+        features = negative_features(model, negatives, workspace, batch_size=batch_size, reporter=reporter)
+        star_roles = (ROLE_OBJECT, ROLE_AMBIGUOUS) if config.include_ambiguous else (ROLE_OBJECT,)
+        star = torch.from_numpy(negatives.indices(*star_roles)) if config.role_aware else None
+        if star is not None and star.numel() < (config.groups if config.neg_topk is None else 1):
+            raise NegalignError(
+                f"--role-aware keeps {star.numel()} negative(s) ({'/'.join(star_roles)}), too few for "
+                f"{config.groups} groups: lower --groups, add --neg-topk K, or include ambiguous words"
+            )
+        background_indices = None
+        if background is not None:
+            if negatives.roles is None:
+                reporter.warn(
+                    "P_align needs background negatives: pass --negatives-split DIR; P_align left empty"
+                )
+                background = None
+            else:
+                background_indices = torch.from_numpy(negatives.indices(ROLE_BACKGROUND))
+                if background_indices.numel() == 0:
+                    raise NegalignError(
+                        "the split has no background-leaning negatives (N_bg): P_align is undefined"
+                    )
+        inputs_ = ScoreInputs(
+            images=embeddings,
+            classes=torch.from_numpy(class_features),
+            negatives=torch.from_numpy(features),
+            class_names=classes.words,
+            negative_names=negatives.words,
+            star_indices=star,
+            background=background,
+            background_valid=None
+            if cam is None
+            else torch.from_numpy(cam["cam_valid"].to_numpy(dtype=bool).copy()),
+            background_indices=background_indices,
+        )
+
+        def encode_pairs(texts):
+            reporter.info(f"multi-matching: {len(texts)} distinct 'p and n' texts")
+            vectors = text_embeddings(
+                model, texts, noun_templates, workspace, batch_size=batch_size, reporter=reporter
+            ).vectors
+            return torch.from_numpy(vectors)
+
+        with reporter.progress(f"scoring {len(table)} images", len(table)) as advance:
+            columns = compute_scores(inputs_, config, encode_pairs if multimatch else None, on_chunk=advance)
+        frame = pd.DataFrame(
+            {
+                "row": table["row"].to_numpy(),
+                "path": table["path"].astype(str).to_numpy(),
+                "label": table["label"].to_numpy() if "label" in table else None,
+                "pred_class": columns["pred_class"],
+                "pred_name": np.array(classes.words, dtype=object)[columns["pred_class"]],
+                **{k: v for k, v in columns.items() if k != "pred_class"},
+                "cam_valid": cam["cam_valid"].to_numpy(dtype=bool) if cam is not None else None,
+            }
+        )
+        if background is None:
+            frame[["s_bg_pos", "s_bg_neg", "p_align"]] = None
+            frame["cam_valid"] = None
+        write_scores(frame, folder / "scores.parquet", {"model": model.fingerprint, "config": params})
+        counts = {"images": len(frame), "negatives": len(negatives.words), "classes": len(classes)}
+        if config.role_aware:
+            counts["star_negatives"] = int(star.numel())
+        if background_indices is not None:
+            counts["background_negatives"] = int(background_indices.numel())
+            counts["cam_valid"] = int(frame["cam_valid"].sum())
+        return {"counts": counts, "model": model.describe(), "images_dir": str(image_set.folder)}
+
+    return workspace.store.run(spec, compute, reporter)
+
+
+def write_scores(frame: pd.DataFrame, path: Path, metadata: dict) -> None:
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    merged = {**(table.schema.metadata or {}), METADATA_KEY: json.dumps(metadata).encode()}
+    pq.write_table(table.replace_schema_metadata(merged), path)
+
+
+def read_score_metadata(path: Path) -> dict:
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowException):
+        return {}
+    raw = metadata.get(METADATA_KEY)
+    return json.loads(raw) if raw else {}

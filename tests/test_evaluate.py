@@ -1,0 +1,230 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from negalign_cli.cli.app import app
+from negalign_cli.compute.evaluation import final_score, fit_calibration
+from negalign_cli.compute.metrics import ood_metrics
+from negalign_cli.errors import NegalignError
+from negalign_cli.stages.evaluation import EvaluateRequest, evaluate, parse_lambdas, parse_ood
+from negalign_cli.stages.scoring import write_scores as write_parquet_with_metadata
+from tests.helpers.synthetic import write_scores
+
+runner = CliRunner()
+
+
+@pytest.fixture()
+def files(tmp_path):
+    return {
+        "id": write_scores(tmp_path / "id.parquet", 300, 0, shift=0.3),
+        "near": write_scores(tmp_path / "near.parquet", 200, 1, shift=0.1),
+        "far": write_scores(tmp_path / "far.csv", 250, 2, shift=-0.2),
+    }
+
+
+def load(path):
+    return pd.read_parquet(path) if str(path).endswith(".parquet") else pd.read_csv(path)
+
+
+def test_lambda_sweep_equals_recomputation(files, workspace):
+    request = EvaluateRequest(
+        files["id"], [("near", files["near"]), ("far", files["far"])], lambdas=[0, 0.5, 2.0], compare=True
+    )
+    result = evaluate(request, workspace)
+    results = json.loads(result.artifact.file("results.json").read_text())
+    id_frame = load(files["id"])
+    for name in ("near", "far"):
+        ood = load(files[name])
+        for lam in (0.0, 0.5, 2.0):
+            expected = ood_metrics(
+                id_frame["s_neglabel_star"] + lam * id_frame["p_align"],
+                ood["s_neglabel_star"] + lam * ood["p_align"],
+            )
+            stored = results["ood"][name]["lambda_sweep"][str(lam)]["metrics"]["neglabel"]
+            assert stored == pytest.approx(expected.as_dict())
+        best = max(
+            (0.0, 0.5, 2.0),
+            key=lambda lam: results["ood"][name]["lambda_sweep"][str(lam)]["metrics"]["neglabel"]["auroc"],
+        )
+        assert results["ood"][name]["best_lambda"] == best
+        assert results["ood"][name]["methods"]["NegAlign"]["lambda"] == best
+        mcm = ood_metrics(id_frame["s_mcm"], ood["s_mcm"])
+        assert results["ood"][name]["methods"]["MCM"]["metrics"]["neglabel"] == pytest.approx(mcm.as_dict())
+        assert set(results["ood"][name]["methods"]) == {
+            "MCM",
+            "NegLabel",
+            "NegRefine",
+            "NegLabel*",
+            "NegAlign",
+        }
+    # the method document's schema, plus the mean block and the metric definitions
+    for key in (
+        "config",
+        "best_lambda",
+        "best_auroc",
+        "lambda_sweep",
+        "statistics",
+        "metrics_convention",
+        "metric_definitions",
+        "mean",
+        "lambda_selection",
+        "negalign_version",
+    ):
+        assert key in results
+    assert results["metrics_convention"] == "neglabel"
+    assert set(results["metric_definitions"]) == {"neglabel", "openood"}
+    assert "openood" in results["ood"]["near"]["methods"]["MCM"]["metrics"]
+    stats = results["ood"]["near"]["statistics"]["id"]
+    assert stats["s_neglabel_plain_mean"] == pytest.approx(id_frame["s_neglabel_plain"].mean())
+    assert stats["cam_valid_rate"] == pytest.approx(id_frame["cam_valid"].mean())
+    mean_auroc = np.mean(
+        [results["ood"][n]["lambda_sweep"]["0.5"]["metrics"]["neglabel"]["auroc"] for n in ("near", "far")]
+    )
+    assert results["lambda_sweep"]["0.5"]["metrics"]["neglabel"]["auroc"] == pytest.approx(mean_auroc)
+    csv = pd.read_csv(result.artifact.file("metrics.csv"))
+    assert {
+        "ood",
+        "method",
+        "lambda",
+        "convention",
+        "auroc_pct",
+        "fpr95_pct",
+        "aupr_in_pct",
+        "aupr_out_pct",
+    } <= set(csv.columns)
+    for figure in ("roc.png", "score_hist.png"):
+        assert result.artifact.file(figure).stat().st_size > 1000
+
+
+def test_select_lambda_on_a_validation_set(files, workspace):
+    request = EvaluateRequest(
+        files["id"], [("near", files["near"]), ("far", files["far"])], lambdas=[0, 1, 5], select_on="near"
+    )
+    results = json.loads(evaluate(request, workspace).artifact.file("results.json").read_text())
+    lam = results["ood"]["near"]["best_lambda"]
+    assert results["lambda_selection"]["lambda"] == {"near": lam, "far": lam}
+    assert "near" in results["lambda_selection"]["rule"]
+    assert results["ood"]["far"]["methods"]["NegAlign"]["lambda"] == lam
+
+
+def test_m3_scale_stabilize(files, workspace, tmp_path):
+    request = EvaluateRequest(files["id"], [("near", files["near"])], lambdas=[1.0], scale_stabilize=True)
+    results = json.loads(evaluate(request, workspace).artifact.file("results.json").read_text())
+    id_frame, ood = load(files["id"]), load(files["near"])
+    calibration = fit_calibration(id_frame["s_neglabel_star"].to_numpy(), id_frame["p_align"].to_numpy())
+    assert results["calibration"]["s_neglabel_star"] == pytest.approx(calibration["s_neglabel_star"])
+    z = lambda f: final_score(f["s_neglabel_star"].to_numpy(), f["p_align"].to_numpy(), 1.0, calibration)  # noqa: E731
+    assert results["ood"]["near"]["lambda_sweep"]["1.0"]["metrics"]["neglabel"]["auroc"] == pytest.approx(
+        ood_metrics(z(id_frame), z(ood)).auroc
+    )
+    assert z(id_frame).mean() == pytest.approx(1.0 * 0 + 0, abs=1e-9)  # both terms have mean 0 on ID
+    # the saved statistics can be passed back as --calibration
+    saved = tmp_path / "results.json"
+    saved.write_text(json.dumps(results))
+    again = EvaluateRequest(
+        files["id"], [("near", files["near"])], lambdas=[1.0], scale_stabilize=True, calibration_path=saved
+    )
+    results2 = json.loads(evaluate(again, workspace).artifact.file("results.json").read_text())
+    assert results2["ood"]["near"]["lambda_sweep"]["1.0"] == results["ood"]["near"]["lambda_sweep"]["1.0"]
+
+
+def test_any_score_column(tmp_path, workspace):
+    rng = np.random.default_rng(5)
+    pd.DataFrame({"energy": rng.normal(1, 1, 100)}).to_csv(tmp_path / "id.csv", index=False)
+    pd.DataFrame({"energy": rng.normal(0, 1, 80)}).to_csv(tmp_path / "ood.csv", index=False)
+    request = EvaluateRequest(
+        tmp_path / "id.csv", [("x", tmp_path / "ood.csv")], score_column="energy", convention="openood"
+    )
+    results = json.loads(evaluate(request, workspace).artifact.file("results.json").read_text())
+    expected = ood_metrics(
+        pd.read_csv(tmp_path / "id.csv")["energy"], pd.read_csv(tmp_path / "ood.csv")["energy"], "openood"
+    )
+    assert results["ood"]["x"]["methods"]["energy"]["metrics"]["openood"] == pytest.approx(expected.as_dict())
+    assert "lambda_sweep" not in results["ood"]["x"]
+
+
+def test_bad_input(tmp_path, files, workspace):
+    with pytest.raises(NegalignError, match="more than once"):
+        parse_ood(["a=x.csv", "a=y.csv"])
+    with pytest.raises(NegalignError, match="NAME=FILE"):
+        parse_ood(["x.csv"])
+    with pytest.raises(NegalignError, match="at least one"):
+        parse_ood([])
+    assert parse_lambdas("sweep") == [0.0, 0.5, 1.0, 2.0, 5.0, 10.0] and parse_lambdas("2,0.5") == [0.5, 2.0]
+    with pytest.raises(NegalignError, match="cannot read --lambda"):
+        parse_lambdas("big")
+    empty = tmp_path / "empty.csv"
+    empty.write_text("s_mcm\n")
+    with pytest.raises(NegalignError, match="no rows"):
+        evaluate(EvaluateRequest(empty, [("near", files["near"])], score_column="s_mcm"), workspace)
+    nan = write_scores(tmp_path / "nan.parquet", 50, 3, shift=0.0, s_mcm=[np.nan, np.inf] + [0.5] * 48)
+    with pytest.raises(NegalignError, match="2 row\\(s\\) have NaN/inf"):
+        evaluate(EvaluateRequest(nan, [("near", files["near"])], score_column="s_mcm"), workspace)
+    ok = evaluate(
+        EvaluateRequest(nan, [("near", files["near"])], score_column="s_mcm", drop_nonfinite=True), workspace
+    )
+    assert json.loads(ok.artifact.file("results.json").read_text())["id"]["dropped_nonfinite"] == 2
+    with pytest.raises(NegalignError, match="lacks column"):
+        evaluate(EvaluateRequest(files["id"], [("near", files["near"])], score_column="energy"), workspace)
+    a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    write_parquet_with_metadata(load(files["id"]), a, {"model": "aaaa" * 16, "config": {}})
+    write_parquet_with_metadata(load(files["near"]), b, {"model": "bbbb" * 16, "config": {}})
+    with pytest.raises(NegalignError, match="different models"):
+        evaluate(EvaluateRequest(a, [("near", b)], score_column="s_mcm"), workspace)
+    no_align = write_scores(tmp_path / "no_align.parquet", 40, 4, shift=0.0, p_align=np.nan)
+    with pytest.raises(NegalignError, match="--lambda needs"):
+        evaluate(EvaluateRequest(no_align, [("near", files["near"])], lambdas=[1.0]), workspace)
+    with pytest.raises(NegalignError, match="--select-lambda-on"):
+        evaluate(
+            EvaluateRequest(files["id"], [("near", files["near"])], lambdas=[1.0], select_on="far"), workspace
+        )
+
+
+def test_evaluate_cli_round_trip(files, tmp_path):
+    args = [
+        "evaluate",
+        "--id",
+        str(files["id"]),
+        "--ood",
+        f"near={files['near']}",
+        "--ood",
+        f"far={files['far']}",
+        "--compare",
+        "--lambda",
+        "sweep",
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--out",
+        str(tmp_path / "r"),
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "NegAlign (λ per set)" in result.output or "NegAlign (λ=" in result.output
+    for method in ("MCM", "NegLabel", "NegRefine", "NegLabel*"):
+        assert method in result.output
+    assert "λ sweep (mean AUROC %)" in result.output
+    written = sorted(p.name for p in (tmp_path / "r").iterdir())
+    assert written == ["manifest.json", "metrics.csv", "results.json", "roc.png", "score_hist.png"]
+    assert "cache hit: evaluate" in runner.invoke(app, args).output
+    single = runner.invoke(app, ["evaluate", "--id", str(files["id"]), "--cache-dir", str(tmp_path / "c")])
+    assert single.exit_code != 0 and "--ood" in single.output
+    dup = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--id",
+            str(files["id"]),
+            "--ood",
+            f"a={files['near']}",
+            "--ood",
+            f"a={files['far']}",
+            "--cache-dir",
+            str(tmp_path / "c"),
+        ],
+    )
+    assert dup.exit_code != 0 and "more than once" in dup.output

@@ -1,0 +1,183 @@
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from negalign_cli.cli.app import app
+from negalign_cli.compute.scores import ScoreConfig
+from negalign_cli.errors import NegalignError
+from negalign_cli.stages.inputs import WordList, load_templates
+from negalign_cli.stages.scoring import open_image_set, read_score_metadata, score_images
+from negalign_cli.stages.text import text_embeddings
+from negalign_cli.stages.vocab import (
+    VocabEntry,
+    negatives_from_lists,
+    negatives_from_split,
+    split_scores,
+    split_vocab,
+)
+from tests.helpers.synthetic import write_image_set
+
+runner = CliRunner()
+NOUNS = (
+    "ocean",
+    "teapot",
+    "forest",
+    "brick wall",
+    "sky",
+    "lamp",
+    "sand",
+    "river",
+    "kettle",
+    "snow",
+    "cup",
+    "grass",
+)
+ADJS = ("rusty thing", "blue scene", "wet place", "shiny object")
+
+
+@pytest.fixture()
+def split_dir(tiny_model, workspace, tmp_path):
+    entries = [VocabEntry(WordList("t", NOUNS), "noun"), VocabEntry(WordList("t", ADJS), "adj")]
+    scores = split_scores(tiny_model, entries, workspace)
+    # tau 0 makes every word obj or bg, so both sets are non-empty even on random weights
+    split = split_vocab(scores.artifact, workspace, tau=0.0)
+    return split.artifact.path
+
+
+def test_score_stage_end_to_end(tiny_model, workspace, tmp_path, split_dir):
+    images = write_image_set(tmp_path / "imgs", n=23, dim=64, seed=0)
+    vocab = negatives_from_split(split_dir)
+    assert vocab.words[: len(NOUNS)] == NOUNS and vocab.sources.count("adj") == 4
+    classes = WordList("t", ("waterbirds", "landbirds"))
+    config = ScoreConfig(groups=4, role_aware=True, include_ambiguous=True, neg_topk=3)
+    result = score_images(tiny_model, open_image_set(images), classes, vocab, workspace, config)
+    frame = pd.read_parquet(result.artifact.file("scores.parquet"))
+    expected_columns = [
+        "row",
+        "path",
+        "label",
+        "pred_class",
+        "pred_name",
+        "s_mcm",
+        "s_neglabel_plain",
+        "s_neglabel_star",
+        "s_bg_pos",
+        "s_bg_neg",
+        "p_align",
+        "s_multimatch",
+        "s_negrefine",
+        "cam_valid",
+    ]
+    assert sorted(frame.columns) == sorted(expected_columns)
+    assert len(frame) == 23 and frame["path"].iloc[0] == "img_0.png"
+    assert frame["cam_valid"].tolist() == [i % 7 != 0 for i in range(23)]
+    assert (frame.loc[~frame["cam_valid"], "p_align"] == 0).all()
+    assert frame["s_negrefine"].to_numpy() == pytest.approx(
+        frame["s_neglabel_plain"].to_numpy() + 2 * frame["s_multimatch"].to_numpy()
+    )
+    assert read_score_metadata(result.artifact.file("scores.parquet"))["model"] == tiny_model.fingerprint
+    # the plain NegLabel equals a per-image recomputation from the stored inputs
+    x = np.load(images / "image_embeddings.npy").astype(np.float64)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    p = text_embeddings(tiny_model, classes.words, load_templates("noun"), workspace).vectors.astype(
+        np.float64
+    )
+    nouns = text_embeddings(tiny_model, NOUNS, load_templates("noun"), workspace).vectors
+    adjs = text_embeddings(tiny_model, ADJS, load_templates("adjective"), workspace).vectors
+    n = np.concatenate([nouns, adjs]).astype(np.float64)
+    order = torch.randperm(16, generator=torch.Generator().manual_seed(0)).numpy()
+    for i in range(23):
+        pos, neg = 100 * x[i] @ p.T, (100 * x[i] @ n.T)[order].reshape(4, 4)
+        per_group = [np.exp(pos).sum() / (np.exp(pos).sum() + np.exp(g).sum()) for g in neg]
+        assert frame["s_neglabel_plain"].iloc[i] == pytest.approx(np.mean(per_group), abs=2e-6)
+    # a switch reruns only `score`: no text is encoded again
+    before = workspace.items.count()
+    plain = score_images(tiny_model, open_image_set(images), classes, vocab, workspace, ScoreConfig(groups=4))
+    assert not plain.hit and workspace.items.count() == before
+    again = score_images(tiny_model, open_image_set(images), classes, vocab, workspace, ScoreConfig(groups=4))
+    assert again.hit
+    plain_frame = pd.read_parquet(plain.artifact.file("scores.parquet"))
+    np.testing.assert_array_equal(plain_frame["s_neglabel_star"], plain_frame["s_neglabel_plain"])
+    np.testing.assert_array_equal(plain_frame["s_neglabel_plain"], frame["s_neglabel_plain"])
+
+
+def test_without_cam_background_columns_are_empty(tiny_model, workspace, tmp_path):
+    images = write_image_set(tmp_path / "imgs", n=9, dim=64, seed=1, cam=False)
+    vocab = negatives_from_lists(WordList("t", NOUNS), None)
+    result = score_images(
+        tiny_model,
+        open_image_set(images),
+        WordList("t", ("a", "b")),
+        vocab,
+        workspace,
+        ScoreConfig(groups=3),
+        multimatch=False,
+    )
+    frame = pd.read_parquet(result.artifact.file("scores.parquet"))
+    assert frame["p_align"].isna().all() and frame["cam_valid"].isna().all()
+    assert frame["s_multimatch"].isna().all() and frame["s_neglabel_plain"].notna().all()
+    with pytest.raises(NegalignError, match="--negatives-split"):
+        score_images(
+            tiny_model,
+            open_image_set(images),
+            WordList("t", ("a", "b")),
+            vocab,
+            workspace,
+            ScoreConfig(groups=3, role_aware=True),
+        )
+
+
+def test_bad_image_folders(tmp_path, tiny_model, workspace):
+    with pytest.raises(NegalignError, match="embed images"):
+        open_image_set(tmp_path)
+    images = write_image_set(tmp_path / "imgs", n=5, dim=64, seed=2)
+    np.save(images / "image_embeddings.npy", np.zeros((4, 64), np.float16))
+    vocab = negatives_from_lists(WordList("t", NOUNS), None)
+    with pytest.raises(NegalignError, match="lists 5 embedded images but image_embeddings.npy has 4"):
+        score_images(
+            tiny_model,
+            open_image_set(images),
+            WordList("t", ("a", "b")),
+            vocab,
+            workspace,
+            ScoreConfig(groups=3),
+        )
+    (images / "manifest.json").write_text('{"inputs": {"model": "0000"}}')
+    with pytest.raises(NegalignError, match="embedded with model 0000"):
+        score_images(
+            tiny_model,
+            open_image_set(images),
+            WordList("t", ("a", "b")),
+            vocab,
+            workspace,
+            ScoreConfig(groups=3),
+        )
+
+
+def test_score_cli(tmp_path, split_dir):
+    images = write_image_set(tmp_path / "imgs", n=11, dim=64, seed=3)
+    args = [
+        "score",
+        "--images-dir",
+        str(images),
+        "--classes",
+        "waterbird",
+        "--negatives-split",
+        str(split_dir),
+        "--groups",
+        "4",
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--out",
+        str(tmp_path / "s"),
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "11 images scored" in result.output and (tmp_path / "s" / "scores.parquet").is_file()
+    assert "cache hit" in runner.invoke(app, args).output
+    bad = runner.invoke(app, [*args, "--groups", "500"])
+    assert bad.exit_code != 0 and "cannot fill --groups 500" in bad.output

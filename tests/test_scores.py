@@ -1,0 +1,189 @@
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+
+import negalign_cli.compute.scores as scores_module
+from negalign_cli.compute.scores import ScoreConfig, ScoreInputs, compute_scores, group_order
+
+N_IMAGES, K, M, D = 37, 6, 53, 16
+
+
+def unit(rows, dim, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(
+        torch.randn(rows, dim, generator=g, dtype=torch.float64), dim=1
+    ).float()
+
+
+def fake_text_features(texts):
+    """A deterministic stand-in for the text tower: a unit vector per text."""
+    rows = []
+    for text in texts:
+        seed = int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
+        rows.append(unit(1, D, seed)[0])
+    return torch.stack(rows)
+
+
+@pytest.fixture()
+def data():
+    images = unit(N_IMAGES, D, 1)
+    classes = unit(K, D, 2)
+    negatives = unit(M, D, 3)
+    # make a few images close to classes or negatives so that scores spread out
+    images[:5] = torch.nn.functional.normalize(images[:5] + 2 * classes[:5], dim=1)
+    images[5:10] = torch.nn.functional.normalize(images[5:10] + 2 * negatives[:5], dim=1)
+    background = unit(N_IMAGES, D, 4)
+    valid = torch.ones(N_IMAGES, dtype=torch.bool)
+    valid[[3, 17]] = False
+    return ScoreInputs(
+        images=images,
+        classes=classes,
+        negatives=negatives,
+        class_names=[f"class{i}" for i in range(K)],
+        negative_names=[f"neg{i}" for i in range(M)],
+        star_indices=torch.tensor([0, 2, 3, 5, 8, 9, 11, 12, 13, 20, 21, 22, 30, 31, 40, 41, 42, 50, 51, 52]),
+        background=background,
+        background_valid=valid,
+        background_indices=torch.tensor([1, 4, 6, 7, 10, 14, 15]),
+    )
+
+
+# ----------------------------------------------------------------------------- brute force
+def softmax(v):
+    e = np.exp(v - v.max())
+    return e / e.sum()
+
+
+def neglabel_reference(x, classes, negatives, groups, seed):
+    """NegRefine's `_grouping`, one image and one group at a time, in float64."""
+    x, classes, negatives = (t.double().numpy() for t in (x, classes, negatives))
+    pos = 100 * x @ classes.T
+    neg = 100 * x @ negatives.T
+    drop = neg.shape[1] % groups
+    if drop:
+        neg = neg[:, :-drop]
+    if groups > 1:
+        perm = torch.randperm(neg.shape[1], generator=torch.Generator().manual_seed(seed)).numpy()
+        neg = neg[:, perm]
+    negs = neg.reshape(neg.shape[0], groups, -1)
+    result = []
+    for i in range(x.shape[0]):
+        per_group = [
+            softmax(np.concatenate([pos[i], negs[i, g]]))[: pos.shape[1]].sum() for g in range(groups)
+        ]
+        result.append(np.mean(per_group))
+    return np.array(result)
+
+
+def test_group_order():
+    order = group_order(53, 5, 0)
+    assert sorted(order.tolist()) == list(range(50))
+    assert torch.equal(order, group_order(53, 5, 0)) and not torch.equal(order, group_order(53, 5, 1))
+    assert group_order(10, 1).tolist() == list(range(10))
+    with pytest.raises(ValueError):
+        group_order(3, 5)
+
+
+@pytest.mark.parametrize("groups", [1, 5, 10])
+def test_neglabel_plain_equals_per_group_softmax(data, groups):
+    got = compute_scores(data, ScoreConfig(groups=groups))
+    expected = neglabel_reference(data.images, data.classes, data.negatives, groups, 0)
+    np.testing.assert_allclose(got["s_neglabel_plain"], expected, rtol=0, atol=2e-6)
+    np.testing.assert_array_equal(got["s_neglabel_star"], got["s_neglabel_plain"])  # all switches off
+
+
+def test_mcm(data):
+    got = compute_scores(data, ScoreConfig(groups=5, mcm_temperature=1.0))
+    cos = (data.images.double() @ data.classes.double().T).numpy()
+    np.testing.assert_allclose(got["s_mcm"], [softmax(row).max() for row in cos], atol=1e-6)
+    sharp = compute_scores(data, ScoreConfig(groups=5, mcm_temperature=0.01))
+    np.testing.assert_allclose(sharp["s_mcm"], [softmax(row / 0.01).max() for row in cos], atol=1e-5)
+    np.testing.assert_array_equal(got["pred_class"], cos.argmax(axis=1))
+
+
+def test_m1_topk(data):
+    got = compute_scores(data, ScoreConfig(groups=5, neg_topk=7))
+    x, p, n = (t.double().numpy() for t in (data.images, data.classes, data.negatives))
+    for i in range(N_IMAGES):
+        pos, neg = 100 * x[i] @ p.T, np.sort(100 * x[i] @ n.T)[::-1][:7]
+        assert got["s_neglabel_star"][i] == pytest.approx(
+            softmax(np.concatenate([pos, neg]))[:K].sum(), abs=2e-6
+        )
+
+
+def test_m2_role_aware_grouped_and_with_m1(data):
+    subset = data.negatives[data.star_indices]
+    got = compute_scores(data, ScoreConfig(groups=4, role_aware=True))
+    np.testing.assert_allclose(
+        got["s_neglabel_star"], neglabel_reference(data.images, data.classes, subset, 4, 0), atol=2e-6
+    )
+    both = compute_scores(data, ScoreConfig(groups=4, role_aware=True, neg_topk=3))
+    x, p, n = (t.double().numpy() for t in (data.images, data.classes, subset))
+    for i in range(N_IMAGES):
+        pos, neg = 100 * x[i] @ p.T, np.sort(100 * x[i] @ n.T)[::-1][:3]
+        assert both["s_neglabel_star"][i] == pytest.approx(
+            softmax(np.concatenate([pos, neg]))[:K].sum(), abs=2e-6
+        )
+    # the plain score never changes with the switches
+    np.testing.assert_array_equal(
+        both["s_neglabel_plain"], compute_scores(data, ScoreConfig(groups=4))["s_neglabel_plain"]
+    )
+
+
+def test_multimatching_equals_negrefine_loop(data):
+    calls = []
+
+    def encode(texts):
+        calls.append(list(texts))
+        return fake_text_features(texts)
+
+    got = compute_scores(data, ScoreConfig(groups=5), encode_pairs=encode)
+    assert len(calls) == 1 and len(set(calls[0])) == len(calls[0])  # each distinct pair encoded once
+    x, p, n = (t.double().numpy() for t in (data.images, data.classes, data.negatives))
+    for i in range(N_IMAGES):
+        pos_sim, neg_sim = 100 * x[i] @ p.T, 100 * x[i] @ n.T
+        top_pos = np.argsort(-pos_sim, kind="stable")[:5]
+        top_neg = np.argsort(-neg_sim, kind="stable")[:5]
+        texts, neg_values = [], []
+        for a in top_pos:
+            for b in top_neg:
+                texts.append(f"class{a} and neg{b}")
+                neg_values.append(neg_sim[b])
+        sim = 100 * fake_text_features(texts).double().numpy() @ x[i]
+        expected = np.max(np.exp(sim) / (np.exp(sim) + np.exp(np.array(neg_values))))
+        assert got["s_multimatch"][i] == pytest.approx(expected, abs=2e-6)
+    np.testing.assert_allclose(got["s_negrefine"], got["s_neglabel_plain"] + 2 * got["s_multimatch"])
+    assert np.isnan(compute_scores(data, ScoreConfig(groups=5))["s_multimatch"]).all()
+
+
+def test_p_align_equals_loop(data):
+    got = compute_scores(data, ScoreConfig(groups=5))
+    x, p, b = (t.double().numpy() for t in (data.images, data.classes, data.background))
+    n_bg = data.negatives[data.background_indices].double().numpy()
+    for i in range(N_IMAGES):
+        c_hat = int(np.argmax(x[i] @ p.T))
+        pos = b[i] @ p[c_hat]
+        neg = np.sort(b[i] @ n_bg.T)[::-1][:5].mean()
+        assert got["s_bg_pos"][i] == pytest.approx(pos, abs=1e-6)
+        assert got["s_bg_neg"][i] == pytest.approx(neg, abs=1e-6)
+        expected = 0.0 if i in (3, 17) else pos - neg
+        assert got["p_align"][i] == pytest.approx(expected, abs=1e-6)
+    no_background = ScoreInputs(**{**data.__dict__, "background": None})
+    assert np.isnan(compute_scores(no_background, ScoreConfig(groups=5))["p_align"]).all()
+
+
+def test_chunking_does_not_change_results(data, monkeypatch):
+    whole = compute_scores(data, ScoreConfig(groups=5, neg_topk=4), encode_pairs=fake_text_features)
+    monkeypatch.setattr(scores_module, "MEMORY_BUDGET_FLOATS", 200)  # a handful of images per chunk
+    monkeypatch.setattr(scores_module.chunk_rows, "__defaults__", (200,))
+    chunks = []
+    small = compute_scores(
+        data, ScoreConfig(groups=5, neg_topk=4), encode_pairs=fake_text_features, on_chunk=chunks.append
+    )
+    assert len(chunks) > 5 and sum(chunks) == N_IMAGES
+    for name, values in whole.items():
+        np.testing.assert_allclose(small[name], values, atol=5e-6, err_msg=name)  # fp32 matmul blocking
