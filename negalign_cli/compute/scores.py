@@ -15,6 +15,7 @@ import torch
 
 LOGIT_SCALE = 100.0
 MEMORY_BUDGET_FLOATS = 1 << 25  # ~128 MiB of float32 per chunk of logits
+MULTIMATCH_CHUNK = 16384  # images whose distinct "p and n" pairs are encoded together
 
 
 def chunk_rows(n_columns: int, budget: int = MEMORY_BUDGET_FLOATS) -> int:
@@ -168,7 +169,7 @@ def compute_scores(
     One matmul per chunk gives all negative logits, laid out as [grouped order | dropped]: the
     grouped NegLabel reads the first block as a view, top-k (M1, multi-matching) reads all of it,
     M2 gathers its columns. ``encode_pairs`` turns NegRefine's "p and n" texts into features
-    (noun templates); each distinct pair is encoded once per call. Without it the multi-matching
+    (noun templates); each distinct pair is encoded once per chunk of images. Without it the multi-matching
     columns are NaN; without background embeddings the P_align columns are NaN.
     """
     classes = inputs.classes.float()
@@ -209,7 +210,7 @@ def compute_scores(
         x = unit_rows(inputs.images, start, stop)
         cos_pos = x @ classes.T
         pos_logits = LOGIT_SCALE * cos_pos
-        logits = LOGIT_SCALE * (x @ laid_out)
+        logits = (LOGIT_SCALE * x) @ laid_out  # scaling the rows first saves a pass over n×M
         predicted = pos_logits.argmax(dim=-1)
         out["pred_class"][start:stop] = predicted.numpy()
         out["s_mcm"][start:stop] = mcm(cos_pos, config.mcm_temperature).numpy()
@@ -244,14 +245,15 @@ def compute_scores(
             on_chunk(stop - start)
 
     if encode_pairs is not None:
-        pair_ids, pair_texts = distinct_pairs(top_pos, top_neg, inputs.class_names, inputs.negative_names)
-        pair_features = encode_pairs(pair_texts).float()
         # pairs are positive-major (p0n0, p0n1, ...): pair (i, j) meets negative j
         pair_negative_logits = torch.from_numpy(np.tile(top_neg_logits, (1, k_pos)))
-        rows = chunk_rows(pair_ids.shape[1] * pair_features.shape[1])
-        for start in range(0, n_images, rows):
+        rows = min(MULTIMATCH_CHUNK, chunk_rows(k_pos * k_neg * classes.shape[1]))
+        for start in range(0, n_images, rows):  # distinct pairs per chunk keep memory bounded
             stop = min(start + rows, n_images)
-            features = pair_features[torch.from_numpy(pair_ids[start:stop])]
+            pair_ids, pair_texts = distinct_pairs(
+                top_pos[start:stop], top_neg[start:stop], inputs.class_names, inputs.negative_names
+            )
+            features = encode_pairs(pair_texts).float()[torch.from_numpy(pair_ids)]
             out["s_multimatch"][start:stop] = multimatch(
                 unit_rows(inputs.images, start, stop), features, pair_negative_logits[start:stop]
             ).numpy()
