@@ -26,7 +26,9 @@ from negalign_cli.compute.scores import ScoreConfig, ScoreInputs, compute_scores
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--images", type=int, default=20000)
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--negatives", type=int, default=10000)

@@ -91,6 +91,21 @@ class LoadedModel:
     def short_fingerprint(self) -> str:
         return self.fingerprint[:16]
 
+    def image_transform(self):
+        """open_clip's evaluation preprocessing for this model (resize, centre crop, normalise)."""
+        import open_clip
+
+        cfg = self.preprocess_cfg
+        return open_clip.image_transform(
+            cfg["size"],
+            is_train=False,
+            mean=cfg.get("mean"),
+            std=cfg.get("std"),
+            resize_mode=cfg.get("resize_mode"),
+            interpolation=cfg.get("interpolation"),
+            fill_color=cfg.get("fill_color", 0),
+        )
+
     def describe(self) -> str:
         where = f"{self.device}, {self.precision}"
         return f"{self.name} ({self.weights}; fingerprint {self.short_fingerprint}; {where})"

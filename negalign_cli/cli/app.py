@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from negalign_cli import __version__
-from negalign_cli.cli import cache_cmd, embed_cmd, models_cmd, score_cmd, vocab_cmd
+from negalign_cli.cli import cache_cmd, cam_cmd, embed_cmd, models_cmd, score_cmd, vocab_cmd
 
 app = typer.Typer(
     name="negalign",
@@ -40,6 +40,7 @@ def root(
 app.command("models", epilog=models_cmd.EXAMPLE)(models_cmd.models)
 app.command("mine-negatives", epilog=vocab_cmd.MINE_EXAMPLE)(vocab_cmd.mine)
 app.command("split-vocab", epilog=vocab_cmd.SPLIT_EXAMPLE)(vocab_cmd.split)
+app.command("cam", epilog=cam_cmd.EXAMPLE)(cam_cmd.cam)
 app.command("score", epilog=score_cmd.SCORE_EXAMPLE)(score_cmd.score)
 app.command("evaluate", epilog=score_cmd.EVALUATE_EXAMPLE)(score_cmd.evaluate_command)
 app.add_typer(embed_cmd.app, name="embed")

@@ -110,3 +110,59 @@ def texts(
         stdout().print(f"wrote {', '.join(p.name for p in written)} to {out}")
     else:
         stdout().print(f"artifact: {result.artifact.path}")
+
+
+IMAGES_EXAMPLE = (
+    "Example: negalign embed images --images data/waterbird/metadata.csv --split test "
+    "--model negalign-tiny-test "
+    "--out emb/id"
+)
+
+
+@app.command("images", epilog=IMAGES_EXAMPLE)
+@guarded
+def images(
+    images: o.Images,
+    data_root: o.DataRoot = None,
+    split: o.Split = None,
+    model: o.Model = "negalign-tiny-test",
+    pretrained: o.Pretrained = None,
+    store_dtype: o.StoreDtype = "float16",
+    workers: o.Workers = None,
+    strict: o.Strict = False,
+    out: o.Out = None,
+    cache_dir: o.CacheDir = None,
+    device: o.Device = "auto",
+    precision: o.PrecisionOpt = o.Precision.fp32,
+    batch_size: o.BatchSize = 256,
+    verbose: o.Verbose = 0,
+    quiet: o.Quiet = False,
+) -> None:
+    """Encode images once (per-image cache by content digest: renamed files and reruns cost
+    nothing, new files are all that is encoded). Writes image_embeddings.npy and images.parquet
+    (row, path, label, digest, status, reason)."""
+    from negalign_cli.stages.datasets import list_images
+    from negalign_cli.stages.images import digest_images, embed_images
+
+    rt = o.runtime(cache_dir, device, precision, batch_size)
+    report = o.reporter(verbose, quiet)
+    listing = digest_images(list_images(images, data_root, split), report)
+    loaded = load_model(model, pretrained, rt.device, rt.precision)
+    report.info(f"model {loaded.describe()}")
+    result = embed_images(
+        loaded,
+        listing,
+        Workspace.open(rt.cache_dir),
+        store_dtype=store_dtype,
+        batch_size=rt.batch_size,
+        workers=workers,
+        strict=strict,
+        reporter=report,
+    )
+    c = result.artifact.manifest["counts"]
+    status = "cache hit" if result.hit else f"encoded {c['encoded']}, cached {c['cached']}"
+    stdout().print(
+        f"embed-images {result.artifact.key[:12]}: {c['embedded']} of {c['images']} images embedded, "
+        f"{c['skipped']} skipped ({status})"
+    )
+    o.finish(result, out, "embed-images")

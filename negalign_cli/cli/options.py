@@ -56,3 +56,46 @@ def runtime(cache_dir: Path | None, device: str, precision: Precision | str, bat
 
 def reporter(verbose: int, quiet: bool) -> RichReporter:
     return RichReporter(-1 if quiet else verbose)
+
+
+Images = Annotated[
+    str,
+    typer.Option(
+        "--images",
+        "-i",
+        help="A folder (ImageFolder: label = first sub-folder), a manifest (path[,label] CSV or OpenOOD "
+        "'relative/path label' lines), or a Waterbirds metadata.csv.",
+    ),
+]
+DataRoot = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-root", help="Root of the manifest's relative paths (default: its folder).", show_default=False
+    ),
+]
+Split = Annotated[
+    str | None,
+    typer.Option("--split", help="Waterbirds split: train, val, test (or 0, 1, 2).", show_default=False),
+]
+StoreDtype = Annotated[str, typer.Option("--store-dtype", help="float16 or float32 for the .npy outputs.")]
+Workers = Annotated[
+    int | None,
+    typer.Option(
+        "--workers",
+        min=0,
+        help="DataLoader worker processes (default: cores − 1, at most 8).",
+        show_default=False,
+    ),
+]
+Strict = Annotated[bool, typer.Option("--strict", help="Fail if any image is skipped.")]
+
+
+def finish(result, out: Path | None, label: str) -> None:
+    """Export the artifact to ``--out`` (or say where it is): the last line of most commands."""
+    from negalign_cli.cli.console import stdout
+
+    if out is not None:
+        written = result.artifact.export(out)
+        stdout().print(f"wrote {', '.join(p.name for p in written)} to {out}")
+    else:
+        stdout().print(f"{label} artifact: {result.artifact.path}")

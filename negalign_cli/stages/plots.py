@@ -64,3 +64,45 @@ def plot_histograms(
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
+
+
+def cam_overlays(
+    folder: Path, paths: list[str], cams: np.ndarray, foreground: np.ndarray, size: int, titles: list[str]
+) -> list[Path]:
+    """One PNG per image: the image as the model sees it (resize + centre crop), the CAM heatmap on
+    it, and the foreground outline on it."""
+    from PIL import Image
+
+    from negalign_cli.stages.datasets import load_rgb
+
+    plt = _pyplot()
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for index, (path, cam, fg, title) in enumerate(zip(paths, cams, foreground, titles, strict=True)):
+        image = load_rgb(path)
+        scale = size / min(image.size)
+        image = image.resize(
+            (max(size, round(image.width * scale)), max(size, round(image.height * scale))), Image.BICUBIC
+        )
+        left, top = (image.width - size) // 2, (image.height - size) // 2
+        pixels = np.asarray(image.crop((left, top, left + size, top + size)))
+        extent = (0, size, size, 0)
+        figure, axes = plt.subplots(1, 3, figsize=(9, 3.2), dpi=100)
+        axes[0].imshow(pixels)
+        axes[0].set_title("image", fontsize=9)
+        axes[1].imshow(pixels)
+        axes[1].imshow(cam.astype(np.float32), cmap="jet", alpha=0.5, extent=extent, interpolation="bilinear")
+        axes[1].set_title("CAM", fontsize=9)
+        axes[2].imshow(pixels)
+        grid = np.kron(fg.astype(np.float32), np.ones((size // fg.shape[0], size // fg.shape[1])))
+        axes[2].contour(grid, levels=[0.5], colors="lime", linewidths=1.5)
+        axes[2].set_title("foreground", fontsize=9)
+        for axis in axes:
+            axis.axis("off")
+        figure.suptitle(title, fontsize=9)
+        figure.tight_layout()
+        target = folder / f"cam_{index:03d}.png"
+        figure.savefig(target)
+        plt.close(figure)
+        written.append(target)
+    return written

@@ -1,0 +1,122 @@
+"""`negalign cam`: batched Grad-CAM, foreground masks and background embeddings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from negalign_cli.cli import options as o
+from negalign_cli.cli.console import guarded, stdout
+from negalign_cli.compute.vision import BG_POOLS, CAM_METHODS, CamConfig
+from negalign_cli.models import load_model
+from negalign_cli.stages.inputs import load_classes
+from negalign_cli.stages.workspace import Workspace
+
+EXAMPLE = (
+    "Example: negalign cam --images data/waterbird/metadata.csv --split test --classes waterbird "
+    "--model negalign-tiny-test --viz 8 --viz-dir viz --out emb/id"
+)
+
+
+@guarded
+def cam(
+    images: o.Images,
+    classes: Annotated[
+        str, typer.Option("--classes", "-c", help="Class preset or a file, one class a line.")
+    ],
+    data_root: o.DataRoot = None,
+    split: o.Split = None,
+    model: o.Model = "negalign-tiny-test",
+    pretrained: o.Pretrained = None,
+    cam_method: Annotated[str, typer.Option("--cam-method", help=f"{' or '.join(CAM_METHODS)}.")] = "gradcam",
+    block: Annotated[int, typer.Option("--block", help="Block whose ln_1 output is hooked (-1: last).")] = -1,
+    fg_percentile: Annotated[
+        float, typer.Option("--fg-percentile", help="Foreground: patches ≥ this percentile.")
+    ] = (80.0),
+    dilate: Annotated[
+        int, typer.Option("--dilate", min=0, help="Grow the foreground by this many patches.")
+    ] = 1,
+    bg_pool: Annotated[
+        str, typer.Option("--bg-pool", help=f"Background embedding: {', '.join(BG_POOLS)}.")
+    ] = "tokens",
+    viz: Annotated[int, typer.Option("--viz", min=0, help="Write this many overlay PNGs.")] = 0,
+    viz_dir: Annotated[
+        Path | None,
+        typer.Option("--viz-dir", help="Folder for --viz PNGs (default: --out/viz).", show_default=False),
+    ] = None,
+    store_dtype: o.StoreDtype = "float16",
+    workers: o.Workers = None,
+    strict: o.Strict = False,
+    out: o.Out = None,
+    cache_dir: o.CacheDir = None,
+    device: o.Device = "auto",
+    precision: o.PrecisionOpt = o.Precision.fp32,
+    batch_size: o.BatchSize = 128,
+    verbose: o.Verbose = 0,
+    quiet: o.Quiet = False,
+) -> None:
+    """Grad-CAM at ln_1 of --block toward each image's predicted class, foreground = top patches
+    (dilated), background embedding pooled from the rest. One forward per batch also gives the
+    image embedding. Writes background_embeddings.npy, cams.npy, cam.parquet, and
+    image_embeddings.npy + images.parquet, so the folder is a complete `score` input."""
+    from negalign_cli.stages.datasets import list_images
+    from negalign_cli.stages.images import cam_images, digest_images
+
+    rt = o.runtime(cache_dir, device, precision, batch_size)
+    report = o.reporter(verbose, quiet)
+    config = CamConfig(
+        method=cam_method, block=block, fg_percentile=fg_percentile, dilate=dilate, bg_pool=bg_pool
+    )
+    config.validate(10**6)  # names and ranges; the block is checked against the model below
+    class_list = load_classes(classes, report)
+    listing = digest_images(list_images(images, data_root, split), report)
+    loaded = load_model(model, pretrained, rt.device, rt.precision)
+    report.info(f"model {loaded.describe()}")
+    result = cam_images(
+        loaded,
+        listing,
+        class_list,
+        Workspace.open(rt.cache_dir),
+        config,
+        store_dtype=store_dtype,
+        batch_size=rt.batch_size,
+        workers=workers,
+        strict=strict,
+        reporter=report,
+    )
+    c = result.artifact.manifest["counts"]
+    hit = " (cache hit)" if result.hit else f" ({c['computed']} computed)"
+    stdout().print(
+        f"cam {result.artifact.key[:12]}: {c['processed']} of {c['images']} images, CAM valid for "
+        f"{c['cam_valid']}, {c['skipped']} skipped{hit}"
+    )
+    if viz:
+        written = write_overlays(result.artifact, loaded, viz, viz_dir or (out or Path(".")) / "viz")
+        stdout().print(f"wrote {len(written)} overlay(s) to {written[0].parent if written else viz_dir}")
+    o.finish(result, out, "cam")
+
+
+def write_overlays(artifact, loaded, count: int, folder: Path) -> list[Path]:
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from negalign_cli.compute.vision import foreground_mask
+    from negalign_cli.stages.plots import cam_overlays
+
+    table = pd.read_parquet(artifact.file("images.parquet"))
+    table = table[table["row"] >= 0].sort_values("row").head(count)
+    meta = pd.read_parquet(artifact.file("cam.parquet"))
+    cams = np.load(artifact.file("cams.npy"))[table["row"].to_numpy()].astype(np.float32)
+    params = artifact.manifest["params"]
+    foreground = foreground_mask(torch.from_numpy(cams), params["fg_percentile"], params["dilate"]).numpy()
+    size = loaded.preprocess_cfg["size"]
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    titles = [
+        f"{Path(p).name}: {meta['pred_name'].iloc[r]} ({meta['pred_score'].iloc[r]:.3f})"
+        + ("" if meta["cam_valid"].iloc[r] else " — CAM invalid")
+        for p, r in zip(table["path"], table["row"], strict=True)
+    ]
+    return cam_overlays(folder, table["path"].tolist(), cams, foreground, int(size), titles)

@@ -1,0 +1,250 @@
+"""Image embeddings, batched Grad-CAM at ``ln_1`` and background embeddings (DESIGN.md §5). Pure.
+
+One forward per batch yields the image embedding, the hooked block's activation and the final
+tokens. The activation is the output of ``ln_1`` of block ``b`` (the normalised block input that
+feeds attention), replaced by a detached leaf so that the backward pass covers only what follows
+it; the target is the cosine between the image embedding and the predicted class's text feature,
+summed over the batch (each image's gradient equals a single-image run: a ViT never mixes images).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from negalign_cli.errors import NegalignError
+
+CAM_METHODS = ("gradcam", "gradxact")
+BG_POOLS = ("tokens", "maskclip", "clearclip", "mask")
+
+
+@dataclass(frozen=True)
+class CamConfig:
+    method: str = "gradcam"
+    block: int = -1
+    fg_percentile: float = 80.0
+    dilate: int = 1
+    bg_pool: str = "tokens"
+
+    def validate(self, n_blocks: int) -> None:
+        if self.method not in CAM_METHODS:
+            raise NegalignError(f"unknown --cam-method {self.method!r}: use {' or '.join(CAM_METHODS)}")
+        if self.bg_pool not in BG_POOLS:
+            raise NegalignError(f"unknown --bg-pool {self.bg_pool!r}: use {', '.join(BG_POOLS)}")
+        if not -n_blocks <= self.block < n_blocks:
+            raise NegalignError(f"--block {self.block} is out of range for a tower of {n_blocks} blocks")
+        if not 0 <= self.fg_percentile <= 100:
+            raise NegalignError(f"--fg-percentile must be in [0, 100], got {self.fg_percentile}")
+        if self.dilate < 0:
+            raise NegalignError(f"--dilate must be ≥ 0, got {self.dilate}")
+
+
+@dataclass(frozen=True)
+class VisionTower:
+    """The parts of an open_clip ViT that CAM and background pooling use."""
+
+    visual: torch.nn.Module
+    blocks: torch.nn.ModuleList
+    grid: tuple[int, int]
+    patch: tuple[int, int]
+    batch_first: bool
+
+
+def vision_tower(model: torch.nn.Module) -> VisionTower:
+    """Check that ``model`` has an open_clip ViT image tower with a class token; explain if not."""
+    from open_clip.transformer import VisionTransformer
+
+    visual = getattr(model, "visual", None)
+    if not isinstance(visual, VisionTransformer):
+        kind = type(visual).__name__ if visual is not None else "no image tower"
+        raise NegalignError(
+            f"Grad-CAM and background pooling need an open_clip ViT image tower; this model has {kind} "
+            "(timm and ResNet towers are not supported)"
+        )
+    if visual.attn_pool is not None or visual.pool_type != "tok" or visual.final_ln_after_pool:
+        raise NegalignError(
+            "Grad-CAM here needs a class-token ViT (pool_type 'tok', no attention pooling); this tower pools "
+            f"with {visual.pool_type!r}{' and an attention pooler' if visual.attn_pool is not None else ''}"
+        )
+    grid = tuple(int(g) for g in visual.grid_size)
+    patch = tuple(int(p) for p in visual.patch_size)
+    return VisionTower(
+        visual, visual.transformer.resblocks, grid, patch, bool(visual.transformer.batch_first)
+    )
+
+
+@torch.inference_mode()
+def encode_images(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """L2-normalised image embeddings, float32."""
+    return F.normalize(model.encode_image(images).float(), dim=-1)
+
+
+@dataclass
+class CamBatch:
+    embeddings: torch.Tensor  # (B, D) float32, normalised
+    pred_class: torch.Tensor  # (B,) int64
+    pred_score: torch.Tensor  # (B,) cosine to the predicted class
+    cams: torch.Tensor  # (B, h, w) float32
+    foreground: torch.Tensor  # (B, h, w) bool, after dilation
+    valid: torch.Tensor  # (B,) bool
+    background: torch.Tensor  # (B, D) float32, normalised (zeros where invalid)
+
+
+class _Capture:
+    def __init__(self) -> None:
+        self.activation: torch.Tensor | None = None
+        self.final: torch.Tensor | None = None
+        self.last_input: torch.Tensor | None = None
+
+
+@contextlib.contextmanager
+def _hooks(tower: VisionTower, block: int, detach: bool = True) -> Iterator[_Capture]:
+    capture = _Capture()
+
+    def on_ln1(module, args, output):
+        if detach:
+            leaf = output.detach().requires_grad_(True)
+            capture.activation = leaf
+            return leaf
+        output.retain_grad()
+        capture.activation = output
+        return output
+
+    def on_transformer(module, args, output):
+        capture.final = output.detach()
+
+    def before_last(module, args):
+        capture.last_input = args[0].detach()
+
+    handles = [
+        tower.blocks[block].ln_1.register_forward_hook(on_ln1),
+        tower.visual.transformer.register_forward_hook(on_transformer),
+        tower.blocks[-1].register_forward_pre_hook(before_last),
+    ]
+    try:
+        yield capture
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _batch_first(tensor: torch.Tensor, tower: VisionTower) -> torch.Tensor:
+    return tensor if tower.batch_first else tensor.transpose(0, 1)
+
+
+def cam_from_gradients(activation: torch.Tensor, gradient: torch.Tensor, method: str) -> torch.Tensor:
+    """Patch-token relevance (B, HW) from the hooked activation and its gradient (B, 1+HW, C).
+
+    ``gradcam``: ReLU(Σ_c w_c·A_c) with w_c the gradient averaged over patch tokens;
+    ``gradxact``: |Σ_c g_c·A_c| per token (no channel averaging)."""
+    a, g = activation[:, 1:].float(), gradient[:, 1:].float()
+    if method == "gradcam":
+        weights = g.mean(dim=1, keepdim=True)
+        return F.relu((a * weights).sum(dim=-1))
+    return (a * g).sum(dim=-1).abs()
+
+
+def foreground_mask(cams: torch.Tensor, percentile: float, dilate: int) -> torch.Tensor:
+    """Patches at or above the per-image percentile of the CAM (strictly positive ones when that
+    percentile is 0), dilated by ``dilate`` patches (3×3 neighbourhood)."""
+    flat = cams.flatten(1)
+    threshold = torch.quantile(flat, percentile / 100.0, dim=1, keepdim=True)
+    mask = torch.where(threshold > 0, flat >= threshold, flat > 0).view_as(cams)
+    if dilate:
+        grown = mask.float().unsqueeze(1)
+        for _ in range(dilate):
+            grown = F.max_pool2d(grown, kernel_size=3, stride=1, padding=1)
+        mask = grown.squeeze(1) > 0
+    return mask
+
+
+def _project(visual: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    tokens = visual.ln_post(tokens)
+    return tokens @ visual.proj if visual.proj is not None else tokens
+
+
+def maskclip_tokens(tower: VisionTower, block_input: torch.Tensor) -> torch.Tensor:
+    """Last block's value path: out_proj(V(ln_1(x))) + x, then its MLP with residual, ln_post, proj."""
+    block = tower.blocks[-1]
+    width = block_input.shape[-1]
+    hidden = block.ln_1(block_input)
+    value = F.linear(hidden, block.attn.in_proj_weight[2 * width :], block.attn.in_proj_bias[2 * width :])
+    x = block_input + block.ls_1(block.attn.out_proj(value))
+    x = x + block.ls_2(block.mlp(block.ln_2(x)))
+    return _project(tower.visual, x[:, 1:])
+
+
+def clearclip_tokens(tower: VisionTower, block_input: torch.Tensor) -> torch.Tensor:
+    """Last block's attention as softmax(q·qᵀ)·v through out_proj; no residual, no MLP; ln_post, proj."""
+    block = tower.blocks[-1]
+    attention = block.attn
+    b, length, width = block_input.shape
+    heads = attention.num_heads
+    q, _, v = F.linear(block.ln_1(block_input), attention.in_proj_weight, attention.in_proj_bias).chunk(
+        3, dim=-1
+    )
+    q = q.reshape(b, length, heads, -1).transpose(1, 2)
+    v = v.reshape(b, length, heads, -1).transpose(1, 2)
+    weights = torch.softmax(q @ q.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
+    x = (weights @ v).transpose(1, 2).reshape(b, length, width)
+    return _project(tower.visual, attention.out_proj(x)[:, 1:])
+
+
+def masked_mean(tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Mean of the kept tokens (B, HW, D) per image, L2-normalised; zero where none is kept."""
+    weights = keep.flatten(1).to(tokens.dtype).unsqueeze(-1)
+    total = (tokens * weights).sum(dim=1)
+    count = weights.sum(dim=1).clamp_min(1.0)
+    return F.normalize(total / count, dim=-1)
+
+
+def fill_foreground(images: torch.Tensor, foreground: torch.Tensor, patch: tuple[int, int]) -> torch.Tensor:
+    """Normalised images with foreground patches set to 0, i.e. to the preprocessing mean."""
+    pixels = foreground.repeat_interleave(patch[0], dim=1).repeat_interleave(patch[1], dim=2)
+    pixels = pixels[:, : images.shape[-2], : images.shape[-1]]
+    return images.masked_fill(pixels.unsqueeze(1), 0.0)
+
+
+def cam_batch(
+    model: torch.nn.Module, images: torch.Tensor, class_features: torch.Tensor, config: CamConfig
+) -> CamBatch:
+    """Embeddings, CAMs, foreground masks and background embeddings for one batch."""
+    tower = vision_tower(model)
+    class_features = class_features.to(images.device, torch.float32)
+    with _hooks(tower, config.block) as capture, torch.enable_grad():
+        embeddings = F.normalize(model.encode_image(images).float(), dim=-1)
+        cosines = embeddings @ class_features.T
+        pred_score, pred_class = cosines.max(dim=-1)
+        (gradient,) = torch.autograd.grad(pred_score.sum(), capture.activation)
+    activation = _batch_first(capture.activation.detach(), tower)
+    gradient = _batch_first(gradient, tower)
+    cams = cam_from_gradients(activation, gradient, config.method).view(-1, *tower.grid)
+    foreground = foreground_mask(cams, config.fg_percentile, config.dilate)
+    finite = torch.isfinite(cams).flatten(1).all(dim=1)
+    valid = finite & (cams.flatten(1).amax(dim=1) > 0) & (~foreground).flatten(1).any(dim=1)
+    with torch.inference_mode():
+        if config.bg_pool == "mask":
+            filled = fill_foreground(images, foreground, tower.patch)
+            background = F.normalize(model.encode_image(filled).float(), dim=-1)
+        else:
+            if config.bg_pool == "tokens":
+                tokens = _project(tower.visual, _batch_first(capture.final, tower)[:, 1:])
+            elif config.bg_pool == "maskclip":
+                tokens = maskclip_tokens(tower, _batch_first(capture.last_input, tower))
+            else:
+                tokens = clearclip_tokens(tower, _batch_first(capture.last_input, tower))
+            background = masked_mean(tokens.float(), ~foreground)
+    background = torch.where(valid.unsqueeze(-1), background, torch.zeros_like(background))
+    return CamBatch(
+        embeddings=embeddings.detach(),
+        pred_class=pred_class.detach(),
+        pred_score=pred_score.detach(),
+        cams=torch.nan_to_num(cams.detach().float()),
+        foreground=foreground,
+        valid=valid,
+        background=background.float(),
+    )

@@ -1,0 +1,198 @@
+"""Image lists: folders, ImageFolder trees, CSV/TXT manifests, OpenOOD lists, Waterbirds metadata.
+
+Every image is identified by the sha256 of its bytes, so a renamed or moved file is not encoded
+again. Unreadable images are recorded with a reason, never fatal (DESIGN.md §8).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+from negalign_cli.errors import NegalignError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+WATERBIRDS_SPLITS = {"train": 0, "val": 1, "valid": 1, "test": 2}
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey patch
+
+
+@dataclass(frozen=True)
+class ImageList:
+    source: str
+    paths: list[str]  # absolute
+    labels: list[str]
+    extra: dict[str, list[str]]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def list_images(spec: str | Path, data_root: str | Path | None = None, split: str | None = None) -> ImageList:
+    """Resolve ``--images``: a folder, a manifest (``.csv``/``.txt``/``.lst``) or a Waterbirds
+    ``metadata.csv`` (with ``--split``)."""
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise NegalignError(f"--images {path} does not exist")
+    if path.is_dir():
+        images = _from_folder(path)
+    elif path.name == "metadata.csv" or split is not None:
+        images = _from_waterbirds(path, data_root, split)
+    else:
+        images = _from_manifest(path, data_root)
+    if not images.paths:
+        raise NegalignError(f"--images {path} lists no images")
+    return images
+
+
+def _from_folder(root: Path) -> ImageList:
+    files = sorted(p for p in root.rglob("*") if p.is_file() and _is_image(p))
+    relative = [p.relative_to(root) for p in files]
+    image_folder = bool(files) and all(len(r.parts) >= 2 for r in relative)
+    labels = [r.parts[0] if image_folder else "" for r in relative]
+    return ImageList(str(root), [str(p.resolve()) for p in files], labels, {})
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise NegalignError(f"manifest {path} is not UTF-8 text") from exc
+
+
+def _from_manifest(path: Path, data_root: str | Path | None) -> ImageList:
+    """``path[,label]`` CSV (a header row naming ``path`` is skipped) or OpenOOD's
+    ``relative/path label`` lines. Paths are relative to the manifest unless ``--data-root``."""
+    root = Path(data_root).expanduser() if data_root is not None else path.parent
+    paths, labels = [], []
+    lines = [
+        line for line in _read_text(path).splitlines() if line.strip() and not line.lstrip().startswith("#")
+    ]
+    if not lines:
+        raise NegalignError(f"manifest {path} is empty")
+    comma = "," in lines[0]
+    rows = (
+        list(csv.reader(lines))
+        if comma
+        else [line.rsplit(None, 1) if " " in line.strip() else [line] for line in lines]
+    )
+    if rows and rows[0] and rows[0][0].strip().lower() in ("path", "image", "filename", "img_filename"):
+        rows = rows[1:]
+    for number, row in enumerate(rows, start=1):
+        if not row or not row[0].strip():
+            raise NegalignError(f"manifest {path}, entry {number}: no path")
+        name = row[0].strip()
+        full = Path(name) if Path(name).is_absolute() else root / name
+        paths.append(str(full))
+        labels.append(row[1].strip() if len(row) > 1 else "")
+    return ImageList(str(path), paths, labels, {})
+
+
+def _from_waterbirds(path: Path, data_root: str | Path | None, split: str | None) -> ImageList:
+    import pandas as pd
+
+    root = Path(data_root).expanduser() if data_root is not None else path.parent
+    frame = pd.read_csv(path)
+    missing = {"img_filename", "y"} - set(frame.columns)
+    if missing:
+        raise NegalignError(f"{path} lacks Waterbirds column(s) {', '.join(sorted(missing))}")
+    if split is not None:
+        if "split" not in frame.columns:
+            raise NegalignError(f"{path} has no 'split' column for --split")
+        wanted = WATERBIRDS_SPLITS.get(split.lower())
+        if wanted is None:
+            try:
+                wanted = int(split)
+            except ValueError as exc:
+                raise NegalignError(f"--split {split!r}: use train, val, test or 0, 1, 2") from exc
+        frame = frame[frame["split"] == wanted]
+    extra = {"place": frame["place"].astype(str).tolist()} if "place" in frame.columns else {}
+    return ImageList(
+        f"{path} (split {split})" if split is not None else str(path),
+        [str(root / name) for name in frame["img_filename"]],
+        frame["y"].astype(str).tolist(),
+        extra,
+    )
+
+
+def file_digest(path: str) -> tuple[str | None, str]:
+    """(sha256 of the file's bytes, "") or (None, reason)."""
+    try:
+        digest = hashlib.sha256()
+        size = 0
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+                size += len(chunk)
+    except FileNotFoundError:
+        return None, "file not found"
+    except OSError as exc:
+        return None, f"cannot read: {exc.strerror or exc}"
+    if size == 0:
+        return None, "empty file"
+    return digest.hexdigest(), ""
+
+
+def digest_all(paths: list[str], workers: int = 8) -> list[tuple[str | None, str]]:
+    """Digests of many files in parallel threads (hashlib releases the GIL)."""
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        return list(pool.map(file_digest, paths, chunksize=64))
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open an image as 8-bit RGB: alpha dropped, grayscale expanded, 16-bit scaled to 8 bits."""
+    with Image.open(path) as image:
+        image.load()
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+            array = np.asarray(image, dtype=np.float64)
+            peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+            return Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert(
+                "RGB"
+            )
+        return image.convert("RGB")
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Decodes and preprocesses the images at the given paths; failures come back as reasons."""
+
+    def __init__(self, paths: list[str], transform) -> None:
+        self.paths = paths
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        path = self.paths[index]
+        try:
+            tensor = self.transform(load_rgb(path))
+        except FileNotFoundError:
+            return index, None, "file vanished before it was read"
+        except UnidentifiedImageError:
+            return index, None, "not an image PIL can decode"
+        except (OSError, ValueError, SyntaxError) as exc:
+            return index, None, f"cannot decode: {str(exc).splitlines()[0][:120]}"
+        return index, tensor, ""
+
+
+def collate(batch):
+    indices = [i for i, tensor, _ in batch if tensor is not None]
+    tensors = [tensor for _, tensor, _ in batch if tensor is not None]
+    failures = [(i, reason) for i, tensor, reason in batch if tensor is None]
+    stacked = torch.stack(tensors) if tensors else None
+    return indices, stacked, failures
+
+
+def default_workers() -> int:
+    return min(8, max(0, (os.cpu_count() or 1) - 1))

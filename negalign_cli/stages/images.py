@@ -1,0 +1,345 @@
+"""The ``embed images`` and ``cam`` stages (DESIGN.md §3–§5).
+
+Both work in two layers: a per-image cache keyed by the image's content digest (filled batch by
+batch, so an interrupted run keeps what it finished and a rerun encodes only the rest), and an
+artifact that assembles the rows for one image list. ``cam`` also stores each image's embedding
+in the embedding cache, so ``embed images`` after ``cam`` encodes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from negalign_cli.compute.vision import CamConfig, cam_batch, encode_images, vision_tower
+from negalign_cli.errors import NegalignError
+from negalign_cli.hashing import sha256_json
+from negalign_cli.models import LoadedModel
+from negalign_cli.reporting import NullReporter, Reporter
+from negalign_cli.stages.datasets import ImageDataset, ImageList, collate, default_workers, digest_all
+from negalign_cli.stages.inputs import WordList, load_templates
+from negalign_cli.stages.items import Namespace
+from negalign_cli.stages.store import StageResult, StageSpec
+from negalign_cli.stages.text import text_embeddings
+from negalign_cli.stages.workspace import Workspace
+
+EMBED_IMAGES_STAGE, EMBED_IMAGES_VERSION = "embed-images", 1
+CAM_STAGE, CAM_VERSION = "cam", 1
+IMAGE_ITEMS_VERSION = 1
+CAM_ITEMS_VERSION = 1
+STORE_DTYPES = ("float16", "float32")
+
+
+@dataclass
+class Listing:
+    """An image list with content digests: what the artifact key and the cache lookups use."""
+
+    images: ImageList
+    digests: list[str | None]
+    reasons: list[str]
+
+    @property
+    def key(self) -> str:
+        return sha256_json(
+            [self.images.paths, self.images.labels, self.images.extra, self.digests, self.reasons]
+        )
+
+    def unique_valid(self) -> dict[str, int]:
+        """digest -> index of the first image with that content."""
+        first: dict[str, int] = {}
+        for index, digest in enumerate(self.digests):
+            if digest is not None and digest not in first:
+                first[digest] = index
+        return first
+
+
+def digest_images(images: ImageList, reporter: Reporter, workers: int = 8) -> Listing:
+    with reporter.progress(f"hashing {len(images)} images", len(images)) as advance:
+        results = digest_all(images.paths, workers)
+        advance(len(results))
+    return Listing(images, [d for d, _ in results], [r for _, r in results])
+
+
+def image_namespace(workspace: Workspace, model: LoadedModel) -> Namespace:
+    return workspace.items.namespace(
+        "image",
+        model.fingerprint,
+        {"precision": model.precision, "version": IMAGE_ITEMS_VERSION},
+        model.embed_dim,
+    )
+
+
+def _run_missing(
+    listing: Listing,
+    missing: Sequence[str],
+    first: dict[str, int],
+    model: LoadedModel,
+    process: Callable[[torch.Tensor, list[str]], None],
+    *,
+    batch_size: int,
+    workers: int,
+    reporter: Reporter,
+    what: str,
+) -> dict[str, str]:
+    """Decode and run ``process(batch, digests)`` over the images whose digests are missing;
+    returns decoding failures (digest -> reason)."""
+    failures: dict[str, str] = {}
+    if not missing:
+        return failures
+    paths = [listing.images.paths[first[d]] for d in missing]
+    loader = torch.utils.data.DataLoader(
+        ImageDataset(paths, model.image_transform()),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=model.device.type == "cuda",
+    )
+    with reporter.progress(f"{what} {len(paths)} images", len(paths)) as advance:
+        for indices, batch, failed in loader:
+            for index, reason in failed:
+                failures[missing[index]] = reason
+            if batch is not None:
+                batch = batch.to(model.device, non_blocking=True)
+                if model.precision != "fp32":
+                    batch = batch.to(next(model.model.parameters()).dtype)
+                process(batch, [missing[i] for i in indices])
+            advance(len(indices) + len(failed))
+    return failures
+
+
+def _table(listing: Listing, found: dict[str, int], failures: dict[str, str]) -> pd.DataFrame:
+    rows, status, reasons = [], [], []
+    for digest, reason in zip(listing.digests, listing.reasons, strict=True):
+        if digest is not None and digest in found:
+            rows.append(found[digest])
+            status.append("ok")
+            reasons.append("")
+        else:
+            rows.append(-1)
+            status.append("skipped")
+            reasons.append(reason or failures.get(digest, "not processed"))
+    frame = pd.DataFrame(
+        {
+            "row": np.array(rows, dtype=np.int64),
+            "path": listing.images.paths,
+            "label": listing.images.labels,
+            "digest": [d or "" for d in listing.digests],
+            "status": status,
+            "reason": reasons,
+        }
+    )
+    for name, values in listing.images.extra.items():
+        frame[name] = values
+    return frame
+
+
+def _check_strict(table: pd.DataFrame, strict: bool, reporter: Reporter) -> None:
+    skipped = table[table["status"] != "ok"]
+    if skipped.empty:
+        return
+    shown = "; ".join(f"{p}: {r}" for p, r in zip(skipped["path"][:3], skipped["reason"][:3], strict=True))
+    message = f"skipped {len(skipped)} image(s) ({shown}{'; …' if len(skipped) > 3 else ''})"
+    if strict:
+        raise NegalignError(f"{message}; --strict turns skips into a failure (finished images stay cached)")
+    reporter.warn(f"{message}; images.parquet records each reason")
+
+
+def _row_order(listing: Listing, ok: set[str]) -> dict[str, int]:
+    """Embedding row of each distinct, successfully processed digest, in list order."""
+    rows: dict[str, int] = {}
+    for digest in listing.digests:
+        if digest is not None and digest in ok and digest not in rows:
+            rows[digest] = len(rows)
+    return rows
+
+
+# ----------------------------------------------------------------------------- embed images
+def embed_images(
+    model: LoadedModel,
+    listing: Listing,
+    workspace: Workspace,
+    *,
+    store_dtype: str = "float16",
+    batch_size: int = 256,
+    workers: int | None = None,
+    strict: bool = False,
+    reporter: Reporter | None = None,
+) -> StageResult:
+    """``image_embeddings.npy`` (one row per distinct readable image) and ``images.parquet``."""
+    reporter = reporter or NullReporter()
+    if store_dtype not in STORE_DTYPES:
+        raise NegalignError(f"--store-dtype must be float16 or float32, got {store_dtype!r}")
+    workers = default_workers() if workers is None else workers
+    params = {"store_dtype": store_dtype, "precision": model.precision, "items_version": IMAGE_ITEMS_VERSION}
+    spec = StageSpec(
+        EMBED_IMAGES_STAGE, EMBED_IMAGES_VERSION, params, {"model": model.fingerprint, "images": listing.key}
+    )
+
+    def compute(folder):
+        namespace = image_namespace(workspace, model)
+        first = listing.unique_valid()
+        digests = list(first)
+        vectors, found = namespace.get_many(digests)
+        missing = [d for d, hit in zip(digests, found, strict=True) if not hit]
+        cached = int(found.sum())
+        reporter.info(f"encoding {len(missing)} image(s), {cached} from the cache")
+
+        def process(batch, batch_digests):
+            namespace.put_many(batch_digests, encode_images(model.model, batch).cpu().numpy())
+
+        failures = _run_missing(
+            listing,
+            missing,
+            first,
+            model,
+            process,
+            batch_size=batch_size,
+            workers=workers,
+            reporter=reporter,
+            what="encoding",
+        )
+        if missing:
+            vectors, found = namespace.get_many(digests)
+        rows = _row_order(listing, {d for d, hit in zip(digests, found, strict=True) if hit})
+        table = _table(listing, rows, failures)
+        _check_strict(table, strict, reporter)
+        position = {d: i for i, d in enumerate(digests)}
+        matrix = vectors[[position[d] for d in rows]] if rows else np.zeros((0, model.embed_dim))
+        np.save(folder / "image_embeddings.npy", matrix.astype(store_dtype))
+        table.to_parquet(folder / "images.parquet", index=False)
+        return {
+            "counts": {
+                "images": len(listing.images),
+                "embedded": len(rows),
+                "skipped": int((table["status"] != "ok").sum()),
+                "encoded": len(missing) - len(failures),
+                "cached": cached,
+            },
+            "model": model.describe(),
+            "images_source": listing.images.source,
+        }
+
+    return workspace.store.run(spec, compute, reporter)
+
+
+# ----------------------------------------------------------------------------- cam
+def _cam_namespace(
+    workspace: Workspace, model: LoadedModel, config: CamConfig, classes: WordList, cells: int
+):
+    dim = model.embed_dim + cells + 4
+    params = {
+        **asdict(config),
+        "classes": classes.digest,
+        "precision": model.precision,
+        "version": CAM_ITEMS_VERSION,
+    }
+    return workspace.items.namespace("cam", model.fingerprint, params, dim)
+
+
+def cam_images(
+    model: LoadedModel,
+    listing: Listing,
+    classes: WordList,
+    workspace: Workspace,
+    config: CamConfig,
+    *,
+    store_dtype: str = "float16",
+    batch_size: int = 128,
+    workers: int | None = None,
+    strict: bool = False,
+    reporter: Reporter | None = None,
+) -> StageResult:
+    """Batched Grad-CAM: ``background_embeddings.npy``, ``cams.npy``, ``cam.parquet``, plus the
+    ``image_embeddings.npy``/``images.parquet`` of the same forward, so the folder scores alone."""
+    reporter = reporter or NullReporter()
+    tower = vision_tower(model.model)
+    config.validate(len(tower.blocks))
+    workers = default_workers() if workers is None else workers
+    h, w = tower.grid
+    params = {**asdict(config), "store_dtype": store_dtype, "precision": model.precision}
+    inputs = {"model": model.fingerprint, "images": listing.key, "classes": classes.digest}
+    spec = StageSpec(CAM_STAGE, CAM_VERSION, params, inputs)
+
+    def compute(folder):
+        class_features = torch.from_numpy(
+            text_embeddings(
+                model, classes.words, load_templates("noun"), workspace, reporter=reporter
+            ).vectors
+        )
+        cams_ns = _cam_namespace(workspace, model, config, classes, h * w)
+        images_ns = image_namespace(workspace, model)
+        first = listing.unique_valid()
+        digests = list(first)
+        packed, found = cams_ns.get_many(digests)
+        missing = [d for d, hit in zip(digests, found, strict=True) if not hit]
+        reporter.info(f"Grad-CAM for {len(missing)} image(s), {int(found.sum())} from the cache")
+
+        def process(batch, batch_digests):
+            out = cam_batch(model.model, batch, class_features, config)
+            extra = torch.stack(
+                [
+                    out.pred_class.float(),
+                    out.pred_score,
+                    out.valid.float(),
+                    out.foreground.flatten(1).float().mean(1),
+                ],
+                dim=1,
+            )
+            rows = torch.cat([out.background, out.cams.flatten(1), extra], dim=1).cpu().numpy()
+            cams_ns.put_many(batch_digests, rows)
+            images_ns.put_many(batch_digests, out.embeddings.cpu().numpy())
+
+        failures = _run_missing(
+            listing,
+            missing,
+            first,
+            model,
+            process,
+            batch_size=batch_size,
+            workers=workers,
+            reporter=reporter,
+            what="Grad-CAM on",
+        )
+        if missing:
+            packed, found = cams_ns.get_many(digests)
+        ok = {d for d, hit in zip(digests, found, strict=True) if hit}
+        rows = _row_order(listing, ok)
+        table = _table(listing, rows, failures)
+        _check_strict(table, strict, reporter)
+        position = {d: i for i, d in enumerate(digests)}
+        order = [position[d] for d in rows]
+        packed = packed[order]
+        embeddings, _ = images_ns.get_many(list(rows))
+        d = model.embed_dim
+        np.save(folder / "image_embeddings.npy", embeddings.astype(store_dtype))
+        table.to_parquet(folder / "images.parquet", index=False)
+        np.save(folder / "background_embeddings.npy", packed[:, :d].astype(store_dtype))
+        np.save(folder / "cams.npy", packed[:, d : d + h * w].reshape(-1, h, w).astype(np.float16))
+        meta = packed[:, d + h * w :]
+        pred = meta[:, 0].astype(np.int64)
+        pd.DataFrame(
+            {
+                "pred_class": pred,
+                "pred_name": np.array(classes.words, dtype=object)[pred] if len(pred) else [],
+                "pred_score": meta[:, 1],
+                "cam_valid": meta[:, 2] > 0.5,
+                "fg_fraction": meta[:, 3],
+            }
+        ).to_parquet(folder / "cam.parquet", index=False)
+        return {
+            "counts": {
+                "images": len(listing.images),
+                "processed": len(rows),
+                "skipped": int((table["status"] != "ok").sum()),
+                "computed": len(missing) - len(failures),
+                "cam_valid": int((meta[:, 2] > 0.5).sum()),
+            },
+            "model": model.describe(),
+            "images_source": listing.images.source,
+        }
+
+    return workspace.store.run(spec, compute, reporter)

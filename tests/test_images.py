@@ -1,0 +1,274 @@
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import negalign_cli.stages.images as images_module
+from negalign_cli.cli.app import app
+from negalign_cli.compute.vision import CamConfig, cam_batch, encode_images
+from negalign_cli.errors import NegalignError
+from negalign_cli.reporting import RecordingReporter
+from negalign_cli.stages.datasets import list_images, load_rgb
+from negalign_cli.stages.images import cam_images, digest_images, embed_images
+from negalign_cli.stages.inputs import WordList
+from tests.helpers.images import make_awkward_images, make_image_folder, rgb
+
+runner = CliRunner()
+REPORT = RecordingReporter()
+
+
+def listing_of(spec, **kwargs):
+    return digest_images(list_images(spec, **kwargs), REPORT)
+
+
+def test_image_lists(tmp_path):
+    folder = make_image_folder(tmp_path / "tree")
+    tree = list_images(folder)
+    assert len(tree) == 6 and sorted(set(tree.labels)) == ["birds", "boats"]
+    (folder / "loose.png").write_bytes((folder / "birds" / "1.png").read_bytes())
+    assert set(list_images(folder).labels) == {""}  # not an ImageFolder layout any more
+    manifest = tmp_path / "list.csv"
+    manifest.write_text("path,label\ntree/birds/0.jpg,bird\ntree/boats/1.png,boat\n")
+    listed = list_images(manifest)
+    assert listed.labels == ["bird", "boat"] and listed.paths[0] == str(tmp_path / "tree/birds/0.jpg")
+    openood = tmp_path / "openood.txt"
+    openood.write_text("birds/0.jpg 3\nboats/1.png 7\n")
+    listed = list_images(openood, data_root=folder)
+    assert listed.labels == ["3", "7"] and listed.paths[1] == str(folder / "boats/1.png")
+    meta = tmp_path / "metadata.csv"
+    pd.DataFrame(
+        {
+            "img_filename": ["birds/0.jpg", "boats/1.png", "boats/2.jpg"],
+            "y": [1, 0, 0],
+            "split": [2, 2, 0],
+            "place": [1, 0, 1],
+        }
+    ).to_csv(meta, index=False)
+    test = list_images(meta, data_root=folder, split="test")
+    assert test.labels == ["1", "0"] and test.extra["place"] == ["1", "0"]
+    with pytest.raises(NegalignError, match="--split"):
+        list_images(meta, data_root=folder, split="holdout")
+    with pytest.raises(NegalignError, match="does not exist"):
+        list_images(tmp_path / "nope")
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(NegalignError, match="lists no images"):
+        list_images(tmp_path / "empty_dir")
+
+
+def test_awkward_files_are_recorded_not_fatal(tiny_model, workspace, tmp_path):
+    files = make_awkward_images(tmp_path / "awkward")
+    make_image_folder(tmp_path / "awkward" / "more", per_class=1)
+    listing = listing_of(tmp_path / "awkward")
+    vanished = tmp_path / "awkward" / "more" / "birds" / "0.jpg"
+    vanished.unlink()  # listed and hashed, then gone before decoding
+    reporter = RecordingReporter()
+    result = embed_images(tiny_model, listing, workspace, workers=0, batch_size=3, reporter=reporter)
+    table = pd.read_parquet(result.artifact.file("images.parquet"))
+    names = ["/".join(p.split("/")[-2:]) for p in table["path"]]
+    reason = dict(zip([n.removeprefix("awkward/") for n in names], table["reason"], strict=True))
+    status = dict(zip([n.removeprefix("awkward/") for n in names], table["status"], strict=True))
+    assert status["corrupt.jpg"] == "skipped" and "decode" in reason["corrupt.jpg"]
+    assert reason["empty.png"] == "empty file"
+    assert reason["birds/0.jpg"] == "file vanished before it was read"
+    for ok in ("alpha.png", "sixteen.png", "gray.png", "tiny.png", "boats/0.jpg"):
+        assert status[ok] == "ok", (ok, reason[ok])
+    embeddings = np.load(result.artifact.file("image_embeddings.npy"))
+    assert embeddings.shape == (5, 64) and embeddings.dtype == np.float16
+    assert "skipped 3 image(s)" in reporter.text()
+    sixteen = np.asarray(load_rgb(str(files["sixteen"])))
+    assert sixteen.dtype == np.uint8 and sixteen.max() > 200 and sixteen.min() < 10  # scaled, not clipped
+    with pytest.raises(NegalignError, match="--strict"):
+        embed_images(tiny_model, listing, workspace, workers=0, strict=True, store_dtype="float32")
+
+
+def test_embeddings_batch_equals_single_and_cache_equals_fresh(tiny_model, workspace, tmp_path):
+    folder = make_image_folder(tmp_path / "tree")
+    listing = listing_of(folder)
+    result = embed_images(tiny_model, listing, workspace, workers=0, batch_size=4, store_dtype="float32")
+    stored = np.load(result.artifact.file("image_embeddings.npy"))
+    transform = tiny_model.image_transform()
+    for row, path in enumerate(listing.images.paths):
+        single = encode_images(tiny_model.model, transform(load_rgb(path)).unsqueeze(0))[0].numpy()
+        np.testing.assert_allclose(stored[row], single, atol=1e-6)
+    assert result.artifact.manifest["counts"]["encoded"] == 6
+    again = embed_images(tiny_model, listing, workspace, workers=0, store_dtype="float16")
+    assert again.artifact.manifest["counts"] == {
+        **result.artifact.manifest["counts"],
+        "encoded": 0,
+        "cached": 6,
+    }
+    np.testing.assert_allclose(np.load(again.artifact.file("image_embeddings.npy")), stored, atol=1e-3)
+
+
+def test_new_files_renames_and_resume(tiny_model, workspace, tmp_path, monkeypatch):
+    folder = make_image_folder(tmp_path / "tree", per_class=4)
+    first = embed_images(tiny_model, listing_of(folder), workspace, workers=0, batch_size=3)
+    assert first.artifact.manifest["counts"]["encoded"] == 8
+    rgb(100).save(folder / "birds" / "new1.png")
+    rgb(101).save(folder / "boats" / "new2.png")
+    (folder / "birds" / "0.jpg").rename(folder / "birds" / "renamed.jpg")
+    second = embed_images(tiny_model, listing_of(folder), workspace, workers=0, batch_size=3)
+    counts = second.artifact.manifest["counts"]
+    assert (counts["encoded"], counts["cached"], counts["embedded"]) == (2, 8, 10)
+    # interrupted run: the first batch is kept, a rerun encodes only the rest
+    for i in range(6):
+        rgb(200 + i).save(folder / "boats" / f"late{i}.png")
+    calls = {"n": 0}
+    original = images_module.encode_images
+
+    def flaky(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(model, batch)
+
+    monkeypatch.setattr(images_module, "encode_images", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        embed_images(tiny_model, listing_of(folder), workspace, workers=0, batch_size=3)
+    monkeypatch.setattr(images_module, "encode_images", original)
+    resumed = embed_images(tiny_model, listing_of(folder), workspace, workers=0, batch_size=3)
+    assert resumed.artifact.manifest["counts"]["encoded"] == 3
+    assert not list(workspace.store.tmp_dir.iterdir())
+
+
+def test_cam_stage(tiny_model, workspace, tmp_path):
+    folder = make_image_folder(tmp_path / "tree")
+    listing = listing_of(folder)
+    classes = WordList("t", ("birds", "boats"))
+    result = cam_images(
+        tiny_model, listing, classes, workspace, CamConfig(), workers=0, batch_size=4, store_dtype="float32"
+    )
+    art = result.artifact
+    assert sorted(art.files) == [
+        "background_embeddings.npy",
+        "cam.parquet",
+        "cams.npy",
+        "image_embeddings.npy",
+        "images.parquet",
+    ]
+    cams = np.load(art.file("cams.npy"))
+    assert cams.shape == (6, 4, 4) and cams.dtype == np.float16
+    meta = pd.read_parquet(art.file("cam.parquet"))
+    assert list(meta.columns) == ["pred_class", "pred_name", "pred_score", "cam_valid", "fg_fraction"]
+    transform = tiny_model.image_transform()
+    batch = torch.stack([transform(load_rgb(p)) for p in listing.images.paths])
+    from negalign_cli.stages.inputs import load_templates
+    from negalign_cli.stages.text import text_embeddings
+
+    features = torch.from_numpy(
+        text_embeddings(tiny_model, classes.words, load_templates("noun"), workspace).vectors
+    )
+    direct = cam_batch(tiny_model.model, batch, features, CamConfig())
+    np.testing.assert_allclose(cams, direct.cams.numpy().astype(np.float16), atol=1e-3)
+    np.testing.assert_allclose(
+        np.load(art.file("background_embeddings.npy")), direct.background.numpy(), atol=1e-5
+    )
+    assert meta["cam_valid"].tolist() == direct.valid.tolist()
+    np.testing.assert_array_equal(meta["pred_class"], direct.pred_class.numpy())
+    # the CAM forward filled the embedding cache: embed images encodes nothing
+    embedded = embed_images(tiny_model, listing, workspace, workers=0, store_dtype="float32")
+    assert embedded.artifact.manifest["counts"]["encoded"] == 0
+    np.testing.assert_allclose(
+        np.load(embedded.artifact.file("image_embeddings.npy")),
+        np.load(art.file("image_embeddings.npy")),
+        atol=1e-6,
+    )
+    with pytest.raises(NegalignError, match="out of range"):
+        cam_images(tiny_model, listing, classes, workspace, CamConfig(block=-3), workers=0)
+
+
+@pytest.mark.slow
+def test_embed_cam_score_evaluate_cli(tmp_path):
+    folder = make_image_folder(tmp_path / "id", per_class=4)
+    ood = make_image_folder(tmp_path / "ood", per_class=3)
+    cache = ["--cache-dir", str(tmp_path / "c")]
+    nouns = tmp_path / "nouns.txt"
+    nouns.write_text(
+        "\n".join(
+            [
+                "ocean",
+                "forest",
+                "sand",
+                "brick",
+                "snow",
+                "grass",
+                "lava",
+                "sky",
+                "teapot",
+                "cup",
+                "lamp",
+                "kettle",
+            ]
+        )
+        + "\n"
+    )
+    assert (
+        runner.invoke(
+            app,
+            ["split-vocab", "--nouns", str(nouns), "--tau", "0", "--out", str(tmp_path / "split"), *cache],
+        ).exit_code
+        == 0
+    )
+    for name, images in (("id", folder), ("ood", ood)):
+        result = runner.invoke(
+            app,
+            [
+                "cam",
+                "--images",
+                str(images),
+                "--classes",
+                "waterbird",
+                "--workers",
+                "0",
+                "--viz",
+                "2",
+                "--viz-dir",
+                str(tmp_path / f"viz_{name}"),
+                "--out",
+                str(tmp_path / f"cam_{name}"),
+                *cache,
+            ],
+        )
+        assert result.exit_code == 0, result.output
+        assert len(list((tmp_path / f"viz_{name}").glob("*.png"))) == 2
+        result = runner.invoke(
+            app,
+            [
+                "score",
+                "--images-dir",
+                str(tmp_path / f"cam_{name}"),
+                "--classes",
+                "waterbird",
+                "--negatives-split",
+                str(tmp_path / "split"),
+                "--groups",
+                "3",
+                "--out",
+                str(tmp_path / f"score_{name}"),
+                *cache,
+            ],
+        )
+        assert result.exit_code == 0, result.output
+    embedded = runner.invoke(app, ["embed", "images", "--images", str(folder), "--workers", "0", *cache])
+    assert embedded.exit_code == 0 and "encoded 0, cached 8" in embedded.output
+    result = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--id",
+            str(tmp_path / "score_id/scores.parquet"),
+            "--ood",
+            f"ood={tmp_path / 'score_ood/scores.parquet'}",
+            "--compare",
+            "--lambda",
+            "sweep",
+            "--out",
+            str(tmp_path / "results"),
+            *cache,
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "results" / "results.json").is_file()
