@@ -42,6 +42,7 @@ class ProjectModel:
     name: str
     description: str
     seed: int | None = None  # random init from this seed when no --pretrained is given
+    checkpoint: str | None = None  # bundled weights (under assets/models) used when no --pretrained is given
 
 
 PROJECT_MODELS: dict[str, ProjectModel] = {
@@ -50,7 +51,22 @@ PROJECT_MODELS: dict[str, ProjectModel] = {
         description="ViT 32 px, patch 8, 2 layers, width 64; random init (seed 0); for tests and examples",
         seed=0,
     ),
+    "negalign-toy": ProjectModel(
+        name="negalign-toy",
+        description="ViT 64 px, patch 8, 4 layers, width 128; trained on the toy world (model card: "
+        "negalign_cli/assets/models/negalign-toy.md)",
+        seed=0,
+        checkpoint="models/negalign-toy.pt",
+    ),
 }
+
+
+def bundled_checkpoint(project: ProjectModel) -> Path | None:
+    if project.checkpoint is None:
+        return None
+    from negalign_cli.assets import asset_path
+
+    return asset_path(project.checkpoint)
 
 
 @dataclass(frozen=True)
@@ -230,13 +246,21 @@ def load_model(
         weights = name.removeprefix("local-dir:")
         if not Path(weights).is_dir():
             raise NegalignError(f"model folder not found: {weights}")
+    elif (pretrained is None or pretrained == "") and project is not None and project.checkpoint is not None:
+        checkpoint = bundled_checkpoint(project)
+        if not checkpoint.is_file():
+            raise NegalignError(
+                f"the bundled {name} checkpoint is missing ({checkpoint}); regenerate it with "
+                "`negalign toy train --install` or pass --pretrained PATH"
+            )
+        weights = f"bundled checkpoint {project.checkpoint}"
     elif pretrained is None or pretrained == "":
         if project is None or project.seed is None:
             raise NegalignError(f"model {name} needs weights: {_weights_hint(name, tags)}")
         seed = project.seed
         weights = f"random init, seed {seed}"
     elif pretrained.lower() == RANDOM:
-        seed = DEFAULT_RANDOM_SEED
+        seed = project.seed if project is not None and project.seed is not None else DEFAULT_RANDOM_SEED
         weights = f"random init, seed {seed}"
     elif Path(pretrained).expanduser().is_file():
         checkpoint = Path(pretrained).expanduser().resolve()

@@ -1,0 +1,162 @@
+"""``negalign toy generate``: the toy spurious-OOD benchmark on disk.
+
+Layout of ``OUT/``::
+
+    classes.txt                the ID classes (two shapes)
+    vocab.txt                  negative candidates: other shapes, backgrounds, distractor words
+    <split>/images/<label>/<n>.png, <split>/masks/<label>/<n>.png   (mask: 255 = object)
+    <split>/manifest.csv       path,label (relative to the split folder)
+    <split>/metadata.csv       path, label, shape, background, mask, group
+    README.md                  what was generated, with the seed
+
+Splits: ``id`` (Waterbirds-like: each ID shape on its own background group ``correlation`` of the
+time), ``ood_spurious`` (background-only images of the ID backgrounds: the placesbg analogue),
+``ood_nonspurious`` (other shapes on other backgrounds), and with ``--train N`` a ``train`` split
+with captions (the trainer draws its own batches from the seed; this is for inspection).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from negalign_cli.compute.toy import BACKGROUNDS, SHAPES, caption, render, scene_rng
+from negalign_cli.errors import NegalignError
+from negalign_cli.reporting import NullReporter, Reporter
+
+DISTRACTORS = (
+    "teapot",
+    "violin",
+    "bicycle",
+    "pencil",
+    "umbrella",
+    "guitar",
+    "anchor",
+    "kettle",
+    "lamp",
+    "clock",
+)
+
+
+@dataclass(frozen=True)
+class ToySpec:
+    seed: int = 0
+    n_id: int = 400
+    n_ood: int = 200
+    n_train: int = 0
+    correlation: float = 0.95
+    id_shapes: tuple[str, str] = ("star", "heart")
+    id_backgrounds: tuple[tuple[str, ...], tuple[str, ...]] = (("water", "snow"), ("forest", "grass"))
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def other_shapes(self) -> list[str]:
+        return [s for s in SHAPES if s not in self.id_shapes]
+
+    @property
+    def other_backgrounds(self) -> list[str]:
+        used = {b for group in self.id_backgrounds for b in group}
+        return [b for b in BACKGROUNDS if b not in used]
+
+
+def _write(folder: Path, rows: list[dict], scenes) -> None:
+    for row, scene in zip(rows, scenes, strict=True):
+        image_path, mask_path = folder / row["path"], folder / row["mask"]
+        image_path.parent.mkdir(parents=True, exist_ok=True)
+        mask_path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(scene.image).save(image_path)
+        Image.fromarray((scene.mask * 255).astype(np.uint8)).save(mask_path)
+    frame = pd.DataFrame(rows)
+    frame.to_csv(folder / "metadata.csv", index=False)
+    frame[["path", "label"]].to_csv(folder / "manifest.csv", index=False)
+
+
+def _scene_rows(split: str, label: str, index: int, scene, group: str, text: str | None = None) -> dict:
+    row = {
+        "path": f"images/{label}/{index:05d}.png",
+        "label": label,
+        "shape": scene.shape or "",
+        "background": scene.background,
+        "mask": f"masks/{label}/{index:05d}.png",
+        "group": group,
+    }
+    if text is not None:
+        row["caption"] = text
+    return row
+
+
+def generate_toy(out: str | Path, spec: ToySpec, reporter: Reporter | None = None) -> dict[str, int]:
+    reporter = reporter or NullReporter()
+    if not 0.5 <= spec.correlation <= 1.0:
+        raise NegalignError(f"--correlation must be in [0.5, 1], got {spec.correlation}")
+    for shape in spec.id_shapes:
+        if shape not in SHAPES:
+            raise NegalignError(f"unknown ID shape {shape!r}; shapes: {', '.join(SHAPES)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    counts: dict[str, int] = {}
+
+    def split(name: str, n: int, draw) -> None:
+        rows, scenes = [], []
+        with reporter.progress(f"toy split {name}: {n} images", n) as advance:
+            for index in range(n):
+                rng = scene_rng(spec.seed, name, index)
+                row, scene = draw(index, rng)
+                rows.append(row)
+                scenes.append(scene)
+                advance(1)
+        _write(out / name, rows, scenes)
+        counts[name] = n
+
+    def draw_id(index, rng):
+        label_index = index % 2
+        majority = rng.random() < spec.correlation
+        group = spec.id_backgrounds[label_index if majority else 1 - label_index]
+        background = group[rng.integers(len(group))]
+        scene = render(spec.id_shapes[label_index], background, rng)
+        return _scene_rows("id", scene.shape, index, scene, "majority" if majority else "minority"), scene
+
+    def draw_spurious(index, rng):
+        backgrounds = [b for group in spec.id_backgrounds for b in group]
+        scene = render(None, backgrounds[index % len(backgrounds)], rng)
+        return _scene_rows("ood_spurious", scene.background, index, scene, "background-only"), scene
+
+    def draw_other(index, rng):
+        shapes, backgrounds = spec.other_shapes, spec.other_backgrounds
+        scene = render(shapes[index % len(shapes)], backgrounds[rng.integers(len(backgrounds))], rng)
+        return _scene_rows("ood_nonspurious", scene.shape, index, scene, "other"), scene
+
+    def draw_train(index, rng):
+        shape = None if rng.random() < 0.12 else SHAPES[rng.integers(len(SHAPES))]
+        scene = render(shape, BACKGROUNDS[rng.integers(len(BACKGROUNDS))], rng)
+        label = scene.shape or scene.background
+        return _scene_rows(
+            "train", label, index, scene, "train", caption(shape, scene.background, rng)
+        ), scene
+
+    split("id", spec.n_id, draw_id)
+    split("ood_spurious", spec.n_ood, draw_spurious)
+    split("ood_nonspurious", spec.n_ood, draw_other)
+    if spec.n_train:
+        split("train", spec.n_train, draw_train)
+    (out / "classes.txt").write_text("\n".join(spec.id_shapes) + "\n", encoding="utf-8")
+    vocab = spec.other_shapes + list(BACKGROUNDS) + list(DISTRACTORS)
+    (out / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    (out / "README.md").write_text(
+        "# negalign toy benchmark\n\n"
+        f"Generated by `negalign toy generate --seed {spec.seed} --n-id {spec.n_id} --n-ood {spec.n_ood} "
+        f"--correlation {spec.correlation}`.\n\n"
+        f"- ID classes: {', '.join(spec.id_shapes)}; {spec.id_shapes[0]} appears on "
+        f"{'/'.join(spec.id_backgrounds[0])} and {spec.id_shapes[1]} on {'/'.join(spec.id_backgrounds[1])} "
+        f"{spec.correlation:.0%} of the time (the rest swapped).\n"
+        "- ood_spurious: background-only images of the ID backgrounds (the placesbg analogue).\n"
+        f"- ood_nonspurious: {', '.join(spec.other_shapes)} on {', '.join(spec.other_backgrounds)}.\n"
+        "- vocab.txt: negative candidates (other shapes, backgrounds, distractor words).\n"
+        "- masks/: the object's exact mask (255 = object), the ground truth for CAM localisation.\n",
+        encoding="utf-8",
+    )
+    return counts

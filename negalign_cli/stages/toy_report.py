@@ -1,0 +1,188 @@
+"""Known-answer figures of a CLIP on the toy world (``negalign toy report``, DESIGN.md §9).
+
+- zero-shot accuracy over all shape names on object images, over all background names on
+  background-only images;
+- the vocabulary split of the toy vocabulary: share of shape words with r > 0, of background
+  words with r < 0, and the role table at tau;
+- localisation: IoU of the top-20% patches of each CAM method × block with the ground-truth mask
+  on the patch grid, beside a random mask and a centre prior;
+- background embeddings: zero-shot accuracy of each ``--bg-pool`` mode's background embedding
+  over the background names, on object-on-background images.
+
+OOD AUROCs come from ``negalign demo`` (results.json).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from negalign_cli.compute.toy import BACKGROUNDS, SHAPES, SIZE, patch_mask, render, scene_rng
+from negalign_cli.compute.vision import (
+    BG_POOLS,
+    CAM_METHODS,
+    CamConfig,
+    cam_batch,
+    encode_images,
+    vision_tower,
+)
+from negalign_cli.models import LoadedModel
+from negalign_cli.stages.inputs import WordList, load_templates
+from negalign_cli.stages.text import text_embeddings
+from negalign_cli.stages.vocab import VocabEntry, split_scores
+from negalign_cli.stages.workspace import Workspace
+
+TOP_SHARE = 0.2
+
+
+def _scenes(n: int, seed: int, with_object: bool):
+    scenes = []
+    for index in range(n):
+        rng = scene_rng(seed, "report-object" if with_object else "report-background", index)
+        shape = SHAPES[index % len(SHAPES)] if with_object else None
+        scenes.append(
+            render(
+                shape,
+                BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
+                if with_object
+                else BACKGROUNDS[index % len(BACKGROUNDS)],
+                rng,
+            )
+        )
+    return scenes
+
+
+def _tensor(model: LoadedModel, scenes) -> torch.Tensor:
+    """The scenes through the model's own preprocessing, on its device."""
+    from PIL import Image
+
+    transform = model.image_transform()
+    batch = torch.stack([transform(Image.fromarray(s.image)) for s in scenes]).to(model.device)
+    return batch.to(next(model.model.parameters()).dtype)
+
+
+def _features(model: LoadedModel, words: Sequence[str], templates: str, workspace: Workspace) -> torch.Tensor:
+    return torch.from_numpy(text_embeddings(model, list(words), load_templates(templates), workspace).vectors)
+
+
+def _batches(images: torch.Tensor, size: int = 128):
+    for start in range(0, images.shape[0], size):
+        yield start, images[start : start + size]
+
+
+def zero_shot(model: LoadedModel, workspace: Workspace, n: int, seed: int) -> dict[str, float]:
+    out = {}
+    for kind, words, templates, with_object in (
+        ("object", SHAPES, "object", True),
+        ("background", BACKGROUNDS, "background", False),
+    ):
+        scenes = _scenes(n, seed, with_object)
+        text = _features(model, words, templates, workspace)
+        images = _tensor(model, scenes)
+        predicted = torch.cat(
+            [(encode_images(model.model, b).cpu() @ text.T).argmax(1) for _, b in _batches(images)]
+        )
+        truth = torch.tensor([list(words).index(s.shape if with_object else s.background) for s in scenes])
+        out[kind] = float((predicted == truth).float().mean())
+    return out
+
+
+def vocabulary_split(
+    model: LoadedModel, workspace: Workspace, tau: float, distractors: Sequence[str]
+) -> dict:
+    words = list(SHAPES) + list(BACKGROUNDS) + list(distractors)
+    scores = split_scores(model, [VocabEntry(WordList("toy", tuple(words)), "noun")], workspace)
+    import pandas as pd
+
+    frame = pd.read_parquet(scores.artifact.file("scores.parquet"))
+    r = dict(zip(frame["word"], frame["r_score"], strict=True))
+    table = {}
+    for group, members in (("shapes", SHAPES), ("backgrounds", BACKGROUNDS), ("distractors", distractors)):
+        values = np.array([r[w] for w in members])
+        table[group] = {
+            "obj": int((values >= tau).sum()),
+            "bg": int((values <= -tau).sum()),
+            "ambiguous": int(((values > -tau) & (values < tau)).sum()),
+        }
+    return {
+        "shapes_r_positive": float(np.mean([r[w] > 0 for w in SHAPES])),
+        "backgrounds_r_negative": float(np.mean([r[w] < 0 for w in BACKGROUNDS])),
+        "tau": tau,
+        "roles": table,
+        "r": {w: float(r[w]) for w in words},
+    }
+
+
+def _top_share(maps: torch.Tensor, share: float = TOP_SHARE) -> torch.Tensor:
+    """The top ``share`` of patches of each map (ties broken by position)."""
+    flat = maps.flatten(1)
+    k = max(1, round(share * flat.shape[1]))
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    keep.scatter_(1, torch.topk(flat, k, dim=1).indices, True)
+    return keep.view_as(maps)
+
+
+def _iou(a: torch.Tensor, b: torch.Tensor) -> float:
+    inter = (a & b).flatten(1).sum(1).float()
+    union = (a | b).flatten(1).sum(1).float().clamp_min(1)
+    return float((inter / union).mean())
+
+
+def localisation(model: LoadedModel, workspace: Workspace, n: int, seed: int, blocks: Sequence[int]) -> dict:
+    tower = vision_tower(model.model)
+    h, w = tower.grid
+    scenes = _scenes(n, seed, with_object=True)
+    truth = torch.from_numpy(np.stack([patch_mask(s.mask, SIZE // h) for s in scenes]))
+    images = _tensor(model, scenes)
+    classes = _features(model, SHAPES, "object", workspace).to(model.device)
+    results = {}
+    for method in CAM_METHODS:
+        for block in blocks:
+            config = CamConfig(method=method, block=block, fg_percentile=80.0, dilate=0)
+            cams = torch.cat(
+                [cam_batch(model.model, b, classes, config).cams.cpu() for _, b in _batches(images)]
+            )
+            results[f"{method} block {block}"] = _iou(_top_share(cams), truth)
+    generator = torch.Generator().manual_seed(seed)
+    results["random map"] = _iou(_top_share(torch.rand(n, h, w, generator=generator)), truth)
+    yy, xx = torch.meshgrid(torch.arange(h) - (h - 1) / 2, torch.arange(w) - (w - 1) / 2, indexing="ij")
+    centre = -(yy**2 + xx**2) + 1e-3 * torch.rand(h, w, generator=generator)
+    results["centre prior"] = _iou(_top_share(centre.expand(n, h, w).clone()), truth)
+    return results
+
+
+def background_pooling(model: LoadedModel, workspace: Workspace, n: int, seed: int) -> dict[str, float]:
+    scenes = _scenes(n, seed + 1, with_object=True)
+    images = _tensor(model, scenes)
+    classes = _features(model, SHAPES, "object", workspace).to(model.device)
+    backgrounds = _features(model, BACKGROUNDS, "background", workspace)
+    truth = torch.tensor([BACKGROUNDS.index(s.background) for s in scenes])
+    out = {}
+    for pool in BG_POOLS:
+        config = CamConfig(bg_pool=pool)
+        embedded = torch.cat(
+            [cam_batch(model.model, b, classes, config).background.cpu() for _, b in _batches(images)]
+        )
+        out[pool] = float(((F.normalize(embedded, dim=-1) @ backgrounds.T).argmax(1) == truth).float().mean())
+    whole = torch.cat([encode_images(model.model, b).cpu() for _, b in _batches(images)])
+    out["whole image (reference)"] = float(((whole @ backgrounds.T).argmax(1) == truth).float().mean())
+    return out
+
+
+def toy_report(
+    model: LoadedModel, workspace: Workspace, n: int = 300, seed: int = 7, tau: float = 0.05
+) -> dict:
+    from negalign_cli.stages.toy import DISTRACTORS
+
+    blocks = [-k for k in range(1, len(vision_tower(model.model).blocks) + 1)]
+    return {
+        "model": model.describe(),
+        "images": n,
+        "zero_shot": zero_shot(model, workspace, n, seed),
+        "split": vocabulary_split(model, workspace, tau, DISTRACTORS),
+        "localisation_iou": localisation(model, workspace, n, seed, blocks),
+        "background_pooling_accuracy": background_pooling(model, workspace, n, seed),
+    }

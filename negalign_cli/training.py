@@ -1,0 +1,154 @@
+"""Training the bundled toy CLIP on the toy world (``negalign toy train``).
+
+The recipe that makes a tiny CLIP learn objects, not only backgrounds (DESIGN.md §9): most of
+each batch is built from groups of 16 images that share one background, so background words cannot
+tell their captions apart and the contrastive loss has to look at the shape; the rest are mixed
+groups, background-only images included, so that background words are learned too. AdamW with a
+one-cycle schedule, open_clip's contrastive loss.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from negalign_cli.compute.toy import BACKGROUNDS, SHAPES, caption, render
+
+MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1800
+    batch_groups: int = 16
+    group_size: int = 16
+    shared_groups: int = 12  # groups whose images share one background
+    background_only: float = 0.12  # share of background-only images
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup: float = 0.1
+    seed: int = 0
+    threads: int | None = None
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (B, 64, 64, 3) -> normalised float (B, 3, 64, 64), the model's preprocessing."""
+    return torch.from_numpy(((images.astype(np.float32) / 255.0 - MEAN) / STD).transpose(0, 3, 1, 2).copy())
+
+
+def make_batch(rng: np.random.Generator, config: TrainConfig) -> tuple[np.ndarray, list[str]]:
+    images, captions = [], []
+    for group in range(config.batch_groups):
+        shared = group < config.shared_groups
+        background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
+        for _ in range(config.group_size):
+            bg = background if shared else BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
+            shape = None if rng.random() < config.background_only else SHAPES[rng.integers(len(SHAPES))]
+            scene = render(shape, bg, rng)
+            images.append(scene.image)
+            captions.append(caption(shape, bg, rng, shape_only=0.75 if shared else 0.3))
+    return np.stack(images), captions
+
+
+@torch.no_grad()
+def zero_shot_accuracy(model, tokenizer, n: int = 240, seed: int = 12345) -> dict[str, float]:
+    """Top-1 zero-shot accuracy over all shape names (object images) and all background names
+    (background-only images), with the prompts "a photo of a {shape}" and "a scene of {background}"."""
+    model.eval()
+    rng = np.random.default_rng(seed)
+    objects = [
+        render(SHAPES[i % len(SHAPES)], BACKGROUNDS[rng.integers(len(BACKGROUNDS))], rng) for i in range(n)
+    ]
+    backgrounds = [render(None, BACKGROUNDS[i % len(BACKGROUNDS)], rng) for i in range(n // 2)]
+    result = {}
+    for name, scenes, words, template in (
+        ("object", objects, SHAPES, "a photo of a {}"),
+        ("background", backgrounds, BACKGROUNDS, "a scene of {}"),
+    ):
+        text = F.normalize(model.encode_text(tokenizer([template.format(w) for w in words])), dim=-1)
+        image = F.normalize(model.encode_image(to_tensor(np.stack([s.image for s in scenes]))), dim=-1)
+        predicted = (image @ text.T).argmax(dim=-1).numpy()
+        truth = np.array([words.index(s.shape if name == "object" else s.background) for s in scenes])
+        result[name] = float((predicted == truth).mean())
+    return result
+
+
+def train(
+    config: TrainConfig,
+    out_dir: Path,
+    log: Callable[[str], None] = print,
+    checkpoint_every: int = 200,
+) -> dict:
+    """Train ``negalign-toy`` from its seeded init; writes ``negalign-toy.pt`` (fp16 state dict),
+    ``training_log.jsonl`` and ``training.json`` to ``out_dir``."""
+    import open_clip
+
+    from negalign_cli.models import _open_clip, _seeded
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    _open_clip()
+    with _seeded(config.seed):
+        model = open_clip.create_model("negalign-toy")
+    tokenizer = open_clip.get_tokenizer("negalign-toy")
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    optimiser = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
+    )
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimiser, max_lr=config.lr, total_steps=config.steps, pct_start=config.warmup
+    )
+    loss_fn = open_clip.ClipLoss()
+    rng = np.random.default_rng(config.seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log_path = out_dir / "training_log.jsonl"
+    log_path.write_text("")
+    started = time.perf_counter()
+    history = []
+    for step in range(1, config.steps + 1):
+        model.train()
+        images, captions = make_batch(rng, config)
+        image_features, text_features, logit_scale = model(to_tensor(images), tokenizer(captions))
+        loss = loss_fn(image_features, text_features, logit_scale)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, np.log(100))
+        if step % checkpoint_every == 0 or step == config.steps:
+            accuracy = zero_shot_accuracy(model, tokenizer)
+            entry = {
+                "step": step,
+                "loss": float(loss),
+                "seconds": round(time.perf_counter() - started, 1),
+                **accuracy,
+            }
+            history.append(entry)
+            with open(log_path, "a") as handle:
+                handle.write(json.dumps(entry) + "\n")
+            log(json.dumps(entry))
+            save_checkpoint(model, out_dir / "negalign-toy.pt")
+    summary = {"config": asdict(config), "history": history, "final": history[-1] if history else {}}
+    (out_dir / "training.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def save_checkpoint(model: torch.nn.Module, path: Path) -> None:
+    state = {
+        k: v.detach().to(torch.float16) if v.is_floating_point() else v for k, v in model.state_dict().items()
+    }
+    state.pop("attn_mask", None)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
