@@ -272,3 +272,24 @@ def test_embed_cam_score_evaluate_cli(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "results" / "results.json").is_file()
+
+
+def test_batched_torch_decoder_matches_pil(tiny_model, workspace, tmp_path):
+    """The --decode torch path (nvJPEG on CUDA) runs here on the CPU: same images, close embeddings."""
+    folder = make_image_folder(tmp_path / "tree", per_class=3)  # JPEGs and PNGs
+    (folder / "birds" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(100))
+    listing = listing_of(folder)
+    pil = embed_images(tiny_model, listing, workspace, workers=0, store_dtype="float32")
+    torch_path = embed_images(
+        tiny_model, listing, workspace, workers=0, store_dtype="float32", decoder="torch"
+    )
+    assert torch_path.artifact.key != pil.artifact.key
+    assert torch_path.artifact.manifest["counts"]["encoded"] == 6  # its own cache namespace
+    a = np.load(pil.artifact.file("image_embeddings.npy"))
+    b = np.load(torch_path.artifact.file("image_embeddings.npy"))
+    assert a.shape == b.shape == (6, 64)
+    assert (np.sum(a * b, axis=1) > 0.98).all()
+    table = pd.read_parquet(torch_path.artifact.file("images.parquet"))
+    assert table.loc[table["path"].str.endswith("broken.jpg"), "status"].item() == "skipped"
+    with pytest.raises(NegalignError, match="--decode"):
+        embed_images(tiny_model, listing, workspace, decoder="nvjpeg")

@@ -181,3 +181,35 @@ def test_score_cli(tmp_path, split_dir):
     assert "cache hit" in runner.invoke(app, args).output
     bad = runner.invoke(app, [*args, "--groups", "500"])
     assert bad.exit_code != 0 and "cannot fill --groups 500" in bad.output
+
+
+def test_score_cli_takes_an_artifact_key(tmp_path):
+    from negalign_cli.stages.store import ArtifactStore
+    from tests.helpers.images import make_image_folder
+
+    folder = make_image_folder(tmp_path / "imgs", per_class=2)
+    nouns = tmp_path / "n.txt"
+    nouns.write_text("ocean\nforest\nsand\nteapot\n")
+    cache = ["--cache-dir", str(tmp_path / "c")]
+    assert (
+        runner.invoke(app, ["embed", "images", "--images", str(folder), "--workers", "0", *cache]).exit_code
+        == 0
+    )
+    key = ArtifactStore(tmp_path / "c").records()[0]["key"]
+    result = runner.invoke(
+        app,
+        [
+            "score",
+            "--images-dir",
+            key[:10],
+            "--classes",
+            "waterbird",
+            "--nouns",
+            str(nouns),
+            "--groups",
+            "2",
+            *cache,
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "4 images scored" in result.output and "background columns stay empty" in result.output

@@ -130,6 +130,7 @@ def images(
     store_dtype: o.StoreDtype = "float16",
     workers: o.Workers = None,
     strict: o.Strict = False,
+    decode: o.Decode = "auto",
     out: o.Out = None,
     cache_dir: o.CacheDir = None,
     device: o.Device = "auto",
@@ -157,6 +158,7 @@ def images(
         batch_size=rt.batch_size,
         workers=workers,
         strict=strict,
+        decoder=decode,
         reporter=report,
     )
     c = result.artifact.manifest["counts"]

@@ -99,3 +99,11 @@ def finish(result, out: Path | None, label: str) -> None:
         stdout().print(f"wrote {', '.join(p.name for p in written)} to {out}")
     else:
         stdout().print(f"{label} artifact: {result.artifact.path}")
+
+
+Decode = Annotated[
+    str,
+    typer.Option(
+        "--decode", help="JPEG decoding: auto (batched torchvision/nvJPEG on CUDA, PIL on CPU), pil, torch."
+    ),
+]

@@ -15,7 +15,7 @@ from negalign_cli.errors import NegalignError
 from negalign_cli.models import load_model
 from negalign_cli.stages.evaluation import NEGALIGN, EvaluateRequest, evaluate, parse_lambdas, parse_ood
 from negalign_cli.stages.inputs import load_classes, load_negatives
-from negalign_cli.stages.scoring import open_image_set, score_images
+from negalign_cli.stages.scoring import open_image_set, resolve_folder, score_images
 from negalign_cli.stages.vocab import negatives_from_lists, negatives_from_split
 from negalign_cli.stages.workspace import Workspace
 
@@ -31,7 +31,10 @@ EVALUATE_EXAMPLE = (
 
 @guarded
 def score(
-    images_dir: Annotated[Path, typer.Option("--images-dir", help="An `embed images` --out folder.")],
+    images_dir: Annotated[
+        str,
+        typer.Option("--images-dir", help="An `embed images` or `cam` --out folder, or its artifact key."),
+    ],
     classes: Annotated[
         str, typer.Option("--classes", "-c", help="Class preset or a file, one class a line.")
     ],
@@ -51,7 +54,7 @@ def score(
         typer.Option("--adjs", help="Adjective-phrase negatives (without a split).", show_default=False),
     ] = None,
     cam_dir: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
             "--cam-dir", help="A `cam` --out folder (default: look in --images-dir).", show_default=False
         ),
@@ -108,7 +111,10 @@ def score(
     )
     if len(vocab.words) < groups:
         raise NegalignError(f"{len(vocab.words)} negatives cannot fill --groups {groups}")
-    image_set = open_image_set(images_dir, cam_dir)
+    workspace = Workspace.open(rt.cache_dir)
+    image_set = open_image_set(
+        resolve_folder(images_dir, workspace), resolve_folder(cam_dir, workspace) if cam_dir else None
+    )
     class_list = load_classes(classes, report)
     loaded = load_model(model, pretrained, rt.device, rt.precision)
     report.info(f"model {loaded.describe()}; {len(vocab.words)} negatives from {vocab.origin}")
@@ -117,7 +123,7 @@ def score(
         image_set,
         class_list,
         vocab,
-        Workspace.open(rt.cache_dir),
+        workspace,
         config,
         multimatch=multimatch,
         batch_size=rt.batch_size,

@@ -196,3 +196,94 @@ def collate(batch):
 
 def default_workers() -> int:
     return min(8, max(0, (os.cpu_count() or 1) - 1))
+
+
+# ----------------------------------------------------------------------------- batched JPEG decoding
+JPEG_SUFFIXES = {".jpg", ".jpeg"}
+DECODERS = ("auto", "pil", "torch")
+
+
+def resolve_decoder(decoder: str, device: torch.device) -> str:
+    """``auto``: torchvision's batched JPEG decoder on CUDA (nvJPEG), PIL otherwise."""
+    if decoder not in DECODERS:
+        raise NegalignError(f"unknown --decode {decoder!r}: use auto, pil or torch")
+    if decoder == "auto":
+        return "torch" if device.type == "cuda" else "pil"
+    return decoder
+
+
+class RawDataset(torch.utils.data.Dataset):
+    """File bytes for the batched decoder (JPEGs); other files are decoded here with PIL."""
+
+    def __init__(self, paths: list[str], transform) -> None:
+        self.paths = paths
+        self.pil = ImageDataset(paths, transform)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        path = self.paths[index]
+        if Path(path).suffix.lower() not in JPEG_SUFFIXES:
+            return self.pil[index] + ("decoded",)
+        try:
+            data = Path(path).read_bytes()
+        except FileNotFoundError:
+            return index, None, "file vanished before it was read", "raw"
+        except OSError as exc:
+            return index, None, f"cannot read: {exc.strerror or exc}", "raw"
+        return index, torch.frombuffer(bytearray(data), dtype=torch.uint8), "", "raw"
+
+
+def collate_raw(batch):
+    return batch
+
+
+def decode_batch(
+    items, preprocess_cfg: dict, device: torch.device, fallback
+) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
+    """Decode the JPEG bytes of a batch in one call on ``device`` and apply open_clip's evaluation
+    preprocessing there (bicubic resize of the shorter side with antialiasing, centre crop,
+    normalisation). A JPEG the batched decoder rejects is retried with PIL (``fallback(index)``)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms.v2 import functional as TF
+
+    size = preprocess_cfg["size"]
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    mean = torch.tensor(preprocess_cfg["mean"], device=device).view(3, 1, 1)
+    std = torch.tensor(preprocess_cfg["std"], device=device).view(3, 1, 1)
+    indices, tensors, failures = [], [], []
+    raw = [(i, data) for i, data, reason, kind in items if kind == "raw" and data is not None]
+    for i, data, reason, kind in items:
+        if data is None:
+            failures.append((i, reason))
+        elif kind == "decoded":
+            indices.append(i)
+            tensors.append(data.to(device))
+    decoded: list = []
+    if raw:
+        try:
+            decoded = decode_jpeg([d for _, d in raw], mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:
+            decoded = [None] * len(raw)
+    for (i, _), image in zip(raw, decoded, strict=True):
+        if image is None:
+            index, tensor, reason = fallback(i)
+            if tensor is None:
+                failures.append((i, reason))
+                continue
+            indices.append(i)
+            tensors.append(tensor.to(device))
+            continue
+        h, w = image.shape[-2:]
+        scale = max(size[0] / h, size[1] / w)
+        resized = TF.resize(
+            image,
+            [max(size[0], round(h * scale)), max(size[1], round(w * scale))],
+            interpolation=TF.InterpolationMode.BICUBIC,
+            antialias=True,
+        )
+        cropped = TF.center_crop(resized, list(size))
+        indices.append(i)
+        tensors.append((cropped.float() / 255.0 - mean) / std)
+    return indices, (torch.stack(tensors) if tensors else None), failures

@@ -20,7 +20,17 @@ from negalign_cli.errors import NegalignError
 from negalign_cli.hashing import sha256_json
 from negalign_cli.models import LoadedModel
 from negalign_cli.reporting import NullReporter, Reporter
-from negalign_cli.stages.datasets import ImageDataset, ImageList, collate, default_workers, digest_all
+from negalign_cli.stages.datasets import (
+    ImageDataset,
+    ImageList,
+    RawDataset,
+    collate,
+    collate_raw,
+    decode_batch,
+    default_workers,
+    digest_all,
+    resolve_decoder,
+)
 from negalign_cli.stages.inputs import WordList, load_templates
 from negalign_cli.stages.items import Namespace
 from negalign_cli.stages.store import StageResult, StageSpec
@@ -64,13 +74,11 @@ def digest_images(images: ImageList, reporter: Reporter, workers: int = 8) -> Li
     return Listing(images, [d for d, _ in results], [r for _, r in results])
 
 
-def image_namespace(workspace: Workspace, model: LoadedModel) -> Namespace:
-    return workspace.items.namespace(
-        "image",
-        model.fingerprint,
-        {"precision": model.precision, "version": IMAGE_ITEMS_VERSION},
-        model.embed_dim,
-    )
+def image_namespace(workspace: Workspace, model: LoadedModel, decoder: str = "pil") -> Namespace:
+    params = {"precision": model.precision, "version": IMAGE_ITEMS_VERSION}
+    if decoder != "pil":  # the batched decoder's resize differs slightly from PIL's: keep them apart
+        params["decoder"] = decoder
+    return workspace.items.namespace("image", model.fingerprint, params, model.embed_dim)
 
 
 def _run_missing(
@@ -84,6 +92,7 @@ def _run_missing(
     workers: int,
     reporter: Reporter,
     what: str,
+    decoder: str = "pil",
 ) -> dict[str, str]:
     """Decode and run ``process(batch, digests)`` over the images whose digests are missing;
     returns decoding failures (digest -> reason)."""
@@ -91,15 +100,23 @@ def _run_missing(
     if not missing:
         return failures
     paths = [listing.images.paths[first[d]] for d in missing]
-    loader = torch.utils.data.DataLoader(
-        ImageDataset(paths, model.image_transform()),
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=collate,
-        pin_memory=model.device.type == "cuda",
-    )
+    if decoder == "torch":
+        dataset = RawDataset(paths, model.image_transform())
+        raw = torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_raw
+        )
+        fallback = dataset.pil.__getitem__
+        batches = (decode_batch(items, model.preprocess_cfg, model.device, fallback) for items in raw)
+    else:
+        batches = torch.utils.data.DataLoader(
+            ImageDataset(paths, model.image_transform()),
+            batch_size=batch_size,
+            num_workers=workers,
+            collate_fn=collate,
+            pin_memory=model.device.type == "cuda",
+        )
     with reporter.progress(f"{what} {len(paths)} images", len(paths)) as advance:
-        for indices, batch, failed in loader:
+        for indices, batch, failed in batches:
             for index, reason in failed:
                 failures[missing[index]] = reason
             if batch is not None:
@@ -167,6 +184,7 @@ def embed_images(
     batch_size: int = 256,
     workers: int | None = None,
     strict: bool = False,
+    decoder: str = "pil",
     reporter: Reporter | None = None,
 ) -> StageResult:
     """``image_embeddings.npy`` (one row per distinct readable image) and ``images.parquet``."""
@@ -174,13 +192,16 @@ def embed_images(
     if store_dtype not in STORE_DTYPES:
         raise NegalignError(f"--store-dtype must be float16 or float32, got {store_dtype!r}")
     workers = default_workers() if workers is None else workers
+    decoder = resolve_decoder(decoder, model.device)
     params = {"store_dtype": store_dtype, "precision": model.precision, "items_version": IMAGE_ITEMS_VERSION}
+    if decoder != "pil":
+        params["decoder"] = decoder
     spec = StageSpec(
         EMBED_IMAGES_STAGE, EMBED_IMAGES_VERSION, params, {"model": model.fingerprint, "images": listing.key}
     )
 
     def compute(folder):
-        namespace = image_namespace(workspace, model)
+        namespace = image_namespace(workspace, model, decoder)
         first = listing.unique_valid()
         digests = list(first)
         vectors, found = namespace.get_many(digests)
@@ -201,6 +222,7 @@ def embed_images(
             workers=workers,
             reporter=reporter,
             what="encoding",
+            decoder=decoder,
         )
         if missing:
             vectors, found = namespace.get_many(digests)
@@ -228,7 +250,7 @@ def embed_images(
 
 # ----------------------------------------------------------------------------- cam
 def _cam_namespace(
-    workspace: Workspace, model: LoadedModel, config: CamConfig, classes: WordList, cells: int
+    workspace: Workspace, model: LoadedModel, config: CamConfig, classes: WordList, cells: int, decoder: str
 ):
     dim = model.embed_dim + cells + 4
     params = {
@@ -237,6 +259,8 @@ def _cam_namespace(
         "precision": model.precision,
         "version": CAM_ITEMS_VERSION,
     }
+    if decoder != "pil":
+        params["decoder"] = decoder
     return workspace.items.namespace("cam", model.fingerprint, params, dim)
 
 
@@ -251,6 +275,7 @@ def cam_images(
     batch_size: int = 128,
     workers: int | None = None,
     strict: bool = False,
+    decoder: str = "pil",
     reporter: Reporter | None = None,
 ) -> StageResult:
     """Batched Grad-CAM: ``background_embeddings.npy``, ``cams.npy``, ``cam.parquet``, plus the
@@ -260,7 +285,10 @@ def cam_images(
     config.validate(len(tower.blocks))
     workers = default_workers() if workers is None else workers
     h, w = tower.grid
+    decoder = resolve_decoder(decoder, model.device)
     params = {**asdict(config), "store_dtype": store_dtype, "precision": model.precision}
+    if decoder != "pil":
+        params["decoder"] = decoder
     inputs = {"model": model.fingerprint, "images": listing.key, "classes": classes.digest}
     spec = StageSpec(CAM_STAGE, CAM_VERSION, params, inputs)
 
@@ -270,8 +298,8 @@ def cam_images(
                 model, classes.words, load_templates("noun"), workspace, reporter=reporter
             ).vectors
         )
-        cams_ns = _cam_namespace(workspace, model, config, classes, h * w)
-        images_ns = image_namespace(workspace, model)
+        cams_ns = _cam_namespace(workspace, model, config, classes, h * w, decoder)
+        images_ns = image_namespace(workspace, model, decoder)
         first = listing.unique_valid()
         digests = list(first)
         packed, found = cams_ns.get_many(digests)
@@ -303,6 +331,7 @@ def cam_images(
             workers=workers,
             reporter=reporter,
             what="Grad-CAM on",
+            decoder=decoder,
         )
         if missing:
             packed, found = cams_ns.get_many(digests)

@@ -70,6 +70,17 @@ def _manifest_model(folder: Path) -> str | None:
         return None
 
 
+def resolve_folder(spec: str | Path, workspace: Workspace) -> Path:
+    """A folder path, or the key (prefix) of a cached ``embed-images``/``cam`` artifact."""
+    path = Path(spec).expanduser()
+    if path.exists() or len(str(spec)) < 4 or any(c not in "0123456789abcdef" for c in str(spec).lower()):
+        return path
+    artifact = workspace.store.get(workspace.store.resolve(str(spec)))
+    if artifact is None:
+        raise NegalignError(f"artifact {spec} is corrupt or gone; rerun the stage that made it")
+    return artifact.path
+
+
 def open_image_set(images_dir: str | Path, cam_dir: str | Path | None = None) -> ImageSet:
     folder = Path(images_dir).expanduser()
     for name in (EMBEDDINGS, IMAGES):
