@@ -105,11 +105,7 @@ def texts(
         report.warn(
             f"{counts['truncated_prompts']} prompt(s) were longer than the model's context and were cut"
         )
-    if out is not None:
-        written = result.artifact.export(out)
-        stdout().print(f"wrote {', '.join(p.name for p in written)} to {out}")
-    else:
-        stdout().print(f"artifact: {result.artifact.path}")
+    o.finish(result, out, "embed-texts")
 
 
 IMAGES_EXAMPLE = (

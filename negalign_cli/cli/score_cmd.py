@@ -132,11 +132,7 @@ def score(
     counts = result.artifact.manifest["counts"]
     hit = " (cache hit)" if result.hit else ""
     stdout().print(f"score {result.artifact.key[:12]}{hit}: {counts['images']} images scored")
-    if out is not None:
-        written = result.artifact.export(out)
-        stdout().print(f"wrote {', '.join(p.name for p in written)} to {out}")
-    else:
-        stdout().print(f"scores: {result.artifact.file('scores.parquet')}")
+    o.finish(result, out, "score")
 
 
 @guarded
@@ -205,11 +201,7 @@ def evaluate_command(
 
     results = json.loads(result.artifact.file("results.json").read_text(encoding="utf-8"))
     render_results(results)
-    if out is not None:
-        written = result.artifact.export(out)
-        stdout().print(f"wrote {', '.join(p.name for p in written)} to {out}")
-    else:
-        stdout().print(f"results: {result.artifact.path}")
+    o.finish(result, out, "evaluate")
 
 
 def render_results(results: dict) -> None:

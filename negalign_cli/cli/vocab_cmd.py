@@ -31,14 +31,6 @@ SPLIT_EXAMPLE = (
 )
 
 
-def _finish(result, out: Path | None, label: str) -> None:
-    if out is not None:
-        written = result.artifact.export(out)
-        stdout().print(f"wrote {', '.join(p.name for p in written)} to {out}")
-    else:
-        stdout().print(f"{label} artifact: {result.artifact.path}")
-
-
 @guarded
 def mine(
     classes: Annotated[
@@ -100,7 +92,7 @@ def mine(
     phrases = f"{c['kept_adjectives']} of {c['candidate_adjectives']} adjective phrases"
     dropped = f"{c['dropped_as_class_name']} nouns equal to a class dropped"
     stdout().print(f"mine-negatives {result.artifact.key[:12]}{hit}: kept {nouns} and {phrases} ({dropped})")
-    _finish(result, out, "mine-negatives")
+    o.finish(result, out, "mine-negatives")
 
 
 @guarded
@@ -179,7 +171,7 @@ def split(
         report.warn(f"{truncated} prompt(s) were longer than the model's context and were cut at the end")
     result = split_vocab(scores.artifact, workspace, tau=tau, reporter=report)
     _render_summary(summarise_split(result.artifact), tau)
-    _finish(result, out, "split-vocab")
+    o.finish(result, out, "split-vocab")
 
 
 def _render_summary(summary, tau: float) -> None:

@@ -174,6 +174,60 @@ def _row_order(listing: Listing, ok: set[str]) -> dict[str, int]:
     return rows
 
 
+@dataclass
+class Filled:
+    """The per-image rows of one image list, after filling the cache where needed."""
+
+    values: np.ndarray  # one row per embedded image, in output order
+    digests: list[str]  # the digest of each of those rows
+    table: pd.DataFrame  # images.parquet
+    computed: int
+    cached: int
+
+
+def _fill(
+    listing: Listing,
+    namespace: Namespace,
+    model: LoadedModel,
+    process: Callable[[torch.Tensor, list[str]], None],
+    *,
+    batch_size: int,
+    workers: int,
+    decoder: str,
+    strict: bool,
+    reporter: Reporter,
+    what: str,
+) -> Filled:
+    """Look every distinct image up in ``namespace``, run ``process`` on the missing ones (which
+    must store their rows there), and assemble the rows in list order with ``images.parquet``."""
+    first = listing.unique_valid()
+    digests = list(first)
+    values, found = namespace.get_many(digests)
+    missing = [d for d, hit in zip(digests, found, strict=True) if not hit]
+    cached = int(found.sum())
+    reporter.info(f"{what} {len(missing)} image(s), {cached} from the cache")
+    failures = _run_missing(
+        listing,
+        missing,
+        first,
+        model,
+        process,
+        batch_size=batch_size,
+        workers=workers,
+        reporter=reporter,
+        what=what,
+        decoder=decoder,
+    )
+    if missing:
+        values, found = namespace.get_many(digests)
+    rows = _row_order(listing, {d for d, hit in zip(digests, found, strict=True) if hit})
+    table = _table(listing, rows, failures)
+    _check_strict(table, strict, reporter)
+    position = {d: i for i, d in enumerate(digests)}
+    ordered = values[[position[d] for d in rows]] if rows else values[:0]
+    return Filled(ordered, list(rows), table, len(missing) - len(failures), cached)
+
+
 # ----------------------------------------------------------------------------- embed images
 def embed_images(
     model: LoadedModel,
@@ -202,44 +256,31 @@ def embed_images(
 
     def compute(folder):
         namespace = image_namespace(workspace, model, decoder)
-        first = listing.unique_valid()
-        digests = list(first)
-        vectors, found = namespace.get_many(digests)
-        missing = [d for d, hit in zip(digests, found, strict=True) if not hit]
-        cached = int(found.sum())
-        reporter.info(f"encoding {len(missing)} image(s), {cached} from the cache")
 
         def process(batch, batch_digests):
             namespace.put_many(batch_digests, encode_images(model.model, batch).cpu().numpy())
 
-        failures = _run_missing(
+        filled = _fill(
             listing,
-            missing,
-            first,
+            namespace,
             model,
             process,
             batch_size=batch_size,
             workers=workers,
+            decoder=decoder,
+            strict=strict,
             reporter=reporter,
             what="encoding",
-            decoder=decoder,
         )
-        if missing:
-            vectors, found = namespace.get_many(digests)
-        rows = _row_order(listing, {d for d, hit in zip(digests, found, strict=True) if hit})
-        table = _table(listing, rows, failures)
-        _check_strict(table, strict, reporter)
-        position = {d: i for i, d in enumerate(digests)}
-        matrix = vectors[[position[d] for d in rows]] if rows else np.zeros((0, model.embed_dim))
-        np.save(folder / "image_embeddings.npy", matrix.astype(store_dtype))
-        table.to_parquet(folder / "images.parquet", index=False)
+        np.save(folder / "image_embeddings.npy", filled.values.astype(store_dtype))
+        filled.table.to_parquet(folder / "images.parquet", index=False)
         return {
             "counts": {
                 "images": len(listing.images),
-                "embedded": len(rows),
-                "skipped": int((table["status"] != "ok").sum()),
-                "encoded": len(missing) - len(failures),
-                "cached": cached,
+                "embedded": len(filled.values),
+                "skipped": int((filled.table["status"] != "ok").sum()),
+                "encoded": filled.computed,
+                "cached": filled.cached,
             },
             "model": model.describe(),
             "images_source": listing.images.source,
@@ -300,11 +341,6 @@ def cam_images(
         )
         cams_ns = _cam_namespace(workspace, model, config, classes, h * w, decoder)
         images_ns = image_namespace(workspace, model, decoder)
-        first = listing.unique_valid()
-        digests = list(first)
-        packed, found = cams_ns.get_many(digests)
-        missing = [d for d, hit in zip(digests, found, strict=True) if not hit]
-        reporter.info(f"Grad-CAM for {len(missing)} image(s), {int(found.sum())} from the cache")
 
         def process(batch, batch_digests):
             out = cam_batch(model.model, batch, class_features, config)
@@ -321,28 +357,20 @@ def cam_images(
             cams_ns.put_many(batch_digests, rows)
             images_ns.put_many(batch_digests, out.embeddings.cpu().numpy())
 
-        failures = _run_missing(
+        filled = _fill(
             listing,
-            missing,
-            first,
+            cams_ns,
             model,
             process,
             batch_size=batch_size,
             workers=workers,
+            decoder=decoder,
+            strict=strict,
             reporter=reporter,
             what="Grad-CAM on",
-            decoder=decoder,
         )
-        if missing:
-            packed, found = cams_ns.get_many(digests)
-        ok = {d for d, hit in zip(digests, found, strict=True) if hit}
-        rows = _row_order(listing, ok)
-        table = _table(listing, rows, failures)
-        _check_strict(table, strict, reporter)
-        position = {d: i for i, d in enumerate(digests)}
-        order = [position[d] for d in rows]
-        packed = packed[order]
-        embeddings, _ = images_ns.get_many(list(rows))
+        packed, table = filled.values, filled.table
+        embeddings, _ = images_ns.get_many(filled.digests)
         d = model.embed_dim
         np.save(folder / "image_embeddings.npy", embeddings.astype(store_dtype))
         table.to_parquet(folder / "images.parquet", index=False)
@@ -362,9 +390,9 @@ def cam_images(
         return {
             "counts": {
                 "images": len(listing.images),
-                "processed": len(rows),
+                "processed": len(packed),
                 "skipped": int((table["status"] != "ok").sum()),
-                "computed": len(missing) - len(failures),
+                "computed": filled.computed,
                 "cam_valid": int((meta[:, 2] > 0.5).sum()),
             },
             "model": model.describe(),
