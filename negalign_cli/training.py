@@ -37,6 +37,7 @@ class TrainConfig:
     warmup: float = 0.1
     seed: int = 0
     threads: int | None = None
+    init: str | None = None  # continue from this checkpoint (a second stage of training)
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -98,6 +99,9 @@ def train(
     _open_clip()
     with _seeded(config.seed):
         model = open_clip.create_model("negalign-toy")
+    if config.init is not None:
+        state = torch.load(config.init, map_location="cpu", weights_only=True)
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     tokenizer = open_clip.get_tokenizer("negalign-toy")
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
@@ -109,7 +113,7 @@ def train(
         optimiser, max_lr=config.lr, total_steps=config.steps, pct_start=config.warmup
     )
     loss_fn = open_clip.ClipLoss()
-    rng = np.random.default_rng(config.seed)
+    rng = np.random.default_rng([config.seed, 1] if config.init is not None else config.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / "training_log.jsonl"
     log_path.write_text("")

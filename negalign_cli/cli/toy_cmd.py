@@ -57,6 +57,11 @@ def train(
         bool, typer.Option("--install", help="Copy the result over the bundled checkpoint.")
     ] = False,
     threads: Annotated[int | None, typer.Option("--threads", help="CPU threads.", show_default=False)] = None,
+    init: Annotated[
+        Path | None,
+        typer.Option("--init", help="Continue from this checkpoint (a second stage).", show_default=False),
+    ] = None,
+    warmup: Annotated[float, typer.Option("--warmup", help="Share of steps spent warming up.")] = 0.1,
 ) -> None:
     """Train negalign-toy (open_clip ViT 64 px, patch 8, 4 layers) on the toy world with open_clip's
     contrastive loss. About 1 s a step on 2 CPU cores; a GPU is much faster. Writes negalign-toy.pt
@@ -65,7 +70,12 @@ def train(
     from negalign_cli.training import TrainConfig
     from negalign_cli.training import train as run
 
-    summary = run(TrainConfig(steps=steps, seed=seed, lr=lr, threads=threads), out, log=stdout().print)
+    if init is not None and not init.is_file():
+        raise NegalignError(f"--init checkpoint not found: {init}")
+    config = TrainConfig(
+        steps=steps, seed=seed, lr=lr, threads=threads, warmup=warmup, init=str(init) if init else None
+    )
+    summary = run(config, out, log=stdout().print)
     stdout().print(f"final: {summary['final']}")
     if install:
         target = bundled_checkpoint(PROJECT_MODELS["negalign-toy"])
