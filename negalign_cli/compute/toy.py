@@ -188,6 +188,7 @@ def patch_mask(mask: np.ndarray, patch: int = 8, threshold: float = 0.5) -> np.n
 
 # ----------------------------------------------------------------------------- captions
 OBJECT_CAPTIONS = (
+    "{o}",
     "a {o}",
     "a photo of a {o}",
     "a close-up photo of a {o}",
