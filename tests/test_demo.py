@@ -23,6 +23,13 @@ def test_demo_runs_end_to_end_and_then_from_the_cache(tmp_path):
         assert method in first.stdout
     results = json.loads((tmp_path / "demo" / "results" / "results.json").read_text())
     assert set(results["ood"]) == {"spurious", "nonspurious"}
+    auroc = {
+        name: {m: v["metrics"]["neglabel"]["auroc"] for m, v in block["methods"].items()}
+        for name, block in results["ood"].items()
+    }
+    assert auroc["spurious"]["NegLabel"] >= 0.95  # model card: 100.00 (400/200 images)
+    assert auroc["nonspurious"]["NegLabel"] >= 0.65  # model card: 83.76
+    assert auroc["nonspurious"]["NegLabel"] > auroc["nonspurious"]["MCM"] - 0.05  # card: 83.76 against 79.44
     assert len(list((tmp_path / "demo" / "viz").glob("*.png"))) == 6
     for name in ("roc.png", "score_hist.png", "metrics.csv"):
         assert (tmp_path / "demo" / "results" / name).is_file()
@@ -33,8 +40,12 @@ def test_demo_runs_end_to_end_and_then_from_the_cache(tmp_path):
 @pytest.mark.slow
 def test_sanity_prints_the_method_document_fields(tmp_path):
     negalign = Path(sys.executable).with_name("negalign")
-    result = subprocess.run([str(negalign), "sanity", "--cache-dir", str(tmp_path / "c")], capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        [str(negalign), "sanity", "--cache-dir", str(tmp_path / "c")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     for field in ("predicted class", "S_NegLabel plain", "S_NegLabel*", "P_align", "S_final", "CAM valid"):
         assert field in result.stdout

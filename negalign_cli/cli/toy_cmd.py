@@ -178,9 +178,9 @@ def sanity(
     import pandas as pd
 
     from negalign_cli.compute.scores import ScoreConfig
-    from negalign_cli.compute.vision import CamConfig
     from negalign_cli.models import load_model
     from negalign_cli.stages.datasets import list_images
+    from negalign_cli.stages.demo import TOY_CAM, TOY_TAU
     from negalign_cli.stages.images import cam_images, digest_images
     from negalign_cli.stages.inputs import load_classes, load_negatives
     from negalign_cli.stages.scoring import open_image_set, score_images
@@ -204,11 +204,12 @@ def sanity(
     if negatives is None:
         vocab = load_negatives(scratch / "toy" / "vocab.txt", report)
         scores = split_scores(loaded, [VocabEntry(vocab, "noun")], workspace, reporter=report)
-        split_vocab(scores.artifact, workspace, tau=0.05, reporter=report).artifact.export(scratch / "split")
+        split = split_vocab(scores.artifact, workspace, tau=TOY_TAU, reporter=report)
+        split.artifact.export(scratch / "split")
         negatives = scratch / "split"
     (scratch / "one.csv").write_text(f"path\n{Path(image_path).resolve()}\n")
     listing = digest_images(list_images(scratch / "one.csv"), report)
-    cam = cam_images(loaded, listing, class_list, workspace, CamConfig(), workers=0, reporter=report)
+    cam = cam_images(loaded, listing, class_list, workspace, TOY_CAM, workers=0, reporter=report)
     cam.artifact.export(scratch / "cam")
     vocab = negatives_from_split(negatives)
     groups = 1

@@ -28,10 +28,16 @@ from negalign_cli.stages.workspace import Workspace
 OOD_SETS = ("ood_spurious", "ood_nonspurious")
 
 
+TOY_TAU = 0.001  # negalign-toy's r-scores are ~100× smaller than the method document's tau assumes
+TOY_CAM = CamConfig(method="gradxact", block=-1)  # the best localiser of the model card (IoU 0.49)
+
+
 @dataclass(frozen=True)
 class DemoSettings:
-    tau: float = 0.05
-    cam: CamConfig = CamConfig()
+    """The toy model card's recommendations (negalign_cli/assets/models/negalign-toy.md)."""
+
+    tau: float = TOY_TAU
+    cam: CamConfig = TOY_CAM
     groups: int = 1  # the toy vocabulary holds 30 words: NegLabel's 100 groups need more
     lambdas: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 5.0, 10.0)
     viz: int = 6

@@ -93,10 +93,11 @@ def cam_overlays(
         axes[1].imshow(pixels)
         axes[1].imshow(cam.astype(np.float32), cmap="jet", alpha=0.5, extent=extent, interpolation="bilinear")
         axes[1].set_title("CAM", fontsize=9)
-        axes[2].imshow(pixels)
         grid = np.kron(fg.astype(np.float32), np.ones((size // fg.shape[0], size // fg.shape[1])))
+        dimmed = (pixels * (0.35 + 0.65 * grid[..., None])).astype(np.uint8)  # background patches darkened
+        axes[2].imshow(dimmed)
         axes[2].contour(grid, levels=[0.5], colors="lime", linewidths=1.5)
-        axes[2].set_title("foreground", fontsize=9)
+        axes[2].set_title("foreground (background dimmed)", fontsize=9)
         for axis in axes:
             axis.axis("off")
         figure.suptitle(title, fontsize=9)
