@@ -14,7 +14,7 @@ from negalign_cli.stages.text import embed_texts
 from negalign_cli.stages.workspace import Workspace
 
 app = typer.Typer(
-    help="Encode texts (and, later, images) once; every later stage reads the cache.", no_args_is_help=True
+    help="Encode texts and images once; every later stage reads the cache.", no_args_is_help=True
 )
 
 TEXTS_EXAMPLE = (
