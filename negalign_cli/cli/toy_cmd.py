@@ -135,6 +135,8 @@ def demo(
     served = (
         "everything served from the cache"
         if result.all_hits
+        else f"all {computed} stages computed"
+        if computed == len(result.steps)
         else f"{computed} of {len(result.steps)} stages computed, the rest from the cache"
     )
     stdout().print(
