@@ -293,3 +293,11 @@ def test_batched_torch_decoder_matches_pil(tiny_model, workspace, tmp_path):
     assert table.loc[table["path"].str.endswith("broken.jpg"), "status"].item() == "skipped"
     with pytest.raises(NegalignError, match="--decode"):
         embed_images(tiny_model, listing, workspace, decoder="nvjpeg")
+
+
+def test_store_dtype_is_checked_by_both_stages(tiny_model, workspace, tmp_path):
+    listing = listing_of(make_image_folder(tmp_path / "tree", per_class=1))
+    with pytest.raises(NegalignError, match="--store-dtype"):
+        embed_images(tiny_model, listing, workspace, workers=0, store_dtype="int8")
+    with pytest.raises(NegalignError, match="--store-dtype"):
+        cam_images(tiny_model, listing, WordList("t", ("a", "b")), workspace, CamConfig(), store_dtype="int8")

@@ -176,7 +176,7 @@ def compute_scores(
     negatives = inputs.negatives.float()
     n_images, n_neg = inputs.images.shape[0], negatives.shape[0]
     order = group_order(n_neg, config.groups, config.group_seed)
-    dropped = torch.tensor(sorted(set(range(n_neg)) - set(order.tolist())), dtype=torch.long)
+    dropped = torch.arange(order.shape[0], n_neg)  # group_order permutes the first n − (n mod G)
     layout = torch.cat([order, dropped])  # column j of the logits is negative layout[j]
     position = torch.empty_like(layout)
     position[layout] = torch.arange(n_neg)
@@ -222,8 +222,7 @@ def compute_scores(
             star_logits = logits if star_columns is None else logits[:, star_columns]
             star = neglabel_topk(pos_logits, star_logits, config.neg_topk)
         else:
-            kept_star = star_columns.shape[0] - star_columns.shape[0] % config.groups
-            star = neglabel_grouped(pos_logits, logits[:, star_columns[:kept_star]], config.groups)
+            star = neglabel_grouped(pos_logits, logits[:, star_columns], config.groups)  # already grouped
         out["s_neglabel_star"][start:stop] = star.numpy()
         values, columns = torch.topk(logits, k_neg, dim=-1)
         top_neg[start:stop] = layout[columns].numpy()

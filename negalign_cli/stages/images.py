@@ -228,6 +228,11 @@ def _fill(
     return Filled(ordered, list(rows), table, len(missing) - len(failures), cached)
 
 
+def _check_store_dtype(store_dtype: str) -> None:
+    if store_dtype not in STORE_DTYPES:
+        raise NegalignError(f"--store-dtype must be float16 or float32, got {store_dtype!r}")
+
+
 # ----------------------------------------------------------------------------- embed images
 def embed_images(
     model: LoadedModel,
@@ -243,8 +248,7 @@ def embed_images(
 ) -> StageResult:
     """``image_embeddings.npy`` (one row per distinct readable image) and ``images.parquet``."""
     reporter = reporter or NullReporter()
-    if store_dtype not in STORE_DTYPES:
-        raise NegalignError(f"--store-dtype must be float16 or float32, got {store_dtype!r}")
+    _check_store_dtype(store_dtype)
     workers = default_workers() if workers is None else workers
     decoder = resolve_decoder(decoder, model.device)
     params = {"store_dtype": store_dtype, "precision": model.precision, "items_version": IMAGE_ITEMS_VERSION}
@@ -322,6 +326,7 @@ def cam_images(
     """Batched Grad-CAM: ``background_embeddings.npy``, ``cams.npy``, ``cam.parquet``, plus the
     ``image_embeddings.npy``/``images.parquet`` of the same forward, so the folder scores alone."""
     reporter = reporter or NullReporter()
+    _check_store_dtype(store_dtype)
     tower = vision_tower(model.model)
     config.validate(len(tower.blocks))
     workers = default_workers() if workers is None else workers
