@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -189,9 +190,9 @@ def test_maskclip_and_clearclip_against_hand_computation(setup, mode):
         @ visual.proj.double()
     )
     got = cam_batch(model, images, classes, CamConfig(bg_pool=mode))
-    keep = (~got.foreground).flatten(1).double().unsqueeze(-1)
+    # an invalid CAM pools every patch (the fallback)
+    keep = (~got.foreground | ~got.valid.view(-1, 1, 1)).flatten(1).double().unsqueeze(-1)
     expected = F.normalize((tokens * keep).sum(1) / keep.sum(1), dim=-1).float()
-    expected = torch.where(got.valid.unsqueeze(-1), expected, torch.zeros_like(expected))
     torch.testing.assert_close(got.background, expected, rtol=1e-4, atol=1e-5)
 
 
@@ -209,7 +210,8 @@ def test_mask_mode_re_encodes_with_the_mean(setup):
                     assert torch.equal(block, images[i, :, 8 * r : 8 * r + 8, 8 * c : 8 * c + 8])
     with torch.no_grad():
         expected = F.normalize(model.encode_image(filled), dim=-1)
-    expected = torch.where(got.valid.unsqueeze(-1), expected, torch.zeros_like(expected))
+        whole = F.normalize(model.encode_image(images), dim=-1)  # the fallback: nothing filled
+    expected = torch.where(got.valid.unsqueeze(-1), expected, whole)
     torch.testing.assert_close(got.background, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -229,13 +231,30 @@ def test_foreground_fraction_and_dilation():
     assert foreground_mask(zero_mostly, 80.0, dilate=0)[0].sum() == 1  # percentile 0 -> strictly positive
 
 
+def _final_tokens(model, images):
+    store = {}
+    handle = model.visual.transformer.register_forward_hook(lambda m, a, out: store.update(x=out))
+    with torch.no_grad():
+        model.encode_image(images)
+    handle.remove()
+    x = store["x"]
+    return model.visual.ln_post(x[:, 1:]) @ model.visual.proj
+
+
 def test_invalid_cam_and_unsupported_towers(setup):
     model, images, classes = setup
-    got = cam_batch(model, images, classes, CamConfig(fg_percentile=0.0, dilate=0))
-    # percentile 0 marks every positive patch as foreground; an image with no zero patch has no background
+    got = cam_batch(model, images, classes, CamConfig(method="gradxact", fg_percentile=0.0, dilate=0))
+    # gradxact is positive almost everywhere; percentile 0 marks every positive patch as foreground; an image with no zero patch has no
+    # background, and its background embedding falls back to the whole image's pooled tokens
+    whole = cam_batch(model, images, classes, CamConfig(fg_percentile=100.0, dilate=0))
+    tokens_everywhere = masked_mean(_final_tokens(model, images), torch.ones(6, 4, 4, dtype=torch.bool))
+    invalid = 0
     for i in range(6):
         if (got.cams[i] > 0).all():
-            assert not got.valid[i] and torch.count_nonzero(got.background[i]) == 0
+            invalid += 1
+            assert not got.valid[i]
+            torch.testing.assert_close(got.background[i], tokens_everywhere[i], rtol=1e-5, atol=1e-6)
+    assert invalid > 0 and whole.valid.all()
 
     class NotClip(torch.nn.Module):
         visual = torch.nn.Linear(2, 2)
@@ -244,3 +263,112 @@ def test_invalid_cam_and_unsupported_towers(setup):
         vision_tower(NotClip())
     with pytest.raises(NegalignError, match="out of range"):
         CamConfig(block=5).validate(2)
+
+
+# --------------------------------------------------------------------------- exact foreground rule
+def numpy_foreground(cams: np.ndarray, percentile: float, dilate: int) -> np.ndarray:
+    """The documented rule in numpy float64: CAM ≥ np.percentile (strictly positive when that is
+    0), then `dilate` rounds of 3×3 growth written as a loop over the 8 neighbours."""
+    b, h, w = cams.shape
+    flat = cams.reshape(b, -1).astype(np.float64)
+    threshold = np.percentile(flat, percentile, axis=1, keepdims=True)
+    mask = np.where(threshold > 0, flat >= threshold, flat > 0).reshape(b, h, w)
+    for _ in range(dilate):
+        grown = mask.copy()
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                shifted = np.zeros_like(mask)
+                ys, yd = (slice(0, h - dy), slice(dy, h)) if dy >= 0 else (slice(-dy, h), slice(0, h + dy))
+                xs, xd = (slice(0, w - dx), slice(dx, w)) if dx >= 0 else (slice(-dx, w), slice(0, w + dx))
+                shifted[:, yd, xd] = mask[:, ys, xs]
+                grown |= shifted
+        mask = grown
+    return mask
+
+
+def _cam_samples(side: int, seed: int) -> np.ndarray:
+    """Float32 CAMs of three kinds: uniform, ReLU'd Gaussians (many zeros) and coarse ties."""
+    rng = np.random.default_rng(seed)
+    uniform = rng.random((300, side, side))
+    relu = np.maximum(rng.standard_normal((300, side, side)), 0.0)
+    ties = rng.integers(0, 5, (300, side, side)) / 4.0
+    return np.concatenate([uniform, relu, ties]).astype(np.float32)
+
+
+@pytest.mark.parametrize("side", [4, 7, 8, 14, 16])  # 14×14: ViT-B/16 at 224 px; 16×16: ViT-L/14
+@pytest.mark.parametrize("percentile", [80.0, 50.0, 90.0, 0.0, 100.0, 33.3])
+def test_foreground_equals_numpy_float64_rule(side, percentile):
+    cams = _cam_samples(side, seed=side)
+    for dilate in (0, 1):
+        got = foreground_mask(torch.from_numpy(cams), percentile, dilate).numpy()
+        expected = numpy_foreground(cams, percentile, dilate)
+        differing = int((got != expected).any(axis=(1, 2)).sum())
+        assert differing == 0, f"{differing} of {len(cams)} masks differ at {side}×{side}, p={percentile}"
+
+
+@pytest.mark.parametrize("side", [4, 14, 16])
+def test_foreground_keeps_the_patch_at_the_percentile(side):
+    """Where 0.8·(n−1) is an integer k, distinct values give exactly n − k foreground patches (a
+    float32 quantile gave n − k − 1 in about half of all images)."""
+    n = side * side
+    k = 80 * (n - 1) // 100
+    assert 80 * (n - 1) % 100 == 0
+    cams = torch.from_numpy(_cam_samples(side, seed=1)[:300])  # uniform: distinct values
+    counts = foreground_mask(cams, 80.0, 0).flatten(1).sum(dim=1)
+    assert torch.all(counts == n - k)
+
+
+def test_exact_percentile_matches_numpy():
+    from negalign_cli.compute.quantile import percentile, quantile
+
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 3, 16, 49, 64, 196, 256, 577):
+        values = rng.standard_normal((20, n)).astype(np.float32)
+        for p in (0.0, 12.5, 50.0, 80.0, 95.0, 99.9, 100.0):
+            got = percentile(torch.from_numpy(values), p, dim=1).numpy()
+            expected = np.percentile(values.astype(np.float64), p, axis=1)
+            if (p * (n - 1)) % 100 == 0:  # an order statistic itself: bit for bit
+                np.testing.assert_array_equal(got, expected)
+            else:  # numpy rounds p/100 first, which may move the position by an ulp
+                np.testing.assert_allclose(got, expected, rtol=1e-13, atol=0)
+        np.testing.assert_array_equal(
+            quantile(torch.from_numpy(values), 0.8, dim=1).numpy(),
+            np.quantile(values.astype(np.float64), 0.8, axis=1),
+        )
+    with pytest.raises(ValueError):
+        percentile(torch.zeros(3), 101.0)
+
+
+def vit_14x14():
+    """A small open_clip ViT on the grid ViT-B/16 uses at 224 px (14×14 patches)."""
+    import open_clip
+
+    torch.manual_seed(0)
+    model = open_clip.CLIP(
+        embed_dim=32,
+        vision_cfg={"image_size": 56, "patch_size": 4, "layers": 2, "width": 32, "head_width": 16},
+        text_cfg={"context_length": 16, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1},
+    ).eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradxact"])
+def test_cam_validity_on_a_14x14_grid_follows_the_rule(method):
+    """cam_valid and the foreground of a batched CAM on a real-size grid equal the numpy rule
+    applied to the same CAMs (the float32 quantile marked images with an empty background valid)."""
+    model = vit_14x14()
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(24, 3, 56, 56, generator=g)
+    classes = F.normalize(torch.randn(5, 32, generator=g), dim=-1)
+    for percentile, dilate in ((80.0, 1), (80.0, 0), (50.0, 2)):
+        got = cam_batch(
+            model, images, classes, CamConfig(method=method, fg_percentile=percentile, dilate=dilate)
+        )
+        assert got.cams.shape == (24, 14, 14)
+        expected = numpy_foreground(got.cams.numpy(), percentile, dilate)
+        np.testing.assert_array_equal(got.foreground.numpy(), expected)
+        cams = got.cams.flatten(1)
+        expected_valid = (cams.amax(dim=1) > 0).numpy() & ~expected.reshape(24, -1).all(axis=1)
+        np.testing.assert_array_equal(got.valid.numpy(), expected_valid)

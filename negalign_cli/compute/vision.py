@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from negalign_cli.compute.quantile import percentile as exact_percentile
 from negalign_cli.errors import NegalignError
 
 CAM_METHODS = ("gradcam", "gradxact")
@@ -91,7 +92,7 @@ class CamBatch:
     cams: torch.Tensor  # (B, h, w) float32
     foreground: torch.Tensor  # (B, h, w) bool, after dilation
     valid: torch.Tensor  # (B,) bool
-    background: torch.Tensor  # (B, D) float32, normalised (zeros where invalid)
+    background: torch.Tensor  # (B, D) float32, normalised; the whole image pooled where invalid
 
 
 class _Capture:
@@ -150,9 +151,13 @@ def cam_from_gradients(activation: torch.Tensor, gradient: torch.Tensor, method:
 
 def foreground_mask(cams: torch.Tensor, percentile: float, dilate: int) -> torch.Tensor:
     """Patches at or above the per-image percentile of the CAM (strictly positive ones when that
-    percentile is 0), dilated by ``dilate`` patches (3×3 neighbourhood)."""
-    flat = cams.flatten(1)
-    threshold = torch.quantile(flat, percentile / 100.0, dim=1, keepdim=True)
+    percentile is 0), dilated by ``dilate`` patches (3×3 neighbourhood).
+
+    The percentile is the exact order statistic with linear interpolation, compared in float64
+    (:func:`negalign_cli.compute.quantile.percentile`): a float32 quantile drops the patch at the
+    threshold on 4×4, 14×14 and 16×16 grids."""
+    flat = cams.flatten(1).to(torch.float64)
+    threshold = exact_percentile(flat, percentile, dim=1, keepdim=True)
     mask = torch.where(threshold > 0, flat >= threshold, flat > 0).view_as(cams)
     if dilate:
         grown = mask.float().unsqueeze(1)
@@ -226,9 +231,11 @@ def cam_batch(
     foreground = foreground_mask(cams, config.fg_percentile, config.dilate)
     finite = torch.isfinite(cams).flatten(1).all(dim=1)
     valid = finite & (cams.flatten(1).amax(dim=1) > 0) & (~foreground).flatten(1).any(dim=1)
+    # an invalid CAM pools the whole image (the fallback; `score --invalid-cam` decides its use)
+    background_patches = ~foreground | ~valid.view(-1, 1, 1)
     with torch.inference_mode():
         if config.bg_pool == "mask":
-            filled = fill_foreground(images, foreground, tower.patch)
+            filled = fill_foreground(images, ~background_patches, tower.patch)
             background = F.normalize(model.encode_image(filled).float(), dim=-1)
         else:
             if config.bg_pool == "tokens":
@@ -237,8 +244,7 @@ def cam_batch(
                 tokens = maskclip_tokens(tower, _batch_first(capture.last_input, tower))
             else:
                 tokens = clearclip_tokens(tower, _batch_first(capture.last_input, tower))
-            background = masked_mean(tokens.float(), ~foreground)
-    background = torch.where(valid.unsqueeze(-1), background, torch.zeros_like(background))
+            background = masked_mean(tokens.float(), background_patches)
     return CamBatch(
         embeddings=embeddings.detach(),
         pred_class=pred_class.detach(),

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from negalign_cli.compute.quantile import quantile as exact_quantile
+
 ROLE_OBJECT, ROLE_BACKGROUND, ROLE_AMBIGUOUS = "obj", "bg", "ambiguous"
 ROLES = (ROLE_OBJECT, ROLE_BACKGROUND, ROLE_AMBIGUOUS)
 
@@ -82,7 +84,7 @@ def class_similarity(
     out = []
     for start in range(0, word_features.shape[0], chunk_size):
         cos = word_features[start : start + chunk_size].float() @ class_features.float().T
-        similarity = torch.quantile(cos, q=quantile, dim=-1)
+        similarity = exact_quantile(cos, quantile, dim=-1)
         similarity[cos.max(dim=-1).values > saturate_above] = 1.0
         out.append(similarity)
     if not out:
