@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from negalign_cli.assets import model_config_dir
+from negalign_cli.defaults import DEFAULT_MODEL, DEFAULT_PRETRAINED
 from negalign_cli.errors import NegalignError
 from negalign_cli.hashing import canonical_json
 
@@ -92,6 +93,7 @@ class LoadedModel:
     fingerprint: str
     device: torch.device
     precision: str
+    random_weights: bool = False  # a seeded random init: numbers mean nothing (tests, speed)
 
     @property
     def embed_dim(self) -> int:
@@ -229,6 +231,8 @@ def load_model(
 
     open_clip = _open_clip()
     device = torch.device(device)
+    if name == DEFAULT_MODEL and not pretrained:
+        pretrained = DEFAULT_PRETRAINED
     if precision not in PRECISIONS:
         raise NegalignError(f"unknown precision {precision!r}: use fp32, fp16 or bf16")
     project = PROJECT_MODELS.get(name)
@@ -300,10 +304,11 @@ def load_model(
             raise
         except Exception as exc:  # open_clip raises RuntimeError/OSError/HF errors for a failed download
             if tag is not None:
+                fail_fast = "" if os.environ.get("HF_HUB_OFFLINE") else "; set HF_HUB_OFFLINE=1 to fail fast"
                 raise NegalignError(
-                    f"could not get weights {name}/{tag} ({_first_line(exc)}). Offline? "
-                    "Download the checkpoint "
-                    f"elsewhere and pass --pretrained /path/to/{name}.bin (set HF_HUB_OFFLINE=1 to fail fast)"
+                    f"could not get the weights {name}/{tag} ({_first_line(exc, 120)}); offline? Download "
+                    f"them elsewhere and pass --pretrained /path/to/{name}.bin, or try the bundled toy "
+                    f"model with --model negalign-toy{fail_fast}"
                 ) from exc
             raise NegalignError(f"could not build model {name}: {_first_line(exc)}") from exc
         if checkpoint is not None:
@@ -330,12 +335,17 @@ def load_model(
         fingerprint=fingerprint,
         device=device,
         precision=precision,
+        random_weights=seed is not None,
     )
 
 
-def _first_line(exc: BaseException) -> str:
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, shortened at a word boundary."""
     text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:200]
+    line = text[0] if text else type(exc).__name__
+    if len(line) <= limit:
+        return line
+    return line[:limit].rsplit(" ", 1)[0].rstrip(" ,:;") + " …"
 
 
 def _resolved_config(open_clip, name: str, quick_gelu: bool) -> dict[str, Any]:

@@ -10,6 +10,8 @@ from typer.testing import CliRunner
 from negalign_cli import __version__
 from negalign_cli.cli.app import app
 
+TINY = ["--model", "negalign-tiny-test"]  # the CLI default is ViT-B-16 + openai weights
+
 runner = CliRunner()
 
 COMMANDS = [
@@ -75,7 +77,7 @@ def test_embed_texts_writes_files_then_hits(tmp_path):
 
 def test_cache_dir_from_environment_and_flag_precedence(tmp_path):
     env_cache, flag_cache = tmp_path / "env", tmp_path / "flag"
-    args = ["embed", "texts", "-c", "waterbird", "-q"]
+    args = ["embed", "texts", "-c", "waterbird", "-q", *TINY]
     assert run(*args, env={"NEGALIGN_CACHE": str(env_cache)}).exit_code == 0
     assert (env_cache / "artifacts" / "embed-texts").is_dir()
     assert run(*args, "--cache-dir", str(flag_cache), env={"NEGALIGN_CACHE": str(env_cache)}).exit_code == 0
@@ -86,7 +88,7 @@ def test_cache_ls_info_gc(tmp_path):
     cache = str(tmp_path / "c")
     empty = run("cache", "ls", "--cache-dir", cache)
     assert empty.exit_code == 0 and "is empty" in empty.output
-    assert run("embed", "texts", "-c", "waterbird", "--cache-dir", cache, "-q").exit_code == 0
+    assert run("embed", "texts", "-c", "waterbird", "--cache-dir", cache, "-q", *TINY).exit_code == 0
     filled = run("cache", "ls", "--cache-dir", cache)
     assert filled.exit_code == 0
     assert "embed-texts" in filled.output and "1 artifact(s)" in filled.output
@@ -115,7 +117,8 @@ def test_cache_ls_info_gc(tmp_path):
         ),
         (["embed", "texts", "-c", "missing_classes.txt"], "class file not found"),
         (["embed", "texts", "-c", "birds"], "unknown class preset"),
-        (["embed", "texts", "-c", "waterbird", "--model", "ViT-B-16"], "needs weights"),
+        (["embed", "texts", "-c", "waterbird", "--model", "ViT-L-14"], "needs weights"),
+        (["embed", "texts", "-c", "waterbird"], "could not get the weights ViT-B-16/openai"),
         (["embed", "texts", "-c", "waterbird", "--device", "tpu"], "unknown device"),
         (
             ["embed", "texts", "-c", "waterbird", "--device", "cpu", "--precision", "fp16"],
@@ -139,3 +142,15 @@ def test_models_lists_project_and_open_clip():
     assert result.exit_code == 0 and names[0] == "negalign-tiny-test" and "ViT-B-16" in names
     table = run("models", "--filter", "tiny")
     assert "negalign-tiny-test" in table.output and "ViT-B-16" not in table.output
+
+
+def test_random_weights_are_announced(tmp_path):
+    cache = ["--cache-dir", str(tmp_path / "c")]
+    tiny = run("embed", "texts", "-c", "waterbird", *TINY, *cache)
+    assert tiny.exit_code == 0 and "has random weights" in tiny.output
+    random = run(
+        "embed", "texts", "-c", "waterbird", "--model", "negalign-toy", "--pretrained", "random", *cache
+    )
+    assert random.exit_code == 0 and "has random weights (random init, seed 0)" in random.output
+    toy = run("embed", "texts", "-c", "waterbird", "--model", "negalign-toy", *cache)
+    assert toy.exit_code == 0 and "random weights" not in toy.output

@@ -228,3 +228,89 @@ def test_evaluate_cli_round_trip(files, tmp_path):
         ],
     )
     assert dup.exit_code != 0 and "more than once" in dup.output
+
+
+def test_default_score_and_compare(files, tmp_path):
+    """Without flags `evaluate` shows the method's own score (NegAlign, λ swept); --compare adds
+    the method table; files without P_align fall back to NegLabel*."""
+    base = [
+        "evaluate",
+        "--id",
+        str(files["id"]),
+        "--ood",
+        f"near={files['near']}",
+        "--cache-dir",
+        str(tmp_path / "c"),
+    ]
+    plain = runner.invoke(app, [*base, "--out", str(tmp_path / "a")])
+    assert plain.exit_code == 0, plain.output
+    results = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert set(results["ood"]["near"]["methods"]) == {"NegAlign"}
+    assert "MCM" not in plain.output and "NegAlign" in plain.output
+    compared = runner.invoke(app, [*base, "--compare", "--out", str(tmp_path / "b")])
+    results = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert set(results["ood"]["near"]["methods"]) == {"MCM", "NegLabel", "NegRefine", "NegLabel*", "NegAlign"}
+    assert all(m in compared.output for m in ("MCM", "NegRefine", "NegLabel*"))
+    chosen = runner.invoke(app, [*base, "--score", "s_mcm", "--out", str(tmp_path / "s")])
+    results = json.loads((tmp_path / "s" / "results.json").read_text())
+    assert set(results["ood"]["near"]["methods"]) == {"s_mcm"}
+    no_align = {}
+    for name in ("id", "near"):
+        frame = load(files[name]).drop(columns=["p_align"])
+        no_align[name] = tmp_path / f"{name}_no_align.parquet"
+        frame.to_parquet(no_align[name])
+    star = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--id",
+            str(no_align["id"]),
+            "--ood",
+            f"near={no_align['near']}",
+            "--out",
+            str(tmp_path / "n"),
+        ],
+    )
+    assert star.exit_code == 0, star.output
+    assert set(json.loads((tmp_path / "n" / "results.json").read_text())["ood"]["near"]["methods"]) == {
+        "NegLabel*"
+    }
+    assert chosen.exit_code == 0
+
+
+def test_invalid_cam_rows_are_counted_and_excluded(files, tmp_path, workspace):
+    """`score --invalid-cam exclude` leaves P_align undefined where the CAM is invalid: evaluate
+    drops those rows (from every method, so the table compares the same images) and says how many;
+    every set states how many rows had an invalid CAM."""
+    frames = {name: load(files[name]) for name in ("id", "near")}
+    paths = {}
+    for name, frame in frames.items():
+        frame.loc[~frame["cam_valid"], "p_align"] = np.nan
+        paths[name] = tmp_path / f"{name}_excluded.parquet"
+        frame.to_parquet(paths[name])
+    invalid = {name: int((~frame["cam_valid"]).sum()) for name, frame in frames.items()}
+    assert all(invalid.values())
+    request = EvaluateRequest(paths["id"], [("near", paths["near"])], lambdas=[0.0, 1.0], compare=True)
+    results = json.loads(evaluate(request, workspace).artifact.file("results.json").read_text())
+    assert (
+        results["id"]["cam_invalid"] == invalid["id"]
+        and results["id"]["excluded_invalid_cam"] == invalid["id"]
+    )
+    block = results["ood"]["near"]
+    assert block["cam_invalid"] == invalid["near"] and block["excluded_invalid_cam"] == invalid["near"]
+    assert (
+        results["id"]["n"] == len(frames["id"]) - invalid["id"]
+        and block["n"] == len(frames["near"]) - invalid["near"]
+    )
+    keep_id, keep_ood = frames["id"][frames["id"]["cam_valid"]], frames["near"][frames["near"]["cam_valid"]]
+    expected = ood_metrics(keep_id["s_mcm"], keep_ood["s_mcm"]).as_dict()
+    assert block["methods"]["MCM"]["metrics"]["neglabel"] == pytest.approx(expected)
+    expected = ood_metrics(
+        keep_id["s_neglabel_star"] + keep_id["p_align"], keep_ood["s_neglabel_star"] + keep_ood["p_align"]
+    )
+    assert block["lambda_sweep"]["1.0"]["metrics"]["neglabel"] == pytest.approx(expected.as_dict())
+    # the fallback files (P_align defined everywhere) keep every row, and still count invalid CAMs
+    request = EvaluateRequest(files["id"], [("near", files["near"])], lambdas=[0.0, 1.0])
+    results = json.loads(evaluate(request, workspace).artifact.file("results.json").read_text())
+    assert results["id"]["cam_invalid"] == invalid["id"] and results["id"]["excluded_invalid_cam"] == 0
+    assert results["id"]["n"] == len(frames["id"])

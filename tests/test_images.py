@@ -16,6 +16,8 @@ from negalign_cli.stages.images import cam_images, digest_images, embed_images
 from negalign_cli.stages.inputs import WordList
 from tests.helpers.images import make_awkward_images, make_image_folder, rgb
 
+TINY = ["--model", "negalign-tiny-test"]  # the CLI default is ViT-B-16 + openai weights
+
 runner = CliRunner()
 REPORT = RecordingReporter()
 
@@ -76,7 +78,7 @@ def test_awkward_files_are_recorded_not_fatal(tiny_model, workspace, tmp_path):
     for ok in ("alpha.png", "sixteen.png", "gray.png", "tiny.png", "boats/0.jpg"):
         assert status[ok] == "ok", (ok, reason[ok])
     embeddings = np.load(result.artifact.file("image_embeddings.npy"))
-    assert embeddings.shape == (5, 64) and embeddings.dtype == np.float16
+    assert embeddings.shape == (5, 64) and embeddings.dtype == np.float32  # the default store dtype
     assert "skipped 3 image(s)" in reporter.text()
     sixteen = np.asarray(load_rgb(str(files["sixteen"])))
     assert sixteen.dtype == np.uint8 and sixteen.max() > 200 and sixteen.min() < 10  # scaled, not clipped
@@ -208,7 +210,17 @@ def test_embed_cam_score_evaluate_cli(tmp_path):
     assert (
         runner.invoke(
             app,
-            ["split-vocab", "--nouns", str(nouns), "--tau", "0", "--out", str(tmp_path / "split"), *cache],
+            [
+                "split-vocab",
+                "--nouns",
+                str(nouns),
+                "--tau",
+                "0",
+                "--out",
+                str(tmp_path / "split"),
+                *cache,
+                *TINY,
+            ],
         ).exit_code
         == 0
     )
@@ -230,6 +242,7 @@ def test_embed_cam_score_evaluate_cli(tmp_path):
                 "--out",
                 str(tmp_path / f"cam_{name}"),
                 *cache,
+                *TINY,
             ],
         )
         assert result.exit_code == 0, result.output
@@ -249,10 +262,13 @@ def test_embed_cam_score_evaluate_cli(tmp_path):
                 "--out",
                 str(tmp_path / f"score_{name}"),
                 *cache,
+                *TINY,
             ],
         )
         assert result.exit_code == 0, result.output
-    embedded = runner.invoke(app, ["embed", "images", "--images", str(folder), "--workers", "0", *cache])
+    embedded = runner.invoke(
+        app, ["embed", "images", "--images", str(folder), "--workers", "0", *cache, *TINY]
+    )
     assert embedded.exit_code == 0 and "encoded 0, cached 8" in embedded.output
     result = runner.invoke(
         app,

@@ -92,7 +92,7 @@ def test_bad_weights_give_one_line_errors(tmp_path):
     with pytest.raises(NegalignError, match="unknown model architecture"):
         load_model("ViT-Q-99")
     with pytest.raises(NegalignError, match="needs weights.*--pretrained.*openai.*random"):
-        load_model("ViT-B-16")
+        load_model("ViT-L-14")
     with pytest.raises(NegalignError, match="neither a file nor a tag"):
         load_model("ViT-B-16", "no_such_tag")
     with pytest.raises(NegalignError, match="is a folder"):
@@ -101,8 +101,16 @@ def test_bad_weights_give_one_line_errors(tmp_path):
 
 def test_offline_tag_fails_with_a_hint():
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
-    with pytest.raises(NegalignError, match="could not get weights ViT-B-32/openai.*--pretrained"):
+    with pytest.raises(
+        NegalignError, match="could not get the weights ViT-B-32/openai.*--pretrained"
+    ) as caught:
         load_model("ViT-B-32", "openai")
+    message = str(caught.value)
+    assert "HF_HUB_OFFLINE" not in message  # already set: no advice to set it
+    assert "negalign-toy" in message
+    # the default model is the field's standard, ViT-B-16 with OpenAI's weights
+    with pytest.raises(NegalignError, match="could not get the weights ViT-B-16/openai"):
+        load_model("ViT-B-16")
 
 
 def test_precision_and_device():

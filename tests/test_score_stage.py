@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -20,6 +23,8 @@ from negalign_cli.stages.vocab import (
     split_vocab,
 )
 from tests.helpers.synthetic import write_image_set
+
+TINY = ["--model", "negalign-tiny-test"]  # the CLI default is ViT-B-16 + openai weights
 
 runner = CliRunner()
 NOUNS = (
@@ -75,7 +80,23 @@ def test_score_stage_end_to_end(tiny_model, workspace, tmp_path, split_dir):
     assert sorted(frame.columns) == sorted(expected_columns)
     assert len(frame) == 23 and frame["path"].iloc[0] == "img_0.png"
     assert frame["cam_valid"].tolist() == [i % 7 != 0 for i in range(23)]
-    assert (frame.loc[~frame["cam_valid"], "p_align"] == 0).all()
+    # --invalid-cam fallback (the default): P_align of an invalid CAM comes from its (whole-image)
+    # background like any other row
+    np.testing.assert_allclose(frame["p_align"], frame["s_bg_pos"] - frame["s_bg_neg"], atol=1e-6)
+    assert (frame.loc[~frame["cam_valid"], "p_align"] != 0).all()
+    for policy, value in (("zero", 0.0), ("exclude", np.nan)):
+        other = score_images(
+            tiny_model, open_image_set(images), classes, vocab, workspace, replace(config, invalid_cam=policy)
+        )
+        changed = pd.read_parquet(other.artifact.file("scores.parquet"))
+        invalid = ~changed["cam_valid"]
+        np.testing.assert_array_equal(changed.loc[invalid, "p_align"], value)
+        assert changed.loc[invalid, ["s_bg_pos", "s_bg_neg"]].isna().all().all()
+        pd.testing.assert_frame_equal(changed[~invalid], frame[~invalid])  # valid rows are untouched
+    with pytest.raises(NegalignError, match="unknown --invalid-cam"):
+        score_images(
+            tiny_model, open_image_set(images), classes, vocab, workspace, replace(config, invalid_cam="drop")
+        )
     assert frame["s_negrefine"].to_numpy() == pytest.approx(
         frame["s_neglabel_plain"].to_numpy() + 2 * frame["s_multimatch"].to_numpy()
     )
@@ -137,7 +158,9 @@ def test_bad_image_folders(tmp_path, tiny_model, workspace):
     images = write_image_set(tmp_path / "imgs", n=5, dim=64, seed=2)
     np.save(images / "image_embeddings.npy", np.zeros((4, 64), np.float16))
     vocab = negatives_from_lists(WordList("t", NOUNS), None)
-    with pytest.raises(NegalignError, match="lists 5 embedded images but image_embeddings.npy has 4"):
+    with pytest.raises(
+        NegalignError, match="refers to 5 distinct embedding rows but image_embeddings.npy has 4"
+    ):
         score_images(
             tiny_model,
             open_image_set(images),
@@ -174,6 +197,7 @@ def test_score_cli(tmp_path, split_dir):
         str(tmp_path / "c"),
         "--out",
         str(tmp_path / "s"),
+        *TINY,
     ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -192,7 +216,9 @@ def test_score_cli_takes_an_artifact_key(tmp_path):
     nouns.write_text("ocean\nforest\nsand\nteapot\n")
     cache = ["--cache-dir", str(tmp_path / "c")]
     assert (
-        runner.invoke(app, ["embed", "images", "--images", str(folder), "--workers", "0", *cache]).exit_code
+        runner.invoke(
+            app, ["embed", "images", "--images", str(folder), "--workers", "0", *cache, *TINY]
+        ).exit_code
         == 0
     )
     key = ArtifactStore(tmp_path / "c").records()[0]["key"]
@@ -209,7 +235,93 @@ def test_score_cli_takes_an_artifact_key(tmp_path):
             "--groups",
             "2",
             *cache,
+            *TINY,
         ],
     )
     assert result.exit_code == 0, result.output
     assert "4 images scored" in result.output and "background columns stay empty" in result.output
+
+
+def test_byte_identical_files_are_scored_one_row_per_path(tmp_path):
+    """Real datasets hold exact copies: `embed`/`cam` store one row per content, `score` writes
+    one row per listed path, and the copies get equal scores."""
+    import shutil
+
+    from tests.helpers.images import make_image_folder
+
+    folder = make_image_folder(tmp_path / "imgs", per_class=3)
+    shutil.copy(folder / "birds" / "0.jpg", folder / "boats" / "copy of bird 0.jpg")
+    shutil.copy(folder / "birds" / "1.png", folder / "birds" / "1 (2).png")
+    shutil.copy(folder / "birds" / "1.png", folder / "boats" / "again.png")
+    nouns = tmp_path / "n.txt"
+    nouns.write_text("ocean\nforest\nsand\nteapot\nlamp\ncup\n")
+    cache = ["--cache-dir", str(tmp_path / "c"), *TINY]
+    split = runner.invoke(
+        app, ["split-vocab", "--nouns", str(nouns), "--tau", "0", "--out", str(tmp_path / "split"), *cache]
+    )
+    assert split.exit_code == 0, split.output
+    for command in (["embed", "images"], ["cam", "--classes", "waterbird"]):
+        out = tmp_path / command[0]
+        made = runner.invoke(
+            app, [*command, "--images", str(folder), "--workers", "0", "--out", str(out), *cache]
+        )
+        assert made.exit_code == 0, made.output
+        assert "6 of 9 images" in made.output
+        assert "3 path(s) byte-identical to an earlier one" in made.output
+        scored = runner.invoke(
+            app,
+            [
+                "score",
+                "--images-dir",
+                str(out),
+                "--classes",
+                "waterbird",
+                "--negatives-split",
+                str(tmp_path / "split"),
+                "--groups",
+                "2",
+                "--out",
+                str(tmp_path / f"scores_{command[0]}"),
+                *cache,
+            ],
+        )
+        assert scored.exit_code == 0, scored.output
+        assert "9 images scored" in scored.output
+        frame = pd.read_parquet(tmp_path / f"scores_{command[0]}" / "scores.parquet").set_index("path")
+        assert len(frame) == 9 and frame.index.is_unique
+        images = pd.read_parquet(out / "images.parquet")
+        assert images["row"].nunique() == 6 and len(np.load(out / "image_embeddings.npy")) == 6
+        by_name = {Path(p).relative_to(folder).as_posix(): p for p in frame.index}
+        columns = ["s_mcm", "s_neglabel_plain", "s_neglabel_star", "s_negrefine", "p_align"]
+        for copy, original in (
+            ("boats/copy of bird 0.jpg", "birds/0.jpg"),
+            ("birds/1 (2).png", "birds/1.png"),
+            ("boats/again.png", "birds/1.png"),
+        ):
+            a, b = frame.loc[by_name[copy]], frame.loc[by_name[original]]
+            assert a["row"] == b["row"]
+            for column in columns:
+                assert a[column] == b[column] or (pd.isna(a[column]) and pd.isna(b[column]))
+            assert a["label"] != b["label"] or copy.startswith("birds")  # labels stay per path
+
+
+def test_cheap_checks_come_before_any_model_or_text_work(tmp_path, split_dir):
+    """A request that cannot succeed fails at once: the role-aware group check runs before the
+    weights are loaded (ViT-B-16/openai is not even on this machine) and before any text is encoded."""
+    images = write_image_set(tmp_path / "imgs", n=5, dim=64, seed=3)
+    base = [
+        "score",
+        "--images-dir",
+        str(images),
+        "--classes",
+        "waterbird",
+        "--negatives-split",
+        str(split_dir),
+    ]
+    cache = ["--cache-dir", str(tmp_path / "c")]
+    result = runner.invoke(app, [*base, "--role-aware", "--groups", "12", *cache])
+    assert result.exit_code == 2 and "too few for 12 groups" in result.output, result.output
+    assert "weights" not in result.output
+    bad_policy = runner.invoke(app, [*base, "--invalid-cam", "skip", "--groups", "2", *cache])
+    assert bad_policy.exit_code == 2 and "unknown --invalid-cam 'skip'" in bad_policy.output
+    assert not (tmp_path / "c" / "items").exists()  # nothing was encoded

@@ -170,8 +170,15 @@ def test_p_align_equals_loop(data):
         neg = np.sort(b[i] @ n_bg.T)[::-1][:5].mean()
         assert got["s_bg_pos"][i] == pytest.approx(pos, abs=1e-6)
         assert got["s_bg_neg"][i] == pytest.approx(neg, abs=1e-6)
-        expected = 0.0 if i in (3, 17) else pos - neg
-        assert got["p_align"][i] == pytest.approx(expected, abs=1e-6)
+        assert got["p_align"][i] == pytest.approx(pos - neg, abs=1e-6)  # fallback: invalid rows too
+    invalid = ~data.background_valid.numpy()
+    assert invalid.sum() == 2
+    zero = compute_scores(data, ScoreConfig(groups=5, invalid_cam="zero"))
+    exclude = compute_scores(data, ScoreConfig(groups=5, invalid_cam="exclude"))
+    assert (zero["p_align"][invalid] == 0).all() and np.isnan(exclude["p_align"][invalid]).all()
+    for policy in (zero, exclude):
+        np.testing.assert_array_equal(policy["p_align"][~invalid], got["p_align"][~invalid])
+        assert np.isnan(policy["s_bg_pos"][invalid]).all() and np.isnan(policy["s_bg_neg"][invalid]).all()
     no_background = ScoreInputs(**{**data.__dict__, "background": None})
     assert np.isnan(compute_scores(no_background, ScoreConfig(groups=5))["p_align"]).all()
 
@@ -187,3 +194,48 @@ def test_chunking_does_not_change_results(data, monkeypatch):
     assert len(chunks) > 5 and sum(chunks) == N_IMAGES
     for name, values in whole.items():
         np.testing.assert_allclose(small[name], values, atol=5e-6, err_msg=name)  # fp32 matmul blocking
+
+
+# ----------------------------------------------------------------------------- saturation
+def test_saturated_scores_keep_their_order(data):
+    """Clearly-OOD images (every negative far closer than any class) drive NegLabel's softmax mass
+    below float32's range: computed in float32 they all tie at exactly 0. The float64 aggregation
+    keeps them distinct and in the order of the float64 brute force."""
+    g = torch.Generator().manual_seed(7)
+    eye = torch.eye(D)
+    classes = eye[:K]  # the classes span the first K axes, the negatives the others
+    negatives = torch.nn.functional.normalize(torch.randn(M, D, generator=g) * (torch.arange(D) >= K), dim=1)
+    # images on a negative, pointing away from every class: LSE(pos) − LSE(neg) ≈ −110 … −130
+    away = torch.rand(20, 1, generator=g) * 0.1 + 0.15
+    far = torch.nn.functional.normalize(negatives[:20] - away * classes.sum(0), dim=1)
+    inputs = ScoreInputs(
+        **{
+            **data.__dict__,
+            "images": far,
+            "classes": classes,
+            "negatives": negatives,
+            "background": None,
+            "background_valid": None,
+        }
+    )
+    got = compute_scores(inputs, ScoreConfig(groups=1))["s_neglabel_plain"]
+    expected = neglabel_reference(far, classes, negatives, 1, 0)
+    assert expected.max() < 1e-40  # float32 would return exactly 0.0 for all of them
+    assert (got > 0).all() and len(np.unique(got)) == len(got)
+    np.testing.assert_allclose(got, expected, rtol=1e-4)  # float32 logits: |Δd| ~ 1e-5
+    np.testing.assert_array_equal(np.argsort(got), np.argsort(expected))
+    top = compute_scores(inputs, ScoreConfig(groups=1, neg_topk=3))["s_neglabel_star"]
+    assert (top > 0).all() and len(np.unique(top)) == len(top)
+
+
+def test_unsaturated_scores_move_less_than_1e_6_from_float32(data):
+    """The float64 aggregation changes nothing that float32 could represent (< 1e-6)."""
+    x = torch.nn.functional.normalize(data.images, dim=1)
+    pos = 100 * x @ data.classes.T
+    neg = (100 * x @ data.negatives.T)[:, group_order(M, 5, 0)]
+    pos_lse = torch.logsumexp(pos, -1, keepdim=True)
+    neg_lse = torch.logsumexp(neg.reshape(N_IMAGES, 5, -1), -1)
+    float32 = torch.sigmoid(pos_lse - neg_lse).mean(-1).numpy()
+    got = compute_scores(data, ScoreConfig(groups=5))["s_neglabel_plain"]
+    assert got.dtype == np.float64
+    assert np.abs(got - float32).max() < 1e-6

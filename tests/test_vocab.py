@@ -24,6 +24,8 @@ from negalign_cli.stages.lexicon import NEGLABEL_FILES, Lexicon, load_lexicon, r
 from negalign_cli.stages.vocab import VocabEntry, mine_negatives, split_scores, split_vocab, summarise_split
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+TINY = ["--model", "negalign-tiny-test"]  # the CLI default is ViT-B-16 + openai weights
+
 runner = CliRunner()
 
 
@@ -234,7 +236,16 @@ def test_split_vocab_cli_and_tau_rerun(tmp_path):
     nouns, adjs = tmp_path / "n.txt", tmp_path / "a.txt"
     nouns.write_text("ocean\nteapot\n\nocean\nforest\n")
     adjs.write_text("rusty thing\nblue sky view\n")
-    base = ["split-vocab", "--nouns", str(nouns), "--adjs", str(adjs), "--cache-dir", str(tmp_path / "c")]
+    base = [
+        "split-vocab",
+        "--nouns",
+        str(nouns),
+        "--adjs",
+        str(adjs),
+        "--cache-dir",
+        str(tmp_path / "c"),
+        *TINY,
+    ]
     first = runner.invoke(app, [*base, "--out", str(tmp_path / "d")])
     assert first.exit_code == 0, first.output
     assert "duplicate" in first.output and "roles at tau = 0.05" in first.output
@@ -257,7 +268,9 @@ def test_split_vocab_cli_and_tau_rerun(tmp_path):
 def test_long_words_are_counted_as_truncated(tmp_path):
     nouns = tmp_path / "n.txt"
     nouns.write_text("ocean\n" + " ".join(["word"] * 90) + "\n")
-    result = runner.invoke(app, ["split-vocab", "--nouns", str(nouns), "--cache-dir", str(tmp_path / "c")])
+    result = runner.invoke(
+        app, ["split-vocab", "--nouns", str(nouns), "--cache-dir", str(tmp_path / "c"), *TINY]
+    )
     assert result.exit_code == 0 and "6 prompt(s) were longer" in result.output
 
 
@@ -274,6 +287,7 @@ def test_mine_negatives_cli(tmp_path):
         str(lexicon),
         "--top-p",
         "0.5",
+        *TINY,
         "--cache-dir",
         str(tmp_path / "c"),
         "--out",

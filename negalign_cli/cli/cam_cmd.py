@@ -7,10 +7,10 @@ from typing import Annotated
 
 import typer
 
+from negalign_cli import defaults
 from negalign_cli.cli import options as o
 from negalign_cli.cli.console import guarded, stdout
 from negalign_cli.compute.vision import BG_POOLS, CAM_METHODS, CamConfig
-from negalign_cli.models import load_model
 from negalign_cli.stages.inputs import load_classes
 from negalign_cli.stages.workspace import Workspace
 
@@ -28,7 +28,7 @@ def cam(
     ],
     data_root: o.DataRoot = None,
     split: o.Split = None,
-    model: o.Model = "negalign-tiny-test",
+    model: o.Model = defaults.DEFAULT_MODEL,
     pretrained: o.Pretrained = None,
     cam_method: Annotated[str, typer.Option("--cam-method", help=f"{' or '.join(CAM_METHODS)}.")] = "gradcam",
     block: Annotated[int, typer.Option("--block", help="Block whose ln_1 output is hooked (-1: last).")] = -1,
@@ -46,7 +46,7 @@ def cam(
         Path | None,
         typer.Option("--viz-dir", help="Folder for --viz PNGs (default: --out/viz).", show_default=False),
     ] = None,
-    store_dtype: o.StoreDtype = "float16",
+    store_dtype: o.StoreDtype = defaults.DEFAULT_STORE_DTYPE,
     workers: o.Workers = None,
     strict: o.Strict = False,
     decode: o.Decode = "auto",
@@ -73,8 +73,7 @@ def cam(
     config.validate(10**6)  # names and ranges; the block is checked against the model below
     class_list = load_classes(classes, report)
     listing = digest_images(list_images(images, data_root, split), report)
-    loaded = load_model(model, pretrained, rt.device, rt.precision)
-    report.info(f"model {loaded.describe()}")
+    loaded = o.load(model, pretrained, rt, report)
     result = cam_images(
         loaded,
         listing,
@@ -92,7 +91,7 @@ def cam(
     hit = " (cache hit)" if result.hit else f" ({c['computed']} computed)"
     stdout().print(
         f"cam {result.artifact.key[:12]}: {c['processed']} of {c['images']} images, CAM valid for "
-        f"{c['cam_valid']}, {c['skipped']} skipped{hit}"
+        f"{c['cam_valid']}, {c['skipped']} skipped{o.duplicates_note(c)}{hit}"
     )
     if viz:
         written = write_overlays(result.artifact, loaded, viz, viz_dir or (out or Path(".")) / "viz")

@@ -6,9 +6,9 @@ from typing import Annotated
 
 import typer
 
+from negalign_cli import defaults
 from negalign_cli.cli import options as o
 from negalign_cli.cli.console import guarded, stdout
-from negalign_cli.models import load_model
 from negalign_cli.stages.inputs import load_classes, load_negatives, load_templates
 from negalign_cli.stages.text import embed_texts
 from negalign_cli.stages.workspace import Workspace
@@ -33,7 +33,7 @@ def texts(
             "--classes", "-c", help="Class preset (imagenet, waterbird, ...) or a file, one class a line."
         ),
     ],
-    model: o.Model = "negalign-tiny-test",
+    model: o.Model = defaults.DEFAULT_MODEL,
     pretrained: o.Pretrained = None,
     negatives: Annotated[
         str | None,
@@ -78,8 +78,7 @@ def texts(
     negative_list = load_negatives(negatives, report) if negatives is not None else None
     template_set = load_templates(templates)
     negative_set = load_templates(negative_templates) if negative_templates else None
-    loaded = load_model(model, pretrained, rt.device, rt.precision)
-    report.info(f"model {loaded.describe()}")
+    loaded = o.load(model, pretrained, rt, report)
     workspace = Workspace.open(rt.cache_dir)
     result = embed_texts(
         loaded,
@@ -121,9 +120,9 @@ def images(
     images: o.Images,
     data_root: o.DataRoot = None,
     split: o.Split = None,
-    model: o.Model = "negalign-tiny-test",
+    model: o.Model = defaults.DEFAULT_MODEL,
     pretrained: o.Pretrained = None,
-    store_dtype: o.StoreDtype = "float16",
+    store_dtype: o.StoreDtype = defaults.DEFAULT_STORE_DTYPE,
     workers: o.Workers = None,
     strict: o.Strict = False,
     decode: o.Decode = "auto",
@@ -144,8 +143,7 @@ def images(
     rt = o.runtime(cache_dir, device, precision, batch_size)
     report = o.reporter(verbose, quiet)
     listing = digest_images(list_images(images, data_root, split), report)
-    loaded = load_model(model, pretrained, rt.device, rt.precision)
-    report.info(f"model {loaded.describe()}")
+    loaded = o.load(model, pretrained, rt, report)
     result = embed_images(
         loaded,
         listing,
@@ -161,6 +159,6 @@ def images(
     status = "cache hit" if result.hit else f"encoded {c['encoded']}, cached {c['cached']}"
     stdout().print(
         f"embed-images {result.artifact.key[:12]}: {c['embedded']} of {c['images']} images embedded, "
-        f"{c['skipped']} skipped ({status})"
+        f"{c['skipped']} skipped{o.duplicates_note(c)} ({status})"
     )
     o.finish(result, out, "embed-images")

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from negalign_cli.cli.console import RichReporter
+from negalign_cli.defaults import DEFAULT_MODEL, DEFAULT_PRETRAINED, STORE_DTYPES
 from negalign_cli.settings import CACHE_ENV, DEVICE_ENV, Runtime
 
 
@@ -35,14 +36,20 @@ BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Items per f
 Verbose = Annotated[int, typer.Option("-v", "--verbose", count=True, help="More detail (repeatable).")]
 Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="Only warnings, errors and results.")]
 Model = Annotated[
-    str, typer.Option("--model", "-m", help="open_clip architecture or a project model (`negalign models`).")
+    str,
+    typer.Option(
+        "--model",
+        "-m",
+        help="open_clip architecture or a project model (`negalign models`); "
+        "negalign-toy is the bundled toy CLIP.",
+    ),
 ]
 Pretrained = Annotated[
     str | None,
     typer.Option(
         "--pretrained",
-        help="open_clip tag (e.g. openai), local checkpoint path, or 'random'. "
-        "Not needed for negalign-* models.",
+        help="open_clip tag (e.g. openai), local checkpoint path, or 'random' "
+        f"[default: {DEFAULT_PRETRAINED} for {DEFAULT_MODEL}]. Not needed for negalign-* models.",
         show_default=False,
     ),
 ]
@@ -56,6 +63,20 @@ def runtime(cache_dir: Path | None, device: str, precision: Precision | str, bat
 
 def reporter(verbose: int, quiet: bool) -> RichReporter:
     return RichReporter(-1 if quiet else verbose)
+
+
+def load(model: str, pretrained: str | None, rt: Runtime, report: RichReporter, detail: str = ""):
+    """Load the model, say which one, and warn loudly when its weights are random."""
+    from negalign_cli.models import load_model
+
+    loaded = load_model(model, pretrained, rt.device, rt.precision)
+    report.info(f"model {loaded.describe()}{detail}")
+    if loaded.random_weights:
+        report.warn(
+            f"{loaded.name} has random weights ({loaded.weights}): its scores mean nothing; it is for "
+            "tests and speed measurements (try --model negalign-toy, or real weights with --pretrained)"
+        )
+    return loaded
 
 
 Images = Annotated[
@@ -77,7 +98,14 @@ Split = Annotated[
     str | None,
     typer.Option("--split", help="Waterbirds split: train, val, test (or 0, 1, 2).", show_default=False),
 ]
-StoreDtype = Annotated[str, typer.Option("--store-dtype", help="float16 or float32 for the .npy outputs.")]
+StoreDtype = Annotated[
+    str,
+    typer.Option(
+        "--store-dtype",
+        help=f"{' or '.join(STORE_DTYPES)} for the .npy outputs (float16 halves the files and moves "
+        "scores by up to ~1e-3; docs/maths.md).",
+    ),
+]
 Workers = Annotated[
     int | None,
     typer.Option(
@@ -88,6 +116,12 @@ Workers = Annotated[
     ),
 ]
 Strict = Annotated[bool, typer.Option("--strict", help="Fail if any image is skipped.")]
+
+
+def duplicates_note(counts: dict) -> str:
+    """For the summary line: byte-identical files share one embedding row and get equal scores."""
+    n = counts.get("duplicates", 0)
+    return f", {n} path(s) byte-identical to an earlier one (sharing its row)" if n else ""
 
 
 def finish(result, out: Path | None, label: str) -> None:

@@ -8,14 +8,14 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from negalign_cli import defaults
 from negalign_cli.cli import options as o
 from negalign_cli.cli.console import guarded, stdout
 from negalign_cli.compute.scores import ScoreConfig
 from negalign_cli.errors import NegalignError
-from negalign_cli.models import load_model
 from negalign_cli.stages.evaluation import NEGALIGN, EvaluateRequest, evaluate, parse_lambdas, parse_ood
 from negalign_cli.stages.inputs import load_classes, load_negatives
-from negalign_cli.stages.scoring import open_image_set, resolve_folder, score_images
+from negalign_cli.stages.scoring import check_request, open_image_set, resolve_folder, score_images
 from negalign_cli.stages.vocab import negatives_from_lists, negatives_from_split
 from negalign_cli.stages.workspace import Workspace
 
@@ -59,7 +59,7 @@ def score(
             "--cam-dir", help="A `cam` --out folder (default: look in --images-dir).", show_default=False
         ),
     ] = None,
-    model: o.Model = "negalign-tiny-test",
+    model: o.Model = defaults.DEFAULT_MODEL,
     pretrained: o.Pretrained = None,
     groups: Annotated[int, typer.Option("--groups", min=1, help="NegLabel groups G.")] = 100,
     group_seed: Annotated[int, typer.Option("--group-seed", help="Seed of the group permutation.")] = 0,
@@ -79,6 +79,14 @@ def score(
     mcm_temperature: Annotated[
         float, typer.Option("--mcm-temperature", help="MCM softmax temperature.")
     ] = 1.0,
+    invalid_cam: Annotated[
+        str,
+        typer.Option(
+            "--invalid-cam",
+            help="P_align where the CAM is invalid: fallback (pool the whole image as background), "
+            "zero (P_align = 0, which rewards the row) or exclude (S_final undefined; evaluate drops it).",
+        ),
+    ] = defaults.DEFAULT_INVALID_CAM,
     out: o.Out = None,
     cache_dir: o.CacheDir = None,
     device: o.Device = "auto",
@@ -108,16 +116,15 @@ def score(
         neg_topk=neg_topk,
         role_aware=role_aware or include_ambiguous,
         include_ambiguous=include_ambiguous,
+        invalid_cam=invalid_cam,
     )
-    if len(vocab.words) < groups:
-        raise NegalignError(f"{len(vocab.words)} negatives cannot fill --groups {groups}")
     workspace = Workspace.open(rt.cache_dir)
     image_set = open_image_set(
         resolve_folder(images_dir, workspace), resolve_folder(cam_dir, workspace) if cam_dir else None
     )
+    check_request(vocab, config, has_cam=image_set.has_cam)  # before any weight is loaded
     class_list = load_classes(classes, report)
-    loaded = load_model(model, pretrained, rt.device, rt.precision)
-    report.info(f"model {loaded.describe()}; {len(vocab.words)} negatives from {vocab.origin}")
+    loaded = o.load(model, pretrained, rt, report, f"; {len(vocab.words)} negatives from {vocab.origin}")
     result = score_images(
         loaded,
         image_set,
@@ -131,7 +138,12 @@ def score(
     )
     counts = result.artifact.manifest["counts"]
     hit = " (cache hit)" if result.hit else ""
-    stdout().print(f"score {result.artifact.key[:12]}{hit}: {counts['images']} images scored")
+    invalid = (
+        f", CAM invalid for {counts['cam_invalid']} (--invalid-cam {invalid_cam})"
+        if counts.get("cam_invalid")
+        else ""
+    )
+    stdout().print(f"score {result.artifact.key[:12]}{hit}: {counts['images']} images scored{invalid}")
     o.finish(result, out, "score")
 
 
@@ -151,7 +163,14 @@ def evaluate_command(
             show_default=False,
         ),
     ] = None,
-    compare: Annotated[bool, typer.Option("--compare", help="Every method column side by side.")] = False,
+    compare: Annotated[
+        bool,
+        typer.Option(
+            "--compare",
+            help="The method table: MCM, NegLabel, NegRefine, NegLabel* and NegAlign side by side "
+            "(default: only the chosen score: --score, else NegAlign, else NegLabel*).",
+        ),
+    ] = False,
     metrics: Annotated[
         str, typer.Option("--metrics", help="neglabel (ID positive) or openood (OOD positive).")
     ] = ("neglabel"),
@@ -178,12 +197,11 @@ def evaluate_command(
     verbose: o.Verbose = 0,
     quiet: o.Quiet = False,
 ) -> None:
-    """Metrics (AUROC, FPR@95, AUPR-In, AUPR-Out) of ID against each OOD set, a λ sweep for
-    NegAlign (S* + λ·P_align, from stored components), the method table, results.json,
-    metrics.csv, roc.png and score_hist.png."""
+    """Metrics (AUROC, FPR@95, AUPR-In, AUPR-Out) of ID against each OOD set for the chosen score
+    (--score; else NegAlign = S* + λ·P_align with a λ sweep from the stored components; else
+    NegLabel*), or the method table with --compare. Writes results.json, metrics.csv, roc.png and
+    score_hist.png."""
     report = o.reporter(verbose, quiet)
-    if not (score_column or lambdas or compare):
-        compare = True
     request = EvaluateRequest(
         id_path=id_file.expanduser(),
         oods=parse_ood(ood),

@@ -105,7 +105,6 @@ def demo(
     table; writes results.json, metrics.csv, plots and overlays under --out."""
     from negalign_cli.cli.cam_cmd import write_overlays
     from negalign_cli.cli.score_cmd import render_results
-    from negalign_cli.models import load_model
     from negalign_cli.stages.demo import DemoSettings, run_demo
     from negalign_cli.stages.toy import ToySpec
     from negalign_cli.stages.workspace import Workspace
@@ -113,8 +112,7 @@ def demo(
     started = time.perf_counter()
     rt = o.runtime(cache_dir or (out / "cache"), device, precision, batch_size)
     report = o.reporter(verbose, quiet)
-    loaded = load_model(model, pretrained, rt.device, rt.precision)
-    report.info(f"model {loaded.describe()}")
+    loaded = o.load(model, pretrained, rt, report)
     workspace = Workspace.open(rt.cache_dir)
     settings = DemoSettings()
     result = run_demo(
@@ -180,7 +178,6 @@ def sanity(
     import pandas as pd
 
     from negalign_cli.compute.scores import ScoreConfig
-    from negalign_cli.models import load_model
     from negalign_cli.stages.datasets import list_images
     from negalign_cli.stages.demo import TOY_CAM, TOY_TAU
     from negalign_cli.stages.images import cam_images, digest_images
@@ -192,7 +189,7 @@ def sanity(
 
     rt = o.runtime(cache_dir, device, "fp32", 1)
     report = o.reporter(verbose, quiet)
-    loaded = load_model(model, pretrained, rt.device, rt.precision)
+    loaded = o.load(model, pretrained, rt, report)
     workspace = Workspace.open(rt.cache_dir)
     scratch = Path(tempfile.mkdtemp(prefix="negalign-sanity-"))
     if image is None or classes is None or negatives is None:
@@ -259,12 +256,11 @@ def report(
     background-pooling modes. Writes report.json."""
     import json
 
-    from negalign_cli.models import load_model
     from negalign_cli.stages.toy_report import toy_report
     from negalign_cli.stages.workspace import Workspace
 
     rt = o.runtime(cache_dir, device, "fp32", 1)
-    loaded = load_model(model, pretrained, rt.device, rt.precision)
+    loaded = o.load(model, pretrained, rt, o.reporter(0, False))
     result = toy_report(loaded, Workspace.open(rt.cache_dir), n=images, seed=seed, tau=tau)
     zs, split = result["zero_shot"], result["split"]
     stdout().print(

@@ -8,10 +8,10 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from negalign_cli import defaults
 from negalign_cli.cli import options as o
 from negalign_cli.cli.console import guarded, stdout
 from negalign_cli.compute.vocab import ROLES
-from negalign_cli.models import load_model
 from negalign_cli.stages.inputs import load_classes, load_negatives, load_templates
 from negalign_cli.stages.lexicon import DEFAULT_EXCLUDE, load_lexicon
 from negalign_cli.stages.vocab import (
@@ -36,7 +36,7 @@ def mine(
     classes: Annotated[
         str, typer.Option("--classes", "-c", help="Class preset or a file, one class a line.")
     ],
-    model: o.Model = "negalign-tiny-test",
+    model: o.Model = defaults.DEFAULT_MODEL,
     pretrained: o.Pretrained = None,
     lexicon: Annotated[
         Path | None,
@@ -69,9 +69,12 @@ def mine(
     report = o.reporter(verbose, quiet)
     class_list = load_classes(classes, report)
     words = load_lexicon(lexicon)
-    loaded = load_model(model, pretrained, rt.device, rt.precision)
-    report.info(
-        f"model {loaded.describe()}; lexicon {words.source} ({len(words)} words in {len(words.files)} files)"
+    loaded = o.load(
+        model,
+        pretrained,
+        rt,
+        report,
+        f"; lexicon {words.source} ({len(words)} words in {len(words.files)} files)",
     )
     excluded = tuple(x.strip().removesuffix(".txt") for x in exclude.split(",") if x.strip())
     result = mine_negatives(
@@ -109,7 +112,7 @@ def split(
             "--adjs", help="Adjective-phrase negatives: a file or negrefine-imagenet-adj.", show_default=False
         ),
     ] = None,
-    model: o.Model = "negalign-tiny-test",
+    model: o.Model = defaults.DEFAULT_MODEL,
     pretrained: o.Pretrained = None,
     tau: Annotated[
         float, typer.Option("--tau", help="obj if r ≥ tau, bg if r ≤ −tau, else ambiguous.")
@@ -154,8 +157,7 @@ def split(
         raise typer.BadParameter("give --nouns, --adjs or both", param_hint="--nouns/--adjs")
     object_set = load_templates(obj_templates) if obj_templates else None
     background_set = load_templates(bg_templates) if bg_templates else None
-    loaded = load_model(model, pretrained, rt.device, rt.precision)
-    report.info(f"model {loaded.describe()}")
+    loaded = o.load(model, pretrained, rt, report)
     workspace = Workspace.open(rt.cache_dir)
     scores = split_scores(
         loaded,

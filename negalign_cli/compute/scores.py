@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from negalign_cli.defaults import DEFAULT_INVALID_CAM
+
 LOGIT_SCALE = 100.0
 MEMORY_BUDGET_FLOATS = 1 << 25  # ~128 MiB of float32 per chunk of logits
 MULTIMATCH_CHUNK = 16384  # images whose distinct "p and n" pairs are encoded together
@@ -25,8 +27,8 @@ def chunk_rows(n_columns: int, budget: int = MEMORY_BUDGET_FLOATS) -> int:
 
 # ----------------------------------------------------------------------------- MCM
 def mcm(cosines: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """MCM: max_k softmax(x·P / T)_k on raw cosines (T = 1, MCM's default)."""
-    return torch.softmax(cosines / temperature, dim=-1).max(dim=-1).values
+    """MCM: max_k softmax(x·P / T)_k on raw cosines (T = 1, MCM's default), in float64."""
+    return torch.softmax(cosines.double() / temperature, dim=-1).max(dim=-1).values
 
 
 # ----------------------------------------------------------------------------- NegLabel
@@ -45,21 +47,29 @@ def group_order(n_negatives: int, groups: int, seed: int = 0) -> torch.Tensor:
     return torch.randperm(kept, generator=generator)
 
 
+def sigmoid_of_difference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sigmoid(a − b) in float64. With logits at 100·cos, |a − b| stays below ~250, far from
+    float64's underflow (~745), while float32 returns exactly 0 below −104 (or 1 above 17): distinct
+    images would tie, and ties change AUROC and FPR@95."""
+    return torch.sigmoid(a.double() - b.double())
+
+
 def neglabel_grouped(pos_logits: torch.Tensor, grouped_neg_logits: torch.Tensor, groups: int) -> torch.Tensor:
     """Mean over groups of Σ_{k∈pos} softmax([pos, neg_g])_k = sigmoid(LSE(pos) − LSE(neg_g)).
 
-    ``grouped_neg_logits`` holds the negatives already in group order (``group_order``)."""
+    ``grouped_neg_logits`` holds the negatives already in group order (``group_order``). The
+    log-sum-exps are taken in the logits' dtype, the sigmoid and the mean in float64."""
     n = grouped_neg_logits.shape[0]
     pos_lse = torch.logsumexp(pos_logits, dim=-1, keepdim=True)
     neg_lse = torch.logsumexp(grouped_neg_logits.reshape(n, groups, -1), dim=-1)
-    return torch.sigmoid(pos_lse - neg_lse).mean(dim=-1)
+    return sigmoid_of_difference(pos_lse, neg_lse).mean(dim=-1)
 
 
 def neglabel_topk(pos_logits: torch.Tensor, neg_logits: torch.Tensor, k: int) -> torch.Tensor:
     """NegLabel* M1: only the k largest negative logits of each image enter the softmax."""
     k = min(k, neg_logits.shape[-1])
     top = torch.topk(neg_logits, k, dim=-1).values
-    return torch.sigmoid(torch.logsumexp(pos_logits, dim=-1) - torch.logsumexp(top, dim=-1))
+    return sigmoid_of_difference(torch.logsumexp(pos_logits, dim=-1), torch.logsumexp(top, dim=-1))
 
 
 # ----------------------------------------------------------------------------- NegRefine
@@ -72,7 +82,7 @@ def multimatch(
     ``pair_features``: (n, pairs, D) features of the image's "p and n" texts;
     ``pair_negative_logits``: (n, pairs) the logit 100·x·f(n) of each pair's negative."""
     pair_logits = LOGIT_SCALE * torch.einsum("nd,npd->np", images, pair_features)
-    return torch.sigmoid(pair_logits - pair_negative_logits).max(dim=-1).values
+    return sigmoid_of_difference(pair_logits, pair_negative_logits).max(dim=-1).values
 
 
 # ----------------------------------------------------------------------------- P_align
@@ -108,6 +118,7 @@ class ScoreConfig:
     multimatch_neg: int = 5
     multimatch_weight: float = 2.0
     align_topk: int = 5
+    invalid_cam: str = DEFAULT_INVALID_CAM  # fallback | zero | exclude: P_align where the CAM is invalid
 
     @property
     def star_is_plain(self) -> bool:
@@ -120,11 +131,11 @@ Rows = torch.Tensor | np.ndarray  # numpy arrays may be memory-mapped: rows are 
 def unit_rows(array: Rows, start: int, stop: int) -> torch.Tensor:
     """Rows ``start:stop`` as L2-normalised float32 (reads only those rows of a memory map)."""
     block = array[start:stop]
-    tensor = (
-        torch.from_numpy(np.asarray(block, dtype=np.float32))
-        if isinstance(block, np.ndarray)
-        else block.float()
-    )
+    if isinstance(block, np.ndarray):
+        rows = np.asarray(block, dtype=np.float32)
+        tensor = torch.from_numpy(rows if rows.flags.writeable else rows.copy())  # a read-only memory map
+    else:
+        tensor = block.float()
     return torch.nn.functional.normalize(tensor, dim=-1)
 
 
@@ -235,8 +246,6 @@ def compute_scores(
                 background_negatives,
                 config.align_topk,
             )
-            if inputs.background_valid is not None:
-                aligned = torch.where(inputs.background_valid[start:stop], aligned, torch.zeros_like(aligned))
             out["p_align"][start:stop] = aligned.numpy()
             out["s_bg_pos"][start:stop] = pos.numpy()
             out["s_bg_neg"][start:stop] = neg.numpy()
@@ -256,8 +265,24 @@ def compute_scores(
             out["s_multimatch"][start:stop] = multimatch(
                 unit_rows(inputs.images, start, stop), features, pair_negative_logits[start:stop]
             ).numpy()
+    if with_background and inputs.background_valid is not None:
+        apply_invalid_cam_policy(out, ~inputs.background_valid.numpy(), config.invalid_cam)
     out["s_negrefine"] = out["s_neglabel_plain"] + config.multimatch_weight * out["s_multimatch"]
     return out
+
+
+def apply_invalid_cam_policy(columns: dict[str, np.ndarray], invalid: np.ndarray, policy: str) -> None:
+    """P_align of the rows whose CAM is invalid, in place. ``fallback``: keep the value computed
+    from the whole-image background; ``zero``: 0 (the published code's value, which rewards such rows
+    since valid P_align is usually negative); ``exclude``: NaN, so S_final is undefined there. Under
+    ``zero`` and ``exclude`` the rows' background similarities are undefined (NaN) as well."""
+    if policy == "fallback" or not invalid.any():
+        return
+    if policy not in ("zero", "exclude"):
+        raise ValueError(f"unknown invalid-CAM policy {policy!r}")
+    columns["p_align"][invalid] = 0.0 if policy == "zero" else np.nan
+    columns["s_bg_pos"][invalid] = np.nan
+    columns["s_bg_neg"][invalid] = np.nan
 
 
 def distinct_pairs(

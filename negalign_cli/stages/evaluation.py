@@ -113,6 +113,14 @@ class EvaluateRequest:
         }
 
 
+def _invalid_cam(frame: pd.DataFrame) -> np.ndarray:
+    """Rows whose ``cam_valid`` is False (a missing or empty column marks none)."""
+    if "cam_valid" not in frame.columns:
+        return np.zeros(len(frame), dtype=bool)
+    valid = frame["cam_valid"]
+    return (valid.notna() & ~valid.fillna(True).astype(bool)).to_numpy()
+
+
 def _usable(frame: pd.DataFrame, column: str) -> bool:
     return column in frame.columns and pd.to_numeric(frame[column], errors="coerce").notna().any()
 
@@ -159,9 +167,11 @@ def _evaluate(request: EvaluateRequest, folder: Path, reporter: Reporter) -> dic
         shown = ", ".join(f"{n}={m[:12]}" for n, m in models.items() if m)
         raise NegalignError(f"score files come from different models ({shown})")
 
-    # which columns are evaluated
-    wants_negalign = request.lambdas is not None or request.compare
+    # which columns are evaluated: --score, --lambda (NegAlign), --compare (the method table); with
+    # none of them, the method's own score: NegAlign where P_align exists, else NegLabel*
     negalign_ok = all(_usable(f, STAR) and _usable(f, ALIGN) for f in frames.values())
+    default_score = request.score_column is None and request.lambdas is None and not request.compare
+    wants_negalign = request.lambdas is not None or request.compare or (default_score and negalign_ok)
     if request.lambdas is not None and not negalign_ok:
         raise NegalignError(
             f"--lambda needs the {STAR} and {ALIGN} columns in every file "
@@ -180,15 +190,36 @@ def _evaluate(request: EvaluateRequest, folder: Path, reporter: Reporter) -> dic
         reporter.info(
             f"{NEGALIGN}: needs {STAR} and {ALIGN} in every file (run `cam` before `score`), left out"
         )
+    if default_score and not negalign_ok and all(_usable(f, STAR) for f in frames.values()):
+        columns["NegLabel*"] = STAR
     if not columns and not (wants_negalign and negalign_ok):
         raise NegalignError(
-            "nothing to evaluate: give --score COLUMN, --lambda, or --compare with score files"
+            "nothing to evaluate: these files have no negalign score columns; give --score COLUMN"
         )
     needed = sorted(set(columns.values()) | ({STAR, ALIGN} if wants_negalign and negalign_ok else set()))
     for name, frame in frames.items():
         absent = [c for c in needed if c not in frame.columns]
         if absent:
             raise NegalignError(f"{name} score file lacks column(s) {', '.join(absent)}")
+
+    # rows whose CAM was invalid: counted; under `score --invalid-cam exclude` their P_align is
+    # undefined, and NegAlign cannot rank them, so they leave every method's evaluation (same rows)
+    cam_invalid, excluded = {}, {}
+    for name in list(frames):
+        frame = frames[name]
+        invalid = _invalid_cam(frame)
+        cam_invalid[name] = int(invalid.sum())
+        gone = (
+            invalid & pd.to_numeric(frame[ALIGN], errors="coerce").isna().to_numpy()
+            if (wants_negalign and negalign_ok)
+            else np.zeros(len(frame), dtype=bool)
+        )
+        excluded[name] = int(gone.sum())
+        if gone.any():
+            reporter.info(
+                f"{name}: {int(gone.sum())} row(s) with an invalid CAM excluded (--invalid-cam exclude)"
+            )
+            frames[name] = frame[~gone]
 
     # non-finite scores
     dropped = {}
@@ -216,7 +247,13 @@ def _evaluate(request: EvaluateRequest, folder: Path, reporter: Reporter) -> dic
         "metrics_convention": request.convention,
         "metric_definitions": DEFINITIONS,
         "config": {**request.params(), "score_files": _score_configs(request)},
-        "id": {"file": str(request.id_path), "n": len(id_frame), "dropped_nonfinite": dropped["ID"]},
+        "id": {
+            "file": str(request.id_path),
+            "n": len(id_frame),
+            "dropped_nonfinite": dropped["ID"],
+            "cam_invalid": cam_invalid["ID"],
+            "excluded_invalid_cam": excluded["ID"],
+        },
         "ood": {},
     }
     calibration = None
@@ -253,6 +290,8 @@ def _evaluate(request: EvaluateRequest, folder: Path, reporter: Reporter) -> dic
             "file": str(dict(request.oods)[name]),
             "n": len(frame),
             "dropped_nonfinite": dropped[name],
+            "cam_invalid": cam_invalid[name],
+            "excluded_invalid_cam": excluded[name],
             "statistics": {
                 "id": statistics(_stat_columns(id_frame)),
                 "ood": statistics(_stat_columns(frame)),

@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 
 from negalign_cli.compute.vision import CamConfig, cam_batch, encode_images, vision_tower
+from negalign_cli.defaults import DEFAULT_STORE_DTYPE, STORE_DTYPES
 from negalign_cli.errors import NegalignError
 from negalign_cli.hashing import sha256_json
 from negalign_cli.models import LoadedModel
@@ -37,11 +38,10 @@ from negalign_cli.stages.store import StageResult, StageSpec
 from negalign_cli.stages.text import text_embeddings
 from negalign_cli.stages.workspace import Workspace
 
-EMBED_IMAGES_STAGE, EMBED_IMAGES_VERSION = "embed-images", 1
-CAM_STAGE, CAM_VERSION = "cam", 1
+EMBED_IMAGES_STAGE, EMBED_IMAGES_VERSION = "embed-images", 2  # 2: counts duplicate paths
+CAM_STAGE, CAM_VERSION = "cam", 2  # 2: exact foreground percentile, whole-image fallback background
 IMAGE_ITEMS_VERSION = 1
-CAM_ITEMS_VERSION = 1
-STORE_DTYPES = ("float16", "float32")
+CAM_ITEMS_VERSION = 2
 
 
 @dataclass
@@ -67,7 +67,8 @@ class Listing:
         return first
 
 
-def digest_images(images: ImageList, reporter: Reporter, workers: int = 8) -> Listing:
+def digest_images(images: ImageList, reporter: Reporter | None = None, workers: int = 8) -> Listing:
+    reporter = reporter or NullReporter()
     with reporter.progress(f"hashing {len(images)} images", len(images)) as advance:
         results = digest_all(images.paths, workers)
         advance(len(results))
@@ -165,6 +166,13 @@ def _check_strict(table: pd.DataFrame, strict: bool, reporter: Reporter) -> None
     reporter.warn(f"{message}; images.parquet records each reason")
 
 
+def _strict_on_hit(result: StageResult, strict: bool, reporter: Reporter) -> StageResult:
+    """``--strict`` holds on a cache hit too: the stored list of skipped images is checked again."""
+    if result.hit and strict and result.artifact.manifest.get("counts", {}).get("skipped"):
+        _check_strict(pd.read_parquet(result.artifact.file("images.parquet")), strict, reporter)
+    return result
+
+
 def _row_order(listing: Listing, ok: set[str]) -> dict[str, int]:
     """Embedding row of each distinct, successfully processed digest, in list order."""
     rows: dict[str, int] = {}
@@ -178,11 +186,16 @@ def _row_order(listing: Listing, ok: set[str]) -> dict[str, int]:
 class Filled:
     """The per-image rows of one image list, after filling the cache where needed."""
 
-    values: np.ndarray  # one row per embedded image, in output order
+    values: np.ndarray  # one row per distinct embedded content, in output order
     digests: list[str]  # the digest of each of those rows
-    table: pd.DataFrame  # images.parquet
+    table: pd.DataFrame  # images.parquet: every listed path, with the row of its content
     computed: int
     cached: int
+
+    @property
+    def duplicates(self) -> int:
+        """Listed paths whose bytes equal an earlier path's (they share its row)."""
+        return int((self.table["status"] == "ok").sum()) - len(self.values)
 
 
 def _fill(
@@ -230,7 +243,7 @@ def _fill(
 
 def _check_store_dtype(store_dtype: str) -> None:
     if store_dtype not in STORE_DTYPES:
-        raise NegalignError(f"--store-dtype must be float16 or float32, got {store_dtype!r}")
+        raise NegalignError(f"--store-dtype must be {' or '.join(STORE_DTYPES)}, got {store_dtype!r}")
 
 
 # ----------------------------------------------------------------------------- embed images
@@ -239,7 +252,7 @@ def embed_images(
     listing: Listing,
     workspace: Workspace,
     *,
-    store_dtype: str = "float16",
+    store_dtype: str = DEFAULT_STORE_DTYPE,
     batch_size: int = 256,
     workers: int | None = None,
     strict: bool = False,
@@ -282,6 +295,7 @@ def embed_images(
             "counts": {
                 "images": len(listing.images),
                 "embedded": len(filled.values),
+                "duplicates": filled.duplicates,
                 "skipped": int((filled.table["status"] != "ok").sum()),
                 "encoded": filled.computed,
                 "cached": filled.cached,
@@ -290,7 +304,7 @@ def embed_images(
             "images_source": listing.images.source,
         }
 
-    return workspace.store.run(spec, compute, reporter)
+    return _strict_on_hit(workspace.store.run(spec, compute, reporter), strict, reporter)
 
 
 # ----------------------------------------------------------------------------- cam
@@ -316,7 +330,7 @@ def cam_images(
     workspace: Workspace,
     config: CamConfig,
     *,
-    store_dtype: str = "float16",
+    store_dtype: str = DEFAULT_STORE_DTYPE,
     batch_size: int = 128,
     workers: int | None = None,
     strict: bool = False,
@@ -396,6 +410,7 @@ def cam_images(
             "counts": {
                 "images": len(listing.images),
                 "processed": len(packed),
+                "duplicates": filled.duplicates,
                 "skipped": int((table["status"] != "ok").sum()),
                 "computed": filled.computed,
                 "cam_valid": int((meta[:, 2] > 0.5).sum()),
@@ -404,4 +419,4 @@ def cam_images(
             "images_source": listing.images.source,
         }
 
-    return workspace.store.run(spec, compute, reporter)
+    return _strict_on_hit(workspace.store.run(spec, compute, reporter), strict, reporter)

@@ -25,6 +25,7 @@ import torch
 
 from negalign_cli.compute.scores import ScoreConfig, ScoreInputs, compute_scores
 from negalign_cli.compute.vocab import ROLE_AMBIGUOUS, ROLE_BACKGROUND, ROLE_OBJECT
+from negalign_cli.defaults import INVALID_CAM_POLICIES
 from negalign_cli.errors import NegalignError
 from negalign_cli.hashing import sha256_file
 from negalign_cli.models import LoadedModel
@@ -35,7 +36,7 @@ from negalign_cli.stages.text import text_embeddings
 from negalign_cli.stages.vocab import NegativeVocab, negative_features
 from negalign_cli.stages.workspace import Workspace
 
-SCORE_STAGE, SCORE_VERSION = "score", 1
+SCORE_STAGE, SCORE_VERSION = "score", 2  # 2: float64 aggregation, duplicate paths, --invalid-cam
 METADATA_KEY = b"negalign"
 EMBEDDINGS, IMAGES = "image_embeddings.npy", "images.parquet"
 BACKGROUND, CAM = "background_embeddings.npy", "cam.parquet"
@@ -104,17 +105,18 @@ def open_image_set(images_dir: str | Path, cam_dir: str | Path | None = None) ->
 def _load_images(
     image_set: ImageSet,
 ) -> tuple[pd.DataFrame, np.ndarray, np.ndarray | None, pd.DataFrame | None]:
+    """The listed paths that were embedded (in list order, each with the ``row`` of its content:
+    byte-identical files share a row), the embeddings, and the CAM outputs when present."""
     embeddings = np.load(image_set.folder / EMBEDDINGS, mmap_mode="r")
     table = pd.read_parquet(image_set.folder / IMAGES)
     if "row" not in table.columns:
         raise NegalignError(f"{image_set.folder / IMAGES} has no 'row' column")
-    table = table[table["row"] >= 0].sort_values("row")
-    if len(table) != embeddings.shape[0] or not np.array_equal(
-        table["row"].to_numpy(), np.arange(len(table))
-    ):
+    table = table[table["row"] >= 0]
+    rows = np.unique(table["row"].to_numpy())
+    if not np.array_equal(rows, np.arange(embeddings.shape[0])):
         raise NegalignError(
-            f"{image_set.folder}: {IMAGES} lists {len(table)} embedded images but {EMBEDDINGS} has "
-            f"{embeddings.shape[0]} rows"
+            f"{image_set.folder}: {IMAGES} refers to {len(rows)} distinct embedding rows but {EMBEDDINGS} "
+            f"has {embeddings.shape[0]}; the two files come from different runs"
         )
     background = cam = None
     if image_set.cam_folder is not None:
@@ -125,6 +127,34 @@ def _load_images(
                 f"{image_set.cam_folder}: CAM outputs do not match the {embeddings.shape[0]} images"
             )
     return table.reset_index(drop=True), embeddings, background, cam
+
+
+def check_request(negatives: NegativeVocab, config: ScoreConfig, *, has_cam: bool = False) -> None:
+    """The checks that need no model: run them before loading weights or encoding any text."""
+    if config.groups > len(negatives.words):
+        raise NegalignError(f"{len(negatives.words)} negatives cannot fill --groups {config.groups}")
+    if config.invalid_cam not in INVALID_CAM_POLICIES:
+        raise NegalignError(
+            f"unknown --invalid-cam {config.invalid_cam!r}: use {', '.join(INVALID_CAM_POLICIES)}"
+        )
+    if has_cam and negatives.roles is not None and len(negatives.indices(ROLE_BACKGROUND)) == 0:
+        raise NegalignError("the split has no background-leaning negatives (N_bg): P_align is undefined")
+    if not config.role_aware:
+        return
+    if negatives.roles is None:
+        raise NegalignError("--role-aware needs --negatives-split DIR (a split-vocab output)")
+    roles = star_roles(config)
+    kept = len(negatives.indices(*roles))
+    if kept < (config.groups if config.neg_topk is None else 1):
+        raise NegalignError(
+            f"--role-aware keeps {kept} negative(s) ({'/'.join(roles)}), too few for {config.groups} "
+            "groups: lower --groups, add --neg-topk K, or include ambiguous words"
+        )
+
+
+def star_roles(config: ScoreConfig) -> tuple[str, ...]:
+    """The roles whose words are the negatives of S* under M2."""
+    return (ROLE_OBJECT, ROLE_AMBIGUOUS) if config.include_ambiguous else (ROLE_OBJECT,)
 
 
 def score_images(
@@ -146,8 +176,7 @@ def score_images(
             f"the images were embedded with model {image_set.model_fingerprint[:16]}, not with "
             f"{model.describe()}: pass the same --model/--pretrained"
         )
-    if config.role_aware and negatives.roles is None:
-        raise NegalignError("--role-aware needs --negatives-split DIR (a split-vocab output)")
+    check_request(negatives, config, has_cam=image_set.has_cam)
     if not image_set.has_cam:
         reporter.info("no CAM outputs beside the embeddings: the background columns stay empty")
     params = {**asdict(config), "multimatch": multimatch, "precision": model.precision}
@@ -166,13 +195,7 @@ def score_images(
             model, classes.words, noun_templates, workspace, batch_size=batch_size, reporter=reporter
         ).vectors
         features = negative_features(model, negatives, workspace, batch_size=batch_size, reporter=reporter)
-        star_roles = (ROLE_OBJECT, ROLE_AMBIGUOUS) if config.include_ambiguous else (ROLE_OBJECT,)
-        star = torch.from_numpy(negatives.indices(*star_roles)) if config.role_aware else None
-        if star is not None and star.numel() < (config.groups if config.neg_topk is None else 1):
-            raise NegalignError(
-                f"--role-aware keeps {star.numel()} negative(s) ({'/'.join(star_roles)}), too few for "
-                f"{config.groups} groups: lower --groups, add --neg-topk K, or include ambiguous words"
-            )
+        star = torch.from_numpy(negatives.indices(*star_roles(config))) if config.role_aware else None
         background_indices = None
         if background is not None:
             if negatives.roles is None:
@@ -182,10 +205,6 @@ def score_images(
                 background = None
             else:
                 background_indices = torch.from_numpy(negatives.indices(ROLE_BACKGROUND))
-                if background_indices.numel() == 0:
-                    raise NegalignError(
-                        "the split has no background-leaning negatives (N_bg): P_align is undefined"
-                    )
         inputs_ = ScoreInputs(
             images=embeddings,
             classes=torch.from_numpy(class_features),
@@ -207,29 +226,39 @@ def score_images(
             ).vectors
             return torch.from_numpy(vectors)
 
-        with reporter.progress(f"scoring {len(table)} images", len(table)) as advance:
+        label = f"scoring {len(embeddings)} distinct images" + (
+            f" ({len(table)} paths)" if len(table) != len(embeddings) else ""
+        )
+        with reporter.progress(label, len(embeddings)) as advance:
             columns = compute_scores(inputs_, config, encode_pairs if multimatch else None, on_chunk=advance)
+        rows = table["row"].to_numpy()  # scores are per distinct content; copies share them
         frame = pd.DataFrame(
             {
-                "row": table["row"].to_numpy(),
+                "row": rows,
                 "path": table["path"].astype(str).to_numpy(),
                 "label": table["label"].to_numpy() if "label" in table else None,
-                "pred_class": columns["pred_class"],
-                "pred_name": np.array(classes.words, dtype=object)[columns["pred_class"]],
-                **{k: v for k, v in columns.items() if k != "pred_class"},
-                "cam_valid": cam["cam_valid"].to_numpy(dtype=bool) if cam is not None else None,
+                "pred_class": columns["pred_class"][rows],
+                "pred_name": np.array(classes.words, dtype=object)[columns["pred_class"][rows]],
+                **{k: v[rows] for k, v in columns.items() if k != "pred_class"},
+                "cam_valid": cam["cam_valid"].to_numpy(dtype=bool)[rows] if cam is not None else None,
             }
         )
         if background is None:
             frame[["s_bg_pos", "s_bg_neg", "p_align"]] = None
             frame["cam_valid"] = None
         write_scores(frame, folder / "scores.parquet", {"model": model.fingerprint, "config": params})
-        counts = {"images": len(frame), "negatives": len(negatives.words), "classes": len(classes)}
+        counts = {
+            "images": len(frame),
+            "distinct": len(embeddings),
+            "negatives": len(negatives.words),
+            "classes": len(classes),
+        }
         if config.role_aware:
             counts["star_negatives"] = int(star.numel())
         if background_indices is not None:
             counts["background_negatives"] = int(background_indices.numel())
             counts["cam_valid"] = int(frame["cam_valid"].sum())
+            counts["cam_invalid"] = int((~frame["cam_valid"].astype(bool)).sum())
         return {"counts": counts, "model": model.describe(), "images_dir": str(image_set.folder)}
 
     return workspace.store.run(spec, compute, reporter)

@@ -1,0 +1,18 @@
+"""Defaults that the CLI shows and the stages use, in one light module (no torch import).
+
+Each default is the published setting or the safe choice; the docs say why.
+"""
+
+from __future__ import annotations
+
+# The field's standard model: OpenAI's ViT-B/16, what MCM, NegLabel, CSP and NegRefine report first.
+DEFAULT_MODEL = "ViT-B-16"
+DEFAULT_PRETRAINED = "openai"
+
+# Per-image vectors and the .npy outputs: float32. float16 is an opt-in (docs/maths.md gives its error).
+STORE_DTYPES = ("float32", "float16")
+DEFAULT_STORE_DTYPE = "float32"
+
+# What P_align does where the CAM is invalid (all zero, non-finite, or no background left).
+INVALID_CAM_POLICIES = ("fallback", "zero", "exclude")
+DEFAULT_INVALID_CAM = "fallback"
