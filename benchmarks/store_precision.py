@@ -20,17 +20,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from negalign_cli.cache.workspace import Workspace
 from negalign_cli.compute.metrics import ood_metrics
 from negalign_cli.compute.scores import ScoreConfig
+from negalign_cli.inputs.datasets import list_images
+from negalign_cli.inputs.words import load_classes, load_negatives
 from negalign_cli.models import load_model
-from negalign_cli.stages.datasets import list_images
-from negalign_cli.stages.demo import TOY_CAM, TOY_TAU
 from negalign_cli.stages.images import cam_images, digest_images
-from negalign_cli.stages.inputs import load_classes, load_negatives
 from negalign_cli.stages.scoring import open_image_set, score_images
-from negalign_cli.stages.toy import ToySpec, generate_toy
 from negalign_cli.stages.vocab import VocabEntry, negatives_from_split, split_scores, split_vocab
-from negalign_cli.stages.workspace import Workspace
+from negalign_cli.toy.demo import TOY_CAM, TOY_TAU
+from negalign_cli.toy.generate import ToySpec, generate_toy
 
 COLUMNS = ("s_mcm", "s_neglabel_plain", "s_neglabel_star", "s_multimatch", "s_negrefine", "p_align")
 

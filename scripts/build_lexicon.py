@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from negalign_cli.stages.lexicon import NEGLABEL_FILES, bundled_lexicon_dir, read_wordnet
+from negalign_cli.inputs.lexicon import NEGLABEL_FILES, bundled_lexicon_dir, read_wordnet
 
 
 def main() -> None:

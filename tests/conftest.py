@@ -17,7 +17,7 @@ def tiny_model():
 
 @pytest.fixture()
 def workspace(tmp_path):
-    from negalign_cli.stages.workspace import Workspace
+    from negalign_cli.cache.workspace import Workspace
 
     ws = Workspace.open(tmp_path / "cache")
     yield ws

@@ -93,7 +93,7 @@ def test_cache_ls_info_gc(tmp_path):
     assert filled.exit_code == 0
     assert "embed-texts" in filled.output and "1 artifact(s)" in filled.output
     assert "2 vector(s) in 1 namespace(s)" in filled.output
-    from negalign_cli.stages.store import ArtifactStore
+    from negalign_cli.cache.store import ArtifactStore
 
     key = ArtifactStore(cache).records()[0]["key"]
     info = run("cache", "info", key[:8], "--cache-dir", cache)

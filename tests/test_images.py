@@ -10,10 +10,10 @@ import negalign_cli.stages.images as images_module
 from negalign_cli.cli.app import app
 from negalign_cli.compute.vision import CamConfig, cam_batch, encode_images
 from negalign_cli.errors import NegalignError
+from negalign_cli.inputs.datasets import list_images, load_rgb
+from negalign_cli.inputs.words import WordList
 from negalign_cli.reporting import RecordingReporter
-from negalign_cli.stages.datasets import list_images, load_rgb
 from negalign_cli.stages.images import cam_images, digest_images, embed_images
-from negalign_cli.stages.inputs import WordList
 from tests.helpers.images import make_awkward_images, make_image_folder, rgb
 
 TINY = ["--model", "negalign-tiny-test"]  # the CLI default is ViT-B-16 + openai weights
@@ -157,7 +157,7 @@ def test_cam_stage(tiny_model, workspace, tmp_path):
     assert list(meta.columns) == ["pred_class", "pred_name", "pred_score", "cam_valid", "fg_fraction"]
     transform = tiny_model.image_transform()
     batch = torch.stack([transform(load_rgb(p)) for p in listing.images.paths])
-    from negalign_cli.stages.inputs import load_templates
+    from negalign_cli.inputs.words import load_templates
     from negalign_cli.stages.text import text_embeddings
 
     features = torch.from_numpy(

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from negalign_cli.stages.items import ItemStore
+from negalign_cli.cache.items import ItemStore
 
 
 def test_round_trip_and_missing_rows(tmp_path):

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from negalign_cli.cli.app import app
 from negalign_cli.compute.scores import ScoreConfig
 from negalign_cli.errors import NegalignError
-from negalign_cli.stages.inputs import WordList, load_templates
+from negalign_cli.inputs.words import WordList, load_templates
 from negalign_cli.stages.scoring import open_image_set, read_score_metadata, score_images
 from negalign_cli.stages.text import text_embeddings
 from negalign_cli.stages.vocab import (
@@ -208,7 +208,7 @@ def test_score_cli(tmp_path, split_dir):
 
 
 def test_score_cli_takes_an_artifact_key(tmp_path):
-    from negalign_cli.stages.store import ArtifactStore
+    from negalign_cli.cache.store import ArtifactStore
     from tests.helpers.images import make_image_folder
 
     folder = make_image_folder(tmp_path / "imgs", per_class=2)

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from negalign_cli.cache.workspace import parse_age
 from negalign_cli.errors import NegalignError
 from negalign_cli.settings import Runtime, resolve_cache_dir, resolve_device, resolve_precision
-from negalign_cli.stages.workspace import parse_age
 
 
 def test_cache_dir_order(monkeypatch, tmp_path):

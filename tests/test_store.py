@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from negalign_cli.cache.store import ArtifactStore, StageSpec
 from negalign_cli.hashing import canonical_json
 from negalign_cli.reporting import RecordingReporter
-from negalign_cli.stages.store import ArtifactStore, StageSpec
 
 WORKER = Path(__file__).parent / "helpers" / "store_worker.py"
 BASE = StageSpec("demo", 1, {"n": 3, "names": ["a", "b"], "tau": 0.05}, {"input": "abc"})
@@ -34,7 +34,7 @@ def test_key_is_canonical_and_stable_across_processes():
     same = StageSpec("demo", 1, {"tau": 0.05, "names": ("a", "b"), "n": 3}, {"input": "abc"})
     assert same.key == BASE.key
     code = (
-        "from negalign_cli.stages.store import StageSpec;"
+        "from negalign_cli.cache.store import StageSpec;"
         "print(StageSpec('demo', 1, {'n': 3, 'names': ['a', 'b'], 'tau': 0.05}, {'input': 'abc'}).key)"
     )
     other_process = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

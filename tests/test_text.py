@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from negalign_cli.assets import template_sets
 from negalign_cli.compute.text import count_truncated, encode_texts, format_prompts
 from negalign_cli.errors import NegalignError
+from negalign_cli.inputs.words import load_classes, load_negatives, load_templates, read_word_file
 from negalign_cli.reporting import RecordingReporter
-from negalign_cli.stages.inputs import load_classes, load_negatives, load_templates, read_word_file
 from negalign_cli.stages.text import embed_texts, text_embeddings
 
 WORDS = ["waterbird", "landbird", "a rather long phrase with several words", "café", "x"]

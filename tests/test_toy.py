@@ -5,7 +5,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from negalign_cli.compute.toy import (
+from negalign_cli.errors import NegalignError
+from negalign_cli.toy.generate import ToySpec, generate_toy
+from negalign_cli.toy.world import (
     BACKGROUNDS,
     SHAPES,
     caption,
@@ -15,8 +17,6 @@ from negalign_cli.compute.toy import (
     shape_mask,
     texture,
 )
-from negalign_cli.errors import NegalignError
-from negalign_cli.stages.toy import ToySpec, generate_toy
 
 
 def test_world_has_enough_names():

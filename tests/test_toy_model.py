@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 
 from negalign_cli.models import load_model
-from negalign_cli.stages.toy import DISTRACTORS
-from negalign_cli.stages.toy_report import background_pooling, localisation, vocabulary_split, zero_shot
+from negalign_cli.toy.generate import DISTRACTORS
+from negalign_cli.toy.report import background_pooling, localisation, vocabulary_split, zero_shot
 
 N = 120
 
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    from negalign_cli.stages.workspace import Workspace
+    from negalign_cli.cache.workspace import Workspace
 
     return load_model("negalign-toy"), Workspace.open(tmp_path_factory.mktemp("toy-cache"))
 

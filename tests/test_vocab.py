@@ -18,9 +18,9 @@ from negalign_cli.compute.vocab import (
     least_similar,
     role_scores,
 )
+from negalign_cli.inputs.lexicon import NEGLABEL_FILES, Lexicon, load_lexicon, read_wordnet
+from negalign_cli.inputs.words import WordList, load_negatives, load_templates
 from negalign_cli.reporting import RecordingReporter
-from negalign_cli.stages.inputs import WordList, load_negatives, load_templates
-from negalign_cli.stages.lexicon import NEGLABEL_FILES, Lexicon, load_lexicon, read_wordnet
 from negalign_cli.stages.vocab import VocabEntry, mine_negatives, split_scores, split_vocab, summarise_split
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -8,10 +8,10 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from negalign_cli.cache.workspace import Workspace, parse_age
 from negalign_cli.cli.console import guarded, stdout
 from negalign_cli.cli.options import CacheDir
 from negalign_cli.settings import resolve_cache_dir
-from negalign_cli.stages.workspace import Workspace, parse_age
 
 app = typer.Typer(help="Show and prune the cache (artifacts and per-item vectors).", no_args_is_help=True)
 

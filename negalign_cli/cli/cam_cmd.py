@@ -8,11 +8,11 @@ from typing import Annotated
 import typer
 
 from negalign_cli import defaults
+from negalign_cli.cache.workspace import Workspace
 from negalign_cli.cli import options as o
 from negalign_cli.cli.console import guarded, stdout
 from negalign_cli.compute.vision import BG_POOLS, CAM_METHODS, CamConfig
-from negalign_cli.stages.inputs import load_classes
-from negalign_cli.stages.workspace import Workspace
+from negalign_cli.inputs.words import load_classes
 
 EXAMPLE = (
     "Example: negalign cam --images data/waterbird/metadata.csv --split test --classes waterbird "
@@ -62,7 +62,7 @@ def cam(
     (dilated), background embedding pooled from the rest. One forward per batch also gives the
     image embedding. Writes background_embeddings.npy, cams.npy, cam.parquet, and
     image_embeddings.npy + images.parquet, so the folder is a complete `score` input."""
-    from negalign_cli.stages.datasets import list_images
+    from negalign_cli.inputs.datasets import list_images
     from negalign_cli.stages.images import cam_images, digest_images
 
     rt = o.runtime(cache_dir, device, precision, batch_size)

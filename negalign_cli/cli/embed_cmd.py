@@ -7,11 +7,11 @@ from typing import Annotated
 import typer
 
 from negalign_cli import defaults
+from negalign_cli.cache.workspace import Workspace
 from negalign_cli.cli import options as o
 from negalign_cli.cli.console import guarded, stdout
-from negalign_cli.stages.inputs import load_classes, load_negatives, load_templates
+from negalign_cli.inputs.words import load_classes, load_negatives, load_templates
 from negalign_cli.stages.text import embed_texts
-from negalign_cli.stages.workspace import Workspace
 
 app = typer.Typer(
     help="Encode texts and images once; every later stage reads the cache.", no_args_is_help=True
@@ -137,7 +137,7 @@ def images(
     """Encode images once (per-image cache by content digest: renamed files and reruns cost
     nothing, new files are all that is encoded). Writes image_embeddings.npy and images.parquet
     (row, path, label, digest, status, reason)."""
-    from negalign_cli.stages.datasets import list_images
+    from negalign_cli.inputs.datasets import list_images
     from negalign_cli.stages.images import digest_images, embed_images
 
     rt = o.runtime(cache_dir, device, precision, batch_size)

@@ -9,15 +9,15 @@ import typer
 from rich.table import Table
 
 from negalign_cli import defaults
+from negalign_cli.cache.workspace import Workspace
 from negalign_cli.cli import options as o
 from negalign_cli.cli.console import guarded, stdout
 from negalign_cli.compute.scores import ScoreConfig
 from negalign_cli.errors import NegalignError
+from negalign_cli.inputs.words import load_classes, load_negatives
 from negalign_cli.stages.evaluation import NEGALIGN, EvaluateRequest, evaluate, parse_lambdas, parse_ood
-from negalign_cli.stages.inputs import load_classes, load_negatives
 from negalign_cli.stages.scoring import check_request, open_image_set, resolve_folder, score_images
 from negalign_cli.stages.vocab import negatives_from_lists, negatives_from_split
-from negalign_cli.stages.workspace import Workspace
 
 SCORE_EXAMPLE = (
     "Example: negalign score --images-dir emb/id --classes waterbird --negatives-split split "

@@ -36,7 +36,7 @@ def generate(
 ) -> None:
     """Write the toy benchmark: shapes on textures with exact masks; a Waterbirds-like ID split,
     background-only (spurious) and other-object (non-spurious) OOD splits, classes.txt and vocab.txt."""
-    from negalign_cli.stages.toy import ToySpec, generate_toy
+    from negalign_cli.toy.generate import ToySpec, generate_toy
 
     counts = generate_toy(
         out,
@@ -67,8 +67,8 @@ def train(
     contrastive loss. About 1 s a step on 2 CPU cores; a GPU is much faster. Writes negalign-toy.pt
     (fp16), training_log.jsonl and training.json."""
     from negalign_cli.models import PROJECT_MODELS, bundled_checkpoint
-    from negalign_cli.training import TrainConfig
-    from negalign_cli.training import train as run
+    from negalign_cli.toy.training import TrainConfig
+    from negalign_cli.toy.training import train as run
 
     if init is not None and not init.is_file():
         raise NegalignError(f"--init checkpoint not found: {init}")
@@ -103,11 +103,11 @@ def demo(
     """Run the whole pipeline on the toy benchmark with the bundled toy CLIP: generate, split-vocab,
     cam (which also embeds), score, evaluate --compare --lambda sweep, CAM overlays. Prints the method
     table; writes results.json, metrics.csv, plots and overlays under --out."""
+    from negalign_cli.cache.workspace import Workspace
     from negalign_cli.cli.cam_cmd import write_overlays
     from negalign_cli.cli.score_cmd import render_results
-    from negalign_cli.stages.demo import DemoSettings, run_demo
-    from negalign_cli.stages.toy import ToySpec
-    from negalign_cli.stages.workspace import Workspace
+    from negalign_cli.toy.demo import DemoSettings, run_demo
+    from negalign_cli.toy.generate import ToySpec
 
     started = time.perf_counter()
     rt = o.runtime(cache_dir or (out / "cache"), device, precision, batch_size)
@@ -177,15 +177,15 @@ def sanity(
 
     import pandas as pd
 
+    from negalign_cli.cache.workspace import Workspace
     from negalign_cli.compute.scores import ScoreConfig
-    from negalign_cli.stages.datasets import list_images
-    from negalign_cli.stages.demo import TOY_CAM, TOY_TAU
+    from negalign_cli.inputs.datasets import list_images
+    from negalign_cli.inputs.words import load_classes, load_negatives
     from negalign_cli.stages.images import cam_images, digest_images
-    from negalign_cli.stages.inputs import load_classes, load_negatives
     from negalign_cli.stages.scoring import open_image_set, score_images
-    from negalign_cli.stages.toy import ToySpec, generate_toy
     from negalign_cli.stages.vocab import VocabEntry, negatives_from_split, split_scores, split_vocab
-    from negalign_cli.stages.workspace import Workspace
+    from negalign_cli.toy.demo import TOY_CAM, TOY_TAU
+    from negalign_cli.toy.generate import ToySpec, generate_toy
 
     rt = o.runtime(cache_dir, device, "fp32", 1)
     report = o.reporter(verbose, quiet)
@@ -256,8 +256,8 @@ def report(
     background-pooling modes. Writes report.json."""
     import json
 
-    from negalign_cli.stages.toy_report import toy_report
-    from negalign_cli.stages.workspace import Workspace
+    from negalign_cli.cache.workspace import Workspace
+    from negalign_cli.toy.report import toy_report
 
     rt = o.runtime(cache_dir, device, "fp32", 1)
     loaded = o.load(model, pretrained, rt, o.reporter(0, False))

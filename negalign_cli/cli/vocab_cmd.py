@@ -9,11 +9,12 @@ import typer
 from rich.table import Table
 
 from negalign_cli import defaults
+from negalign_cli.cache.workspace import Workspace
 from negalign_cli.cli import options as o
 from negalign_cli.cli.console import guarded, stdout
 from negalign_cli.compute.vocab import ROLES
-from negalign_cli.stages.inputs import load_classes, load_negatives, load_templates
-from negalign_cli.stages.lexicon import DEFAULT_EXCLUDE, load_lexicon
+from negalign_cli.inputs.lexicon import DEFAULT_EXCLUDE, load_lexicon
+from negalign_cli.inputs.words import load_classes, load_negatives, load_templates
 from negalign_cli.stages.vocab import (
     DEFAULT_TAU,
     VocabEntry,
@@ -22,7 +23,6 @@ from negalign_cli.stages.vocab import (
     split_vocab,
     summarise_split,
 )
-from negalign_cli.stages.workspace import Workspace
 
 MINE_EXAMPLE = "Example: negalign mine-negatives --classes waterbird --model negalign-tiny-test --out d"
 SPLIT_EXAMPLE = (

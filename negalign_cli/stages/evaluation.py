@@ -11,6 +11,8 @@ import numpy as np
 import pandas as pd
 
 from negalign_cli import __version__
+from negalign_cli.cache.store import StageResult, StageSpec
+from negalign_cli.cache.workspace import Workspace
 from negalign_cli.compute.evaluation import (
     ALIGN,
     DEFAULT_LAMBDAS,
@@ -27,8 +29,6 @@ from negalign_cli.errors import NegalignError
 from negalign_cli.hashing import sha256_file
 from negalign_cli.reporting import NullReporter, Reporter
 from negalign_cli.stages.scoring import read_score_metadata
-from negalign_cli.stages.store import StageResult, StageSpec
-from negalign_cli.stages.workspace import Workspace
 
 EVALUATE_STAGE, EVALUATE_VERSION = "evaluate", 1
 METHODS = {"MCM": "s_mcm", "NegLabel": "s_neglabel_plain", "NegRefine": "s_negrefine", "NegLabel*": STAR}

@@ -15,13 +15,14 @@ import numpy as np
 import pandas as pd
 import torch
 
+from negalign_cli.cache.items import Namespace
+from negalign_cli.cache.store import StageResult, StageSpec
+from negalign_cli.cache.workspace import Workspace
 from negalign_cli.compute.vision import CamConfig, cam_batch, encode_images, vision_tower
 from negalign_cli.defaults import DEFAULT_STORE_DTYPE, STORE_DTYPES
 from negalign_cli.errors import NegalignError
 from negalign_cli.hashing import sha256_json
-from negalign_cli.models import LoadedModel
-from negalign_cli.reporting import NullReporter, Reporter
-from negalign_cli.stages.datasets import (
+from negalign_cli.inputs.datasets import (
     ImageDataset,
     ImageList,
     RawDataset,
@@ -32,11 +33,10 @@ from negalign_cli.stages.datasets import (
     digest_all,
     resolve_decoder,
 )
-from negalign_cli.stages.inputs import WordList, load_templates
-from negalign_cli.stages.items import Namespace
-from negalign_cli.stages.store import StageResult, StageSpec
+from negalign_cli.inputs.words import WordList, load_templates
+from negalign_cli.models import LoadedModel
+from negalign_cli.reporting import NullReporter, Reporter
 from negalign_cli.stages.text import text_embeddings
-from negalign_cli.stages.workspace import Workspace
 
 EMBED_IMAGES_STAGE, EMBED_IMAGES_VERSION = "embed-images", 2  # 2: counts duplicate paths
 CAM_STAGE, CAM_VERSION = "cam", 2  # 2: exact foreground percentile, whole-image fallback background

@@ -73,7 +73,7 @@ def cam_overlays(
     it, and the foreground outline on it."""
     from PIL import Image
 
-    from negalign_cli.stages.datasets import load_rgb
+    from negalign_cli.inputs.datasets import load_rgb
 
     plt = _pyplot()
     folder.mkdir(parents=True, exist_ok=True)

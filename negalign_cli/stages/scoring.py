@@ -23,18 +23,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from negalign_cli.cache.store import StageResult, StageSpec
+from negalign_cli.cache.workspace import Workspace
 from negalign_cli.compute.scores import ScoreConfig, ScoreInputs, compute_scores
 from negalign_cli.compute.vocab import ROLE_AMBIGUOUS, ROLE_BACKGROUND, ROLE_OBJECT
 from negalign_cli.defaults import INVALID_CAM_POLICIES
 from negalign_cli.errors import NegalignError
 from negalign_cli.hashing import sha256_file
+from negalign_cli.inputs.words import WordList, load_templates
 from negalign_cli.models import LoadedModel
 from negalign_cli.reporting import NullReporter, Reporter
-from negalign_cli.stages.inputs import WordList, load_templates
-from negalign_cli.stages.store import StageResult, StageSpec
 from negalign_cli.stages.text import text_embeddings
 from negalign_cli.stages.vocab import NegativeVocab, negative_features
-from negalign_cli.stages.workspace import Workspace
 
 SCORE_STAGE, SCORE_VERSION = "score", 2  # 2: float64 aggregation, duplicate paths, --invalid-cam
 METADATA_KEY = b"negalign"

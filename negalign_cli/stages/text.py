@@ -7,12 +7,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from negalign_cli.cache.store import StageResult, StageSpec
+from negalign_cli.cache.workspace import Workspace
 from negalign_cli.compute.text import count_truncated, encode_texts, format_prompts
+from negalign_cli.inputs.words import TemplateSet, WordList
 from negalign_cli.models import LoadedModel
 from negalign_cli.reporting import NullReporter, Reporter
-from negalign_cli.stages.inputs import TemplateSet, WordList
-from negalign_cli.stages.store import StageResult, StageSpec
-from negalign_cli.stages.workspace import Workspace
 
 TEXT_ITEMS_VERSION = 2  # 2: raw prompt embeddings averaged (NegLabel recipe)
 EMBED_TEXTS_STAGE = "embed-texts"

@@ -10,6 +10,8 @@ import pandas as pd
 import torch
 
 from negalign_cli.assets import csp_suffixes
+from negalign_cli.cache.store import Artifact, StageResult, StageSpec
+from negalign_cli.cache.workspace import Workspace
 from negalign_cli.compute.text import count_truncated, format_prompts
 from negalign_cli.compute.vocab import (
     ROLE_AMBIGUOUS,
@@ -23,13 +25,11 @@ from negalign_cli.compute.vocab import (
     role_scores,
 )
 from negalign_cli.errors import NegalignError
+from negalign_cli.inputs.lexicon import DEFAULT_EXCLUDE, Lexicon
+from negalign_cli.inputs.words import TemplateSet, WordList, load_templates
 from negalign_cli.models import LoadedModel
 from negalign_cli.reporting import NullReporter, Reporter
-from negalign_cli.stages.inputs import TemplateSet, WordList, load_templates
-from negalign_cli.stages.lexicon import DEFAULT_EXCLUDE, Lexicon
-from negalign_cli.stages.store import Artifact, StageResult, StageSpec
 from negalign_cli.stages.text import text_embeddings
-from negalign_cli.stages.workspace import Workspace
 
 MINE_STAGE, MINE_VERSION = "mine-negatives", 1
 SCORES_STAGE, SCORES_VERSION = "split-scores", 1

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from negalign_cli.stages.store import ArtifactStore, StageSpec
+from negalign_cli.cache.store import ArtifactStore, StageSpec
 
 SPEC = StageSpec("demo", 1, {"n": 3, "names": ["a", "b"], "tau": 0.05}, {"input": "abc"})
 

@@ -24,9 +24,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from negalign_cli.compute.toy import BACKGROUNDS, SHAPES, caption, render, scene_rng
 from negalign_cli.errors import NegalignError
 from negalign_cli.reporting import NullReporter, Reporter
+from negalign_cli.toy.world import BACKGROUNDS, SHAPES, caption, render, scene_rng
 
 DISTRACTORS = (
     "teapot",

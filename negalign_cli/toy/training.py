@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from negalign_cli.compute.toy import BACKGROUNDS, SHAPES, caption, render
+from negalign_cli.toy.world import BACKGROUNDS, SHAPES, caption, render
 
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)

@@ -6,9 +6,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from negalign_cli.cache.items import ItemStore
+from negalign_cli.cache.store import ArtifactStore, GcReport
 from negalign_cli.errors import NegalignError
-from negalign_cli.stages.items import ItemStore
-from negalign_cli.stages.store import ArtifactStore, GcReport
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 

@@ -11,19 +11,19 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from negalign_cli.cache.store import StageResult
+from negalign_cli.cache.workspace import Workspace
 from negalign_cli.compute.scores import ScoreConfig
 from negalign_cli.compute.vision import CamConfig
+from negalign_cli.inputs.datasets import list_images
+from negalign_cli.inputs.words import load_classes, load_negatives
 from negalign_cli.models import LoadedModel
 from negalign_cli.reporting import NullReporter, Reporter
-from negalign_cli.stages.datasets import list_images
 from negalign_cli.stages.evaluation import EvaluateRequest, evaluate
 from negalign_cli.stages.images import cam_images, digest_images
-from negalign_cli.stages.inputs import load_classes, load_negatives
 from negalign_cli.stages.scoring import open_image_set, score_images
-from negalign_cli.stages.store import StageResult
-from negalign_cli.stages.toy import ToySpec, generate_toy
 from negalign_cli.stages.vocab import VocabEntry, negatives_from_split, split_scores, split_vocab
-from negalign_cli.stages.workspace import Workspace
+from negalign_cli.toy.generate import ToySpec, generate_toy
 
 OOD_SETS = ("ood_spurious", "ood_nonspurious")
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from negalign_cli.compute.toy import BACKGROUNDS, SHAPES, SIZE, patch_mask, render, scene_rng
+from negalign_cli.cache.workspace import Workspace
 from negalign_cli.compute.vision import (
     BG_POOLS,
     CAM_METHODS,
@@ -29,11 +29,11 @@ from negalign_cli.compute.vision import (
     encode_images,
     vision_tower,
 )
+from negalign_cli.inputs.words import WordList, load_templates
 from negalign_cli.models import LoadedModel
-from negalign_cli.stages.inputs import WordList, load_templates
 from negalign_cli.stages.text import text_embeddings
 from negalign_cli.stages.vocab import VocabEntry, split_scores
-from negalign_cli.stages.workspace import Workspace
+from negalign_cli.toy.world import BACKGROUNDS, SHAPES, SIZE, patch_mask, render, scene_rng
 
 TOP_SHARE = 0.2
 
@@ -175,7 +175,7 @@ def background_pooling(model: LoadedModel, workspace: Workspace, n: int, seed: i
 def toy_report(
     model: LoadedModel, workspace: Workspace, n: int = 300, seed: int = 7, tau: float = 0.05
 ) -> dict:
-    from negalign_cli.stages.toy import DISTRACTORS
+    from negalign_cli.toy.generate import DISTRACTORS
 
     blocks = [-k for k in range(1, len(vision_tower(model.model).blocks) + 1)]
     return {
