@@ -5,6 +5,15 @@ Each default is the published setting or the safe choice; the docs say why.
 
 from __future__ import annotations
 
+# Where things live, and how the environment overrides a flag's default.
+CACHE_ENV = "NEGALIGN_CACHE"
+DEVICE_ENV = "NEGALIGN_DEVICE"
+DEBUG_ENV = "NEGALIGN_DEBUG"
+DEFAULT_CACHE_DIR = ".negalign-cache"
+
+# Model precisions (fp16 needs CUDA).
+PRECISIONS = ("fp32", "fp16", "bf16")
+
 # The field's standard model: OpenAI's ViT-B/16, what MCM, NegLabel, CSP and NegRefine report first.
 DEFAULT_MODEL = "ViT-B-16"
 DEFAULT_PRETRAINED = "openai"
@@ -16,3 +25,13 @@ DEFAULT_STORE_DTYPE = "float32"
 # What P_align does where the CAM is invalid (all zero, non-finite, or no background left).
 INVALID_CAM_POLICIES = ("fallback", "zero", "exclude")
 DEFAULT_INVALID_CAM = "fallback"
+
+# Grad-CAM and background pooling (docs/maths.md).
+CAM_METHODS = ("gradcam", "gradxact")
+BG_POOLS = ("tokens", "maskclip", "clearclip", "mask")
+
+# NegAlign's λ grid (the method's published sweep).
+DEFAULT_LAMBDAS = (0.0, 0.5, 1.0, 2.0, 5.0, 10.0)
+
+# Metric conventions (docs/maths.md, "Metrics").
+METRIC_CONVENTIONS = ("neglabel", "openood")

@@ -227,14 +227,13 @@ def load_model(
 
     Raises :class:`NegalignError` with a one-line explanation for anything the user can fix.
     """
-    from negalign_cli.settings import PRECISIONS
+    from negalign_cli.settings import check_precision, torch_dtype
 
     open_clip = _open_clip()
     device = torch.device(device)
     if name == DEFAULT_MODEL and not pretrained:
         pretrained = DEFAULT_PRETRAINED
-    if precision not in PRECISIONS:
-        raise NegalignError(f"unknown precision {precision!r}: use fp32, fp16 or bf16")
+    precision = check_precision(precision)
     project = PROJECT_MODELS.get(name)
     is_local_dir = name.startswith("local-dir:")
     if not is_local_dir and project is None and name not in open_clip.list_models():
@@ -322,7 +321,7 @@ def load_model(
     fingerprint = model_fingerprint(model, config, preprocess_cfg)
     model.to(device)
     if precision != "fp32":
-        open_clip.model.convert_weights_to_lp(model, dtype=PRECISIONS[precision])
+        open_clip.model.convert_weights_to_lp(model, dtype=torch_dtype(precision))
     tokenizer = open_clip.get_tokenizer(name)
     return LoadedModel(
         name=name,

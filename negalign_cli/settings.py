@@ -1,4 +1,7 @@
-"""Resolution of the options every command shares: cache folder, device, precision."""
+"""Resolution of the options every command shares: cache folder, device, precision.
+
+torch is imported only where a device or dtype is resolved, so that the CLI starts without it.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +9,22 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
+from negalign_cli.defaults import CACHE_ENV, DEFAULT_CACHE_DIR, DEVICE_ENV, PRECISIONS
 from negalign_cli.errors import NegalignError
 
-CACHE_ENV = "NEGALIGN_CACHE"
-DEVICE_ENV = "NEGALIGN_DEVICE"
-DEFAULT_CACHE_DIR = ".negalign-cache"
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["CACHE_ENV", "DEVICE_ENV", "Runtime", "resolve_cache_dir", "resolve_device", "resolve_precision"]
+
+
+def torch_dtype(precision: str) -> torch.dtype:
+    """The torch dtype of a precision name (``fp32``, ``fp16``, ``bf16``)."""
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
 def resolve_cache_dir(cache_dir: str | Path | None = None) -> Path:
@@ -28,6 +38,8 @@ def resolve_cache_dir(cache_dir: str | Path | None = None) -> Path:
 
 def resolve_device(device: str | None = None) -> torch.device:
     """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:i``."""
+    import torch
+
     name = (device or os.environ.get(DEVICE_ENV) or "auto").strip().lower()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -48,12 +60,18 @@ def resolve_device(device: str | None = None) -> torch.device:
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     """fp32 everywhere; fp16 only on CUDA (CPU kernels for it are slow or missing); bf16 anywhere."""
-    key = precision.strip().lower()
-    if key not in PRECISIONS:
-        raise NegalignError(f"unknown precision {precision!r}: use fp32, fp16 or bf16")
+    key = check_precision(precision)
     if key == "fp16" and device.type != "cuda":
         raise NegalignError("--precision fp16 needs a CUDA device; on the CPU use fp32 or bf16")
-    return PRECISIONS[key]
+    return torch_dtype(key)
+
+
+def check_precision(precision: str) -> str:
+    """The normalised precision name, or a one-line error naming the valid ones."""
+    key = precision.strip().lower()
+    if key not in PRECISIONS:
+        raise NegalignError(f"unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
+    return key
 
 
 @dataclass(frozen=True)
@@ -67,7 +85,7 @@ class Runtime:
 
     @property
     def dtype(self) -> torch.dtype:
-        return PRECISIONS[self.precision]
+        return torch_dtype(self.precision)
 
     @classmethod
     def create(

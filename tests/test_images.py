@@ -148,6 +148,7 @@ def test_cam_stage(tiny_model, workspace, tmp_path):
         "background_embeddings.npy",
         "cam.parquet",
         "cams.npy",
+        "foreground.npy",
         "image_embeddings.npy",
         "images.parquet",
     ]
@@ -170,6 +171,7 @@ def test_cam_stage(tiny_model, workspace, tmp_path):
     )
     assert meta["cam_valid"].tolist() == direct.valid.tolist()
     np.testing.assert_array_equal(meta["pred_class"], direct.pred_class.numpy())
+    np.testing.assert_array_equal(np.load(art.file("foreground.npy")), direct.foreground.numpy())
     # the CAM forward filled the embedding cache: embed images encodes nothing
     embedded = embed_images(tiny_model, listing, workspace, workers=0, store_dtype="float32")
     assert embedded.artifact.manifest["counts"]["encoded"] == 0

@@ -372,3 +372,22 @@ def test_cam_validity_on_a_14x14_grid_follows_the_rule(method):
         cams = got.cams.flatten(1)
         expected_valid = (cams.amax(dim=1) > 0).numpy() & ~expected.reshape(24, -1).all(axis=1)
         np.testing.assert_array_equal(got.valid.numpy(), expected_valid)
+
+
+def test_packed_cam_rows_round_trip(setup):
+    """The per-image cache stores one float32 row per image; unpacking gives the batch back."""
+    from negalign_cli.compute.vision import cam_row_width, pack_cam_rows, unpack_cam_rows
+
+    model, images, classes = setup
+    got = cam_batch(model, images, classes, CamConfig())
+    rows = pack_cam_rows(got)
+    assert rows.shape == (6, cam_row_width(64, 16)) and rows.dtype == np.float32
+    back = unpack_cam_rows(rows, 64, (4, 4))
+    np.testing.assert_array_equal(back.background, got.background.numpy())
+    np.testing.assert_array_equal(back.cams, got.cams.numpy())
+    np.testing.assert_array_equal(back.foreground, got.foreground.numpy())
+    np.testing.assert_array_equal(back.pred_class, got.pred_class.numpy())
+    np.testing.assert_array_equal(back.valid, got.valid.numpy())
+    np.testing.assert_allclose(back.fg_fraction, got.foreground.flatten(1).float().mean(1).numpy())
+    with pytest.raises(ValueError, match="columns"):
+        unpack_cam_rows(rows[:, :-1], 64, (4, 4))

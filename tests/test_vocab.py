@@ -48,7 +48,7 @@ def test_r_score_equals_per_word_brute_force(tiny_model, workspace):
     nouns = WordList("test", ("ocean", "teapot", "brick wall", "sky"))
     adjs = WordList("test", ("rusty thing", "sky"))
     scores = split_scores(tiny_model, [VocabEntry(nouns, "noun"), VocabEntry(adjs, "adj")], workspace)
-    frame = pd.read_parquet(scores.artifact.file("scores.parquet"))
+    frame = pd.read_parquet(scores.artifact.file("r_scores.parquet"))
     assert frame["word"].tolist() == ["ocean", "teapot", "brick wall", "sky", "rusty thing", "sky"]
     assert frame["source"].tolist() == ["noun"] * 4 + ["adj"] * 2
     obj_t, bg_t = load_templates("object").templates, load_templates("background").templates

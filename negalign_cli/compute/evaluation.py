@@ -7,9 +7,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from negalign_cli.compute.metrics import CONVENTIONS, ood_metrics
-from negalign_cli.compute.scores import zscore
+from negalign_cli.compute.scores import SCORE_COLUMNS, zscore
 
-DEFAULT_LAMBDAS = (0.0, 0.5, 1.0, 2.0, 5.0, 10.0)  # the method document's grid
 STAR, ALIGN = "s_neglabel_star", "p_align"
 
 
@@ -67,7 +66,7 @@ def best_lambda(
 def statistics(frame_columns: Mapping[str, np.ndarray]) -> dict[str, float]:
     """Means (and spread) of the components, and the CAM-valid rate, as the method document reports."""
     out: dict[str, float] = {}
-    for name in ("s_mcm", "s_neglabel_plain", "s_neglabel_star", "s_multimatch", "s_negrefine", "p_align"):
+    for name in SCORE_COLUMNS:
         values = frame_columns.get(name)
         if values is None:
             continue

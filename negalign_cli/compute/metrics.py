@@ -19,7 +19,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from sklearn import metrics as skm
 
-CONVENTIONS = ("neglabel", "openood")
+from negalign_cli.defaults import METRIC_CONVENTIONS
+
+CONVENTIONS = METRIC_CONVENTIONS
 RECALL_LEVEL = 0.95
 
 DEFINITIONS = {

@@ -156,17 +156,58 @@ def pair_text(positive: str, negative: str) -> str:
     return f"{positive} and {negative}"
 
 
-SCORE_COLUMNS = (
-    "pred_class",
-    "s_mcm",
-    "s_neglabel_plain",
-    "s_neglabel_star",
-    "s_multimatch",
-    "s_negrefine",
-    "s_bg_pos",
-    "s_bg_neg",
-    "p_align",
+# ----------------------------------------------------------------------------- the registry
+@dataclass(frozen=True)
+class ScoreColumn:
+    """One column of ``scores.parquet``. Every table, plot and statistic derives from this list."""
+
+    name: str  # the column
+    label: str  # how tables and plots call it (a method's name when ``method``)
+    description: str
+    needs_cam: bool = False  # empty without `cam` outputs (background embeddings)
+    needs_pairs: bool = False  # needs NegRefine's "p and n" texts (multi-matching)
+    method: bool = False  # a row of `evaluate --compare`'s table
+    reference: str = ""  # where the score was published
+
+
+SCORES: tuple[ScoreColumn, ...] = (
+    ScoreColumn("s_mcm", "MCM", "max_k softmax(x·P/T)_k", method=True, reference="Ming et al., NeurIPS 2022"),
+    ScoreColumn(
+        "s_neglabel_plain",
+        "NegLabel",
+        "mean over groups of the ID share of softmax([pos, neg_g])",
+        method=True,
+        reference="Jiang et al., ICLR 2024",
+    ),
+    ScoreColumn("s_multimatch", "multi-matching", "NegRefine's best 'p and n' pair", needs_pairs=True),
+    ScoreColumn(
+        "s_negrefine",
+        "NegRefine",
+        "S_NegLabel + 2·s_multimatch",
+        needs_pairs=True,
+        method=True,
+        reference="Ansari et al., ICCV 2025",
+    ),
+    ScoreColumn("s_neglabel_star", "NegLabel*", "NegLabel with M1 (top-k) and M2 (role-aware)", method=True),
+    ScoreColumn("s_bg_pos", "s_bg_pos", "b·P_ĉ", needs_cam=True),
+    ScoreColumn("s_bg_neg", "s_bg_neg", "mean of the 5 largest b·N_bg", needs_cam=True),
+    ScoreColumn("p_align", "P_align", "s_bg_pos − s_bg_neg", needs_cam=True),
 )
+SCORE_COLUMNS = tuple(column.name for column in SCORES)
+
+
+def method_columns() -> dict[str, str]:
+    """Method label → column, in table order (NegAlign, S* + λ·P_align, is added by `evaluate`)."""
+    return {column.label: column.name for column in SCORES if column.method}
+
+
+def cam_columns() -> tuple[str, ...]:
+    """The columns that stay empty when there are no CAM outputs."""
+    return tuple(column.name for column in SCORES if column.needs_cam)
+
+
+def score_column(name: str) -> ScoreColumn | None:
+    return next((column for column in SCORES if column.name == name), None)
 
 
 def compute_scores(
@@ -210,7 +251,7 @@ def compute_scores(
     k_pos = min(config.multimatch_pos, classes.shape[0])
     k_neg = min(config.multimatch_neg, n_neg)
 
-    out = {name: np.full(n_images, np.nan) for name in SCORE_COLUMNS if name != "pred_class"}
+    out: dict[str, np.ndarray] = {name: np.full(n_images, np.nan) for name in SCORE_COLUMNS}
     out["pred_class"] = np.empty(n_images, dtype=np.int64)
     top_pos = np.empty((n_images, k_pos), dtype=np.int64)
     top_neg = np.empty((n_images, k_neg), dtype=np.int64)

@@ -13,14 +13,13 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from negalign_cli.compute.quantile import percentile as exact_percentile
+from negalign_cli.defaults import BG_POOLS, CAM_METHODS
 from negalign_cli.errors import NegalignError
-
-CAM_METHODS = ("gradcam", "gradxact")
-BG_POOLS = ("tokens", "maskclip", "clearclip", "mask")
 
 
 @dataclass(frozen=True)
@@ -93,6 +92,68 @@ class CamBatch:
     foreground: torch.Tensor  # (B, h, w) bool, after dilation
     valid: torch.Tensor  # (B,) bool
     background: torch.Tensor  # (B, D) float32, normalised; the whole image pooled where invalid
+
+
+CAM_META = ("pred_class", "pred_score", "cam_valid", "fg_fraction")
+
+
+def cam_row_width(embed_dim: int, cells: int) -> int:
+    """Length of one packed CAM row: background | CAM | foreground | the four CAM_META values."""
+    return embed_dim + 2 * cells + len(CAM_META)
+
+
+def pack_cam_rows(batch: CamBatch) -> np.ndarray:
+    """One float32 row per image (the per-image cache's layout; :func:`unpack_cam_rows` reads it)."""
+    meta = torch.stack(
+        [
+            batch.pred_class.float(),
+            batch.pred_score.float(),
+            batch.valid.float(),
+            batch.foreground.flatten(1).float().mean(1),
+        ],
+        dim=1,
+    )
+    parts = [
+        batch.background.float(),
+        batch.cams.flatten(1).float(),
+        batch.foreground.flatten(1).float(),
+        meta,
+    ]
+    return torch.cat([part.cpu() for part in parts], dim=1).numpy()
+
+
+@dataclass
+class CamRows:
+    """Packed CAM rows, unpacked (numpy): what the ``cam`` stage writes out."""
+
+    background: np.ndarray  # (N, D) float32
+    cams: np.ndarray  # (N, h, w) float32
+    foreground: np.ndarray  # (N, h, w) bool, after dilation
+    pred_class: np.ndarray  # (N,) int64
+    pred_score: np.ndarray  # (N,) float32
+    valid: np.ndarray  # (N,) bool
+    fg_fraction: np.ndarray  # (N,) float32
+
+
+def unpack_cam_rows(rows: np.ndarray, embed_dim: int, grid: tuple[int, int]) -> CamRows:
+    """The inverse of :func:`pack_cam_rows` for rows of ``cam_row_width(embed_dim, h·w)`` values."""
+    h, w = grid
+    cells = h * w
+    if rows.ndim != 2 or rows.shape[1] != cam_row_width(embed_dim, cells):
+        raise ValueError(
+            f"packed CAM rows must have {cam_row_width(embed_dim, cells)} columns, got {rows.shape}"
+        )
+    d = embed_dim
+    meta = rows[:, d + 2 * cells :]
+    return CamRows(
+        background=rows[:, :d].astype(np.float32, copy=False),
+        cams=rows[:, d : d + cells].reshape(-1, h, w).astype(np.float32, copy=False),
+        foreground=rows[:, d + cells : d + 2 * cells].reshape(-1, h, w) > 0.5,
+        pred_class=meta[:, 0].astype(np.int64),
+        pred_score=meta[:, 1].astype(np.float32),
+        valid=meta[:, 2] > 0.5,
+        fg_fraction=meta[:, 3].astype(np.float32),
+    )
 
 
 class _Capture:

@@ -15,7 +15,6 @@ from negalign_cli.cache.store import StageResult, StageSpec
 from negalign_cli.cache.workspace import Workspace
 from negalign_cli.compute.evaluation import (
     ALIGN,
-    DEFAULT_LAMBDAS,
     STAR,
     all_metrics,
     best_lambda,
@@ -25,13 +24,16 @@ from negalign_cli.compute.evaluation import (
     statistics,
 )
 from negalign_cli.compute.metrics import CONVENTIONS, DEFINITIONS
+from negalign_cli.compute.scores import SCORE_COLUMNS, method_columns
+from negalign_cli.defaults import DEFAULT_LAMBDAS
 from negalign_cli.errors import NegalignError
 from negalign_cli.hashing import sha256_file
 from negalign_cli.reporting import NullReporter, Reporter
+from negalign_cli.stages import files
 from negalign_cli.stages.scoring import read_score_metadata
 
 EVALUATE_STAGE, EVALUATE_VERSION = "evaluate", 1
-METHODS = {"MCM": "s_mcm", "NegLabel": "s_neglabel_plain", "NegRefine": "s_negrefine", "NegLabel*": STAR}
+METHODS = method_columns()
 NEGALIGN = "NegAlign"
 
 
@@ -325,17 +327,17 @@ def _evaluate(request: EvaluateRequest, folder: Path, reporter: Reporter) -> dic
     for name, frame in ood_frames.items():
         results["statistics"][f"ood:{name}"] = statistics(_stat_columns(frame))
 
-    (folder / "results.json").write_text(json.dumps(results, indent=2, sort_keys=False), encoding="utf-8")
+    (folder / files.RESULTS).write_text(json.dumps(results, indent=2, sort_keys=False), encoding="utf-8")
     mean_rows = [
         _row("mean", m, b.get("lambda"), b["metrics"], request.convention)
         for m, b in results["mean"]["methods"].items()
     ]
-    pd.DataFrame(rows + mean_rows).to_csv(folder / "metrics.csv", index=False, float_format="%.4f")
+    pd.DataFrame(rows + mean_rows).to_csv(folder / files.METRICS, index=False, float_format="%.4f")
     from negalign_cli.stages.plots import plot_histograms, plot_roc
 
     main_method = NEGALIGN if sweeps else next(iter(columns))
     plot_roc(
-        folder / "roc.png",
+        folder / files.ROC_PLOT,
         _scores_for(main_method, id_frame, chosen, calibration, columns, column),
         {
             n: _scores_for(main_method, f, chosen, calibration, columns, column, n)
@@ -345,10 +347,10 @@ def _evaluate(request: EvaluateRequest, folder: Path, reporter: Reporter) -> dic
     )
     components = [
         c
-        for c in ("s_neglabel_plain", STAR, ALIGN, "s_negrefine", "s_mcm", request.score_column)
+        for c in (*METHODS.values(), ALIGN, request.score_column)
         if c and all(_usable(f, c) for f in frames.values())
     ]
-    plot_histograms(folder / "score_hist.png", id_frame, ood_frames, list(dict.fromkeys(components)))
+    plot_histograms(folder / files.HISTOGRAM_PLOT, id_frame, ood_frames, list(dict.fromkeys(components)))
     return {"counts": {"id": len(id_frame), **{f"ood:{n}": len(f) for n, f in ood_frames.items()}}}
 
 
@@ -361,7 +363,7 @@ def _scores_for(method, frame, chosen, calibration, columns, column, name=None):
 
 def _stat_columns(frame: pd.DataFrame) -> dict[str, np.ndarray]:
     out = {}
-    for name in ("s_mcm", "s_neglabel_plain", STAR, "s_multimatch", "s_negrefine", ALIGN):
+    for name in SCORE_COLUMNS:
         if name in frame.columns:
             out[name] = pd.to_numeric(frame[name], errors="coerce").to_numpy(dtype=np.float64)
     if "cam_valid" in frame.columns and frame["cam_valid"].notna().any():

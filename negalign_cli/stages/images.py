@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -18,7 +19,16 @@ import torch
 from negalign_cli.cache.items import Namespace
 from negalign_cli.cache.store import StageResult, StageSpec
 from negalign_cli.cache.workspace import Workspace
-from negalign_cli.compute.vision import CamConfig, cam_batch, encode_images, vision_tower
+from negalign_cli.compute.vision import (
+    CamConfig,
+    CamRows,
+    cam_batch,
+    cam_row_width,
+    encode_images,
+    pack_cam_rows,
+    unpack_cam_rows,
+    vision_tower,
+)
 from negalign_cli.defaults import DEFAULT_STORE_DTYPE, STORE_DTYPES
 from negalign_cli.errors import NegalignError
 from negalign_cli.hashing import sha256_json
@@ -36,6 +46,7 @@ from negalign_cli.inputs.datasets import (
 from negalign_cli.inputs.words import WordList, load_templates
 from negalign_cli.models import LoadedModel
 from negalign_cli.reporting import NullReporter, Reporter
+from negalign_cli.stages import files
 from negalign_cli.stages.text import text_embeddings
 
 EMBED_IMAGES_STAGE, EMBED_IMAGES_VERSION = "embed-images", 2  # 2: counts duplicate paths
@@ -169,7 +180,7 @@ def _check_strict(table: pd.DataFrame, strict: bool, reporter: Reporter) -> None
 def _strict_on_hit(result: StageResult, strict: bool, reporter: Reporter) -> StageResult:
     """``--strict`` holds on a cache hit too: the stored list of skipped images is checked again."""
     if result.hit and strict and result.artifact.manifest.get("counts", {}).get("skipped"):
-        _check_strict(pd.read_parquet(result.artifact.file("images.parquet")), strict, reporter)
+        _check_strict(pd.read_parquet(result.artifact.file(files.IMAGE_TABLE)), strict, reporter)
     return result
 
 
@@ -289,8 +300,8 @@ def embed_images(
             reporter=reporter,
             what="encoding",
         )
-        np.save(folder / "image_embeddings.npy", filled.values.astype(store_dtype))
-        filled.table.to_parquet(folder / "images.parquet", index=False)
+        np.save(folder / files.IMAGE_EMBEDDINGS, filled.values.astype(store_dtype))
+        filled.table.to_parquet(folder / files.IMAGE_TABLE, index=False)
         return {
             "counts": {
                 "images": len(listing.images),
@@ -308,10 +319,37 @@ def embed_images(
 
 
 # ----------------------------------------------------------------------------- cam
+def _write_cam_outputs(
+    folder: Path,
+    rows: CamRows,
+    embeddings: np.ndarray,
+    table: pd.DataFrame,
+    classes: WordList,
+    store_dtype: str,
+) -> None:
+    """The files of a ``cam`` artifact; every array has one row per distinct embedded image."""
+    np.save(folder / files.IMAGE_EMBEDDINGS, embeddings.astype(store_dtype))
+    table.to_parquet(folder / files.IMAGE_TABLE, index=False)
+    np.save(folder / files.BACKGROUND_EMBEDDINGS, rows.background.astype(store_dtype))
+    np.save(folder / files.CAMS, rows.cams.astype(np.float16))  # only drawn: half precision is plenty
+    np.save(folder / files.FOREGROUND, rows.foreground)
+    pd.DataFrame(
+        {
+            "pred_class": rows.pred_class,
+            "pred_name": np.array(classes.words, dtype=object)[rows.pred_class]
+            if len(rows.pred_class)
+            else [],
+            "pred_score": rows.pred_score,
+            "cam_valid": rows.valid,
+            "fg_fraction": rows.fg_fraction,
+        }
+    ).to_parquet(folder / files.CAM_TABLE, index=False)
+
+
 def _cam_namespace(
     workspace: Workspace, model: LoadedModel, config: CamConfig, classes: WordList, cells: int, decoder: str
 ):
-    dim = model.embed_dim + cells + 4
+    dim = cam_row_width(model.embed_dim, cells)
     params = {
         **asdict(config),
         "classes": classes.digest,
@@ -337,14 +375,14 @@ def cam_images(
     decoder: str = "pil",
     reporter: Reporter | None = None,
 ) -> StageResult:
-    """Batched Grad-CAM: ``background_embeddings.npy``, ``cams.npy``, ``cam.parquet``, plus the
-    ``image_embeddings.npy``/``images.parquet`` of the same forward, so the folder scores alone."""
+    """Batched Grad-CAM: ``background_embeddings.npy``, ``cams.npy``, ``foreground.npy``,
+    ``cam.parquet``, plus the ``image_embeddings.npy``/``images.parquet`` of the same forward, so the
+    folder scores alone."""
     reporter = reporter or NullReporter()
     _check_store_dtype(store_dtype)
     tower = vision_tower(model.model)
     config.validate(len(tower.blocks))
     workers = default_workers() if workers is None else workers
-    h, w = tower.grid
     decoder = resolve_decoder(decoder, model.device)
     params = {**asdict(config), "store_dtype": store_dtype, "precision": model.precision}
     if decoder != "pil":
@@ -358,22 +396,12 @@ def cam_images(
                 model, classes.words, load_templates("noun"), workspace, reporter=reporter
             ).vectors
         )
-        cams_ns = _cam_namespace(workspace, model, config, classes, h * w, decoder)
+        cams_ns = _cam_namespace(workspace, model, config, classes, tower.grid[0] * tower.grid[1], decoder)
         images_ns = image_namespace(workspace, model, decoder)
 
         def process(batch, batch_digests):
             out = cam_batch(model.model, batch, class_features, config)
-            extra = torch.stack(
-                [
-                    out.pred_class.float(),
-                    out.pred_score,
-                    out.valid.float(),
-                    out.foreground.flatten(1).float().mean(1),
-                ],
-                dim=1,
-            )
-            rows = torch.cat([out.background, out.cams.flatten(1), extra], dim=1).cpu().numpy()
-            cams_ns.put_many(batch_digests, rows)
+            cams_ns.put_many(batch_digests, pack_cam_rows(out))
             images_ns.put_many(batch_digests, out.embeddings.cpu().numpy())
 
         filled = _fill(
@@ -388,32 +416,17 @@ def cam_images(
             reporter=reporter,
             what="Grad-CAM on",
         )
-        packed, table = filled.values, filled.table
+        rows = unpack_cam_rows(filled.values, model.embed_dim, tower.grid)
         embeddings, _ = images_ns.get_many(filled.digests)
-        d = model.embed_dim
-        np.save(folder / "image_embeddings.npy", embeddings.astype(store_dtype))
-        table.to_parquet(folder / "images.parquet", index=False)
-        np.save(folder / "background_embeddings.npy", packed[:, :d].astype(store_dtype))
-        np.save(folder / "cams.npy", packed[:, d : d + h * w].reshape(-1, h, w).astype(np.float16))
-        meta = packed[:, d + h * w :]
-        pred = meta[:, 0].astype(np.int64)
-        pd.DataFrame(
-            {
-                "pred_class": pred,
-                "pred_name": np.array(classes.words, dtype=object)[pred] if len(pred) else [],
-                "pred_score": meta[:, 1],
-                "cam_valid": meta[:, 2] > 0.5,
-                "fg_fraction": meta[:, 3],
-            }
-        ).to_parquet(folder / "cam.parquet", index=False)
+        _write_cam_outputs(folder, rows, embeddings, filled.table, classes, store_dtype)
         return {
             "counts": {
                 "images": len(listing.images),
-                "processed": len(packed),
+                "processed": len(filled.values),
                 "duplicates": filled.duplicates,
-                "skipped": int((table["status"] != "ok").sum()),
+                "skipped": int((filled.table["status"] != "ok").sum()),
                 "computed": filled.computed,
-                "cam_valid": int((meta[:, 2] > 0.5).sum()),
+                "cam_valid": int(rows.valid.sum()),
             },
             "model": model.describe(),
             "images_source": listing.images.source,

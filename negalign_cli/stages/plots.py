@@ -107,3 +107,22 @@ def cam_overlays(
         plt.close(figure)
         written.append(target)
     return written
+
+
+def write_cam_overlays(cam_folder: Path, count: int, out: Path, size: int) -> list[Path]:
+    """Overlays of the first ``count`` embedded images of a ``cam`` artifact (or its ``--out``
+    folder), drawn from the stored CAMs and foreground masks."""
+    from negalign_cli.stages import files
+
+    table = pd.read_parquet(cam_folder / files.IMAGE_TABLE)
+    table = table[table["row"] >= 0].drop_duplicates("row").sort_values("row").head(count)
+    meta = pd.read_parquet(cam_folder / files.CAM_TABLE)
+    rows = table["row"].to_numpy()
+    cams = np.load(cam_folder / files.CAMS)[rows].astype(np.float32)
+    foreground = np.load(cam_folder / files.FOREGROUND)[rows]
+    titles = [
+        f"{Path(p).name}: predicted {meta['pred_name'].iloc[r]} (cosine {meta['pred_score'].iloc[r]:.3f})"
+        + ("" if meta["cam_valid"].iloc[r] else " — CAM invalid")
+        for p, r in zip(table["path"], rows, strict=True)
+    ]
+    return cam_overlays(out, table["path"].tolist(), cams, foreground, size, titles)

@@ -23,9 +23,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from negalign_cli.cache.store import StageResult, StageSpec
+from negalign_cli.cache.store import MANIFEST, StageResult, StageSpec
 from negalign_cli.cache.workspace import Workspace
-from negalign_cli.compute.scores import ScoreConfig, ScoreInputs, compute_scores
+from negalign_cli.compute.scores import ScoreConfig, ScoreInputs, cam_columns, compute_scores
 from negalign_cli.compute.vocab import ROLE_AMBIGUOUS, ROLE_BACKGROUND, ROLE_OBJECT
 from negalign_cli.defaults import INVALID_CAM_POLICIES
 from negalign_cli.errors import NegalignError
@@ -33,13 +33,14 @@ from negalign_cli.hashing import sha256_file
 from negalign_cli.inputs.words import WordList, load_templates
 from negalign_cli.models import LoadedModel
 from negalign_cli.reporting import NullReporter, Reporter
+from negalign_cli.stages import files
 from negalign_cli.stages.text import text_embeddings
 from negalign_cli.stages.vocab import NegativeVocab, negative_features
 
 SCORE_STAGE, SCORE_VERSION = "score", 2  # 2: float64 aggregation, duplicate paths, --invalid-cam
 METADATA_KEY = b"negalign"
-EMBEDDINGS, IMAGES = "image_embeddings.npy", "images.parquet"
-BACKGROUND, CAM = "background_embeddings.npy", "cam.parquet"
+EMBEDDINGS, IMAGES = files.IMAGE_EMBEDDINGS, files.IMAGE_TABLE
+BACKGROUND, CAM = files.BACKGROUND_EMBEDDINGS, files.CAM_TABLE
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ class ImageSet:
 
 
 def _manifest_model(folder: Path) -> str | None:
-    manifest = folder / "manifest.json"
+    manifest = folder / MANIFEST
     if not manifest.is_file():
         return None
     try:
@@ -244,9 +245,9 @@ def score_images(
             }
         )
         if background is None:
-            frame[["s_bg_pos", "s_bg_neg", "p_align"]] = None
+            frame[list(cam_columns())] = None
             frame["cam_valid"] = None
-        write_scores(frame, folder / "scores.parquet", {"model": model.fingerprint, "config": params})
+        write_scores(frame, folder / files.SCORES, {"model": model.fingerprint, "config": params})
         counts = {
             "images": len(frame),
             "distinct": len(embeddings),

@@ -13,6 +13,7 @@ from negalign_cli.compute.text import count_truncated, encode_texts, format_prom
 from negalign_cli.inputs.words import TemplateSet, WordList
 from negalign_cli.models import LoadedModel
 from negalign_cli.reporting import NullReporter, Reporter
+from negalign_cli.stages import files
 
 TEXT_ITEMS_VERSION = 2  # 2: raw prompt embeddings averaged (NegLabel recipe)
 EMBED_TEXTS_STAGE = "embed-texts"
@@ -106,8 +107,12 @@ def embed_texts(
             result = text_embeddings(
                 model, words.words, group_templates, workspace, batch_size=batch_size, reporter=reporter
             )
-            np.save(folder / f"{name}_embeddings.npy", result.vectors)
-            listing = "classes.txt" if name == "class" else "negatives.txt"
+            vectors, listing = (
+                (files.CLASS_EMBEDDINGS, files.CLASS_LIST)
+                if name == "class"
+                else (files.NEGATIVE_EMBEDDINGS, files.NEGATIVE_LIST)
+            )
+            np.save(folder / vectors, result.vectors)
             (folder / listing).write_text("\n".join(words.words) + "\n", encoding="utf-8")
             encoded += result.encoded
             truncated += result.truncated

@@ -29,13 +29,18 @@ from negalign_cli.inputs.lexicon import DEFAULT_EXCLUDE, Lexicon
 from negalign_cli.inputs.words import TemplateSet, WordList, load_templates
 from negalign_cli.models import LoadedModel
 from negalign_cli.reporting import NullReporter, Reporter
+from negalign_cli.stages import files
 from negalign_cli.stages.text import text_embeddings
 
 MINE_STAGE, MINE_VERSION = "mine-negatives", 1
-SCORES_STAGE, SCORES_VERSION = "split-scores", 1
+SCORES_STAGE, SCORES_VERSION = "split-scores", 2  # 2: r_scores.parquet (was scores.parquet)
 SPLIT_STAGE, SPLIT_VERSION = "split-vocab", 1
 DEFAULT_TAU = 0.05
-ROLE_FILES = {ROLE_OBJECT: "neg_obj.txt", ROLE_BACKGROUND: "neg_bg.txt", ROLE_AMBIGUOUS: "neg_ambiguous.txt"}
+ROLE_FILES = {
+    ROLE_OBJECT: files.NEG_OBJECT,
+    ROLE_BACKGROUND: files.NEG_BACKGROUND,
+    ROLE_AMBIGUOUS: files.NEG_AMBIGUOUS,
+}
 
 
 def _write_lines(path, lines: Sequence[str]) -> None:
@@ -126,10 +131,10 @@ def mine_negatives(
                     }
                 )
             )
-        _write_lines(folder / "neg_labels_noun.txt", kept_lists["noun"])
-        _write_lines(folder / "neg_labels_adj.txt", kept_lists["adj"])
+        _write_lines(folder / files.NEG_LABELS_NOUN, kept_lists["noun"])
+        _write_lines(folder / files.NEG_LABELS_ADJ, kept_lists["adj"])
         pd.concat(frames, ignore_index=True).to_csv(
-            folder / "mining_scores.csv", index=False, float_format="%.8f"
+            folder / files.MINING_SCORES, index=False, float_format="%.8f"
         )
         return {
             "counts": {
@@ -192,7 +197,7 @@ def split_scores(
         frame = pd.DataFrame(
             {"word": words, "source": sources, "r_score": r, "obj_affinity": obj, "bg_affinity": bg}
         )
-        frame.to_parquet(folder / "scores.parquet", index=False)
+        frame.to_parquet(folder / files.R_SCORES, index=False)
         unique = list(dict.fromkeys(words))
         truncated = sum(
             count_truncated(model.tokenizer, format_prompts(unique, t.templates), model.context_length)
@@ -219,9 +224,9 @@ def split_vocab(
     spec = StageSpec(SPLIT_STAGE, SPLIT_VERSION, {"tau": tau}, {"scores": scores.key})
 
     def compute(folder):
-        frame = pd.read_parquet(scores.file("scores.parquet"))
+        frame = pd.read_parquet(scores.file(files.R_SCORES))
         frame["role"] = assign_roles(frame["r_score"].to_numpy(), tau)
-        frame.to_csv(folder / "split_scores.csv", index=False, float_format="%.8f")
+        frame.to_csv(folder / files.SPLIT_SCORES, index=False, float_format="%.8f")
         counts = {}
         for role in ROLES:
             chosen = frame[frame["role"] == role]
@@ -240,7 +245,7 @@ class SplitSummary:
 
 
 def summarise_split(split: Artifact, top: int = 10) -> SplitSummary:
-    frame = pd.read_csv(split.file("split_scores.csv"), keep_default_na=False)
+    frame = pd.read_csv(split.file(files.SPLIT_SCORES), keep_default_na=False)
     rows = []
     for source, group in [*frame.groupby("source", sort=False), ("all", frame)]:
         row = {"source": source, "total": len(group)}
@@ -286,7 +291,7 @@ def negatives_from_split(folder) -> NegativeVocab:
     """Read a ``split-vocab`` output folder (``split_scores.csv``)."""
     from pathlib import Path
 
-    path = Path(folder).expanduser() / "split_scores.csv"
+    path = Path(folder).expanduser() / files.SPLIT_SCORES
     if not path.is_file():
         raise NegalignError(f"{path} not found: --negatives-split takes a split-vocab --out folder")
     frame = pd.read_csv(path, keep_default_na=False, dtype={"word": str, "source": str, "role": str})

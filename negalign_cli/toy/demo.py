@@ -15,10 +15,12 @@ from negalign_cli.cache.store import StageResult
 from negalign_cli.cache.workspace import Workspace
 from negalign_cli.compute.scores import ScoreConfig
 from negalign_cli.compute.vision import CamConfig
+from negalign_cli.defaults import DEFAULT_LAMBDAS
 from negalign_cli.inputs.datasets import list_images
 from negalign_cli.inputs.words import load_classes, load_negatives
 from negalign_cli.models import LoadedModel
 from negalign_cli.reporting import NullReporter, Reporter
+from negalign_cli.stages import files
 from negalign_cli.stages.evaluation import EvaluateRequest, evaluate
 from negalign_cli.stages.images import cam_images, digest_images
 from negalign_cli.stages.scoring import open_image_set, score_images
@@ -39,7 +41,7 @@ class DemoSettings:
     tau: float = TOY_TAU
     cam: CamConfig = TOY_CAM
     groups: int = 1  # the toy vocabulary holds 30 words: NegLabel's 100 groups need more
-    lambdas: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 5.0, 10.0)
+    lambdas: tuple[float, ...] = DEFAULT_LAMBDAS
     viz: int = 6
 
 
@@ -112,7 +114,7 @@ def run_demo(
         )
         steps.append((f"score {name}", scored))
         scored.artifact.export(out / "scores" / name)
-        score_files[name] = out / "scores" / name / "scores.parquet"
+        score_files[name] = out / "scores" / name / files.SCORES
     request = EvaluateRequest(
         score_files["id"],
         [(name.removeprefix("ood_"), score_files[name]) for name in OOD_SETS],
@@ -122,7 +124,7 @@ def run_demo(
     evaluated = evaluate(request, workspace, reporter)
     steps.append(("evaluate", evaluated))
     evaluated.artifact.export(out / "results")
-    results = json.loads((out / "results" / "results.json").read_text(encoding="utf-8"))
+    results = json.loads((out / "results" / files.RESULTS).read_text(encoding="utf-8"))
     return DemoResult(results, steps, out)
 
 

@@ -22,15 +22,15 @@ import torch.nn.functional as F
 
 from negalign_cli.cache.workspace import Workspace
 from negalign_cli.compute.vision import (
-    BG_POOLS,
-    CAM_METHODS,
     CamConfig,
     cam_batch,
     encode_images,
     vision_tower,
 )
+from negalign_cli.defaults import BG_POOLS, CAM_METHODS
 from negalign_cli.inputs.words import WordList, load_templates
 from negalign_cli.models import LoadedModel
+from negalign_cli.stages import files
 from negalign_cli.stages.text import text_embeddings
 from negalign_cli.stages.vocab import VocabEntry, split_scores
 from negalign_cli.toy.world import BACKGROUNDS, SHAPES, SIZE, patch_mask, render, scene_rng
@@ -97,7 +97,7 @@ def vocabulary_split(
     scores = split_scores(model, [VocabEntry(WordList("toy", tuple(words)), "noun")], workspace)
     import pandas as pd
 
-    frame = pd.read_parquet(scores.artifact.file("scores.parquet"))
+    frame = pd.read_parquet(scores.artifact.file(files.R_SCORES))
     r = dict(zip(frame["word"], frame["r_score"], strict=True))
     table = {}
     for group, members in (("shapes", SHAPES), ("backgrounds", BACKGROUNDS), ("distractors", distractors)):

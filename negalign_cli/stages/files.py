@@ -1,0 +1,42 @@
+"""The name of every file an artifact holds, in one place (the formats are in docs/architecture.md).
+
+Stages write and read these names; the CLI, the toy world and the tests refer to them here. A
+stage's folder also holds the store's ``manifest.json`` (:data:`negalign_cli.cache.store.MANIFEST`).
+"""
+
+from __future__ import annotations
+
+# embed texts
+CLASS_EMBEDDINGS = "class_embeddings.npy"
+CLASS_LIST = "classes.txt"
+NEGATIVE_EMBEDDINGS = "negative_embeddings.npy"
+NEGATIVE_LIST = "negatives.txt"
+
+# mine-negatives
+NEG_LABELS_NOUN = "neg_labels_noun.txt"
+NEG_LABELS_ADJ = "neg_labels_adj.txt"
+MINING_SCORES = "mining_scores.csv"
+
+# split-scores (the cached r-scores) and split-vocab
+R_SCORES = "r_scores.parquet"
+SPLIT_SCORES = "split_scores.csv"
+NEG_OBJECT = "neg_obj.txt"
+NEG_BACKGROUND = "neg_bg.txt"
+NEG_AMBIGUOUS = "neg_ambiguous.txt"
+
+# embed images and cam
+IMAGE_EMBEDDINGS = "image_embeddings.npy"
+IMAGE_TABLE = "images.parquet"
+BACKGROUND_EMBEDDINGS = "background_embeddings.npy"
+CAMS = "cams.npy"
+FOREGROUND = "foreground.npy"
+CAM_TABLE = "cam.parquet"
+
+# score
+SCORES = "scores.parquet"
+
+# evaluate
+RESULTS = "results.json"
+METRICS = "metrics.csv"
+ROC_PLOT = "roc.png"
+HISTOGRAM_PLOT = "score_hist.png"
