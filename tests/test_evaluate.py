@@ -57,6 +57,8 @@ def test_lambda_sweep_equals_recomputation(files, workspace):
         assert results["ood"][name]["methods"]["MCM"]["metrics"]["neglabel"] == pytest.approx(mcm.as_dict())
         assert set(results["ood"][name]["methods"]) == {
             "MCM",
+            "Energy",
+            "MaxLogit",
             "NegLabel",
             "NegRefine",
             "NegLabel*",
@@ -249,7 +251,15 @@ def test_default_score_and_compare(files, tmp_path):
     assert "MCM" not in plain.output and "NegAlign" in plain.output
     compared = runner.invoke(app, [*base, "--compare", "--out", str(tmp_path / "b")])
     results = json.loads((tmp_path / "b" / "results.json").read_text())
-    assert set(results["ood"]["near"]["methods"]) == {"MCM", "NegLabel", "NegRefine", "NegLabel*", "NegAlign"}
+    assert set(results["ood"]["near"]["methods"]) == {
+        "MCM",
+        "Energy",
+        "MaxLogit",
+        "NegLabel",
+        "NegRefine",
+        "NegLabel*",
+        "NegAlign",
+    }
     assert all(m in compared.output for m in ("MCM", "NegRefine", "NegLabel*"))
     chosen = runner.invoke(app, [*base, "--score", "s_mcm", "--out", str(tmp_path / "s")])
     results = json.loads((tmp_path / "s" / "results.json").read_text())

@@ -68,6 +68,8 @@ def test_score_stage_end_to_end(tiny_model, workspace, tmp_path, split_dir):
         "pred_class",
         "pred_name",
         "s_mcm",
+        "s_energy",
+        "s_maxlogit",
         "s_neglabel_plain",
         "s_neglabel_star",
         "s_bg_pos",

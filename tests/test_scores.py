@@ -239,3 +239,18 @@ def test_unsaturated_scores_move_less_than_1e_6_from_float32(data):
     got = compute_scores(data, ScoreConfig(groups=5))["s_neglabel_plain"]
     assert got.dtype == np.float64
     assert np.abs(got - float32).max() < 1e-6
+
+
+def test_energy_and_maxlogit_equal_loops(data):
+    """Energy (logsumexp of the class logits, T = 1) and MaxLogit (the largest class logit), on the
+    zero-shot logits 100·cos, against a per-image loop."""
+    got = compute_scores(data, ScoreConfig(groups=5))
+    x, p = (t.double().numpy() for t in (data.images, data.classes))
+    for i in range(N_IMAGES):
+        logits = [100 * float(np.dot(x[i], p[k])) for k in range(K)]
+        top = max(logits)
+        assert got["s_energy"][i] == pytest.approx(
+            top + np.log(sum(np.exp(v - top) for v in logits)), abs=1e-4
+        )
+        assert got["s_maxlogit"][i] == pytest.approx(top, abs=1e-4)
+    assert (got["s_energy"] >= got["s_maxlogit"]).all()  # logsumexp ≥ max

@@ -31,6 +31,16 @@ def mcm(cosines: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     return torch.softmax(cosines.double() / temperature, dim=-1).max(dim=-1).values
 
 
+def energy(pos_logits: torch.Tensor) -> torch.Tensor:
+    """Energy score (negative free energy) at T = 1: logsumexp_k of the class logits 100·x·P_k."""
+    return torch.logsumexp(pos_logits.double(), dim=-1)
+
+
+def max_logit(pos_logits: torch.Tensor) -> torch.Tensor:
+    """MaxLogit: the largest class logit 100·x·P_k."""
+    return pos_logits.double().max(dim=-1).values
+
+
 # ----------------------------------------------------------------------------- NegLabel
 def group_order(n_negatives: int, groups: int, seed: int = 0) -> torch.Tensor:
     """Column order of NegRefine's grouping: drop the last ``n mod G`` negatives, then permute the
@@ -173,6 +183,20 @@ class ScoreColumn:
 SCORES: tuple[ScoreColumn, ...] = (
     ScoreColumn("s_mcm", "MCM", "max_k softmax(x·P/T)_k", method=True, reference="Ming et al., NeurIPS 2022"),
     ScoreColumn(
+        "s_energy",
+        "Energy",
+        "logsumexp_k 100·x·P_k (T = 1 on CLIP's logits)",
+        method=True,
+        reference="Liu et al., NeurIPS 2020",
+    ),
+    ScoreColumn(
+        "s_maxlogit",
+        "MaxLogit",
+        "max_k 100·x·P_k",
+        method=True,
+        reference="Hendrycks et al., ICML 2022",
+    ),
+    ScoreColumn(
         "s_neglabel_plain",
         "NegLabel",
         "mean over groups of the ID share of softmax([pos, neg_g])",
@@ -266,6 +290,8 @@ def compute_scores(
         predicted = pos_logits.argmax(dim=-1)
         out["pred_class"][start:stop] = predicted.numpy()
         out["s_mcm"][start:stop] = mcm(cos_pos, config.mcm_temperature).numpy()
+        out["s_energy"][start:stop] = energy(pos_logits).numpy()
+        out["s_maxlogit"][start:stop] = max_logit(pos_logits).numpy()
         plain = neglabel_grouped(pos_logits, logits[:, :kept], config.groups)
         out["s_neglabel_plain"][start:stop] = plain.numpy()
         if config.star_is_plain:

@@ -57,6 +57,8 @@ def write_scores(path: Path, n: int, seed: int, shift: float, **extra_columns) -
     frame = pd.DataFrame(
         {
             "s_mcm": rng.uniform(0, 1, n) + shift * 0.1,
+            "s_energy": rng.normal(30 + 5 * shift, 2, n),
+            "s_maxlogit": rng.normal(28 + 5 * shift, 2, n),
             "s_neglabel_plain": rng.normal(0.5 + shift, 0.2, n),
             "s_neglabel_star": rng.normal(0.5 + shift, 0.2, n),
             "s_multimatch": rng.uniform(0, 1, n),
