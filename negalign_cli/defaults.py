@@ -30,8 +30,16 @@ DEFAULT_INVALID_CAM = "fallback"
 CAM_METHODS = ("gradcam", "gradxact")
 BG_POOLS = ("tokens", "maskclip", "clearclip", "mask")
 
+# NegAlign's final score S* + λ·P_align is a method of evaluate's table under this name.
+NEGALIGN = "NegAlign"
+
 # NegAlign's λ grid (the method's published sweep).
 DEFAULT_LAMBDAS = (0.0, 0.5, 1.0, 2.0, 5.0, 10.0)
 
 # Metric conventions (docs/maths.md, "Metrics").
 METRIC_CONVENTIONS = ("neglabel", "openood")
+
+# Negative vocabulary: NegLabel's mining excludes these lexicon files; NegAlign's split threshold.
+DEFAULT_EXCLUDE = ("noun.person", "noun.quantity", "noun.group", "adj.pert")
+DEFAULT_TOP_P = 0.15
+DEFAULT_TAU = 0.05

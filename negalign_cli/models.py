@@ -106,6 +106,12 @@ class LoadedModel:
         )
 
     @property
+    def image_size(self) -> int:
+        """The side of the square the preprocessing crops to."""
+        size = self.preprocess_cfg["size"]
+        return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+    @property
     def short_fingerprint(self) -> str:
         return self.fingerprint[:16]
 
@@ -184,16 +190,31 @@ def _seeded(seed: int) -> Iterator[None]:
         yield
 
 
+class _NotFromOpenClip(logging.Filter):
+    """Drops the records open_clip's own code logs (through the root logger's functions)."""
+
+    def __init__(self, folder: str) -> None:
+        super().__init__()
+        self.folder = folder
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.pathname.startswith(self.folder)
+
+
 @contextlib.contextmanager
 def _quiet_open_clip() -> Iterator[None]:
-    """open_clip logs 'initialized randomly' and download errors itself; we report our own."""
+    """open_clip logs 'initialized randomly' and download errors itself with ``logging.info`` and
+    ``logging.warning`` on the root logger; we report our own. Only records from open_clip's files
+    are dropped, only while a model is built: every other logger keeps its level."""
+    import open_clip
+
+    quiet = _NotFromOpenClip(os.path.dirname(open_clip.__file__))
     root = logging.getLogger()
-    previous = root.level
-    root.setLevel(logging.CRITICAL)
+    root.addFilter(quiet)
     try:
         yield
     finally:
-        root.setLevel(previous)
+        root.removeFilter(quiet)
 
 
 def is_torchscript_archive(path: Path) -> bool:
@@ -217,6 +238,104 @@ def _weights_hint(arch: str, tags: list[str]) -> str:
     )
 
 
+@dataclass(frozen=True)
+class WeightsSource:
+    """Where a model's weights come from, resolved from ``--model`` and ``--pretrained``."""
+
+    description: str  # human-readable, shown in messages and manifests
+    tag: str | None = None  # an open_clip tag (downloaded by open_clip)
+    checkpoint: Path | None = None  # a local checkpoint file
+    seed: int | None = None  # a seeded random init
+    local_dir: bool = False  # ``local-dir:`` models carry their own weights
+
+    @property
+    def random(self) -> bool:
+        return self.seed is not None
+
+
+def resolve_weights(name: str, pretrained: str | None) -> WeightsSource:
+    """Check ``name`` and ``pretrained`` and say where the weights come from (no model is built).
+
+    Raises :class:`NegalignError` with a one-line explanation for anything the user can fix."""
+    open_clip = _open_clip()
+    schema, identifier = open_clip.factory.parse_model_name(name)
+    if schema == "local-dir":
+        if pretrained:
+            raise NegalignError("a local-dir: model carries its own weights; drop --pretrained")
+        if not Path(identifier).is_dir():
+            raise NegalignError(f"model folder not found: {identifier}")
+        return WeightsSource(identifier, local_dir=True)
+    project = PROJECT_MODELS.get(name)
+    if project is None and name not in open_clip.list_models():
+        raise NegalignError(f"unknown model architecture {name!r}: `negalign models` lists the known ones")
+    tags = list(open_clip.list_pretrained_tags_by_model(name))
+    if not pretrained:
+        if project is not None and project.checkpoint is not None:
+            checkpoint = bundled_checkpoint(project)
+            if not checkpoint.is_file():
+                raise NegalignError(
+                    f"the bundled {name} checkpoint is missing ({checkpoint}); regenerate it with "
+                    "`negalign toy train --install` or pass --pretrained PATH"
+                )
+            return WeightsSource(f"bundled checkpoint {project.checkpoint}", checkpoint=checkpoint)
+        if project is None or project.seed is None:
+            raise NegalignError(f"model {name} needs weights: {_weights_hint(name, tags)}")
+        return WeightsSource(f"random init, seed {project.seed}", seed=project.seed)
+    if pretrained.lower() == RANDOM:
+        seed = project.seed if project is not None and project.seed is not None else DEFAULT_RANDOM_SEED
+        return WeightsSource(f"random init, seed {seed}", seed=seed)
+    path = Path(pretrained).expanduser()
+    if path.is_file():
+        return WeightsSource(str(path.resolve()), checkpoint=path.resolve())
+    if pretrained in tags:
+        return WeightsSource(f"open_clip tag {pretrained}", tag=pretrained)
+    if path.exists():
+        raise NegalignError(f"--pretrained {pretrained} is a folder, not a checkpoint file")
+    if _looks_like_path(pretrained):
+        raise NegalignError(f"checkpoint not found: {pretrained}")
+    raise NegalignError(
+        f"--pretrained {pretrained!r} is neither a file nor a tag of {name}: {_weights_hint(name, tags)}"
+    )
+
+
+def _build(name: str, source: WeightsSource) -> tuple[torch.nn.Module, bool]:
+    """The open_clip model with its weights on the CPU, and whether it uses QuickGELU."""
+    open_clip = _open_clip()
+    quick_gelu = False
+    if source.tag is not None:
+        quick_gelu = bool(open_clip.get_pretrained_cfg(name, source.tag).get("quick_gelu", False))
+    if source.checkpoint is not None and is_torchscript_archive(source.checkpoint):
+        quick_gelu = True  # OpenAI's released CLIP models all use QuickGELU
+    with _quiet_open_clip():
+        try:
+            if source.local_dir:
+                model = open_clip.create_model(name, device="cpu")
+            elif source.tag is not None:
+                model = open_clip.create_model(
+                    name, pretrained=source.tag, device="cpu", force_quick_gelu=quick_gelu
+                )
+            else:
+                with _seeded(source.seed if source.seed is not None else DEFAULT_RANDOM_SEED):
+                    model = open_clip.create_model(
+                        name, pretrained=None, device="cpu", force_quick_gelu=quick_gelu
+                    )
+        except Exception as exc:  # open_clip raises RuntimeError/OSError/HF errors for a failed download
+            if source.tag is not None:
+                fail_fast = "" if os.environ.get("HF_HUB_OFFLINE") else "; set HF_HUB_OFFLINE=1 to fail fast"
+                raise NegalignError(
+                    f"could not get the weights {name}/{source.tag} ({_first_line(exc, 120)}); offline? "
+                    f"Download them elsewhere and pass --pretrained /path/to/{name}.bin, or try the "
+                    f"bundled toy model with --model negalign-toy{fail_fast}"
+                ) from exc
+            raise NegalignError(f"could not build model {name}: {_first_line(exc)}") from exc
+        if source.checkpoint is not None:
+            _load_checkpoint(open_clip, model, source.checkpoint, name)
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model, quick_gelu
+
+
 def load_model(
     name: str,
     pretrained: str | None = None,
@@ -224,109 +343,31 @@ def load_model(
     precision: str = "fp32",
 ) -> LoadedModel:
     """Build ``name`` with weights from ``pretrained`` and put it in eval mode on ``device``.
+    ``ViT-B-16`` without ``pretrained`` means OpenAI's weights (the field's standard).
 
     Raises :class:`NegalignError` with a one-line explanation for anything the user can fix.
     """
     from negalign_cli.settings import check_precision, torch_dtype
 
-    open_clip = _open_clip()
-    device = torch.device(device)
     if name == DEFAULT_MODEL and not pretrained:
         pretrained = DEFAULT_PRETRAINED
     precision = check_precision(precision)
-    project = PROJECT_MODELS.get(name)
-    is_local_dir = name.startswith("local-dir:")
-    if not is_local_dir and project is None and name not in open_clip.list_models():
-        raise NegalignError(f"unknown model architecture {name!r}: `negalign models` lists the known ones")
-    tags = [] if is_local_dir else list(open_clip.list_pretrained_tags_by_model(name))
-    if is_local_dir and pretrained:
-        raise NegalignError("a local-dir: model carries its own weights; drop --pretrained")
-
-    checkpoint: Path | None = None
-    tag: str | None = None
-    seed: int | None = None
-    if is_local_dir:
-        weights = name.removeprefix("local-dir:")
-        if not Path(weights).is_dir():
-            raise NegalignError(f"model folder not found: {weights}")
-    elif (pretrained is None or pretrained == "") and project is not None and project.checkpoint is not None:
-        checkpoint = bundled_checkpoint(project)
-        if not checkpoint.is_file():
-            raise NegalignError(
-                f"the bundled {name} checkpoint is missing ({checkpoint}); regenerate it with "
-                "`negalign toy train --install` or pass --pretrained PATH"
-            )
-        weights = f"bundled checkpoint {project.checkpoint}"
-    elif pretrained is None or pretrained == "":
-        if project is None or project.seed is None:
-            raise NegalignError(f"model {name} needs weights: {_weights_hint(name, tags)}")
-        seed = project.seed
-        weights = f"random init, seed {seed}"
-    elif pretrained.lower() == RANDOM:
-        seed = project.seed if project is not None and project.seed is not None else DEFAULT_RANDOM_SEED
-        weights = f"random init, seed {seed}"
-    elif Path(pretrained).expanduser().is_file():
-        checkpoint = Path(pretrained).expanduser().resolve()
-        weights = str(checkpoint)
-    elif pretrained in tags:
-        tag = pretrained
-        weights = f"open_clip tag {tag}"
-    elif Path(pretrained).expanduser().exists():
-        raise NegalignError(f"--pretrained {pretrained} is a folder, not a checkpoint file")
-    elif _looks_like_path(pretrained):
-        raise NegalignError(f"checkpoint not found: {pretrained}")
-    else:
-        raise NegalignError(
-            f"--pretrained {pretrained!r} is neither a file nor a tag of {name}: {_weights_hint(name, tags)}"
-        )
-
-    quick_gelu = False
-    if tag is not None:
-        quick_gelu = bool(open_clip.get_pretrained_cfg(name, tag).get("quick_gelu", False))
-    if checkpoint is not None and is_torchscript_archive(checkpoint):
-        quick_gelu = True  # OpenAI's released CLIP models all use QuickGELU
-
-    with _quiet_open_clip():
-        try:
-            if is_local_dir:
-                model = open_clip.create_model(name, device="cpu")
-            elif tag is not None:
-                model = open_clip.create_model(
-                    name, pretrained=tag, device="cpu", force_quick_gelu=quick_gelu
-                )
-            else:
-                with _seeded(seed if seed is not None else DEFAULT_RANDOM_SEED):
-                    model = open_clip.create_model(
-                        name, pretrained=None, device="cpu", force_quick_gelu=quick_gelu
-                    )
-        except NegalignError:
-            raise
-        except Exception as exc:  # open_clip raises RuntimeError/OSError/HF errors for a failed download
-            if tag is not None:
-                fail_fast = "" if os.environ.get("HF_HUB_OFFLINE") else "; set HF_HUB_OFFLINE=1 to fail fast"
-                raise NegalignError(
-                    f"could not get the weights {name}/{tag} ({_first_line(exc, 120)}); offline? Download "
-                    f"them elsewhere and pass --pretrained /path/to/{name}.bin, or try the bundled toy "
-                    f"model with --model negalign-toy{fail_fast}"
-                ) from exc
-            raise NegalignError(f"could not build model {name}: {_first_line(exc)}") from exc
-        if checkpoint is not None:
-            _load_checkpoint(open_clip, model, checkpoint, name)
-
-    model.eval()
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
+    source = resolve_weights(name, pretrained)
+    model, quick_gelu = _build(name, source)
+    open_clip = _open_clip()
     config = _resolved_config(open_clip, name, quick_gelu)
     preprocess_cfg = dict(open_clip.get_model_preprocess_cfg(model))
     fingerprint = model_fingerprint(model, config, preprocess_cfg)
+    device = torch.device(device)
     model.to(device)
     if precision != "fp32":
         open_clip.model.convert_weights_to_lp(model, dtype=torch_dtype(precision))
-    tokenizer = open_clip.get_tokenizer(name)
+    with _quiet_open_clip():
+        tokenizer = open_clip.get_tokenizer(name)
     return LoadedModel(
         name=name,
         pretrained=pretrained,
-        weights=weights,
+        weights=source.description,
         model=model,
         tokenizer=tokenizer,
         preprocess_cfg=preprocess_cfg,
@@ -334,7 +375,7 @@ def load_model(
         fingerprint=fingerprint,
         device=device,
         precision=precision,
-        random_weights=seed is not None,
+        random_weights=source.random,
     )
 
 
@@ -367,4 +408,8 @@ def _load_checkpoint(open_clip, model: torch.nn.Module, path: Path, name: str) -
         else:
             open_clip.load_checkpoint(model, str(path), strict=True)
     except Exception as exc:
-        raise NegalignError(f"could not load {path} as {name} weights: {_first_line(exc)}") from exc
+        raise NegalignError(
+            f"could not load {path} as {name} weights ({type(exc).__name__}: {_first_line(exc)}): it is "
+            "not an open_clip state dict, a training checkpoint, a .safetensors file or an OpenAI archive "
+            f"of {name}"
+        ) from exc

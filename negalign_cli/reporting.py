@@ -20,6 +20,8 @@ Advance = Callable[[int], None]
 class Reporter(Protocol):
     def info(self, message: str) -> None: ...
 
+    def debug(self, message: str) -> None: ...
+
     def warn(self, message: str) -> None: ...
 
     def progress(self, description: str, total: int | None) -> contextlib.AbstractContextManager[Advance]: ...
@@ -30,6 +32,9 @@ class NullReporter:
 
     def info(self, message: str) -> None:
         log.info(message)
+
+    def debug(self, message: str) -> None:
+        log.debug(message)
 
     def warn(self, message: str) -> None:
         log.warning(message)
@@ -47,6 +52,9 @@ class RecordingReporter(NullReporter):
 
     def info(self, message: str) -> None:
         self.messages.append(("info", message))
+
+    def debug(self, message: str) -> None:
+        self.messages.append(("debug", message))
 
     def warn(self, message: str) -> None:
         self.messages.append(("warn", message))

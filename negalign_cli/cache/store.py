@@ -275,6 +275,8 @@ class ArtifactStore:
         """
         reporter = reporter or NullReporter()
         key = spec.key
+        reporter.debug(f"{spec.stage} v{spec.version}: key {key}, params {canonical_json(spec.params)}")
+        reporter.debug(f"{spec.stage} inputs: {canonical_json(spec.inputs)}")
         artifact, _ = self._find(key, spec.stage)
         if artifact is not None:
             reporter.info(f"cache hit: {spec.stage} {key[:12]} (computed {artifact.manifest['created']})")
@@ -288,6 +290,8 @@ class ArtifactStore:
                 reporter.warn(f"cached {spec.stage} {key[:12]} is corrupt ({reason}); recomputing it")
                 self._remove(key, self.artifact_dir(spec.stage, key))
             artifact = self._compute(spec, key, compute)
+        seconds = artifact.manifest["timing"]["seconds"]
+        reporter.debug(f"{spec.stage} {key[:12]} computed in {seconds:.2f} s, stored in {artifact.path}")
         return StageResult(artifact, hit=False)
 
     def _compute(self, spec: StageSpec, key: str, compute: ComputeFn) -> Artifact:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 import typer
 
 from negalign_cli import __version__
 from negalign_cli.cli import cache_cmd, cam_cmd, embed_cmd, models_cmd, score_cmd, toy_cmd, vocab_cmd
+from negalign_cli.defaults import DEBUG_ENV
 
 app = typer.Typer(
     name="negalign",
@@ -33,8 +35,14 @@ def root(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
+    debug: Annotated[
+        bool,
+        typer.Option("--debug", help=f"Show the full traceback of an error (also {DEBUG_ENV}=1)."),
+    ] = False,
 ) -> None:
     """Zero-shot OOD detection with CLIP and negative labels."""
+    if debug:
+        os.environ[DEBUG_ENV] = "1"
 
 
 app.command("models", epilog=models_cmd.EXAMPLE)(models_cmd.models)

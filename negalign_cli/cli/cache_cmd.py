@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
-from negalign_cli.cache.workspace import Workspace, parse_age
 from negalign_cli.cli.console import guarded, stdout
 from negalign_cli.cli.options import CacheDir
 from negalign_cli.settings import resolve_cache_dir
 
-app = typer.Typer(help="Show and prune the cache (artifacts and per-item vectors).", no_args_is_help=True)
+if TYPE_CHECKING:
+    from negalign_cli.cache.workspace import Workspace
+
+app = typer.Typer(
+    help="Show and prune the cache (artifacts and per-item vectors).",
+    epilog="Example: negalign cache ls; negalign cache info 3fa2b1c0; negalign cache gc --dry-run",
+    no_args_is_help=True,
+)
 
 
 def _size(n: int) -> str:
@@ -25,6 +31,8 @@ def _size(n: int) -> str:
 
 
 def _workspace(cache_dir) -> Workspace:
+    from negalign_cli.cache.workspace import Workspace
+
     return Workspace.open(resolve_cache_dir(cache_dir))
 
 
@@ -100,6 +108,8 @@ def gc(
 ) -> None:
     """Remove what nothing reaches: artifact folders missing from the index, index entries whose
     folder is gone, temporary folders of runs that died; optionally old or per-model vectors."""
+    from negalign_cli.cache.workspace import parse_age
+
     age = parse_age(items_older_than) if items_older_than else None
     workspace = _workspace(cache_dir)
     report = workspace.gc(items_older_than=age, items_model=items_model, dry_run=dry_run)

@@ -8,11 +8,10 @@ from typing import Annotated
 import typer
 
 from negalign_cli import defaults
-from negalign_cli.cache.workspace import Workspace
 from negalign_cli.cli import options as o
 from negalign_cli.cli.console import guarded, stdout
-from negalign_cli.compute.vision import BG_POOLS, CAM_METHODS, CamConfig
-from negalign_cli.inputs.words import load_classes
+from negalign_cli.defaults import BG_POOLS, CAM_METHODS
+from negalign_cli.errors import NegalignError
 
 EXAMPLE = (
     "Example: negalign cam --images data/waterbird/metadata.csv --split test --classes waterbird "
@@ -62,8 +61,15 @@ def cam(
     (dilated), background embedding pooled from the rest. One forward per batch also gives the
     image embedding. Writes background_embeddings.npy, cams.npy, cam.parquet, and
     image_embeddings.npy + images.parquet, so the folder is a complete `score` input."""
+    from negalign_cli.cache.workspace import Workspace
+    from negalign_cli.compute.vision import CamConfig
     from negalign_cli.inputs.datasets import list_images
+    from negalign_cli.inputs.words import load_classes
     from negalign_cli.stages.images import cam_images, digest_images
+    from negalign_cli.stages.plots import write_cam_overlays
+
+    if viz and out is None and viz_dir is None:
+        raise NegalignError("--viz writes under --out (or --viz-dir): give one of them")
 
     rt = o.runtime(cache_dir, device, precision, batch_size)
     report = o.reporter(verbose, quiet)
@@ -94,30 +100,7 @@ def cam(
         f"{c['cam_valid']}, {c['skipped']} skipped{o.duplicates_note(c)}{hit}"
     )
     if viz:
-        written = write_overlays(result.artifact, loaded, viz, viz_dir or (out or Path(".")) / "viz")
-        stdout().print(f"wrote {len(written)} overlay(s) to {written[0].parent if written else viz_dir}")
+        folder = viz_dir or out / "viz"
+        written = write_cam_overlays(result.artifact.path, viz, folder, loaded.image_size)
+        stdout().print(f"wrote {len(written)} overlay(s) to {folder}")
     o.finish(result, out, "cam")
-
-
-def write_overlays(artifact, loaded, count: int, folder: Path) -> list[Path]:
-    import numpy as np
-    import pandas as pd
-    import torch
-
-    from negalign_cli.compute.vision import foreground_mask
-    from negalign_cli.stages.plots import cam_overlays
-
-    table = pd.read_parquet(artifact.file("images.parquet"))
-    table = table[table["row"] >= 0].sort_values("row").head(count)
-    meta = pd.read_parquet(artifact.file("cam.parquet"))
-    cams = np.load(artifact.file("cams.npy"))[table["row"].to_numpy()].astype(np.float32)
-    params = artifact.manifest["params"]
-    foreground = foreground_mask(torch.from_numpy(cams), params["fg_percentile"], params["dilate"]).numpy()
-    size = loaded.preprocess_cfg["size"]
-    size = size[0] if isinstance(size, (tuple, list)) else size
-    titles = [
-        f"{Path(p).name}: {meta['pred_name'].iloc[r]} ({meta['pred_score'].iloc[r]:.3f})"
-        + ("" if meta["cam_valid"].iloc[r] else " — CAM invalid")
-        for p, r in zip(table["path"], table["row"], strict=True)
-    ]
-    return cam_overlays(folder, table["path"].tolist(), cams, foreground, int(size), titles)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import typer
+import typer.exceptions
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
@@ -19,6 +21,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from negalign_cli.defaults import DEBUG_ENV
 from negalign_cli.errors import NegalignError
 from negalign_cli.reporting import Advance
 
@@ -64,23 +67,45 @@ class RichReporter:
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
-    stderr().print(f"[bold red]error:[/] {escape(message)}")
+    stderr().print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)  # one line, never wrapped
     return typer.Exit(code)
 
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def debug_enabled() -> bool:
+    """``--debug`` (which sets the variable) or ``NEGALIGN_DEBUG=1``: full tracebacks on errors."""
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
 def guarded(function: F) -> F:
-    """Turn :class:`NegalignError` into one red line on stderr and a non-zero exit code."""
+    """Every failure is one red line on stderr and a non-zero exit code: exit 2 for what the user
+    can fix (:class:`NegalignError`), 130 for Ctrl-C, 1 for anything unexpected. With ``--debug``
+    the traceback follows instead."""
 
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return function(*args, **kwargs)
+        except (typer.Exit, typer.Abort, typer.exceptions.TyperException):  # usage errors: Typer's own
+            raise
         except NegalignError as exc:
+            if debug_enabled():
+                raise
             raise fail(str(exc), exc.exit_code) from None
         except KeyboardInterrupt:
+            if debug_enabled():
+                raise
             raise fail("interrupted; finished work is kept in the cache and a rerun resumes", 130) from None
+        except Exception as exc:
+            if debug_enabled():
+                raise
+            detail = " ".join(str(exc).split())[:300] or "no message"
+            raise fail(
+                f"unexpected {type(exc).__name__}: {detail} (rerun with --debug or {DEBUG_ENV}=1 for the "
+                "traceback, and please report it)",
+                1,
+            ) from None
 
     return wrapper  # type: ignore[return-value]

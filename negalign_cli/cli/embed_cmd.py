@@ -7,14 +7,13 @@ from typing import Annotated
 import typer
 
 from negalign_cli import defaults
-from negalign_cli.cache.workspace import Workspace
 from negalign_cli.cli import options as o
 from negalign_cli.cli.console import guarded, stdout
-from negalign_cli.inputs.words import load_classes, load_negatives, load_templates
-from negalign_cli.stages.text import embed_texts
 
 app = typer.Typer(
-    help="Encode texts and images once; every later stage reads the cache.", no_args_is_help=True
+    help="Encode texts and images once; every later stage reads the cache.",
+    epilog="Example: negalign embed images --images data/val --model negalign-toy --out emb/val",
+    no_args_is_help=True,
 )
 
 TEXTS_EXAMPLE = (
@@ -72,6 +71,10 @@ def texts(
     """Encode ID class names (and optionally negative labels) with prompt templates: each word is
     the normalised mean of its prompt embeddings (NegLabel's recipe). Writes class_embeddings.npy +
     classes.txt (and negative_embeddings.npy + negatives.txt)."""
+    from negalign_cli.cache.workspace import Workspace
+    from negalign_cli.inputs.words import load_classes, load_negatives, load_templates
+    from negalign_cli.stages.text import embed_texts
+
     rt = o.runtime(cache_dir, device, precision, batch_size)
     report = o.reporter(verbose, quiet)
     class_list = load_classes(classes, report)
@@ -137,6 +140,7 @@ def images(
     """Encode images once (per-image cache by content digest: renamed files and reruns cost
     nothing, new files are all that is encoded). Writes image_embeddings.npy and images.parquet
     (row, path, label, digest, status, reason)."""
+    from negalign_cli.cache.workspace import Workspace
     from negalign_cli.inputs.datasets import list_images
     from negalign_cli.stages.images import digest_images, embed_images
 

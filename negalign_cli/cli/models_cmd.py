@@ -5,10 +5,8 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from negalign_cli.cli.console import guarded, stdout
-from negalign_cli.models import list_architectures
 
 EXAMPLE = "Example: negalign models --filter ViT-B"
 
@@ -23,6 +21,10 @@ def models(
 ) -> None:
     """List model architectures: the project's own (no weights needed) and open_clip's, with the
     open_clip weight tags each one knows."""
+    from rich.table import Table
+
+    from negalign_cli.models import list_architectures
+
     infos = [i for i in list_architectures() if not filter_text or filter_text.lower() in i.name.lower()]
     if names_only:
         for info in infos:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -69,8 +70,13 @@ def load(model: str, pretrained: str | None, rt: Runtime, report: RichReporter, 
     """Load the model, say which one, and warn loudly when its weights are random."""
     from negalign_cli.models import load_model
 
+    started = time.perf_counter()
     loaded = load_model(model, pretrained, rt.device, rt.precision)
     report.info(f"model {loaded.describe()}{detail}")
+    report.debug(
+        f"model loaded in {time.perf_counter() - started:.2f} s; fingerprint {loaded.fingerprint}; "
+        f"preprocessing {loaded.preprocess_cfg}; cache {rt.cache_dir}"
+    )
     if loaded.random_weights:
         report.warn(
             f"{loaded.name} has random weights ({loaded.weights}): its scores mean nothing; it is for "

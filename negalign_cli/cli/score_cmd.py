@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from negalign_cli import defaults
-from negalign_cli.cache.workspace import Workspace
 from negalign_cli.cli import options as o
 from negalign_cli.cli.console import guarded, stdout
-from negalign_cli.compute.scores import ScoreConfig
+from negalign_cli.cli.render import render_results
 from negalign_cli.errors import NegalignError
-from negalign_cli.inputs.words import load_classes, load_negatives
-from negalign_cli.stages.evaluation import NEGALIGN, EvaluateRequest, evaluate, parse_lambdas, parse_ood
-from negalign_cli.stages.scoring import check_request, open_image_set, resolve_folder, score_images
-from negalign_cli.stages.vocab import negatives_from_lists, negatives_from_split
 
 SCORE_EXAMPLE = (
     "Example: negalign score --images-dir emb/id --classes waterbird --negatives-split split "
@@ -98,6 +93,12 @@ def score(
     """Score every image: MCM, NegLabel (plain and *), NegRefine multi-matching, and the background
     terms (s_bg_pos, s_bg_neg, P_align) when CAM outputs exist. Writes scores.parquet. M3 (z-scoring)
     happens in `evaluate` (--scale-stabilize), where the ID set is known."""
+    from negalign_cli.cache.workspace import Workspace
+    from negalign_cli.compute.scores import ScoreConfig
+    from negalign_cli.inputs.words import load_classes, load_negatives
+    from negalign_cli.stages.scoring import check_request, open_image_set, resolve_folder, score_images
+    from negalign_cli.stages.vocab import negatives_from_lists, negatives_from_split
+
     rt = o.runtime(cache_dir, device, precision, batch_size)
     report = o.reporter(verbose, quiet)
     if negatives_split is not None and (nouns or adjs):
@@ -201,6 +202,11 @@ def evaluate_command(
     (--score; else NegAlign = S* + λ·P_align with a λ sweep from the stored components; else
     NegLabel*), or the method table with --compare. Writes results.json, metrics.csv, roc.png and
     score_hist.png."""
+    from negalign_cli.cache.workspace import Workspace
+    from negalign_cli.settings import resolve_cache_dir
+    from negalign_cli.stages import files
+    from negalign_cli.stages.evaluation import EvaluateRequest, evaluate, parse_lambdas, parse_ood
+
     report = o.reporter(verbose, quiet)
     request = EvaluateRequest(
         id_path=id_file.expanduser(),
@@ -214,41 +220,7 @@ def evaluate_command(
         calibration_path=calibration,
         drop_nonfinite=drop_nonfinite,
     )
-    result = evaluate(request, Workspace.open(o.runtime(cache_dir, "cpu", "fp32", 1).cache_dir), report)
-    import json
-
-    results = json.loads(result.artifact.file("results.json").read_text(encoding="utf-8"))
+    result = evaluate(request, Workspace.open(resolve_cache_dir(cache_dir)), report)
+    results = json.loads(result.artifact.file(files.RESULTS).read_text(encoding="utf-8"))
     render_results(results)
     o.finish(result, out, "evaluate")
-
-
-def render_results(results: dict) -> None:
-    convention = results["metrics_convention"]
-    sets = list(results["ood"])
-    definition = results["metric_definitions"][convention]["fpr95"]
-    table = Table(
-        title=f"AUROC ↑ / FPR@95 ↓ in % ({convention} convention: {definition})", title_justify="left"
-    )
-    table.add_column("method")
-    for name in [*sets, "mean"] if len(sets) > 1 else sets:
-        table.add_column(name, justify="right")
-    blocks = [results["ood"][n] for n in sets] + ([results["mean"]] if len(sets) > 1 else [])
-    for method in results["mean"]["methods"]:
-        label = method
-        if method == NEGALIGN:
-            lambdas = {b["methods"][method].get("lambda") for b in results["ood"].values()}
-            label += f" (λ={lambdas.pop():g})" if len(lambdas) == 1 else " (λ per set)"
-        cells = []
-        for block in blocks:
-            m = block["methods"][method]["metrics"][convention]
-            cells.append(f"{100 * m['auroc']:.2f} / {100 * m['fpr95']:.2f}")
-        table.add_row(label, *cells)
-    stdout().print(table)
-    if "lambda_selection" in results:
-        stdout().print(f"λ chosen by: {results['lambda_selection']['rule']}")
-    if "lambda_sweep" in results:
-        sweep = " ".join(
-            f"{float(k):g}:{100 * v['metrics'][convention]['auroc']:.2f}"
-            for k, v in results["lambda_sweep"].items()
-        )
-        stdout().print(f"λ sweep (mean AUROC %): {sweep}")

@@ -14,7 +14,9 @@ from negalign_cli.cli.console import guarded, stdout
 from negalign_cli.errors import NegalignError
 
 app = typer.Typer(
-    help="The toy spurious-OOD world: generate it, train the bundled tiny CLIP on it.", no_args_is_help=True
+    help="The toy spurious-OOD world: generate it, train the bundled tiny CLIP on it, measure it.",
+    epilog="Example: negalign toy generate --out toy; negalign toy report --model negalign-toy",
+    no_args_is_help=True,
 )
 
 
@@ -22,7 +24,7 @@ app = typer.Typer(
 @guarded
 def generate(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the splits into.")],
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of every random draw of the world.")] = 0,
     n_id: Annotated[int, typer.Option("--n-id", min=2, help="Images in the ID split.")] = 400,
     n_ood: Annotated[int, typer.Option("--n-ood", min=1, help="Images in each OOD split.")] = 200,
     n_train: Annotated[
@@ -51,7 +53,7 @@ def generate(
 def train(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the checkpoint and the training log.")],
     steps: Annotated[int, typer.Option("--steps", min=1, help="Optimiser steps (batch 256).")] = 1800,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the initialisation and the batches.")] = 0,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate of the one-cycle schedule.")] = 1e-3,
     install: Annotated[
         bool, typer.Option("--install", help="Copy the result over the bundled checkpoint.")
@@ -90,8 +92,8 @@ def demo(
     ),
     model: o.Model = "negalign-toy",
     pretrained: o.Pretrained = None,
-    n_id: Annotated[int, typer.Option("--n-id", min=2)] = 400,
-    n_ood: Annotated[int, typer.Option("--n-ood", min=1)] = 200,
+    n_id: Annotated[int, typer.Option("--n-id", min=2, help="Images in the toy ID split.")] = 400,
+    n_ood: Annotated[int, typer.Option("--n-ood", min=1, help="Images in each toy OOD split.")] = 200,
     workers: o.Workers = 0,
     cache_dir: o.CacheDir = None,
     device: o.Device = "auto",
@@ -104,8 +106,8 @@ def demo(
     cam (which also embeds), score, evaluate --compare --lambda sweep, CAM overlays. Prints the method
     table; writes results.json, metrics.csv, plots and overlays under --out."""
     from negalign_cli.cache.workspace import Workspace
-    from negalign_cli.cli.cam_cmd import write_overlays
-    from negalign_cli.cli.score_cmd import render_results
+    from negalign_cli.cli.render import render_results
+    from negalign_cli.stages.plots import write_cam_overlays
     from negalign_cli.toy.demo import DemoSettings, run_demo
     from negalign_cli.toy.generate import ToySpec
 
@@ -126,7 +128,7 @@ def demo(
         reporter=report,
     )
     cam_id = next(r for name, r in result.steps if name == "cam id")
-    overlays = write_overlays(cam_id.artifact, loaded, settings.viz, out / "viz")
+    overlays = write_cam_overlays(cam_id.artifact.path, settings.viz, out / "viz", loaded.image_size)
     render_results(result.results)
     seconds = time.perf_counter() - started
     computed = sum(not r.hit for _, r in result.steps)
@@ -171,70 +173,25 @@ def sanity(
     verbose: o.Verbose = 0,
     quiet: o.Quiet = False,
 ) -> None:
-    """One image through the whole model, printing the method document's sanity fields: predicted
-    class, S_NegLabel plain and *, P_align, S_final, CAM valid."""
-    import tempfile
-
-    import pandas as pd
-
+    """One image through the whole model, printing the method's sanity fields: predicted class,
+    S_NegLabel plain and *, P_align, S_final, CAM valid."""
     from negalign_cli.cache.workspace import Workspace
-    from negalign_cli.compute.scores import ScoreConfig
-    from negalign_cli.inputs.datasets import list_images
-    from negalign_cli.inputs.words import load_classes, load_negatives
-    from negalign_cli.stages.images import cam_images, digest_images
-    from negalign_cli.stages.scoring import open_image_set, score_images
-    from negalign_cli.stages.vocab import VocabEntry, negatives_from_split, split_scores, split_vocab
-    from negalign_cli.toy.demo import TOY_CAM, TOY_TAU
-    from negalign_cli.toy.generate import ToySpec, generate_toy
+    from negalign_cli.toy.sanity import run_sanity
 
     rt = o.runtime(cache_dir, device, "fp32", 1)
     report = o.reporter(verbose, quiet)
     loaded = o.load(model, pretrained, rt, report)
-    workspace = Workspace.open(rt.cache_dir)
-    scratch = Path(tempfile.mkdtemp(prefix="negalign-sanity-"))
-    if image is None or classes is None or negatives is None:
-        generate_toy(scratch / "toy", ToySpec(n_id=2, n_ood=1), report)
-    image_path = (
-        image or scratch / "toy" / "id" / pd.read_csv(scratch / "toy" / "id" / "manifest.csv")["path"][0]
-    )
-    if not Path(image_path).is_file():
-        raise NegalignError(f"image not found: {image_path}")
-    class_list = load_classes(classes or str(scratch / "toy" / "classes.txt"), report)
-    if negatives is None:
-        vocab = load_negatives(scratch / "toy" / "vocab.txt", report)
-        scores = split_scores(loaded, [VocabEntry(vocab, "noun")], workspace, reporter=report)
-        split = split_vocab(scores.artifact, workspace, tau=TOY_TAU, reporter=report)
-        split.artifact.export(scratch / "split")
-        negatives = scratch / "split"
-    (scratch / "one.csv").write_text(f"path\n{Path(image_path).resolve()}\n")
-    listing = digest_images(list_images(scratch / "one.csv"), report)
-    cam = cam_images(loaded, listing, class_list, workspace, TOY_CAM, workers=0, reporter=report)
-    cam.artifact.export(scratch / "cam")
-    vocab = negatives_from_split(negatives)
-    groups = 1
-    scored = score_images(
+    fields = run_sanity(
         loaded,
-        open_image_set(scratch / "cam"),
-        class_list,
-        vocab,
-        workspace,
-        ScoreConfig(groups=groups, role_aware=True, include_ambiguous=True),
+        Workspace.open(rt.cache_dir),
+        image=image,
+        classes=classes,
+        negatives_split=negatives,
+        lam=lam,
         reporter=report,
     )
-    row = pd.read_parquet(scored.artifact.file("scores.parquet")).iloc[0]
-    final = row["s_neglabel_star"] + lam * (row["p_align"] if pd.notna(row["p_align"]) else 0.0)
-    fields = {
-        "image": str(image_path),
-        "predicted class": f"{row['pred_name']} (index {row['pred_class']})",
-        "S_NegLabel plain": f"{row['s_neglabel_plain']:.6f}",
-        "S_NegLabel*": f"{row['s_neglabel_star']:.6f}",
-        "P_align": f"{row['p_align']:.6f}",
-        f"S_final (λ={lam:g})": f"{final:.6f}",
-        "CAM valid": str(bool(row["cam_valid"])),
-    }
     for key, value in fields.items():
         stdout().print(f"{key:>20}: {value}")
-    shutil.rmtree(scratch, ignore_errors=True)
 
 
 @app.command("report", epilog="Example: negalign toy report --model negalign-toy --out toy-report")
@@ -243,8 +200,8 @@ def report(
     model: o.Model = "negalign-toy",
     pretrained: o.Pretrained = None,
     images: Annotated[int, typer.Option("--images", min=12, help="Images per figure.")] = 300,
-    seed: Annotated[int, typer.Option("--seed")] = 7,
-    tau: Annotated[float, typer.Option("--tau")] = 0.05,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the generated test images.")] = 7,
+    tau: Annotated[float, typer.Option("--tau", help="Threshold of the vocabulary-split role table.")] = 0.05,
     out: o.Out = None,
     cache_dir: o.CacheDir = None,
     device: o.Device = "auto",

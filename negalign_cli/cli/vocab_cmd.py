@@ -6,23 +6,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from negalign_cli import defaults
-from negalign_cli.cache.workspace import Workspace
 from negalign_cli.cli import options as o
 from negalign_cli.cli.console import guarded, stdout
-from negalign_cli.compute.vocab import ROLES
-from negalign_cli.inputs.lexicon import DEFAULT_EXCLUDE, load_lexicon
-from negalign_cli.inputs.words import load_classes, load_negatives, load_templates
-from negalign_cli.stages.vocab import (
-    DEFAULT_TAU,
-    VocabEntry,
-    mine_negatives,
-    split_scores,
-    split_vocab,
-    summarise_split,
-)
+from negalign_cli.defaults import DEFAULT_EXCLUDE, DEFAULT_TAU, DEFAULT_TOP_P
 
 MINE_EXAMPLE = "Example: negalign mine-negatives --classes waterbird --model negalign-tiny-test --out d"
 SPLIT_EXAMPLE = (
@@ -49,7 +37,9 @@ def mine(
     exclude: Annotated[
         str, typer.Option("--exclude", help="Comma-separated lexicon files to skip ('' for none).")
     ] = ",".join(DEFAULT_EXCLUDE),
-    top_p: Annotated[float, typer.Option("--top-p", help="Share of nouns and of phrases kept.")] = 0.15,
+    top_p: Annotated[
+        float, typer.Option("--top-p", help="Share of nouns and of phrases kept.")
+    ] = DEFAULT_TOP_P,
     quantile: Annotated[
         float, typer.Option("--quantile", help="Quantile of the cosines to the ID classes.")
     ] = 1.0,
@@ -65,6 +55,11 @@ def mine(
     """Mine negative labels from WordNet as NegLabel does in its CSP form (NegRefine's recipe): nouns
     and adjective phrases least similar to the ID classes. Writes neg_labels_noun.txt,
     neg_labels_adj.txt and mining_scores.csv."""
+    from negalign_cli.cache.workspace import Workspace
+    from negalign_cli.inputs.lexicon import load_lexicon
+    from negalign_cli.inputs.words import load_classes
+    from negalign_cli.stages.vocab import mine_negatives
+
     rt = o.runtime(cache_dir, device, precision, batch_size)
     report = o.reporter(verbose, quiet)
     class_list = load_classes(classes, report)
@@ -144,6 +139,10 @@ def split(
     """Split negative labels into object-leaning, background-leaning and ambiguous words with the
     NegAlign word classifier: r(w) = cos(e, E_obj) − cos(e, E_bg). Writes split_scores.csv,
     neg_obj.txt, neg_bg.txt, neg_ambiguous.txt. A new --tau reuses the cached scores."""
+    from negalign_cli.cache.workspace import Workspace
+    from negalign_cli.inputs.words import load_negatives, load_templates
+    from negalign_cli.stages.vocab import VocabEntry, split_scores, split_vocab, summarise_split
+
     if tau < 0:
         raise typer.BadParameter("must be ≥ 0", param_hint="--tau")
     rt = o.runtime(cache_dir, device, precision, batch_size)
@@ -177,6 +176,10 @@ def split(
 
 
 def _render_summary(summary, tau: float) -> None:
+    from rich.table import Table
+
+    from negalign_cli.compute.vocab import ROLES
+
     table = Table(title=f"roles at tau = {tau:g}", title_justify="left")
     table.add_column("source")
     table.add_column("entries", justify="right")

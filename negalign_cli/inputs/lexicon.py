@@ -71,7 +71,6 @@ NEGLABEL_FILES = tuple(
     for name in LEXNAMES
     if (name.startswith("noun.") or name.startswith("adj.")) and name not in ("noun.animal", "noun.food")
 )
-DEFAULT_EXCLUDE = ("noun.person", "noun.quantity", "noun.group", "adj.pert")
 _ADJ_MARKER = re.compile(r"\((?:a|p|ip)\)$")
 
 

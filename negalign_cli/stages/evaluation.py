@@ -25,7 +25,7 @@ from negalign_cli.compute.evaluation import (
 )
 from negalign_cli.compute.metrics import CONVENTIONS, DEFINITIONS
 from negalign_cli.compute.scores import SCORE_COLUMNS, method_columns
-from negalign_cli.defaults import DEFAULT_LAMBDAS
+from negalign_cli.defaults import DEFAULT_LAMBDAS, NEGALIGN
 from negalign_cli.errors import NegalignError
 from negalign_cli.hashing import sha256_file
 from negalign_cli.reporting import NullReporter, Reporter
@@ -34,7 +34,6 @@ from negalign_cli.stages.scoring import read_score_metadata
 
 EVALUATE_STAGE, EVALUATE_VERSION = "evaluate", 1
 METHODS = method_columns()
-NEGALIGN = "NegAlign"
 
 
 def parse_lambdas(text: str | None) -> list[float] | None:

@@ -8,6 +8,7 @@ in the embedding cache, so ``embed images`` after ``cam`` encodes nothing.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -128,7 +129,9 @@ def _run_missing(
             pin_memory=model.device.type == "cuda",
         )
     with reporter.progress(f"{what} {len(paths)} images", len(paths)) as advance:
-        for indices, batch, failed in batches:
+        waited = time.perf_counter()
+        for number, (indices, batch, failed) in enumerate(batches, start=1):
+            started = time.perf_counter()
             for index, reason in failed:
                 failures[missing[index]] = reason
             if batch is not None:
@@ -137,6 +140,12 @@ def _run_missing(
                     batch = batch.to(next(model.model.parameters()).dtype)
                 process(batch, [missing[i] for i in indices])
             advance(len(indices) + len(failed))
+            done = time.perf_counter()
+            reporter.debug(
+                f"batch {number}: {len(indices)} image(s), {len(failed)} failed; decoding waited "
+                f"{started - waited:.3f} s, model {done - started:.3f} s"
+            )
+            waited = done
     return failures
 
 

@@ -24,8 +24,9 @@ from negalign_cli.compute.vocab import (
     least_similar,
     role_scores,
 )
+from negalign_cli.defaults import DEFAULT_EXCLUDE, DEFAULT_TAU
 from negalign_cli.errors import NegalignError
-from negalign_cli.inputs.lexicon import DEFAULT_EXCLUDE, Lexicon
+from negalign_cli.inputs.lexicon import Lexicon
 from negalign_cli.inputs.words import TemplateSet, WordList, load_templates
 from negalign_cli.models import LoadedModel
 from negalign_cli.reporting import NullReporter, Reporter
@@ -35,7 +36,6 @@ from negalign_cli.stages.text import text_embeddings
 MINE_STAGE, MINE_VERSION = "mine-negatives", 1
 SCORES_STAGE, SCORES_VERSION = "split-scores", 2  # 2: r_scores.parquet (was scores.parquet)
 SPLIT_STAGE, SPLIT_VERSION = "split-vocab", 1
-DEFAULT_TAU = 0.05
 ROLE_FILES = {
     ROLE_OBJECT: files.NEG_OBJECT,
     ROLE_BACKGROUND: files.NEG_BACKGROUND,

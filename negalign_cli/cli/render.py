@@ -1,0 +1,40 @@
+"""Rich renderings of results that several commands print (evaluate, demo)."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from negalign_cli.cli.console import stdout
+from negalign_cli.defaults import NEGALIGN
+
+
+def render_results(results: dict) -> None:
+    convention = results["metrics_convention"]
+    sets = list(results["ood"])
+    definition = results["metric_definitions"][convention]["fpr95"]
+    table = Table(
+        title=f"AUROC ↑ / FPR@95 ↓ in % ({convention} convention: {definition})", title_justify="left"
+    )
+    table.add_column("method")
+    for name in [*sets, "mean"] if len(sets) > 1 else sets:
+        table.add_column(name, justify="right")
+    blocks = [results["ood"][n] for n in sets] + ([results["mean"]] if len(sets) > 1 else [])
+    for method in results["mean"]["methods"]:
+        label = method
+        if method == NEGALIGN:
+            lambdas = {b["methods"][method].get("lambda") for b in results["ood"].values()}
+            label += f" (λ={lambdas.pop():g})" if len(lambdas) == 1 else " (λ per set)"
+        cells = []
+        for block in blocks:
+            m = block["methods"][method]["metrics"][convention]
+            cells.append(f"{100 * m['auroc']:.2f} / {100 * m['fpr95']:.2f}")
+        table.add_row(label, *cells)
+    stdout().print(table)
+    if "lambda_selection" in results:
+        stdout().print(f"λ chosen by: {results['lambda_selection']['rule']}")
+    if "lambda_sweep" in results:
+        sweep = " ".join(
+            f"{float(k):g}:{100 * v['metrics'][convention]['auroc']:.2f}"
+            for k, v in results["lambda_sweep"].items()
+        )
+        stdout().print(f"λ sweep (mean AUROC %): {sweep}")
