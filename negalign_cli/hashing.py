@@ -57,11 +57,18 @@ def sha256_bytes(data: bytes | memoryview) -> str:
 
 
 def sha256_file(path: str | Path) -> str:
+    return sha256_file_sized(path)[0]
+
+
+def sha256_file_sized(path: str | Path) -> tuple[str, int]:
+    """sha256 of a file's bytes, read in 1 MiB chunks, and how many bytes there were."""
     digest = hashlib.sha256()
+    size = 0
     with open(path, "rb") as handle:
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)
-    return digest.hexdigest()
+            size += len(chunk)
+    return digest.hexdigest(), size
 
 
 def sha256_lines(lines: Iterable[str]) -> str:

@@ -10,14 +10,10 @@ from typing import Annotated
 import typer
 
 from negalign_cli.cli.console import RichReporter
-from negalign_cli.defaults import DEFAULT_MODEL, DEFAULT_PRETRAINED, STORE_DTYPES
+from negalign_cli.defaults import DEFAULT_MODEL, DEFAULT_PRETRAINED, PRECISIONS, STORE_DTYPES
 from negalign_cli.settings import CACHE_ENV, DEVICE_ENV, Runtime
 
-
-class Precision(str, Enum):
-    fp32 = "fp32"
-    fp16 = "fp16"
-    bf16 = "bf16"
+Precision = Enum("Precision", {name: name for name in PRECISIONS}, type=str)  # type: ignore[misc]
 
 
 CacheDir = Annotated[

@@ -7,7 +7,6 @@ again. Unreadable images are recorded with a reason, never fatal (DESIGN.md §8)
 from __future__ import annotations
 
 import csv
-import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from negalign_cli.errors import NegalignError
+from negalign_cli.hashing import sha256_file_sized
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 WATERBIRDS_SPLITS = {"train": 0, "val": 1, "valid": 1, "test": 2}
@@ -129,19 +129,14 @@ def _from_waterbirds(path: Path, data_root: str | Path | None, split: str | None
 def file_digest(path: str) -> tuple[str | None, str]:
     """(sha256 of the file's bytes, "") or (None, reason)."""
     try:
-        digest = hashlib.sha256()
-        size = 0
-        with open(path, "rb") as handle:
-            while chunk := handle.read(1 << 20):
-                digest.update(chunk)
-                size += len(chunk)
+        digest, size = sha256_file_sized(path)
     except FileNotFoundError:
         return None, "file not found"
     except OSError as exc:
         return None, f"cannot read: {exc.strerror or exc}"
     if size == 0:
         return None, "empty file"
-    return digest.hexdigest(), ""
+    return digest, ""
 
 
 def digest_all(paths: list[str], workers: int = 8) -> list[tuple[str | None, str]]:

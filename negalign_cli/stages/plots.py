@@ -19,7 +19,9 @@ def _pyplot():
 
 def plot_roc(path: Path, id_scores: np.ndarray, ood_scores: dict[str, np.ndarray], title: str) -> None:
     """ROC of ID (positive) against each OOD set for one score."""
-    from sklearn.metrics import roc_auc_score, roc_curve
+    from sklearn.metrics import roc_curve
+
+    from negalign_cli.compute.metrics import ood_metrics
 
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(5, 5), dpi=120)
@@ -27,7 +29,7 @@ def plot_roc(path: Path, id_scores: np.ndarray, ood_scores: dict[str, np.ndarray
         labels = np.r_[np.ones(len(id_scores)), np.zeros(len(scores))]
         values = np.r_[id_scores, scores]
         fpr, tpr, _ = roc_curve(labels, values)
-        axis.plot(fpr, tpr, label=f"{name} (AUROC {100 * roc_auc_score(labels, values):.2f})")
+        axis.plot(fpr, tpr, label=f"{name} (AUROC {100 * ood_metrics(id_scores, scores).auroc:.2f})")
     axis.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
     axis.axhline(0.95, color="grey", linestyle="--", linewidth=0.8)
     axis.set(

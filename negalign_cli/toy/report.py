@@ -27,41 +27,30 @@ from negalign_cli.compute.vision import (
     encode_images,
     vision_tower,
 )
+from negalign_cli.compute.vocab import ROLES, assign_roles
 from negalign_cli.defaults import BG_POOLS, CAM_METHODS
 from negalign_cli.inputs.words import WordList, load_templates
 from negalign_cli.models import LoadedModel
 from negalign_cli.stages import files
 from negalign_cli.stages.text import text_embeddings
 from negalign_cli.stages.vocab import VocabEntry, split_scores
-from negalign_cli.toy.world import BACKGROUNDS, SHAPES, SIZE, patch_mask, render, scene_rng
+from negalign_cli.toy.world import BACKGROUNDS, SHAPES, SIZE, patch_mask, sample_scenes, zero_shot_accuracy
 
 TOP_SHARE = 0.2
 
 
-def _scenes(n: int, seed: int, with_object: bool):
-    scenes = []
-    for index in range(n):
-        rng = scene_rng(seed, "report-object" if with_object else "report-background", index)
-        shape = SHAPES[index % len(SHAPES)] if with_object else None
-        scenes.append(
-            render(
-                shape,
-                BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
-                if with_object
-                else BACKGROUNDS[index % len(BACKGROUNDS)],
-                rng,
-            )
-        )
-    return scenes
+def _pixels_tensor(model: LoadedModel, pixels: np.ndarray) -> torch.Tensor:
+    """uint8 images (B, H, W, 3) through the model's own preprocessing, on its device."""
+    from PIL import Image
+
+    transform = model.image_transform()
+    batch = torch.stack([transform(Image.fromarray(image)) for image in pixels]).to(model.device)
+    return batch.to(next(model.model.parameters()).dtype)
 
 
 def _tensor(model: LoadedModel, scenes) -> torch.Tensor:
     """The scenes through the model's own preprocessing, on its device."""
-    from PIL import Image
-
-    transform = model.image_transform()
-    batch = torch.stack([transform(Image.fromarray(s.image)) for s in scenes]).to(model.device)
-    return batch.to(next(model.model.parameters()).dtype)
+    return _pixels_tensor(model, np.stack([s.image for s in scenes]))
 
 
 def _features(model: LoadedModel, words: Sequence[str], templates: str, workspace: Workspace) -> torch.Tensor:
@@ -74,20 +63,15 @@ def _batches(images: torch.Tensor, size: int = 128):
 
 
 def zero_shot(model: LoadedModel, workspace: Workspace, n: int, seed: int) -> dict[str, float]:
-    out = {}
-    for kind, words, templates, with_object in (
-        ("object", SHAPES, "object", True),
-        ("background", BACKGROUNDS, "background", False),
-    ):
-        scenes = _scenes(n, seed, with_object)
-        text = _features(model, words, templates, workspace)
-        images = _tensor(model, scenes)
-        predicted = torch.cat(
-            [(encode_images(model.model, b).cpu() @ text.T).argmax(1) for _, b in _batches(images)]
-        )
-        truth = torch.tensor([list(words).index(s.shape if with_object else s.background) for s in scenes])
-        out[kind] = float((predicted == truth).float().mean())
-    return out
+    """Zero-shot accuracy with the model's preprocessing and the cached text features."""
+
+    def images(pixels: np.ndarray) -> np.ndarray:
+        return encode_images(model.model, _pixels_tensor(model, pixels)).cpu().numpy()
+
+    def words(names, templates: str) -> np.ndarray:
+        return _features(model, names, templates, workspace).numpy()
+
+    return zero_shot_accuracy(images, words, n, seed)
 
 
 def vocabulary_split(
@@ -101,12 +85,8 @@ def vocabulary_split(
     r = dict(zip(frame["word"], frame["r_score"], strict=True))
     table = {}
     for group, members in (("shapes", SHAPES), ("backgrounds", BACKGROUNDS), ("distractors", distractors)):
-        values = np.array([r[w] for w in members])
-        table[group] = {
-            "obj": int((values >= tau).sum()),
-            "bg": int((values <= -tau).sum()),
-            "ambiguous": int(((values > -tau) & (values < tau)).sum()),
-        }
+        roles = assign_roles(np.array([r[w] for w in members]), tau)
+        table[group] = {role: int((roles == role).sum()) for role in ROLES}
     return {
         "shapes_r_positive": float(np.mean([r[w] > 0 for w in SHAPES])),
         "backgrounds_r_negative": float(np.mean([r[w] < 0 for w in BACKGROUNDS])),
@@ -134,7 +114,7 @@ def _iou(a: torch.Tensor, b: torch.Tensor) -> float:
 def localisation(model: LoadedModel, workspace: Workspace, n: int, seed: int, blocks: Sequence[int]) -> dict:
     tower = vision_tower(model.model)
     h, w = tower.grid
-    scenes = _scenes(n, seed, with_object=True)
+    scenes = sample_scenes(n, seed, with_object=True)
     truth = torch.from_numpy(np.stack([patch_mask(s.mask, SIZE // h) for s in scenes]))
     images = _tensor(model, scenes)
     classes = _features(model, SHAPES, "object", workspace).to(model.device)
@@ -155,7 +135,7 @@ def localisation(model: LoadedModel, workspace: Workspace, n: int, seed: int, bl
 
 
 def background_pooling(model: LoadedModel, workspace: Workspace, n: int, seed: int) -> dict[str, float]:
-    scenes = _scenes(n, seed + 1, with_object=True)
+    scenes = sample_scenes(n, seed + 1, with_object=True)
     images = _tensor(model, scenes)
     classes = _features(model, SHAPES, "object", workspace).to(model.device)
     backgrounds = _features(model, BACKGROUNDS, "background", workspace)

@@ -18,11 +18,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
-from negalign_cli.toy.world import BACKGROUNDS, SHAPES, caption, render
+from negalign_cli.assets import template_sets
+from negalign_cli.compute.text import encode_texts
+from negalign_cli.toy.world import BACKGROUNDS, SHAPES, caption, render, zero_shot_accuracy
 
-MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
-STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+# the preprocessing negalign-toy declares: open_clip's defaults, i.e. OpenAI's CLIP mean and std
+MEAN = np.array(OPENAI_DATASET_MEAN, dtype=np.float32)
+STD = np.array(OPENAI_DATASET_STD, dtype=np.float32)
 
 
 @dataclass(frozen=True)
@@ -60,26 +64,18 @@ def make_batch(rng: np.random.Generator, config: TrainConfig) -> tuple[np.ndarra
 
 
 @torch.no_grad()
-def zero_shot_accuracy(model, tokenizer, n: int = 240, seed: int = 12345) -> dict[str, float]:
-    """Top-1 zero-shot accuracy over all shape names (object images) and all background names
-    (background-only images), with the prompts "a photo of a {shape}" and "a scene of {background}"."""
+def training_accuracy(model, tokenizer, n: int = 240, seed: int = 12345) -> dict[str, float]:
+    """The toy world's zero-shot accuracy (the same prompts and scenes as `negalign toy report`)
+    of the model being trained: its weights change, so nothing is cached."""
     model.eval()
-    rng = np.random.default_rng(seed)
-    objects = [
-        render(SHAPES[i % len(SHAPES)], BACKGROUNDS[rng.integers(len(BACKGROUNDS))], rng) for i in range(n)
-    ]
-    backgrounds = [render(None, BACKGROUNDS[i % len(BACKGROUNDS)], rng) for i in range(n // 2)]
-    result = {}
-    for name, scenes, words, template in (
-        ("object", objects, SHAPES, "a photo of a {}"),
-        ("background", backgrounds, BACKGROUNDS, "a scene of {}"),
-    ):
-        text = F.normalize(model.encode_text(tokenizer([template.format(w) for w in words])), dim=-1)
-        image = F.normalize(model.encode_image(to_tensor(np.stack([s.image for s in scenes]))), dim=-1)
-        predicted = (image @ text.T).argmax(dim=-1).numpy()
-        truth = np.array([words.index(s.shape if name == "object" else s.background) for s in scenes])
-        result[name] = float((predicted == truth).mean())
-    return result
+
+    def images(pixels: np.ndarray) -> np.ndarray:
+        return F.normalize(model.encode_image(to_tensor(pixels)), dim=-1).numpy()
+
+    def words(names, templates: str) -> np.ndarray:
+        return encode_texts(model, tokenizer, names, template_sets()[templates]).numpy()
+
+    return zero_shot_accuracy(images, words, n, seed)
 
 
 def train(
@@ -131,7 +127,7 @@ def train(
         with torch.no_grad():
             model.logit_scale.clamp_(0, np.log(100))
         if step % checkpoint_every == 0 or step == config.steps:
-            accuracy = zero_shot_accuracy(model, tokenizer)
+            accuracy = training_accuracy(model, tokenizer)
             entry = {
                 "step": step,
                 "loss": float(loss),

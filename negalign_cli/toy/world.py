@@ -7,6 +7,7 @@ varies freely and is never the class: the shape is the object, the texture is th
 from __future__ import annotations
 
 import colorsys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -221,3 +222,50 @@ def caption(shape: str | None, background: str, rng: np.random.Generator, shape_
     if rng.random() < shape_only:
         return OBJECT_CAPTIONS[rng.integers(len(OBJECT_CAPTIONS))].format(o=shape)
     return SCENE_CAPTIONS[rng.integers(len(SCENE_CAPTIONS))].format(o=shape, b=background)
+
+
+def sample_scenes(n: int, seed: int, with_object: bool) -> list[Scene]:
+    """Test scenes: shape i mod 12 on a random background, or background i mod 10 alone."""
+    scenes = []
+    for index in range(n):
+        rng = scene_rng(seed, "report-object" if with_object else "report-background", index)
+        if with_object:
+            scenes.append(
+                render(SHAPES[index % len(SHAPES)], BACKGROUNDS[rng.integers(len(BACKGROUNDS))], rng)
+            )
+        else:
+            scenes.append(render(None, BACKGROUNDS[index % len(BACKGROUNDS)], rng))
+    return scenes
+
+
+def zero_shot_accuracy(
+    encode_images: Callable[[np.ndarray], np.ndarray],
+    encode_words: Callable[[Sequence[str], str], np.ndarray],
+    n: int,
+    seed: int,
+) -> dict[str, float]:
+    """Top-1 zero-shot accuracy over all shape names on object images (the ``object`` template
+    set) and over all background names on background-only images (the ``background`` set).
+
+    ``encode_images`` maps uint8 images (B, 64, 64, 3) to normalised embeddings;
+    ``encode_words(words, template_set)`` maps words to normalised text features. Training and
+    ``negalign toy report`` pass their own encoders and get comparable figures."""
+    out = {}
+    for kind, words, templates, with_object in (
+        ("object", SHAPES, "object", True),
+        ("background", BACKGROUNDS, "background", False),
+    ):
+        scenes = sample_scenes(n, seed, with_object)
+        text = np.asarray(encode_words(list(words), templates), dtype=np.float32)
+        predicted = np.concatenate(
+            [
+                (
+                    np.asarray(encode_images(np.stack([s.image for s in scenes[i : i + 128]])), np.float32)
+                    @ text.T
+                ).argmax(1)
+                for i in range(0, n, 128)
+            ]
+        )
+        truth = np.array([list(words).index(s.shape if with_object else s.background) for s in scenes])
+        out[kind] = float((predicted == truth).mean())
+    return out
