@@ -234,108 +234,156 @@ def score_column(name: str) -> ScoreColumn | None:
     return next((column for column in SCORES if column.name == name), None)
 
 
+@dataclass(frozen=True)
+class NegativeLayout:
+    """The columns of one matmul's negative logits, laid out as [grouped order | dropped]: the
+    grouped NegLabel reads the first ``kept`` columns as a view, top-k (M1, multi-matching) reads
+    all of them, M2 gathers ``star_columns`` (already in its own group order unless M1 is on)."""
+
+    layout: torch.Tensor  # column j of the logits is negative layout[j]
+    weights: torch.Tensor  # (D, M) the negatives in that order, transposed for the matmul
+    kept: int  # negatives that fill the G groups
+    star_columns: torch.Tensor | None  # M2's columns
+
+    @classmethod
+    def build(
+        cls, negatives: torch.Tensor, star_indices: torch.Tensor | None, config: ScoreConfig
+    ) -> NegativeLayout:
+        n_neg = negatives.shape[0]
+        order = group_order(n_neg, config.groups, config.group_seed)
+        dropped = torch.arange(order.shape[0], n_neg)  # group_order permutes the first n − (n mod G)
+        layout = torch.cat([order, dropped])
+        position = torch.empty_like(layout)
+        position[layout] = torch.arange(n_neg)
+        star_columns = None
+        if config.role_aware:
+            if star_indices is None or star_indices.numel() == 0:
+                raise ValueError("role-aware scoring needs object-leaning negatives (N_obj)")
+            star_columns = position[star_indices]
+            if config.neg_topk is None:
+                star_columns = star_columns[
+                    group_order(star_columns.shape[0], config.groups, config.group_seed)
+                ]
+        return cls(layout, negatives[layout].T.contiguous(), order.shape[0], star_columns)
+
+
+@dataclass
+class _TopMatches:
+    """Per image, what multi-matching needs: its top classes and top negatives (with logits)."""
+
+    classes: np.ndarray  # (n, k_pos) class indices
+    negatives: np.ndarray  # (n, k_neg) negative indices
+    negative_logits: np.ndarray  # (n, k_neg)
+
+
 def compute_scores(
     inputs: ScoreInputs,
     config: ScoreConfig,
     encode_pairs: Callable[[list[str]], torch.Tensor] | None = None,
     on_chunk: Callable[[int], None] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Every score component for every image, in chunks of images (no N×M matrix is ever whole).
+    """Every score column of the registry for every image, in chunks of images (no N×M matrix is
+    ever whole; one matmul per chunk gives all negative logits, see :class:`NegativeLayout`).
 
-    One matmul per chunk gives all negative logits, laid out as [grouped order | dropped]: the
-    grouped NegLabel reads the first block as a view, top-k (M1, multi-matching) reads all of it,
-    M2 gathers its columns. ``encode_pairs`` turns NegRefine's "p and n" texts into features
-    (noun templates); each distinct pair is encoded once per chunk of images. Without it the multi-matching
-    columns are NaN; without background embeddings the P_align columns are NaN.
+    ``encode_pairs`` turns NegRefine's "p and n" texts into features (noun templates); each
+    distinct pair is encoded once per chunk of images. Without it the multi-matching columns are
+    NaN; without background embeddings the P_align columns are NaN.
     """
     classes = inputs.classes.float()
     negatives = inputs.negatives.float()
-    n_images, n_neg = inputs.images.shape[0], negatives.shape[0]
-    order = group_order(n_neg, config.groups, config.group_seed)
-    dropped = torch.arange(order.shape[0], n_neg)  # group_order permutes the first n − (n mod G)
-    layout = torch.cat([order, dropped])  # column j of the logits is negative layout[j]
-    position = torch.empty_like(layout)
-    position[layout] = torch.arange(n_neg)
-    laid_out = negatives[layout].T.contiguous()
-    kept = order.shape[0]
-
-    star_columns = star_order = None
-    if config.role_aware:
-        if inputs.star_indices is None or inputs.star_indices.numel() == 0:
-            raise ValueError("role-aware scoring needs object-leaning negatives (N_obj)")
-        star_columns = position[inputs.star_indices]
-        if config.neg_topk is None:
-            star_order = group_order(star_columns.shape[0], config.groups, config.group_seed)
-            star_columns = star_columns[star_order]
-    with_background = inputs.background is not None and inputs.background_indices is not None
-    if with_background:
+    n_images = inputs.images.shape[0]
+    layout = NegativeLayout.build(negatives, inputs.star_indices, config)
+    background_negatives = None
+    if inputs.background is not None and inputs.background_indices is not None:
         if inputs.background_indices.numel() == 0:
             raise ValueError("P_align needs background-leaning negatives (N_bg)")
         background_negatives = negatives[inputs.background_indices]
     k_pos = min(config.multimatch_pos, classes.shape[0])
-    k_neg = min(config.multimatch_neg, n_neg)
-
+    k_neg = min(config.multimatch_neg, negatives.shape[0])
     out: dict[str, np.ndarray] = {name: np.full(n_images, np.nan) for name in SCORE_COLUMNS}
     out["pred_class"] = np.empty(n_images, dtype=np.int64)
-    top_pos = np.empty((n_images, k_pos), dtype=np.int64)
-    top_neg = np.empty((n_images, k_neg), dtype=np.int64)
-    top_neg_logits = np.empty((n_images, k_neg), dtype=np.float32)
-    step = chunk_rows(n_neg + classes.shape[0])
+    top = _TopMatches(
+        np.empty((n_images, k_pos), dtype=np.int64),
+        np.empty((n_images, k_neg), dtype=np.int64),
+        np.empty((n_images, k_neg), dtype=np.float32),
+    )
+    step = chunk_rows(negatives.shape[0] + classes.shape[0])
     for start in range(0, n_images, step):
-        stop = min(start + step, n_images)
-        x = unit_rows(inputs.images, start, stop)
-        cos_pos = x @ classes.T
-        pos_logits = LOGIT_SCALE * cos_pos
-        logits = (LOGIT_SCALE * x) @ laid_out  # scaling the rows first saves a pass over n×M
-        predicted = pos_logits.argmax(dim=-1)
-        out["pred_class"][start:stop] = predicted.numpy()
-        out["s_mcm"][start:stop] = mcm(cos_pos, config.mcm_temperature).numpy()
-        out["s_energy"][start:stop] = energy(pos_logits).numpy()
-        out["s_maxlogit"][start:stop] = max_logit(pos_logits).numpy()
-        plain = neglabel_grouped(pos_logits, logits[:, :kept], config.groups)
-        out["s_neglabel_plain"][start:stop] = plain.numpy()
-        if config.star_is_plain:
-            star = plain
-        elif config.neg_topk is not None:
-            star_logits = logits if star_columns is None else logits[:, star_columns]
-            star = neglabel_topk(pos_logits, star_logits, config.neg_topk)
-        else:
-            star = neglabel_grouped(pos_logits, logits[:, star_columns], config.groups)  # already grouped
-        out["s_neglabel_star"][start:stop] = star.numpy()
-        values, columns = torch.topk(logits, k_neg, dim=-1)
-        top_neg[start:stop] = layout[columns].numpy()
-        top_neg_logits[start:stop] = values.numpy()
-        top_pos[start:stop] = torch.topk(pos_logits, k_pos, dim=-1).indices.numpy()
-        if with_background:
-            aligned, pos, neg = p_align(
-                unit_rows(inputs.background, start, stop),
-                classes[predicted],
-                background_negatives,
-                config.align_topk,
-            )
-            out["p_align"][start:stop] = aligned.numpy()
-            out["s_bg_pos"][start:stop] = pos.numpy()
-            out["s_bg_neg"][start:stop] = neg.numpy()
+        rows = slice(start, min(start + step, n_images))
+        _score_chunk(inputs, config, classes, layout, background_negatives, rows, out, top)
         if on_chunk is not None:
-            on_chunk(stop - start)
-
+            on_chunk(rows.stop - rows.start)
     if encode_pairs is not None:
-        # pairs are positive-major (p0n0, p0n1, ...): pair (i, j) meets negative j
-        pair_negative_logits = torch.from_numpy(np.tile(top_neg_logits, (1, k_pos)))
-        rows = min(MULTIMATCH_CHUNK, chunk_rows(k_pos * k_neg * classes.shape[1]))
-        for start in range(0, n_images, rows):  # distinct pairs per chunk keep memory bounded
-            stop = min(start + rows, n_images)
-            pair_ids, pair_texts = distinct_pairs(
-                top_pos[start:stop], top_neg[start:stop], inputs.class_names, inputs.negative_names
-            )
-            features = encode_pairs(pair_texts).float()[torch.from_numpy(pair_ids)]
-            out["s_multimatch"][start:stop] = multimatch(
-                unit_rows(inputs.images, start, stop), features, pair_negative_logits[start:stop]
-            ).numpy()
-    if with_background and inputs.background_valid is not None:
+        out["s_multimatch"] = _multimatch_column(inputs, classes.shape[1], top, encode_pairs)
+    if background_negatives is not None and inputs.background_valid is not None:
         apply_invalid_cam_policy(out, ~inputs.background_valid.numpy(), config.invalid_cam)
     out["s_negrefine"] = out["s_neglabel_plain"] + config.multimatch_weight * out["s_multimatch"]
     return out
+
+
+def _score_chunk(
+    inputs: ScoreInputs,
+    config: ScoreConfig,
+    classes: torch.Tensor,
+    layout: NegativeLayout,
+    background_negatives: torch.Tensor | None,
+    rows: slice,
+    out: dict[str, np.ndarray],
+    top: _TopMatches,
+) -> None:
+    """The scores of one chunk of images, written into ``out`` (and ``top``) at ``rows``."""
+    x = unit_rows(inputs.images, rows.start, rows.stop)
+    cos_pos = x @ classes.T
+    pos_logits = LOGIT_SCALE * cos_pos
+    logits = (LOGIT_SCALE * x) @ layout.weights  # scaling the rows first saves a pass over n×M
+    predicted = pos_logits.argmax(dim=-1)
+    out["pred_class"][rows] = predicted.numpy()
+    out["s_mcm"][rows] = mcm(cos_pos, config.mcm_temperature).numpy()
+    out["s_energy"][rows] = energy(pos_logits).numpy()
+    out["s_maxlogit"][rows] = max_logit(pos_logits).numpy()
+    plain = neglabel_grouped(pos_logits, logits[:, : layout.kept], config.groups)
+    out["s_neglabel_plain"][rows] = plain.numpy()
+    if config.star_is_plain:
+        star = plain
+    elif config.neg_topk is not None:
+        star_logits = logits if layout.star_columns is None else logits[:, layout.star_columns]
+        star = neglabel_topk(pos_logits, star_logits, config.neg_topk)
+    else:
+        star = neglabel_grouped(pos_logits, logits[:, layout.star_columns], config.groups)  # already grouped
+    out["s_neglabel_star"][rows] = star.numpy()
+    values, columns = torch.topk(logits, top.negatives.shape[1], dim=-1)
+    top.negatives[rows] = layout.layout[columns].numpy()
+    top.negative_logits[rows] = values.numpy()
+    top.classes[rows] = torch.topk(pos_logits, top.classes.shape[1], dim=-1).indices.numpy()
+    if background_negatives is not None:
+        background = unit_rows(inputs.background, rows.start, rows.stop)
+        aligned, pos, neg = p_align(background, classes[predicted], background_negatives, config.align_topk)
+        out["p_align"][rows] = aligned.numpy()
+        out["s_bg_pos"][rows] = pos.numpy()
+        out["s_bg_neg"][rows] = neg.numpy()
+
+
+def _multimatch_column(
+    inputs: ScoreInputs, dim: int, top: _TopMatches, encode_pairs: Callable[[list[str]], torch.Tensor]
+) -> np.ndarray:
+    """NegRefine's multi-matching score of every image; the distinct "p and n" texts of a chunk of
+    images are encoded once (chunks keep the pair features' memory bounded)."""
+    n_images, k_pos = top.classes.shape
+    k_neg = top.negatives.shape[1]
+    # pairs are positive-major (p0n0, p0n1, ...): pair (i, j) meets negative j
+    pair_negative_logits = torch.from_numpy(np.tile(top.negative_logits, (1, k_pos)))
+    column = np.full(n_images, np.nan)
+    rows = min(MULTIMATCH_CHUNK, chunk_rows(k_pos * k_neg * dim))
+    for start in range(0, n_images, rows):
+        stop = min(start + rows, n_images)
+        pair_ids, pair_texts = distinct_pairs(
+            top.classes[start:stop], top.negatives[start:stop], inputs.class_names, inputs.negative_names
+        )
+        features = encode_pairs(pair_texts).float()[torch.from_numpy(pair_ids)]
+        column[start:stop] = multimatch(
+            unit_rows(inputs.images, start, stop), features, pair_negative_logits[start:stop]
+        ).numpy()
+    return column
 
 
 def apply_invalid_cam_policy(columns: dict[str, np.ndarray], invalid: np.ndarray, policy: str) -> None:

@@ -156,92 +156,24 @@ def evaluate(request: EvaluateRequest, workspace: Workspace, reporter: Reporter 
     return workspace.store.run(spec, lambda folder: _evaluate(request, folder, reporter), reporter)
 
 
+@dataclass
+class _Selection:
+    """What one evaluation computes: plain columns by method label, and whether NegAlign is in."""
+
+    columns: dict[str, str]
+    negalign: bool
+
+
 def _evaluate(request: EvaluateRequest, folder: Path, reporter: Reporter) -> dict:
-    id_frame = read_score_file(request.id_path)
-    ood_frames = {name: read_score_file(path) for name, path in request.oods}
-    frames = {"ID": id_frame, **ood_frames}
-    models = {
-        name: read_score_metadata(path).get("model")
-        for name, path in [("ID", request.id_path), *request.oods]
-    }
-    if len({m for m in models.values() if m}) > 1:
-        shown = ", ".join(f"{n}={m[:12]}" for n, m in models.items() if m)
-        raise NegalignError(f"score files come from different models ({shown})")
-
-    # which columns are evaluated: --score, --lambda (NegAlign), --compare (the method table); with
-    # none of them, the method's own score: NegAlign where P_align exists, else NegLabel*
-    negalign_ok = all(_usable(f, STAR) and _usable(f, ALIGN) for f in frames.values())
-    default_score = request.score_column is None and request.lambdas is None and not request.compare
-    wants_negalign = request.lambdas is not None or request.compare or (default_score and negalign_ok)
-    if request.lambdas is not None and not negalign_ok:
-        raise NegalignError(
-            f"--lambda needs the {STAR} and {ALIGN} columns in every file "
-            f"({ALIGN} is empty when `score` ran without `cam`)"
-        )
-    columns: dict[str, str] = {}
-    if request.score_column is not None:
-        columns[request.score_column] = request.score_column
-    if request.compare:
-        for method, column in METHODS.items():
-            if all(_usable(f, column) for f in frames.values()):
-                columns[method] = column
-            else:
-                reporter.info(f"{method}: column {column} missing or empty in a file, left out of the table")
-    if request.compare and not negalign_ok:
-        reporter.info(
-            f"{NEGALIGN}: needs {STAR} and {ALIGN} in every file (run `cam` before `score`), left out"
-        )
-    if default_score and not negalign_ok and all(_usable(f, STAR) for f in frames.values()):
-        columns["NegLabel*"] = STAR
-    if not columns and not (wants_negalign and negalign_ok):
-        raise NegalignError(
-            "nothing to evaluate: these files have no negalign score columns; give --score COLUMN"
-        )
-    needed = sorted(set(columns.values()) | ({STAR, ALIGN} if wants_negalign and negalign_ok else set()))
-    for name, frame in frames.items():
-        absent = [c for c in needed if c not in frame.columns]
-        if absent:
-            raise NegalignError(f"{name} score file lacks column(s) {', '.join(absent)}")
-
-    # rows whose CAM was invalid: counted; under `score --invalid-cam exclude` their P_align is
-    # undefined, and NegAlign cannot rank them, so they leave every method's evaluation (same rows)
-    cam_invalid, excluded = {}, {}
-    for name in list(frames):
-        frame = frames[name]
-        invalid = _invalid_cam(frame)
-        cam_invalid[name] = int(invalid.sum())
-        gone = (
-            invalid & pd.to_numeric(frame[ALIGN], errors="coerce").isna().to_numpy()
-            if (wants_negalign and negalign_ok)
-            else np.zeros(len(frame), dtype=bool)
-        )
-        excluded[name] = int(gone.sum())
-        if gone.any():
-            reporter.info(
-                f"{name}: {int(gone.sum())} row(s) with an invalid CAM excluded (--invalid-cam exclude)"
-            )
-            frames[name] = frame[~gone]
-
-    # non-finite scores
-    dropped = {}
-    for name in list(frames):
-        values = frames[name][needed].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
-        bad = ~np.isfinite(values).all(axis=1)
-        if bad.any():
-            if not request.drop_nonfinite:
-                raise NegalignError(
-                    f"{name}: {int(bad.sum())} row(s) have NaN/inf in {', '.join(needed)}; "
-                    "pass --drop-nonfinite to leave them out"
-                )
-            reporter.warn(f"{name}: left out {int(bad.sum())} row(s) with NaN/inf scores")
-            frames[name] = frames[name][~bad]
-        dropped[name] = int(bad.sum())
-        if frames[name].empty:
-            raise NegalignError(f"{name}: no rows left to evaluate")
-    id_frame, ood_frames = frames["ID"], {n: frames[n] for n in ood_frames}
-
-    def column(frame, name):
-        return pd.to_numeric(frame[name]).to_numpy(dtype=np.float64)
+    frames = _read_frames(request)
+    selection = _select(request, frames, reporter)
+    cam_invalid, excluded = _exclude_invalid_cams(frames, selection, reporter)
+    dropped = _drop_nonfinite(frames, _needed_columns(request, selection), request.drop_nonfinite, reporter)
+    id_frame = frames["ID"]
+    ood_frames = {name: frame for name, frame in frames.items() if name != "ID"}
+    calibration = _calibration(request, id_frame) if selection.negalign else None
+    sweeps = _sweeps(request, id_frame, ood_frames, calibration) if selection.negalign else {}
+    chosen, rule = _choose_lambdas(request, sweeps)
 
     results: dict[str, Any] = {
         "negalign_version": __version__,
@@ -257,74 +189,227 @@ def _evaluate(request: EvaluateRequest, folder: Path, reporter: Reporter) -> dic
         },
         "ood": {},
     }
-    calibration = None
-    if wants_negalign and negalign_ok and (request.scale_stabilize or request.calibration_path):
-        if request.calibration_path is not None:
-            calibration = _load_calibration(request.calibration_path)
-            source = str(request.calibration_path)
-        else:
-            calibration = fit_calibration(column(id_frame, STAR), column(id_frame, ALIGN))
-            source = "fitted on the ID set"
-        results["calibration"] = {**calibration, "source": source}
-    lambdas = request.lambdas or list(DEFAULT_LAMBDAS)
-    sweeps = {}
-    if wants_negalign and negalign_ok:
-        id_star, id_align = column(id_frame, STAR), column(id_frame, ALIGN)
-        for name, frame in ood_frames.items():
-            sweeps[name] = lambda_sweep(
-                id_star, id_align, column(frame, STAR), column(frame, ALIGN), lambdas, calibration
-            )
-    chosen: dict[str, float] = {}
-    if sweeps:
-        if request.select_on is not None:
-            lam = best_lambda(sweeps[request.select_on], request.convention)
-            chosen = {name: lam for name in ood_frames}
-            rule = f"best AUROC on the OOD set {request.select_on!r}, applied to every set"
-        else:
-            chosen = {name: best_lambda(sweep, request.convention) for name, sweep in sweeps.items()}
-            rule = "best AUROC on each test OOD set (the method document's protocol; optimistic)"
+    if calibration is not None:
+        results["calibration"] = calibration
+    if rule is not None:
         results["lambda_selection"] = {"rule": rule, "lambda": chosen}
-
-    rows = []
+    rows: list[dict] = []
     for name, frame in ood_frames.items():
-        block: dict[str, Any] = {
-            "file": str(dict(request.oods)[name]),
-            "n": len(frame),
-            "dropped_nonfinite": dropped[name],
-            "cam_invalid": cam_invalid[name],
-            "excluded_invalid_cam": excluded[name],
-            "statistics": {
-                "id": statistics(_stat_columns(id_frame)),
-                "ood": statistics(_stat_columns(frame)),
-            },
-            "methods": {},
-        }
-        for method, col in columns.items():
-            metrics = all_metrics(column(id_frame, col), column(frame, col))
-            block["methods"][method] = {"column": col, "metrics": metrics}
-            rows.append(_row(name, method, None, metrics, request.convention))
-        if name in sweeps:
-            sweep = sweeps[name]
-            block["best_lambda"] = best_lambda(sweep, request.convention)
-            block["best_auroc"] = sweep[block["best_lambda"]][request.convention]["auroc"]
-            block["lambda_sweep"] = {str(lam): {"lambda": lam, "metrics": m} for lam, m in sweep.items()}
-            lam = chosen[name]
-            block["methods"][NEGALIGN] = {
-                "column": f"{STAR} + λ·{ALIGN}",
-                "lambda": lam,
-                "metrics": sweep[lam],
-            }
-            rows.append(_row(name, NEGALIGN, lam, sweep[lam], request.convention))
-            for other, metrics in sweep.items():
-                rows.append(_row(name, f"{NEGALIGN} sweep", other, metrics, request.convention))
+        block = _ood_block(
+            request, name, id_frame, frame, selection, sweeps.get(name), chosen.get(name), rows
+        )
+        block.update(
+            dropped_nonfinite=dropped[name],
+            cam_invalid=cam_invalid[name],
+            excluded_invalid_cam=excluded[name],
+        )
         results["ood"][name] = block
     results["mean"] = _mean_block(results["ood"], request.convention)
-    if "lambda_sweep" in results["mean"]:  # the method document's top-level keys
+    if "lambda_sweep" in results["mean"]:  # the method's published top-level keys
         for key in ("best_lambda", "best_auroc", "lambda_sweep"):
             results[key] = results["mean"][key]
     results["statistics"] = {"id": statistics(_stat_columns(id_frame))}
     for name, frame in ood_frames.items():
         results["statistics"][f"ood:{name}"] = statistics(_stat_columns(frame))
+    _write_outputs(folder, request, results, rows, id_frame, ood_frames, selection, chosen, calibration)
+    return {"counts": {"id": len(id_frame), **{f"ood:{n}": len(f) for n, f in ood_frames.items()}}}
+
+
+def _read_frames(request: EvaluateRequest) -> dict[str, pd.DataFrame]:
+    """The ID and OOD score files (ID first), refusing files made by different models."""
+    frames = {"ID": read_score_file(request.id_path)}
+    frames.update({name: read_score_file(path) for name, path in request.oods})
+    models = {
+        name: read_score_metadata(path).get("model")
+        for name, path in [("ID", request.id_path), *request.oods]
+    }
+    if len({m for m in models.values() if m}) > 1:
+        shown = ", ".join(f"{n}={m[:12]}" for n, m in models.items() if m)
+        raise NegalignError(f"score files come from different models ({shown})")
+    return frames
+
+
+def _select(request: EvaluateRequest, frames: dict[str, pd.DataFrame], reporter: Reporter) -> _Selection:
+    """Which columns are evaluated: --score, --lambda (NegAlign), --compare (the method table);
+    with none of them, the method's own score: NegAlign where P_align exists, else NegLabel*."""
+    negalign_ok = all(_usable(f, STAR) and _usable(f, ALIGN) for f in frames.values())
+    default_score = request.score_column is None and request.lambdas is None and not request.compare
+    if request.lambdas is not None and not negalign_ok:
+        raise NegalignError(
+            f"--lambda needs the {STAR} and {ALIGN} columns in every file "
+            f"({ALIGN} is empty when `score` ran without `cam`)"
+        )
+    columns: dict[str, str] = {}
+    if request.score_column is not None:
+        columns[request.score_column] = request.score_column
+    if request.compare:
+        for method, column in METHODS.items():
+            if all(_usable(f, column) for f in frames.values()):
+                columns[method] = column
+            else:
+                reporter.info(f"{method}: column {column} missing or empty in a file, left out of the table")
+        if not negalign_ok:
+            reporter.info(
+                f"{NEGALIGN}: needs {STAR} and {ALIGN} in every file (run `cam` before `score`), left out"
+            )
+    if default_score and not negalign_ok and all(_usable(f, STAR) for f in frames.values()):
+        columns["NegLabel*"] = STAR
+    negalign = negalign_ok and (request.lambdas is not None or request.compare or default_score)
+    if not columns and not negalign:
+        raise NegalignError(
+            "nothing to evaluate: these files have no negalign score columns; give --score COLUMN"
+        )
+    for name, frame in frames.items():
+        absent = [
+            c for c in _needed_columns(request, _Selection(columns, negalign)) if c not in frame.columns
+        ]
+        if absent:
+            present = ", ".join(map(str, frame.columns))
+            raise NegalignError(f"{name} score file lacks column(s) {', '.join(absent)}; it has {present}")
+    return _Selection(columns, negalign)
+
+
+def _needed_columns(request: EvaluateRequest, selection: _Selection) -> list[str]:
+    return sorted(set(selection.columns.values()) | ({STAR, ALIGN} if selection.negalign else set()))
+
+
+def _exclude_invalid_cams(
+    frames: dict[str, pd.DataFrame], selection: _Selection, reporter: Reporter
+) -> tuple[dict[str, int], dict[str, int]]:
+    """Count rows with an invalid CAM per set; under `score --invalid-cam exclude` their P_align is
+    undefined and NegAlign cannot rank them, so they leave every method's evaluation (same rows)."""
+    cam_invalid, excluded = {}, {}
+    for name in list(frames):
+        frame = frames[name]
+        invalid = _invalid_cam(frame)
+        cam_invalid[name] = int(invalid.sum())
+        gone = (
+            invalid & pd.to_numeric(frame[ALIGN], errors="coerce").isna().to_numpy()
+            if selection.negalign
+            else None
+        )
+        excluded[name] = int(gone.sum()) if gone is not None else 0
+        if gone is not None and gone.any():
+            reporter.info(
+                f"{name}: {excluded[name]} row(s) with an invalid CAM excluded (--invalid-cam exclude)"
+            )
+            frames[name] = frame[~gone]
+    return cam_invalid, excluded
+
+
+def _drop_nonfinite(
+    frames: dict[str, pd.DataFrame], needed: list[str], drop: bool, reporter: Reporter
+) -> dict[str, int]:
+    """NaN/inf in an evaluated column is an error, or (``--drop-nonfinite``) the row is left out."""
+    dropped = {}
+    for name in list(frames):
+        values = frames[name][needed].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+        bad = ~np.isfinite(values).all(axis=1)
+        if bad.any():
+            if not drop:
+                raise NegalignError(
+                    f"{name}: {int(bad.sum())} row(s) have NaN/inf in {', '.join(needed)}; "
+                    "pass --drop-nonfinite to leave them out"
+                )
+            reporter.warn(f"{name}: left out {int(bad.sum())} row(s) with NaN/inf scores")
+            frames[name] = frames[name][~bad]
+        dropped[name] = int(bad.sum())
+        if frames[name].empty:
+            raise NegalignError(f"{name}: no rows left to evaluate")
+    return dropped
+
+
+def _values(frame: pd.DataFrame, name: str) -> np.ndarray:
+    return pd.to_numeric(frame[name]).to_numpy(dtype=np.float64)
+
+
+def _calibration(request: EvaluateRequest, id_frame: pd.DataFrame) -> dict | None:
+    """M3's statistics: from --calibration FILE, or fitted on the ID set; None without M3."""
+    if request.calibration_path is not None:
+        return {**_load_calibration(request.calibration_path), "source": str(request.calibration_path)}
+    if request.scale_stabilize:
+        return {
+            **fit_calibration(_values(id_frame, STAR), _values(id_frame, ALIGN)),
+            "source": "fitted on the ID set",
+        }
+    return None
+
+
+def _sweeps(
+    request: EvaluateRequest,
+    id_frame: pd.DataFrame,
+    ood_frames: dict[str, pd.DataFrame],
+    calibration: dict | None,
+) -> dict[str, dict[float, dict]]:
+    lambdas = request.lambdas or list(DEFAULT_LAMBDAS)
+    id_star, id_align = _values(id_frame, STAR), _values(id_frame, ALIGN)
+    return {
+        name: lambda_sweep(
+            id_star, id_align, _values(frame, STAR), _values(frame, ALIGN), lambdas, calibration
+        )
+        for name, frame in ood_frames.items()
+    }
+
+
+def _choose_lambdas(request: EvaluateRequest, sweeps: dict[str, dict]) -> tuple[dict[str, float], str | None]:
+    """λ per OOD set: the best on each set (the method's protocol, optimistic), or the best on
+    the validation set ``--select-lambda-on`` applied to every set."""
+    if not sweeps:
+        return {}, None
+    if request.select_on is not None:
+        lam = best_lambda(sweeps[request.select_on], request.convention)
+        return {
+            name: lam for name in sweeps
+        }, f"best AUROC on the OOD set {request.select_on!r}, applied to every set"
+    chosen = {name: best_lambda(sweep, request.convention) for name, sweep in sweeps.items()}
+    return chosen, "best AUROC on each test OOD set (the method's published protocol; optimistic)"
+
+
+def _ood_block(
+    request: EvaluateRequest,
+    name: str,
+    id_frame: pd.DataFrame,
+    frame: pd.DataFrame,
+    selection: _Selection,
+    sweep: dict[float, dict] | None,
+    lam: float | None,
+    rows: list[dict],
+) -> dict[str, Any]:
+    """One OOD set's results (and its rows of metrics.csv, appended to ``rows``)."""
+    block: dict[str, Any] = {
+        "file": str(dict(request.oods)[name]),
+        "n": len(frame),
+        "statistics": {"id": statistics(_stat_columns(id_frame)), "ood": statistics(_stat_columns(frame))},
+        "methods": {},
+    }
+    for method, column in selection.columns.items():
+        metrics = all_metrics(_values(id_frame, column), _values(frame, column))
+        block["methods"][method] = {"column": column, "metrics": metrics}
+        rows.append(_row(name, method, None, metrics, request.convention))
+    if sweep is not None and lam is not None:
+        block["best_lambda"] = best_lambda(sweep, request.convention)
+        block["best_auroc"] = sweep[block["best_lambda"]][request.convention]["auroc"]
+        block["lambda_sweep"] = {str(value): {"lambda": value, "metrics": m} for value, m in sweep.items()}
+        block["methods"][NEGALIGN] = {"column": f"{STAR} + λ·{ALIGN}", "lambda": lam, "metrics": sweep[lam]}
+        rows.append(_row(name, NEGALIGN, lam, sweep[lam], request.convention))
+        for other, metrics in sweep.items():
+            rows.append(_row(name, f"{NEGALIGN} sweep", other, metrics, request.convention))
+    return block
+
+
+def _write_outputs(
+    folder: Path,
+    request: EvaluateRequest,
+    results: dict,
+    rows: list[dict],
+    id_frame: pd.DataFrame,
+    ood_frames: dict[str, pd.DataFrame],
+    selection: _Selection,
+    chosen: dict[str, float],
+    calibration: dict | None,
+) -> None:
+    """results.json, metrics.csv (per set and the mean), roc.png and score_hist.png."""
+    from negalign_cli.stages.plots import plot_histograms, plot_roc
 
     (folder / files.RESULTS).write_text(json.dumps(results, indent=2, sort_keys=False), encoding="utf-8")
     mean_rows = [
@@ -332,32 +417,30 @@ def _evaluate(request: EvaluateRequest, folder: Path, reporter: Reporter) -> dic
         for m, b in results["mean"]["methods"].items()
     ]
     pd.DataFrame(rows + mean_rows).to_csv(folder / files.METRICS, index=False, float_format="%.4f")
-    from negalign_cli.stages.plots import plot_histograms, plot_roc
-
-    main_method = NEGALIGN if sweeps else next(iter(columns))
+    main_method = NEGALIGN if selection.negalign else next(iter(selection.columns))
     plot_roc(
         folder / files.ROC_PLOT,
-        _scores_for(main_method, id_frame, chosen, calibration, columns, column),
+        _scores_for(main_method, id_frame, chosen, calibration, selection.columns),
         {
-            n: _scores_for(main_method, f, chosen, calibration, columns, column, n)
+            n: _scores_for(main_method, f, chosen, calibration, selection.columns, n)
             for n, f in ood_frames.items()
         },
         title=main_method,
     )
+    frames = {"ID": id_frame, **ood_frames}
     components = [
         c
         for c in (*METHODS.values(), ALIGN, request.score_column)
         if c and all(_usable(f, c) for f in frames.values())
     ]
     plot_histograms(folder / files.HISTOGRAM_PLOT, id_frame, ood_frames, list(dict.fromkeys(components)))
-    return {"counts": {"id": len(id_frame), **{f"ood:{n}": len(f) for n, f in ood_frames.items()}}}
 
 
-def _scores_for(method, frame, chosen, calibration, columns, column, name=None):
+def _scores_for(method, frame, chosen, calibration, columns, name=None) -> np.ndarray:
     if method == NEGALIGN:
         lam = chosen[name] if name is not None else next(iter(chosen.values()))
-        return final_score(column(frame, STAR), column(frame, ALIGN), lam, calibration)
-    return column(frame, columns[method])
+        return final_score(_values(frame, STAR), _values(frame, ALIGN), lam, calibration)
+    return _values(frame, columns[method])
 
 
 def _stat_columns(frame: pd.DataFrame) -> dict[str, np.ndarray]:

@@ -14,6 +14,7 @@ The model fingerprint and the score configuration travel in the parquet metadata
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -191,62 +192,19 @@ def score_images(
 
     def compute(folder):
         table, embeddings, background, cam = _load_images(image_set)
-        noun_templates = load_templates("noun")
-        class_features = text_embeddings(
-            model, classes.words, noun_templates, workspace, batch_size=batch_size, reporter=reporter
-        ).vectors
-        features = negative_features(model, negatives, workspace, batch_size=batch_size, reporter=reporter)
-        star = torch.from_numpy(negatives.indices(*star_roles(config))) if config.role_aware else None
-        background_indices = None
-        if background is not None:
-            if negatives.roles is None:
-                reporter.warn(
-                    "P_align needs background negatives: pass --negatives-split DIR; P_align left empty"
-                )
-                background = None
-            else:
-                background_indices = torch.from_numpy(negatives.indices(ROLE_BACKGROUND))
-        inputs_ = ScoreInputs(
-            images=embeddings,
-            classes=torch.from_numpy(class_features),
-            negatives=torch.from_numpy(features),
-            class_names=classes.words,
-            negative_names=negatives.words,
-            star_indices=star,
-            background=background,
-            background_valid=None
-            if cam is None
-            else torch.from_numpy(cam["cam_valid"].to_numpy(dtype=bool).copy()),
-            background_indices=background_indices,
-        )
-
-        def encode_pairs(texts):
-            reporter.info(f"multi-matching: {len(texts)} distinct 'p and n' texts")
-            vectors = text_embeddings(
-                model, texts, noun_templates, workspace, batch_size=batch_size, reporter=reporter
-            ).vectors
-            return torch.from_numpy(vectors)
-
+        if background is not None and negatives.roles is None:
+            reporter.warn(
+                "P_align needs background negatives: pass --negatives-split DIR; P_align left empty"
+            )
+            background = cam = None
+        texts = _TextEncoder(model, workspace, batch_size, reporter)
+        inputs_ = _score_inputs(embeddings, background, cam, classes, negatives, config, texts)
         label = f"scoring {len(embeddings)} distinct images" + (
             f" ({len(table)} paths)" if len(table) != len(embeddings) else ""
         )
         with reporter.progress(label, len(embeddings)) as advance:
-            columns = compute_scores(inputs_, config, encode_pairs if multimatch else None, on_chunk=advance)
-        rows = table["row"].to_numpy()  # scores are per distinct content; copies share them
-        frame = pd.DataFrame(
-            {
-                "row": rows,
-                "path": table["path"].astype(str).to_numpy(),
-                "label": table["label"].to_numpy() if "label" in table else None,
-                "pred_class": columns["pred_class"][rows],
-                "pred_name": np.array(classes.words, dtype=object)[columns["pred_class"][rows]],
-                **{k: v[rows] for k, v in columns.items() if k != "pred_class"},
-                "cam_valid": cam["cam_valid"].to_numpy(dtype=bool)[rows] if cam is not None else None,
-            }
-        )
-        if background is None:
-            frame[list(cam_columns())] = None
-            frame["cam_valid"] = None
+            columns = compute_scores(inputs_, config, texts.pairs if multimatch else None, on_chunk=advance)
+        frame = _scores_frame(table, columns, classes, cam)
         write_scores(frame, folder / files.SCORES, {"model": model.fingerprint, "config": params})
         counts = {
             "images": len(frame),
@@ -254,15 +212,96 @@ def score_images(
             "negatives": len(negatives.words),
             "classes": len(classes),
         }
-        if config.role_aware:
-            counts["star_negatives"] = int(star.numel())
-        if background_indices is not None:
-            counts["background_negatives"] = int(background_indices.numel())
+        if inputs_.star_indices is not None:
+            counts["star_negatives"] = int(inputs_.star_indices.numel())
+        if inputs_.background_indices is not None:
+            counts["background_negatives"] = int(inputs_.background_indices.numel())
             counts["cam_valid"] = int(frame["cam_valid"].sum())
             counts["cam_invalid"] = int((~frame["cam_valid"].astype(bool)).sum())
         return {"counts": counts, "model": model.describe(), "images_dir": str(image_set.folder)}
 
     return workspace.store.run(spec, compute, reporter)
+
+
+@dataclass
+class _TextEncoder:
+    """Class, negative and "p and n" features through the per-word cache (noun templates)."""
+
+    model: LoadedModel
+    workspace: Workspace
+    batch_size: int
+    reporter: Reporter
+
+    def words(self, words: Sequence[str]) -> torch.Tensor:
+        vectors = text_embeddings(
+            self.model,
+            list(words),
+            load_templates("noun"),
+            self.workspace,
+            batch_size=self.batch_size,
+            reporter=self.reporter,
+        ).vectors
+        return torch.from_numpy(vectors)
+
+    def negatives(self, negatives: NegativeVocab) -> torch.Tensor:
+        features = negative_features(
+            self.model, negatives, self.workspace, batch_size=self.batch_size, reporter=self.reporter
+        )
+        return torch.from_numpy(features)
+
+    def pairs(self, texts: list[str]) -> torch.Tensor:
+        self.reporter.info(f"multi-matching: {len(texts)} distinct 'p and n' texts")
+        return self.words(texts)
+
+
+def _score_inputs(
+    embeddings: np.ndarray,
+    background: np.ndarray | None,
+    cam: pd.DataFrame | None,
+    classes: WordList,
+    negatives: NegativeVocab,
+    config: ScoreConfig,
+    texts: _TextEncoder,
+) -> ScoreInputs:
+    """Everything ``compute_scores`` reads: the image rows (memory-mapped), the text features, and
+    which negatives form N_obj (M2) and N_bg (P_align)."""
+    star = torch.from_numpy(negatives.indices(*star_roles(config))) if config.role_aware else None
+    with_background = background is not None and cam is not None
+    return ScoreInputs(
+        images=embeddings,
+        classes=texts.words(classes.words),
+        negatives=texts.negatives(negatives),
+        class_names=classes.words,
+        negative_names=negatives.words,
+        star_indices=star,
+        background=background if with_background else None,
+        background_valid=torch.from_numpy(cam["cam_valid"].to_numpy(dtype=bool).copy())
+        if with_background
+        else None,
+        background_indices=torch.from_numpy(negatives.indices(ROLE_BACKGROUND)) if with_background else None,
+    )
+
+
+def _scores_frame(
+    table: pd.DataFrame, columns: dict[str, np.ndarray], classes: WordList, cam: pd.DataFrame | None
+) -> pd.DataFrame:
+    """One row per listed path: scores are per distinct content, so byte-identical copies share them."""
+    rows = table["row"].to_numpy()
+    predicted = columns["pred_class"][rows]
+    frame = pd.DataFrame(
+        {
+            "row": rows,
+            "path": table["path"].astype(str).to_numpy(),
+            "label": table["label"].to_numpy() if "label" in table else None,
+            "pred_class": predicted,
+            "pred_name": np.array(classes.words, dtype=object)[predicted],
+            **{name: values[rows] for name, values in columns.items() if name != "pred_class"},
+            "cam_valid": cam["cam_valid"].to_numpy(dtype=bool)[rows] if cam is not None else None,
+        }
+    )
+    if cam is None:
+        frame[list(cam_columns())] = None
+    return frame
 
 
 def write_scores(frame: pd.DataFrame, path: Path, metadata: dict) -> None:

@@ -105,35 +105,20 @@ def mine_negatives(
             )
 
         class_features = embed(list(classes.words), noun_templates)
-        frames = []
-        kept_lists = {}
+        frames, kept_lists = [], {}
         for kind, words, sources, templates in (
             ("noun", candidates.nouns, candidates.noun_sources, noun_templates),
             ("adj", candidates.phrases, candidates.adjective_sources, adjective_templates),
         ):
-            if not words:
-                kept_lists[kind] = []
-                continue
-            similarity = class_similarity(embed(words, templates), class_features, quantile, saturate_above)
-            keep = least_similar(similarity, top_p).numpy()
-            rank = np.full(len(words), -1)
-            rank[keep] = np.arange(len(keep))
-            kept_lists[kind] = [words[i] for i in keep]
-            frames.append(
-                pd.DataFrame(
-                    {
-                        "word": words,
-                        "kind": kind,
-                        "source": sources,
-                        "similarity": similarity.numpy().astype(np.float64),
-                        "kept": rank >= 0,
-                        "rank": rank,
-                    }
-                )
+            frame = _rank_candidates(
+                kind, words, sources, embed, templates, class_features, quantile, saturate_above, top_p
             )
+            frames.append(frame)
+            kept = frame[frame["kept"]].sort_values("rank")
+            kept_lists[kind] = kept["word"].tolist()
         _write_lines(folder / files.NEG_LABELS_NOUN, kept_lists["noun"])
         _write_lines(folder / files.NEG_LABELS_ADJ, kept_lists["adj"])
-        pd.concat(frames, ignore_index=True).to_csv(
+        pd.concat([f for f in frames if len(f)], ignore_index=True).to_csv(
             folder / files.MINING_SCORES, index=False, float_format="%.8f"
         )
         return {
@@ -150,6 +135,37 @@ def mine_negatives(
         }
 
     return workspace.store.run(spec, compute, reporter)
+
+
+def _rank_candidates(
+    kind: str,
+    words: Sequence[str],
+    sources: Sequence[str],
+    embed,
+    templates: TemplateSet,
+    class_features: torch.Tensor,
+    quantile: float,
+    saturate_above: float,
+    top_p: float,
+) -> pd.DataFrame:
+    """mining_scores.csv rows of one kind: each candidate's similarity to the ID classes, whether
+    it is kept (the ``top_p`` least similar) and its rank among the kept."""
+    if not words:
+        return pd.DataFrame(columns=["word", "kind", "source", "similarity", "kept", "rank"])
+    similarity = class_similarity(embed(list(words), templates), class_features, quantile, saturate_above)
+    keep = least_similar(similarity, top_p).numpy()
+    rank = np.full(len(words), -1)
+    rank[keep] = np.arange(len(keep))
+    return pd.DataFrame(
+        {
+            "word": list(words),
+            "kind": kind,
+            "source": list(sources),
+            "similarity": similarity.numpy().astype(np.float64),
+            "kept": rank >= 0,
+            "rank": rank,
+        }
+    )
 
 
 # ----------------------------------------------------------------------------- split
