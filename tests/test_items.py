@@ -56,3 +56,28 @@ def test_evict_by_model_and_by_age(tmp_path):
     assert store.evict_older_than(3600) == 0
     assert store.evict_older_than(-1, dry_run=True) == 1 and store.count() == 1
     assert store.evict_older_than(-1) == 1 and store.count() == 0
+
+
+def test_namespace_records_need_no_scan_and_age_is_last_use(tmp_path, monkeypatch):
+    """`cache ls` reads the small namespace index, never every key; `--items-older-than` drops the
+    namespaces no run has used for that long, whatever their vectors' age."""
+    import negalign_cli.cache.items as items_module
+
+    clock = [1_000_000.0]
+    monkeypatch.setattr(items_module.time, "time", lambda: clock[0])
+    store = ItemStore(tmp_path)
+    old = store.namespace("text", "old-model", {}, dim=2)
+    used = store.namespace("text", "used-model", {}, dim=2)
+    old.put_many(["a", "b", "c"], np.ones((3, 2), np.float32))
+    used.put_many(["a"], np.ones((1, 2), np.float32))
+    used.put_many(["a"], np.ones((1, 2), np.float32))  # already there: not counted twice
+    clock[0] += 10 * 86400
+    ItemStore(tmp_path).namespace("text", "used-model", {}, dim=2).get_many(["a"])  # a run looks it up
+    monkeypatch.setattr(store.cache, "iterkeys", lambda *a, **k: pytest.fail("scanned every key"))
+    records = {info.model: info for info in store.namespaces()}
+    assert records["old-model"].count == 3 and records["used-model"].count == 1
+    assert store.count() == 4
+    assert store.evict_older_than(5 * 86400, dry_run=True) == 3
+    assert store.evict_older_than(5 * 86400) == 3
+    assert [info.model for info in store.namespaces()] == ["used-model"] and store.count() == 1
+    assert used.get_many(["a"])[1].all() and not old.get_many(["a"])[1].any()

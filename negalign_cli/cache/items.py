@@ -2,17 +2,22 @@
 
 A *namespace* fixes everything a vector depends on except the item itself (kind, model
 fingerprint, precision, templates or preprocessing, stage parameters); an item is a word or an
-image content digest. Vectors live in one diskcache ``Cache`` with eviction disabled, keyed
-``"<namespace>:<item digest>"`` and tagged with the namespace, so that a whole model's entries can
-be evicted at once. Namespace descriptions are stored under ``"ns:<namespace>"``.
+image content digest. Vectors live in one diskcache ``Cache`` under ``<cache>/items`` with
+eviction disabled, keyed ``"<namespace>:<item digest>"`` and tagged with the namespace, so that a
+whole namespace can be evicted at once through diskcache's tag index.
+
+Namespace records live apart, in a small ``diskcache.Index`` under ``<cache>/item-namespaces``:
+the description, how many vectors it holds, when it was created and when it was last used. So
+``cache ls`` reads a handful of records instead of scanning every key, and age-based pruning
+needs no query against diskcache's private SQLite schema: ``--items-older-than`` drops the
+namespaces (model + settings) that no run has used for that long.
 """
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +27,10 @@ from filelock import FileLock
 
 from negalign_cli.hashing import canonical_json, sha256_text
 
-NAMESPACE_PREFIX = "ns:"
 # Vectors are small (a few KiB); keep every one inside SQLite rather than as side files.
 _INLINE_LIMIT = 1 << 20
 _SIZE_LIMIT = 1 << 62
+_TOUCH_EVERY = 60.0  # seconds between updates of a namespace's last-used time
 
 
 def item_digest(item: str) -> str:
@@ -42,15 +47,20 @@ class NamespaceInfo:
     dim: int
     dtype: str
     created: float
+    count: int = 0  # vectors stored
+    last_used: float = 0.0  # time of the last put or lookup (seconds since the epoch)
 
 
 class ItemStore:
-    """One diskcache ``Cache`` (eviction off) under ``<cache root>/items``."""
+    """The vectors (``<cache>/items``) and the namespace records (``<cache>/item-namespaces``)."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self.path = self.root / "items"
+        self.records_path = self.root / "item-namespaces"
         self._cache: diskcache.Cache | None = None
+        self._records: diskcache.Index | None = None
+        self._touched: dict[str, float] = {}
 
     @property
     def cache(self) -> diskcache.Cache:
@@ -68,10 +78,19 @@ class ItemStore:
                 )
         return self._cache
 
+    @property
+    def records(self) -> diskcache.Index:
+        if self._records is None:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(self.root / "items-open.lock")):
+                self._records = diskcache.Index(str(self.records_path))
+        return self._records
+
     def close(self) -> None:
-        if self._cache is not None:
-            self._cache.close()
-            self._cache = None
+        for handle in (self._cache, self._records and self._records.cache):
+            if handle is not None:
+                handle.close()
+        self._cache = self._records = None
 
     def namespace(
         self, kind: str, model: str, params: Mapping[str, Any], dim: int, dtype: str = "float32"
@@ -80,54 +99,47 @@ class ItemStore:
         ns_id = sha256_text(canonical_json(description))[:24]
         return Namespace(self, NamespaceInfo(ns_id, kind, model, dict(params), int(dim), dtype, time.time()))
 
+    # -------------------------------------------------------------- records
+    def record_use(self, info: NamespaceInfo, added: int = 0) -> None:
+        """Create or update a namespace's record: count += added, last used = now."""
+        now = time.time()
+        with self.records.transact():
+            stored = self.records.get(info.id)
+            current = NamespaceInfo(**stored) if stored is not None else info
+            self.records[info.id] = asdict(replace(current, count=current.count + added, last_used=now))
+        self._touched[info.id] = now
+
+    def touch(self, info: NamespaceInfo) -> None:
+        """Mark a namespace as in use (at most once a minute per process: lookups stay cheap)."""
+        if time.time() - self._touched.get(info.id, 0.0) >= _TOUCH_EVERY and info.id in self.records:
+            self.record_use(info)
+
     # -------------------------------------------------------------- browse/gc
     def namespaces(self) -> list[NamespaceInfo]:
-        found = []
-        for key in self.cache.iterkeys():
-            if isinstance(key, str) and key.startswith(NAMESPACE_PREFIX):
-                found.append(NamespaceInfo(**self.cache[key]))
-        return found
+        return [NamespaceInfo(**record) for record in self.records.values()]
 
     def count(self) -> int:
-        return len(self.cache) - len(self.namespaces())
+        """Vectors stored, all namespaces together (diskcache keeps this number: no scan)."""
+        return len(self.cache)
 
-    def evict_model(self, model_prefix: str, dry_run: bool = False) -> int:
-        """Remove every entry of every namespace whose model fingerprint starts with the prefix."""
+    def _evict(self, infos: list[NamespaceInfo], dry_run: bool) -> int:
         removed = 0
-        for info in self.namespaces():
-            if not info.model.startswith(model_prefix):
-                continue
+        for info in infos:
             if dry_run:
-                removed += self._count_tag(info.id)
-            else:
-                removed += self.cache.evict(info.id)
-                self.cache.delete(NAMESPACE_PREFIX + info.id)
+                removed += info.count
+                continue
+            removed += self.cache.evict(info.id)
+            self.records.pop(info.id, None)
         return removed
 
-    def _count_tag(self, tag: str) -> int:
-        with self._read_connection() as con:
-            return con.execute("SELECT COUNT(*) FROM Cache WHERE tag = ?", (tag,)).fetchone()[0]
+    def evict_model(self, model_prefix: str, dry_run: bool = False) -> int:
+        """Remove every vector of every namespace whose model fingerprint starts with the prefix."""
+        return self._evict([i for i in self.namespaces() if i.model.startswith(model_prefix)], dry_run)
 
     def evict_older_than(self, seconds: float, dry_run: bool = False) -> int:
-        """Remove entries stored more than ``seconds`` ago (namespace descriptions are kept)."""
+        """Remove the vectors of the namespaces no run has used for more than ``seconds``."""
         cutoff = time.time() - seconds
-        # diskcache keeps the store time of each row in its SQLite table; its public API does not
-        # expose a query by it, so read the keys directly (read-only) and delete through the API.
-        with self._read_connection() as con:
-            keys = [
-                row[0]
-                for row in con.execute("SELECT key FROM Cache WHERE store_time < ?", (cutoff,))
-                if isinstance(row[0], str) and not row[0].startswith(NAMESPACE_PREFIX)
-            ]
-        if not dry_run:
-            with self.cache.transact():
-                for key in keys:
-                    self.cache.delete(key)
-        return len(keys)
-
-    def _read_connection(self) -> sqlite3.Connection:
-        self.cache  # noqa: B018 - make sure the database exists
-        return sqlite3.connect(f"file:{self.path / 'cache.db'}?mode=ro", uri=True)
+        return self._evict([i for i in self.namespaces() if i.last_used < cutoff], dry_run)
 
 
 class Namespace:
@@ -147,6 +159,7 @@ class Namespace:
 
     def get_many(self, items: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Return (vectors ``(n, dim)``, found mask ``(n,)``); rows not found are zero."""
+        self.store.touch(self.info)
         vectors = np.zeros((len(items), self.info.dim), dtype=self._dtype)
         found = np.zeros(len(items), dtype=bool)
         cache = self.store.cache
@@ -164,9 +177,8 @@ class Namespace:
             raise ValueError(f"expected vectors of shape {(len(items), self.info.dim)}, got {vectors.shape}")
         cache = self.store.cache
         tag = self.info.id
+        added = 0
         with cache.transact():
-            ns_key = NAMESPACE_PREFIX + tag
-            if ns_key not in cache:
-                cache.set(ns_key, self.info.__dict__)
             for key, vector in zip(self._keys(items), vectors, strict=True):
-                cache.set(key, vector.tobytes(), tag=tag)
+                added += bool(cache.add(key, vector.tobytes(), tag=tag))
+        self.store.record_use(self.info, added)

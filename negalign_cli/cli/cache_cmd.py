@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -61,10 +62,13 @@ def ls(
     stdout().print(table)
     if namespaces:
         items = Table(title="per-item vectors", title_justify="left")
-        for column in ("kind", "namespace", "model", "dim", "dtype"):
-            items.add_column(column)
+        for column in ("kind", "namespace", "model", "dim", "dtype", "vectors", "last used (UTC)"):
+            items.add_column(column, justify="right" if column == "vectors" else "left")
         for info in namespaces:
-            items.add_row(info.kind, info.id[:12], info.model[:16], str(info.dim), info.dtype)
+            used = datetime.fromtimestamp(info.last_used, timezone.utc).strftime("%Y-%m-%d %H:%M")
+            items.add_row(
+                info.kind, info.id[:12], info.model[:16], str(info.dim), info.dtype, str(info.count), used
+            )
         stdout().print(items)
         stdout().print(f"{workspace.items.count()} vector(s) in {len(namespaces)} namespace(s)")
 
@@ -92,7 +96,8 @@ def gc(
         str | None,
         typer.Option(
             "--items-older-than",
-            help="Also drop per-item vectors stored longer ago (90m, 12h, 30d).",
+            help="Also drop the per-item vectors of namespaces (model + settings) unused for this long "
+            "(90m, 12h, 30d).",
             show_default=False,
         ),
     ] = None,
