@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Scoring throughput from cached embeddings (DESIGN.md §6 target: ≥ 20,000 images/s on 2 CPU cores
+"""Scoring throughput from cached embeddings (target: ≥ 20,000 images/s on 2 CPU cores
 with 1000 classes and 10,000 negatives) and peak memory.
 
 usage: python benchmarks/score_speed.py [--images 20000] [--classes 1000] [--negatives 10000] [--dim 512]

@@ -64,7 +64,7 @@ def test_lambda_sweep_equals_recomputation(files, workspace):
             "NegLabel*",
             "NegAlign",
         }
-    # the method document's schema, plus the mean block and the metric definitions
+    # NegAlign's results.json schema, plus the mean block and the metric definitions
     for key in (
         "config",
         "best_lambda",

@@ -45,7 +45,7 @@ def test_cam_localises_better_than_both_baselines(toy):
     assert best >= iou["random map"] + 0.25  # card: against 0.095
     assert (
         iou["gradcam block -1"] > iou["random map"]
-    )  # card: 0.188, below the centre prior (as DESIGN.md §9)
+    )  # card: 0.188, below the centre prior (as the design probe found)
 
 
 def test_background_embeddings_name_the_background(toy):

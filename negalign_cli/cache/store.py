@@ -1,4 +1,4 @@
-"""The content-addressed artifact store (DESIGN.md §3).
+"""The content-addressed artifact store (docs/architecture.md, "The cache").
 
 Layout under the cache root::
 

@@ -64,7 +64,7 @@ def best_lambda(
 
 
 def statistics(frame_columns: Mapping[str, np.ndarray]) -> dict[str, float]:
-    """Means (and spread) of the components, and the CAM-valid rate, as the method document reports."""
+    """Means (and spread) of the components, and the CAM-valid rate, as NegAlign's reference code reports."""
     out: dict[str, float] = {}
     for name in SCORE_COLUMNS:
         values = frame_columns.get(name)

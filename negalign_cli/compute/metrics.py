@@ -1,4 +1,4 @@
-"""OOD metrics in the two conventions papers mix (DESIGN.md §5). Higher score = more ID.
+"""OOD metrics in the two conventions papers mix (docs/maths.md, "Metrics"). Higher score = more ID.
 
 ``neglabel`` — the code MCM, NegLabel, CSP and NegRefine publish with (Hendrycks' ``get_measures``):
 ID is the positive class; FPR@95 is the false-positive rate at the ROC point whose ID recall is

@@ -1,7 +1,7 @@
 """OOD scores on cached embeddings: MCM, NegLabel (grouped, top-k), NegRefine multi-matching,
 P_align. Pure, vectorised, chunked over images. Higher score = more in-distribution.
 
-Notation (DESIGN.md §5): x = L2-normalised image embedding, P = ID class features (K×D),
+Notation (docs/maths.md): x = L2-normalised image embedding, P = ID class features (K×D),
 N = negative features (M×D); logits are 100·cos.
 """
 

@@ -1,4 +1,4 @@
-"""Image embeddings, batched Grad-CAM at ``ln_1`` and background embeddings (DESIGN.md §5). Pure.
+"""Image embeddings, batched Grad-CAM at ``ln_1`` and background embeddings (docs/maths.md). Pure.
 
 One forward per batch yields the image embedding, the hooked block's activation and the final
 tokens. The activation is the output of ``ln_1`` of block ``b`` (the normalised block input that

@@ -1,7 +1,7 @@
 """Image lists: folders, ImageFolder trees, CSV/TXT manifests, OpenOOD lists, Waterbirds metadata.
 
 Every image is identified by the sha256 of its bytes, so a renamed or moved file is not encoded
-again. Unreadable images are recorded with a reason, never fatal (DESIGN.md §8).
+again. Unreadable images are recorded with a reason, never fatal.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The ``evaluate`` stage: metrics, lambda sweep, the method table, plots (DESIGN.md §4–§5)."""
+"""The ``evaluate`` stage: metrics, lambda sweep, the method table, plots."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ METHODS = method_columns()
 
 
 def parse_lambdas(text: str | None) -> list[float] | None:
-    """``sweep`` (the method document's grid), ``0,0.5,1`` or a single value."""
+    """``sweep`` (NegAlign's published grid), ``0,0.5,1`` or a single value."""
     if text is None:
         return None
     if text.strip().lower() == "sweep":

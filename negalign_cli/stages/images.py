@@ -1,4 +1,4 @@
-"""The ``embed images`` and ``cam`` stages (DESIGN.md §3–§5).
+"""The ``embed images`` and ``cam`` stages.
 
 Both work in two layers: a per-image cache keyed by the image's content digest (filled batch by
 batch, so an interrupted run keeps what it finished and a rerun encodes only the rest), and an

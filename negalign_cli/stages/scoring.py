@@ -1,6 +1,6 @@
 """The ``score`` stage: every score component of every image, from cached embeddings.
 
-Reads what ``embed images`` and ``cam`` write (DESIGN.md §4):
+Reads what ``embed images`` and ``cam`` write:
 
 - ``image_embeddings.npy`` (N×D) and ``images.parquet`` (row, path, label, digest, status, reason;
   ``row`` is the image's row in the ``.npy`` file, −1 for a skipped image);

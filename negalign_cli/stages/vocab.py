@@ -1,4 +1,4 @@
-"""Negative vocabulary stages: ``mine-negatives`` and ``split-vocab`` (DESIGN.md §4–§5)."""
+"""Negative vocabulary stages: ``mine-negatives`` and ``split-vocab``."""
 
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ from negalign_cli.toy.generate import ToySpec, generate_toy
 OOD_SETS = ("ood_spurious", "ood_nonspurious")
 
 
-TOY_TAU = 0.001  # negalign-toy's r-scores are ~100× smaller than the method document's tau assumes
+TOY_TAU = 0.001  # negalign-toy's r-scores are ~100× smaller than NegAlign's tau assumes
 TOY_CAM = CamConfig(method="gradxact", block=-1)  # the best localiser of the model card (IoU 0.49)
 
 

@@ -1,4 +1,4 @@
-"""Known-answer figures of a CLIP on the toy world (``negalign toy report``, DESIGN.md §9).
+"""Known-answer figures of a CLIP on the toy world (``negalign toy report``).
 
 - zero-shot accuracy over all shape names on object images, over all background names on
   background-only images;

@@ -1,6 +1,6 @@
 """Training the bundled toy CLIP on the toy world (``negalign toy train``).
 
-The recipe that makes a tiny CLIP learn objects, not only backgrounds (DESIGN.md §9): most of
+The recipe that makes a tiny CLIP learn objects, not only backgrounds: most of
 each batch is built from groups of 16 images that share one background, so background words cannot
 tell their captions apart and the contrastive loss has to look at the shape; the rest are mixed
 groups, background-only images included, so that background words are learned too. AdamW with a

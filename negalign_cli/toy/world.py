@@ -1,4 +1,4 @@
-"""The toy world: named shapes on named textures, with exact masks (DESIGN.md §9). Pure numpy.
+"""The toy world: named shapes on named textures, with exact masks. Pure numpy.
 
 Every image is a function of (seed, index), so any split can be regenerated exactly. Colour
 varies freely and is never the class: the shape is the object, the texture is the background.
