@@ -13,7 +13,7 @@ help:
 	@echo "make demo      set up and run the pipeline on the bundled tiny model (writes $(DEMO_OUT)/)"
 	@echo "make test      set up and run the whole test suite (slow end-to-end tests included)"
 	@echo "make test-fast the tests without the slow end-to-end ones"
-	@echo "make lint      ruff"
+	@echo "make lint      ruff (check + format) and mypy (strict on negalign_cli/compute)"
 	@echo "make install   create $(VENV) with torch pinned and negalign in editable mode"
 
 $(STAMP): pyproject.toml
@@ -34,6 +34,7 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 format: $(STAMP)
 	$(BIN)/ruff format .

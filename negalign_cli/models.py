@@ -272,7 +272,7 @@ def resolve_weights(name: str, pretrained: str | None) -> WeightsSource:
     if not pretrained:
         if project is not None and project.checkpoint is not None:
             checkpoint = bundled_checkpoint(project)
-            if not checkpoint.is_file():
+            if checkpoint is None or not checkpoint.is_file():
                 raise NegalignError(
                     f"the bundled {name} checkpoint is missing ({checkpoint}); regenerate it with "
                     "`negalign toy train --install` or pass --pretrained PATH"

@@ -41,7 +41,11 @@ class NullReporter:
 
     @contextlib.contextmanager
     def progress(self, description: str, total: int | None) -> Iterator[Advance]:
-        yield lambda n=1: None
+        yield _ignore
+
+
+def _ignore(n: int = 1) -> None:
+    """An ``Advance`` that does nothing (progress nobody watches)."""
 
 
 class RecordingReporter(NullReporter):

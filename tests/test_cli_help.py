@@ -31,7 +31,16 @@ def command_paths() -> list[list[str]]:
 
 def test_the_tree_holds_every_command():
     names = {" ".join(p) for p in command_paths()}
-    for expected in ("embed texts", "embed images", "cam", "score", "evaluate", "cache gc", "toy report", "demo"):
+    for expected in (
+        "embed texts",
+        "embed images",
+        "cam",
+        "score",
+        "evaluate",
+        "cache gc",
+        "toy report",
+        "demo",
+    ):
         assert expected in names
     assert len(names) >= 18
 

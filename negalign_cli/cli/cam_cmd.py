@@ -100,7 +100,7 @@ def cam(
         f"{c['cam_valid']}, {c['skipped']} skipped{o.duplicates_note(c)}{hit}"
     )
     if viz:
-        folder = viz_dir or out / "viz"
+        folder = viz_dir if viz_dir is not None else Path(str(out)) / "viz"
         written = write_cam_overlays(result.artifact.path, viz, folder, loaded.image_size)
         stdout().print(f"wrote {len(written)} overlay(s) to {folder}")
     o.finish(result, out, "cam")

@@ -23,7 +23,7 @@ from rich.progress import (
 
 from negalign_cli.defaults import DEBUG_ENV
 from negalign_cli.errors import NegalignError
-from negalign_cli.reporting import Advance
+from negalign_cli.reporting import Advance, _ignore
 
 
 @functools.cache
@@ -56,14 +56,18 @@ class RichReporter:
     @contextlib.contextmanager
     def progress(self, description: str, total: int | None) -> Iterator[Advance]:
         if self.verbosity < 0:
-            yield lambda n=1: None
+            yield _ignore
             return
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
         if total:
             columns.append(TimeRemainingColumn())
         with Progress(*columns, console=stderr(), transient=False) as bar:
             task = bar.add_task(escape(description), total=total)
-            yield lambda n=1: bar.advance(task, n)
+
+            def advance(n: int = 1) -> None:
+                bar.advance(task, n)
+
+            yield advance
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:

@@ -13,7 +13,14 @@ from negalign_cli.cli.console import RichReporter
 from negalign_cli.defaults import DEFAULT_MODEL, DEFAULT_PRETRAINED, PRECISIONS, STORE_DTYPES
 from negalign_cli.settings import CACHE_ENV, DEVICE_ENV, Runtime
 
-Precision = Enum("Precision", {name: name for name in PRECISIONS}, type=str)  # type: ignore[misc]
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+assert tuple(p.value for p in Precision) == PRECISIONS  # the names live in defaults.py
 
 
 CacheDir = Annotated[

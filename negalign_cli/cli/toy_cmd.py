@@ -81,6 +81,7 @@ def train(
     stdout().print(f"final: {summary['final']}")
     if install:
         target = bundled_checkpoint(PROJECT_MODELS["negalign-toy"])
+        assert target is not None  # negalign-toy ships a checkpoint
         shutil.copyfile(out / "negalign-toy.pt", target)
         stdout().print(f"installed {target}")
 

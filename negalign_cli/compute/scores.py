@@ -355,7 +355,7 @@ def _score_chunk(
     top.negatives[rows] = layout.layout[columns].numpy()
     top.negative_logits[rows] = values.numpy()
     top.classes[rows] = torch.topk(pos_logits, top.classes.shape[1], dim=-1).indices.numpy()
-    if background_negatives is not None:
+    if background_negatives is not None and inputs.background is not None:
         background = unit_rows(inputs.background, rows.start, rows.stop)
         aligned, pos, neg = p_align(background, classes[predicted], background_negatives, config.align_topk)
         out["p_align"][rows] = aligned.numpy()

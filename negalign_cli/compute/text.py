@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from negalign_cli.compute.types import OpenClipModule
 
 PLACEHOLDER = "{}"
 
@@ -15,7 +18,7 @@ def format_prompts(words: Sequence[str], templates: Sequence[str]) -> list[str]:
     return [template.replace(PLACEHOLDER, word) for word in words for template in templates]
 
 
-def count_truncated(tokenizer: Callable, texts: Sequence[str], context_length: int) -> int:
+def count_truncated(tokenizer: Callable[..., Any], texts: Sequence[str], context_length: int) -> int:
     """How many texts are longer than the text tower's context (they get cut at the end).
 
     Uses the tokenizer's ``encode`` (open_clip's BPE tokenizer) and counts start/end tokens; a
@@ -27,7 +30,7 @@ def count_truncated(tokenizer: Callable, texts: Sequence[str], context_length: i
     return sum(len(encode(text)) + 2 > context_length for text in texts)
 
 
-def encode_tokens(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+def encode_tokens(model: OpenClipModule, tokens: torch.Tensor) -> torch.Tensor:
     """``model.encode_text(tokens)``, but without the padding columns when that is exact.
 
     For open_clip's standard ``CLIP`` (causal mask, pooling at the end-of-text token, zero padding)
@@ -43,27 +46,31 @@ def encode_tokens(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
         and getattr(model, "attn_mask", None) is not None
         and tokens.dim() == 2
     )
+    plain: Callable[[torch.Tensor], torch.Tensor] = model.encode_text
     if not exact:
-        return model.encode_text(tokens)
+        return plain(tokens)
     length = int((tokens != 0).sum(dim=1).max())
     if length >= tokens.shape[1] or bool((tokens[:, length:] != 0).any()):
-        return model.encode_text(tokens)
+        return plain(tokens)
     tokens = tokens[:, :length]
     cast_dtype = model.transformer.get_cast_dtype()
     x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
     x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
     x = model.ln_final(x)
-    x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
-    if model.text_projection is None:
-        return x
-    if isinstance(model.text_projection, torch.nn.Linear):
-        return model.text_projection(x)
-    return x @ model.text_projection
+    pooled: torch.Tensor = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+    projection = model.text_projection
+    if projection is None:
+        return pooled
+    if isinstance(projection, torch.nn.Linear):
+        projected: torch.Tensor = projection(pooled)
+        return projected
+    result: torch.Tensor = pooled @ projection
+    return result
 
 
 @torch.inference_mode()
 def encode_texts(
-    model: torch.nn.Module,
+    model: OpenClipModule,
     tokenizer: Callable[[list[str]], torch.Tensor],
     words: Sequence[str],
     templates: Sequence[str],

@@ -12,12 +12,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from negalign_cli.compute.quantile import percentile as exact_percentile
+from negalign_cli.compute.types import OpenClipModule
 from negalign_cli.defaults import BG_POOLS, CAM_METHODS
 from negalign_cli.errors import NegalignError
 
@@ -47,14 +49,14 @@ class CamConfig:
 class VisionTower:
     """The parts of an open_clip ViT that CAM and background pooling use."""
 
-    visual: torch.nn.Module
-    blocks: torch.nn.ModuleList
+    visual: OpenClipModule
+    blocks: OpenClipModule  # the transformer's ModuleList of residual blocks
     grid: tuple[int, int]
     patch: tuple[int, int]
     batch_first: bool
 
 
-def vision_tower(model: torch.nn.Module) -> VisionTower:
+def vision_tower(model: OpenClipModule) -> VisionTower:
     """Check that ``model`` has an open_clip ViT image tower with a class token; explain if not."""
     from open_clip.transformer import VisionTransformer
 
@@ -70,15 +72,15 @@ def vision_tower(model: torch.nn.Module) -> VisionTower:
             "Grad-CAM here needs a class-token ViT (pool_type 'tok', no attention pooling); this tower pools "
             f"with {visual.pool_type!r}{' and an attention pooler' if visual.attn_pool is not None else ''}"
         )
-    grid = tuple(int(g) for g in visual.grid_size)
-    patch = tuple(int(p) for p in visual.patch_size)
+    grid = (int(visual.grid_size[0]), int(visual.grid_size[1]))
+    patch = (int(visual.patch_size[0]), int(visual.patch_size[1]))
     return VisionTower(
         visual, visual.transformer.resblocks, grid, patch, bool(visual.transformer.batch_first)
     )
 
 
 @torch.inference_mode()
-def encode_images(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+def encode_images(model: OpenClipModule, images: torch.Tensor) -> torch.Tensor:
     """L2-normalised image embeddings, float32."""
     return F.normalize(model.encode_image(images).float(), dim=-1)
 
@@ -162,12 +164,19 @@ class _Capture:
         self.final: torch.Tensor | None = None
         self.last_input: torch.Tensor | None = None
 
+    def require(self, name: str) -> torch.Tensor:
+        """A captured tensor; a hook that never fired is a bug in the tower check."""
+        value = getattr(self, name)
+        if not isinstance(value, torch.Tensor):
+            raise RuntimeError(f"the forward pass did not reach the hook that captures {name!r}")
+        return value
+
 
 @contextlib.contextmanager
 def _hooks(tower: VisionTower, block: int, detach: bool = True) -> Iterator[_Capture]:
     capture = _Capture()
 
-    def on_ln1(module, args, output):
+    def on_ln1(module: torch.nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
         if detach:
             leaf = output.detach().requires_grad_(True)
             capture.activation = leaf
@@ -176,10 +185,10 @@ def _hooks(tower: VisionTower, block: int, detach: bool = True) -> Iterator[_Cap
         capture.activation = output
         return output
 
-    def on_transformer(module, args, output):
+    def on_transformer(module: torch.nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
         capture.final = output.detach()
 
-    def before_last(module, args):
+    def before_last(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
         capture.last_input = args[0].detach()
 
     handles = [
@@ -228,7 +237,7 @@ def foreground_mask(cams: torch.Tensor, percentile: float, dilate: int) -> torch
     return mask
 
 
-def _project(visual: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+def _project(visual: OpenClipModule, tokens: torch.Tensor) -> torch.Tensor:
     tokens = visual.ln_post(tokens)
     return tokens @ visual.proj if visual.proj is not None else tokens
 
@@ -276,7 +285,7 @@ def fill_foreground(images: torch.Tensor, foreground: torch.Tensor, patch: tuple
 
 
 def cam_batch(
-    model: torch.nn.Module, images: torch.Tensor, class_features: torch.Tensor, config: CamConfig
+    model: OpenClipModule, images: torch.Tensor, class_features: torch.Tensor, config: CamConfig
 ) -> CamBatch:
     """Embeddings, CAMs, foreground masks and background embeddings for one batch."""
     tower = vision_tower(model)
@@ -285,8 +294,9 @@ def cam_batch(
         embeddings = F.normalize(model.encode_image(images).float(), dim=-1)
         cosines = embeddings @ class_features.T
         pred_score, pred_class = cosines.max(dim=-1)
-        (gradient,) = torch.autograd.grad(pred_score.sum(), capture.activation)
-    activation = _batch_first(capture.activation.detach(), tower)
+        hooked = capture.require("activation")
+        (gradient,) = torch.autograd.grad(pred_score.sum(), hooked)
+    activation = _batch_first(hooked.detach(), tower)
     gradient = _batch_first(gradient, tower)
     cams = cam_from_gradients(activation, gradient, config.method).view(-1, *tower.grid)
     foreground = foreground_mask(cams, config.fg_percentile, config.dilate)
@@ -300,11 +310,11 @@ def cam_batch(
             background = F.normalize(model.encode_image(filled).float(), dim=-1)
         else:
             if config.bg_pool == "tokens":
-                tokens = _project(tower.visual, _batch_first(capture.final, tower)[:, 1:])
+                tokens = _project(tower.visual, _batch_first(capture.require("final"), tower)[:, 1:])
             elif config.bg_pool == "maskclip":
-                tokens = maskclip_tokens(tower, _batch_first(capture.last_input, tower))
+                tokens = maskclip_tokens(tower, _batch_first(capture.require("last_input"), tower))
             else:
-                tokens = clearclip_tokens(tower, _batch_first(capture.last_input, tower))
+                tokens = clearclip_tokens(tower, _batch_first(capture.require("last_input"), tower))
             background = masked_mean(tokens.float(), background_patches)
     return CamBatch(
         embeddings=embeddings.detach(),

@@ -107,7 +107,10 @@ def role_scores(
     def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         a = a.astype(np.float64)
         b = b.astype(np.float64)
-        return np.einsum("nd,nd->n", a, b) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+        dots: np.ndarray = np.einsum("nd,nd->n", a, b)
+        norms: np.ndarray = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+        cosines: np.ndarray = dots / norms
+        return cosines
 
     object_affinity = cosine(bare, object_features)
     background_affinity = cosine(bare, background_features)

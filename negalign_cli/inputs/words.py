@@ -41,8 +41,8 @@ def read_word_file(path: str | Path, what: str = "word list") -> WordList:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise NegalignError(f"{what} file {path} is not UTF-8 text (bad byte at line {line})") from exc
+        number = raw[: exc.start].count(b"\n") + 1
+        raise NegalignError(f"{what} file {path} is not UTF-8 text (bad byte at line {number})") from exc
     words: list[str] = []
     seen: set[str] = set()
     duplicates: list[str] = []

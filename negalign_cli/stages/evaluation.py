@@ -123,7 +123,7 @@ def _invalid_cam(frame: pd.DataFrame) -> np.ndarray:
 
 
 def _usable(frame: pd.DataFrame, column: str) -> bool:
-    return column in frame.columns and pd.to_numeric(frame[column], errors="coerce").notna().any()
+    return column in frame.columns and bool(pd.to_numeric(frame[column], errors="coerce").notna().any())
 
 
 def _load_calibration(path: Path) -> dict:

@@ -9,7 +9,7 @@ in the embedding cache, so ``embed images`` after ``cam`` encodes nothing.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -113,6 +113,7 @@ def _run_missing(
     if not missing:
         return failures
     paths = [listing.images.paths[first[d]] for d in missing]
+    batches: Iterable[tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]]
     if decoder == "torch":
         dataset = RawDataset(paths, model.image_transform())
         raw = torch.utils.data.DataLoader(
@@ -159,7 +160,7 @@ def _table(listing: Listing, found: dict[str, int], failures: dict[str, str]) ->
         else:
             rows.append(-1)
             status.append("skipped")
-            reasons.append(reason or failures.get(digest, "not processed"))
+            reasons.append(reason or failures.get(digest or "", "not processed"))
     frame = pd.DataFrame(
         {
             "row": np.array(rows, dtype=np.int64),

@@ -84,7 +84,8 @@ def cam_overlays(
         image = load_rgb(path)
         scale = size / min(image.size)
         image = image.resize(
-            (max(size, round(image.width * scale)), max(size, round(image.height * scale))), Image.BICUBIC
+            (max(size, round(image.width * scale)), max(size, round(image.height * scale))),
+            Image.Resampling.BICUBIC,
         )
         left, top = (image.width - size) // 2, (image.height - size) // 2
         pixels = np.asarray(image.crop((left, top, left + size, top + size)))

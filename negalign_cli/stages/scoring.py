@@ -91,11 +91,12 @@ def open_image_set(images_dir: str | Path, cam_dir: str | Path | None = None) ->
             raise NegalignError(
                 f"{folder / name} not found: --images-dir takes an `embed images` --out folder"
             )
-    cam_folder = Path(cam_dir).expanduser() if cam_dir is not None else folder
-    if not (cam_folder / BACKGROUND).is_file() or not (cam_folder / CAM).is_file():
+    candidate = Path(cam_dir).expanduser() if cam_dir is not None else folder
+    cam_folder: Path | None = candidate
+    if not (candidate / BACKGROUND).is_file() or not (candidate / CAM).is_file():
         if cam_dir is not None:
             raise NegalignError(
-                f"{cam_folder} lacks {BACKGROUND} or {CAM}: --cam-dir takes a `cam` --out folder"
+                f"{candidate} lacks {BACKGROUND} or {CAM}: --cam-dir takes a `cam` --out folder"
             )
         cam_folder = None
     fingerprints = {f for f in (_manifest_model(folder), cam_folder and _manifest_model(cam_folder)) if f}
@@ -266,7 +267,10 @@ def _score_inputs(
     """Everything ``compute_scores`` reads: the image rows (memory-mapped), the text features, and
     which negatives form N_obj (M2) and N_bg (P_align)."""
     star = torch.from_numpy(negatives.indices(*star_roles(config))) if config.role_aware else None
-    with_background = background is not None and cam is not None
+    valid = background_indices = None
+    if background is not None and cam is not None:
+        valid = torch.from_numpy(cam["cam_valid"].to_numpy(dtype=bool).copy())
+        background_indices = torch.from_numpy(negatives.indices(ROLE_BACKGROUND))
     return ScoreInputs(
         images=embeddings,
         classes=texts.words(classes.words),
@@ -274,11 +278,9 @@ def _score_inputs(
         class_names=classes.words,
         negative_names=negatives.words,
         star_indices=star,
-        background=background if with_background else None,
-        background_valid=torch.from_numpy(cam["cam_valid"].to_numpy(dtype=bool).copy())
-        if with_background
-        else None,
-        background_indices=torch.from_numpy(negatives.indices(ROLE_BACKGROUND)) if with_background else None,
+        background=background if valid is not None else None,
+        background_valid=valid,
+        background_indices=background_indices,
     )
 
 

@@ -48,7 +48,7 @@ def text_embeddings(
     )
     vectors, found = namespace.get_many(words)
     missing_rows = np.flatnonzero(~found)
-    missing = list(dict.fromkeys(words[i] for i in missing_rows))
+    missing = list(dict.fromkeys(words[int(i)] for i in missing_rows))
     truncated = 0
     if missing:
         truncated = count_truncated(
@@ -67,7 +67,7 @@ def text_embeddings(
             ).numpy()
         namespace.put_many(missing, encoded)
         position = {word: row for row, word in enumerate(missing)}
-        vectors[missing_rows] = encoded[[position[words[i]] for i in missing_rows]]
+        vectors[missing_rows] = encoded[[position[words[int(i)]] for i in missing_rows]]
     return TextEmbeddings(vectors, len(missing), truncated)
 
 

@@ -324,7 +324,8 @@ def negatives_from_split(folder) -> NegativeVocab:
 
 
 def negatives_from_lists(nouns: WordList | None, adjs: WordList | None) -> NegativeVocab:
-    words, sources = [], []
+    words: list[str] = []
+    sources: list[str] = []
     for listed, source in ((nouns, "noun"), (adjs, "adj")):
         if listed is not None:
             words.extend(listed.words)

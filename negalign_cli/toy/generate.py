@@ -118,7 +118,9 @@ def generate_toy(out: str | Path, spec: ToySpec, reporter: Reporter | None = Non
         group = spec.id_backgrounds[label_index if majority else 1 - label_index]
         background = group[rng.integers(len(group))]
         scene = render(spec.id_shapes[label_index], background, rng)
-        return _scene_rows("id", scene.shape, index, scene, "majority" if majority else "minority"), scene
+        return _scene_rows(
+            "id", str(scene.shape), index, scene, "majority" if majority else "minority"
+        ), scene
 
     def draw_spurious(index, rng):
         backgrounds = [b for group in spec.id_backgrounds for b in group]
@@ -128,7 +130,7 @@ def generate_toy(out: str | Path, spec: ToySpec, reporter: Reporter | None = Non
     def draw_other(index, rng):
         shapes, backgrounds = spec.other_shapes, spec.other_backgrounds
         scene = render(shapes[index % len(shapes)], backgrounds[rng.integers(len(backgrounds))], rng)
-        return _scene_rows("ood_nonspurious", scene.shape, index, scene, "other"), scene
+        return _scene_rows("ood_nonspurious", str(scene.shape), index, scene, "other"), scene
 
     def draw_train(index, rng):
         shape = None if rng.random() < 0.12 else SHAPES[rng.integers(len(SHAPES))]

@@ -266,6 +266,7 @@ def zero_shot_accuracy(
                 for i in range(0, n, 128)
             ]
         )
-        truth = np.array([list(words).index(s.shape if with_object else s.background) for s in scenes])
+        names = [s.shape if with_object else s.background for s in scenes]
+        truth = np.array([list(words).index(str(name)) for name in names])
         out[kind] = float((predicted == truth).mean())
     return out
