@@ -16,6 +16,3 @@ class NegalignError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(message.split()))
 
-
-class CacheCorruptError(NegalignError):
-    """A stored artifact failed verification (reported, then recomputed by the store)."""

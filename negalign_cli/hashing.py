@@ -52,10 +52,6 @@ def sha256_json(obj: Any) -> str:
     return sha256_text(canonical_json(obj))
 
 
-def sha256_bytes(data: bytes | memoryview) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def sha256_file(path: str | Path) -> str:
     return sha256_file_sized(path)[0]
 

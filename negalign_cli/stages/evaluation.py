@@ -24,7 +24,7 @@ from negalign_cli.compute.evaluation import (
     statistics,
 )
 from negalign_cli.compute.metrics import CONVENTIONS, DEFINITIONS
-from negalign_cli.compute.scores import SCORE_COLUMNS, method_columns
+from negalign_cli.compute.scores import SCORE_COLUMNS, method_columns, score_column
 from negalign_cli.defaults import DEFAULT_LAMBDAS, NEGALIGN
 from negalign_cli.errors import NegalignError
 from negalign_cli.hashing import sha256_file
@@ -189,6 +189,7 @@ def _evaluate(request: EvaluateRequest, folder: Path, reporter: Reporter) -> dic
         },
         "ood": {},
     }
+    results["columns"] = _column_descriptions(selection)
     if calibration is not None:
         results["calibration"] = calibration
     if rule is not None:
@@ -213,6 +214,18 @@ def _evaluate(request: EvaluateRequest, folder: Path, reporter: Reporter) -> dic
         results["statistics"][f"ood:{name}"] = statistics(_stat_columns(frame))
     _write_outputs(folder, request, results, rows, id_frame, ood_frames, selection, chosen, calibration)
     return {"counts": {"id": len(id_frame), **{f"ood:{n}": len(f) for n, f in ood_frames.items()}}}
+
+
+def _column_descriptions(selection: _Selection) -> dict[str, dict[str, str]]:
+    """What each evaluated method computes and where it was published (from the score registry)."""
+    out = {}
+    for label, name in selection.columns.items():
+        column = score_column(name)
+        if column is not None:
+            out[label] = {"column": name, "formula": column.description, "reference": column.reference}
+    if selection.negalign:
+        out[NEGALIGN] = {"column": f"{STAR} + λ·{ALIGN}", "formula": "S* + λ·P_align", "reference": ""}
+    return out
 
 
 def _read_frames(request: EvaluateRequest) -> dict[str, pd.DataFrame]:
