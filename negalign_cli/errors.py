@@ -15,4 +15,3 @@ class NegalignError(Exception):
 
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(message.split()))
-

@@ -99,7 +99,7 @@ def test_cache_ls_info_gc(tmp_path):
     info = run("cache", "info", key[:8], "--cache-dir", cache)
     assert info.exit_code == 0 and key in info.output and "class_embeddings.npy" in info.output
     gc = run("cache", "gc", "--cache-dir", cache, "--items-older-than", "1d")
-    assert gc.exit_code == 0 and "removed: 0 unreachable artifact(s)" in gc.output
+    assert gc.exit_code == 0 and "removed: 0 damaged unindexed artifact(s)" in gc.output
     gc = run("cache", "gc", "--cache-dir", cache, "--items-older-than", "0s", "--dry-run")
     assert gc.exit_code == 0 and "would remove" in gc.output and "2 per-item vector(s)" in gc.output
     bad = run("cache", "gc", "--cache-dir", cache, "--items-older-than", "soon")

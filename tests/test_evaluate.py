@@ -261,7 +261,10 @@ def test_default_score_and_compare(files, tmp_path):
         "NegAlign",
     }
     assert all(m in compared.output for m in ("MCM", "NegRefine", "NegLabel*"))
-    assert "Ming" in results["columns"]["MCM"]["reference"] and results["columns"]["Energy"]["column"] == "s_energy"
+    assert (
+        "Ming" in results["columns"]["MCM"]["reference"]
+        and results["columns"]["Energy"]["column"] == "s_energy"
+    )
     chosen = runner.invoke(app, [*base, "--score", "s_mcm", "--out", str(tmp_path / "s")])
     results = json.loads((tmp_path / "s" / "results.json").read_text())
     assert set(results["ood"]["near"]["methods"]) == {"s_mcm"}

@@ -191,12 +191,18 @@ def test_artifact_on_disk_but_not_indexed_is_recovered(tmp_path):
     assert BASE.key in store.index
 
 
-def test_gc_removes_unreachable_and_dangling_but_keeps_live(tmp_path):
+def test_gc_reindexes_intact_folders_and_removes_only_damaged_ones(tmp_path):
+    """An artifact folder missing from the index (index lost, or a run killed between the rename
+    and the index update) is indexed again when it verifies; only a damaged one is deleted."""
     store = ArtifactStore(tmp_path)
     keep = store.run(BASE, _writer()).artifact
     other = StageSpec("demo", 1, {"n": 9}, {})
-    lost = store.run(other, _writer()).artifact
-    store.index.pop(other.key)  # unreachable folder
+    intact = store.run(other, _writer()).artifact
+    store.index.pop(other.key)  # unindexed but intact
+    broken = StageSpec("demo", 1, {"n": 11}, {})
+    damaged = store.run(broken, _writer()).artifact
+    store.index.pop(broken.key)
+    (damaged.path / "data.bin").write_bytes(b"HELLO world")  # unindexed and failing verification
     gone = StageSpec("demo", 1, {"n": 10}, {})
     dangling = store.run(gone, _writer()).artifact
     import shutil
@@ -204,14 +210,17 @@ def test_gc_removes_unreachable_and_dangling_but_keeps_live(tmp_path):
     shutil.rmtree(dangling.path)  # index entry without a folder
 
     dry = store.gc(dry_run=True)
-    assert dry.unreachable_artifacts == [f"demo/{other.key}"] and lost.path.exists()
+    assert dry.unreachable_artifacts == [f"demo/{broken.key}"] and damaged.path.exists()
+    assert dry.reindexed_artifacts == [f"demo/{other.key}"] and other.key not in store.index
     assert dry.dangling_index_entries == [gone.key] and gone.key in store.index
 
     report = store.gc()
-    assert report.unreachable_artifacts == [f"demo/{other.key}"]
+    assert report.unreachable_artifacts == [f"demo/{broken.key}"]
+    assert report.reindexed_artifacts == [f"demo/{other.key}"]
     assert report.dangling_index_entries == [gone.key]
     assert report.freed_bytes > 0
-    assert not lost.path.exists() and gone.key not in store.index
+    assert not damaged.path.exists() and gone.key not in store.index
+    assert intact.path.exists() and other.key in store.index and store.get(other) is not None
     assert store.get(BASE) is not None and keep.path.exists()
 
 

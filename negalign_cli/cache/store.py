@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import shutil
+import sqlite3
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -65,6 +66,14 @@ class StageSpec:
         return sha256_text(canonical_json(self.key_material()))
 
 
+def damaged(path: Path, exc: BaseException) -> NegalignError:
+    """The one-line error for a cache database SQLite cannot read."""
+    return NegalignError(
+        f"the cache database in {path} is damaged ({exc}): run `negalign cache repair` "
+        "(it rebuilds the index from the artifact folders and keeps every readable vector)"
+    )
+
+
 @dataclass(frozen=True)
 class Artifact:
     """A verified, complete artifact folder."""
@@ -104,7 +113,8 @@ class StageResult:
 
 @dataclass
 class GcReport:
-    unreachable_artifacts: list[str] = field(default_factory=list)
+    unreachable_artifacts: list[str] = field(default_factory=list)  # unindexed and failing verification
+    reindexed_artifacts: list[str] = field(default_factory=list)  # unindexed but intact: indexed again
     dangling_index_entries: list[str] = field(default_factory=list)
     orphan_temp_folders: list[str] = field(default_factory=list)
     freed_bytes: int = 0
@@ -163,9 +173,18 @@ class ArtifactStore:
     @property
     def index(self) -> diskcache.Index:
         if self._index is None:
+            path = self.root / "index"
+            if path.exists() and not path.is_dir():
+                raise NegalignError(
+                    f"{path} is a file where the cache index (a folder) belongs: move it away, "
+                    "or run `negalign cache repair`"
+                )
             # SQLite set-up is not safe when two processes create the file at the same moment.
             with FileLock(str(self.locks_dir / "index-open.lock")):
-                self._index = diskcache.Index(str(self.root / "index"))
+                try:
+                    self._index = diskcache.Index(str(path))
+                except sqlite3.DatabaseError as exc:
+                    raise damaged(path, exc) from exc
         return self._index
 
     def close(self) -> None:
@@ -379,12 +398,41 @@ class ArtifactStore:
             for folder in sorted(p for p in stage_dir.iterdir() if p.is_dir()):
                 if folder.name in indexed:
                     continue
-                if self._claim(folder.name, folder, report, dry_run):
-                    report.unreachable_artifacts.append(f"{stage_dir.name}/{folder.name}")
+                name = f"{stage_dir.name}/{folder.name}"
+                if self._reindex(folder.name, folder, dry_run):
+                    report.reindexed_artifacts.append(name)
+                elif self._claim(folder.name, folder, report, dry_run):
+                    report.unreachable_artifacts.append(name)
         for folder in sorted(p for p in self.tmp_dir.iterdir() if p.is_dir()):
             if self._claim(folder.name.split(".")[0], folder, report, dry_run):
                 report.orphan_temp_folders.append(folder.name)
         return report
+
+    def _reindex(self, key: str, folder: Path, dry_run: bool) -> bool:
+        """Index an unindexed artifact folder again if it verifies (its index entry was lost, or a
+        run was killed between the rename and the index update). True if it did (or would)."""
+        manifest, _ = self._verify(folder)
+        if manifest is None or manifest.get("key") != key:
+            return False
+        if not dry_run:
+            self.index[key] = self._record(key, manifest, folder)
+        return True
+
+    def rebuild_index(self) -> tuple[int, int]:
+        """A new index from the artifact folders that verify (the damaged one is moved aside).
+        Returns (artifacts indexed, damaged folders left out)."""
+        self.close()
+        path = self.root / "index"
+        if path.exists():
+            path.rename(self.root / f"index.damaged-{int(time.time())}")
+        indexed = damaged_folders = 0
+        for stage_dir in sorted(p for p in self.artifacts_dir.iterdir() if p.is_dir()):
+            for folder in sorted(p for p in stage_dir.iterdir() if p.is_dir()):
+                if self._reindex(folder.name, folder, dry_run=False):
+                    indexed += 1
+                else:
+                    damaged_folders += 1
+        return indexed, damaged_folders
 
     def _claim(self, key: str, folder: Path, report: GcReport, dry_run: bool) -> bool:
         """Remove ``folder`` if no process holds ``key``'s lock. True if it was (or would be) removed."""

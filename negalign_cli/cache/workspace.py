@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from negalign_cli.cache.items import ItemStore
+import diskcache
+
+from negalign_cli.cache.items import ItemRepair, ItemStore, database_healthy
 from negalign_cli.cache.store import ArtifactStore, GcReport
 from negalign_cli.errors import NegalignError
+
+
+@dataclass
+class RepairReport:
+    index_rebuilt: bool = False
+    artifacts_indexed: int = 0
+    artifacts_damaged: int = 0
+    items: ItemRepair = field(default_factory=ItemRepair)
+
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -35,6 +46,19 @@ class Workspace:
     def close(self) -> None:
         self.store.close()
         self.items.close()
+
+    def repair(self) -> RepairReport:
+        """Rebuild a damaged artifact index from the folders that verify, and salvage a damaged
+        per-item store (every readable vector is kept; the rest is recomputed when needed)."""
+        report = RepairReport()
+        if not database_healthy(self.root / "index", lambda: diskcache.Index(str(self.root / "index"))):
+            report.index_rebuilt = True
+            report.artifacts_indexed, report.artifacts_damaged = self.store.rebuild_index()
+        else:
+            gc = self.store.gc(dry_run=False) if (self.root / "index").exists() else GcReport()
+            report.artifacts_indexed = len(gc.reindexed_artifacts)
+        report.items = self.items.repair()
+        return report
 
     def gc(
         self, items_older_than: float | None = None, items_model: str | None = None, dry_run: bool = False

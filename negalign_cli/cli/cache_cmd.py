@@ -119,11 +119,48 @@ def gc(
     workspace = _workspace(cache_dir)
     report = workspace.gc(items_older_than=age, items_model=items_model, dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
+    if report.reindexed_artifacts:
+        again = "would index again" if dry_run else "indexed again"
+        stdout().print(
+            f"{again}: {len(report.reindexed_artifacts)} intact artifact(s) missing from the index"
+        )
     stdout().print(
-        f"{verb}: {len(report.unreachable_artifacts)} unreachable artifact(s), "
+        f"{verb}: {len(report.unreachable_artifacts)} damaged unindexed artifact(s), "
         f"{len(report.orphan_temp_folders)} orphaned temp folder(s), "
         f"{len(report.dangling_index_entries)} dangling index entr(y/ies), "
         f"{report.items_removed} per-item vector(s); {_size(report.freed_bytes)} of files"
     )
     for name in report.unreachable_artifacts + report.orphan_temp_folders:
         stdout().print(f"  {name}")
+
+
+@app.command("repair", epilog="Example: negalign cache repair --cache-dir ~/.negalign")
+@guarded
+def repair(cache_dir: CacheDir = None) -> None:
+    """Mend a damaged cache: rebuild the artifact index from the artifact folders that verify,
+    move a damaged vector store aside and keep every vector that can still be read (the rest is
+    recomputed by the next run that needs it)."""
+    workspace = _workspace(cache_dir)
+    report = workspace.repair()
+    if report.index_rebuilt:
+        stdout().print(
+            f"index rebuilt: {report.artifacts_indexed} artifact(s) indexed, "
+            f"{report.artifacts_damaged} damaged folder(s) left out (cache gc removes them)"
+        )
+    else:
+        stdout().print(f"index intact; {report.artifacts_indexed} unindexed intact artifact(s) indexed again")
+    items = report.items
+    if items.vectors_kept is None:
+        stdout().print("per-item vectors intact")
+    elif items.vectors_lost is None:
+        stdout().print(
+            "per-item vectors: the store could not be read at all and was set aside; every vector "
+            "will be recomputed by the next run that needs it"
+        )
+    else:
+        stdout().print(
+            f"per-item vectors: {items.vectors_kept} kept, {items.vectors_lost} unreadable "
+            "(recomputed by the next run that needs them)"
+        )
+    if items.records_kept is not None:
+        stdout().print(f"namespace records: {items.records_kept} kept")

@@ -237,6 +237,8 @@ def _fill(
     first = listing.unique_valid()
     digests = list(first)
     values, found = namespace.get_many(digests)
+    if namespace.corrupt:
+        reporter.warn(f"{namespace.corrupt} cached vector(s) failed their checksum; recomputing them")
     missing = [d for d, hit in zip(digests, found, strict=True) if not hit]
     cached = int(found.sum())
     reporter.info(f"{what} {len(missing)} image(s), {cached} from the cache")
@@ -254,12 +256,26 @@ def _fill(
     )
     if missing:
         values, found = namespace.get_many(digests)
+    _require_all(
+        namespace, [d for d, hit in zip(digests, found, strict=True) if not hit and d not in failures]
+    )
     rows = _row_order(listing, {d for d, hit in zip(digests, found, strict=True) if hit})
     table = _table(listing, rows, failures)
     _check_strict(table, strict, reporter)
     position = {d: i for i, d in enumerate(digests)}
     ordered = values[[position[d] for d in rows]] if rows else values[:0]
     return Filled(ordered, list(rows), table, len(missing) - len(failures), cached)
+
+
+def _require_all(namespace: Namespace, vanished: Sequence[str]) -> None:
+    """Every image this run found or computed must still be in the cache when the artifact is
+    assembled; if one vanished (a concurrent `cache gc`, a damaged store), nothing is stored."""
+    if vanished:
+        raise NegalignError(
+            f"{len(vanished)} cached vector(s) of this run vanished from the {namespace.info.kind} cache "
+            "while it ran (a concurrent `negalign cache gc`, or a damaged cache); nothing was stored: "
+            "rerun the command"
+        )
 
 
 def _check_store_dtype(store_dtype: str) -> None:
@@ -292,9 +308,9 @@ def embed_images(
         EMBED_IMAGES_STAGE, EMBED_IMAGES_VERSION, params, {"model": model.fingerprint, "images": listing.key}
     )
 
-    def compute(folder):
-        namespace = image_namespace(workspace, model, decoder)
+    namespace = image_namespace(workspace, model, decoder)
 
+    def compute(folder):
         def process(batch, batch_digests):
             namespace.put_many(batch_digests, encode_images(model.model, batch).cpu().numpy())
 
@@ -325,7 +341,9 @@ def embed_images(
             "images_source": listing.images.source,
         }
 
-    return _strict_on_hit(workspace.store.run(spec, compute, reporter), strict, reporter)
+    with workspace.items.lease(namespace):  # `cache gc` leaves these vectors alone meanwhile
+        result = workspace.store.run(spec, compute, reporter)
+    return _strict_on_hit(result, strict, reporter)
 
 
 # ----------------------------------------------------------------------------- cam
@@ -400,14 +418,15 @@ def cam_images(
     inputs = {"model": model.fingerprint, "images": listing.key, "classes": classes.digest}
     spec = StageSpec(CAM_STAGE, CAM_VERSION, params, inputs)
 
+    cams_ns = _cam_namespace(workspace, model, config, classes, tower.grid[0] * tower.grid[1], decoder)
+    images_ns = image_namespace(workspace, model, decoder)
+
     def compute(folder):
         class_features = torch.from_numpy(
             text_embeddings(
                 model, classes.words, load_templates("noun"), workspace, reporter=reporter
             ).vectors
         )
-        cams_ns = _cam_namespace(workspace, model, config, classes, tower.grid[0] * tower.grid[1], decoder)
-        images_ns = image_namespace(workspace, model, decoder)
 
         def process(batch, batch_digests):
             out = cam_batch(model.model, batch, class_features, config)
@@ -427,7 +446,8 @@ def cam_images(
             what="Grad-CAM on",
         )
         rows = unpack_cam_rows(filled.values, model.embed_dim, tower.grid)
-        embeddings, _ = images_ns.get_many(filled.digests)
+        embeddings, found = images_ns.get_many(filled.digests)
+        _require_all(images_ns, [d for d, hit in zip(filled.digests, found, strict=True) if not hit])
         _write_cam_outputs(folder, rows, embeddings, filled.table, classes, store_dtype)
         return {
             "counts": {
@@ -442,4 +462,6 @@ def cam_images(
             "images_source": listing.images.source,
         }
 
-    return _strict_on_hit(workspace.store.run(spec, compute, reporter), strict, reporter)
+    with workspace.items.lease(cams_ns, images_ns):
+        result = workspace.store.run(spec, compute, reporter)
+    return _strict_on_hit(result, strict, reporter)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from negalign_cli.cache.items import Namespace
 from negalign_cli.cache.store import StageResult, StageSpec
 from negalign_cli.cache.workspace import Workspace
 from negalign_cli.compute.text import count_truncated, encode_texts, format_prompts
@@ -46,7 +47,21 @@ def text_embeddings(
         dim=model.embed_dim,
         dtype="float32",
     )
+    with workspace.items.lease(namespace):
+        return _fill_texts(model, words, templates, namespace, batch_size, reporter)
+
+
+def _fill_texts(
+    model: LoadedModel,
+    words: Sequence[str],
+    templates: TemplateSet,
+    namespace: Namespace,
+    batch_size: int,
+    reporter: Reporter,
+) -> TextEmbeddings:
     vectors, found = namespace.get_many(words)
+    if namespace.corrupt:
+        reporter.warn(f"{namespace.corrupt} cached text vector(s) failed their checksum; recomputing them")
     missing_rows = np.flatnonzero(~found)
     missing = list(dict.fromkeys(words[int(i)] for i in missing_rows))
     truncated = 0
@@ -54,18 +69,22 @@ def text_embeddings(
         truncated = count_truncated(
             model.tokenizer, format_prompts(missing, templates.templates), model.context_length
         )
+        # one forward batch of prompts at a time, each stored as soon as it is done: an
+        # interrupted run keeps every finished word
+        step = max(1, batch_size // max(1, len(templates.templates)))
+        parts = []
         with reporter.progress(
             f"encoding {len(missing)} texts × {len(templates.templates)} templates", len(missing)
         ) as advance:
-            encoded = encode_texts(
-                model.model,
-                model.tokenizer,
-                missing,
-                templates.templates,
-                batch_size=batch_size,
-                on_batch=advance,
-            ).numpy()
-        namespace.put_many(missing, encoded)
+            for start in range(0, len(missing), step):
+                chunk = missing[start : start + step]
+                part = encode_texts(
+                    model.model, model.tokenizer, chunk, templates.templates, batch_size=batch_size
+                ).numpy()
+                namespace.put_many(chunk, part)
+                parts.append(part)
+                advance(len(chunk))
+        encoded = np.concatenate(parts)
         position = {word: row for row, word in enumerate(missing)}
         vectors[missing_rows] = encoded[[position[words[int(i)]] for i in missing_rows]]
     return TextEmbeddings(vectors, len(missing), truncated)
