@@ -43,3 +43,6 @@ METRIC_CONVENTIONS = ("neglabel", "openood")
 DEFAULT_EXCLUDE = ("noun.person", "noun.quantity", "noun.group", "adj.pert")
 DEFAULT_TOP_P = 0.15
 DEFAULT_TAU = 0.05
+
+# Images with more pixels than this are skipped, never decoded (PIL's decompression-bomb limit).
+DEFAULT_MAX_PIXELS = 89_478_485

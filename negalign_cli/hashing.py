@@ -45,7 +45,13 @@ def _normalise(obj: Any) -> Any:
 
 
 def sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    # surrogateescape: file names that are not UTF-8 (os.fsdecode's lone surrogates) hash by their bytes
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def printable_path(path: str) -> str:
+    """A file name as valid UTF-8 for tables and messages: bytes that are not UTF-8 show as U+FFFD."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def sha256_json(obj: Any) -> str:

@@ -36,6 +36,25 @@ def resolve_cache_dir(cache_dir: str | Path | None = None) -> Path:
     return path
 
 
+SCRATCH = "scratch"  # under the cache root: this process's temporary files
+
+
+def contain_writes(cache_dir: Path) -> None:
+    """Keep a command's side files under its cache: temporary files (DataLoader workers'
+    ``pymp-*`` folders included) in ``<cache>/scratch``, matplotlib's font cache in
+    ``<cache>/matplotlib``. Nothing is written to $HOME or /tmp."""
+    import tempfile
+
+    scratch = cache_dir / SCRATCH
+    try:
+        scratch.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return  # an unwritable cache is reported by the command that needs it, in one line
+    os.environ["TMPDIR"] = str(scratch.resolve())
+    tempfile.tempdir = str(scratch.resolve())
+    os.environ.setdefault("MPLCONFIGDIR", str((cache_dir / "matplotlib").resolve()))
+
+
 def resolve_device(device: str | None = None) -> torch.device:
     """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:i``."""
     import torch

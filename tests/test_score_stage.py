@@ -155,32 +155,38 @@ def test_without_cam_background_columns_are_empty(tiny_model, workspace, tmp_pat
 
 
 def test_bad_image_folders(tmp_path, tiny_model, workspace):
+    from tests.helpers.synthetic import write_manifest
+
     with pytest.raises(NegalignError, match="embed images"):
         open_image_set(tmp_path)
     images = write_image_set(tmp_path / "imgs", n=5, dim=64, seed=2)
     np.save(images / "image_embeddings.npy", np.zeros((4, 64), np.float16))
     vocab = negatives_from_lists(WordList("t", NOUNS), None)
+
+    def score():
+        return score_images(
+            tiny_model,
+            open_image_set(images),
+            WordList("t", ("a", "b")),
+            vocab,
+            workspace,
+            ScoreConfig(groups=3),
+        )
+
+    # a file that no longer matches the folder's manifest is refused before anything is read
+    with pytest.raises(NegalignError, match="does not match its manifest.json .image_embeddings.npy has"):
+        score()
+    write_manifest(images)  # a consistent manifest over inconsistent files
     with pytest.raises(
         NegalignError, match="refers to 5 distinct embedding rows but image_embeddings.npy has 4"
     ):
-        score_images(
-            tiny_model,
-            open_image_set(images),
-            WordList("t", ("a", "b")),
-            vocab,
-            workspace,
-            ScoreConfig(groups=3),
-        )
-    (images / "manifest.json").write_text('{"inputs": {"model": "0000"}}')
+        score()
+    write_manifest(images, model="0000")
     with pytest.raises(NegalignError, match="embedded with model 0000"):
-        score_images(
-            tiny_model,
-            open_image_set(images),
-            WordList("t", ("a", "b")),
-            vocab,
-            workspace,
-            ScoreConfig(groups=3),
-        )
+        score()
+    (images / "manifest.json").unlink()
+    with pytest.raises(NegalignError, match="manifest.json is missing"):
+        score()
 
 
 def test_score_cli(tmp_path, split_dir):

@@ -25,7 +25,7 @@ import shutil
 import sqlite3
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,16 +93,28 @@ class Artifact:
         return sorted(self.manifest["outputs"])
 
     def export(self, out_dir: str | Path) -> list[Path]:
-        """Copy the outputs and the manifest into ``out_dir`` (the user-facing ``--out``)."""
+        """Copy the outputs and the manifest into ``out_dir`` (the user-facing ``--out``).
+
+        Everything is first copied into a temporary folder inside ``out_dir`` and then renamed
+        into place, the manifest last: a failure (disk full, Ctrl-C) leaves no truncated file, and
+        a folder without a manifest that matches its files is never taken for a finished one."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        written = []
-        for name in [*self.files, MANIFEST]:
-            target = out / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(self.path / name, target)
-            written.append(target)
-        return written
+        names = [*self.files, MANIFEST]
+        staging = Path(tempfile.mkdtemp(prefix=".negalign-export-", dir=out))
+        try:
+            for name in names:
+                target = staging / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(self.path / name, target)
+            (out / MANIFEST).unlink(missing_ok=True)  # the old manifest must not vouch for new files
+            for name in names:
+                final = out / name
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(staging / name, final)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return [out / name for name in names]
 
 
 @dataclass(frozen=True)
@@ -154,6 +166,36 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def verify_folder(
+    folder: Path, names: Iterable[str] | None = None
+) -> tuple[dict[str, Any] | None, str | None]:
+    """(manifest, None) if ``folder`` holds a readable manifest and every output it lists (or just
+    ``names``) matches its size and sha256; else (None, why not). Artifact folders and ``--out``
+    exports are checked the same way."""
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        return None, "manifest.json is missing"
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        outputs = manifest["outputs"]
+    except (ValueError, KeyError, TypeError):
+        return None, "manifest.json is unreadable"
+    wanted = None if names is None else set(names)
+    if wanted is not None and not wanted <= set(outputs):
+        return None, f"its manifest does not list {', '.join(sorted(wanted - set(outputs)))}"
+    for name, meta in outputs.items():
+        if wanted is not None and name not in wanted:
+            continue
+        path = folder / name
+        if not path.is_file():
+            return None, f"{name} is missing"
+        if path.stat().st_size != meta["bytes"]:
+            return None, f"{name} has {path.stat().st_size} bytes, expected {meta['bytes']}"
+        if sha256_file(path) != meta["sha256"]:
+            return None, f"{name} does not match its digest"
+    return manifest, None
+
+
 class ArtifactStore:
     """Stage artifacts on disk, indexed by key. Safe for several processes on one local disk."""
 
@@ -200,24 +242,7 @@ class ArtifactStore:
 
     # ---------------------------------------------------------------- lookup
     def _verify(self, folder: Path) -> tuple[dict[str, Any] | None, str | None]:
-        """Return (manifest, None) if ``folder`` is complete and intact, else (None, reason)."""
-        manifest_path = folder / MANIFEST
-        if not manifest_path.is_file():
-            return None, "manifest.json is missing"
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-            outputs = manifest["outputs"]
-        except (ValueError, KeyError, TypeError):
-            return None, "manifest.json is unreadable"
-        for name, meta in outputs.items():
-            path = folder / name
-            if not path.is_file():
-                return None, f"{name} is missing"
-            if path.stat().st_size != meta["bytes"]:
-                return None, f"{name} has {path.stat().st_size} bytes, expected {meta['bytes']}"
-            if sha256_file(path) != meta["sha256"]:
-                return None, f"{name} does not match its digest"
-        return manifest, None
+        return verify_folder(folder)
 
     def _record(self, key: str, manifest: dict[str, Any], folder: Path) -> dict[str, Any]:
         return {
@@ -286,26 +311,38 @@ class ArtifactStore:
         finally:
             lock.release()
 
-    def run(self, spec: StageSpec, compute: ComputeFn, reporter: Reporter | None = None) -> StageResult:
+    def run(
+        self,
+        spec: StageSpec,
+        compute: ComputeFn,
+        reporter: Reporter | None = None,
+        revalidate: Callable[[Artifact], str | None] | None = None,
+    ) -> StageResult:
         """Return the stored artifact for ``spec``, or run ``compute(tmp_folder)`` and store it.
 
         ``compute`` writes its output files into the folder it is given and may return a mapping of
-        counts and notes for the manifest (``{"counts": {...}, ...}``).
+        counts and notes for the manifest (``{"counts": {...}, ...}``). ``revalidate`` may refuse a
+        stored artifact that is intact but not final (it returns why); it is then computed again.
         """
         reporter = reporter or NullReporter()
         key = spec.key
         reporter.debug(f"{spec.stage} v{spec.version}: key {key}, params {canonical_json(spec.params)}")
         reporter.debug(f"{spec.stage} inputs: {canonical_json(spec.inputs)}")
         artifact, _ = self._find(key, spec.stage)
-        if artifact is not None:
+        stale = revalidate(artifact) if artifact is not None and revalidate is not None else None
+        if artifact is not None and stale is None:
             reporter.info(f"cache hit: {spec.stage} {key[:12]} (computed {artifact.manifest['created']})")
             return StageResult(artifact, hit=True)
         with self._holding(key, spec.stage, reporter):
             artifact, reason = self._find(key, spec.stage)
-            if artifact is not None:
+            stale = revalidate(artifact) if artifact is not None and revalidate is not None else None
+            if artifact is not None and stale is None:
                 reporter.info(f"cache hit: {spec.stage} {key[:12]} (computed by another process)")
                 return StageResult(artifact, hit=True)
-            if reason is not None:
+            if stale is not None:
+                reporter.info(f"cached {spec.stage} {key[:12]}: {stale}")
+                self._remove(key, self.artifact_dir(spec.stage, key))
+            elif reason is not None:
                 reporter.warn(f"cached {spec.stage} {key[:12]} is corrupt ({reason}); recomputing it")
                 self._remove(key, self.artifact_dir(spec.stage, key))
             artifact = self._compute(spec, key, compute)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import diskcache
 
 from negalign_cli.cache.items import ItemRepair, ItemStore, database_healthy
-from negalign_cli.cache.store import ArtifactStore, GcReport
+from negalign_cli.cache.store import ArtifactStore, GcReport, folder_size
 from negalign_cli.errors import NegalignError
 
 
@@ -20,6 +23,8 @@ class RepairReport:
     artifacts_damaged: int = 0
     items: ItemRepair = field(default_factory=ItemRepair)
 
+
+SCRATCH_AGE = 86400.0  # a scratch entry untouched for a day belongs to a run that died
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -60,10 +65,29 @@ class Workspace:
         report.items = self.items.repair()
         return report
 
+    def _clean_scratch(self, report: GcReport, dry_run: bool, older_than: float = SCRATCH_AGE) -> None:
+        """Temporary files of processes that died (they clean up after themselves otherwise)."""
+        scratch = self.root / "scratch"
+        if not scratch.is_dir():
+            return
+        cutoff = time.time() - older_than
+        for entry in sorted(scratch.iterdir()):
+            with contextlib.suppress(OSError):
+                if entry.lstat().st_mtime >= cutoff:
+                    continue
+                report.freed_bytes += folder_size(entry) if entry.is_dir() else entry.lstat().st_size
+                report.orphan_temp_folders.append(f"scratch/{entry.name}")
+                if not dry_run:
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.rmtree(entry, ignore_errors=True)
+                    else:
+                        entry.unlink()
+
     def gc(
         self, items_older_than: float | None = None, items_model: str | None = None, dry_run: bool = False
     ) -> GcReport:
         report = self.store.gc(dry_run=dry_run)
+        self._clean_scratch(report, dry_run)
         if items_model:
             report.items_removed += self.items.evict_model(items_model, dry_run=dry_run)
         if items_older_than is not None:

@@ -10,8 +10,7 @@ import typer
 from rich.table import Table
 
 from negalign_cli.cli.console import guarded, stdout
-from negalign_cli.cli.options import CacheDir
-from negalign_cli.settings import resolve_cache_dir
+from negalign_cli.cli.options import CacheDir, cache_root
 
 if TYPE_CHECKING:
     from negalign_cli.cache.workspace import Workspace
@@ -34,7 +33,7 @@ def _size(n: float) -> str:
 def _workspace(cache_dir) -> Workspace:
     from negalign_cli.cache.workspace import Workspace
 
-    return Workspace.open(resolve_cache_dir(cache_dir))
+    return Workspace.open(cache_root(cache_dir))
 
 
 @app.command("ls", epilog="Example: negalign cache ls --cache-dir ~/.negalign")

@@ -49,6 +49,8 @@ def cam(
     workers: o.Workers = None,
     strict: o.Strict = False,
     decode: o.Decode = "auto",
+    max_pixels: o.MaxPixels = defaults.DEFAULT_MAX_PIXELS,
+    allow_outside_root: o.AllowOutsideRoot = False,
     out: o.Out = None,
     cache_dir: o.CacheDir = None,
     device: o.Device = "auto",
@@ -78,7 +80,9 @@ def cam(
     )
     config.validate(10**6)  # names and ranges; the block is checked against the model below
     class_list = load_classes(classes, report)
-    listing = digest_images(list_images(images, data_root, split), report)
+    listing = digest_images(
+        list_images(images, data_root, split, allow_outside_root=allow_outside_root), report
+    )
     loaded = o.load(model, pretrained, rt, report)
     result = cam_images(
         loaded,
@@ -91,6 +95,7 @@ def cam(
         workers=workers,
         strict=strict,
         decoder=decode,
+        max_pixels=max_pixels,
         reporter=report,
     )
     c = result.artifact.manifest["counts"]

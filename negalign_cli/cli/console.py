@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import os
 from collections.abc import Callable, Iterator
@@ -78,6 +79,44 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_DENIED = {errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def storage_failure(exc: BaseException) -> str | None:
+    """One line for what the disk or a cache database refused (disk full, read-only, damaged)."""
+    import sqlite3
+
+    if isinstance(exc, OSError) and exc.errno is not None:
+        where = f" {exc.filename}" if exc.filename else ""
+        if exc.errno in _FULL:
+            return (
+                f"disk full while writing{where}: free some space, or point --cache-dir / --out at "
+                "another disk"
+            )
+        if exc.errno in _DENIED:
+            return (
+                f"cannot write{where} ({exc.strerror}): negalign writes its index and lock files even to "
+                "read a cache; give --cache-dir (or --out) a folder you can write"
+            )
+        return f"{exc.strerror or exc}{where}"
+    if isinstance(exc, sqlite3.OperationalError):
+        text = str(exc)
+        if "readonly" in text or "read-only" in text:
+            return (
+                "the cache is read-only: negalign writes its SQLite index even to read; use a "
+                "writable --cache-dir"
+            )
+        if "disk is full" in text or "disk I/O" in text:
+            return (
+                f"the cache's database could not be written ({text}): free space, or use another --cache-dir"
+            )
+        return f"the cache's database refused the operation ({text}); if it persists: `negalign cache repair`"
+    if isinstance(exc, sqlite3.DatabaseError):
+        return f"a cache database is damaged ({exc}): run `negalign cache repair`"
+    return None
+
+
 def debug_enabled() -> bool:
     """``--debug`` (which sets the variable) or ``NEGALIGN_DEBUG=1``: full tracebacks on errors."""
     return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
@@ -105,6 +144,9 @@ def guarded(function: F) -> F:
         except Exception as exc:
             if debug_enabled():
                 raise
+            known = storage_failure(exc)
+            if known is not None:
+                raise fail(known, 2) from None
             detail = " ".join(str(exc).split())[:300] or "no message"
             raise fail(
                 f"unexpected {type(exc).__name__}: {detail} (rerun with --debug or {DEBUG_ENV}=1 for the "

@@ -129,6 +129,8 @@ def images(
     workers: o.Workers = None,
     strict: o.Strict = False,
     decode: o.Decode = "auto",
+    max_pixels: o.MaxPixels = defaults.DEFAULT_MAX_PIXELS,
+    allow_outside_root: o.AllowOutsideRoot = False,
     out: o.Out = None,
     cache_dir: o.CacheDir = None,
     device: o.Device = "auto",
@@ -146,7 +148,9 @@ def images(
 
     rt = o.runtime(cache_dir, device, precision, batch_size)
     report = o.reporter(verbose, quiet)
-    listing = digest_images(list_images(images, data_root, split), report)
+    listing = digest_images(
+        list_images(images, data_root, split, allow_outside_root=allow_outside_root), report
+    )
     loaded = o.load(model, pretrained, rt, report)
     result = embed_images(
         loaded,
@@ -157,6 +161,7 @@ def images(
         workers=workers,
         strict=strict,
         decoder=decode,
+        max_pixels=max_pixels,
         reporter=report,
     )
     c = result.artifact.manifest["counts"]

@@ -11,7 +11,7 @@ import typer
 
 from negalign_cli.cli.console import RichReporter
 from negalign_cli.defaults import DEFAULT_MODEL, DEFAULT_PRETRAINED, PRECISIONS, STORE_DTYPES
-from negalign_cli.settings import CACHE_ENV, DEVICE_ENV, Runtime
+from negalign_cli.settings import CACHE_ENV, DEVICE_ENV, Runtime, contain_writes, resolve_cache_dir
 
 
 class Precision(str, Enum):
@@ -62,7 +62,16 @@ Out = Annotated[Path | None, typer.Option("--out", "-o", help="Also write the us
 
 def runtime(cache_dir: Path | None, device: str, precision: Precision | str, batch_size: int) -> Runtime:
     value = precision.value if isinstance(precision, Precision) else precision
-    return Runtime.create(cache_dir=cache_dir, device=device, precision=value, batch_size=batch_size)
+    rt = Runtime.create(cache_dir=cache_dir, device=device, precision=value, batch_size=batch_size)
+    contain_writes(rt.cache_dir)
+    return rt
+
+
+def cache_root(cache_dir: Path | None) -> Path:
+    """The cache folder of a command that needs no device (evaluate, cache ls/gc/repair)."""
+    root = resolve_cache_dir(cache_dir)
+    contain_writes(root)
+    return root
 
 
 def reporter(verbose: int, quiet: bool) -> RichReporter:
@@ -125,6 +134,21 @@ Workers = Annotated[
     ),
 ]
 Strict = Annotated[bool, typer.Option("--strict", help="Fail if any image is skipped.")]
+MaxPixels = Annotated[
+    int,
+    typer.Option(
+        "--max-pixels",
+        min=1,
+        help="Skip (never decode) images with more pixels than this: the decompression-bomb guard.",
+    ),
+]
+AllowOutsideRoot = Annotated[
+    bool,
+    typer.Option(
+        "--allow-outside-root",
+        help="Read listed paths and symlinks that lead outside the data root (refused by default).",
+    ),
+]
 
 
 def duplicates_note(counts: dict) -> str:

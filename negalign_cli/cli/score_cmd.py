@@ -193,6 +193,13 @@ def evaluate_command(
         ),
     ] = None,
     drop_nonfinite: Annotated[bool, typer.Option("--drop-nonfinite", help="Leave out NaN/inf rows.")] = False,
+    allow_mixed_settings: Annotated[
+        bool,
+        typer.Option(
+            "--allow-mixed-settings",
+            help="Compare score files made with different score settings, classes or negatives.",
+        ),
+    ] = False,
     out: o.Out = None,
     cache_dir: o.CacheDir = None,
     verbose: o.Verbose = 0,
@@ -203,7 +210,6 @@ def evaluate_command(
     NegLabel*), or the method table with --compare. Writes results.json, metrics.csv, roc.png and
     score_hist.png."""
     from negalign_cli.cache.workspace import Workspace
-    from negalign_cli.settings import resolve_cache_dir
     from negalign_cli.stages import files
     from negalign_cli.stages.evaluation import EvaluateRequest, evaluate, parse_lambdas, parse_ood
 
@@ -219,8 +225,9 @@ def evaluate_command(
         scale_stabilize=scale_stabilize or calibration is not None,
         calibration_path=calibration,
         drop_nonfinite=drop_nonfinite,
+        allow_mixed_settings=allow_mixed_settings,
     )
-    result = evaluate(request, Workspace.open(resolve_cache_dir(cache_dir)), report)
+    result = evaluate(request, Workspace.open(o.cache_root(cache_dir)), report)
     results = json.loads(result.artifact.file(files.RESULTS).read_text(encoding="utf-8"))
     render_results(results)
     o.finish(result, out, "evaluate")

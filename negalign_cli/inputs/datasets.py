@@ -8,17 +8,22 @@ from __future__ import annotations
 
 import csv
 import os
+import re
+import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from negalign_cli.defaults import DEFAULT_MAX_PIXELS
 from negalign_cli.errors import NegalignError
-from negalign_cli.hashing import sha256_file_sized
+from negalign_cli.hashing import printable_path, sha256_file_sized
 
+OUTSIDE_ROOT = "outside the data root"
+PATH_COLUMNS = ("path", "image", "image_path", "filename", "img_filename", "filepath")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 WATERBIRDS_SPLITS = {"train": 0, "val": 1, "valid": 1, "test": 2}
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey patch
@@ -30,38 +35,68 @@ class ImageList:
     paths: list[str]  # absolute
     labels: list[str]
     extra: dict[str, list[str]]
+    problems: dict[int, str] = field(default_factory=dict)  # index -> why it is skipped unread
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    @property
+    def refused(self) -> int:
+        return sum(reason.startswith(OUTSIDE_ROOT) for reason in self.problems.values())
 
 
 def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
 
 
-def list_images(spec: str | Path, data_root: str | Path | None = None, split: str | None = None) -> ImageList:
+def list_images(
+    spec: str | Path,
+    data_root: str | Path | None = None,
+    split: str | None = None,
+    *,
+    allow_outside_root: bool = False,
+) -> ImageList:
     """Resolve ``--images``: a folder, a manifest (``.csv``/``.txt``/``.lst``) or a Waterbirds
-    ``metadata.csv`` (with ``--split``)."""
+    ``metadata.csv`` (with ``--split``). A path that leads outside the data root (the folder, the
+    manifest's folder or ``--data-root``) — through ``..``, an absolute path or a symlink — is
+    skipped with a reason unless ``allow_outside_root``."""
     path = Path(spec).expanduser()
     if not path.exists():
         raise NegalignError(f"--images {path} does not exist")
     if path.is_dir():
-        images = _from_folder(path)
+        images, root = _from_folder(path), path
     elif path.name == "metadata.csv" or split is not None:
-        images = _from_waterbirds(path, data_root, split)
+        images, root = _from_waterbirds(path, data_root, split), _root(path, data_root)
     else:
-        images = _from_manifest(path, data_root)
+        images, root = _from_manifest(path, data_root), _root(path, data_root)
     if not images.paths:
         raise NegalignError(f"--images {path} lists no images")
+    if not allow_outside_root:
+        _refuse_outside(images, root)
     return images
 
 
+def _root(manifest: Path, data_root: str | Path | None) -> Path:
+    return Path(data_root).expanduser() if data_root is not None else manifest.parent
+
+
+def _refuse_outside(images: ImageList, root: Path) -> None:
+    """Mark every path whose real location (symlinks resolved) is not under ``root``."""
+    base = os.path.realpath(root)
+    for index, path in enumerate(images.paths):
+        if index in images.problems:
+            continue
+        real = os.path.realpath(path)
+        if os.path.commonpath([base, real]) != base:
+            images.problems[index] = f"{OUTSIDE_ROOT} {printable_path(base)} (--allow-outside-root reads it)"
+
+
 def _from_folder(root: Path) -> ImageList:
-    files = sorted(p for p in root.rglob("*") if p.is_file() and _is_image(p))
+    files = sorted(p for p in root.rglob("*") if _is_image(p) and p.is_file())
     relative = [p.relative_to(root) for p in files]
     image_folder = bool(files) and all(len(r.parts) >= 2 for r in relative)
     labels = [r.parts[0] if image_folder else "" for r in relative]
-    return ImageList(str(root), [str(p.resolve()) for p in files], labels, {})
+    return ImageList(str(root), [str(root.resolve() / r) for r in relative], labels, {})
 
 
 def _read_text(path: Path) -> str:
@@ -75,7 +110,8 @@ def _from_manifest(path: Path, data_root: str | Path | None) -> ImageList:
     """``path[,label]`` CSV (a header row naming ``path`` is skipped) or OpenOOD's
     ``relative/path label`` lines. Paths are relative to the manifest unless ``--data-root``."""
     root = Path(data_root).expanduser() if data_root is not None else path.parent
-    paths, labels = [], []
+    paths: list[str] = []
+    labels: list[str] = []
     lines = [
         line for line in _read_text(path).splitlines() if line.strip() and not line.lstrip().startswith("#")
     ]
@@ -87,16 +123,35 @@ def _from_manifest(path: Path, data_root: str | Path | None) -> ImageList:
         if comma
         else [line.rsplit(None, 1) if " " in line.strip() else [line] for line in lines]
     )
-    if rows and rows[0] and rows[0][0].strip().lower() in ("path", "image", "filename", "img_filename"):
+    path_column, label_column = 0, 1
+    if _is_header(rows[0]):
+        header = [cell.strip().lower() for cell in rows[0]]
+        named = [c for c in header if c in PATH_COLUMNS]
+        if not named:
+            raise NegalignError(
+                f"manifest {path}: its header ({', '.join(header)}) has no path column; name it one of "
+                f"{', '.join(PATH_COLUMNS)} (a label column is optional: label, class, y)"
+            )
+        path_column = header.index(named[0])
+        label_column = next((header.index(c) for c in ("label", "class", "y") if c in header), -1)
         rows = rows[1:]
+    problems: dict[int, str] = {}
     for number, row in enumerate(rows, start=1):
-        if not row or not row[0].strip():
-            raise NegalignError(f"manifest {path}, entry {number}: no path")
-        name = row[0].strip()
+        name = row[path_column].strip() if len(row) > path_column else ""
+        if not name:
+            problems[len(paths)] = f"manifest entry {number} has no path"
         full = Path(name) if Path(name).is_absolute() else root / name
         paths.append(str(full))
-        labels.append(row[1].strip() if len(row) > 1 else "")
-    return ImageList(str(path), paths, labels, {})
+        labels.append(row[label_column].strip() if 0 <= label_column < len(row) else "")
+    return ImageList(str(path), paths, labels, {}, problems)
+
+
+_HEADER_CELL = re.compile(r"[A-Za-z_][A-Za-z0-9_ ]*")
+
+
+def _is_header(row: list[str]) -> bool:
+    """A first row of bare names (no extension, no folder) is a header, not a path."""
+    return bool(row) and all(_HEADER_CELL.fullmatch(cell.strip()) for cell in row if cell.strip())
 
 
 def _from_waterbirds(path: Path, data_root: str | Path | None, split: str | None) -> ImageList:
@@ -118,11 +173,18 @@ def _from_waterbirds(path: Path, data_root: str | Path | None, split: str | None
                 raise NegalignError(f"--split {split!r}: use train, val, test or 0, 1, 2") from exc
         frame = frame[frame["split"] == wanted]
     extra = {"place": frame["place"].astype(str).tolist()} if "place" in frame.columns else {}
+    names = ["" if pd.isna(name) else str(name).strip() for name in frame["img_filename"]]
+    problems = {
+        i: f"metadata row {row + 2} has an empty img_filename"
+        for i, (row, name) in enumerate(zip(frame.index, names, strict=True))
+        if not name
+    }
     return ImageList(
         f"{path} (split {split})" if split is not None else str(path),
-        [str(root / name) for name in frame["img_filename"]],
+        [str(root / name) for name in names],
         frame["y"].astype(str).tolist(),
         extra,
+        problems,
     )
 
 
@@ -145,9 +207,27 @@ def digest_all(paths: list[str], workers: int = 8) -> list[tuple[str | None, str
         return list(pool.map(file_digest, paths, chunksize=64))
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Open an image as 8-bit RGB: alpha dropped, grayscale expanded, 16-bit scaled to 8 bits."""
-    with Image.open(path) as image:
+class TooLarge(ValueError):
+    """An image whose header declares more pixels than the limit (a decompression bomb)."""
+
+
+def load_rgb(path: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open an image as 8-bit RGB: alpha dropped, grayscale expanded, 16-bit scaled to 8 bits.
+    An image with more than ``max_pixels`` pixels raises :class:`TooLarge` before it is decoded."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the check below decides
+        previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            image = Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous
+    with image:
+        width, height = image.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise TooLarge(
+                f"image too large: {width}×{height} = {width * height:,} pixels, "
+                f"above --max-pixels {max_pixels:,}"
+            )
         image.load()
         if image.mode in ("I;16", "I;16B", "I;16L", "I"):
             array = np.asarray(image, dtype=np.float64)
@@ -158,12 +238,24 @@ def load_rgb(path: str) -> Image.Image:
         return image.convert("RGB")
 
 
-class ImageDataset(torch.utils.data.Dataset):
-    """Decodes and preprocesses the images at the given paths; failures come back as reasons."""
+# Why an image was skipped: a transient reason is retried by the next run; any other depends on the
+# file's content (which its digest pins), so it is final for that content.
+VANISHED = "file vanished before it was read"
+TRANSIENT_PREFIXES = (VANISHED, "file not found", "cannot read", "not processed")
 
-    def __init__(self, paths: list[str], transform) -> None:
+
+def is_transient(reason: str) -> bool:
+    return reason.startswith(TRANSIENT_PREFIXES)
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Decodes and preprocesses the images at the given paths; failures come back as reasons.
+    Images above ``max_pixels`` (PIL's decompression-bomb guard) are skipped, never decoded."""
+
+    def __init__(self, paths: list[str], transform, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         self.paths = paths
         self.transform = transform
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -171,12 +263,14 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         path = self.paths[index]
         try:
-            tensor = self.transform(load_rgb(path))
+            tensor = self.transform(load_rgb(path, self.max_pixels))
         except FileNotFoundError:
-            return index, None, "file vanished before it was read"
+            return index, None, VANISHED
         except UnidentifiedImageError:
             return index, None, "not an image PIL can decode"
-        except (OSError, ValueError, SyntaxError) as exc:
+        except TooLarge as exc:
+            return index, None, str(exc)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             return index, None, f"cannot decode: {str(exc).splitlines()[0][:120]}"
         return index, tensor, ""
 
@@ -208,11 +302,13 @@ def resolve_decoder(decoder: str, device: torch.device) -> str:
 
 
 class RawDataset(torch.utils.data.Dataset):
-    """File bytes for the batched decoder (JPEGs); other files are decoded here with PIL."""
+    """File bytes for the batched decoder (JPEGs); other files are decoded here with PIL. A JPEG's
+    header is read first, so one above ``max_pixels`` is skipped, never decoded."""
 
-    def __init__(self, paths: list[str], transform) -> None:
+    def __init__(self, paths: list[str], transform, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         self.paths = paths
-        self.pil = ImageDataset(paths, transform)
+        self.pil = ImageDataset(paths, transform, max_pixels)
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -222,9 +318,17 @@ class RawDataset(torch.utils.data.Dataset):
         if Path(path).suffix.lower() not in JPEG_SUFFIXES:
             return self.pil[index] + ("decoded",)
         try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(path) as header:
+                    width, height = header.size
+            if width * height > self.max_pixels:
+                return index, None, f"image too large: {width}×{height} pixels, above --max-pixels", "raw"
             data = Path(path).read_bytes()
         except FileNotFoundError:
-            return index, None, "file vanished before it was read", "raw"
+            return index, None, VANISHED, "raw"
+        except (UnidentifiedImageError, Image.DecompressionBombError, SyntaxError, ValueError):
+            return self.pil[index] + ("decoded",)  # PIL gives the reason
         except OSError as exc:
             return index, None, f"cannot read: {exc.strerror or exc}", "raw"
         return index, torch.frombuffer(bytearray(data), dtype=torch.uint8), "", "raw"

@@ -93,6 +93,11 @@ def load_negatives(path: str | Path, reporter: Reporter | None = None) -> WordLi
     if str(path) in presets:
         listed = read_word_file(presets[str(path)], "negatives")
         return WordList(f"preset:{path}", listed.words)
+    if not Path(path).expanduser().exists() and "/" not in str(path) and "." not in str(path):
+        raise NegalignError(
+            f"unknown bundled negative list {str(path)!r} and no such file; bundled lists: "
+            f"{', '.join(sorted(presets))}"
+        )
     negatives = read_word_file(path, "negatives")
     if negatives.duplicates:
         reporter.warn(

@@ -99,6 +99,7 @@ class EvaluateRequest:
     scale_stabilize: bool = False
     calibration_path: Path | None = None
     drop_nonfinite: bool = False
+    allow_mixed_settings: bool = False
     extra: dict = field(default_factory=dict)
 
     def params(self) -> dict[str, Any]:
@@ -111,6 +112,7 @@ class EvaluateRequest:
             "select_on": self.select_on,
             "scale_stabilize": self.scale_stabilize,
             "drop_nonfinite": self.drop_nonfinite,
+            "allow_mixed_settings": self.allow_mixed_settings,
         }
 
 
@@ -229,17 +231,42 @@ def _column_descriptions(selection: _Selection) -> dict[str, dict[str, str]]:
 
 
 def _read_frames(request: EvaluateRequest) -> dict[str, pd.DataFrame]:
-    """The ID and OOD score files (ID first), refusing files made by different models."""
+    """The ID and OOD score files (ID first), refusing files made by different models, and files
+    made with different score settings, classes or negatives unless --allow-mixed-settings."""
     frames = {"ID": read_score_file(request.id_path)}
     frames.update({name: read_score_file(path) for name, path in request.oods})
-    models = {
-        name: read_score_metadata(path).get("model")
-        for name, path in [("ID", request.id_path), *request.oods]
-    }
+    metadata = {name: read_score_metadata(path) for name, path in [("ID", request.id_path), *request.oods]}
+    models = {name: meta.get("model") for name, meta in metadata.items()}
     if len({m for m in models.values() if m}) > 1:
         shown = ", ".join(f"{n}={m[:12]}" for n, m in models.items() if m)
         raise NegalignError(f"score files come from different models ({shown})")
+    if not request.allow_mixed_settings:
+        differing = _differing_settings(metadata)
+        if differing:
+            raise NegalignError(
+                f"the score files were made with different settings ({'; '.join(differing)}): their scores "
+                "are not comparable; rescore with the same settings, or pass --allow-mixed-settings"
+            )
     return frames
+
+
+def _differing_settings(metadata: dict[str, dict]) -> list[str]:
+    """'name: ID=value, near=value' for every score setting (and the classes and negatives) that
+    is not the same in all files that record it (files from other tools record none)."""
+    recorded = {name: meta for name, meta in metadata.items() if meta.get("config") is not None}
+    if len(recorded) < 2:
+        return []
+    settings: dict[str, dict[str, Any]] = {}
+    for name, meta in recorded.items():
+        flat = {**meta["config"], "classes": meta.get("classes"), "negatives": meta.get("negatives")}
+        for key, value in flat.items():
+            settings.setdefault(key, {})[name] = value
+    out = []
+    for key, values in sorted(settings.items()):
+        if len(values) < len(recorded) or len({json.dumps(v, sort_keys=True) for v in values.values()}) > 1:
+            shown = ", ".join(f"{n}={str(v)[:16]}" for n, v in values.items())
+            out.append(f"{key}: {shown}")
+    return out
 
 
 def _select(request: EvaluateRequest, frames: dict[str, pd.DataFrame], reporter: Reporter) -> _Selection:

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from negalign_cli.cache.items import Namespace
-from negalign_cli.cache.store import StageResult, StageSpec
+from negalign_cli.cache.store import Artifact, StageResult, StageSpec
 from negalign_cli.cache.workspace import Workspace
 from negalign_cli.compute.vision import (
     CamConfig,
@@ -32,8 +32,9 @@ from negalign_cli.compute.vision import (
 )
 from negalign_cli.defaults import DEFAULT_STORE_DTYPE, STORE_DTYPES
 from negalign_cli.errors import NegalignError
-from negalign_cli.hashing import sha256_json
+from negalign_cli.hashing import printable_path, sha256_json
 from negalign_cli.inputs.datasets import (
+    DEFAULT_MAX_PIXELS,
     ImageDataset,
     ImageList,
     RawDataset,
@@ -42,6 +43,7 @@ from negalign_cli.inputs.datasets import (
     decode_batch,
     default_workers,
     digest_all,
+    is_transient,
     resolve_decoder,
 )
 from negalign_cli.inputs.words import WordList, load_templates
@@ -80,11 +82,24 @@ class Listing:
 
 
 def digest_images(images: ImageList, reporter: Reporter | None = None, workers: int = 8) -> Listing:
+    """Content digests of every listed image; a listed problem (outside the data root, an empty
+    entry) is recorded as the image's reason and the file is never opened."""
     reporter = reporter or NullReporter()
-    with reporter.progress(f"hashing {len(images)} images", len(images)) as advance:
-        results = digest_all(images.paths, workers)
-        advance(len(results))
-    return Listing(images, [d for d, _ in results], [r for _, r in results])
+    readable = [i for i in range(len(images)) if i not in images.problems]
+    digests: list[str | None] = [None] * len(images)
+    reasons = [images.problems.get(i, "") for i in range(len(images))]
+    with reporter.progress(f"hashing {len(readable)} images", len(readable)) as advance:
+        for index, (digest, reason) in zip(
+            readable, digest_all([images.paths[i] for i in readable], workers), strict=True
+        ):
+            digests[index], reasons[index] = digest, reason
+        advance(len(readable))
+    if images.refused:
+        reporter.warn(
+            f"{images.refused} listed path(s) lead outside the data root and were refused "
+            "(images.parquet records them; --allow-outside-root reads them)"
+        )
+    return Listing(images, digests, reasons)
 
 
 def image_namespace(workspace: Workspace, model: LoadedModel, decoder: str = "pil") -> Namespace:
@@ -106,6 +121,7 @@ def _run_missing(
     reporter: Reporter,
     what: str,
     decoder: str = "pil",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> dict[str, str]:
     """Decode and run ``process(batch, digests)`` over the images whose digests are missing;
     returns decoding failures (digest -> reason)."""
@@ -115,7 +131,7 @@ def _run_missing(
     paths = [listing.images.paths[first[d]] for d in missing]
     batches: Iterable[tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]]
     if decoder == "torch":
-        dataset = RawDataset(paths, model.image_transform())
+        dataset = RawDataset(paths, model.image_transform(), max_pixels)
         raw = torch.utils.data.DataLoader(
             dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_raw
         )
@@ -123,7 +139,7 @@ def _run_missing(
         batches = (decode_batch(items, model.preprocess_cfg, model.device, fallback) for items in raw)
     else:
         batches = torch.utils.data.DataLoader(
-            ImageDataset(paths, model.image_transform()),
+            ImageDataset(paths, model.image_transform(), max_pixels),
             batch_size=batch_size,
             num_workers=workers,
             collate_fn=collate,
@@ -164,7 +180,7 @@ def _table(listing: Listing, found: dict[str, int], failures: dict[str, str]) ->
     frame = pd.DataFrame(
         {
             "row": np.array(rows, dtype=np.int64),
-            "path": listing.images.paths,
+            "path": [printable_path(p) for p in listing.images.paths],
             "label": listing.images.labels,
             "digest": [d or "" for d in listing.digests],
             "status": status,
@@ -185,6 +201,16 @@ def _check_strict(table: pd.DataFrame, strict: bool, reporter: Reporter) -> None
     if strict:
         raise NegalignError(f"{message}; --strict turns skips into a failure (finished images stay cached)")
     reporter.warn(f"{message}; images.parquet records each reason")
+
+
+def _transient_skips(artifact: Artifact) -> str | None:
+    """A stored list whose skips include transient ones (a file that vanished, an unreadable
+    disk) is not final: the next run retries those images (the rest come from the cache)."""
+    if not artifact.manifest.get("counts", {}).get("skipped"):
+        return None
+    table = pd.read_parquet(artifact.file(files.IMAGE_TABLE), columns=["status", "reason"])
+    transient = int(table[table["status"] != "ok"]["reason"].map(is_transient).sum())
+    return f"{transient} image(s) were skipped for a passing reason; retrying them" if transient else None
 
 
 def _strict_on_hit(result: StageResult, strict: bool, reporter: Reporter) -> StageResult:
@@ -231,6 +257,7 @@ def _fill(
     strict: bool,
     reporter: Reporter,
     what: str,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Filled:
     """Look every distinct image up in ``namespace``, run ``process`` on the missing ones (which
     must store their rows there), and assemble the rows in list order with ``images.parquet``."""
@@ -253,6 +280,7 @@ def _fill(
         reporter=reporter,
         what=what,
         decoder=decoder,
+        max_pixels=max_pixels,
     )
     if missing:
         values, found = namespace.get_many(digests)
@@ -261,6 +289,11 @@ def _fill(
     )
     rows = _row_order(listing, {d for d, hit in zip(digests, found, strict=True) if hit})
     table = _table(listing, rows, failures)
+    if not rows:
+        shown = "; ".join(f"{p}: {r}" for p, r in zip(table["path"][:3], table["reason"][:3], strict=True))
+        raise NegalignError(
+            f"none of the {len(table)} listed image(s) could be read ({shown}); nothing was stored"
+        )
     _check_strict(table, strict, reporter)
     position = {d: i for i, d in enumerate(digests)}
     ordered = values[[position[d] for d in rows]] if rows else values[:0]
@@ -294,6 +327,7 @@ def embed_images(
     workers: int | None = None,
     strict: bool = False,
     decoder: str = "pil",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
     reporter: Reporter | None = None,
 ) -> StageResult:
     """``image_embeddings.npy`` (one row per distinct readable image) and ``images.parquet``."""
@@ -301,7 +335,12 @@ def embed_images(
     _check_store_dtype(store_dtype)
     workers = default_workers() if workers is None else workers
     decoder = resolve_decoder(decoder, model.device)
-    params = {"store_dtype": store_dtype, "precision": model.precision, "items_version": IMAGE_ITEMS_VERSION}
+    params = {
+        "store_dtype": store_dtype,
+        "precision": model.precision,
+        "items_version": IMAGE_ITEMS_VERSION,
+        "max_pixels": max_pixels,
+    }
     if decoder != "pil":
         params["decoder"] = decoder
     spec = StageSpec(
@@ -325,6 +364,7 @@ def embed_images(
             strict=strict,
             reporter=reporter,
             what="encoding",
+            max_pixels=max_pixels,
         )
         np.save(folder / files.IMAGE_EMBEDDINGS, filled.values.astype(store_dtype))
         filled.table.to_parquet(folder / files.IMAGE_TABLE, index=False)
@@ -342,7 +382,7 @@ def embed_images(
         }
 
     with workspace.items.lease(namespace):  # `cache gc` leaves these vectors alone meanwhile
-        result = workspace.store.run(spec, compute, reporter)
+        result = workspace.store.run(spec, compute, reporter, revalidate=_transient_skips)
     return _strict_on_hit(result, strict, reporter)
 
 
@@ -401,6 +441,7 @@ def cam_images(
     workers: int | None = None,
     strict: bool = False,
     decoder: str = "pil",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
     reporter: Reporter | None = None,
 ) -> StageResult:
     """Batched Grad-CAM: ``background_embeddings.npy``, ``cams.npy``, ``foreground.npy``,
@@ -412,7 +453,12 @@ def cam_images(
     config.validate(len(tower.blocks))
     workers = default_workers() if workers is None else workers
     decoder = resolve_decoder(decoder, model.device)
-    params = {**asdict(config), "store_dtype": store_dtype, "precision": model.precision}
+    params = {
+        **asdict(config),
+        "store_dtype": store_dtype,
+        "precision": model.precision,
+        "max_pixels": max_pixels,
+    }
     if decoder != "pil":
         params["decoder"] = decoder
     inputs = {"model": model.fingerprint, "images": listing.key, "classes": classes.digest}
@@ -444,6 +490,7 @@ def cam_images(
             strict=strict,
             reporter=reporter,
             what="Grad-CAM on",
+            max_pixels=max_pixels,
         )
         rows = unpack_cam_rows(filled.values, model.embed_dim, tower.grid)
         embeddings, found = images_ns.get_many(filled.digests)
@@ -463,5 +510,5 @@ def cam_images(
         }
 
     with workspace.items.lease(cams_ns, images_ns):
-        result = workspace.store.run(spec, compute, reporter)
+        result = workspace.store.run(spec, compute, reporter, revalidate=_transient_skips)
     return _strict_on_hit(result, strict, reporter)

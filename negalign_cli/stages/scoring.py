@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from negalign_cli.cache.store import MANIFEST, StageResult, StageSpec
+from negalign_cli.cache.store import StageResult, StageSpec, verify_folder
 from negalign_cli.cache.workspace import Workspace
 from negalign_cli.compute.scores import ScoreConfig, ScoreInputs, cam_columns, compute_scores
 from negalign_cli.compute.vocab import ROLE_AMBIGUOUS, ROLE_BACKGROUND, ROLE_OBJECT
@@ -63,16 +63,6 @@ class ImageSet:
         return {name: sha256_file(path) for name, path in files.items()}
 
 
-def _manifest_model(folder: Path) -> str | None:
-    manifest = folder / MANIFEST
-    if not manifest.is_file():
-        return None
-    try:
-        return json.loads(manifest.read_text(encoding="utf-8")).get("inputs", {}).get("model")
-    except ValueError:
-        return None
-
-
 def resolve_folder(spec: str | Path, workspace: Workspace) -> Path:
     """A folder path, or the key (prefix) of a cached ``embed-images``/``cam`` artifact."""
     path = Path(spec).expanduser()
@@ -85,24 +75,42 @@ def resolve_folder(spec: str | Path, workspace: Workspace) -> Path:
 
 
 def open_image_set(images_dir: str | Path, cam_dir: str | Path | None = None) -> ImageSet:
+    """An ``embed images`` or ``cam`` output folder (an ``--out`` export or an artifact folder),
+    verified against its manifest.json: a truncated, edited or half-written file is refused."""
     folder = Path(images_dir).expanduser()
-    for name in (EMBEDDINGS, IMAGES):
-        if not (folder / name).is_file():
-            raise NegalignError(
-                f"{folder / name} not found: --images-dir takes an `embed images` --out folder"
-            )
-    candidate = Path(cam_dir).expanduser() if cam_dir is not None else folder
-    cam_folder: Path | None = candidate
-    if not (candidate / BACKGROUND).is_file() or not (candidate / CAM).is_file():
-        if cam_dir is not None:
-            raise NegalignError(
-                f"{candidate} lacks {BACKGROUND} or {CAM}: --cam-dir takes a `cam` --out folder"
-            )
+    if not folder.is_dir():
+        raise NegalignError(
+            f"--images-dir {folder} is not a folder: give an `embed images` or `cam` --out folder"
+        )
+    manifest = _verified(
+        folder, (EMBEDDINGS, IMAGES), "--images-dir takes an `embed images` or `cam` --out folder"
+    )
+    cam_folder: Path | None = Path(cam_dir).expanduser() if cam_dir is not None else folder
+    cam_manifest = None
+    if cam_dir is not None or (folder / BACKGROUND).is_file() or (folder / CAM).is_file():
+        assert cam_folder is not None
+        cam_manifest = _verified(cam_folder, (BACKGROUND, CAM), "--cam-dir takes a `cam` --out folder")
+    else:
         cam_folder = None
-    fingerprints = {f for f in (_manifest_model(folder), cam_folder and _manifest_model(cam_folder)) if f}
+    fingerprints = {m.get("inputs", {}).get("model") for m in (manifest, cam_manifest) if m is not None} - {
+        None
+    }
     if len(fingerprints) > 1:
         raise NegalignError("the image embeddings and the CAM outputs come from different models")
     return ImageSet(folder, cam_folder, next(iter(fingerprints), None))
+
+
+def _verified(folder: Path, names: tuple[str, ...], hint: str) -> dict:
+    missing = [name for name in names if not (folder / name).is_file()]
+    if missing:
+        raise NegalignError(f"{folder / missing[0]} not found: {hint}")
+    manifest, reason = verify_folder(folder, names)
+    if manifest is None:
+        raise NegalignError(
+            f"{folder} does not match its manifest.json ({reason}): it is truncated, edited or was "
+            "written by an interrupted export; rerun the command that wrote it"
+        )
+    return manifest
 
 
 def _load_images(
@@ -206,7 +214,13 @@ def score_images(
         with reporter.progress(label, len(embeddings)) as advance:
             columns = compute_scores(inputs_, config, texts.pairs if multimatch else None, on_chunk=advance)
         frame = _scores_frame(table, columns, classes, cam)
-        write_scores(frame, folder / files.SCORES, {"model": model.fingerprint, "config": params})
+        metadata = {
+            "model": model.fingerprint,
+            "config": params,
+            "classes": classes.digest,
+            "negatives": negatives.digest,
+        }
+        write_scores(frame, folder / files.SCORES, metadata)
         counts = {
             "images": len(frame),
             "distinct": len(embeddings),

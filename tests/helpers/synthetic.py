@@ -49,7 +49,23 @@ def write_image_set(
                 "fg_fraction": np.full(n, 0.2),
             }
         ).to_parquet(folder / "cam.parquet", index=False)
+    write_manifest(folder)
     return folder
+
+
+def write_manifest(folder: Path, model: str | None = None) -> None:
+    """A manifest.json listing every file's size and digest, as an `--out` export has."""
+    import json
+
+    from negalign_cli.hashing import sha256_file
+
+    outputs = {
+        p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name != "manifest.json"
+    }
+    manifest = {"key": "synthetic", "stage": "embed-images", "outputs": outputs, "inputs": {"model": model}}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
 def write_scores(path: Path, n: int, seed: int, shift: float, **extra_columns) -> Path:
