@@ -26,6 +26,17 @@ def workspace(tmp_path):
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
-    """No test may touch ./.negalign-cache or a user's $NEGALIGN_CACHE."""
+    """No test may touch ./.negalign-cache or a user's $NEGALIGN_CACHE; what a command changes
+    for its own process (temporary folder, matplotlib's config folder) is undone after each test."""
+    import tempfile
+
     monkeypatch.setenv("NEGALIGN_CACHE", str(tmp_path / "env-cache"))
     monkeypatch.delenv("NEGALIGN_DEVICE", raising=False)
+    monkeypatch.delenv("NEGALIGN_DEBUG", raising=False)
+    for name in ("TMPDIR", "MPLCONFIGDIR"):
+        if name in os.environ:
+            monkeypatch.setenv(name, os.environ[name])  # recorded: restored after the test
+        else:
+            monkeypatch.setenv(name, "")  # records "absent", so the test's own value is removed
+            monkeypatch.delenv(name)
+    monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)

@@ -153,7 +153,7 @@ class ItemStore:
         return len(kept), 0
 
     def close(self) -> None:
-        for handle in (self._cache, self._records and self._records.cache):
+        for handle in (self._cache, self._records.cache if self._records is not None else None):
             if handle is not None:
                 handle.close()
         self._cache = self._records = None

@@ -1,0 +1,173 @@
+"""Fault suite: runs interrupted by SIGINT, SIGTERM or SIGKILL after a random number of batches
+resume on the next run and end with exactly the result of an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from negalign_cli.stages import files
+from tests.helpers.images import make_image_folder
+
+SLOW = Path(__file__).resolve().parents[1] / "helpers" / "slow_negalign.py"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+TINY = ["--model", "negalign-tiny-test"]
+
+
+def negalign(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "negalign_cli", *args], env=ENV, capture_output=True, text=True
+    )
+
+
+def interrupt(markers: Path, after: int, sig: int, *args: str) -> int:
+    """Run slowly, send ``sig`` once ``after`` batches are done; returns the exit code."""
+    markers.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen(
+        [sys.executable, str(SLOW), str(markers), *args],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.time() + 120
+    while len(list(markers.glob("batch-*"))) < after:
+        assert process.poll() is None, (
+            f"finished before {after} batches: {process.stderr.read().decode()[-400:]}"
+        )
+        assert time.time() < deadline
+        time.sleep(0.02)
+    process.send_signal(sig)
+    process.wait(timeout=60)
+    stderr = process.stderr.read().decode()
+    assert "Traceback" not in stderr, stderr
+    return process.returncode
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("interrupt")
+    make_image_folder(root / "imgs", per_class=24)  # 48 images: 12 batches of 4
+    (root / "nouns.txt").write_text("\n".join(f"thing number {i}" for i in range(40)) + "\n")
+    return root
+
+
+CASES = [
+    ("embed", signal.SIGINT),
+    ("embed", signal.SIGTERM),
+    ("embed", signal.SIGKILL),
+    ("cam", signal.SIGINT),
+    ("cam", signal.SIGKILL),
+    ("score", signal.SIGINT),
+    ("score", signal.SIGKILL),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command,sig", CASES, ids=[f"{c}-{s.name}" for c, s in CASES])
+def test_an_interrupted_run_resumes_exactly(data, tmp_path, command, sig):
+    rng = random.Random(f"{command}{sig}")
+    images = ["--images", str(data / "imgs"), "--workers", "0", "--batch-size", "4", *TINY]
+    if command == "embed":
+        args, out_file = ["embed", "images", *images], files.IMAGE_EMBEDDINGS
+    elif command == "cam":
+        args, out_file = ["cam", "--classes", "waterbird", *images], files.BACKGROUND_EMBEDDINGS
+    else:
+        clean_cam = negalign(
+            "cam",
+            "--classes",
+            "waterbird",
+            *images,
+            "--cache-dir",
+            str(tmp_path / "prep"),
+            "--out",
+            str(tmp_path / "cam"),
+        )
+        assert clean_cam.returncode == 0, clean_cam.stderr
+        args = [
+            "score",
+            "--images-dir",
+            str(tmp_path / "cam"),
+            "--classes",
+            "waterbird",
+            "--nouns",
+            str(data / "nouns.txt"),
+            "--groups",
+            "4",
+            "--batch-size",
+            "16",
+            *TINY,
+        ]
+        out_file = files.SCORES
+    clean = negalign(*args, "--cache-dir", str(tmp_path / "clean"), "--out", str(tmp_path / "expected"))
+    assert clean.returncode == 0, clean.stderr
+    cache = ["--cache-dir", str(tmp_path / "c")]
+    code = interrupt(tmp_path / "markers", rng.randint(2, 6), sig, *args, *cache)
+    assert code != 0
+    if sig == signal.SIGINT:
+        assert code == 130
+    resumed = negalign(*args, *cache, "--out", str(tmp_path / "got"))
+    assert resumed.returncode == 0, resumed.stderr
+    if command != "score":
+        assert (
+            "from the cache" in resumed.stderr and ", 0 from the cache" not in resumed.stderr
+        )  # resumed, not redone
+        np.testing.assert_allclose(
+            np.load(tmp_path / "got" / out_file), np.load(tmp_path / "expected" / out_file), atol=1e-6
+        )
+        for name in (files.IMAGE_TABLE,):
+            pd.testing.assert_frame_equal(
+                pd.read_parquet(tmp_path / "got" / name), pd.read_parquet(tmp_path / "expected" / name)
+            )
+    else:
+        got, expected = (
+            pd.read_parquet(tmp_path / "got" / out_file),
+            pd.read_parquet(tmp_path / "expected" / out_file),
+        )
+        pd.testing.assert_frame_equal(got, expected, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_two_runs_on_one_cache_at_once(data, tmp_path):
+    """Two `cam` processes on the same images and cache: both succeed, with one result."""
+    args = [sys.executable, str(SLOW), str(tmp_path / "m")]
+    (tmp_path / "m").mkdir()
+    command = [
+        "cam",
+        "--images",
+        str(data / "imgs"),
+        "--classes",
+        "waterbird",
+        "--workers",
+        "0",
+        "--batch-size",
+        "4",
+        *TINY,
+        "--cache-dir",
+        str(tmp_path / "c"),
+    ]
+    runs = [
+        subprocess.Popen(
+            [*args, *command, "--out", str(tmp_path / f"out{i}")],
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [run.communicate(timeout=300) for run in runs]
+    for run, (_stdout, stderr) in zip(runs, outputs, strict=True):
+        assert run.returncode == 0, stderr
+    hits = sum("cache hit" in stdout or "computed by another process" in stderr for stdout, stderr in outputs)
+    assert hits >= 1  # the second waited for the first and reused its result
+    for name in (files.BACKGROUND_EMBEDDINGS, files.IMAGE_EMBEDDINGS, files.CAMS):
+        assert (tmp_path / "out0" / name).read_bytes() == (tmp_path / "out1" / name).read_bytes()

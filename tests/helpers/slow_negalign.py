@@ -1,0 +1,43 @@
+"""`negalign` with slow batches, for the fault suite's interruption tests.
+
+usage: python slow_negalign.py MARKER_DIR negalign-args...
+
+Every image batch (embedding or Grad-CAM) and every text batch sleeps 0.15 s and then touches
+MARKER_DIR/batch-<n>, so a test can send a signal after a chosen number of finished batches.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import sys
+import time
+from pathlib import Path
+
+import negalign_cli.stages.images as images
+import negalign_cli.stages.text as text
+
+MARKERS = Path(sys.argv[1])
+COUNTER = itertools.count(1)
+
+
+def slow(function):
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        result = function(*args, **kwargs)
+        time.sleep(0.15)
+        (MARKERS / f"batch-{next(COUNTER)}").touch()
+        return result
+
+    return wrapper
+
+
+images.encode_images = slow(images.encode_images)
+images.cam_batch = slow(images.cam_batch)
+text.encode_texts = slow(text.encode_texts)
+
+if __name__ == "__main__":
+    from negalign_cli.cli.app import main
+
+    sys.argv = ["negalign", *sys.argv[2:]]
+    main()
