@@ -248,3 +248,21 @@ def test_disk_full_during_item_puts_is_one_line_and_keeps_finished_batches(tmp_p
     monkeypatch.setattr(diskcache.Cache, "add", original)
     resumed = cli(*args, "--cache-dir", str(tmp_path / "c"))
     assert resumed.exit_code == 0 and "encoded 4, cached 4" in resumed.output
+
+
+def test_disk_full_while_writing_an_artifact_is_one_line_and_leaves_nothing(tmp_path, folder, monkeypatch):
+    import errno
+
+    original = np.save
+
+    def full(path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(np, "save", full)
+    args = ["embed", "images", "--images", str(folder), "--workers", "0", "--cache-dir", str(tmp_path / "c")]
+    one_line_error(cli(*args), "disk full while writing")
+    store = Workspace.open(tmp_path / "c").store
+    assert store.records() == [] and list(store.tmp_dir.iterdir()) == []  # no partial artifact
+    monkeypatch.setattr(np, "save", original)
+    again = cli(*args)
+    assert again.exit_code == 0 and "encoded 0, cached 8" in again.output  # the vectors were kept
