@@ -5,11 +5,13 @@ torch is imported only where a device or dtype is resolved, so that the CLI star
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from negalign_cli.defaults import CACHE_ENV, DEFAULT_CACHE_DIR, DEVICE_ENV, PRECISIONS
 from negalign_cli.errors import NegalignError
@@ -36,23 +38,46 @@ def resolve_cache_dir(cache_dir: str | Path | None = None) -> Path:
     return path
 
 
-SCRATCH = "scratch"  # under the cache root: this process's temporary files
+SCRATCH = "scratch"  # under the cache root: one folder of temporary files per running command
+SCRATCH_OWNER = ".owner.lock"  # held by the command for its lifetime: gc removes only free folders
+_held: dict[str, Any] = {}  # the owner locks of this process (kept referenced, so they stay held)
+
+
+def _remove_scratch(folder: Path, owner: Any) -> None:
+    owner.release()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+# DataLoader workers pass tensors through a Unix socket that multiprocessing creates under the
+# temporary folder (…/pymp-xxxxxxxx/listener-xxxxxxxx); a socket path longer than 107 bytes cannot
+# be bound, and the worker's result is then lost. The cache's scratch folder is used only when
+# that path stays short enough; otherwise temporary files stay in the system's temporary folder.
+MAX_SCRATCH_PATH = 70
 
 
 def contain_writes(cache_dir: Path) -> None:
     """Keep a command's side files under its cache: temporary files (DataLoader workers'
-    ``pymp-*`` folders included) in ``<cache>/scratch``, matplotlib's font cache in
-    ``<cache>/matplotlib``. Nothing is written to $HOME or /tmp."""
+    ``pymp-*`` folders included) in ``<cache>/scratch/<pid>`` when that path is short enough for a
+    Unix socket (``MAX_SCRATCH_PATH``), matplotlib's font cache in ``<cache>/matplotlib``."""
     import tempfile
 
-    scratch = cache_dir / SCRATCH
-    try:
-        scratch.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return  # an unwritable cache is reported by the command that needs it, in one line
+    from filelock import FileLock
+
+    os.environ.setdefault("MPLCONFIGDIR", str((cache_dir / "matplotlib").resolve()))
+    scratch = cache_dir / SCRATCH / str(os.getpid())
+    if len(os.fsencode(scratch.resolve())) > MAX_SCRATCH_PATH:
+        return
+    if str(scratch) not in _held:  # a second command in the same process reuses its folder
+        try:
+            scratch.mkdir(parents=True, exist_ok=True)
+            owner = FileLock(str(scratch / SCRATCH_OWNER))
+            owner.acquire()
+        except OSError:
+            return  # an unwritable cache is reported by the command that needs it, in one line
+        _held[str(scratch)] = owner
+        atexit.register(_remove_scratch, scratch, owner)
     os.environ["TMPDIR"] = str(scratch.resolve())
     tempfile.tempdir = str(scratch.resolve())
-    os.environ.setdefault("MPLCONFIGDIR", str((cache_dir / "matplotlib").resolve()))
 
 
 def resolve_device(device: str | None = None) -> torch.device:

@@ -101,6 +101,12 @@ class ItemStore:
     def repair(self) -> ItemRepair:
         """Check both databases; move a damaged one aside, keep every vector (and namespace
         record) that can still be read, and say how many were lost."""
+        held = self.leased()
+        if held:
+            raise NegalignError(
+                f"a running command is using {len(held)} vector namespace(s) of this cache: repair it "
+                "after that command ends"
+            )
         self.close()
         report = ItemRepair()
         if not database_healthy(self.path, lambda: _vector_cache(self.path)):
@@ -150,7 +156,21 @@ class ItemStore:
             old.cache.close()
         for ns_id, record in kept.items():
             self.records[ns_id] = record
-        return len(kept), 0
+        # namespaces whose record was lost: rebuilt from the vectors' keys, so that `cache ls`
+        # shows them and `cache gc` can remove them (what they were made with is unknown)
+        counts: dict[str, int] = {}
+        with contextlib.suppress(sqlite3.DatabaseError):
+            for key in self.cache.iterkeys():
+                if isinstance(key, str) and ":" in key:
+                    counts[key.split(":", 1)[0]] = counts.get(key.split(":", 1)[0], 0) + 1
+        rebuilt = 0
+        now = time.time()
+        for ns_id, count in counts.items():
+            if ns_id not in kept:
+                info = NamespaceInfo(ns_id, "unknown (record lost)", "", {}, 0, "", now, count, now)
+                self.records[ns_id] = asdict(info)
+                rebuilt += 1
+        return len(kept), rebuilt
 
     def close(self) -> None:
         for handle in (self._cache, self._records.cache if self._records is not None else None):
@@ -222,7 +242,7 @@ class ItemStore:
             lock = FileLock(str(record.with_suffix(".lock")))
             try:
                 lock.acquire(timeout=0)
-            except Timeout:  # the run is alive
+            except (Timeout, RuntimeError):  # the run is alive (RuntimeError: in this very thread)
                 with contextlib.suppress(OSError, ValueError):
                     held.update(json.loads(record.read_text()).get("namespaces", []))
                 continue
@@ -235,14 +255,14 @@ class ItemStore:
 
     def _evict(self, infos: list[NamespaceInfo], dry_run: bool) -> int:
         removed = 0
-        held = self.leased()
-        infos = [info for info in infos if info.id not in held]
         for info in infos:
+            if info.id in self.leased():  # asked again for each: a run may have started meanwhile
+                continue
             if dry_run:
                 removed += info.count
                 continue
+            self.records.pop(info.id, None)  # the record first: no vector is ever left without one
             removed += self.cache.evict(info.id)
-            self.records.pop(info.id, None)
         return removed
 
     def evict_model(self, model_prefix: str, dry_run: bool = False) -> int:

@@ -180,6 +180,8 @@ def verify_folder(
         outputs = manifest["outputs"]
     except (ValueError, KeyError, TypeError):
         return None, "manifest.json is unreadable"
+    if not isinstance(manifest, dict) or not isinstance(outputs, dict) or "stage" not in manifest:
+        return None, "manifest.json is malformed"
     wanted = None if names is None else set(names)
     if wanted is not None and not wanted <= set(outputs):
         return None, f"its manifest does not list {', '.join(sorted(wanted - set(outputs)))}"
@@ -187,11 +189,15 @@ def verify_folder(
         if wanted is not None and name not in wanted:
             continue
         path = folder / name
+        try:
+            size, digest = int(meta["bytes"]), str(meta["sha256"])
+        except (KeyError, TypeError, ValueError):
+            return None, f"manifest.json is malformed (its entry for {name})"
         if not path.is_file():
             return None, f"{name} is missing"
-        if path.stat().st_size != meta["bytes"]:
-            return None, f"{name} has {path.stat().st_size} bytes, expected {meta['bytes']}"
-        if sha256_file(path) != meta["sha256"]:
+        if path.stat().st_size != size:
+            return None, f"{name} has {path.stat().st_size} bytes, expected {size}"
+        if sha256_file(path) != digest:
             return None, f"{name} does not match its digest"
     return manifest, None
 
@@ -449,7 +455,11 @@ class ArtifactStore:
         """Index an unindexed artifact folder again if it verifies (its index entry was lost, or a
         run was killed between the rename and the index update). True if it did (or would)."""
         manifest, _ = self._verify(folder)
-        if manifest is None or manifest.get("key") != key:
+        if (
+            manifest is None
+            or manifest.get("key") != key
+            or not all(field in manifest for field in ("stage", "stage_version", "created", "params"))
+        ):
             return False
         if not dry_run:
             self.index[key] = self._record(key, manifest, folder)
@@ -476,7 +486,7 @@ class ArtifactStore:
         lock = self._lock(key)
         try:
             lock.acquire(timeout=0)
-        except Timeout:
+        except (Timeout, RuntimeError):  # RuntimeError: held by this very thread (filelock)
             return False  # a live run owns it
         try:
             if not folder.exists() or (folder.parent.parent == self.artifacts_dir and key in self.index):

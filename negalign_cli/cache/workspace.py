@@ -10,10 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import diskcache
+from filelock import FileLock, Timeout
 
 from negalign_cli.cache.items import ItemRepair, ItemStore, database_healthy
 from negalign_cli.cache.store import ArtifactStore, GcReport, folder_size
 from negalign_cli.errors import NegalignError
+from negalign_cli.settings import SCRATCH, SCRATCH_OWNER
 
 
 @dataclass
@@ -66,14 +68,23 @@ class Workspace:
         return report
 
     def _clean_scratch(self, report: GcReport, dry_run: bool, older_than: float = SCRATCH_AGE) -> None:
-        """Temporary files of processes that died (they clean up after themselves otherwise)."""
-        scratch = self.root / "scratch"
+        """Temporary folders of commands that ended or died: a running command holds its folder's
+        owner lock; a folder without one (a stray file) is removed once a day old."""
+        scratch = self.root / SCRATCH
         if not scratch.is_dir():
             return
         cutoff = time.time() - older_than
         for entry in sorted(scratch.iterdir()):
             with contextlib.suppress(OSError):
-                if entry.lstat().st_mtime >= cutoff:
+                owner = entry / SCRATCH_OWNER
+                if owner.is_file():
+                    lock = FileLock(str(owner))
+                    try:
+                        lock.acquire(timeout=0)
+                    except (Timeout, RuntimeError):  # held (RuntimeError: by this thread)
+                        continue  # a live command's folder
+                    lock.release()
+                elif entry.lstat().st_mtime >= cutoff:
                     continue
                 report.freed_bytes += folder_size(entry) if entry.is_dir() else entry.lstat().st_size
                 report.orphan_temp_folders.append(f"scratch/{entry.name}")

@@ -5,7 +5,9 @@
 lands one float step above the k-th value and a ``>=`` test drops that element. Here the position
 p·(n−1)/100 is formed from the percentile in float64 (exact whenever it is an integer), the
 neighbouring order statistics are read in float64, and they are interpolated the way numpy's
-``_lerp`` does, so the result equals ``np.percentile(values.astype(float64), p)`` bit for bit.
+``_lerp`` does. Where the position is an integer the result is that order statistic exactly, as
+``np.percentile(values.astype(float64), p)`` gives; elsewhere the two may differ by an ulp, since
+numpy forms the position as (n−1)·(p/100).
 """
 
 from __future__ import annotations

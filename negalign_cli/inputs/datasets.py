@@ -158,7 +158,8 @@ def _from_waterbirds(path: Path, data_root: str | Path | None, split: str | None
     import pandas as pd
 
     root = Path(data_root).expanduser() if data_root is not None else path.parent
-    frame = pd.read_csv(path)
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)  # labels stay as written; blanks stay ""
+    frame.columns = [str(c).strip() for c in frame.columns]
     missing = {"img_filename", "y"} - set(frame.columns)
     if missing:
         raise NegalignError(f"{path} lacks Waterbirds column(s) {', '.join(sorted(missing))}")
@@ -171,9 +172,9 @@ def _from_waterbirds(path: Path, data_root: str | Path | None, split: str | None
                 wanted = int(split)
             except ValueError as exc:
                 raise NegalignError(f"--split {split!r}: use train, val, test or 0, 1, 2") from exc
-        frame = frame[frame["split"] == wanted]
+        frame = frame[pd.to_numeric(frame["split"], errors="coerce") == wanted]
     extra = {"place": frame["place"].astype(str).tolist()} if "place" in frame.columns else {}
-    names = ["" if pd.isna(name) else str(name).strip() for name in frame["img_filename"]]
+    names = [str(name).strip() for name in frame["img_filename"]]
     problems = {
         i: f"metadata row {row + 2} has an empty img_filename"
         for i, (row, name) in enumerate(zip(frame.index, names, strict=True))
@@ -182,7 +183,7 @@ def _from_waterbirds(path: Path, data_root: str | Path | None, split: str | None
     return ImageList(
         f"{path} (split {split})" if split is not None else str(path),
         [str(root / name) for name in names],
-        frame["y"].astype(str).tolist(),
+        frame["y"].str.strip().tolist(),
         extra,
         problems,
     )

@@ -56,6 +56,8 @@ EMBED_IMAGES_STAGE, EMBED_IMAGES_VERSION = "embed-images", 2  # 2: counts duplic
 CAM_STAGE, CAM_VERSION = "cam", 2  # 2: exact foreground percentile, whole-image fallback background
 IMAGE_ITEMS_VERSION = 1
 CAM_ITEMS_VERSION = 2
+# A batch that no DataLoader worker delivers within this many seconds is an error, never a hang.
+WORKER_TIMEOUT = 600.0
 
 
 @dataclass
@@ -133,7 +135,11 @@ def _run_missing(
     if decoder == "torch":
         dataset = RawDataset(paths, model.image_transform(), max_pixels)
         raw = torch.utils.data.DataLoader(
-            dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_raw
+            dataset,
+            batch_size=batch_size,
+            num_workers=workers,
+            collate_fn=collate_raw,
+            timeout=WORKER_TIMEOUT if workers else 0,
         )
         fallback = dataset.pil.__getitem__
         batches = (decode_batch(items, model.preprocess_cfg, model.device, fallback) for items in raw)
@@ -144,6 +150,7 @@ def _run_missing(
             num_workers=workers,
             collate_fn=collate,
             pin_memory=model.device.type == "cuda",
+            timeout=WORKER_TIMEOUT if workers else 0,
         )
     with reporter.progress(f"{what} {len(paths)} images", len(paths)) as advance:
         waited = time.perf_counter()
@@ -208,8 +215,10 @@ def _transient_skips(artifact: Artifact) -> str | None:
     disk) is not final: the next run retries those images (the rest come from the cache)."""
     if not artifact.manifest.get("counts", {}).get("skipped"):
         return None
-    table = pd.read_parquet(artifact.file(files.IMAGE_TABLE), columns=["status", "reason"])
-    transient = int(table[table["status"] != "ok"]["reason"].map(is_transient).sum())
+    table = pd.read_parquet(artifact.file(files.IMAGE_TABLE), columns=["status", "reason", "digest"])
+    # only failures while decoding (the file had a digest): a hashing failure is part of the key
+    skipped = table[(table["status"] != "ok") & (table["digest"] != "")]
+    transient = sum(is_transient(str(reason)) for reason in skipped["reason"])
     return f"{transient} image(s) were skipped for a passing reason; retrying them" if transient else None
 
 
@@ -258,14 +267,20 @@ def _fill(
     reporter: Reporter,
     what: str,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    companions: Sequence[Namespace] = (),
 ) -> Filled:
     """Look every distinct image up in ``namespace``, run ``process`` on the missing ones (which
-    must store their rows there), and assemble the rows in list order with ``images.parquet``."""
+    must store their rows there, and in every ``companions`` namespace), and assemble the rows in
+    list order with ``images.parquet``. An image missing from a companion (a run stopped between
+    the two writes, a vector that failed its checksum) counts as missing too."""
     first = listing.unique_valid()
     digests = list(first)
     values, found = namespace.get_many(digests)
-    if namespace.corrupt:
-        reporter.warn(f"{namespace.corrupt} cached vector(s) failed their checksum; recomputing them")
+    for companion in companions:
+        found &= companion.get_many(digests)[1]
+    corrupt = namespace.corrupt + sum(c.corrupt for c in companions)
+    if corrupt:
+        reporter.warn(f"{corrupt} cached vector(s) failed their checksum; recomputing them")
     missing = [d for d, hit in zip(digests, found, strict=True) if not hit]
     cached = int(found.sum())
     reporter.info(f"{what} {len(missing)} image(s), {cached} from the cache")
@@ -284,6 +299,8 @@ def _fill(
     )
     if missing:
         values, found = namespace.get_many(digests)
+        for companion in companions:
+            found &= companion.get_many(digests)[1]
     _require_all(
         namespace, [d for d, hit in zip(digests, found, strict=True) if not hit and d not in failures]
     )
@@ -476,8 +493,8 @@ def cam_images(
 
         def process(batch, batch_digests):
             out = cam_batch(model.model, batch, class_features, config)
+            images_ns.put_many(batch_digests, out.embeddings.cpu().numpy())  # first: see _fill
             cams_ns.put_many(batch_digests, pack_cam_rows(out))
-            images_ns.put_many(batch_digests, out.embeddings.cpu().numpy())
 
         filled = _fill(
             listing,
@@ -491,6 +508,7 @@ def cam_images(
             reporter=reporter,
             what="Grad-CAM on",
             max_pixels=max_pixels,
+            companions=[images_ns],
         )
         rows = unpack_cam_rows(filled.values, model.embed_dim, tower.grid)
         embeddings, found = images_ns.get_many(filled.digests)

@@ -92,11 +92,15 @@ def open_image_set(images_dir: str | Path, cam_dir: str | Path | None = None) ->
         cam_manifest = _verified(cam_folder, (BACKGROUND, CAM), "--cam-dir takes a `cam` --out folder")
     else:
         cam_folder = None
-    fingerprints = {m.get("inputs", {}).get("model") for m in (manifest, cam_manifest) if m is not None} - {
-        None
-    }
+    recorded = [m.get("inputs", {}) for m in (manifest, cam_manifest) if m is not None]
+    fingerprints = {inputs.get("model") for inputs in recorded} - {None}
     if len(fingerprints) > 1:
         raise NegalignError("the image embeddings and the CAM outputs come from different models")
+    if len({inputs.get("images") for inputs in recorded}) > 1:
+        raise NegalignError(
+            f"--images-dir {folder} and --cam-dir {cam_folder} were made from different image lists: "
+            "run `embed images` and `cam` on the same --images"
+        )
     return ImageSet(folder, cam_folder, next(iter(fingerprints), None))
 
 

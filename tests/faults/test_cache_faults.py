@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -11,7 +12,7 @@ import pytest
 from negalign_cli.cache.workspace import Workspace
 from negalign_cli.errors import NegalignError
 from negalign_cli.inputs.datasets import list_images
-from negalign_cli.inputs.words import load_templates
+from negalign_cli.inputs.words import WordList, load_templates
 from negalign_cli.reporting import RecordingReporter
 from negalign_cli.stages import files
 from negalign_cli.stages import images as images_module
@@ -266,3 +267,105 @@ def test_disk_full_while_writing_an_artifact_is_one_line_and_leaves_nothing(tmp_
     monkeypatch.setattr(np, "save", original)
     again = cli(*args)
     assert again.exit_code == 0 and "encoded 0, cached 8" in again.output  # the vectors were kept
+
+
+# ----------------------------------------------------------------------------- found in review
+def test_cam_recomputes_an_image_vector_it_lacks(tiny_model, workspace, folder):
+    """A `cam` vector without its image vector (a stop between the two writes, a bad checksum)
+    is recomputed, not reported as vanished on every rerun."""
+    from negalign_cli.compute.vision import CamConfig
+    from negalign_cli.stages.images import cam_images
+
+    listing = _listing(folder)
+    classes = WordList("t", ("birds", "boats"))
+    first = cam_images(tiny_model, listing, classes, workspace, CamConfig(), workers=0)
+    expected = np.load(first.artifact.file(files.IMAGE_EMBEDDINGS))
+    workspace.store.remove(first.artifact.key)
+    namespace = image_namespace(workspace, tiny_model)
+    workspace.items.cache.delete(namespace._keys([listing.digests[0]])[0])
+    again = cam_images(tiny_model, listing, classes, workspace, CamConfig(), workers=0)
+    assert again.artifact.manifest["counts"]["computed"] == 1
+    np.testing.assert_allclose(np.load(again.artifact.file(files.IMAGE_EMBEDDINGS)), expected, atol=1e-6)
+
+
+def test_a_listed_file_that_does_not_exist_is_not_retried_forever(tiny_model, workspace, folder, tmp_path):
+    (tmp_path / "list.csv").write_text("path\nimgs/birds/0.jpg\nimgs/birds/missing.png\n")
+    listing = digest_images(list_images(tmp_path / "list.csv"))
+    first = embed_images(tiny_model, listing, workspace, workers=0)
+    assert first.artifact.manifest["counts"]["skipped"] == 1
+    assert embed_images(tiny_model, listing, workspace, workers=0).hit
+
+
+def test_repair_rebuilds_lost_namespace_records_and_waits_for_running_commands(tiny_model, workspace, folder):
+    embed_images(tiny_model, _listing(folder), workspace, workers=0)
+    namespace = image_namespace(workspace, tiny_model)
+    with workspace.items.lease(namespace), pytest.raises(NegalignError, match="a running command is using"):
+        workspace.repair()
+    workspace.close()
+    (workspace.root / "item-namespaces" / "cache.db").write_bytes(b"\0" * 4096)
+    reopened = Workspace.open(workspace.root)
+    report = reopened.repair()
+    assert report.items.records_rebuilt >= 1
+    assert any(info.count == 8 for info in reopened.items.namespaces())
+    assert reopened.items.evict_model("") >= 8 and reopened.items.count() == 0
+    reopened.close()
+
+
+def test_a_malformed_manifest_is_a_damaged_folder_not_a_crash(tiny_model, workspace, folder):
+    import json
+
+    result = embed_images(tiny_model, _listing(folder), workspace, workers=0)
+    workspace.store.index.pop(result.artifact.key)
+    manifest_path = result.artifact.path / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["outputs"][files.IMAGE_TABLE]["bytes"]
+    manifest_path.write_text(json.dumps(manifest))
+    report = workspace.gc()
+    assert report.unreachable_artifacts and not report.reindexed_artifacts
+    workspace.repair()
+
+
+def test_gc_removes_only_scratch_folders_nobody_holds(tmp_path):
+    import os
+    import shutil
+    import tempfile as tempfile_module
+    import uuid
+
+    from negalign_cli.settings import SCRATCH_OWNER, contain_writes
+
+    cache = Path(tempfile_module.gettempdir()) / f"ng-{uuid.uuid4().hex[:6]}"  # short enough for scratch
+    try:
+        contain_writes(cache)  # this process's folder, held
+        dead = cache / "scratch" / "123-dead"
+        dead.mkdir()
+        (dead / SCRATCH_OWNER).touch()  # its owner lock is free: the command ended or died
+        (dead / "pymp-x").mkdir()
+        report = Workspace.open(cache).gc()
+        assert report.orphan_temp_folders == ["scratch/123-dead"]
+        assert [p.name for p in (cache / "scratch").iterdir()] == [str(os.getpid())]
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+def test_scratch_is_used_only_where_a_unix_socket_path_fits(tmp_path):
+    """DataLoader workers bind a Unix socket under the temporary folder; a path over 107 bytes
+    loses their results (it hung the run). Short cache paths get the scratch folder, long ones
+    keep the system's temporary folder."""
+    import tempfile as tempfile_module
+    import uuid
+
+    from negalign_cli.settings import MAX_SCRATCH_PATH, contain_writes
+
+    short = Path(tempfile_module.gettempdir()) / f"ng-{uuid.uuid4().hex[:6]}"
+    long = tmp_path / ("x" * 80)
+    before = tempfile_module.gettempdir()
+    contain_writes(long)
+    assert tempfile_module.gettempdir() == before
+    contain_writes(short)
+    try:
+        assert tempfile_module.gettempdir().startswith(str(short.resolve()))
+        assert len(tempfile_module.gettempdir()) <= MAX_SCRATCH_PATH
+    finally:
+        import shutil
+
+        shutil.rmtree(short, ignore_errors=True)

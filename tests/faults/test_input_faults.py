@@ -231,3 +231,31 @@ def test_paths_outside_the_data_root_are_refused(tmp_path):
     assert allowed.exit_code == 0, allowed.output
     table = pd.read_parquet(tmp_path / "a" / files.IMAGE_TABLE)
     assert (table["status"] == "ok").sum() == 3  # passwd is read but is no image
+
+
+def test_waterbirds_blank_rows_keep_labels_as_written(tmp_path):
+    root = tmp_path / "wb"
+    (root / "a").mkdir(parents=True)
+    rgb(1).save(root / "a" / "1.jpg")
+    rgb(2).save(root / "a" / "2.jpg")
+    (root / "metadata.csv").write_text(
+        "img_id,img_filename,y,split,place\n1,a/1.jpg,0,2,0\n2,,,,\n3,a/2.jpg,1,2,1\n"
+    )
+    for split in ([], ["--split", "test"]):
+        out = tmp_path / f"o{len(split)}"
+        result = cli(
+            "embed",
+            "images",
+            "--images",
+            str(root / "metadata.csv"),
+            *split,
+            "--workers",
+            "0",
+            "--cache-dir",
+            str(tmp_path / "c"),
+            "--out",
+            str(out),
+        )
+        assert result.exit_code == 0, result.output
+        table = pd.read_parquet(out / files.IMAGE_TABLE)
+        assert table.loc[table["status"] == "ok", "label"].tolist() == ["0", "1"]

@@ -332,3 +332,24 @@ def test_json_of_every_exported_manifest_lists_what_the_folder_holds(pipeline):
         manifest = json.loads((folder / "manifest.json").read_text())
         assert set(manifest["outputs"]) == {p.name for p in folder.iterdir() if p.name != "manifest.json"}
         assert np.all([(folder / n).stat().st_size == m["bytes"] for n, m in manifest["outputs"].items()])
+
+
+def test_score_refuses_a_cam_folder_of_another_image_list(pipeline, tmp_path):
+    """Same model, same number of images, different lists: P_align would land on the wrong rows."""
+    other = make_image_folder(tmp_path / "other", per_class=2)  # as many images as imgs_id
+    made = cli(
+        "embed",
+        "images",
+        "--images",
+        str(other),
+        "--workers",
+        "0",
+        "--cache-dir",
+        str(pipeline / "c"),
+        "--out",
+        str(tmp_path / "emb"),
+    )
+    assert made.exit_code == 0, made.output
+    one_line_error(
+        _score(pipeline, tmp_path / "emb", "--cam-dir", str(pipeline / "cam_id")), "different image lists"
+    )
