@@ -46,3 +46,6 @@ DEFAULT_TAU = 0.05
 
 # Images with more pixels than this are skipped, never decoded (PIL's decompression-bomb limit).
 DEFAULT_MAX_PIXELS = 89_478_485
+
+# Where the word goes in a prompt template.
+PLACEHOLDER = "{}"

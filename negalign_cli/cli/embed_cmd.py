@@ -71,9 +71,7 @@ def texts(
     """Encode ID class names (and optionally negative labels) with prompt templates: each word is
     the normalised mean of its prompt embeddings (NegLabel's recipe). Writes class_embeddings.npy +
     classes.txt (and negative_embeddings.npy + negatives.txt)."""
-    from negalign_cli.cache.workspace import Workspace
     from negalign_cli.inputs.words import load_classes, load_negatives, load_templates
-    from negalign_cli.stages.text import embed_texts
 
     rt = o.runtime(cache_dir, device, precision, batch_size)
     report = o.reporter(verbose, quiet)
@@ -81,6 +79,9 @@ def texts(
     negative_list = load_negatives(negatives, report) if negatives is not None else None
     template_set = load_templates(templates)
     negative_set = load_templates(negative_templates) if negative_templates else None
+    from negalign_cli.cache.workspace import Workspace  # after the inputs are checked: cheap errors first
+    from negalign_cli.stages.text import embed_texts
+
     loaded = o.load(model, pretrained, rt, report)
     workspace = Workspace.open(rt.cache_dir)
     result = embed_texts(

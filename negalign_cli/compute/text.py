@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from negalign_cli.compute.types import OpenClipModule
-
-PLACEHOLDER = "{}"
+from negalign_cli.defaults import PLACEHOLDER
 
 
 def format_prompts(words: Sequence[str], templates: Sequence[str]) -> list[str]:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from negalign_cli.assets import class_presets, negative_presets, template_sets
-from negalign_cli.compute.text import PLACEHOLDER
+from negalign_cli.defaults import PLACEHOLDER
 from negalign_cli.errors import NegalignError
 from negalign_cli.hashing import sha256_lines
 from negalign_cli.reporting import NullReporter, Reporter
