@@ -9,8 +9,7 @@ from typer.testing import CliRunner
 
 from negalign_cli import __version__
 from negalign_cli.cli.app import app
-
-TINY = ["--model", "negalign-tiny-test"]  # the CLI default is ViT-B-16 + openai weights
+from tests.helpers import TINY
 
 runner = CliRunner()
 

@@ -14,9 +14,8 @@ from negalign_cli.inputs.datasets import list_images, load_rgb
 from negalign_cli.inputs.words import WordList
 from negalign_cli.reporting import RecordingReporter
 from negalign_cli.stages.images import cam_images, digest_images, embed_images
+from tests.helpers import TINY
 from tests.helpers.images import make_awkward_images, make_image_folder, rgb
-
-TINY = ["--model", "negalign-tiny-test"]  # the CLI default is ViT-B-16 + openai weights
 
 runner = CliRunner()
 REPORT = RecordingReporter()

@@ -22,9 +22,8 @@ from negalign_cli.stages.vocab import (
     split_scores,
     split_vocab,
 )
+from tests.helpers import TINY
 from tests.helpers.synthetic import write_image_set
-
-TINY = ["--model", "negalign-tiny-test"]  # the CLI default is ViT-B-16 + openai weights
 
 runner = CliRunner()
 NOUNS = (

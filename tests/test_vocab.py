@@ -22,9 +22,9 @@ from negalign_cli.inputs.lexicon import NEGLABEL_FILES, Lexicon, load_lexicon, r
 from negalign_cli.inputs.words import WordList, load_negatives, load_templates
 from negalign_cli.reporting import RecordingReporter
 from negalign_cli.stages.vocab import VocabEntry, mine_negatives, split_scores, split_vocab, summarise_split
+from tests.helpers import TINY
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-TINY = ["--model", "negalign-tiny-test"]  # the CLI default is ViT-B-16 + openai weights
 
 runner = CliRunner()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typer.testing import CliRunner
 
 from negalign_cli.cli.app import app
+from tests.helpers import TINY
 
 runner = CliRunner()
 MODEL_COMMANDS = {"embed", "cam", "score", "split-vocab", "mine-negatives"}
@@ -14,7 +15,7 @@ def cli(*args: str, env: dict | None = None):
     """`negalign ARGS` in this process; model commands get the tiny test model unless told."""
     argv = list(args)
     if argv and argv[0] in MODEL_COMMANDS and "--model" not in argv:
-        argv += ["--model", "negalign-tiny-test"]
+        argv += TINY
     return runner.invoke(app, argv, env={"COLUMNS": "200", **(env or {})})
 
 

@@ -16,11 +16,11 @@ import pandas as pd
 import pytest
 
 from negalign_cli.stages import files
+from tests.helpers import TINY
 from tests.helpers.images import make_image_folder
 
 SLOW = Path(__file__).resolve().parents[1] / "helpers" / "slow_negalign.py"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
-TINY = ["--model", "negalign-tiny-test"]
 
 
 def negalign(*args: str) -> subprocess.CompletedProcess:
