@@ -40,3 +40,6 @@ RESULTS = "results.json"
 METRICS = "metrics.csv"
 ROC_PLOT = "roc.png"
 HISTOGRAM_PLOT = "score_hist.png"
+
+# the Python API (CLIPNegAlign): where it exports the split under its output_folder (NegAlign's layout)
+NEGATIVES_SPLIT_DIR = "negatives_split"

@@ -210,8 +210,8 @@ def score_images(
                 "P_align needs background negatives: pass --negatives-split DIR; P_align left empty"
             )
             background = cam = None
-        texts = _TextEncoder(model, workspace, batch_size, reporter)
-        inputs_ = _score_inputs(embeddings, background, cam, classes, negatives, config, texts)
+        texts = TextEncoder(model, workspace, batch_size, reporter)
+        inputs_ = score_inputs(embeddings, background, cam, classes, negatives, config, texts)
         label = f"scoring {len(embeddings)} distinct images" + (
             f" ({len(table)} paths)" if len(table) != len(embeddings) else ""
         )
@@ -243,7 +243,7 @@ def score_images(
 
 
 @dataclass
-class _TextEncoder:
+class TextEncoder:
     """Class, negative and "p and n" features through the per-word cache (noun templates)."""
 
     model: LoadedModel
@@ -273,14 +273,14 @@ class _TextEncoder:
         return self.words(texts)
 
 
-def _score_inputs(
+def score_inputs(
     embeddings: np.ndarray,
     background: np.ndarray | None,
     cam: pd.DataFrame | None,
     classes: WordList,
     negatives: NegativeVocab,
     config: ScoreConfig,
-    texts: _TextEncoder,
+    texts: TextEncoder,
 ) -> ScoreInputs:
     """Everything ``compute_scores`` reads: the image rows (memory-mapped), the text features, and
     which negatives form N_obj (M2) and N_bg (P_align)."""

@@ -1,0 +1,519 @@
+"""``CLIPNegAlign``: NegAlign's Python API, a thin facade over the stages and compute functions the
+CLI runs.
+
+Nothing here computes a score itself. Class and negative text features come from the per-word
+cache (:func:`negalign_cli.stages.text.text_embeddings`, :func:`negalign_cli.stages.vocab.negative_features`),
+the negatives from ``mine-negatives`` / ``split-vocab`` (:mod:`negalign_cli.stages.vocab`), the
+CAM and the background embedding from :func:`negalign_cli.compute.vision.cam_batch`, every score
+column from :func:`negalign_cli.compute.scores.compute_scores` (through the same
+:func:`negalign_cli.stages.scoring.score_inputs` the ``score`` stage uses), and S_final from
+:func:`negalign_cli.compute.evaluation.final_score`. Scores for the same images therefore equal
+``negalign cam`` + ``negalign score`` with the same settings (to float32 rounding).
+
+The constructor takes the arguments of NegAlign's published API (``train_dataset``, ``arch``,
+``device``, ``output_folder``, ``load_saved_labels``, ``use_neglabel_star``,
+``use_role_aware_negatives``, ``use_scale_stabilization``, ``use_p_align``, ``lambda_bg``,
+``cam_fg_percentile``, ``cam_dilate_px``) plus this project's knobs. M3 (scale stabilisation)
+z-scores with statistics fitted on ID images by :meth:`CLIPNegAlign.fit_calibration`, never
+within a batch (a batch of one has no spread).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from negalign_cli.cache.workspace import Workspace
+from negalign_cli.compute.evaluation import ALIGN, STAR, final_score
+from negalign_cli.compute.evaluation import fit_calibration as fit_statistics
+from negalign_cli.compute.scores import SCORE_COLUMNS, ScoreConfig, compute_scores
+from negalign_cli.compute.vision import CamConfig, cam_batch, encode_images
+from negalign_cli.defaults import DEFAULT_INVALID_CAM, DEFAULT_PRETRAINED, DEFAULT_TAU
+from negalign_cli.errors import NegalignError
+from negalign_cli.hashing import sha256_lines
+from negalign_cli.inputs.datasets import load_rgb
+from negalign_cli.inputs.lexicon import load_lexicon
+from negalign_cli.inputs.words import WordList, load_classes, load_negatives
+from negalign_cli.models import CHECKPOINT_SUFFIXES, PROJECT_MODELS, LoadedModel, load_model
+from negalign_cli.reporting import NullReporter, Reporter
+from negalign_cli.settings import resolve_cache_dir, resolve_device, resolve_precision
+from negalign_cli.stages import files
+from negalign_cli.stages.scoring import TextEncoder, check_request, score_inputs
+from negalign_cli.stages.vocab import (
+    NegativeVocab,
+    VocabEntry,
+    mine_negatives,
+    negatives_from_split,
+    split_scores,
+    split_vocab,
+)
+
+# OpenAI's model names (``clip.load``) and the open_clip architecture each one is.
+OPENAI_ARCHS = {
+    "RN50": "RN50",
+    "RN101": "RN101",
+    "RN50x4": "RN50x4",
+    "RN50x16": "RN50x16",
+    "RN50x64": "RN50x64",
+    "ViT-B/32": "ViT-B-32",
+    "ViT-B/16": "ViT-B-16",
+    "ViT-L/14": "ViT-L-14",
+    "ViT-L/14@336px": "ViT-L-14-336",
+}
+# What a single image's details hold besides the score columns of ``scores.parquet``.
+DETAIL_EXTRAS = ("s_final", "pred_class", "pred_name", "pred_score", "cam_valid", "fg_fraction")
+
+
+def resolve_arch(arch: str, pretrained: str | None = None) -> tuple[str, str | None]:
+    """``(open_clip architecture, weights)`` for an ``arch`` as the published API names it.
+
+    OpenAI's names (``ViT-B/16``) map to open_clip's (``ViT-B-16``) with OpenAI's weights unless
+    ``pretrained`` says otherwise; project models (``negalign-toy``) and open_clip names pass
+    through; a checkpoint file named after its architecture (``/weights/ViT-B-16.pt``, as
+    ``clip.load`` takes it) becomes that architecture with the file as weights."""
+    if arch in OPENAI_ARCHS:
+        return OPENAI_ARCHS[arch], pretrained or DEFAULT_PRETRAINED
+    path = Path(arch).expanduser()
+    if path.suffix in CHECKPOINT_SUFFIXES and path.is_file():
+        stem = path.stem.replace("/", "-")
+        if pretrained is not None:
+            raise NegalignError(f"arch={arch!r} is a checkpoint file: leave pretrained out")
+        return stem, str(path)
+    if "/" in arch and not arch.startswith("local-dir:") and arch not in PROJECT_MODELS:
+        raise NegalignError(
+            f"unknown arch {arch!r}: use an OpenAI name ({', '.join(OPENAI_ARCHS)}), an open_clip "
+            "architecture (`negalign models`), a project model, or a checkpoint file"
+        )
+    return arch, pretrained
+
+
+def _word_list(spec: str | Path | Sequence[str], what: str, reporter: Reporter) -> WordList:
+    """A preset name or a file (as the CLI reads them), or the names themselves."""
+    if isinstance(spec, (str, Path)):
+        return load_classes(str(spec), reporter) if what == "class" else load_negatives(spec, reporter)
+    words = tuple(" ".join(str(w).split()) for w in spec)
+    if not words or any(not w for w in words):
+        raise NegalignError(f"{what} names must be non-empty strings")
+    if len(set(words)) != len(words):
+        if what == "class":
+            raise NegalignError("train_dataset lists a class more than once")
+        words = tuple(dict.fromkeys(words))
+    return WordList(f"python list ({sha256_lines(words)[:12]})", words)
+
+
+class CLIPNegAlign:
+    """NegAlign's zero-shot OOD detector: S_final = S_NegLabel* + λ·P_align (higher = more ID).
+
+    ``train_dataset`` names the ID classes: a preset (``imagenet``, ``waterbird``, ...), a text
+    file with one class a line, or a list of class names. Negatives: ``negatives_split`` (a
+    ``split-vocab`` folder) if given; else ``neg_nouns``/``neg_adjs`` (bundled list names, files or
+    lists of words); else ``output_folder``'s ``neg_labels_noun.txt``/``neg_labels_adj.txt`` when
+    ``load_saved_labels``; else NegLabel's mining from the lexicon (saved to ``output_folder``).
+    Unless ``negatives_split`` is given they are split at ``tau`` (cached; exported to
+    ``output_folder/negatives_split``). M1 (``neg_topk``), M2 (``use_role_aware_negatives``) and
+    M3 (``use_scale_stabilization``) shape S* and apply only with ``use_neglabel_star``; without it
+    S_final starts from S_NegLabel plain.
+    """
+
+    def __init__(
+        self,
+        train_dataset: str | Path | Sequence[str] = "imagenet",
+        arch: str = "ViT-B/16",
+        device: str = "auto",
+        output_folder: str | Path | None = None,
+        load_saved_labels: bool = True,
+        use_neglabel_star: bool = True,
+        use_role_aware_negatives: bool = True,
+        use_scale_stabilization: bool = False,
+        use_p_align: bool = True,
+        lambda_bg: float = 1.0,
+        cam_fg_percentile: float = 80.0,
+        cam_dilate_px: int = 1,
+        *,
+        cam_method: str = "gradcam",
+        cam_block: int = -1,
+        bg_pool: str = "tokens",
+        tau: float = DEFAULT_TAU,
+        groups: int = 100,
+        group_seed: int = 0,
+        neg_topk: int | None = None,
+        role_aware_include_ambiguous: bool = False,
+        multimatch: bool = True,
+        invalid_cam: str = DEFAULT_INVALID_CAM,
+        pretrained: str | None = None,
+        negatives_split: str | Path | None = None,
+        neg_nouns: str | Path | Sequence[str] | None = None,
+        neg_adjs: str | Path | Sequence[str] | None = None,
+        lexicon: str | Path | None = None,
+        calibration: Mapping[str, Mapping[str, float]] | str | Path | None = None,
+        precision: str = "fp32",
+        batch_size: int = 128,
+        cache_dir: str | Path | None = None,
+        reporter: Reporter | None = None,
+    ) -> None:
+        self.reporter = reporter or NullReporter()
+        self.use_neglabel_star = use_neglabel_star
+        self.use_scale_stabilization = use_scale_stabilization
+        self.use_p_align = use_p_align
+        self.lambda_bg = float(lambda_bg)
+        self.multimatch = multimatch
+        self.batch_size = batch_size
+        self.output_folder = Path(output_folder).expanduser() if output_folder is not None else None
+        self.cam_config = CamConfig(
+            method=cam_method,
+            block=cam_block,
+            fg_percentile=float(cam_fg_percentile),
+            dilate=int(cam_dilate_px),
+            bg_pool=bg_pool,
+        )
+        self.cam_config.validate(10**6)  # names and ranges; the block is checked against the model below
+        star = use_neglabel_star
+        self.config = ScoreConfig(
+            groups=groups,
+            group_seed=group_seed,
+            neg_topk=neg_topk if star else None,
+            role_aware=star and (use_role_aware_negatives or role_aware_include_ambiguous),
+            include_ambiguous=star and role_aware_include_ambiguous,
+            invalid_cam=invalid_cam,
+        )
+        self.calibration = self._read_calibration(calibration)
+        if batch_size < 1:
+            raise NegalignError(f"batch_size must be at least 1 (got {batch_size})")
+
+        name, weights = resolve_arch(arch, pretrained)
+        torch_device = resolve_device(device)
+        resolve_precision(precision, torch_device)
+        self.classes = _word_list(train_dataset, "class", self.reporter)
+        self.model: LoadedModel = load_model(name, weights, torch_device, precision)
+        if self.model.random_weights:
+            self.reporter.warn(f"{self.model.name} has random weights: its scores mean nothing")
+        self.workspace = Workspace.open(resolve_cache_dir(cache_dir))
+        self.device = self.model.device
+        self.clip_preprocess = _Preprocess(self.model.image_transform())
+        self._texts = _Texts(self.model, self.workspace, 1024, self.reporter)
+        self.negatives = self._negatives(
+            negatives_split, neg_nouns, neg_adjs, load_saved_labels, lexicon, tau
+        )
+        check_request(self.negatives, self.config, has_cam=use_p_align)
+        if use_p_align:
+            from negalign_cli.compute.vision import vision_tower
+
+            self.cam_config.validate(len(vision_tower(self.model.model).blocks))
+        # encoded (or read from the per-word cache) once, as the published class does in __init__
+        self.class_features = self._texts.fix_classes(self.classes.words)
+        self.negative_features = self._texts.fix_negatives(self.negatives)
+
+    # ------------------------------------------------------------------ negatives
+    def _negatives(
+        self,
+        split_folder: str | Path | None,
+        nouns: str | Path | Sequence[str] | None,
+        adjs: str | Path | Sequence[str] | None,
+        load_saved: bool,
+        lexicon: str | Path | None,
+        tau: float,
+    ) -> NegativeVocab:
+        if split_folder is not None:
+            return negatives_from_split(split_folder)
+        lists = self._negative_labels(nouns, adjs, load_saved, lexicon)
+        entries = [VocabEntry(words, source) for source, words in lists.items() if words is not None]
+        scores = split_scores(self.model, entries, self.workspace, reporter=self.reporter)
+        split = split_vocab(scores.artifact, self.workspace, tau=tau, reporter=self.reporter).artifact
+        folder = split.path
+        if self.output_folder is not None:
+            folder = self.output_folder / files.NEGATIVES_SPLIT_DIR
+            split.export(folder)
+        return negatives_from_split(folder)
+
+    def _negative_labels(
+        self,
+        nouns: str | Path | Sequence[str] | None,
+        adjs: str | Path | Sequence[str] | None,
+        load_saved: bool,
+        lexicon: str | Path | None,
+    ) -> dict[str, WordList | None]:
+        if nouns is not None or adjs is not None:
+            return {
+                source: _word_list(given, "negative", self.reporter) if given is not None else None
+                for source, given in (("noun", nouns), ("adj", adjs))
+            }
+        saved = {
+            "noun": self.output_folder / files.NEG_LABELS_NOUN if self.output_folder else None,
+            "adj": self.output_folder / files.NEG_LABELS_ADJ if self.output_folder else None,
+        }
+        if load_saved and any(path is not None and path.is_file() for path in saved.values()):
+            self.reporter.info(f"negative labels from {self.output_folder}")
+            return {source: _nonempty(path, self.reporter) for source, path in saved.items()}
+        self.reporter.info("mining negative labels (NegLabel's recipe) for the ID classes")
+        mined = mine_negatives(
+            self.model, self.classes, load_lexicon(lexicon), self.workspace, reporter=self.reporter
+        ).artifact
+        if self.output_folder is not None:
+            mined.export(self.output_folder)
+        return {
+            "noun": _nonempty(mined.file(files.NEG_LABELS_NOUN), self.reporter),
+            "adj": _nonempty(mined.file(files.NEG_LABELS_ADJ), self.reporter),
+        }
+
+    # ------------------------------------------------------------------ calibration (M3)
+    @staticmethod
+    def _read_calibration(
+        calibration: Mapping[str, Mapping[str, float]] | str | Path | None,
+    ) -> dict[str, dict[str, float]] | None:
+        if calibration is None:
+            return None
+        if isinstance(calibration, (str, Path)):
+            from negalign_cli.stages.evaluation import _load_calibration
+
+            return _load_calibration(Path(calibration).expanduser())
+        return {
+            k: {"mean": float(calibration[k]["mean"]), "std": float(calibration[k]["std"])}
+            for k in (STAR, ALIGN)
+        }
+
+    @property
+    def m3(self) -> bool:
+        """Whether S_final z-scores S* and P_align (M3 is part of S*, so it needs use_neglabel_star)."""
+        return self.use_scale_stabilization and self.use_neglabel_star
+
+    def fit_calibration(self, id_images: Any) -> dict[str, dict[str, float]]:
+        """M3: fit the mean and standard deviation of S* and P_align on ID images (a batch tensor,
+        PIL images, or an iterable of batches such as a DataLoader yielding ``(images, labels)``)
+        and use them from now on. Rows whose S* or P_align is undefined are left out, as
+        ``evaluate`` does. Returns the statistics (the ``calibration`` block of ``results.json``)."""
+        frame = self._frame(self._batches(id_images), final=False)
+        star = frame[STAR].to_numpy(dtype=np.float64)
+        align = frame[ALIGN].to_numpy(dtype=np.float64) if self.use_p_align else np.zeros_like(star)
+        keep = np.isfinite(star) & np.isfinite(align)
+        if keep.sum() < 2:
+            raise NegalignError(
+                f"fit_calibration needs at least 2 ID images with finite scores, got {keep.sum()}"
+            )
+        self.calibration = fit_statistics(star[keep], align[keep])
+        return self.calibration
+
+    # ------------------------------------------------------------------ scoring
+    def detection_score(
+        self, img_tensor: Any, orig_image: Any = None, return_details: bool = False
+    ) -> float | dict[str, Any]:
+        """S_final of one image (a preprocessed ``(1, 3, H, W)`` or ``(3, H, W)`` tensor; or, with
+        ``img_tensor=None``, the PIL image ``orig_image``, preprocessed here). ``orig_image`` is
+        otherwise unused: the CAM is computed on the tensor. With ``return_details``: a dict of every
+        score component (``s_neglabel_plain``, ``s_neglabel_star``, ``p_align``, ``s_final``, …),
+        the predicted class and its cosine, ``cam_valid``, and the CAM and foreground mask (patch grid)."""
+        if img_tensor is None:
+            if orig_image is None:
+                raise NegalignError("detection_score needs img_tensor or orig_image")
+            img_tensor = self.clip_preprocess(orig_image)
+        batch = img_tensor if img_tensor.dim() == 4 else img_tensor.unsqueeze(0)
+        if batch.shape[0] != 1:
+            raise NegalignError(
+                f"detection_score takes one image, got a batch of {batch.shape[0]}: use detection_scores"
+            )
+        frame, maps = self._frame([batch], keep_maps=True)
+        row = frame.iloc[0]
+        if not return_details:
+            return float(row["s_final"])
+        details: dict[str, Any] = {name: float(row[name]) for name in (*SCORE_COLUMNS, "s_final")}
+        details.update(
+            pred_class=int(row["pred_class"]),
+            pred_name=str(row["pred_name"]),
+            pred_score=float(row["pred_score"]),
+            cam_valid=None if pd.isna(row["cam_valid"]) else bool(row["cam_valid"]),
+            fg_fraction=float(row["fg_fraction"]),
+            lambda_bg=self.lambda_bg,
+            cam=maps[0][0] if maps else None,
+            foreground=maps[1][0] if maps else None,
+        )
+        return details
+
+    def detection_scores(self, batch: Any, return_details: bool = False) -> np.ndarray | pd.DataFrame:
+        """S_final of every image of ``batch`` (a ``(B, 3, H, W)`` tensor, a list of tensors or of
+        PIL images, or an iterable of batches), processed ``batch_size`` images at a time. With
+        ``return_details``: a DataFrame with one row per image and the columns of ``scores.parquet``
+        plus ``s_final``, ``pred_score`` and ``fg_fraction``."""
+        frame = self._frame(self._batches(batch))
+        return frame if return_details else frame["s_final"].to_numpy()
+
+    def _batches(self, images: Any) -> Iterable[torch.Tensor]:
+        if isinstance(images, torch.Tensor):
+            return [images if images.dim() == 4 else images.unsqueeze(0)]
+        items = list(images)
+        if items and all(isinstance(item, torch.Tensor) and item.dim() == 3 for item in items):
+            return [torch.stack(items)]
+        if items and all(not isinstance(item, (torch.Tensor, tuple, list)) for item in items):
+            return [torch.stack([self.clip_preprocess(item) for item in items])]  # PIL images
+        return [
+            batch[0] if isinstance(batch, (tuple, list)) else batch for batch in items
+        ]  # a DataLoader: (images, labels) or images
+
+    def _frame(self, batches: Iterable[torch.Tensor], keep_maps: bool = False, final: bool = True) -> Any:
+        """One forward per chunk of ``batch_size`` images (Grad-CAM when P_align is on), then
+        every score column at once, then S_final."""
+        embeddings, background, meta, cams, masks = [], [], [], [], []
+        for batch in batches:
+            for start in range(0, batch.shape[0], self.batch_size):
+                chunk = batch[start : start + self.batch_size].to(self.device)
+                if self.model.precision != "fp32":
+                    chunk = chunk.to(next(self.model.model.parameters()).dtype)
+                if self.use_p_align:
+                    out = cam_batch(self.model.model, chunk, self.class_features, self.cam_config)
+                    embeddings.append(out.embeddings.cpu())
+                    background.append(out.background.cpu())
+                    meta.append(
+                        torch.stack(
+                            [
+                                out.pred_score.cpu().float(),
+                                out.valid.cpu().float(),
+                                out.foreground.flatten(1).float().mean(1).cpu(),
+                            ],
+                            dim=1,
+                        )
+                    )
+                    if keep_maps:
+                        cams.append(out.cams.cpu().numpy())
+                        masks.append(out.foreground.cpu().numpy())
+                else:
+                    x = encode_images(self.model.model, chunk).cpu()
+                    embeddings.append(x)
+                    meta.append(
+                        torch.stack(
+                            [
+                                (x @ self.class_features.T).max(dim=-1).values,
+                                torch.full((len(x),), float("nan")),
+                                torch.full((len(x),), float("nan")),
+                            ],
+                            dim=1,
+                        )
+                    )
+        if not embeddings:
+            raise NegalignError("no images to score")
+        images = torch.cat(embeddings).numpy()
+        extra = torch.cat(meta).numpy()
+        cam_frame = pd.DataFrame({"cam_valid": extra[:, 1] > 0.5}) if self.use_p_align else None
+        inputs = score_inputs(
+            images,
+            torch.cat(background).numpy() if self.use_p_align else None,
+            cam_frame,
+            self.classes,
+            self.negatives,
+            self.config,
+            self._texts,
+        )
+        columns = compute_scores(inputs, self.config, self._texts.pairs if self.multimatch else None)
+        frame = pd.DataFrame({name: columns[name] for name in SCORE_COLUMNS})
+        frame.insert(0, "pred_class", columns["pred_class"])
+        frame.insert(1, "pred_name", np.array(self.classes.words, dtype=object)[columns["pred_class"]])
+        frame["pred_score"] = extra[:, 0]
+        frame["cam_valid"] = cam_frame["cam_valid"].to_numpy() if cam_frame is not None else None
+        frame["fg_fraction"] = extra[:, 2]
+        frame["s_final"] = self._final(frame) if final else np.nan
+        if keep_maps:
+            return frame, (np.concatenate(cams), np.concatenate(masks)) if cams else None
+        return frame
+
+    def _final(self, frame: pd.DataFrame) -> np.ndarray:
+        base = frame[STAR if self.use_neglabel_star else "s_neglabel_plain"].to_numpy(dtype=np.float64)
+        if not self.use_p_align:
+            align, lam = np.zeros_like(base), 0.0
+        else:
+            align, lam = frame[ALIGN].to_numpy(dtype=np.float64), self.lambda_bg
+        if self.m3 and self.calibration is None:
+            raise NegalignError(
+                "use_scale_stabilization (M3) needs ID statistics: call fit_calibration(id_images) "
+                "first, or pass calibration= (a results.json of `evaluate --scale-stabilize`)"
+            )
+        return final_score(base, align, lam, self.calibration if self.m3 else None)
+
+    # ------------------------------------------------------------------ housekeeping
+    def settings(self) -> dict[str, Any]:
+        """Everything that decides the scores, as JSON-ready values (for provenance)."""
+        from dataclasses import asdict
+
+        return {
+            "model": self.model.describe(),
+            "fingerprint": self.model.fingerprint,
+            "classes": self.classes.source,
+            "negatives": self.negatives.origin,
+            "score": asdict(self.config),
+            "cam": asdict(self.cam_config),
+            "use_neglabel_star": self.use_neglabel_star,
+            "use_scale_stabilization": self.use_scale_stabilization,
+            "use_p_align": self.use_p_align,
+            "lambda_bg": self.lambda_bg,
+            "calibration": json.loads(json.dumps(self.calibration)) if self.calibration else None,
+        }
+
+    def close(self) -> None:
+        self.workspace.close()
+
+    def __enter__(self) -> CLIPNegAlign:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass
+class _Texts(TextEncoder):
+    """The ``score`` stage's text encoder (per-word cache, noun templates), holding the class and
+    negative features after their first use and each "p and n" text once encoded: a facade that
+    scores one image at a time must not look every word up again per image."""
+
+    classes: tuple[tuple[str, ...], torch.Tensor] | None = None
+    negative_rows: tuple[NegativeVocab, torch.Tensor] | None = None
+    pair_rows: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def fix_classes(self, words: Sequence[str]) -> torch.Tensor:
+        self.classes = (tuple(words), super().words(words))
+        return self.classes[1]
+
+    def fix_negatives(self, negatives: NegativeVocab) -> torch.Tensor:
+        self.negative_rows = (negatives, super().negatives(negatives))
+        return self.negative_rows[1]
+
+    def words(self, words: Sequence[str]) -> torch.Tensor:
+        if self.classes is not None and tuple(words) == self.classes[0]:
+            return self.classes[1]
+        return super().words(words)
+
+    def negatives(self, negatives: NegativeVocab) -> torch.Tensor:
+        if self.negative_rows is not None and negatives == self.negative_rows[0]:
+            return self.negative_rows[1]
+        return super().negatives(negatives)
+
+    def pairs(self, texts: list[str]) -> torch.Tensor:
+        missing = [t for t in dict.fromkeys(texts) if t not in self.pair_rows]
+        if missing:
+            self.pair_rows.update(zip(missing, super().pairs(missing), strict=True))
+        return torch.stack([self.pair_rows[t] for t in texts])
+
+
+class _Preprocess:
+    """The CLI's preprocessing of one image: 8-bit RGB (alpha dropped, grayscale expanded, 16-bit
+    scaled, as ``embed images`` reads files), then open_clip's evaluation transform. Takes a PIL
+    image or a path."""
+
+    def __init__(self, transform: Any) -> None:
+        self.transform = transform
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        if isinstance(image, (str, Path)):
+            image = load_rgb(str(image))
+        elif getattr(image, "mode", "RGB") != "RGB":
+            image = image.convert("RGB")
+        return self.transform(image)
+
+
+def _nonempty(path: Path | None, reporter: Reporter) -> WordList | None:
+    """A negative-label file, or None when it is absent or empty (mining can keep no adjectives)."""
+    if path is None or not path.is_file() or not path.read_text(encoding="utf-8").strip():
+        return None
+    return load_negatives(path, reporter)
