@@ -15,6 +15,8 @@ help:
 	@echo "make test-fast the tests without the slow end-to-end ones"
 	@echo "make lint      ruff (check + format) and mypy (strict on negalign_cli/compute)"
 	@echo "make install   create $(VENV) with torch pinned and negalign in editable mode"
+	@echo "make waterbirds WATERBIRDS=DIR PLACESBG=DIR   the WaterBirds experiment (pipelines.mk)"
+	@echo "make imagenet IMAGENET=DIR OOD=\"name=DIR ...\"  ImageNet-1K against OOD sets (make pipelines-help)"
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,3 +47,6 @@ demo: $(STAMP)
 
 clean:
 	rm -rf $(DEMO_OUT) .negalign-cache .pytest_cache .ruff_cache
+
+# The method's experiments as Make pipelines: make waterbirds, make imagenet (see pipelines.mk).
+include pipelines.mk

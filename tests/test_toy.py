@@ -85,6 +85,18 @@ def test_generate_toy(tmp_path):
     star = meta[meta["label"] == "star"]
     on_water_group = star["background"].isin(["water", "snow"])
     assert (on_water_group == (star["group"] == "majority")).all()
+    # Waterbirds' columns: the ID split reads as a Waterbirds metadata.csv with --split
+    assert (meta["img_filename"] == meta["path"]).all()
+    assert (meta["y"] == meta["label"].map({"star": 0, "heart": 1})).all()
+    assert (meta["place"] == meta["background"].isin(["forest", "grass"]).astype(int)).all()
+    assert meta["split"].value_counts().to_dict() == {2: 100, 0: 80, 1: 20}
+    from negalign_cli.inputs.datasets import list_images
+
+    test_split = list_images(root / "id" / "metadata.csv", split="test")
+    assert len(test_split) == 100 and test_split.extra["place"] == [
+        str(p) for p in meta["place"][meta["split"] == 2]
+    ]
+    assert test_split.paths[0] == str(root / "id" / meta["path"][meta["split"] == 2].iloc[0])
     row = meta.iloc[0]
     image = np.asarray(Image.open(root / "id" / row["path"]))
     mask = np.asarray(Image.open(root / "id" / row["mask"])) > 0

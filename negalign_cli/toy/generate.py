@@ -7,6 +7,8 @@ Layout of ``OUT/``::
     <split>/images/<label>/<n>.png, <split>/masks/<label>/<n>.png   (mask: 255 = object)
     <split>/manifest.csv       path,label (relative to the split folder)
     <split>/metadata.csv       path, label, shape, background, mask, group
+                               (id also: img_filename, y, split, place: Waterbirds' columns, so
+                               that ``--images id/metadata.csv --split test`` reads it as Waterbirds)
     README.md                  what was generated, with the seed
 
 Splits: ``id`` (Waterbirds-like: each ID shape on its own background group ``correlation`` of the
@@ -75,6 +77,22 @@ def _write(folder: Path, rows: list[dict], scenes) -> None:
     frame[["path", "label"]].to_csv(folder / "manifest.csv", index=False)
 
 
+# The ID split's Waterbirds split column: 0 train, 1 val, 2 test, about Waterbirds' 40/10/50 shares.
+WATERBIRDS_SPLIT_CYCLE = (0, 0, 0, 0, 1, 2, 2, 2, 2, 2)
+
+
+def _waterbirds_columns(row: dict, index: int, label_index: int, place: int) -> dict:
+    """Waterbirds' metadata.csv columns for an ID row: img_filename, y (class index), split
+    (0 train, 1 val, 2 test) and place (the index of the background group the image is on)."""
+    return {
+        **row,
+        "img_filename": row["path"],
+        "y": label_index,
+        "split": WATERBIRDS_SPLIT_CYCLE[index % len(WATERBIRDS_SPLIT_CYCLE)],
+        "place": place,
+    }
+
+
 def _scene_rows(split: str, label: str, index: int, scene, group: str, text: str | None = None) -> dict:
     row = {
         "path": f"images/{label}/{index:05d}.png",
@@ -115,12 +133,12 @@ def generate_toy(out: str | Path, spec: ToySpec, reporter: Reporter | None = Non
     def draw_id(index, rng):
         label_index = index % 2
         majority = rng.random() < spec.correlation
-        group = spec.id_backgrounds[label_index if majority else 1 - label_index]
+        place = label_index if majority else 1 - label_index
+        group = spec.id_backgrounds[place]
         background = group[rng.integers(len(group))]
         scene = render(spec.id_shapes[label_index], background, rng)
-        return _scene_rows(
-            "id", str(scene.shape), index, scene, "majority" if majority else "minority"
-        ), scene
+        row = _scene_rows("id", str(scene.shape), index, scene, "majority" if majority else "minority")
+        return _waterbirds_columns(row, index, label_index, place), scene
 
     def draw_spurious(index, rng):
         backgrounds = [b for group in spec.id_backgrounds for b in group]

@@ -1,0 +1,191 @@
+"""`make waterbirds` and `make imagenet` (pipelines.mk) on the toy world, up to results.json: the
+numbers equal metrics recomputed from the score files with scikit-learn, `make -n` prints the real
+plan, and a changed knob reruns its step and the steps after it, nothing before."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from negalign_cli.toy.demo import TOY_TAU
+from negalign_cli.toy.generate import ToySpec, generate_toy
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+
+
+def make(*args: str, dry: bool = False) -> str:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    command = ["make", "-C", str(ROOT), *(["-n"] if dry else []), *args]
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def commands(plan: str) -> list[str]:
+    """The negalign subcommands a dry run would run (sorted: make's order is its own)."""
+    return sorted(
+        line.split(" -m negalign_cli ")[1].split()[0]
+        for line in plan.splitlines()
+        if " -m negalign_cli " in line
+    )
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipelines")
+    generate_toy(root / "toy", ToySpec(n_id=30, n_ood=12))
+    return root
+
+
+def toy_knobs(toy: Path) -> list[str]:
+    """The toy model card's settings, and the toy's classes and vocabulary for the real lists."""
+    return [
+        f"NEGALIGN={sys.executable} -m negalign_cli",
+        "PIPELINE_SETUP=",
+        "MODEL=negalign-toy",
+        "DEVICE=cpu",
+        "WORKERS=0",
+        f"TAU={TOY_TAU}",
+        "GROUPS=1",
+        "CAM_METHOD=gradxact",
+        f"NOUNS={toy / 'toy/vocab.txt'}",
+        "ADJS=",
+        f"OUT={toy / 'runs'}",
+        f"CACHE={toy / 'cache'}",
+    ]
+
+
+def auroc(id_scores, ood_scores) -> float:
+    labels = np.r_[np.ones(len(id_scores)), np.zeros(len(ood_scores))]
+    return float(roc_auc_score(labels, np.r_[id_scores, ood_scores]))
+
+
+def check_methods(results: dict, runs: Path, sets: dict[str, str]) -> None:
+    """Every method's AUROC in results.json against scikit-learn on the score files."""
+    id_frame = pd.read_parquet(runs / "scores" / "id" / "scores.parquet")
+    for name, folder in sets.items():
+        ood_frame = pd.read_parquet(runs / "scores" / folder / "scores.parquet")
+        methods = results["ood"][name]["methods"]
+        assert {"MCM", "NegLabel", "NegRefine", "NegLabel*", "NegAlign"} <= set(methods)
+        for method in ("MCM", "NegLabel", "NegRefine", "NegLabel*"):
+            column = methods[method]["column"]
+            expected = auroc(id_frame[column], ood_frame[column])
+            assert methods[method]["metrics"]["neglabel"]["auroc"] == pytest.approx(expected, abs=1e-9), (
+                method
+            )
+        lam = methods["NegAlign"]["lambda"]
+
+        def final(frame, lam=lam):
+            return frame["s_neglabel_star"] + lam * frame["p_align"]
+
+        expected = auroc(final(id_frame), final(ood_frame))
+        assert methods["NegAlign"]["metrics"]["neglabel"]["auroc"] == pytest.approx(expected, abs=1e-9)
+        assert set(results["ood"][name]["lambda_sweep"]) == {"0.0", "0.5", "1.0", "2.0", "5.0", "10.0"}
+
+
+@pytest.mark.slow
+def test_make_waterbirds_and_imagenet_on_the_toy_world(toy):
+    data = toy / "toy"
+    classes = str(data / "classes.txt")
+    waterbirds = [
+        *toy_knobs(toy),
+        f"WATERBIRDS={data / 'id'}",
+        f"PLACESBG={data / 'ood_spurious' / 'images'}",
+        f"WATERBIRDS_CLASSES={classes}",
+    ]
+    plan = make("waterbirds-results", *waterbirds, dry=True)
+    assert commands(plan) == sorted(["split-vocab", "cam", "score", "cam", "score", "evaluate"])
+    assert "--split test" in plan and str(data / "id" / "metadata.csv") in plan
+    make("waterbirds-results", *waterbirds)
+    runs = toy / "runs" / "waterbirds"
+    results = json.loads((runs / "results" / "results.json").read_text())
+    metadata = pd.read_csv(data / "id" / "metadata.csv")
+    assert results["id"]["n"] == int((metadata["split"] == 2).sum()) == 15  # the test split only
+    assert results["ood"]["placesbg"]["n"] == 12
+    check_methods(results, runs, {"placesbg": "placesbg"})
+    # background-only images against shapes: the toy CLIP separates them (model card)
+    assert results["ood"]["placesbg"]["methods"]["NegAlign"]["metrics"]["neglabel"]["auroc"] > 0.9
+
+    # make's own incrementality on top of the cache: nothing to do, then only what a knob touches
+    assert commands(make("waterbirds-results", *waterbirds, dry=True)) == []
+    assert commands(make("waterbirds-results", *waterbirds, "TAU=0.002", dry=True)) == sorted(
+        ["split-vocab", "score", "score", "evaluate"]
+    )
+    assert commands(make("waterbirds-results", *waterbirds, "BLOCK=-2", dry=True)) == sorted(
+        ["cam", "score", "cam", "score", "evaluate"]
+    )
+    assert commands(make("waterbirds-results", *waterbirds, "LAMBDAS=0,1", dry=True)) == ["evaluate"]
+    assert commands(make("waterbirds-results", *waterbirds, dry=True)) == []  # a dry run writes nothing
+    # the report is its own file target after results.json
+    report_plan = make("waterbirds", *waterbirds, dry=True)
+    assert commands(report_plan) == ["report"]
+    assert f"report {runs / 'results'} --out {runs / 'report'}" in report_plan
+
+    imagenet = [
+        *toy_knobs(toy),
+        f"IMAGENET={data / 'id' / 'manifest.csv'}",
+        f"OOD=spurious={data / 'ood_spurious' / 'images'} nonspurious={data / 'ood_nonspurious' / 'images'}",
+        f"IMAGENET_CLASSES={classes}",
+    ]
+    make("imagenet-results", *imagenet)
+    runs = toy / "runs" / "imagenet"
+    results = json.loads((runs / "results" / "results.json").read_text())
+    assert results["id"]["n"] == 30 and set(results["ood"]) == {"spurious", "nonspurious"}
+    check_methods(results, runs, {"spurious": "ood-spurious", "nonspurious": "ood-nonspurious"})
+    for method in ("MCM", "NegLabel", "NegRefine", "NegLabel*"):
+        per_set = [
+            results["ood"][s]["methods"][method]["metrics"]["neglabel"]["auroc"] for s in results["ood"]
+        ]
+        assert results["mean"]["methods"][method]["metrics"]["neglabel"]["auroc"] == pytest.approx(
+            np.mean(per_set)
+        )
+    assert commands(make("imagenet-results", *imagenet, dry=True)) == []
+
+
+def _has_report_command() -> bool:
+    from typer.main import get_command
+
+    from negalign_cli.cli.app import app
+
+    return "report" in get_command(app).commands  # type: ignore[attr-defined]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not _has_report_command(),
+    reason="PENDING MERGE of issue-13b (`negalign report`): the lead removes this skipif after merging",
+)
+def test_make_waterbirds_writes_the_report(toy):
+    data = toy / "toy"
+    make(
+        "waterbirds",
+        *toy_knobs(toy),
+        f"WATERBIRDS={data / 'id'}",
+        f"PLACESBG={data / 'ood_spurious' / 'images'}",
+        f"WATERBIRDS_CLASSES={data / 'classes.txt'}",
+    )
+    report = toy / "runs" / "waterbirds" / "report"
+    for name in ("report.html", "report.md", "report.tex"):
+        assert (report / name).is_file() and (report / name).stat().st_size > 0, name
+    assert "NegAlign" in (report / "report.md").read_text()
+
+
+def test_pipelines_refuse_missing_folders():
+    result = subprocess.run(
+        ["make", "-C", str(ROOT), "-n", "waterbirds", "PLACESBG=x"], capture_output=True, text=True
+    )
+    assert result.returncode != 0 and "make waterbirds needs WATERBIRDS=DIR" in result.stderr
+    result = subprocess.run(
+        ["make", "-C", str(ROOT), "-n", "imagenet", "IMAGENET=x"], capture_output=True, text=True
+    )
+    assert result.returncode != 0 and "make imagenet needs OOD=" in result.stderr
