@@ -75,3 +75,25 @@ def test_help_imports_no_torch():
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "", f"--help imported {result.stdout.strip()}"
+
+
+def test_every_argument_has_help_text():
+    """Positional arguments (cache info KEY, ...) are described like options."""
+    root = typer.main.get_command(app)
+    for path in command_paths():
+        command = root
+        for name in path:
+            command = command.commands[name]  # type: ignore[attr-defined]
+        for parameter in command.params:
+            if isinstance(parameter, typer.core.TyperArgument):
+                assert parameter.help, (
+                    f"`negalign {' '.join(path)}` argument {parameter.name} has no help text"
+                )
+
+
+def test_demo_help_names_the_cache_the_demo_writes(tmp_path):
+    """`negalign demo` keeps its cache under --out (demo-output/cache), and says so."""
+    result = runner.invoke(app, ["demo", "--help"], env={"COLUMNS": "300"})
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    assert "else OUT/cache, i.e. demo-output/cache" in text and ".negalign-cache" not in text

@@ -11,6 +11,7 @@ import typer
 
 from negalign_cli.cli import options as o
 from negalign_cli.cli.console import guarded, stdout
+from negalign_cli.defaults import CACHE_ENV
 from negalign_cli.errors import NegalignError
 
 app = typer.Typer(
@@ -86,6 +87,18 @@ def train(
         stdout().print(f"installed {target}")
 
 
+DemoCacheDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--cache-dir",
+        envvar=CACHE_ENV,
+        help=f"Cache folder (else ${CACHE_ENV}, else OUT/cache, i.e. demo-output/cache): the demo keeps "
+        "its cache beside its outputs, so deleting OUT removes everything it wrote.",
+        show_default=False,
+    ),
+]
+
+
 @guarded
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Where the demo writes everything.")] = Path(
@@ -96,7 +109,7 @@ def demo(
     n_id: Annotated[int, typer.Option("--n-id", min=2, help="Images in the toy ID split.")] = 400,
     n_ood: Annotated[int, typer.Option("--n-ood", min=1, help="Images in each toy OOD split.")] = 200,
     workers: o.Workers = 0,
-    cache_dir: o.CacheDir = None,
+    cache_dir: DemoCacheDir = None,
     device: o.Device = "auto",
     precision: o.PrecisionOpt = o.Precision.fp32,
     batch_size: o.BatchSize = 256,
