@@ -339,3 +339,52 @@ def test_import_stays_light_and_the_class_is_lazy():
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["False", "negalign_cli.api", "True"]
+
+
+def test_labels_are_mined_and_saved_then_loaded(toy):
+    """Without saved labels the API mines them (NegLabel's recipe, the mine-negatives stage) into
+    output_folder; the next construction loads them instead (load_saved_labels)."""
+    from negalign_cli import CLIPNegAlign
+    from negalign_cli.reporting import RecordingReporter
+
+    lexicon = toy / "lexicon"
+    lexicon.mkdir()
+    nouns = [f"{w}" for w in ("water", "forest", "grass", "snow", "sand", "teapot", "violin", "bicycle")]
+    nouns += [
+        "pencil",
+        "umbrella",
+        "guitar",
+        "anchor",
+        "kettle",
+        "lamp",
+        "clock",
+        "circle",
+        "square",
+        "cloud",
+    ]
+    (lexicon / "noun.artifact.txt").write_text("\n".join(nouns) + "\n")
+    (lexicon / "adj.all.txt").write_text("red\nblue\ngreen\nround\nsharp\nsoft\nwet\ndry\n")
+    output = toy / "mined"
+    settings = {
+        "train_dataset": ["star", "heart"],
+        "output_folder": output,
+        "lexicon": lexicon,
+        "use_p_align": False,
+        "use_neglabel_star": False,
+        "cache_dir": toy / "mine-cache",
+        **TOY,
+    }
+    first = RecordingReporter()
+    model = CLIPNegAlign(load_saved_labels=True, reporter=first, **settings)
+    assert "mining negative labels" in first.text()
+    mined_nouns = (output / "neg_labels_noun.txt").read_text().split("\n")[:-1]
+    mined_adjs = (output / "neg_labels_adj.txt").read_text().split("\n")[:-1]
+    assert 1 <= len(mined_nouns) < len(nouns) and set(mined_nouns) <= set(nouns)  # the least class-like share
+    assert model.negatives.words == (*mined_nouns, *mined_adjs)
+    assert (output / "negatives_split" / "split_scores.csv").is_file()
+    model.close()
+    second = RecordingReporter()
+    again = CLIPNegAlign(load_saved_labels=True, reporter=second, **settings)
+    assert "mining" not in second.text() and f"negative labels from {output}" in second.text()
+    assert again.negatives == model.negatives
+    again.close()
