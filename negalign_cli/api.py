@@ -21,7 +21,7 @@ within a batch (a batch of one has no spread).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -342,17 +342,29 @@ class CLIPNegAlign:
         frame = self._frame(self._batches(batch))
         return frame if return_details else frame["s_final"].to_numpy()
 
-    def _batches(self, images: Any) -> Iterable[torch.Tensor]:
+    def _batches(self, images: Any) -> Iterator[torch.Tensor]:
+        """Input batches, lazily: a tensor as is; a list of (3, H, W) tensors or of PIL images
+        (or paths) stacked ``batch_size`` at a time, so that preprocessed pixels of a long list
+        never sit in memory at once; any other iterable batch by batch (``(images, labels)``
+        tuples of a DataLoader give their images)."""
         if isinstance(images, torch.Tensor):
-            return [images if images.dim() == 4 else images.unsqueeze(0)]
-        items = list(images)
-        if items and all(isinstance(item, torch.Tensor) and item.dim() == 3 for item in items):
-            return [torch.stack(items)]
-        if items and all(not isinstance(item, (torch.Tensor, tuple, list)) for item in items):
-            return [torch.stack([self.clip_preprocess(item) for item in items])]  # PIL images
-        return [
-            batch[0] if isinstance(batch, (tuple, list)) else batch for batch in items
-        ]  # a DataLoader: (images, labels) or images
+            yield images if images.dim() == 4 else images.unsqueeze(0)
+            return
+        if isinstance(images, Sequence) and not isinstance(images, (str, bytes)):
+            loose = [
+                not isinstance(item, (tuple, list))
+                and not (isinstance(item, torch.Tensor) and item.dim() == 4)
+                for item in images
+            ]
+            if loose and all(loose):  # single images
+                for start in range(0, len(images), self.batch_size):
+                    chunk = images[start : start + self.batch_size]
+                    yield torch.stack(
+                        [x if isinstance(x, torch.Tensor) else self.clip_preprocess(x) for x in chunk]
+                    )
+                return
+        for batch in images:
+            yield batch[0] if isinstance(batch, (tuple, list)) else batch
 
     def _frame(self, batches: Iterable[torch.Tensor], keep_maps: bool = False, final: bool = True) -> Any:
         """One forward per chunk of ``batch_size`` images (Grad-CAM when P_align is on), then

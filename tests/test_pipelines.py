@@ -24,7 +24,9 @@ pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU 
 
 
 def make(*args: str, dry: bool = False) -> str:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    # a clean make: not the flags of a `make test` this runs under
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    env.update(HF_HUB_OFFLINE="1", COLUMNS="200")
     command = ["make", "-C", str(ROOT), *(["-n"] if dry else []), *args]
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
