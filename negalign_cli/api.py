@@ -34,7 +34,7 @@ from negalign_cli.cache.workspace import Workspace
 from negalign_cli.compute.evaluation import ALIGN, STAR, final_score
 from negalign_cli.compute.evaluation import fit_calibration as fit_statistics
 from negalign_cli.compute.scores import SCORE_COLUMNS, ScoreConfig, compute_scores
-from negalign_cli.compute.vision import CamConfig, cam_batch, encode_images
+from negalign_cli.compute.vision import CamConfig, cam_batch, encode_images, vision_tower
 from negalign_cli.defaults import DEFAULT_INVALID_CAM, DEFAULT_PRETRAINED, DEFAULT_TAU
 from negalign_cli.errors import NegalignError
 from negalign_cli.hashing import sha256_lines
@@ -160,6 +160,7 @@ class CLIPNegAlign:
     ) -> None:
         self.reporter = reporter or NullReporter()
         self.use_neglabel_star = use_neglabel_star
+        self.use_role_aware_negatives = use_role_aware_negatives
         self.use_scale_stabilization = use_scale_stabilization
         self.use_p_align = use_p_align
         self.lambda_bg = float(lambda_bg)
@@ -203,8 +204,6 @@ class CLIPNegAlign:
         )
         check_request(self.negatives, self.config, has_cam=use_p_align)
         if use_p_align:
-            from negalign_cli.compute.vision import vision_tower
-
             self.cam_config.validate(len(vision_tower(self.model.model).blocks))
         # encoded (or read from the per-word cache) once, as the published class does in __init__
         self.class_features = self._texts.fix_classes(self.classes.words)
