@@ -61,6 +61,11 @@ app.command("cam", epilog=cam_cmd.EXAMPLE)(cam_cmd.cam)
 app.command("score", epilog=score_cmd.SCORE_EXAMPLE)(score_cmd.score)
 app.command("evaluate", epilog=score_cmd.EVALUATE_EXAMPLE)(score_cmd.evaluate_command)
 app.command("merge", epilog=shard_cmd.MERGE_EXAMPLE)(shard_cmd.merge)
+app.command(
+    "launch",
+    epilog=shard_cmd.LAUNCH_EXAMPLE,
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)(shard_cmd.launch)
 app.command("demo", epilog="Example: negalign demo --out demo-output")(toy_cmd.demo)
 app.command("sanity", epilog="Example: negalign sanity --model negalign-toy")(toy_cmd.sanity)
 app.add_typer(embed_cmd.app, name="embed")
