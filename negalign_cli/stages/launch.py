@@ -128,9 +128,9 @@ def _executor(config: LaunchConfig, logs: Path) -> Any:
         return executor
     if config.executor != "local":
         raise NegalignError(f"--executor must be {' or '.join(EXECUTORS)}, got {config.executor!r}")
-    executor = submitit.LocalExecutor(folder=logs / "%j")
-    executor.update_parameters(timeout_min=config.timeout_min)
-    return executor
+    local = submitit.LocalExecutor(folder=logs / "%j")
+    local.update_parameters(timeout_min=config.timeout_min)
+    return local
 
 
 def _log_of(job: Any) -> str:

@@ -259,7 +259,7 @@ def read_plan(shards_dir: Path) -> Plan:
     return plan
 
 
-def _write_new(path: Path, write: Callable[[Path], None]) -> bool:
+def _write_new(path: Path, write: Callable[[Path], object]) -> bool:
     """Write ``path`` through a temporary file, never replacing an existing one; False if another
     process was first."""
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
