@@ -9,6 +9,7 @@ import typer
 
 from negalign_cli import __version__
 from negalign_cli.cli import (
+    bench_cmd,
     cache_cmd,
     cam_cmd,
     embed_cmd,
@@ -66,6 +67,7 @@ app.command(
     epilog=shard_cmd.LAUNCH_EXAMPLE,
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
 )(shard_cmd.launch)
+app.command("bench", epilog=bench_cmd.EXAMPLE)(bench_cmd.bench)
 app.command("demo", epilog="Example: negalign demo --out demo-output")(toy_cmd.demo)
 app.command("sanity", epilog="Example: negalign sanity --model negalign-toy")(toy_cmd.sanity)
 app.add_typer(embed_cmd.app, name="embed")
