@@ -64,6 +64,11 @@ def sigmoid_of_difference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(a.double() - b.double())
 
 
+def _blocks(columns: torch.Tensor, groups: int) -> torch.Tensor:
+    """The last dimension split into ``groups`` contiguous blocks: a view, also of a column slice."""
+    return columns.view(*columns.shape[:-1], groups, -1)
+
+
 def group_logsumexp(
     grouped_neg_logits: torch.Tensor, groups: int, overwrite: bool = False, maxes: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -72,12 +77,13 @@ def group_logsumexp(
     ``overwrite`` they run in place on the caller's buffer, whose values are destroyed (no n×M
     temporaries: the memory traffic that made scoring slower than its matrix product). ``maxes``:
     the blocks' maxima (n, groups) if the caller has them already."""
-    blocks = grouped_neg_logits.unflatten(-1, (groups, -1))
+    blocks = _blocks(grouped_neg_logits, groups)
     if not overwrite:
         return torch.logsumexp(blocks, dim=-1)
     shift = (blocks.amax(dim=-1) if maxes is None else maxes.clone()).unsqueeze(-1)
     shift.masked_fill_(shift.abs() == float("inf"), 0.0)
-    return blocks.sub_(shift).exp_().sum(dim=-1).log_().add_(shift.squeeze(-1))
+    lse: torch.Tensor = blocks.sub_(shift).exp_().sum(dim=-1).log_().add_(shift.squeeze(-1))
+    return lse
 
 
 def top_columns(
@@ -89,7 +95,7 @@ def top_columns(
     values equal a full top-k exactly; among exactly tied values the chosen columns may differ."""
     if groups <= k or kept == 0:
         return torch.topk(logits, k, dim=-1)
-    blocks = logits[:, :kept].unflatten(-1, (groups, -1))
+    blocks = _blocks(logits[:, :kept], groups)
     width = blocks.shape[-1]
     best_blocks = (blocks.amax(dim=-1) if maxes is None else maxes).topk(k, dim=-1).indices  # (n, k)
     candidates = torch.gather(blocks, 1, best_blocks.unsqueeze(-1).expand(-1, -1, width)).flatten(1)
@@ -390,7 +396,7 @@ def _score_chunk(
     out["s_mcm"][rows] = mcm(cos_pos, config.mcm_temperature).numpy()
     out["s_energy"][rows] = energy(pos_logits).numpy()
     out["s_maxlogit"][rows] = largest.double().numpy()  # = max_logit(): the max is exact in any dtype
-    maxes = logits[:, : layout.kept].unflatten(-1, (config.groups, -1)).amax(dim=-1)  # one pass, used twice
+    maxes = _blocks(logits[:, : layout.kept], config.groups).amax(dim=-1)  # one pass, used twice
     values, columns = top_columns(logits, top.negatives.shape[1], layout.kept, config.groups, maxes)
     top.negatives[rows] = layout.layout[columns].numpy()
     top.negative_logits[rows] = values.numpy()
