@@ -99,11 +99,12 @@ def top_columns(
     width = blocks.shape[-1]
     best_blocks = (blocks.amax(dim=-1) if maxes is None else maxes).topk(k, dim=-1).indices  # (n, k)
     candidates = torch.gather(blocks, 1, best_blocks.unsqueeze(-1).expand(-1, -1, width)).flatten(1)
-    columns = (best_blocks.unsqueeze(-1) * width + torch.arange(width)).flatten(1)
+    columns = (best_blocks.unsqueeze(-1) * width + torch.arange(width, device=logits.device)).flatten(1)
     if kept < logits.shape[1]:
         rest = logits[:, kept:]
         candidates = torch.cat([candidates, rest], dim=1)
-        columns = torch.cat([columns, torch.arange(kept, logits.shape[1]).expand(rest.shape[0], -1)], dim=1)
+        tail = torch.arange(kept, logits.shape[1], device=logits.device)
+        columns = torch.cat([columns, tail.expand(rest.shape[0], -1)], dim=1)
     values, order = torch.topk(candidates, k, dim=-1)
     return values, torch.gather(columns, 1, order)
 
@@ -331,16 +332,19 @@ def compute_scores(
     config: ScoreConfig,
     encode_pairs: Callable[[list[str]], torch.Tensor] | None = None,
     on_chunk: Callable[[int], None] | None = None,
+    device: torch.device | str | None = None,
 ) -> dict[str, np.ndarray]:
     """Every score column of the registry for every image, in chunks of images (no N×M matrix is
     ever whole; one matmul per chunk gives all negative logits, see :class:`NegativeLayout`).
 
     ``encode_pairs`` turns NegRefine's "p and n" texts into features (noun templates); each
     distinct pair is encoded once per chunk of images. Without it the multi-matching columns are
-    NaN; without background embeddings the P_align columns are NaN.
+    NaN; without background embeddings the P_align columns are NaN. With ``device`` (e.g. a GPU)
+    each chunk is scored there and only its per-image results come back.
     """
-    classes = inputs.classes.float()
-    negatives = inputs.negatives.float()
+    device = torch.device(device or "cpu")
+    classes = inputs.classes.float().to(device)
+    negatives = inputs.negatives.float().to(device)
     n_images = inputs.images.shape[0]
     layout = NegativeLayout.build(negatives, inputs.star_indices, config)
     background_negatives = None
@@ -358,16 +362,16 @@ def compute_scores(
         np.empty((n_images, k_neg), dtype=np.float32),
     )
     step = min(chunk_rows(negatives.shape[0] + classes.shape[0]), max(1, n_images))
-    buffer = torch.empty(step, negatives.shape[0])  # the negative logits of one chunk, reused
+    buffer = torch.empty(step, negatives.shape[0], device=device)  # one chunk's negative logits, reused
     for start in range(0, n_images, step):
         rows = slice(start, min(start + step, n_images))
         _score_chunk(inputs, config, classes, layout, background_negatives, rows, out, top, buffer)
         if on_chunk is not None:
             on_chunk(rows.stop - rows.start)
     if encode_pairs is not None:
-        out["s_multimatch"] = _multimatch_column(inputs, classes.shape[1], top, encode_pairs)
+        out["s_multimatch"] = _multimatch_column(inputs, classes.shape[1], top, encode_pairs, device)
     if background_negatives is not None and inputs.background_valid is not None:
-        apply_invalid_cam_policy(out, ~inputs.background_valid.numpy(), config.invalid_cam)
+        apply_invalid_cam_policy(out, ~inputs.background_valid.cpu().numpy(), config.invalid_cam)
     out["s_negrefine"] = out["s_neglabel_plain"] + config.multimatch_weight * out["s_multimatch"]
     return out
 
@@ -386,21 +390,21 @@ def _score_chunk(
     """The scores of one chunk of images, written into ``out`` (and ``top``) at ``rows``. The
     negative logits go into ``buffer``; everything that reads them runs before the grouped
     NegLabel, which uses the buffer as scratch space."""
-    x = unit_rows(inputs.images, rows.start, rows.stop)
+    x = unit_rows(inputs.images, rows.start, rows.stop).to(buffer.device, non_blocking=True)
     cos_pos = x @ classes.T
     pos_logits = LOGIT_SCALE * cos_pos
     logits = buffer[: x.shape[0]]
     torch.matmul(LOGIT_SCALE * x, layout.weights, out=logits)  # scaling the rows first saves a pass over n×M
     largest, predicted = pos_logits.max(dim=-1)  # the first of tied maxima, as argmax
-    out["pred_class"][rows] = predicted.numpy()
-    out["s_mcm"][rows] = mcm(cos_pos, config.mcm_temperature).numpy()
-    out["s_energy"][rows] = energy(pos_logits).numpy()
-    out["s_maxlogit"][rows] = largest.double().numpy()  # = max_logit(): the max is exact in any dtype
+    out["pred_class"][rows] = predicted.cpu().numpy()
+    out["s_mcm"][rows] = mcm(cos_pos, config.mcm_temperature).cpu().numpy()
+    out["s_energy"][rows] = energy(pos_logits).cpu().numpy()
+    out["s_maxlogit"][rows] = largest.double().cpu().numpy()  # = max_logit(): the max is exact in any dtype
     maxes = _blocks(logits[:, : layout.kept], config.groups).amax(dim=-1)  # one pass, used twice
     values, columns = top_columns(logits, top.negatives.shape[1], layout.kept, config.groups, maxes)
-    top.negatives[rows] = layout.layout[columns].numpy()
-    top.negative_logits[rows] = values.numpy()
-    top.classes[rows] = torch.topk(pos_logits, top.classes.shape[1], dim=-1).indices.numpy()
+    top.negatives[rows] = layout.layout[columns.cpu()].numpy()
+    top.negative_logits[rows] = values.cpu().numpy()
+    top.classes[rows] = torch.topk(pos_logits, top.classes.shape[1], dim=-1).indices.cpu().numpy()
     star = None
     if config.star_is_plain:
         pass
@@ -410,18 +414,22 @@ def _score_chunk(
     else:  # M2's columns, gathered (a copy) in their own group order
         star = neglabel_grouped(pos_logits, logits[:, layout.star_columns], config.groups, overwrite=True)
     plain = neglabel_grouped(pos_logits, logits[:, : layout.kept], config.groups, overwrite=True, maxes=maxes)
-    out["s_neglabel_plain"][rows] = plain.numpy()
-    out["s_neglabel_star"][rows] = (plain if star is None else star).numpy()
+    out["s_neglabel_plain"][rows] = plain.cpu().numpy()
+    out["s_neglabel_star"][rows] = (plain if star is None else star).cpu().numpy()
     if background_negatives is not None and inputs.background is not None:
-        background = unit_rows(inputs.background, rows.start, rows.stop)
+        background = unit_rows(inputs.background, rows.start, rows.stop).to(buffer.device, non_blocking=True)
         aligned, pos, neg = p_align(background, classes[predicted], background_negatives, config.align_topk)
-        out["p_align"][rows] = aligned.numpy()
-        out["s_bg_pos"][rows] = pos.numpy()
-        out["s_bg_neg"][rows] = neg.numpy()
+        out["p_align"][rows] = aligned.cpu().numpy()
+        out["s_bg_pos"][rows] = pos.cpu().numpy()
+        out["s_bg_neg"][rows] = neg.cpu().numpy()
 
 
 def _multimatch_column(
-    inputs: ScoreInputs, dim: int, top: _TopMatches, encode_pairs: Callable[[list[str]], torch.Tensor]
+    inputs: ScoreInputs,
+    dim: int,
+    top: _TopMatches,
+    encode_pairs: Callable[[list[str]], torch.Tensor],
+    device: torch.device | None = None,
 ) -> np.ndarray:
     """NegRefine's multi-matching score of every image; the distinct "p and n" texts of a chunk of
     images are encoded once (chunks keep the pair features' memory bounded)."""
@@ -436,10 +444,17 @@ def _multimatch_column(
         pair_ids, pair_texts = distinct_pairs(
             top.classes[start:stop], top.negatives[start:stop], inputs.class_names, inputs.negative_names
         )
-        features = encode_pairs(pair_texts).float()[torch.from_numpy(pair_ids)]
-        column[start:stop] = multimatch(
-            unit_rows(inputs.images, start, stop), features, pair_negative_logits[start:stop]
-        ).numpy()
+        device = device or torch.device("cpu")
+        features = encode_pairs(pair_texts).float().to(device)[torch.from_numpy(pair_ids).to(device)]
+        column[start:stop] = (
+            multimatch(
+                unit_rows(inputs.images, start, stop).to(device),
+                features,
+                pair_negative_logits[start:stop].to(device),
+            )
+            .cpu()
+            .numpy()
+        )
     return column
 
 

@@ -188,13 +188,15 @@ def _warm_pairs(inputs: ScoreInputs) -> Callable[[list[str]], torch.Tensor]:
     return lookup
 
 
-def bare_gemm(images: np.ndarray, weights: torch.Tensor) -> None:
-    """images × weightsᵀ in float32, in the chunks scoring uses, into one reused buffer."""
+def bare_gemm(images: np.ndarray, weights: torch.Tensor, device: torch.device | None = None) -> None:
+    """images × weightsᵀ in float32, in the chunks scoring uses (copied to ``device`` as scoring
+    copies them), into one reused buffer."""
+    device = device or torch.device("cpu")
     rows = chunk_rows(weights.shape[0])
-    out = torch.empty(min(rows, images.shape[0]), weights.shape[0])
-    transposed = weights.T.contiguous()
+    out = torch.empty(min(rows, images.shape[0]), weights.shape[0], device=device)
+    transposed = weights.T.contiguous().to(device)
     for start in range(0, images.shape[0], rows):
-        block = torch.from_numpy(images[start : start + rows])
+        block = torch.from_numpy(images[start : start + rows]).to(device, non_blocking=True)
         torch.matmul(block, transposed, out=out[: block.shape[0]])
 
 
@@ -379,9 +381,9 @@ def run_bench(model: LoadedModel, config: BenchConfig, reporter: Reporter | None
         results.append(
             measure(
                 "bare GEMM (fp32)",
-                lambda: bare_gemm(inputs.images, weights),  # type: ignore[arg-type]
+                lambda: bare_gemm(inputs.images, weights, device),  # type: ignore[arg-type]
                 config.score_images,
-                torch.device("cpu"),
+                device,
                 repeats,
                 f"{config.score_images} × ({config.classes} + {config.negatives}) × {dim}",
             )
@@ -390,9 +392,9 @@ def run_bench(model: LoadedModel, config: BenchConfig, reporter: Reporter | None
         results.append(
             measure(
                 "score from cache (all columns)",
-                lambda: compute_scores(inputs, score_config),
+                lambda: compute_scores(inputs, score_config, device=device),
                 config.score_images,
-                torch.device("cpu"),
+                device,
                 repeats,
                 "MCM, Energy, MaxLogit, NegLabel, NegLabel* (M2), P_align",
             )
@@ -402,9 +404,9 @@ def run_bench(model: LoadedModel, config: BenchConfig, reporter: Reporter | None
         results.append(
             measure(
                 "score + multi-matching",
-                lambda: compute_scores(inputs, score_config, pairs),
+                lambda: compute_scores(inputs, score_config, pairs, device=device),
                 config.score_images,
-                torch.device("cpu"),
+                device,
                 repeats,
                 "NegRefine's pairs from a warm text cache",
             )
@@ -428,7 +430,7 @@ def run_bench(model: LoadedModel, config: BenchConfig, reporter: Reporter | None
                 background_valid=torch.ones(n_model, dtype=torch.bool),
                 background_indices=inputs.background_indices,
             )
-            compute_scores(pipeline, score_config, pairs)
+            compute_scores(pipeline, score_config, pairs, device=device)
 
         results.append(
             measure("full NegAlign pipeline", full, n_model, device, repeats, "embed + CAM + all scores")
