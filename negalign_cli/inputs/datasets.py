@@ -349,7 +349,7 @@ def jpeg_decoder():
         def decode(data, device):
             return codec_decode(list(data), mode="RGB", device=device)
 
-    except ImportError:
+    except (ImportError, OSError, RuntimeError):  # absent, or built for another torch
         from torchvision.io import ImageReadMode
         from torchvision.io import decode_jpeg as vision_decode
 

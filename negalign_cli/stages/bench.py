@@ -300,28 +300,53 @@ def environment(model: LoadedModel) -> dict[str, Any]:
     }
 
 
-def _image_file_flow(model: LoadedModel, config: BenchConfig) -> tuple[Callable[[], Any], int]:
-    from negalign_cli.inputs.datasets import ImageDataset, collate, list_images
+def _image_file_flow(model: LoadedModel, config: BenchConfig) -> tuple[Callable[[], Any], int, str]:
+    """Embedding from image files the way `embed images` reads them: PIL in DataLoader workers on a
+    CPU; on a GPU the JPEG bytes are decoded there in batches (nvJPEG), as ``--decode auto`` does."""
+    from negalign_cli.inputs.datasets import (
+        ImageDataset,
+        RawDataset,
+        collate,
+        collate_raw,
+        decode_batch,
+        list_images,
+        resolve_decoder,
+    )
 
     if config.images is None:
         raise ValueError("no image folder")
     paths = list_images(config.images).paths[: config.batch_size * config.batches]
-    dataset = ImageDataset(paths, model.image_transform())
     dtype = next(model.model.parameters()).dtype
+    decoder = resolve_decoder("auto", model.device)
+    pin = model.device.type == "cuda"
+    if decoder == "torch":
+        raw = RawDataset(paths, model.image_transform())
 
-    def run() -> None:
+        def run() -> None:
+            loader = torch.utils.data.DataLoader(
+                raw, batch_size=config.batch_size, num_workers=config.workers, collate_fn=collate_raw
+            )
+            for items in loader:
+                _, batch, _ = decode_batch(items, model.preprocess_cfg, model.device, raw.pil.__getitem__)
+                if batch is not None:
+                    encode_images(model.model, batch.to(dtype))
+
+        return run, len(paths), f"{config.workers} workers, batched GPU JPEG decoding"
+    dataset = ImageDataset(paths, model.image_transform())
+
+    def run_pil() -> None:
         loader = torch.utils.data.DataLoader(
             dataset,
             batch_size=config.batch_size,
             num_workers=config.workers,
             collate_fn=collate,
-            pin_memory=model.device.type == "cuda",
+            pin_memory=pin,
         )
         for _, batch, _ in loader:
             if batch is not None:
                 encode_images(model.model, batch.to(model.device, dtype, non_blocking=True))
 
-    return run, len(paths)
+    return run_pil, len(paths), f"{config.workers} workers, PIL decoding"
 
 
 def run_bench(model: LoadedModel, config: BenchConfig, reporter: Reporter | None = None) -> dict[str, Any]:
@@ -355,10 +380,8 @@ def run_bench(model: LoadedModel, config: BenchConfig, reporter: Reporter | None
         results.append(measure("embed", embed, n_model, device, repeats, "normalised float32 embeddings"))
         advance(1)
         if config.images is not None:
-            run, count = _image_file_flow(model, config)
-            results.append(
-                measure("embed from image files", run, count, device, repeats, f"{config.workers} workers")
-            )
+            run, count, how = _image_file_flow(model, config)
+            results.append(measure("embed from image files", run, count, device, repeats, how))
             advance(1)
 
         def embed_cam() -> None:
