@@ -52,7 +52,9 @@ def render_bench(record: dict) -> Table:
     for name, justify in (("flow", "left"), ("images/s", "right"), ("peak MB", "right"), ("note", "left")):
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     for row in record["results"]:
-        table.add_row(row["flow"], f"{row['images_per_s']:,.1f}", f"{row['peak_mb']:,.0f}", row["note"])
+        rate = row["images_per_s"]
+        shown = f"{rate:,.1f}" if rate >= 10 else f"{rate:.3g}"
+        table.add_row(row["flow"], shown, f"{row['peak_mb']:,.0f}", row["note"])
     table.add_section()
     for name, value in record["ratios"].items():
         table.add_row(name, f"{value:,.2f}×" if value >= 10 else f"{value:.3f}", "", "ratio in this run")
