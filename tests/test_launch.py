@@ -22,6 +22,13 @@ def test_launch_local_reruns_only_the_killed_shard(tmp_path, monkeypatch):
     stage = ["embed", "images", "--images", str(folder), *TINY, "--batch-size", "2", "--workers", "0"]
     whole = negalign(*stage, "--cache-dir", "c-whole", "--out", "whole")
     assert whole.returncode == 0, whole.stderr
+    # both shards through submitit's local executor, merged: the bytes of the one-process run
+    fresh = negalign("launch", *stage, "--shards", "2", "--shards-dir", "fresh", "--out", "fresh-out")
+    assert fresh.returncode == 0, fresh.stderr + fresh.stdout
+    assert "2 shard(s) ran, 0 were done already" in fresh.stdout
+    for name in ("image_embeddings.npy", "images.parquet"):
+        assert (tmp_path / "fresh-out" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+
     runs = tmp_path / "runs"
     assert negalign(*stage, "--shard", "0/2", "--shards-dir", str(runs)).returncode == 0
     # shard 1 is killed after 2 of its 6 batches: no done marker, but its cache keeps those images
