@@ -30,7 +30,10 @@ def test_demo_runs_end_to_end_and_then_from_the_cache(tmp_path):
     assert auroc["spurious"]["NegLabel"] >= 0.95  # model card: 100.00 (400/200 images)
     assert auroc["nonspurious"]["NegLabel"] >= 0.65  # model card: 83.76
     assert auroc["nonspurious"]["NegLabel"] > auroc["nonspurious"]["MCM"] - 0.05  # card: 83.76 against 79.44
-    assert len(list((tmp_path / "demo" / "viz").glob("*.png"))) == 6
+    for name in ("id", "spurious", "nonspurious"):  # CAM overlays of ID and of every OOD set
+        assert len(list((tmp_path / "demo" / "viz" / name).glob("*.png"))) == 2
+    for name in ("report.html", "report.md", "report.tex", "figures/cam_grid.png"):
+        assert (tmp_path / "demo" / "report" / name).is_file()
     for name in ("roc.png", "score_hist.png", "metrics.csv"):
         assert (tmp_path / "demo" / "results" / name).is_file()
     second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)

@@ -165,7 +165,7 @@ def method_table(results: dict, convention: str) -> list[dict[str, Any]]:
         if kind == "group":
             label = f"{name} (mean of {', '.join(block['sets'])})"
         elif kind == "mean":
-            label = f"mean of all {len(results['ood'])} sets"
+            label = f"mean of the {len(results['ood'])} OOD sets"
         n = results["ood"][name]["n"] if kind == "set" else None
         table.append({"name": name, "label": label, "kind": kind, "n": n, "rows": rows})
     return table
@@ -362,6 +362,10 @@ def provenance(results: dict, evaluate_manifest: dict, sets: list[ScoreSet]) -> 
             for name, c in score_configs.items()
             for k, v in (c or {}).items()
         ]
+    for what in ("classes", "negatives"):  # the digests of the word lists every score file used
+        digests = {s.manifest.get("inputs", {}).get(what) for s in sets} - {None}
+        if digests:
+            settings.append((f"score: {what} (sha256 of the list)", ", ".join(sorted(digests))))
     cam_params = {
         json.dumps(s.cam_manifest.get("params", {}), sort_keys=True) for s in sets if s.cam_manifest
     }
