@@ -243,7 +243,7 @@ def _evaluate(request: EvaluateRequest, folder: Path, reporter: Reporter) -> dic
     results["statistics"] = {"id": statistics(_stat_columns(id_frame))}
     for name, frame in ood_frames.items():
         results["statistics"][f"ood:{name}"] = statistics(_stat_columns(frame))
-    _write_outputs(folder, request, results, rows, id_frame, ood_frames, selection, chosen, calibration)
+    _write_outputs(folder, request, results, rows, id_frame, ood_frames)
     return {"counts": {"id": len(id_frame), **{f"ood:{n}": len(f) for n, f in ood_frames.items()}}}
 
 
@@ -473,11 +473,8 @@ def _write_outputs(
     rows: list[dict],
     id_frame: pd.DataFrame,
     ood_frames: dict[str, pd.DataFrame],
-    selection: _Selection,
-    chosen: dict[str, float],
-    calibration: dict | None,
 ) -> None:
-    """results.json, metrics.csv (per set and the mean), roc.png and score_hist.png."""
+    """results.json, metrics.csv (per set, per group and the mean), roc.png and score_hist.png."""
     from negalign_cli.stages.plots import plot_histograms, plot_roc
 
     (folder / files.RESULTS).write_text(json.dumps(results, indent=2, sort_keys=False), encoding="utf-8")

@@ -19,6 +19,7 @@ import os
 import platform
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -233,7 +234,7 @@ def _cam_rows(results: dict, sets: list[ScoreSet], cells: int, size: int) -> tup
 
 
 def _figures(
-    results: dict, sets: list[ScoreSet], folder: Path, cells: int
+    results: dict, sets: list[ScoreSet], folder: Path, cells: int, advance: Callable[[int], None]
 ) -> tuple[dict[str, dict], list[str]]:
     """figure key → {file, title, caption}; notes on what was left out."""
     from negalign_cli.compute.evaluation import ALIGN
@@ -250,6 +251,7 @@ def _figures(
             if len(results["ood"]) > 1 or name != "mean":
                 sweeps[name], chosen[name] = _sweep(block), block["methods"][NEGALIGN].get("lambda")
         plot_lambda_curve(folder / files.LAMBDA_PLOT, sweeps, chosen, convention)
+        advance(1)
         rule = results.get("lambda_selection", {}).get("rule", "")
         figures["lambda"] = {
             "file": files.LAMBDA_PLOT,
@@ -263,6 +265,7 @@ def _figures(
     if len(frames) == len(sets):
         id_frame = frames.pop("ID")
         plot_roc(folder / files.ROC_PLOT, roc_curves(results, id_frame, frames))
+        advance(1)
         figures["roc"] = {
             "file": files.ROC_PLOT,
             "title": "ROC curves of every method",
@@ -278,6 +281,7 @@ def _figures(
             if all(pd.to_numeric(f[c], errors="coerce").notna().any() for f in [id_frame, *frames.values()])
         ]
         plot_histograms(folder / files.HISTOGRAM_PLOT, id_frame, frames, usable)
+        advance(1)
         figures["histograms"] = {
             "file": files.HISTOGRAM_PLOT,
             "title": "Score histograms",
@@ -289,6 +293,7 @@ def _figures(
     notes += cam_notes
     if rows:
         plot_cam_grid(folder / files.CAM_GRID_PLOT, rows)
+        advance(1)
         figures["cams"] = {
             "file": files.CAM_GRID_PLOT,
             "title": "CAM overlays of the most and least ID-like images",
@@ -458,9 +463,8 @@ def build_report(
             advance(1)
         figures_dir = staging / files.REPORT_FIGURES
         figures_dir.mkdir()
-        with reporter.progress("report: drawing the figures", 1) as advance:
-            figures, notes = _figures(results, sets, figures_dir, cells)
-            advance(1)
+        with reporter.progress("report: drawing the figures", 4) as advance:
+            figures, notes = _figures(results, sets, figures_dir, cells, advance)
         for figure in figures.values():
             data = (figures_dir / figure["file"]).read_bytes()
             figure["data_uri"] = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
