@@ -416,3 +416,50 @@ def test_report_in_a_real_browser(toy_run, tmp_path):
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
     assert pixels.shape == (1400, 1280)
     assert (pixels < 100).mean() > 0.005 and pixels.std() > 10  # text and table drawn, not a blank page
+
+
+def test_report_finds_relative_paths_and_refuses_changed_files(score_files, tmp_path, monkeypatch):
+    """results.json records paths as given (relative to where evaluate ran): the report finds them
+    from elsewhere through the results folder's parents, and leaves out a file whose bytes changed."""
+    work = tmp_path / "work"
+    (work / "scores").mkdir(parents=True)
+    for name in ("id", "ssb"):
+        shutil.copy(score_files[name], work / "scores" / score_files[name].name)
+    monkeypatch.chdir(work)
+    args = ["evaluate", "--id", "scores/id.parquet", "--ood", "ssb=scores/ssb.parquet", "--compare"]
+    done = runner.invoke(app, [*args, "--cache-dir", str(tmp_path / "c"), "--out", "results"])
+    assert done.exit_code == 0, done.output
+    assert json.loads((work / "results" / "results.json").read_text())["id"]["file"] == "scores/id.parquet"
+    monkeypatch.chdir(tmp_path)
+    done = runner.invoke(app, ["report", "work/results", "--out", "rep"])
+    assert done.exit_code == 0, done.output
+    assert (tmp_path / "rep" / "figures" / "roc.png").is_file()
+    assert "not found" not in (tmp_path / "rep" / "report.md").read_text()
+    shutil.copy(score_files["ninco"], work / "scores" / "ssb.parquet")  # other bytes under the same name
+    done = runner.invoke(app, ["report", "work/results", "--out", "rep2"])
+    assert done.exit_code == 0, done.output
+    markdown = (tmp_path / "rep2" / "report.md").read_text()
+    assert "is not the file that was evaluated" in markdown
+    assert not (tmp_path / "rep2" / "figures" / "roc.png").exists()
+
+
+def test_find_mask_layouts(tmp_path):
+    from PIL import Image
+
+    from negalign_cli.inputs.masks import find_mask
+
+    pixels = np.zeros((8, 8, 3), dtype=np.uint8)
+    split = tmp_path / "split"
+    for relative in ("images/a/0.png", "masks/a/0.png", "elsewhere/0.png"):
+        (split / relative).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(split / relative)
+    # no metadata.csv: the images/ → masks/ convention
+    assert find_mask(split / "images" / "a" / "0.png") == split / "masks" / "a" / "0.png"
+    assert find_mask(split / "elsewhere" / "0.png") is None
+    # a metadata.csv with a mask column wins (any layout the toy generator chooses)
+    other = tmp_path / "other"
+    shutil.copytree(split, other)
+    pd.DataFrame({"path": ["images/a/0.png"], "mask": ["elsewhere/0.png"]}).to_csv(
+        other / "metadata.csv", index=False
+    )
+    assert find_mask(other / "images" / "a" / "0.png") == other / "elsewhere" / "0.png"
