@@ -60,30 +60,31 @@ def plot_histograms(
     columns: list[str],
     labels: dict[str, str] | None = None,
 ) -> None:
-    """One row per OOD set, one column per score component: ID against OOD, with axis labels."""
+    """ID against each OOD set for each score component, with axis labels: one row per component
+    and one column per OOD set (a single set wraps its components four to a row)."""
     from negalign_cli.compute.scores import score_column
 
     plt = _pyplot()
-    rows, cols = max(1, len(ood_frames)), max(1, len(columns))
-    figure, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.9 * rows), dpi=110, squeeze=False)
-    for r, (name, frame) in enumerate(ood_frames.items()):
-        for c, column in enumerate(columns):
-            axis = axes[r][c]
-            id_values = pd.to_numeric(id_frame[column], errors="coerce").dropna().to_numpy()
-            ood_values = pd.to_numeric(frame[column], errors="coerce").dropna().to_numpy()
-            both = np.r_[id_values, ood_values]
-            bins = np.linspace(both.min(), both.max(), 40) if both.size and np.ptp(both) > 0 else 20
-            axis.hist(id_values, bins=bins, alpha=0.55, density=True, label="ID")
-            axis.hist(ood_values, bins=bins, alpha=0.55, density=True, label=name)
-            known = score_column(column)
-            label = (labels or {}).get(column) or (known.label if known else column)
-            axis.set_title(f"{label}: ID against {name}", fontsize=8)
-            axis.set_xlabel(
-                f"score ({column})" if label == column else f"{label} score ({column})", fontsize=7
-            )
-            axis.set_ylabel("density (share of the set per unit score)", fontsize=7)
-            axis.tick_params(labelsize=7)
-            axis.legend(fontsize=7)
+    panels = [(name, frame, column) for column in columns for name, frame in ood_frames.items()]
+    width = len(ood_frames) if len(ood_frames) > 1 else min(4, max(1, len(columns)))
+    height = max(1, -(-len(panels) // width))
+    figure, axes = plt.subplots(height, width, figsize=(3.6 * width, 2.9 * height), dpi=110, squeeze=False)
+    for axis in axes.flat[len(panels) :]:
+        axis.axis("off")
+    for axis, (name, frame, column) in zip(axes.flat, panels, strict=False):
+        id_values = pd.to_numeric(id_frame[column], errors="coerce").dropna().to_numpy()
+        ood_values = pd.to_numeric(frame[column], errors="coerce").dropna().to_numpy()
+        both = np.r_[id_values, ood_values]
+        bins = np.linspace(both.min(), both.max(), 40) if both.size and np.ptp(both) > 0 else 20
+        axis.hist(id_values, bins=bins, alpha=0.55, density=True, label="ID")
+        axis.hist(ood_values, bins=bins, alpha=0.55, density=True, label=name)
+        known = score_column(column)
+        label = (labels or {}).get(column) or (known.label if known else column)
+        axis.set_title(f"{label}: ID against {name}", fontsize=8)
+        axis.set_xlabel(f"score ({column})" if label == column else f"{label} score ({column})", fontsize=7)
+        axis.set_ylabel("density (share of the set per unit score)", fontsize=7)
+        axis.tick_params(labelsize=7)
+        axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
