@@ -12,12 +12,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_demo_runs_end_to_end_and_then_from_the_cache(tmp_path):
+def test_demo_runs_end_to_end_and_then_from_the_cache(toy_demo):
     """What `make demo` runs (smaller): the whole pipeline on the bundled toy CLIP, then a rerun."""
+    demo, first = toy_demo
+    tmp_path = demo.parent
     negalign = Path(sys.executable).with_name("negalign")
-    command = [str(negalign), "demo", "--out", str(tmp_path / "demo"), "--n-id", "80", "--n-ood", "40"]
-    env = {**os.environ, "COLUMNS": "160"}
-    first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    command = [str(negalign), "demo", "--out", str(demo), "--n-id", "80", "--n-ood", "40"]
+    env = {**os.environ, "COLUMNS": "160", "NEGALIGN_CACHE": str(tmp_path / "cache")}  # the fixture's cache
     assert first.returncode == 0, first.stderr[-3000:]
     for method in ("MCM", "NegLabel", "NegRefine", "NegLabel*", "NegAlign"):
         assert method in first.stdout

@@ -260,12 +260,7 @@ def test_report_from_an_evaluate_folder(score_files, tmp_path):
         assert digest in markdown and digest in html
     assert "evaluate: ood\\_groups" in markdown and "OpenOOD v1.5" in markdown
     assert "matplotlib" in html and "jinja2" in html
-    # an explicit --out, and a folder that is not an evaluate folder
-    again = runner.invoke(app, ["report", str(tmp_path / "results"), "--out", str(tmp_path / "r2")])
-    assert again.exit_code == 0 and (tmp_path / "r2" / "report.html").is_file()
-    assert parse_markdown_tables((tmp_path / "r2" / "report.md").read_text()) == parse_markdown_tables(
-        markdown
-    )
+    # a folder that is not an evaluate folder: one line, exit 2 (an explicit --out: the next tests)
     bad = runner.invoke(app, ["report", str(tmp_path)])
     assert bad.exit_code == 2 and "results.json" in bad.output
 
@@ -288,24 +283,20 @@ def test_report_without_the_score_files(score_files, tmp_path, workspace):
 
 
 @pytest.fixture(scope="module")
-def toy_run(tmp_path_factory):
-    """A small `negalign demo` (toy model, 40 ID and 20 images per OOD set), then `negalign
-    report` on its results folder, as the Makefile pipelines call it."""
+def toy_run(toy_demo, tmp_path_factory):
+    """The shared small `negalign demo` run (tests/conftest.py), then `negalign report` on its
+    results folder, as the Makefile pipelines call it, from another working folder."""
+    demo, done = toy_demo
+    assert done.returncode == 0, done.stderr[-3000:]
     root = tmp_path_factory.mktemp("toy-report")
+    (root / "demo").symlink_to(demo)
     negalign = Path(sys.executable).with_name("negalign")
-    demo = subprocess.run(
-        [str(negalign), "demo", "--out", str(root / "demo"), "--n-id", "40", "--n-ood", "20", "-q"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert demo.returncode == 0, demo.stderr[-3000:]
     report = subprocess.run(
         [str(negalign), "report", str(root / "demo" / "results"), "--out", str(root / "report")],
         capture_output=True,
         text=True,
         timeout=300,
-        cwd=root,  # a different folder than the demo ran in: paths are found all the same
+        cwd=root,
     )
     assert report.returncode == 0, report.stderr[-3000:]
     return root
@@ -331,10 +322,9 @@ def test_toy_report_content(toy_run):
         "model"
     ]
     assert fingerprint in html
-    # the demo's own report is the same page (timestamps aside), and its overlays cover OOD sets
-    assert (toy_run / "demo" / "report" / "report.html").is_file()
-    for name in ("id", "spurious", "nonspurious"):
-        assert len(list((toy_run / "demo" / "viz" / name).glob("*.png"))) == 2
+    # the demo wrote the same tables into its own report
+    demo_markdown = (toy_run / "demo" / "report" / "report.md").read_text()
+    assert parse_markdown_tables(demo_markdown) == parse_markdown_tables(markdown)
 
 
 @pytest.mark.slow
