@@ -139,7 +139,8 @@ def demo(
         else f"{computed} of {len(result.steps)} stages computed, the rest from the cache"
     )
     stdout().print(
-        f"demo: generate → split-vocab → cam ×3 → score ×3 → evaluate in {seconds:.1f} s ({served}); "
+        "demo: generate → split-vocab → cam ×3 → score ×3 → evaluate → overlays, report in "
+        f"{seconds:.1f} s ({served}); "
         f"results in {out / 'results'}, {len(result.overlays)} CAM overlays in {out / 'viz'}, "
         f"the report in {result.report}"
     )
