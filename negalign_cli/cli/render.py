@@ -16,9 +16,12 @@ def render_results(results: dict) -> None:
         title=f"AUROC ↑ / FPR@95 ↓ in % ({convention} convention: {definition})", title_justify="left"
     )
     table.add_column("method")
-    for name in [*sets, "mean"] if len(sets) > 1 else sets:
-        table.add_column(name, justify="right")
-    blocks = [results["ood"][n] for n in sets] + ([results["mean"]] if len(sets) > 1 else [])
+    groups = results.get("groups", {})
+    for name in [*sets, *groups, "mean"] if len(sets) > 1 else sets:
+        table.add_column(f"{name} (mean)" if name in groups else name, justify="right")
+    blocks = [results["ood"][n] for n in sets]
+    if len(sets) > 1:
+        blocks += [*groups.values(), results["mean"]]
     for method in results["mean"]["methods"]:
         label = method
         if method == NEGALIGN:
