@@ -99,6 +99,7 @@ class Workspace:
     ) -> GcReport:
         report = self.store.gc(dry_run=dry_run)
         self._clean_scratch(report, dry_run)
+        report.freed_bytes += self.items.remove_legacy(dry_run)  # vectors of an older store format
         if items_model:
             report.items_removed += self.items.evict_model(items_model, dry_run=dry_run)
         if items_older_than is not None:
