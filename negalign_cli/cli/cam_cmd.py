@@ -81,7 +81,9 @@ def cam(
     config.validate(10**6)  # names and ranges; the block is checked against the model below
     class_list = load_classes(classes, report)
     listing = digest_images(
-        list_images(images, data_root, split, allow_outside_root=allow_outside_root), report
+        list_images(images, data_root, split, allow_outside_root=allow_outside_root),
+        report,
+        stat_cache=Workspace.open(rt.cache_dir).stat_cache,
     )
     loaded = o.load(model, pretrained, rt, report)
     result = cam_images(

@@ -150,7 +150,9 @@ def images(
     rt = o.runtime(cache_dir, device, precision, batch_size)
     report = o.reporter(verbose, quiet)
     listing = digest_images(
-        list_images(images, data_root, split, allow_outside_root=allow_outside_root), report
+        list_images(images, data_root, split, allow_outside_root=allow_outside_root),
+        report,
+        stat_cache=Workspace.open(rt.cache_dir).stat_cache,
     )
     loaded = o.load(model, pretrained, rt, report)
     result = embed_images(

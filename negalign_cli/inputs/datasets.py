@@ -10,6 +10,7 @@ import csv
 import os
 import re
 import warnings
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,8 +64,9 @@ def list_images(
     path = Path(spec).expanduser()
     if not path.exists():
         raise NegalignError(f"--images {path} does not exist")
+    links: list[int] | None = None  # paths that may lead elsewhere (None: any of them)
     if path.is_dir():
-        images, root = _from_folder(path), path
+        (images, links), root = _from_folder(path), path
     elif path.name == "metadata.csv" or split is not None:
         images, root = _from_waterbirds(path, data_root, split), _root(path, data_root)
     else:
@@ -72,7 +74,7 @@ def list_images(
     if not images.paths:
         raise NegalignError(f"--images {path} lists no images")
     if not allow_outside_root:
-        _refuse_outside(images, root)
+        _refuse_outside(images, root, links)
     return images
 
 
@@ -80,23 +82,51 @@ def _root(manifest: Path, data_root: str | Path | None) -> Path:
     return Path(data_root).expanduser() if data_root is not None else manifest.parent
 
 
-def _refuse_outside(images: ImageList, root: Path) -> None:
-    """Mark every path whose real location (symlinks resolved) is not under ``root``."""
+def _refuse_outside(images: ImageList, root: Path, only: Iterable[int] | None = None) -> None:
+    """Mark every path whose real location (symlinks resolved) is not under ``root`` (``only``:
+    the indices that can lead elsewhere; by default all)."""
     base = os.path.realpath(root)
-    for index, path in enumerate(images.paths):
+    folders: dict[str, str] = {}  # folder -> its real path: one resolution per folder, not per file
+    for index in range(len(images.paths)) if only is None else only:
         if index in images.problems:
             continue
-        real = os.path.realpath(path)
+        path = images.paths[index]
+        folder, name = os.path.split(path)
+        real_folder = folders.get(folder)
+        if real_folder is None:
+            real_folder = folders[folder] = os.path.realpath(folder)
+        real = os.path.join(real_folder, name)
+        if name in ("", ".", "..") or os.path.islink(real):
+            real = os.path.realpath(path)
         if os.path.commonpath([base, real]) != base:
             images.problems[index] = f"{OUTSIDE_ROOT} {printable_path(base)} (--allow-outside-root reads it)"
 
 
-def _from_folder(root: Path) -> ImageList:
-    files = sorted(p for p in root.rglob("*") if _is_image(p) and p.is_file())
-    relative = [p.relative_to(root) for p in files]
-    image_folder = bool(files) and all(len(r.parts) >= 2 for r in relative)
-    labels = [r.parts[0] if image_folder else "" for r in relative]
-    return ImageList(str(root), [str(root.resolve() / r) for r in relative], labels, {})
+def _walk(root: str, prefix: tuple[str, ...], found: list[tuple[tuple[str, ...], bool]]) -> None:
+    """Image files under ``root`` as (relative parts, is a symlink); like ``Path.rglob('*')``, the
+    walk does not descend into symlinked folders."""
+    with os.scandir(root) as entries:
+        for entry in entries:
+            try:
+                if entry.is_dir() and not entry.is_symlink():
+                    _walk(entry.path, (*prefix, entry.name), found)
+                elif os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES and entry.is_file():
+                    found.append(((*prefix, entry.name), entry.is_symlink()))
+            except OSError:
+                continue
+
+
+def _from_folder(root: Path) -> tuple[ImageList, list[int]]:
+    """The images under ``root``, sorted as paths (by their parts); and the indices of symlinks."""
+    found: list[tuple[tuple[str, ...], bool]] = []
+    _walk(str(root), (), found)
+    found.sort(key=lambda item: item[0])
+    image_folder = bool(found) and all(len(parts) >= 2 for parts, _ in found)
+    labels = [parts[0] if image_folder else "" for parts, _ in found]
+    base = str(root.resolve())
+    paths = [os.path.join(base, *parts) for parts, _ in found]
+    links = [i for i, (_, link) in enumerate(found) if link]
+    return ImageList(str(root), paths, labels, {}), links
 
 
 def _read_text(path: Path) -> str:
