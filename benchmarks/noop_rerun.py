@@ -46,7 +46,9 @@ def make_images(folder: Path, count: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--files", type=int, default=100_000)
     parser.add_argument("--dir", type=Path, default=None, help="work folder (default: a temporary one)")
     parser.add_argument("--profile", type=Path, default=None)
@@ -73,7 +75,9 @@ def main() -> None:
 
     def subprocess_run() -> float:
         started = time.perf_counter()
-        done = subprocess.run([sys.executable, "-m", "negalign_cli", *command], env=env, capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, "-m", "negalign_cli", *command], env=env, capture_output=True, text=True
+        )
         seconds = time.perf_counter() - started
         if done.returncode != 0:
             raise SystemExit(done.stderr[-2000:])

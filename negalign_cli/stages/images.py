@@ -97,14 +97,17 @@ def digest_images(
     readable = [i for i in range(len(images)) if i not in images.problems]
     digests: list[str | None] = [None] * len(images)
     reasons = [images.problems.get(i, "") for i in range(len(images))]
-    paths = [images.paths[i] for i in readable]
+    files = [i for i in readable if i not in images.members]  # tar members are hashed as read
+    paths = [images.paths[i] for i in files]
     with reporter.progress(f"hashing {len(readable)} images", len(readable)) as advance:
         found = (
             stat_cache.digests(paths, lambda todo: digest_all(todo, workers))
             if stat_cache is not None
             else digest_all(paths, workers)
         )
-        for index, (digest, reason) in zip(readable, found, strict=True):
+        members = [i for i in readable if i in images.members]
+        found += digest_all([images.members[i] for i in members], workers)
+        for index, (digest, reason) in zip(files + members, found, strict=True):
             digests[index], reasons[index] = digest, reason
         advance(len(readable))
     if stat_cache is not None and stat_cache.hits:
@@ -143,7 +146,7 @@ def _run_missing(
     failures: dict[str, str] = {}
     if not missing:
         return failures
-    paths = [listing.images.paths[first[d]] for d in missing]
+    paths = [listing.images.location(first[d]) for d in missing]  # a file, or a member of a tar shard
     batches: Iterable[tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]]
     if decoder == "torch":
         dataset = RawDataset(paths, model.image_transform(), max_pixels)
