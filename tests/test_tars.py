@@ -99,10 +99,7 @@ def test_missing_and_broken_shards(shards, tmp_path):
     (data / "00003.tar").write_bytes(b"not a tar at all" * 100)
     images = list_images(str(data / "{00002..00004}.tar"))
     reasons = {
-        p.removeprefix(str(data) + "/"): r
-        for i, (p, r) in enumerate(
-            zip(images.paths, [images.problems.get(i, "") for i in range(len(images))])
-        )
+        p.removeprefix(str(data) + "/"): images.problems.get(i, "") for i, p in enumerate(images.paths)
     }
     assert reasons["00002.tar/d.png"] == ""
     assert reasons["00003.tar"].startswith("not a readable tar shard")
@@ -119,6 +116,7 @@ def test_embedding_shards_shares_the_cache_with_files(shards, tiny_model, worksp
         zip(
             pd.read_parquet(folder_run.artifact.file(files.IMAGE_TABLE))["digest"],
             np.load(folder_run.artifact.file(files.IMAGE_EMBEDDINGS)),
+            strict=True,
         )
     )
     listing = digest_images(list_images(str(shards["data"] / "{00000..00002}.tar")))
@@ -131,7 +129,7 @@ def test_embedding_shards_shares_the_cache_with_files(shards, tiny_model, worksp
     assert table["status"].tolist() == ["ok", "ok", "ok", "ok", "skipped", "ok", "skipped"]
     assert table["reason"][4] == "not an image PIL can decode"
     assert table["reason"][6].startswith("truncated")
-    for row, digest in zip(table["row"], table["digest"]):
+    for row, digest in zip(table["row"], table["digest"], strict=True):
         if row >= 0:
             np.testing.assert_array_equal(embeddings[row], by_digest[digest])
     assert table["caption"][0] == "a bird on a lake"
@@ -151,7 +149,7 @@ def test_shard_images_decode_like_files(shards, tiny_model, workspace, decoder):
     folder = pd.read_parquet(folder_run.artifact.file(files.IMAGE_TABLE))
     tar_rows = np.load(from_tars.artifact.file(files.IMAGE_EMBEDDINGS))
     folder_rows = np.load(folder_run.artifact.file(files.IMAGE_EMBEDDINGS))
-    folder_by_digest = dict(zip(folder["digest"], folder["row"]))
-    for row, digest in zip(tars["row"], tars["digest"]):
+    folder_by_digest = dict(zip(folder["digest"], folder["row"], strict=True))
+    for row, digest in zip(tars["row"], tars["digest"], strict=True):
         if row >= 0:
             np.testing.assert_allclose(tar_rows[row], folder_rows[folder_by_digest[digest]], atol=1e-6)
