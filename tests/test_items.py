@@ -210,3 +210,24 @@ def test_gc_removes_the_format_2_store_and_its_records(tmp_path):
     report = Workspace.open(tmp_path).gc()
     assert report.freed_bytes >= 5000 and not (tmp_path / "items").exists()
     assert [info.id for info in ItemStore(tmp_path).namespaces()] == [current.id]
+
+
+def test_repair_rebuilds_a_deleted_index_and_moves_a_stray_file_aside(tmp_path):
+    store = ItemStore(tmp_path)
+    ns = store.namespace("text", "fp", {}, dim=8)
+    values = _vectors(4)
+    ns.put_many(list("abcd"), values)
+    store.close()
+    (tmp_path / "vectors" / "index.db").unlink()
+    report = ItemStore(tmp_path).repair()
+    assert (report.vectors_kept, report.vectors_lost) == (4, 0)
+    got, found = ItemStore(tmp_path).namespace("text", "fp", {}, dim=8).get_many(list("dcba"))
+    assert found.all()
+    np.testing.assert_array_equal(got, values[::-1])
+    import shutil
+
+    shutil.rmtree(tmp_path / "vectors")
+    (tmp_path / "vectors").write_text("a stray file")
+    assert ItemStore(tmp_path).repair().vectors_kept == 0
+    assert (tmp_path / "vectors").is_dir() or not (tmp_path / "vectors").exists()
+    assert not ItemStore(tmp_path).namespace("text", "fp", {}, dim=8).get_many(["a"])[1].any()

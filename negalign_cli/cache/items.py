@@ -448,7 +448,8 @@ class ItemStore:
             )
         self.close()
         report = ItemRepair()
-        if not index_healthy(self.index_path):
+        lost_index = not self.index_path.exists() and any(self.path.glob("*/*.rec"))
+        if lost_index or not index_healthy(self.index_path):
             report.vectors_kept, report.vectors_lost = self.rebuild_index()
         if not database_healthy(self.records_path, lambda: diskcache.Index(str(self.records_path))):
             report.records_kept, report.records_rebuilt = self._salvage_records()
@@ -457,6 +458,8 @@ class ItemStore:
     def rebuild_index(self) -> tuple[int, int]:
         """A new index from the record files (the damaged one is moved aside): (kept, unreadable)."""
         self.close()
+        if self.path.exists() and not self.path.is_dir():
+            _move_aside(self.path)  # a file where the store's folder belongs
         if self.index_path.exists() or self.index_path.with_name("index.db-wal").exists():
             stamp = int(time.time())
             for suffix in ("", "-wal", "-shm"):
