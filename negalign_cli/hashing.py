@@ -32,6 +32,8 @@ def _normalise(obj: Any) -> Any:
             out[key] = _normalise(value)
         return out
     if isinstance(obj, (list, tuple)):
+        if all(v is None or type(v) is str for v in obj):  # long lists of paths and digests: no recursion
+            return list(obj)
         return [_normalise(v) for v in obj]
     if obj is None or isinstance(obj, (bool, int, str)):
         return obj

@@ -153,3 +153,27 @@ def test_shard_images_decode_like_files(shards, tiny_model, workspace, decoder):
     for row, digest in zip(tars["row"], tars["digest"], strict=True):
         if row >= 0:
             np.testing.assert_allclose(tar_rows[row], folder_rows[folder_by_digest[digest]], atol=1e-6)
+
+
+def test_member_digests_come_from_the_stat_cache_until_the_shard_changes(shards, tmp_path, monkeypatch):
+    import os
+
+    import negalign_cli.inputs.datasets as datasets
+    from negalign_cli.cache.statcache import StatCache
+
+    shard = shards["data"] / "00000.tar"
+    old = 1_600_000_000 * 10**9
+    os.utime(shard, ns=(old, old))  # not "racy": remembered
+    first = digest_images(list_images(str(shard)), stat_cache=StatCache(tmp_path / "stat.db"))
+    read = []
+    original = datasets.member_digest
+    monkeypatch.setattr(datasets, "member_digest", lambda m: read.append(m.name) or original(m))
+    again = digest_images(list_images(str(shard)), stat_cache=StatCache(tmp_path / "stat.db"))
+    assert read == [] and again.digests == first.digests
+    _shard(shard, [("a.jpg", shards["d"]), ("b.png", shards["b"])])  # rewritten: a.jpg changed
+    changed = digest_images(list_images(str(shard)), stat_cache=StatCache(tmp_path / "stat.db"))
+    assert sorted(read) == ["a.jpg", "b.png"]
+    assert changed.digests == [
+        hashlib.sha256(shards["d"]).hexdigest(),
+        hashlib.sha256(shards["b"]).hexdigest(),
+    ]

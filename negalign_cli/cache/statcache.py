@@ -79,13 +79,21 @@ class StatCache:
             with contextlib.suppress(OSError):
                 part.rename(part.with_name(f"{part.name}.damaged-{stamp}"))
 
-    def digests(self, paths: Sequence[str], hash_many: Callable[[list[str]], list[Digest]]) -> list[Digest]:
-        """The digest of every path: from the cache where the file's stat is unchanged, else from
-        ``hash_many`` (which gets the files to read, and returns (digest, reason) for each)."""
+    def digests(
+        self,
+        paths: Sequence[str],
+        hash_many: Callable[[list[int]], list[Digest]],
+        stat_paths: Sequence[str] | None = None,
+    ) -> list[Digest]:
+        """The digest of every entry: from the cache where its file's stat is unchanged, else from
+        ``hash_many`` (which gets the indices of the entries to read, and returns (digest, reason)
+        for each). An entry is a file (``paths[i]``), or a part of the file ``stat_paths[i]``
+        (a member of a tar shard, keyed ``paths[i]``), vouched for by that file's stat."""
         started_ns = time.time_ns()
         result: list[Digest | None] = [None] * len(paths)
         stats: list[Stat | None] = [None] * len(paths)
-        for i, path in enumerate(paths):
+        stat_of = paths if stat_paths is None else stat_paths
+        for i, path in enumerate(stat_of):
             try:
                 st = os.stat(path)
             except FileNotFoundError:
@@ -125,7 +133,7 @@ class StatCache:
                 todo.append(i)
         self.hits += len(paths) - len(todo)
         self.hashed += len(todo)
-        fresh = hash_many([paths[i] for i in todo]) if todo else []
+        fresh = hash_many(todo) if todo else []
         rows = []
         racy = started_ns - int(RACY_SECONDS * 1e9)
         for i, (digest, reason) in zip(todo, fresh, strict=True):

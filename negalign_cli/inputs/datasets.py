@@ -132,8 +132,8 @@ def _from_folder(root: Path) -> tuple[ImageList, list[int]]:
     found.sort(key=lambda item: item[0])
     image_folder = bool(found) and all(len(parts) >= 2 for parts, _ in found)
     labels = [parts[0] if image_folder else "" for parts, _ in found]
-    base = str(root.resolve())
-    paths = [os.path.join(base, *parts) for parts, _ in found]
+    base = str(root.resolve()).rstrip(os.sep)  # "" for the file system's root: the join adds it back
+    paths = [os.sep.join((base, *parts)) for parts, _ in found]
     links = [i for i, (_, link) in enumerate(found) if link]
     return ImageList(str(root), paths, labels, {}), links
 

@@ -97,17 +97,21 @@ def digest_images(
     readable = [i for i in range(len(images)) if i not in images.problems]
     digests: list[str | None] = [None] * len(images)
     reasons = [images.problems.get(i, "") for i in range(len(images))]
-    files = [i for i in readable if i not in images.members]  # tar members are hashed as read
+    files = [i for i in readable if i not in images.members]
+    members = [images.members[i] for i in readable if i in images.members]  # in tar shards
     paths = [images.paths[i] for i in files]
     with reporter.progress(f"hashing {len(readable)} images", len(readable)) as advance:
-        found = (
-            stat_cache.digests(paths, lambda todo: digest_all(todo, workers))
-            if stat_cache is not None
-            else digest_all(paths, workers)
-        )
-        members = [i for i in readable if i in images.members]
-        found += digest_all([images.members[i] for i in members], workers)
-        for index, (digest, reason) in zip(files + members, found, strict=True):
+        if stat_cache is None:
+            found = digest_all([*paths, *members], workers)
+        else:
+            found = stat_cache.digests(paths, lambda todo: digest_all([paths[i] for i in todo], workers))
+            found += stat_cache.digests(  # a member is vouched for by its shard's stat
+                [f"{m.id}\0{m.offset}" for m in members],
+                lambda todo: digest_all([members[i] for i in todo], workers),
+                [m.tar for m in members],
+            )
+        order = files + [i for i in readable if i in images.members]
+        for index, (digest, reason) in zip(order, found, strict=True):
             digests[index], reasons[index] = digest, reason
         advance(len(readable))
     if stat_cache is not None and stat_cache.hits:
