@@ -96,7 +96,7 @@ def main() -> None:
     result = runner.invoke(app, command)  # imports everything the command needs
     if result.exit_code != 0:
         raise SystemExit(result.output)
-    if "cache hit" not in result.output:
+    if "cache hit" not in " ".join(result.output.split()):
         raise SystemExit(f"the rerun was not a cache hit:\n{result.output}")
     profiler = cProfile.Profile() if args.profile else None
     started = time.perf_counter()

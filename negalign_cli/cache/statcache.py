@@ -7,8 +7,8 @@ Two guards keep the shortcut honest:
 
 * a file modified less than ``RACY_SECONDS`` before it was hashed is not recorded (a write in the
   same timestamp tick after the hash would leave its stat unchanged: git's "racily clean" entries);
-* every row carries a BLAKE2b checksum of its fields, so a row damaged inside SQLite is ignored
-  (the file is hashed again), never trusted.
+* every row carries a BLAKE2b checksum of its path and digest, so a row damaged inside SQLite is
+  ignored (the file is hashed again), never trusted; a damaged stat field simply no longer matches.
 
 The known limit, as DVC documents for its own state: a file whose content is changed and whose
 modification time is then set back (``touch -d``, ``os.utime``) to the old value, with the same size
@@ -26,6 +26,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 RACY_SECONDS = 2.0
 _CHUNK = 900 if sqlite3.sqlite_version_info < (3, 32, 0) else 8000
@@ -40,9 +41,10 @@ Digest = tuple[str | None, str]  # (sha256 hex, "") or (None, why not)
 Stat = tuple[int, int, int, int]  # size, mtime_ns, inode, device
 
 
-def _checksum(path: bytes, stat: Stat, digest: str) -> bytes:
-    text = b"%s\0%d\0%d\0%d\0%d\0%s" % (path, *stat, digest.encode())
-    return hashlib.blake2b(text, digest_size=8).digest()
+def _checksum(path: bytes, digest: str) -> bytes:
+    """A row's checksum covers the path and the digest; the stat fields need none: a damaged one
+    no longer matches the file's stat, so the file is hashed again."""
+    return hashlib.blake2b(path + digest.encode(), digest_size=8).digest()
 
 
 class StatCache:
@@ -93,9 +95,10 @@ class StatCache:
         result: list[Digest | None] = [None] * len(paths)
         stats: list[Stat | None] = [None] * len(paths)
         stat_of = paths if stat_paths is None else stat_paths
+        stat = os.stat
         for i, path in enumerate(stat_of):
             try:
-                st = os.stat(path)
+                st = stat(path)
             except FileNotFoundError:
                 result[i] = (None, "file not found")
                 continue
@@ -104,8 +107,10 @@ class StatCache:
                 continue
             stats[i] = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
         db = self._connect()
-        known: dict[bytes, tuple[Stat, str, bytes]] = {}
-        keys = [os.fsencode(p) for p in paths]
+        known: dict[
+            bytes, tuple[Any, ...]
+        ] = {}  # path -> (path, size, mtime_ns, inode, device, digest, checksum)
+        keys = [p.encode("utf-8", "surrogateescape") for p in paths]  # os.fsencode, on POSIX
         if db is not None:
             try:
                 wanted = [k for k, s in zip(keys, stats, strict=True) if s is not None]
@@ -115,20 +120,19 @@ class StatCache:
                         "SELECT path, size, mtime_ns, inode, device, digest, checksum FROM stat "
                         f"WHERE path IN ({','.join('?' * len(chunk))})"
                     )
-                    for path, size, mtime, inode, device, digest, check in db.execute(query, chunk):
-                        known[bytes(path)] = ((size, mtime, inode, device), digest, bytes(check))
+                    known.update((row[0], row) for row in db.execute(query, chunk))
             except sqlite3.DatabaseError:
                 known = {}
                 db.close()
                 db = None
                 self._set_aside()
         todo: list[int] = []
-        for i, (key, stat) in enumerate(zip(keys, stats, strict=True)):
-            if stat is None:
+        for i, (key, now) in enumerate(zip(keys, stats, strict=True)):
+            if now is None:
                 continue
             entry = known.get(key)
-            if entry is not None and entry[0] == stat and _checksum(key, stat, entry[1]) == entry[2]:
-                result[i] = (entry[1], "")
+            if entry is not None and entry[1:5] == now and _checksum(key, entry[5]) == entry[6]:
+                result[i] = (entry[5], "")
             else:
                 todo.append(i)
         self.hits += len(paths) - len(todo)
@@ -138,9 +142,9 @@ class StatCache:
         racy = started_ns - int(RACY_SECONDS * 1e9)
         for i, (digest, reason) in zip(todo, fresh, strict=True):
             result[i] = (digest, reason)
-            stat = stats[i]
-            if digest is not None and stat is not None and stat[1] < racy:
-                rows.append((keys[i], *stat, digest, _checksum(keys[i], stat, digest)))
+            seen = stats[i]
+            if digest is not None and seen is not None and seen[1] < racy:
+                rows.append((keys[i], *seen, digest, _checksum(keys[i], digest)))
         if db is not None:
             with contextlib.suppress(sqlite3.Error):
                 if rows:

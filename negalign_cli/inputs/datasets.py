@@ -116,11 +116,20 @@ def _walk(root: str, prefix: tuple[str, ...], found: list[tuple[tuple[str, ...],
     walk does not descend into symlinked folders."""
     with os.scandir(root) as entries:
         for entry in entries:
+            name = entry.name
             try:
                 if entry.is_dir() and not entry.is_symlink():
-                    _walk(entry.path, (*prefix, entry.name), found)
-                elif os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES and entry.is_file():
-                    found.append(((*prefix, entry.name), entry.is_symlink()))
+                    _walk(entry.path, (*prefix, name), found)
+                    continue
+                dot = name.rfind(".")
+                # os.path.splitext's rule: the leading dots of a name start no extension
+                if (
+                    dot > 0
+                    and name[dot:].lower() in IMAGE_SUFFIXES
+                    and name[:dot].strip(".")
+                    and entry.is_file()
+                ):
+                    found.append(((*prefix, name), entry.is_symlink()))
             except OSError:
                 continue
 
