@@ -233,9 +233,11 @@ class ItemStore:
             chunk = listed[start : start + _LOOKUP]
             marks = ",".join("?" * len(chunk))
             query = f"SELECT digest, shard, row FROM item WHERE ns = ? AND digest IN ({marks})"
-            for digest, shard, row in self.db.execute(query, (ns_num, *chunk)):
-                at = keys[digest]
-                shards[at], rows[at] = shard, row
+            found = self.db.execute(query, (ns_num, *chunk)).fetchall()
+            if found:
+                at = [keys[digest] for digest, _, _ in found]
+                shards[at] = [shard for _, shard, _ in found]
+                rows[at] = [row for _, _, row in found]
         return shards, rows
 
     def _forget(self, ns_num: int, keys: Sequence[bytes]) -> None:
@@ -297,8 +299,27 @@ class ItemStore:
         return writer.shard, first
 
     def _rows(self, shard: int, rows: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
-        """The records at ``rows`` of a shard (copied), and which of the rows exist in the file."""
-        need = int(rows.max()) + 1 if len(rows) else 0
+        """The records at ``rows`` of a shard (copied), and which of the rows exist in the file.
+        Rows that fill most of their span (a rerun reads what one run wrote, in order) are read in
+        one ``pread``; scattered rows are gathered from a memory map of the shard."""
+        if not len(rows):
+            return np.zeros((0, width), np.uint8), np.zeros(0, bool)
+        low, high = int(rows.min()), int(rows.max())
+        if high - low + 1 <= 2 * len(rows):
+            path = self._shard_path(shard)
+            try:
+                data = np.fromfile(path or "", np.uint8, count=(high - low + 1) * width, offset=low * width)
+            except (OSError, ValueError):
+                data = np.zeros(0, np.uint8)
+            block = data[: len(data) // width * width].reshape(-1, width)
+            present = rows - low < len(block)
+            if present.all():
+                dense = len(rows) == len(block) and bool((np.diff(rows) == 1).all())
+                return (block if dense else block[rows - low]), present
+            out = np.zeros((len(rows), width), np.uint8)
+            out[present] = block[rows[present] - low]
+            return out, present
+        need = high + 1
         mapped = self._maps.get(shard)
         if mapped is None or mapped.rows < need:
             path = self._shard_path(shard)
