@@ -177,3 +177,27 @@ def test_member_digests_come_from_the_stat_cache_until_the_shard_changes(shards,
         hashlib.sha256(shards["d"]).hexdigest(),
         hashlib.sha256(shards["b"]).hexdigest(),
     ]
+
+
+def test_the_cli_reads_shards_and_a_rerun_reads_no_image(shards, tmp_path, monkeypatch):
+    """`embed images --images 'data/{00000..00002}.tar'`; the rerun is a cache hit that takes
+    every digest from the stat cache (no file is hashed, no member read)."""
+    import os
+
+    import negalign_cli.inputs.datasets as datasets
+    from tests.faults.helpers import cli
+
+    old = 1_600_000_000 * 10**9
+    for shard in shards["data"].glob("*.tar"):
+        os.utime(shard, ns=(old, old))
+    args = ["embed", "images", "--images", str(shards["data"] / "{00000..00002}.tar"), "--workers", "0"]
+    args += ["--cache-dir", str(tmp_path / "c"), "--out", str(tmp_path / "out")]
+    first = cli(*args)
+    assert first.exit_code == 0, first.output
+    assert "4 of 7 images embedded, 2 skipped" in " ".join(first.output.split())
+    assert (tmp_path / "c" / "stat.db").is_file()
+    monkeypatch.setattr(datasets, "file_digest", lambda *a: pytest.fail("hashed again"))
+    again = cli(*args)
+    assert again.exit_code == 0 and "cache hit" in again.output
+    table = pd.read_parquet(tmp_path / "out" / files.IMAGE_TABLE)
+    assert table["path"][3].endswith("00001.tar/sub/again.jpg") and table["row"][3] == table["row"][0]
