@@ -201,3 +201,15 @@ def test_the_cli_reads_shards_and_a_rerun_reads_no_image(shards, tmp_path, monke
     assert again.exit_code == 0 and "cache hit" in again.output
     table = pd.read_parquet(tmp_path / "out" / files.IMAGE_TABLE)
     assert table["path"][3].endswith("00001.tar/sub/again.jpg") and table["row"][3] == table["row"][0]
+
+
+def test_an_image_id_leads_back_to_its_member(shards):
+    """CAM overlays are drawn from the paths in images.parquet: a member id opens the member."""
+    from negalign_cli.inputs.datasets import load_rgb
+    from negalign_cli.inputs.tars import Member, locate
+
+    member = locate(str(shards["data"] / "00001.tar" / "sub" / "again.jpg"))
+    assert isinstance(member, Member) and member.read() == shards["a"]
+    assert load_rgb(member).size == (47, 40)
+    assert locate(str(shards["data"] / "00001.tar" / "missing.jpg")).endswith("missing.jpg")
+    assert locate(str(shards["folder"] / "birds" / "0.jpg")) == str(shards["folder"] / "birds" / "0.jpg")

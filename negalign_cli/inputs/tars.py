@@ -163,6 +163,25 @@ def _small_text(handle, info: tarfile.TarInfo | None, size: int, limit: int = 1 
     return data.decode("utf-8", "replace").strip()
 
 
+def locate(path: str) -> str | Member:
+    """A path as written in ``images.parquet``: a file, or ``<shard>.tar/<member>`` (read from the
+    shard, for drawing CAM overlays after the fact)."""
+    if os.path.exists(path):
+        return path
+    start = 0
+    while (cut := path.find(".tar/", start)) >= 0:
+        tar, name = path[: cut + 4], path[cut + 5 :]
+        start = cut + 1
+        if os.path.isfile(tar):
+            try:
+                with tarfile.open(tar, "r:") as archive:
+                    info = archive.getmember(name)
+            except (KeyError, tarfile.TarError, OSError):
+                return path
+            return Member(tar, name, info.offset_data, info.size)
+    return path
+
+
 def member_digest(member: Member) -> tuple[str | None, str]:
     """(sha256 of the member's bytes, "") or (None, reason), as for a file."""
     try:

@@ -76,12 +76,13 @@ def cam_overlays(
     from PIL import Image
 
     from negalign_cli.inputs.datasets import load_rgb
+    from negalign_cli.inputs.tars import locate
 
     plt = _pyplot()
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for index, (path, cam, fg, title) in enumerate(zip(paths, cams, foreground, titles, strict=True)):
-        image = load_rgb(path)
+        image = load_rgb(locate(path))  # a file, or an image inside a tar shard
         scale = size / min(image.size)
         image = image.resize(
             (max(size, round(image.width * scale)), max(size, round(image.height * scale))),
