@@ -38,3 +38,22 @@ def render_results(results: dict) -> None:
             for k, v in results["lambda_sweep"].items()
         )
         stdout().print(f"λ sweep (mean AUROC %): {sweep}")
+
+
+def render_bench(record: dict) -> Table:
+    """The table of `negalign bench`: one row per flow, then the speed-up ratios."""
+    env = record["environment"]
+    table = Table(
+        title=f"negalign bench — {env['model']} ({env['image_size']} px, {env['precision']}) on "
+        f"{env['device_name']} ({env['device']}, {env['cpu_threads']} CPU threads), "
+        f"torch {env['versions']['torch']}",
+        title_justify="left",
+    )
+    for name, justify in (("flow", "left"), ("images/s", "right"), ("peak MB", "right"), ("note", "left")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for row in record["results"]:
+        table.add_row(row["flow"], f"{row['images_per_s']:,.1f}", f"{row['peak_mb']:,.0f}", row["note"])
+    table.add_section()
+    for name, value in record["ratios"].items():
+        table.add_row(name, f"{value:,.2f}×" if value >= 10 else f"{value:.3f}", "", "ratio in this run")
+    return table

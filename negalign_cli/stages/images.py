@@ -354,6 +354,29 @@ def _check_store_dtype(store_dtype: str) -> None:
 
 
 # ----------------------------------------------------------------------------- embed images
+def embed_images_spec(
+    model: LoadedModel,
+    images_key: str,
+    *,
+    store_dtype: str = DEFAULT_STORE_DTYPE,
+    decoder: str = "pil",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> StageSpec:
+    """What identifies an ``embed images`` run (``decoder`` already resolved for the device)."""
+    _check_store_dtype(store_dtype)
+    params: dict[str, object] = {
+        "store_dtype": store_dtype,
+        "precision": model.precision,
+        "items_version": IMAGE_ITEMS_VERSION,
+        "max_pixels": max_pixels,
+    }
+    if decoder != "pil":
+        params["decoder"] = decoder
+    return StageSpec(
+        EMBED_IMAGES_STAGE, EMBED_IMAGES_VERSION, params, {"model": model.fingerprint, "images": images_key}
+    )
+
+
 def embed_images(
     model: LoadedModel,
     listing: Listing,
@@ -369,19 +392,10 @@ def embed_images(
 ) -> StageResult:
     """``image_embeddings.npy`` (one row per distinct readable image) and ``images.parquet``."""
     reporter = reporter or NullReporter()
-    _check_store_dtype(store_dtype)
     workers = default_workers() if workers is None else workers
     decoder = resolve_decoder(decoder, model.device)
-    params = {
-        "store_dtype": store_dtype,
-        "precision": model.precision,
-        "items_version": IMAGE_ITEMS_VERSION,
-        "max_pixels": max_pixels,
-    }
-    if decoder != "pil":
-        params["decoder"] = decoder
-    spec = StageSpec(
-        EMBED_IMAGES_STAGE, EMBED_IMAGES_VERSION, params, {"model": model.fingerprint, "images": listing.key}
+    spec = embed_images_spec(
+        model, listing.key, store_dtype=store_dtype, decoder=decoder, max_pixels=max_pixels
     )
 
     namespace = image_namespace(workspace, model, decoder)
@@ -466,6 +480,45 @@ def _cam_namespace(
     return workspace.items.namespace("cam", model.fingerprint, params, dim)
 
 
+def cam_spec(
+    model: LoadedModel,
+    images_key: str,
+    classes: WordList,
+    config: CamConfig,
+    *,
+    store_dtype: str = DEFAULT_STORE_DTYPE,
+    decoder: str = "pil",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> StageSpec:
+    """What identifies a ``cam`` run (``decoder`` already resolved for the device)."""
+    _check_store_dtype(store_dtype)
+    config.validate(len(vision_tower(model.model).blocks))
+    params: dict[str, object] = {
+        **asdict(config),
+        "store_dtype": store_dtype,
+        "precision": model.precision,
+        "max_pixels": max_pixels,
+    }
+    if decoder != "pil":
+        params["decoder"] = decoder
+    inputs = {"model": model.fingerprint, "images": images_key, "classes": classes.digest}
+    return StageSpec(CAM_STAGE, CAM_VERSION, params, inputs)
+
+
+# The files of each image stage that hold one row per distinct image, in row order (what
+# `negalign merge` assembles from shards); ``images.parquet`` is rebuilt from the image list.
+ROW_FILES: dict[str, tuple[str, ...]] = {
+    EMBED_IMAGES_STAGE: (files.IMAGE_EMBEDDINGS,),
+    CAM_STAGE: (
+        files.IMAGE_EMBEDDINGS,
+        files.BACKGROUND_EMBEDDINGS,
+        files.CAMS,
+        files.FOREGROUND,
+        files.CAM_TABLE,
+    ),
+}
+
+
 def cam_images(
     model: LoadedModel,
     listing: Listing,
@@ -485,21 +538,12 @@ def cam_images(
     ``cam.parquet``, plus the ``image_embeddings.npy``/``images.parquet`` of the same forward, so the
     folder scores alone."""
     reporter = reporter or NullReporter()
-    _check_store_dtype(store_dtype)
     tower = vision_tower(model.model)
-    config.validate(len(tower.blocks))
     workers = default_workers() if workers is None else workers
     decoder = resolve_decoder(decoder, model.device)
-    params = {
-        **asdict(config),
-        "store_dtype": store_dtype,
-        "precision": model.precision,
-        "max_pixels": max_pixels,
-    }
-    if decoder != "pil":
-        params["decoder"] = decoder
-    inputs = {"model": model.fingerprint, "images": listing.key, "classes": classes.digest}
-    spec = StageSpec(CAM_STAGE, CAM_VERSION, params, inputs)
+    spec = cam_spec(
+        model, listing.key, classes, config, store_dtype=store_dtype, decoder=decoder, max_pixels=max_pixels
+    )
 
     cams_ns = _cam_namespace(workspace, model, config, classes, tower.grid[0] * tower.grid[1], decoder)
     images_ns = image_namespace(workspace, model, decoder)
