@@ -213,3 +213,16 @@ def test_an_image_id_leads_back_to_its_member(shards):
     assert load_rgb(member).size == (47, 40)
     assert locate(str(shards["data"] / "00001.tar" / "missing.jpg")).endswith("missing.jpg")
     assert locate(str(shards["folder"] / "birds" / "0.jpg")) == str(shards["folder"] / "birds" / "0.jpg")
+
+
+def test_a_shard_plan_keeps_tar_members(shards, tmp_path):
+    """A sharded run's frozen image list (and each shard's slice of it) still reads the images
+    from inside their tar shards."""
+    from negalign_cli.stages.shards import _read_images, _write_images, subset
+
+    images = list_images(str(shards["data"] / "{00000..00002}.tar"))
+    _write_images(tmp_path / "images.json.gz", images)
+    back = _read_images(tmp_path / "images.json.gz")
+    assert back.members == images.members and back.paths == images.paths and back.problems == images.problems
+    part = subset(images, 2, 5)
+    assert [part.location(i) for i in range(3)] == [images.location(i) for i in range(2, 5)]

@@ -315,7 +315,8 @@ def _image_file_flow(model: LoadedModel, config: BenchConfig) -> tuple[Callable[
 
     if config.images is None:
         raise ValueError("no image folder")
-    paths = list_images(config.images).paths[: config.batch_size * config.batches]
+    listed = list_images(config.images)
+    paths = [listed.location(i) for i in range(min(len(listed), config.batch_size * config.batches))]
     dtype = next(model.model.parameters()).dtype
     decoder = resolve_decoder("auto", model.device)
     pin = model.device.type == "cuda"
