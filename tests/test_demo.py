@@ -12,12 +12,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_demo_runs_end_to_end_and_then_from_the_cache(tmp_path):
+def test_demo_runs_end_to_end_and_then_from_the_cache(toy_demo):
     """What `make demo` runs (smaller): the whole pipeline on the bundled toy CLIP, then a rerun."""
+    demo, first = toy_demo
+    tmp_path = demo.parent
     negalign = Path(sys.executable).with_name("negalign")
-    command = [str(negalign), "demo", "--out", str(tmp_path / "demo"), "--n-id", "80", "--n-ood", "40"]
-    env = {**os.environ, "COLUMNS": "160"}
-    first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    command = [str(negalign), "demo", "--out", str(demo), "--n-id", "80", "--n-ood", "40"]
+    env = {**os.environ, "COLUMNS": "160", "NEGALIGN_CACHE": str(tmp_path / "cache")}  # the fixture's cache
     assert first.returncode == 0, first.stderr[-3000:]
     for method in ("MCM", "NegLabel", "NegRefine", "NegLabel*", "NegAlign"):
         assert method in first.stdout
@@ -30,7 +31,10 @@ def test_demo_runs_end_to_end_and_then_from_the_cache(tmp_path):
     assert auroc["spurious"]["NegLabel"] >= 0.95  # model card: 100.00 (400/200 images)
     assert auroc["nonspurious"]["NegLabel"] >= 0.65  # model card: 83.76
     assert auroc["nonspurious"]["NegLabel"] > auroc["nonspurious"]["MCM"] - 0.05  # card: 83.76 against 79.44
-    assert len(list((tmp_path / "demo" / "viz").glob("*.png"))) == 6
+    for name in ("id", "spurious", "nonspurious"):  # CAM overlays of ID and of every OOD set
+        assert len(list((tmp_path / "demo" / "viz" / name).glob("*.png"))) == 2
+    for name in ("report.html", "report.md", "report.tex", "figures/cam_grid.png"):
+        assert (tmp_path / "demo" / "report" / name).is_file()
     for name in ("roc.png", "score_hist.png", "metrics.csv"):
         assert (tmp_path / "demo" / "results" / name).is_file()
     second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)

@@ -22,6 +22,13 @@ def test_launch_local_reruns_only_the_killed_shard(tmp_path, monkeypatch):
     stage = ["embed", "images", "--images", str(folder), *TINY, "--batch-size", "2", "--workers", "0"]
     whole = negalign(*stage, "--cache-dir", "c-whole", "--out", "whole")
     assert whole.returncode == 0, whole.stderr
+    # both shards through submitit's local executor, merged: the bytes of the one-process run
+    fresh = negalign("launch", *stage, "--shards", "2", "--shards-dir", "fresh", "--out", "fresh-out")
+    assert fresh.returncode == 0, fresh.stderr + fresh.stdout
+    assert "2 shard(s) ran, 0 were done already" in fresh.stdout
+    for name in ("image_embeddings.npy", "images.parquet"):
+        assert (tmp_path / "fresh-out" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+
     runs = tmp_path / "runs"
     assert negalign(*stage, "--shard", "0/2", "--shards-dir", str(runs)).returncode == 0
     # shard 1 is killed after 2 of its 6 batches: no done marker, but its cache keeps those images
@@ -52,3 +59,38 @@ def test_launch_refuses_bad_requests(tmp_path, monkeypatch):
     one_line_error(cli("launch", "score", "--shards", "2", "--shards-dir", "r"), "launch runs embed or cam")
     one_line_error(cli(*base, "--shard", "0/2"), "--shard is launch's to set")
     one_line_error(cli(*base, "--slurm-arg", "account"), "KEY=VALUE")
+
+
+def test_slurm_executor_settings(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from negalign_cli.errors import NegalignError
+    from negalign_cli.stages.launch import LaunchConfig, _executor
+
+    config = LaunchConfig(
+        executor="slurm",
+        array_parallelism=16,
+        partition="gpu",
+        cpus_per_shard=8,
+        mem_gb=64,
+        timeout_min=240,
+        slurm_extra={"account": "proj1"},
+    )
+    monkeypatch.setenv("PATH", str(tmp_path))  # no SLURM here
+    with pytest.raises(NegalignError, match="needs SLURM's commands"):
+        _executor(config, tmp_path / "logs")
+    srun = tmp_path / "srun"
+    srun.write_text("#!/bin/sh\nexit 0\n")
+    srun.chmod(0o755)
+    executor = _executor(config, Path(tmp_path / "logs"))
+    script = executor._executor._make_submission_file_text("python -m negalign_cli", "uid")
+    for line in (
+        "--partition=gpu",
+        "--cpus-per-task=8",
+        "--mem=64GB",
+        "--time=240",
+        "--account=proj1",
+        "--gpus-per-node=1",
+    ):
+        assert line in script, line
+    assert executor._executor.parameters["array_parallelism"] == 16

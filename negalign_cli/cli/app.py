@@ -14,6 +14,7 @@ from negalign_cli.cli import (
     cam_cmd,
     embed_cmd,
     models_cmd,
+    report_cmd,
     score_cmd,
     shard_cmd,
     toy_cmd,
@@ -68,6 +69,7 @@ app.command(
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
 )(shard_cmd.launch)
 app.command("bench", epilog=bench_cmd.EXAMPLE)(bench_cmd.bench)
+app.command("report", epilog=report_cmd.EXAMPLE)(report_cmd.report)
 app.command("demo", epilog="Example: negalign demo --out demo-output")(toy_cmd.demo)
 app.command("sanity", epilog="Example: negalign sanity --model negalign-toy")(toy_cmd.sanity)
 app.add_typer(embed_cmd.app, name="embed")

@@ -16,9 +16,12 @@ def render_results(results: dict) -> None:
         title=f"AUROC ↑ / FPR@95 ↓ in % ({convention} convention: {definition})", title_justify="left"
     )
     table.add_column("method")
-    for name in [*sets, "mean"] if len(sets) > 1 else sets:
-        table.add_column(name, justify="right")
-    blocks = [results["ood"][n] for n in sets] + ([results["mean"]] if len(sets) > 1 else [])
+    groups = results.get("groups", {})
+    for name in [*sets, *groups, "mean"] if len(sets) > 1 else sets:
+        table.add_column(f"{name} (mean)" if name in groups else name, justify="right")
+    blocks = [results["ood"][n] for n in sets]
+    if len(sets) > 1:
+        blocks += [*groups.values(), results["mean"]]
     for method in results["mean"]["methods"]:
         label = method
         if method == NEGALIGN:
@@ -52,7 +55,9 @@ def render_bench(record: dict) -> Table:
     for name, justify in (("flow", "left"), ("images/s", "right"), ("peak MB", "right"), ("note", "left")):
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     for row in record["results"]:
-        table.add_row(row["flow"], f"{row['images_per_s']:,.1f}", f"{row['peak_mb']:,.0f}", row["note"])
+        rate = row["images_per_s"]
+        shown = f"{rate:,.1f}" if rate >= 10 else f"{rate:.3g}"
+        table.add_row(row["flow"], shown, f"{row['peak_mb']:,.0f}", row["note"])
     table.add_section()
     for name, value in record["ratios"].items():
         table.add_row(name, f"{value:,.2f}×" if value >= 10 else f"{value:.3f}", "", "ratio in this run")

@@ -121,6 +121,41 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@dataclass(frozen=True)
+class Flow:
+    name: str
+    run: Callable[[], Any]
+    images: int
+    note: str = ""
+
+
+def measure_together(flows: list[Flow], device: torch.device, repeats: int) -> list[Measurement]:
+    """Warm each flow up once, then time ``repeats`` rounds, each round running every flow once
+    (interleaved, so a noisy neighbour on a shared machine slows all of them alike and their
+    ratio holds); the median time of each flow gives its rate."""
+    for flow in flows:
+        flow.run()
+        _sync(device)
+    times: dict[str, list[float]] = {flow.name: [] for flow in flows}
+    peaks = dict.fromkeys(times, 0.0)
+    for _ in range(repeats):
+        for flow in flows:
+            rss = _PeakRss()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            with rss.watch():
+                started = time.perf_counter()
+                flow.run()
+                _sync(device)
+                times[flow.name].append(time.perf_counter() - started)
+            peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss.peak
+            peaks[flow.name] = max(peaks[flow.name], peak / 2**20)
+    return [
+        Measurement(f.name, f.images, statistics.median(times[f.name]), peaks[f.name], repeats, f.note)
+        for f in flows
+    ]
+
+
 def measure(
     flow: str,
     run: Callable[[], Any],
@@ -130,20 +165,7 @@ def measure(
     note: str = "",
 ) -> Measurement:
     """Warm up once, then time ``repeats`` runs; the median gives the rate."""
-    run()
-    _sync(device)
-    times = []
-    rss = _PeakRss()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    with rss.watch():
-        for _ in range(repeats):
-            started = time.perf_counter()
-            run()
-            _sync(device)
-            times.append(time.perf_counter() - started)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss.peak
-    return Measurement(flow, images, statistics.median(times), peak / 2**20, repeats, note)
+    return measure_together([Flow(flow, run, images, note)], device, repeats)[0]
 
 
 # ----------------------------------------------------------------------------- the inputs
@@ -402,40 +424,29 @@ def run_bench(model: LoadedModel, config: BenchConfig, reporter: Reporter | None
         advance(1)
 
         weights = torch.cat([inputs.classes, inputs.negatives])
-        results.append(
-            measure(
+        pairs = _warm_pairs(inputs)
+        scoring = [
+            Flow(
                 "bare GEMM (fp32)",
                 lambda: bare_gemm(inputs.images, weights, device),  # type: ignore[arg-type]
                 config.score_images,
-                device,
-                repeats,
                 f"{config.score_images} × ({config.classes} + {config.negatives}) × {dim}",
-            )
-        )
-        advance(1)
-        results.append(
-            measure(
+            ),
+            Flow(
                 "score from cache (all columns)",
                 lambda: compute_scores(inputs, score_config, device=device),
                 config.score_images,
-                device,
-                repeats,
                 "MCM, Energy, MaxLogit, NegLabel, NegLabel* (M2), P_align",
-            )
-        )
-        advance(1)
-        pairs = _warm_pairs(inputs)
-        results.append(
-            measure(
+            ),
+            Flow(
                 "score + multi-matching",
                 lambda: compute_scores(inputs, score_config, pairs, device=device),
                 config.score_images,
-                device,
-                repeats,
                 "NegRefine's pairs from a warm text cache",
-            )
-        )
-        advance(1)
+            ),
+        ]
+        results.extend(measure_together(scoring, device, repeats))  # interleaved: a fair ratio
+        advance(3)
 
         def full() -> None:
             embeddings, backgrounds = [], []

@@ -136,7 +136,7 @@ def _run_missing(
     missing: Sequence[str],
     first: dict[str, int],
     model: LoadedModel,
-    process: Callable[[torch.Tensor, list[str]], None],
+    process: Callable[[torch.Tensor, list[str]], Callable[[], None] | None],
     *,
     batch_size: int,
     workers: int,
@@ -146,7 +146,10 @@ def _run_missing(
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> dict[str, str]:
     """Decode and run ``process(batch, digests)`` over the images whose digests are missing;
-    returns decoding failures (digest -> reason)."""
+    returns decoding failures (digest -> reason). ``process`` may return a function that finishes
+    the batch (stores its results): on a GPU it is called after the next batch has been started,
+    so the GPU computes batch k + 1 while the host stores batch k (no synchronisation in between);
+    on a CPU at once."""
     failures: dict[str, str] = {}
     if not missing:
         return failures
@@ -172,25 +175,55 @@ def _run_missing(
             pin_memory=model.device.type == "cuda",
             timeout=WORKER_TIMEOUT if workers else 0,
         )
+    pending: Callable[[], None] | None = None
+    overlap = model.device.type == "cuda"
     with reporter.progress(f"{what} {len(paths)} images", len(paths)) as advance:
         waited = time.perf_counter()
-        for number, (indices, batch, failed) in enumerate(batches, start=1):
-            started = time.perf_counter()
-            for index, reason in failed:
-                failures[missing[index]] = reason
-            if batch is not None:
-                batch = batch.to(model.device, non_blocking=True)
-                if model.precision != "fp32":
-                    batch = batch.to(next(model.model.parameters()).dtype)
-                process(batch, [missing[i] for i in indices])
-            advance(len(indices) + len(failed))
-            done = time.perf_counter()
-            reporter.debug(
-                f"batch {number}: {len(indices)} image(s), {len(failed)} failed; decoding waited "
-                f"{started - waited:.3f} s, model {done - started:.3f} s"
-            )
-            waited = done
+        try:
+            for number, (indices, batch, failed) in enumerate(batches, start=1):
+                started = time.perf_counter()
+                for index, reason in failed:
+                    failures[missing[index]] = reason
+                if batch is not None:
+                    batch = batch.to(model.device, non_blocking=True)
+                    if model.precision != "fp32":
+                        batch = batch.to(next(model.model.parameters()).dtype)
+                    previous, pending = pending, process(batch, [missing[i] for i in indices])
+                    if previous is not None:
+                        previous()
+                    if not overlap and pending is not None:  # on a CPU there is nothing to overlap
+                        now: Callable[[], None] = pending
+                        pending = None
+                        now()
+                advance(len(indices) + len(failed))
+                done = time.perf_counter()
+                reporter.debug(
+                    f"batch {number}: {len(indices)} image(s), {len(failed)} failed; decoding waited "
+                    f"{started - waited:.3f} s, model {done - started:.3f} s"
+                )
+                waited = done
+        finally:  # what was computed is stored, also when the run stops here (Ctrl-C, an error)
+            if pending is not None:
+                pending()
     return failures
+
+
+def to_host(*tensors: torch.Tensor) -> Callable[[], list[np.ndarray]]:
+    """Start copying device tensors to the host; the returned function waits for the copies (a
+    CUDA event, not a device-wide synchronisation) and gives numpy arrays. On the CPU it is
+    immediate."""
+    if not tensors or tensors[0].device.type != "cuda":
+        arrays = [t.detach().cpu().numpy() for t in tensors]
+        return lambda: arrays
+    copies = [t.detach().to("cpu", non_blocking=True) for t in tensors]
+    event = torch.cuda.Event()
+    event.record()
+
+    def ready() -> list[np.ndarray]:
+        event.synchronize()
+        return [c.numpy() for c in copies]
+
+    return ready
 
 
 def _table(listing: Listing, found: dict[str, int], failures: dict[str, str]) -> pd.DataFrame:
@@ -278,7 +311,7 @@ def _fill(
     listing: Listing,
     namespace: Namespace,
     model: LoadedModel,
-    process: Callable[[torch.Tensor, list[str]], None],
+    process: Callable[[torch.Tensor, list[str]], Callable[[], None] | None],
     *,
     batch_size: int,
     workers: int,
@@ -402,7 +435,8 @@ def embed_images(
 
     def compute(folder):
         def process(batch, batch_digests):
-            namespace.put_many(batch_digests, encode_images(model.model, batch).cpu().numpy())
+            ready = to_host(encode_images(model.model, batch))
+            return lambda: namespace.put_many(batch_digests, ready()[0])
 
         filled = _fill(
             listing,
@@ -557,8 +591,13 @@ def cam_images(
 
         def process(batch, batch_digests):
             out = cam_batch(model.model, batch, class_features, config)
-            images_ns.put_many(batch_digests, out.embeddings.cpu().numpy())  # first: see _fill
-            cams_ns.put_many(batch_digests, pack_cam_rows(out))
+            ready = to_host(out.embeddings)
+
+            def finish():
+                images_ns.put_many(batch_digests, ready()[0])  # first: see _fill
+                cams_ns.put_many(batch_digests, pack_cam_rows(out))
+
+            return finish
 
         filled = _fill(
             listing,

@@ -108,7 +108,13 @@ def _executor(config: LaunchConfig, logs: Path) -> Any:
     import submitit
 
     if config.executor == "slurm":
-        executor = submitit.AutoExecutor(folder=logs / "%A_%a", cluster="slurm")
+        try:
+            executor = submitit.AutoExecutor(folder=logs / "%A_%a", cluster="slurm")
+        except RuntimeError as exc:  # submitit looks for srun
+            raise NegalignError(
+                f"--executor slurm needs SLURM's commands (srun, sbatch) on PATH ({exc}); "
+                "use --executor local on a machine without SLURM"
+            ) from None
         params: dict[str, Any] = {
             "timeout_min": config.timeout_min,
             "slurm_array_parallelism": config.array_parallelism,
