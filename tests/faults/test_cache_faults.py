@@ -43,7 +43,9 @@ def test_gc_during_a_run_leaves_the_runs_vectors_alone(tiny_model, workspace, fo
         process = args[2]
 
         def process_then_gc(batch, digests):
-            process(batch, digests)
+            finish = process(batch, digests)  # the batch's vectors are stored when it finishes
+            if finish is not None:
+                finish()
             removed.append(Workspace.open(workspace.root).gc(items_older_than=0.0).items_removed)
 
         return original(listing, missing, *args[:2], process_then_gc, *args[3:], **kwargs)
