@@ -101,3 +101,17 @@ def test_bench_command_writes_its_figures(tmp_path):
     )
     assert record["environment"]["versions"]["torch"] == torch.__version__
     assert "score / bare GEMM" in result.output
+
+
+def test_bench_runs_only_the_chosen_flows(tmp_path):
+    out = tmp_path / "b.json"
+    args = ["bench", "--model", "negalign-tiny-test", "--device", "cpu", "--flows", "score", "--repeats", "1"]
+    result = cli(*args, "--classes", "10", "--negatives", "200", "--score-images", "100", "--json", str(out))
+    assert result.exit_code == 0, result.output
+    record = json.loads(out.read_text())
+    assert [row["flow"] for row in record["results"]] == [
+        "bare GEMM (fp32)",
+        "score from cache (all columns)",
+        "score + multi-matching",
+    ]
+    assert list(record["ratios"]) == ["score / bare GEMM"]
