@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 _CHUNK = 1 << 20
+_PLAIN = {str, type(None)}
 
 
 def canonical_json(obj: Any) -> str:
@@ -32,6 +33,8 @@ def _normalise(obj: Any) -> Any:
             out[key] = _normalise(value)
         return out
     if isinstance(obj, (list, tuple)):
+        if set(map(type, obj)) <= _PLAIN:  # long lists of paths and digests: no recursion
+            return list(obj)
         return [_normalise(v) for v in obj]
     if obj is None or isinstance(obj, (bool, int, str)):
         return obj

@@ -331,4 +331,4 @@ def test_cheap_checks_come_before_any_model_or_text_work(tmp_path, split_dir):
     assert "weights" not in result.output
     bad_policy = runner.invoke(app, [*base, "--invalid-cam", "skip", "--groups", "2", *cache])
     assert bad_policy.exit_code == 2 and "unknown --invalid-cam 'skip'" in bad_policy.output
-    assert not (tmp_path / "c" / "items").exists()  # nothing was encoded
+    assert not (tmp_path / "c" / "vectors").exists()  # nothing was encoded

@@ -2,15 +2,31 @@
 
 A *namespace* fixes everything a vector depends on except the item itself (kind, model
 fingerprint, precision, templates or preprocessing, stage parameters); an item is a word or an
-image content digest. Vectors live in one diskcache ``Cache`` under ``<cache>/items`` with
-eviction disabled, keyed ``"<namespace>:<item digest>"`` and tagged with the namespace, so that a
-whole namespace can be evicted at once through diskcache's tag index.
+image content digest.
+
+Vectors live in append-only record files, memory-mapped on read, with a small SQLite index that
+maps (namespace, item digest) to (shard, row)::
+
+    vectors/index.db                  SQLite (WAL): item(ns, digest, shard, row), shard, ns
+    vectors/<namespace>/meta.json     the namespace's row width and dtype
+    vectors/<namespace>/<shard>.rec   records: item digest (20 B) | vector | BLAKE2b-8 of both
+
+A record carries its own key and checksum, so the file is self-describing: a bit flipped in a
+vector is caught on read (the vector is dropped and recomputed), and a lost or damaged index is
+rebuilt from the record files alone (`negalign cache repair`). Each process appends to a shard of
+its own (never shared between writers), writes a batch, fsyncs it, and only then indexes it: a
+killed run leaves at worst unindexed bytes at a shard's end, never an index entry pointing at
+bytes that were not written. Writers roll over to a new shard at 1 GiB. On disk a vector costs its
+raw bytes plus 28 bytes in its record and about 40 in the index.
 
 Namespace records live apart, in a small ``diskcache.Index`` under ``<cache>/item-namespaces``:
 the description, how many vectors it holds, when it was created and when it was last used. So
 ``cache ls`` reads a handful of records instead of scanning every key, and age-based pruning
-needs no query against diskcache's private SQLite schema: ``--items-older-than`` drops the
-namespaces (model + settings) that no run has used for that long.
+drops whole namespaces (model + settings) that no run has used for that long.
+
+Format 3 (this layout) replaced format 2 (one diskcache row per vector in ``<cache>/items``, 2.8×
+the raw bytes). Format-2 vectors are not read: the next run recomputes what it needs once, and
+``negalign cache gc`` removes the old ``items/`` folder and its namespace records.
 """
 
 from __future__ import annotations
@@ -19,6 +35,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import sqlite3
 import time
 import uuid
@@ -35,19 +52,32 @@ from negalign_cli.cache.store import damaged
 from negalign_cli.errors import NegalignError
 from negalign_cli.hashing import canonical_json, sha256_text
 
-# Vectors are small (a few KiB); keep every one inside SQLite rather than as side files.
-_INLINE_LIMIT = 1 << 20
-# Each stored value is the vector's bytes followed by an 8-byte BLAKE2b checksum of them, verified
-# on every read: bytes changed inside SQLite (which its own integrity check cannot see) are caught.
-ITEM_FORMAT = 2
-_CHECKSUM = 8
-_SIZE_LIMIT = 1 << 62
+ITEM_FORMAT = 3
+LEGACY_FORMAT = 2  # diskcache rows in <cache>/items: no longer read, removed by `cache gc`
+_KEY = 20  # bytes of an item digest in a record
+_CHECKSUM = 8  # bytes of the BLAKE2b checksum that ends a record (over the key and the vector)
+_SHARD_BYTES = 1 << 30  # a writer starts a new shard file past this size
+_LOOKUP = 900 if sqlite3.sqlite_version_info < (3, 32, 0) else 8000  # item digests per query
 _TOUCH_EVERY = 60.0  # seconds between updates of a namespace's last-used time
+_BUSY_MS = 120_000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS ns (num INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS shard (num INTEGER PRIMARY KEY AUTOINCREMENT, ns INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS item (
+    ns INTEGER NOT NULL, digest BLOB NOT NULL, shard INTEGER NOT NULL, row INTEGER NOT NULL,
+    PRIMARY KEY (ns, digest)
+) WITHOUT ROWID;
+"""
 
 
 def item_digest(item: str) -> str:
     """Key of one item inside a namespace (words are hashed, so any text is a safe key)."""
     return sha256_text(item)[:40]
+
+
+def _key(item: str) -> bytes:
+    return bytes.fromhex(item_digest(item))
 
 
 @dataclass(frozen=True)
@@ -61,24 +91,63 @@ class NamespaceInfo:
     created: float
     count: int = 0  # vectors stored
     last_used: float = 0.0  # time of the last put or lookup (seconds since the epoch)
+    format: int = LEGACY_FORMAT  # records written before format 3 lack the field
+
+
+def _open_index(path: Path) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(str(path), timeout=_BUSY_MS / 1000, isolation_level=None, check_same_thread=False)
+    try:
+        db.execute(f"PRAGMA busy_timeout={_BUSY_MS}")
+        db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL: a power cut may lose the last index transactions, never corrupt the index; the
+        # vectors they pointed at are then recomputed (or found again by `cache repair`)
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(_SCHEMA)
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+@dataclass
+class _Writer:
+    """This process's open shard for one namespace: rows are appended at ``rows * width``."""
+
+    shard: int
+    path: Path
+    fd: int
+    rows: int = 0
+
+
+@dataclass
+class _Mapped:
+    array: np.ndarray  # (rows, record width) uint8, memory-mapped
+    rows: int
 
 
 class ItemStore:
-    """The vectors (``<cache>/items``) and the namespace records (``<cache>/item-namespaces``)."""
+    """The vectors (``<cache>/vectors``) and the namespace records (``<cache>/item-namespaces``)."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
-        self.path = self.root / "items"
+        self.path = self.root / "vectors"
+        self.index_path = self.path / "index.db"
         self.records_path = self.root / "item-namespaces"
-        self._cache: diskcache.Cache | None = None
+        self.legacy_path = self.root / "items"  # format 2
+        self._db: sqlite3.Connection | None = None
         self._records: diskcache.Index | None = None
         self._touched: dict[str, float] = {}
+        self._ns_nums: dict[str, int] = {}
+        self._writers: dict[str, _Writer] = {}
+        self._maps: dict[int, _Mapped] = {}
+        self._shard_paths: dict[int, Path] = {}
 
     @property
-    def cache(self) -> diskcache.Cache:
-        if self._cache is None:
-            self._cache = self._open(self.path, lambda: _vector_cache(self.path))
-        return self._cache
+    def db(self) -> sqlite3.Connection:
+        if self._db is None:
+            self._db = self._open(self.path, lambda: _open_index(self.index_path))
+        return self._db
 
     @property
     def records(self) -> diskcache.Index:
@@ -98,85 +167,30 @@ class ItemStore:
             except sqlite3.DatabaseError as exc:
                 raise damaged(path, exc) from exc
 
-    def repair(self) -> ItemRepair:
-        """Check both databases; move a damaged one aside, keep every vector (and namespace
-        record) that can still be read, and say how many were lost."""
-        held = self.leased()
-        if held:
-            raise NegalignError(
-                f"a running command is using {len(held)} vector namespace(s) of this cache: repair it "
-                "after that command ends"
-            )
-        self.close()
-        report = ItemRepair()
-        if not database_healthy(self.path, lambda: _vector_cache(self.path)):
-            report.vectors_kept, report.vectors_lost = self._salvage_vectors()
-        if not database_healthy(self.records_path, lambda: diskcache.Index(str(self.records_path))):
-            report.records_kept, report.records_rebuilt = self._salvage_records()
-        return report
-
-    def _salvage_vectors(self) -> tuple[int, int | None]:
-        aside = _move_aside(self.path)
-        kept, lost = 0, 0
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
         try:
-            old = _vector_cache(aside)
-        except (sqlite3.DatabaseError, OSError):
-            return 0, None  # nothing readable: every vector will be recomputed when needed
-        new = self.cache
-        try:
-            keys = iter(old.iterkeys())
-            while True:
-                try:
-                    key = next(keys)
-                except StopIteration:
-                    break
-                except sqlite3.DatabaseError:
-                    lost += 1
-                    break
-                try:
-                    value, tag = old.get(key, tag=True)
-                except sqlite3.DatabaseError:
-                    lost += 1
-                    continue
-                if isinstance(key, str) and isinstance(value, bytes) and tag is not None:
-                    new.set(key, value, tag=tag)
-                    kept += 1
-        finally:
-            old.close()
-        return kept, lost
-
-    def _salvage_records(self) -> tuple[int, int]:
-        aside = _move_aside(self.records_path)
-        kept: dict[str, Any] = {}
-        with contextlib.suppress(sqlite3.DatabaseError, OSError):
-            old = diskcache.Index(str(aside))
-            for ns_id in list(old.keys()):
-                with contextlib.suppress(sqlite3.DatabaseError, TypeError):
-                    kept[ns_id] = dict(old[ns_id])
-            old.cache.close()
-        for ns_id, record in kept.items():
-            self.records[ns_id] = record
-        # namespaces whose record was lost: rebuilt from the vectors' keys, so that `cache ls`
-        # shows them and `cache gc` can remove them (what they were made with is unknown)
-        counts: dict[str, int] = {}
-        with contextlib.suppress(sqlite3.DatabaseError):
-            for key in self.cache.iterkeys():
-                if isinstance(key, str) and ":" in key:
-                    counts[key.split(":", 1)[0]] = counts.get(key.split(":", 1)[0], 0) + 1
-        rebuilt = 0
-        now = time.time()
-        for ns_id, count in counts.items():
-            if ns_id not in kept:
-                info = NamespaceInfo(ns_id, "unknown (record lost)", "", {}, 0, "", now, count, now)
-                self.records[ns_id] = asdict(info)
-                rebuilt += 1
-        return len(kept), rebuilt
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
 
     def close(self) -> None:
-        for handle in (self._cache, self._records.cache if self._records is not None else None):
-            if handle is not None:
-                handle.close()
-        self._cache = self._records = None
+        for writer in self._writers.values():
+            with contextlib.suppress(OSError):
+                os.close(writer.fd)
+        self._writers.clear()
+        self._maps.clear()
+        self._ns_nums.clear()
+        self._shard_paths.clear()
+        if self._db is not None:
+            self._db.close()
+        if self._records is not None:
+            self._records.cache.close()
+        self._db = self._records = None
 
     def namespace(
         self, kind: str, model: str, params: Mapping[str, Any], dim: int, dtype: str = "float32"
@@ -190,7 +204,136 @@ class ItemStore:
             "format": ITEM_FORMAT,
         }
         ns_id = sha256_text(canonical_json(description))[:24]
-        return Namespace(self, NamespaceInfo(ns_id, kind, model, dict(params), int(dim), dtype, time.time()))
+        info = NamespaceInfo(
+            ns_id, kind, model, dict(params), int(dim), dtype, time.time(), format=ITEM_FORMAT
+        )
+        return Namespace(self, info)
+
+    # -------------------------------------------------------------- index
+    def _ns_num(self, ns_id: str, create: bool) -> int | None:
+        num = self._ns_nums.get(ns_id)
+        if num is None:
+            row = self.db.execute("SELECT num FROM ns WHERE id = ?", (ns_id,)).fetchone()
+            if row is None and create:
+                with self._transaction() as db:
+                    db.execute("INSERT OR IGNORE INTO ns (id) VALUES (?)", (ns_id,))
+                    row = db.execute("SELECT num FROM ns WHERE id = ?", (ns_id,)).fetchone()
+            if row is None:
+                return None
+            num = self._ns_nums[ns_id] = int(row[0])
+        return num
+
+    def _locate(self, ns_num: int, keys: Mapping[bytes, int]) -> tuple[np.ndarray, np.ndarray]:
+        """(shard, row) of each key (``keys`` maps a digest to its position; -1 where the index
+        has none), one query per chunk of keys."""
+        shards = np.full(len(keys), -1, dtype=np.int64)
+        rows = np.full(len(keys), -1, dtype=np.int64)
+        listed = list(keys)
+        for start in range(0, len(listed), _LOOKUP):
+            chunk = listed[start : start + _LOOKUP]
+            marks = ",".join("?" * len(chunk))
+            query = f"SELECT digest, shard, row FROM item WHERE ns = ? AND digest IN ({marks})"
+            found = self.db.execute(query, (ns_num, *chunk)).fetchall()
+            if found:
+                at = [keys[digest] for digest, _, _ in found]
+                shards[at] = [shard for _, shard, _ in found]
+                rows[at] = [row for _, _, row in found]
+        return shards, rows
+
+    def _forget(self, ns_num: int, keys: Sequence[bytes]) -> None:
+        with self._transaction() as db:
+            db.executemany("DELETE FROM item WHERE ns = ? AND digest = ?", [(ns_num, k) for k in keys])
+
+    # -------------------------------------------------------------- shards
+    def _folder(self, ns_id: str) -> Path:
+        return self.path / ns_id
+
+    def _shard_path(self, shard: int) -> Path | None:
+        path = self._shard_paths.get(shard)
+        if path is None:
+            row = self.db.execute(
+                "SELECT ns.id FROM shard JOIN ns ON shard.ns = ns.num WHERE shard.num = ?", (shard,)
+            ).fetchone()
+            if row is None:
+                return None
+            path = self._shard_paths[shard] = self._folder(row[0]) / f"{shard:08d}.rec"
+        return path
+
+    def _writer(self, info: NamespaceInfo, ns_num: int, width: int) -> _Writer:
+        writer = self._writers.get(info.id)
+        if writer is not None and (writer.rows + 1) * width <= _SHARD_BYTES:
+            return writer
+        if writer is not None:
+            os.close(writer.fd)
+        folder = self._folder(info.id)
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = folder / "meta.json"
+        if not meta.is_file():
+            _write_atomically(meta, json.dumps({"dim": info.dim, "dtype": info.dtype, "namespace": info.id}))
+        with self._transaction() as db:
+            shard = int(db.execute("INSERT INTO shard (ns) VALUES (?)", (ns_num,)).lastrowid or 0)
+        path = folder / f"{shard:08d}.rec"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        _fsync_folder(folder)
+        writer = self._writers[info.id] = _Writer(shard, path, fd)
+        self._shard_paths[shard] = path
+        return writer
+
+    def _append(self, info: NamespaceInfo, ns_num: int, records: np.ndarray) -> tuple[int, int]:
+        """Write records at the end of this process's shard and fsync them; (shard, first row)."""
+        writer = self._writer(info, ns_num, records.shape[1])
+        first = writer.rows
+        data = records.tobytes()
+        try:
+            written = 0
+            while written < len(data):
+                written += os.pwrite(writer.fd, data[written:], first * records.shape[1] + written)
+            os.fsync(writer.fd)
+        except BaseException:
+            # the bytes after ``first`` are unknown now: this shard takes no more rows
+            self._writers.pop(info.id, None)
+            with contextlib.suppress(OSError):
+                os.close(writer.fd)
+            raise
+        writer.rows += len(records)
+        return writer.shard, first
+
+    def _rows(self, shard: int, rows: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """The records at ``rows`` of a shard (copied), and which of the rows exist in the file.
+        Rows that fill most of their span (a rerun reads what one run wrote, in order) are read in
+        one ``pread``; scattered rows are gathered from a memory map of the shard."""
+        if not len(rows):
+            return np.zeros((0, width), np.uint8), np.zeros(0, bool)
+        low, high = int(rows.min()), int(rows.max())
+        if high - low + 1 <= 2 * len(rows):
+            path = self._shard_path(shard)
+            try:
+                data = np.fromfile(path or "", np.uint8, count=(high - low + 1) * width, offset=low * width)
+            except (OSError, ValueError):
+                data = np.zeros(0, np.uint8)
+            block = data[: len(data) // width * width].reshape(-1, width)
+            present = rows - low < len(block)
+            if present.all():
+                dense = len(rows) == len(block) and bool((np.diff(rows) == 1).all())
+                return (block if dense else block[rows - low]), present
+            out = np.zeros((len(rows), width), np.uint8)
+            out[present] = block[rows[present] - low]
+            return out, present
+        need = high + 1
+        mapped = self._maps.get(shard)
+        if mapped is None or mapped.rows < need:
+            path = self._shard_path(shard)
+            size = path.stat().st_size if path is not None and path.is_file() else 0
+            count = size // width
+            if count == 0 or path is None:
+                return np.zeros((len(rows), width), np.uint8), np.zeros(len(rows), bool)
+            mapped = self._maps[shard] = _Mapped(np.memmap(path, np.uint8, "r", shape=(count, width)), count)
+        present = rows < mapped.rows
+        if present.all():
+            return mapped.array[rows], present
+        out = np.zeros((len(rows), width), np.uint8)
+        out[present] = mapped.array[rows[present]]
+        return out, present
 
     # -------------------------------------------------------------- records
     def record_use(self, info: NamespaceInfo, added: int = 0) -> None:
@@ -212,8 +355,11 @@ class ItemStore:
         return [NamespaceInfo(**record) for record in self.records.values()]
 
     def count(self) -> int:
-        """Vectors stored, all namespaces together (diskcache keeps this number: no scan)."""
-        return len(self.cache)
+        """Vectors stored, all namespaces together."""
+        return int(self.db.execute("SELECT COUNT(*) FROM item").fetchone()[0])
+
+    def disk_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file()) if self.path.is_dir() else 0
 
     # -------------------------------------------------------------- leases
     @contextlib.contextmanager
@@ -253,6 +399,27 @@ class ItemStore:
                 record.with_suffix(".lock").unlink(missing_ok=True)
         return held
 
+    def drop(self, ns_id: str) -> int:
+        """Remove one namespace's vectors (index rows first, then its shard files); how many."""
+        writer = self._writers.pop(ns_id, None)
+        if writer is not None:
+            with contextlib.suppress(OSError):
+                os.close(writer.fd)
+        num = self._ns_num(ns_id, create=False)
+        removed = 0
+        if num is not None:
+            with self._transaction() as db:
+                removed = db.execute("DELETE FROM item WHERE ns = ?", (num,)).rowcount
+                shards = [r[0] for r in db.execute("SELECT num FROM shard WHERE ns = ?", (num,))]
+                db.execute("DELETE FROM shard WHERE ns = ?", (num,))
+                db.execute("DELETE FROM ns WHERE num = ?", (num,))
+            for shard in shards:
+                self._maps.pop(shard, None)
+                self._shard_paths.pop(shard, None)
+            self._ns_nums.pop(ns_id, None)
+        shutil.rmtree(self._folder(ns_id), ignore_errors=True)
+        return removed
+
     def _evict(self, infos: list[NamespaceInfo], dry_run: bool) -> int:
         removed = 0
         for info in infos:
@@ -262,7 +429,7 @@ class ItemStore:
                 removed += info.count
                 continue
             self.records.pop(info.id, None)  # the record first: no vector is ever left without one
-            removed += self.cache.evict(info.id)
+            removed += self.drop(info.id) if info.format >= ITEM_FORMAT else 0
         return removed
 
     def evict_model(self, model_prefix: str, dry_run: bool = False) -> int:
@@ -274,6 +441,123 @@ class ItemStore:
         cutoff = time.time() - seconds
         return self._evict([i for i in self.namespaces() if i.last_used < cutoff], dry_run)
 
+    def remove_legacy(self, dry_run: bool = False) -> int:
+        """Remove the format-2 store (``items/``) and its namespace records; the bytes freed."""
+        freed = 0
+        if self.leased():
+            return 0  # a run is going on: the old store waits for the next gc
+        if self.legacy_path.is_dir():
+            freed = sum(p.stat().st_size for p in self.legacy_path.rglob("*") if p.is_file())
+            if not dry_run:
+                shutil.rmtree(self.legacy_path, ignore_errors=True)
+        if not dry_run and self.records_path.is_dir():
+            for info in self.namespaces():
+                if info.format < ITEM_FORMAT:
+                    self.records.pop(info.id, None)
+        return freed
+
+    # -------------------------------------------------------------- repair
+    def repair(self) -> ItemRepair:
+        """Check both databases; rebuild a damaged vector index from the record files (every
+        record whose checksum holds is kept) and a damaged namespace-record store from what can
+        still be read, and say how much was lost."""
+        held = self.leased()
+        if held:
+            raise NegalignError(
+                f"a running command is using {len(held)} vector namespace(s) of this cache: repair it "
+                "after that command ends"
+            )
+        self.close()
+        report = ItemRepair()
+        lost_index = not self.index_path.exists() and any(self.path.glob("*/*.rec"))
+        if lost_index or not index_healthy(self.index_path):
+            report.vectors_kept, report.vectors_lost = self.rebuild_index()
+        if not database_healthy(self.records_path, lambda: diskcache.Index(str(self.records_path))):
+            report.records_kept, report.records_rebuilt = self._salvage_records()
+        return report
+
+    def rebuild_index(self) -> tuple[int, int]:
+        """A new index from the record files (the damaged one is moved aside): (kept, unreadable)."""
+        self.close()
+        if self.path.exists() and not self.path.is_dir():
+            _move_aside(self.path)  # a file where the store's folder belongs
+        if self.index_path.exists() or self.index_path.with_name("index.db-wal").exists():
+            stamp = int(time.time())
+            for suffix in ("", "-wal", "-shm"):
+                part = self.index_path.with_name(f"index.db{suffix}")
+                if part.exists():
+                    part.rename(part.with_name(f"index.db{suffix}.damaged-{stamp}"))
+        kept = lost = 0
+        folders = sorted(p for p in self.path.iterdir() if p.is_dir()) if self.path.is_dir() else []
+        for folder in folders:
+            try:
+                meta = json.loads((folder / "meta.json").read_text())
+                width = _KEY + int(meta["dim"]) * np.dtype(meta["dtype"]).itemsize + _CHECKSUM
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # not a namespace folder (or one whose row width is unknown)
+            ns_num = self._ns_num(folder.name, create=True)
+            for path in sorted(folder.glob("*.rec")):
+                try:
+                    shard = int(path.stem)
+                    data = np.fromfile(path, np.uint8)
+                except (ValueError, OSError):
+                    continue
+                count = len(data) // width
+                lost += int(len(data) % width != 0)  # a torn record at the end
+                records = data[: count * width].reshape(count, width)
+                good = _intact_rows(records)
+                lost += int((~good).sum())
+                rows = np.flatnonzero(good)
+                with self._transaction() as db:
+                    db.execute("INSERT OR IGNORE INTO shard (num, ns) VALUES (?, ?)", (shard, ns_num))
+                    before = db.total_changes
+                    db.executemany(
+                        "INSERT OR IGNORE INTO item VALUES (?, ?, ?, ?)",
+                        [(ns_num, records[r, :_KEY].tobytes(), shard, int(r)) for r in rows],
+                    )
+                    kept += db.total_changes - before
+        return kept, lost
+
+    def _salvage_records(self) -> tuple[int, int]:
+        aside = _move_aside(self.records_path)
+        kept: dict[str, Any] = {}
+        with contextlib.suppress(sqlite3.DatabaseError, OSError):
+            old = diskcache.Index(str(aside))
+            for ns_id in list(old.keys()):
+                with contextlib.suppress(sqlite3.DatabaseError, TypeError):
+                    kept[ns_id] = dict(old[ns_id])
+            old.cache.close()
+        for ns_id, record in kept.items():
+            self.records[ns_id] = record
+        # namespaces whose record was lost: rebuilt from the vector index, so that `cache ls`
+        # shows them and `cache gc` can remove them (what they were made with is unknown)
+        counts: dict[str, int] = {}
+        with contextlib.suppress(sqlite3.DatabaseError, NegalignError):
+            query = "SELECT ns.id, COUNT(*) FROM item JOIN ns ON item.ns = ns.num GROUP BY ns.id"
+            counts = {str(ns_id): int(n) for ns_id, n in self.db.execute(query)}
+        rebuilt = 0
+        now = time.time()
+        for ns_id, count in counts.items():
+            if ns_id not in kept:
+                meta: dict[str, Any] = {}
+                with contextlib.suppress(OSError, ValueError):
+                    meta = json.loads((self._folder(ns_id) / "meta.json").read_text())
+                info = NamespaceInfo(
+                    ns_id,
+                    "unknown (record lost)",
+                    "",
+                    {},
+                    int(meta.get("dim", 0)),
+                    str(meta.get("dtype", "")),
+                    now,
+                    count,
+                    now,
+                    ITEM_FORMAT,
+                )
+                self.records[ns_id] = asdict(info)
+                rebuilt += 1
+        return len(kept), rebuilt
+
 
 class Namespace:
     """Vectors of one kind from one model configuration."""
@@ -283,81 +567,131 @@ class Namespace:
         self.info = info
         self._dtype = np.dtype(info.dtype)
         self._size = info.dim * self._dtype.itemsize
+        self.width = _KEY + self._size + _CHECKSUM  # bytes of one record
         self.corrupt = 0  # stored vectors that failed their checksum (dropped; recomputed by the caller)
 
     @property
     def id(self) -> str:
         return self.info.id
 
-    def _keys(self, items: Sequence[str]) -> list[str]:
-        return [f"{self.info.id}:{item_digest(item)}" for item in items]
-
     def get_many(self, items: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Return (vectors ``(n, dim)``, found mask ``(n,)``); rows not found are zero."""
         self.store.touch(self.info)
         vectors = np.zeros((len(items), self.info.dim), dtype=self._dtype)
         found = np.zeros(len(items), dtype=bool)
-        cache = self.store.cache
-        for row, key in enumerate(self._keys(items)):
-            raw = cache.get(key)
-            if raw is None:
-                continue
-            if not _intact(raw, self._size):
-                self.corrupt += 1
-                cache.delete(key)  # a later put stores it again
-                continue
-            vectors[row] = np.frombuffer(raw, dtype=self._dtype, count=self.info.dim)
-            found[row] = True
+        ns_num = self.store._ns_num(self.info.id, create=False)
+        if ns_num is None or not len(items):
+            return vectors, found
+        unique: dict[bytes, int] = {}
+        inverse = np.fromiter(
+            (unique.setdefault(_key(item), len(unique)) for item in items), np.int64, len(items)
+        )
+        keys = list(unique)
+        shards, rows = self.store._locate(ns_num, unique)
+        ok = np.zeros(len(keys), dtype=bool)
+        distinct = len(keys) == len(items)  # then row i of the result is key i: no second copy
+        values = vectors if distinct else np.zeros((len(keys), self.info.dim), dtype=self._dtype)
+        for shard in np.unique(shards[shards >= 0]):
+            at = np.flatnonzero(shards == shard)
+            records, present = self.store._rows(int(shard), rows[at], self.width)
+            wanted = np.frombuffer(b"".join(keys[i] for i in at), np.uint8).reshape(-1, _KEY)
+            good = present & (records[:, :_KEY] == wanted).all(axis=1) & _intact_rows(records)
+            ok[at[good]] = True
+            if good.all():
+                values[at] = records[:, _KEY : _KEY + self._size].view(self._dtype)
+            else:
+                values[at[good]] = records[good, _KEY : _KEY + self._size].view(self._dtype)
+        bad = [keys[i] for i in np.flatnonzero((shards >= 0) & ~ok)]
+        if bad:
+            self.corrupt += len(bad)
+            self.store._forget(ns_num, bad)  # a later put stores them again
+        if distinct:
+            return vectors, ok
+        found[:] = ok[inverse]
+        vectors[found] = values[inverse[found]]
         return vectors, found
 
     def put_many(self, items: Sequence[str], vectors: np.ndarray) -> None:
-        """Store one vector per item, all in one transaction."""
+        """Store one vector per item not stored yet: appended to a shard, fsynced, then indexed."""
         vectors = np.ascontiguousarray(vectors, dtype=self._dtype)
         if vectors.shape != (len(items), self.info.dim):
             raise ValueError(f"expected vectors of shape {(len(items), self.info.dim)}, got {vectors.shape}")
-        cache = self.store.cache
-        tag = self.info.id
+        store = self.store
+        ns_num = store._ns_num(self.info.id, create=True)
+        assert ns_num is not None
+        keys: dict[bytes, int] = {}
+        for i, item in enumerate(items):
+            keys.setdefault(_key(item), i)
+        shards, _ = store._locate(ns_num, {key: j for j, key in enumerate(keys)})
+        new = {key: i for (key, i), shard in zip(keys.items(), shards, strict=True) if shard < 0}
         added = 0
-        with cache.transact():
-            for key, vector in zip(self._keys(items), vectors, strict=True):
-                data = vector.tobytes()
-                added += bool(cache.add(key, data + _checksum(data), tag=tag))
-        self.store.record_use(self.info, added)
+        if new:
+            records = np.empty((len(new), self.width), np.uint8)
+            records[:, :_KEY] = np.frombuffer(b"".join(new), np.uint8).reshape(-1, _KEY)
+            records[:, _KEY : _KEY + self._size] = vectors[list(new.values())].view(np.uint8)
+            records[:, -_CHECKSUM:] = _checksums(records)
+            shard, first = store._append(self.info, ns_num, records)
+            with store._transaction() as db:
+                before = db.total_changes
+                db.executemany(
+                    "INSERT OR IGNORE INTO item VALUES (?, ?, ?, ?)",
+                    [(ns_num, key, shard, first + j) for j, key in enumerate(new)],
+                )
+                added = db.total_changes - before
+        store.record_use(self.info, added)
 
 
-def _checksum(data: bytes) -> bytes:
+def _checksum(data: Any) -> bytes:
     return hashlib.blake2b(data, digest_size=_CHECKSUM).digest()
 
 
-def _intact(raw: bytes, size: int) -> bool:
-    """A stored value has the vector's length plus the checksum, and the checksum matches."""
-    return len(raw) == size + _CHECKSUM and _checksum(raw[:size]) == raw[size:]
+def _checksums(records: np.ndarray) -> np.ndarray:
+    """``(n, 8)`` BLAKE2b checksums of each record's key and vector (``records``: ``(n, width)``)."""
+    records = np.ascontiguousarray(records)
+    width = records.shape[1]
+    view = memoryview(records.reshape(-1).data)
+    sums = b"".join(
+        hashlib.blake2b(view[o : o + width - _CHECKSUM], digest_size=_CHECKSUM).digest()
+        for o in range(0, records.size, width)
+    )
+    return np.frombuffer(sums, np.uint8).reshape(-1, _CHECKSUM)
+
+
+def _intact_rows(records: np.ndarray) -> np.ndarray:
+    """Which records' checksums match their key and vector."""
+    if not len(records):
+        return np.zeros(0, dtype=bool)
+    return (_checksums(records) == records[:, -_CHECKSUM:]).all(axis=1)
 
 
 @dataclass
 class ItemRepair:
     """What `cache repair` did to the per-item store (None: the count could not be read)."""
 
-    vectors_kept: int | None = None  # None: the vector database was intact
+    vectors_kept: int | None = None  # None: the vector index was intact
     vectors_lost: int | None = 0
     records_kept: int | None = None  # None: the namespace records were intact
     records_rebuilt: int = 0
 
 
-def _vector_cache(path: Path) -> diskcache.Cache:
-    return diskcache.Cache(
-        str(path),
-        eviction_policy="none",
-        size_limit=_SIZE_LIMIT,
-        cull_limit=0,
-        disk_min_file_size=_INLINE_LIMIT,
-        tag_index=True,
-        statistics=False,
-    )
+def index_healthy(path: Path) -> bool:
+    """The vector index opens, has its tables, and SQLite's integrity check finds nothing."""
+    if not path.exists():
+        return not path.parent.exists() or path.parent.is_dir()
+    try:
+        db = _open_index(path)
+    except sqlite3.DatabaseError:
+        return False
+    try:
+        return db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    except sqlite3.DatabaseError:
+        return False
+    finally:
+        db.close()
 
 
 def database_healthy(path: Path, make: Callable[[], Any]) -> bool:
-    """The database opens and SQLite's integrity check finds nothing."""
+    """The diskcache database opens and SQLite's integrity check finds nothing."""
     if not path.exists():
         return True
     if not path.is_dir():
@@ -373,6 +707,24 @@ def database_healthy(path: Path, make: Callable[[], Any]) -> bool:
         return False
     finally:
         cache.close()
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_folder(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _move_aside(path: Path) -> Path:

@@ -13,6 +13,7 @@ import diskcache
 from filelock import FileLock, Timeout
 
 from negalign_cli.cache.items import ItemRepair, ItemStore, database_healthy
+from negalign_cli.cache.statcache import StatCache
 from negalign_cli.cache.store import ArtifactStore, GcReport, folder_size
 from negalign_cli.errors import NegalignError
 from negalign_cli.settings import SCRATCH, SCRATCH_OWNER
@@ -26,6 +27,7 @@ class RepairReport:
     items: ItemRepair = field(default_factory=ItemRepair)
 
 
+STAT_CACHE = "stat.db"
 SCRATCH_AGE = 86400.0  # a scratch entry untouched for a day belongs to a run that died
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -49,6 +51,11 @@ class Workspace:
     def open(cls, root: str | Path) -> Workspace:
         root = Path(root)
         return cls(root, ArtifactStore(root), ItemStore(root))
+
+    @property
+    def stat_cache(self) -> StatCache:
+        """Digests of image files by their stat (``<cache>/stat.db``): unchanged files are not re-read."""
+        return StatCache(self.root / STAT_CACHE)
 
     def close(self) -> None:
         self.store.close()
@@ -99,6 +106,7 @@ class Workspace:
     ) -> GcReport:
         report = self.store.gc(dry_run=dry_run)
         self._clean_scratch(report, dry_run)
+        report.freed_bytes += self.items.remove_legacy(dry_run)  # vectors of an older store format
         if items_model:
             report.items_removed += self.items.evict_model(items_model, dry_run=dry_run)
         if items_older_than is not None:

@@ -47,6 +47,14 @@ def bench(
         typer.Option("--images", help="Also time embedding from these image files.", show_default=False),
     ] = None,
     workers: Annotated[int, typer.Option("--workers", min=0, help="DataLoader workers with --images.")] = 0,
+    flows: Annotated[
+        str,
+        typer.Option(
+            "--flows",
+            help="Comma-separated groups: model (forward, embed, CAM), score (GEMM, scoring), "
+            "pipeline (full pipeline, per-image flow).",
+        ),
+    ] = "model,score,pipeline",
     json_out: Annotated[
         Path | None,
         typer.Option("--json", help="Write every figure and the environment here.", show_default=False),
@@ -83,6 +91,7 @@ def bench(
         per_image=per_image,
         images=images,
         workers=workers,
+        flows=tuple(part.strip() for part in flows.split(",") if part.strip()),
     )
     record = run_bench(loaded, config, report)
     from negalign_cli.cli.render import render_bench

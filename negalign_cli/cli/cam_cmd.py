@@ -87,7 +87,8 @@ def cam(
     config.validate(10**6)  # names and ranges; the block is checked against the model below
     class_list = load_classes(classes, report)
     image_list = list_images(images, data_root, split, allow_outside_root=allow_outside_root)
-    listing = digest_images(image_list, report) if chosen_shard is None else None
+    stat_cache = Workspace.open(rt.cache_dir).stat_cache  # unchanged files are not hashed again
+    listing = digest_images(image_list, report, stat_cache=stat_cache) if chosen_shard is None else None
     loaded = o.load(model, pretrained, rt, report)
 
     def run(listing):
@@ -119,7 +120,12 @@ def cam(
             max_pixels=max_pixels,
         )
         outcome = run_shard(
-            shards_dir, chosen_shard, spec, image_list, lambda part: run(digest_images(part, report)), report
+            shards_dir,
+            chosen_shard,
+            spec,
+            image_list,
+            lambda part: run(digest_images(part, report, stat_cache=stat_cache)),
+            report,
         )
         o.shard_summary(outcome)
         return

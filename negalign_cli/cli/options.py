@@ -104,7 +104,8 @@ Images = Annotated[
         "--images",
         "-i",
         help="A folder (ImageFolder: label = first sub-folder), a manifest (path[,label] CSV or OpenOOD "
-        "'relative/path label' lines), or a Waterbirds metadata.csv.",
+        "'relative/path label' lines), a Waterbirds metadata.csv, or webdataset tar shards "
+        "('data/{00000..00099}.tar', as img2dataset writes them).",
     ),
 ]
 DataRoot = Annotated[

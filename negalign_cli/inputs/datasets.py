@@ -7,9 +7,11 @@ again. Unreadable images are recorded with a reason, never fatal.
 from __future__ import annotations
 
 import csv
+import io
 import os
 import re
 import warnings
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +23,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from negalign_cli.defaults import DEFAULT_MAX_PIXELS
 from negalign_cli.errors import NegalignError
 from negalign_cli.hashing import printable_path, sha256_file_sized
+from negalign_cli.inputs.tars import Member, is_tar_spec, list_shards, member_digest
 
 OUTSIDE_ROOT = "outside the data root"
 PATH_COLUMNS = ("path", "image", "image_path", "filename", "img_filename", "filepath")
@@ -36,9 +39,14 @@ class ImageList:
     labels: list[str]
     extra: dict[str, list[str]]
     problems: dict[int, str] = field(default_factory=dict)  # index -> why it is skipped unread
+    members: dict[int, Member] = field(default_factory=dict)  # index -> image inside a tar shard
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def location(self, index: int) -> str | Member:
+        """Where image ``index``'s bytes are: a file path, or a member of a tar shard."""
+        return self.members.get(index, self.paths[index])
 
     @property
     def refused(self) -> int:
@@ -60,11 +68,14 @@ def list_images(
     ``metadata.csv`` (with ``--split``). A path that leads outside the data root (the folder, the
     manifest's folder or ``--data-root``) — through ``..``, an absolute path or a symlink — is
     skipped with a reason unless ``allow_outside_root``."""
+    if is_tar_spec(str(spec)):
+        return _from_tars(str(spec))
     path = Path(spec).expanduser()
     if not path.exists():
         raise NegalignError(f"--images {path} does not exist")
+    links: list[int] | None = None  # paths that may lead elsewhere (None: any of them)
     if path.is_dir():
-        images, root = _from_folder(path), path
+        (images, links), root = _from_folder(path), path
     elif path.name == "metadata.csv" or split is not None:
         images, root = _from_waterbirds(path, data_root, split), _root(path, data_root)
     else:
@@ -72,7 +83,7 @@ def list_images(
     if not images.paths:
         raise NegalignError(f"--images {path} lists no images")
     if not allow_outside_root:
-        _refuse_outside(images, root)
+        _refuse_outside(images, root, links)
     return images
 
 
@@ -80,23 +91,80 @@ def _root(manifest: Path, data_root: str | Path | None) -> Path:
     return Path(data_root).expanduser() if data_root is not None else manifest.parent
 
 
-def _refuse_outside(images: ImageList, root: Path) -> None:
-    """Mark every path whose real location (symlinks resolved) is not under ``root``."""
+def _refuse_outside(images: ImageList, root: Path, only: Iterable[int] | None = None) -> None:
+    """Mark every path whose real location (symlinks resolved) is not under ``root`` (``only``:
+    the indices that can lead elsewhere; by default all)."""
     base = os.path.realpath(root)
-    for index, path in enumerate(images.paths):
+    folders: dict[str, str] = {}  # folder -> its real path: one resolution per folder, not per file
+    for index in range(len(images.paths)) if only is None else only:
         if index in images.problems:
             continue
-        real = os.path.realpath(path)
+        path = images.paths[index]
+        folder, name = os.path.split(path)
+        real_folder = folders.get(folder)
+        if real_folder is None:
+            real_folder = folders[folder] = os.path.realpath(folder)
+        real = os.path.join(real_folder, name)
+        if name in ("", ".", "..") or os.path.islink(real):
+            real = os.path.realpath(path)
         if os.path.commonpath([base, real]) != base:
             images.problems[index] = f"{OUTSIDE_ROOT} {printable_path(base)} (--allow-outside-root reads it)"
 
 
-def _from_folder(root: Path) -> ImageList:
-    files = sorted(p for p in root.rglob("*") if _is_image(p) and p.is_file())
-    relative = [p.relative_to(root) for p in files]
-    image_folder = bool(files) and all(len(r.parts) >= 2 for r in relative)
-    labels = [r.parts[0] if image_folder else "" for r in relative]
-    return ImageList(str(root), [str(root.resolve() / r) for r in relative], labels, {})
+def _walk(root: str, prefix: tuple[str, ...], found: list[tuple[tuple[str, ...], bool]]) -> None:
+    """Image files under ``root`` as (relative parts, is a symlink); like ``Path.rglob('*')``, the
+    walk does not descend into symlinked folders."""
+    with os.scandir(root) as entries:
+        for entry in entries:
+            name = entry.name
+            try:
+                if entry.is_dir() and not entry.is_symlink():
+                    _walk(entry.path, (*prefix, name), found)
+                    continue
+                dot = name.rfind(".")
+                # os.path.splitext's rule: the leading dots of a name start no extension
+                if (
+                    dot > 0
+                    and name[dot:].lower() in IMAGE_SUFFIXES
+                    and name[:dot].strip(".")
+                    and entry.is_file()
+                ):
+                    found.append(((*prefix, name), entry.is_symlink()))
+            except OSError:
+                continue
+
+
+def _from_folder(root: Path) -> tuple[ImageList, list[int]]:
+    """The images under ``root``, sorted as paths (by their parts); and the indices of symlinks."""
+    found: list[tuple[tuple[str, ...], bool]] = []
+    _walk(str(root), (), found)
+    found.sort(key=lambda item: item[0])
+    image_folder = bool(found) and all(len(parts) >= 2 for parts, _ in found)
+    labels = [parts[0] if image_folder else "" for parts, _ in found]
+    base = str(root.resolve()).rstrip(os.sep)  # "" for the file system's root: the join adds it back
+    paths = [os.sep.join((base, *parts)) for parts, _ in found]
+    links = [i for i, (_, link) in enumerate(found) if link]
+    return ImageList(str(root), paths, labels, {}), links
+
+
+def _from_tars(spec: str) -> ImageList:
+    """webdataset shards: one entry per image member, and one per shard or member that could not
+    be read (with its reason, as for a broken file)."""
+    shards = list_shards(spec, IMAGE_SUFFIXES)
+    paths = [m.id for m in shards.members]
+    members = dict(enumerate(shards.members))
+    labels = list(shards.labels)
+    captions = list(shards.captions)
+    problems: dict[int, str] = {}
+    for entry, reason in shards.problems:
+        problems[len(paths)] = reason
+        paths.append(entry)
+        labels.append("")
+        captions.append("")
+    if not paths:
+        raise NegalignError(f"--images {spec}: the tar shards hold no images")
+    extra = {"caption": captions} if any(captions) else {}
+    return ImageList(spec, paths, labels, extra, problems, members)
 
 
 def _read_text(path: Path) -> str:
@@ -189,8 +257,10 @@ def _from_waterbirds(path: Path, data_root: str | Path | None, split: str | None
     )
 
 
-def file_digest(path: str) -> tuple[str | None, str]:
+def file_digest(path: str | Member) -> tuple[str | None, str]:
     """(sha256 of the file's bytes, "") or (None, reason)."""
+    if isinstance(path, Member):
+        return member_digest(path)
     try:
         digest, size = sha256_file_sized(path)
     except FileNotFoundError:
@@ -202,7 +272,7 @@ def file_digest(path: str) -> tuple[str | None, str]:
     return digest, ""
 
 
-def digest_all(paths: list[str], workers: int = 8) -> list[tuple[str | None, str]]:
+def digest_all(paths: Sequence[str | Member], workers: int = 8) -> list[tuple[str | None, str]]:
     """Digests of many files in parallel threads (hashlib releases the GIL)."""
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         return list(pool.map(file_digest, paths, chunksize=64))
@@ -212,14 +282,14 @@ class TooLarge(ValueError):
     """An image whose header declares more pixels than the limit (a decompression bomb)."""
 
 
-def load_rgb(path: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_rgb(path: str | Member, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open an image as 8-bit RGB: alpha dropped, grayscale expanded, 16-bit scaled to 8 bits.
     An image with more than ``max_pixels`` pixels raises :class:`TooLarge` before it is decoded."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the check below decides
         previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
         try:
-            image = Image.open(path)
+            image = Image.open(io.BytesIO(path.read()) if isinstance(path, Member) else path)
         finally:
             Image.MAX_IMAGE_PIXELS = previous
     with image:
@@ -253,7 +323,9 @@ class ImageDataset(torch.utils.data.Dataset):
     """Decodes and preprocesses the images at the given paths; failures come back as reasons.
     Images above ``max_pixels`` (PIL's decompression-bomb guard) are skipped, never decoded."""
 
-    def __init__(self, paths: list[str], transform, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    def __init__(
+        self, paths: Sequence[str | Member], transform, max_pixels: int = DEFAULT_MAX_PIXELS
+    ) -> None:
         self.paths = paths
         self.transform = transform
         self.max_pixels = max_pixels
@@ -306,7 +378,9 @@ class RawDataset(torch.utils.data.Dataset):
     """File bytes for the batched decoder (JPEGs); other files are decoded here with PIL. A JPEG's
     header is read first, so one above ``max_pixels`` is skipped, never decoded."""
 
-    def __init__(self, paths: list[str], transform, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    def __init__(
+        self, paths: Sequence[str | Member], transform, max_pixels: int = DEFAULT_MAX_PIXELS
+    ) -> None:
         self.paths = paths
         self.pil = ImageDataset(paths, transform, max_pixels)
         self.max_pixels = max_pixels
@@ -316,16 +390,17 @@ class RawDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         path = self.paths[index]
-        if Path(path).suffix.lower() not in JPEG_SUFFIXES:
+        suffix = path.suffix if isinstance(path, Member) else Path(path).suffix.lower()
+        if suffix not in JPEG_SUFFIXES:
             return self.pil[index] + ("decoded",)
         try:
+            data = path.read() if isinstance(path, Member) else Path(path).read_bytes()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                with Image.open(path) as header:
+                with Image.open(io.BytesIO(data)) as header:
                     width, height = header.size
             if width * height > self.max_pixels:
                 return index, None, f"image too large: {width}×{height} pixels, above --max-pixels", "raw"
-            data = Path(path).read_bytes()
         except FileNotFoundError:
             return index, None, VANISHED, "raw"
         except (UnidentifiedImageError, Image.DecompressionBombError, SyntaxError, ValueError):

@@ -47,8 +47,15 @@ from negalign_cli.compute.vision import (
     vision_tower,
 )
 from negalign_cli.compute.vision import _project as project_tokens
+from negalign_cli.errors import NegalignError
 from negalign_cli.models import LoadedModel
 from negalign_cli.reporting import NullReporter, Reporter
+
+FLOW_GROUPS = {
+    "model": "image tower forward, embed, embed from files, embed + CAM + background",
+    "score": "bare GEMMs, scoring from cache (embeddings; all columns), scoring with multi-matching",
+    "pipeline": "full NegAlign pipeline, per-image reference flow",
+}
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,7 @@ class BenchConfig:
     pairs: int = 5  # NegRefine's top-k classes and negatives: pairs² texts per image
     images: Path | None = None  # real files instead of decoded tensors
     workers: int = 0
+    flows: tuple[str, ...] = ("model", "score", "pipeline")  # which groups of flows (FLOW_GROUPS)
 
 
 @dataclass
@@ -337,7 +345,8 @@ def _image_file_flow(model: LoadedModel, config: BenchConfig) -> tuple[Callable[
 
     if config.images is None:
         raise ValueError("no image folder")
-    paths = list_images(config.images).paths[: config.batch_size * config.batches]
+    listed = list_images(config.images)
+    paths = [listed.location(i) for i in range(min(len(listed), config.batch_size * config.batches))]
     dtype = next(model.model.parameters()).dtype
     decoder = resolve_decoder("auto", model.device)
     pin = model.device.type == "cuda"
@@ -383,118 +392,159 @@ def run_bench(model: LoadedModel, config: BenchConfig, reporter: Reporter | None
     inputs = _score_inputs(config.score_images, dim, config, generator)
     score_config = ScoreConfig(groups=100, role_aware=True)
     results: list[Measurement] = []
-    flows = 9 if config.images is not None else 8
-    with reporter.progress("benchmark flows", flows) as advance:
+    unknown = set(config.flows) - set(FLOW_GROUPS)
+    if unknown:
+        raise NegalignError(
+            f"unknown flow group(s) {', '.join(sorted(unknown))}: use {', '.join(FLOW_GROUPS)}"
+        )
+    total = {"model": 3 + (config.images is not None), "score": 5, "pipeline": 2}
+    with reporter.progress("benchmark flows", sum(total[g] for g in config.flows)) as advance:
+        pairs = _warm_pairs(inputs)
+        if "model" in config.flows:
 
-        @torch.inference_mode()
-        def forward() -> None:
-            visual: Any = vision_tower(model.model).visual
-            for batch in batches:
-                visual(batch)
+            @torch.inference_mode()
+            def forward() -> None:
+                visual: Any = vision_tower(model.model).visual
+                for batch in batches:
+                    visual(batch)
 
-        results.append(measure("image tower forward (ceiling)", forward, n_model, device, repeats))
-        advance(1)
-
-        def embed() -> None:
-            for batch in batches:
-                encode_images(model.model, batch)
-
-        results.append(measure("embed", embed, n_model, device, repeats, "normalised float32 embeddings"))
-        advance(1)
-        if config.images is not None:
-            run, count, how = _image_file_flow(model, config)
-            results.append(measure("embed from image files", run, count, device, repeats, how))
+            results.append(measure("image tower forward (ceiling)", forward, n_model, device, repeats))
             advance(1)
 
-        def embed_cam() -> None:
-            for batch in batches:
-                cam_batch(model.model, batch, class_features, config.cam)
+            def embed() -> None:
+                for batch in batches:
+                    encode_images(model.model, batch)
 
-        results.append(
-            measure(
-                "embed + CAM + background",
-                embed_cam,
-                n_model,
-                device,
-                repeats,
-                f"{config.cam.method}, block {config.cam.block}, single-block backward",
+            results.append(measure("embed", embed, n_model, device, repeats, "normalised float32 embeddings"))
+            advance(1)
+            if config.images is not None:
+                run, count, how = _image_file_flow(model, config)
+                results.append(measure("embed from image files", run, count, device, repeats, how))
+                advance(1)
+
+            def embed_cam() -> None:
+                for batch in batches:
+                    cam_batch(model.model, batch, class_features, config.cam)
+
+            results.append(
+                measure(
+                    "embed + CAM + background",
+                    embed_cam,
+                    n_model,
+                    device,
+                    repeats,
+                    f"{config.cam.method}, block {config.cam.block}, single-block backward",
+                )
             )
-        )
-        advance(1)
+            advance(1)
 
-        weights = torch.cat([inputs.classes, inputs.negatives])
-        pairs = _warm_pairs(inputs)
-        scoring = [
-            Flow(
-                "bare GEMM (fp32)",
-                lambda: bare_gemm(inputs.images, weights, device),  # type: ignore[arg-type]
-                config.score_images,
-                f"{config.score_images} × ({config.classes} + {config.negatives}) × {dim}",
-            ),
-            Flow(
-                "score from cache (all columns)",
-                lambda: compute_scores(inputs, score_config, device=device),
-                config.score_images,
-                "MCM, Energy, MaxLogit, NegLabel, NegLabel* (M2), P_align",
-            ),
-            Flow(
-                "score + multi-matching",
-                lambda: compute_scores(inputs, score_config, pairs, device=device),
-                config.score_images,
-                "NegRefine's pairs from a warm text cache",
-            ),
-        ]
-        results.extend(measure_together(scoring, device, repeats))  # interleaved: a fair ratio
-        advance(3)
-
-        def full() -> None:
-            embeddings, backgrounds = [], []
-            for batch in batches:
-                out = cam_batch(model.model, batch, class_features, config.cam)
-                embeddings.append(out.embeddings.cpu())
-                backgrounds.append(out.background.cpu())
-            pipeline = ScoreInputs(
-                images=torch.cat(embeddings).numpy(),
+        if "score" in config.flows:
+            weights = torch.cat([inputs.classes, inputs.negatives])
+            background_weights = inputs.negatives[inputs.background_indices]
+            plain = ScoreInputs(
+                images=inputs.images,
                 classes=inputs.classes,
                 negatives=inputs.negatives,
                 class_names=inputs.class_names,
                 negative_names=inputs.negative_names,
-                star_indices=inputs.star_indices,
-                background=torch.cat(backgrounds).numpy(),
-                background_valid=torch.ones(n_model, dtype=torch.bool),
-                background_indices=inputs.background_indices,
             )
-            compute_scores(pipeline, score_config, pairs, device=device)
 
-        results.append(
-            measure("full NegAlign pipeline", full, n_model, device, repeats, "embed + CAM + all scores")
-        )
-        advance(1)
-        grouping = group_order(config.negatives, score_config.groups, score_config.group_seed)
-        singles = [b[i : i + 1] for b in batches for i in range(b.shape[0])][: config.per_image]
+            def gemms_with_background() -> None:
+                bare_gemm(inputs.images, weights, device)  # type: ignore[arg-type]
+                bare_gemm(inputs.background, background_weights, device)  # type: ignore[arg-type]
 
-        def per_image() -> None:
-            for image in singles:  # one host sync per image, as those scripts have
-                float(reference_step(model, image, inputs, config, grouping, score_config.groups)["neglabel"])
+            n, c, m = config.score_images, config.classes, config.negatives
+            scoring = [
+                Flow(
+                    "bare GEMM (fp32)",
+                    lambda: bare_gemm(inputs.images, weights, device),  # type: ignore[arg-type]
+                    n,
+                    f"{n} × ({c} + {m}) × {dim}",
+                ),
+                Flow(
+                    "score from cache (embeddings)",
+                    lambda: compute_scores(plain, ScoreConfig(groups=100), device=device),
+                    n,
+                    "MCM, Energy, MaxLogit, NegLabel (100 groups), top-k for NegRefine",
+                ),
+                Flow(
+                    "bare GEMMs with background (fp32)",
+                    gemms_with_background,
+                    n,
+                    f"the above + {n} × {background_weights.shape[0]} × {dim} (b·N_bg)",
+                ),
+                Flow(
+                    "score from cache (all columns)",
+                    lambda: compute_scores(inputs, score_config, device=device),
+                    n,
+                    "+ NegLabel* (M2, role-aware) and P_align",
+                ),
+                Flow(
+                    "score + multi-matching",
+                    lambda: compute_scores(inputs, score_config, pairs, device=device),
+                    n,
+                    "NegRefine's pairs from a warm text cache",
+                ),
+            ]
+            results.extend(measure_together(scoring, device, repeats))  # interleaved: a fair ratio
+            advance(len(scoring))
 
-        results.append(
-            measure(
-                "per-image reference flow",
-                per_image,
-                len(singles),
-                device,
-                repeats,
-                f"batch 1, {config.pairs**2} texts per image, full backward",
+        if "pipeline" in config.flows:
+
+            def full() -> None:
+                embeddings, backgrounds = [], []
+                for batch in batches:
+                    out = cam_batch(model.model, batch, class_features, config.cam)
+                    embeddings.append(out.embeddings.cpu())
+                    backgrounds.append(out.background.cpu())
+                pipeline = ScoreInputs(
+                    images=torch.cat(embeddings).numpy(),
+                    classes=inputs.classes,
+                    negatives=inputs.negatives,
+                    class_names=inputs.class_names,
+                    negative_names=inputs.negative_names,
+                    star_indices=inputs.star_indices,
+                    background=torch.cat(backgrounds).numpy(),
+                    background_valid=torch.ones(n_model, dtype=torch.bool),
+                    background_indices=inputs.background_indices,
+                )
+                compute_scores(pipeline, score_config, pairs, device=device)
+
+            results.append(
+                measure("full NegAlign pipeline", full, n_model, device, repeats, "embed + CAM + all scores")
             )
-        )
-        advance(1)
+            advance(1)
+            grouping = group_order(config.negatives, score_config.groups, score_config.group_seed)
+            singles = [b[i : i + 1] for b in batches for i in range(b.shape[0])][: config.per_image]
+
+            def per_image() -> None:
+                for image in singles:  # one host sync per image, as those scripts have
+                    float(
+                        reference_step(model, image, inputs, config, grouping, score_config.groups)[
+                            "neglabel"
+                        ]
+                    )
+
+            results.append(
+                measure(
+                    "per-image reference flow",
+                    per_image,
+                    len(singles),
+                    device,
+                    repeats,
+                    f"batch 1, {config.pairs**2} texts per image, full backward",
+                )
+            )
+            advance(1)
     model.model.zero_grad(set_to_none=True)
     rate = {m.flow: m.images_per_s for m in results}
-    ratios = {
-        "embed / forward ceiling": rate["embed"] / rate["image tower forward (ceiling)"],
-        "score / bare GEMM": rate["score from cache (all columns)"] / rate["bare GEMM (fp32)"],
-        "full pipeline / per-image flow": rate["full NegAlign pipeline"] / rate["per-image reference flow"],
+    wanted = {
+        "embed / forward ceiling": ("embed", "image tower forward (ceiling)"),
+        "score / bare GEMM": ("score from cache (embeddings)", "bare GEMM (fp32)"),
+        "all columns / bare GEMMs": ("score from cache (all columns)", "bare GEMMs with background (fp32)"),
+        "full pipeline / per-image flow": ("full NegAlign pipeline", "per-image reference flow"),
     }
+    ratios = {name: rate[a] / rate[b] for name, (a, b) in wanted.items() if a in rate and b in rate}
     return {
         "environment": environment(model),
         "config": {**asdict(config), "images": str(config.images) if config.images else None},

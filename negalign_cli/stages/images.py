@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 
 from negalign_cli.cache.items import Namespace
+from negalign_cli.cache.statcache import StatCache
 from negalign_cli.cache.store import Artifact, StageResult, StageSpec
 from negalign_cli.cache.workspace import Workspace
 from negalign_cli.compute.vision import (
@@ -83,19 +84,38 @@ class Listing:
         return first
 
 
-def digest_images(images: ImageList, reporter: Reporter | None = None, workers: int = 8) -> Listing:
+def digest_images(
+    images: ImageList,
+    reporter: Reporter | None = None,
+    workers: int = 8,
+    stat_cache: StatCache | None = None,
+) -> Listing:
     """Content digests of every listed image; a listed problem (outside the data root, an empty
-    entry) is recorded as the image's reason and the file is never opened."""
+    entry) is recorded as the image's reason and the file is never opened. With a ``stat_cache``,
+    a file whose size, mtime, inode and device are unchanged since it was hashed is not read."""
     reporter = reporter or NullReporter()
     readable = [i for i in range(len(images)) if i not in images.problems]
     digests: list[str | None] = [None] * len(images)
     reasons = [images.problems.get(i, "") for i in range(len(images))]
+    files = [i for i in readable if i not in images.members]
+    members = [images.members[i] for i in readable if i in images.members]  # in tar shards
+    paths = [images.paths[i] for i in files]
     with reporter.progress(f"hashing {len(readable)} images", len(readable)) as advance:
-        for index, (digest, reason) in zip(
-            readable, digest_all([images.paths[i] for i in readable], workers), strict=True
-        ):
+        if stat_cache is None:
+            found = digest_all([*paths, *members], workers)
+        else:
+            found = stat_cache.digests(paths, lambda todo: digest_all([paths[i] for i in todo], workers))
+            found += stat_cache.digests(  # a member is vouched for by its shard's stat
+                [f"{m.id}\0{m.offset}" for m in members],
+                lambda todo: digest_all([members[i] for i in todo], workers),
+                [m.tar for m in members],
+            )
+        order = files + [i for i in readable if i in images.members]
+        for index, (digest, reason) in zip(order, found, strict=True):
             digests[index], reasons[index] = digest, reason
         advance(len(readable))
+    if stat_cache is not None and stat_cache.hits:
+        reporter.debug(f"{stat_cache.hits} digest(s) from the stat cache, {stat_cache.hashed} file(s) hashed")
     if images.refused:
         reporter.warn(
             f"{images.refused} listed path(s) lead outside the data root and were refused "
@@ -133,7 +153,7 @@ def _run_missing(
     failures: dict[str, str] = {}
     if not missing:
         return failures
-    paths = [listing.images.paths[first[d]] for d in missing]
+    paths = [listing.images.location(first[d]) for d in missing]  # a file, or a member of a tar shard
     batches: Iterable[tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]]
     if decoder == "torch":
         dataset = RawDataset(paths, model.image_transform(), max_pixels)

@@ -145,9 +145,10 @@ def centre_square(path: str | Path, size: int, mode: str = "RGB") -> np.ndarray:
     from PIL import Image
 
     from negalign_cli.inputs.datasets import load_rgb
+    from negalign_cli.inputs.tars import locate
 
     if mode == "RGB":
-        image = load_rgb(str(path))
+        image = load_rgb(locate(str(path)))  # a file, or an image inside a tar shard
     else:
         with Image.open(path) as opened:
             image = opened.convert(mode)

@@ -37,6 +37,7 @@ from negalign_cli.cache.workspace import Workspace
 from negalign_cli.errors import NegalignError
 from negalign_cli.hashing import canonical_json, sha256_json, sha256_text
 from negalign_cli.inputs.datasets import ImageList
+from negalign_cli.inputs.tars import Member
 from negalign_cli.reporting import NullReporter, Reporter
 from negalign_cli.stages import files
 from negalign_cli.stages.images import (
@@ -140,6 +141,7 @@ def subset(images: ImageList, start: int, stop: int) -> ImageList:
         labels=images.labels[start:stop],
         extra={name: values[start:stop] for name, values in images.extra.items()},
         problems={i - start: why for i, why in images.problems.items() if start <= i < stop},
+        members={i - start: m for i, m in images.members.items() if start <= i < stop},
     )
 
 
@@ -150,6 +152,7 @@ def _write_images(path: Path, images: ImageList) -> None:
         "labels": images.labels,
         "extra": images.extra,
         "problems": [[i, why] for i, why in sorted(images.problems.items())],
+        "members": [[i, m.tar, m.name, m.offset, m.size] for i, m in sorted(images.members.items())],
     }
     with gzip.open(path, "wt", encoding="utf-8") as handle:  # ensure_ascii keeps odd bytes (surrogates)
         json.dump(record, handle, ensure_ascii=True)
@@ -165,6 +168,10 @@ def _read_images(path: Path) -> ImageList:
             labels=list(record["labels"]),
             extra={k: list(v) for k, v in record["extra"].items()},
             problems={int(i): str(why) for i, why in record["problems"]},
+            members={  # images inside tar shards
+                int(i): Member(str(tar), str(name), int(offset), int(size))
+                for i, tar, name, offset, size in record.get("members", [])
+            },
         )
     except (OSError, EOFError, ValueError, KeyError, TypeError) as exc:
         raise NegalignError(f"the plan's image list {path} is unreadable ({exc})") from None

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from negalign_cli.cache.items import _key
 from negalign_cli.cache.workspace import Workspace
 from negalign_cli.errors import NegalignError
 from negalign_cli.inputs.datasets import list_images
@@ -42,7 +43,9 @@ def test_gc_during_a_run_leaves_the_runs_vectors_alone(tiny_model, workspace, fo
         process = args[2]
 
         def process_then_gc(batch, digests):
-            process(batch, digests)
+            finish = process(batch, digests)  # the batch's vectors are stored when it finishes
+            if finish is not None:
+                finish()
             removed.append(Workspace.open(workspace.root).gc(items_older_than=0.0).items_removed)
 
         return original(listing, missing, *args[:2], process_then_gc, *args[3:], **kwargs)
@@ -62,12 +65,12 @@ def test_a_run_never_stores_an_artifact_whose_vectors_vanished(tiny_model, works
     listing = _listing(folder)
     embed_images(tiny_model, listing, workspace, workers=0, batch_size=4)  # all 8 cached
     namespace = image_namespace(workspace, tiny_model)
-    workspace.items.cache.evict(namespace.id)  # behind the lease's back
+    workspace.items.drop(namespace.id)  # behind the lease's back
     original = images_module._run_missing
 
     def evict_after(*args, **kwargs):
         failures = original(*args, **kwargs)
-        workspace.items.cache.evict(namespace.id)
+        workspace.items.drop(namespace.id)
         return failures
 
     monkeypatch.setattr(images_module, "_run_missing", evict_after)
@@ -119,22 +122,18 @@ def test_interrupted_text_encoding_keeps_finished_batches(tiny_model, workspace,
 
 
 def test_a_changed_byte_inside_a_stored_vector_is_caught(tiny_model, workspace, folder):
-    """16 bytes overwritten inside one stored value (SQLite's integrity check still passes): the
-    checksum catches it, the vector is recomputed, and the number is right again."""
+    """16 bytes overwritten inside one stored vector, in its shard file (the index is intact): the
+    record's checksum catches it, the vector is recomputed, and the number is right again."""
     listing = _listing(folder)
     first = embed_images(tiny_model, listing, workspace, workers=0)
     clean = np.load(first.artifact.file(files.IMAGE_EMBEDDINGS))
     namespace = image_namespace(workspace, tiny_model)
     workspace.close()
-    database = sqlite3.connect(workspace.root / "items" / "cache.db")
-    key = namespace._keys([listing.digests[0]])[0]
-    (value,) = database.execute("SELECT value FROM Cache WHERE key = ?", (key,)).fetchone()
-    damaged = bytearray(value)
-    damaged[40:56] = np.full(4, 1000.0, np.float32).tobytes()
-    database.execute("UPDATE Cache SET value = ? WHERE key = ?", (bytes(damaged), key))
-    database.commit()
-    assert database.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    database.close()
+    (shard,) = (workspace.root / "vectors" / namespace.id).glob("*.rec")
+    data = bytearray(shard.read_bytes())
+    assert len(data) == 8 * namespace.width  # 8 records, nothing else
+    data[40:56] = np.full(4, 1000.0, np.float32).tobytes()  # inside the first record's vector
+    shard.write_bytes(bytes(data))
     reopened = Workspace.open(workspace.root)
     reporter = RecordingReporter()
     again = embed_images(tiny_model, listing, reopened, workers=0, store_dtype="float16", reporter=reporter)
@@ -183,7 +182,7 @@ def test_strict_holds_on_a_cache_hit(tmp_path, folder):
 
 
 # ----------------------------------------------------------------------------- damaged storage
-@pytest.mark.parametrize("where", ["items", "index"])
+@pytest.mark.parametrize("where", ["vectors", "index"])
 def test_a_file_where_a_cache_folder_belongs(tmp_path, folder, where):
     cache = tmp_path / "c"
     cache.mkdir()
@@ -192,12 +191,16 @@ def test_a_file_where_a_cache_folder_belongs(tmp_path, folder, where):
     one_line_error(result, f"{cache / where} is a file where")
 
 
-@pytest.mark.parametrize("database", ["index/cache.db", "items/cache.db"])
+@pytest.mark.parametrize("database", ["index/cache.db", "vectors/index.db"])
 def test_garbage_over_a_database_is_one_line_and_repair_mends_it(tmp_path, folder, database):
     cache = tmp_path / "c"
     base = ["--cache-dir", str(cache)]
     embed = ["embed", "images", "--images", str(folder), "--workers", "0", *base]
     assert cli(*embed).exit_code == 0
+    import gc
+
+    gc.collect()  # the command's database connections close, as they do when a process ends
+    assert not (cache / f"{database}-wal").exists()
     (cache / database).write_bytes(b"garbage" * 1000)
     more = make_image_folder(tmp_path / "more", per_class=1)
     new_images = ["embed", "images", "--images", str(more), "--workers", "0", *base]
@@ -211,10 +214,13 @@ def test_garbage_over_a_database_is_one_line_and_repair_mends_it(tmp_path, folde
         assert "index rebuilt: 1 artifact(s) indexed" in repaired.output
         assert "cache hit" in cli(*embed).output  # nothing recomputed
     else:
-        assert "could not be read at all" in repaired.output
+        # the vector index is rebuilt from the shard files: every vector is kept
+        assert "per-item vectors: 8 kept, 0 unreadable" in repaired.output
         assert "cache hit" in cli(*embed).output  # the artifact needs no vector
-        again = cli(*new_images)
-        assert again.exit_code == 0 and "encoded 2" in again.output  # recomputed, never wrong
+        again = cli(*new_images)  # the same contents as two of the first folder's images
+        assert again.exit_code == 0 and "encoded 0, cached 2" in again.output
+        changed = cli(*embed, "--store-dtype", "float16")  # a new artifact, all from the vectors
+        assert changed.exit_code == 0 and "encoded 0, cached 8" in changed.output
     assert cli("cache", "ls", *base).exit_code == 0
 
 
@@ -232,21 +238,27 @@ def test_storage_failures_are_one_line(tmp_path):
 
 
 def test_disk_full_during_item_puts_is_one_line_and_keeps_finished_batches(tmp_path, folder, monkeypatch):
-    import diskcache
+    import errno
+    import os
+
+    import negalign_cli.cache.items as items_module
 
     calls = {"n": 0}
-    original = diskcache.Cache.add
+    original = os.pwrite
 
-    def full_after_four(self, key, value, *args, **kwargs):
+    def full_after_one_batch(fd, data, offset):
         calls["n"] += 1
-        if calls["n"] > 4:
-            raise sqlite3.OperationalError("database or disk is full")
-        return original(self, key, value, *args, **kwargs)
+        if calls["n"] > 1:
+            return original(fd, data[: len(data) // 3], offset) and _raise()  # a torn write
+        return original(fd, data, offset)
 
-    monkeypatch.setattr(diskcache.Cache, "add", full_after_four)
+    def _raise():
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(items_module.os, "pwrite", full_after_one_batch)
     args = ["embed", "images", "--images", str(folder), "--workers", "0", "--batch-size", "4"]
-    one_line_error(cli(*args, "--cache-dir", str(tmp_path / "c")), "could not be written")
-    monkeypatch.setattr(diskcache.Cache, "add", original)
+    one_line_error(cli(*args, "--cache-dir", str(tmp_path / "c")), "disk full")
+    monkeypatch.setattr(items_module.os, "pwrite", original)
     resumed = cli(*args, "--cache-dir", str(tmp_path / "c"))
     assert resumed.exit_code == 0 and "encoded 4, cached 4" in resumed.output
 
@@ -282,7 +294,7 @@ def test_cam_recomputes_an_image_vector_it_lacks(tiny_model, workspace, folder):
     expected = np.load(first.artifact.file(files.IMAGE_EMBEDDINGS))
     workspace.store.remove(first.artifact.key)
     namespace = image_namespace(workspace, tiny_model)
-    workspace.items.cache.delete(namespace._keys([listing.digests[0]])[0])
+    workspace.items._forget(workspace.items._ns_num(namespace.id, create=False), [_key(listing.digests[0])])
     again = cam_images(tiny_model, listing, classes, workspace, CamConfig(), workers=0)
     assert again.artifact.manifest["counts"]["computed"] == 1
     np.testing.assert_allclose(np.load(again.artifact.file(files.IMAGE_EMBEDDINGS)), expected, atol=1e-6)

@@ -37,6 +37,11 @@ images.cam_batch = slow(images.cam_batch)
 text.encode_texts = slow(text.encode_texts)
 
 if __name__ == "__main__":
+    import signal
+
+    # a shell without job control starts background jobs with SIGINT ignored, and children inherit
+    # that: Ctrl-C must reach this run however the test suite was started
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from negalign_cli.cli.app import main
 
     sys.argv = ["negalign", *sys.argv[2:]]

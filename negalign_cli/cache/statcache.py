@@ -1,0 +1,155 @@
+"""A stat cache: (path, size, mtime_ns, inode, device) -> content digest, so that an unchanged file is
+not read and hashed again (the idea of DVC's state database and of git's index).
+
+A file's cached digest is used only when its size, modification time (in nanoseconds), inode and
+device all equal what they were when it was hashed; any change to one of them hashes it again.
+Two guards keep the shortcut honest:
+
+* a file modified less than ``RACY_SECONDS`` before it was hashed is not recorded (a write in the
+  same timestamp tick after the hash would leave its stat unchanged: git's "racily clean" entries);
+* every row carries a BLAKE2b checksum of its path and digest, so a row damaged inside SQLite is
+  ignored (the file is hashed again), never trusted; a damaged stat field simply no longer matches.
+
+The known limit, as DVC documents for its own state: a file whose content is changed and whose
+modification time is then set back (``touch -d``, ``os.utime``) to the old value, with the same size
+and inode, keeps its old digest. Delete ``<cache>/stat.db`` to hash everything again.
+
+The database is a cache of a cache: if it cannot be read it is set aside and every file is hashed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+RACY_SECONDS = 2.0
+_CHUNK = 900 if sqlite3.sqlite_version_info < (3, 32, 0) else 8000
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS stat (
+    path BLOB PRIMARY KEY, size INTEGER, mtime_ns INTEGER, inode INTEGER, device INTEGER,
+    digest TEXT, checksum BLOB
+) WITHOUT ROWID;
+"""
+
+Digest = tuple[str | None, str]  # (sha256 hex, "") or (None, why not)
+Stat = tuple[int, int, int, int]  # size, mtime_ns, inode, device
+
+
+def _checksum(path: bytes, digest: str) -> bytes:
+    """A row's checksum covers the path and the digest; the stat fields need none: a damaged one
+    no longer matches the file's stat, so the file is hashed again."""
+    return hashlib.blake2b(path + digest.encode(), digest_size=8).digest()
+
+
+class StatCache:
+    """``<cache>/stat.db``: digests of files by their stat."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.hits = 0
+        self.hashed = 0
+
+    def _connect(self) -> sqlite3.Connection | None:
+        for attempt in range(2):
+            db = None
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                db = sqlite3.connect(str(self.path), timeout=60, isolation_level=None)
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")
+                db.executescript(_SCHEMA)
+                return db
+            except sqlite3.DatabaseError:
+                if db is not None:
+                    db.close()
+                if attempt == 0:
+                    self._set_aside()
+            except OSError:
+                return None  # a read-only cache: hash everything, remember nothing
+        return None
+
+    def _set_aside(self) -> None:
+        stamp = int(time.time())
+        for suffix in ("", "-wal", "-shm"):
+            part = self.path.with_name(self.path.name + suffix)
+            with contextlib.suppress(OSError):
+                part.rename(part.with_name(f"{part.name}.damaged-{stamp}"))
+
+    def digests(
+        self,
+        paths: Sequence[str],
+        hash_many: Callable[[list[int]], list[Digest]],
+        stat_paths: Sequence[str] | None = None,
+    ) -> list[Digest]:
+        """The digest of every entry: from the cache where its file's stat is unchanged, else from
+        ``hash_many`` (which gets the indices of the entries to read, and returns (digest, reason)
+        for each). An entry is a file (``paths[i]``), or a part of the file ``stat_paths[i]``
+        (a member of a tar shard, keyed ``paths[i]``), vouched for by that file's stat."""
+        started_ns = time.time_ns()
+        result: list[Digest | None] = [None] * len(paths)
+        stats: list[Stat | None] = [None] * len(paths)
+        stat_of = paths if stat_paths is None else stat_paths
+        stat = os.stat
+        for i, path in enumerate(stat_of):
+            try:
+                st = stat(path)
+            except FileNotFoundError:
+                result[i] = (None, "file not found")
+                continue
+            except OSError as exc:
+                result[i] = (None, f"cannot read: {exc.strerror or exc}")
+                continue
+            stats[i] = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+        db = self._connect()
+        known: dict[
+            bytes, tuple[Any, ...]
+        ] = {}  # path -> (path, size, mtime_ns, inode, device, digest, checksum)
+        keys = [p.encode("utf-8", "surrogateescape") for p in paths]  # os.fsencode, on POSIX
+        if db is not None:
+            try:
+                wanted = [k for k, s in zip(keys, stats, strict=True) if s is not None]
+                for start in range(0, len(wanted), _CHUNK):
+                    chunk = wanted[start : start + _CHUNK]
+                    query = (
+                        "SELECT path, size, mtime_ns, inode, device, digest, checksum FROM stat "
+                        f"WHERE path IN ({','.join('?' * len(chunk))})"
+                    )
+                    known.update((row[0], row) for row in db.execute(query, chunk))
+            except sqlite3.DatabaseError:
+                known = {}
+                db.close()
+                db = None
+                self._set_aside()
+        todo: list[int] = []
+        for i, (key, now) in enumerate(zip(keys, stats, strict=True)):
+            if now is None:
+                continue
+            entry = known.get(key)
+            if entry is not None and entry[1:5] == now and _checksum(key, entry[5]) == entry[6]:
+                result[i] = (entry[5], "")
+            else:
+                todo.append(i)
+        self.hits += len(paths) - len(todo)
+        self.hashed += len(todo)
+        fresh = hash_many(todo) if todo else []
+        rows = []
+        racy = started_ns - int(RACY_SECONDS * 1e9)
+        for i, (digest, reason) in zip(todo, fresh, strict=True):
+            result[i] = (digest, reason)
+            seen = stats[i]
+            if digest is not None and seen is not None and seen[1] < racy:
+                rows.append((keys[i], *seen, digest, _checksum(keys[i], digest)))
+        if db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                if rows:
+                    db.execute("BEGIN IMMEDIATE")
+                    db.executemany("INSERT OR REPLACE INTO stat VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                    db.execute("COMMIT")
+            db.close()
+        return [r if r is not None else (None, "not processed") for r in result]
