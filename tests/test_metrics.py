@@ -114,3 +114,10 @@ def test_bad_input():
         ood_metrics(np.array([]), OOD)
     with pytest.raises(ValueError):
         ood_metrics(ID, OOD, "hendrycks")
+
+
+def test_openood_aupr_of_a_perfect_curve_is_one_not_more():
+    from negalign_cli.compute.metrics import ood_metrics
+
+    metrics = ood_metrics(np.array([1.0, 1.0]), np.array([-1.5, -1, -2, -2] + [0] * 16), "openood")
+    assert metrics.aupr_out == 1.0 and metrics.aupr_in == 1.0  # the trapezoids summed to 1 + 2e-16
