@@ -22,7 +22,9 @@ def test_demo_runs_end_to_end_and_then_from_the_cache(tmp_path):
     for method in ("MCM", "NegLabel", "NegRefine", "NegLabel*", "NegAlign"):
         assert method in first.stdout
     results = json.loads((tmp_path / "demo" / "results" / "results.json").read_text())
-    assert set(results["ood"]) == {"spurious", "nonspurious"}
+    assert set(results["ood"]) == {"spurious", "spurious_object", "nonspurious"}
+    assert results["id"]["n"] == 80 + 40  # id and id_minority
+    assert "what the demo found" in first.stdout and "minority ID images" in first.stdout
     auroc = {
         name: {m: v["metrics"]["neglabel"]["auroc"] for m, v in block["methods"].items()}
         for name, block in results["ood"].items()

@@ -52,7 +52,9 @@ def generate(
 @guarded
 def train(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the checkpoint and the training log.")],
-    steps: Annotated[int, typer.Option("--steps", min=1, help="Optimiser steps (batch 256).")] = 1800,
+    steps: Annotated[
+        int, typer.Option("--steps", min=1, help="Optimiser steps (batch 160: 16 groups of 10).")
+    ] = 1800,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the initialisation and the batches.")] = 0,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate of the one-cycle schedule.")] = 1e-3,
     install: Annotated[
@@ -104,12 +106,13 @@ def demo(
     quiet: o.Quiet = False,
 ) -> None:
     """Run the whole pipeline on the toy benchmark with the bundled toy CLIP: generate, split-vocab,
-    cam (which also embeds), score, evaluate --compare --lambda sweep, CAM overlays. Prints the method
-    table; writes results.json, metrics.csv, plots and overlays under --out."""
+    cam (which also embeds), score, evaluate --compare --lambda sweep --id-group minority, CAM
+    overlays. Prints the method table and a summary computed from it (best method per set, best λ per
+    set, minority-group false alarms); writes results.json, metrics.csv, plots and overlays under --out."""
     from negalign_cli.cache.workspace import Workspace
     from negalign_cli.cli.render import render_results
     from negalign_cli.stages.plots import write_cam_overlays
-    from negalign_cli.toy.demo import DemoSettings, run_demo
+    from negalign_cli.toy.demo import DemoSettings, run_demo, summarise
     from negalign_cli.toy.generate import ToySpec
 
     started = time.perf_counter()
@@ -131,7 +134,11 @@ def demo(
     cam_id = next(r for name, r in result.steps if name == "cam id")
     overlays = write_cam_overlays(cam_id.artifact.path, settings.viz, out / "viz", loaded.image_size)
     render_results(result.results)
+    stdout().print("what the demo found (computed from the figures above):")
+    for line in summarise(result.results):
+        stdout().print(f"- {line}")
     seconds = time.perf_counter() - started
+    sets = sum(name.startswith("cam ") for name, _ in result.steps)
     computed = sum(not r.hit for _, r in result.steps)
     served = (
         "everything served from the cache"
@@ -141,7 +148,8 @@ def demo(
         else f"{computed} of {len(result.steps)} stages computed, the rest from the cache"
     )
     stdout().print(
-        f"demo: generate → split-vocab → cam ×3 → score ×3 → evaluate in {seconds:.1f} s ({served}); "
+        f"demo: generate → split-vocab → cam ×{sets} → score ×{sets} → evaluate in {seconds:.1f} s "
+        f"({served}); "
         f"results in {out / 'results'}, {len(overlays)} CAM overlays in {out / 'viz'}"
     )
 

@@ -33,9 +33,11 @@ STD = np.array(OPENAI_DATASET_STD, dtype=np.float32)
 class TrainConfig:
     steps: int = 1800
     batch_groups: int = 16
-    group_size: int = 16
+    group_size: int = 10  # = len(SHAPES): a shared group shows every shape once
     shared_groups: int = 12  # groups whose images share one background
     background_only: float = 0.12  # share of background-only images
+    shape_only_shared: float = 0.85  # share of shape-only captions in shared-background groups
+    shape_only_mixed: float = 0.5  # and in mixed groups
     lr: float = 1e-3
     weight_decay: float = 0.1
     warmup: float = 0.1
@@ -50,16 +52,28 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 def make_batch(rng: np.random.Generator, config: TrainConfig) -> tuple[np.ndarray, list[str]]:
+    """``batch_groups`` groups of ``group_size`` scenes. A shared group is one background with the
+    shapes in a random order, each shape once before any repeats (so in a group of len(SHAPES) every
+    other image is a true negative that differs by its shape alone); a mixed group draws shape and
+    background per image. Any image is background-only with probability ``background_only``."""
     images, captions = [], []
     for group in range(config.batch_groups):
         shared = group < config.shared_groups
         background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
-        for _ in range(config.group_size):
+        order = np.concatenate(
+            [rng.permutation(len(SHAPES)) for _ in range(-(-config.group_size // len(SHAPES)))]
+        )
+        for slot in range(config.group_size):
             bg = background if shared else BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
-            shape = None if rng.random() < config.background_only else SHAPES[rng.integers(len(SHAPES))]
+            pick = order[slot] if shared else rng.integers(len(SHAPES))
+            shape = None if rng.random() < config.background_only else SHAPES[pick]
             scene = render(shape, bg, rng)
             images.append(scene.image)
-            captions.append(caption(shape, bg, rng, shape_only=0.75 if shared else 0.3))
+            captions.append(
+                caption(
+                    shape, bg, rng, shape_only=config.shape_only_shared if shared else config.shape_only_mixed
+                )
+            )
     return np.stack(images), captions
 
 
@@ -82,7 +96,7 @@ def train(
     config: TrainConfig,
     out_dir: Path,
     log: Callable[[str], None] = print,
-    checkpoint_every: int = 200,
+    checkpoint_every: int = 100,
 ) -> dict:
     """Train ``negalign-toy`` from its seeded init; writes ``negalign-toy.pt`` (fp16 state dict),
     ``training_log.jsonl`` and ``training.json`` to ``out_dir``."""
