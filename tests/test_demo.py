@@ -51,3 +51,51 @@ def test_sanity_prints_the_method_document_fields(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     for field in ("predicted class", "S_NegLabel plain", "S_NegLabel*", "P_align", "S_final", "CAM valid"):
         assert field in result.stdout
+
+
+def _block(aurocs: dict[str, float], sweep: dict[float, float] | None = None) -> dict:
+    block: dict = {"methods": {m: {"metrics": {"neglabel": {"auroc": a}}} for m, a in aurocs.items()}}
+    if sweep is not None:
+        block["lambda_sweep"] = {
+            str(k): {"lambda": k, "metrics": {"neglabel": {"auroc": v}}} for k, v in sweep.items()
+        }
+        block["best_lambda"] = max(sorted(sweep), key=lambda k: sweep[k])
+        block["methods"]["NegAlign"] = {
+            "lambda": block["best_lambda"],
+            "metrics": {"neglabel": {"auroc": max(sweep.values())}},
+        }
+    return block
+
+
+def test_summary_is_computed_from_the_figures():
+    from negalign_cli.toy.demo import summarise
+
+    results = {
+        "metrics_convention": "neglabel",
+        "ood": {
+            "a": _block({"MCM": 0.7, "NegLabel": 0.9}, {0.0: 0.8, 1.0: 0.85, 5.0: 0.6}),
+            "b": _block({"MCM": 1.0, "NegLabel": 1.0}, {0.0: 1.0, 1.0: 1.0}),
+            "c": _block({"MCM": 0.91, "NegLabel": 0.6}, {0.0: 0.6, 1.0: 0.55}),
+        },
+        "mean": {"methods": {"NegAlign": {"lambda": None}}},
+        "id_groups": {
+            "minority": {"n": 30, "keep": 0.95, "rejected": {"MCM": 0.3, "NegLabel": 0.1, "NegAlign": 0.2}}
+        },
+    }
+    lines = summarise(results)
+    assert lines[0] == "a: best NegLabel (AUROC 90.00%); worst MCM (70.00%)"
+    assert lines[1].startswith("b: every method scores AUROC 100.00%")
+    assert lines[2] == "c: best MCM (AUROC 91.00%); worst NegAlign (55.00%)" or lines[2].startswith(
+        "c: best MCM"
+    )
+    assert lines[3].startswith("P_align helps on a;") and "a λ=1 (+5.00 AUROC over λ=0)" in lines[3]
+    assert "b λ=0 (no gain)" in lines[3] and "c λ=0 (no gain)" in lines[3]
+    assert lines[4].startswith("minority ID images (30)") and lines[4].endswith(
+        "NegLabel 10.0%, NegAlign 20.0%, MCM 30.0%"
+    )
+    # a different figure, a different sentence: nothing is canned
+    results["ood"]["a"] = _block({"MCM": 0.95, "NegLabel": 0.9}, {0.0: 0.9, 1.0: 0.85})
+    again = summarise(results)
+    assert again[0].startswith("a: best MCM (AUROC 95.00%)") and again[3].startswith(
+        "P_align helps on no set"
+    )

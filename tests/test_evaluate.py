@@ -407,3 +407,20 @@ def test_id_group_errors(files, workspace, tmp_path):
     with pytest.raises(NegalignError, match="--id-group takes NAME=FILE"):
         parse_ood(["nofile"], "--id-group", required=False)
     assert parse_ood([], "--id-group", required=False) == []
+
+
+def test_evaluate_cli_id_group(files, tmp_path):
+    id_file = _with_paths(tmp_path)
+    group = tmp_path / "images"  # a folder of images is a group too: its files, matched by path
+    group.mkdir()
+    for i in range(0, 300, 10):
+        (group / f"{i:03d}.png").write_bytes(b"")
+    base = ["evaluate", "--id", str(id_file), "--ood", f"near={files['near']}", "--compare"]
+    base += ["--cache-dir", str(tmp_path / "c"), "--out", str(tmp_path / "r")]
+    result = runner.invoke(app, [*base, "--id-group", f"minority={group}"])
+    assert result.exit_code == 0, result.output
+    assert "ID group minority (30 images)" in result.output and "NegLabel*" in result.output
+    stored = json.loads((tmp_path / "r" / "results.json").read_text())["id_groups"]["minority"]
+    assert stored["n"] == 30 and set(stored["rejected"]) >= {"MCM", "NegLabel", "NegAlign"}
+    bad = runner.invoke(app, [*base, "--id-group", "minority"])
+    assert bad.exit_code == 2 and "--id-group takes NAME=FILE" in bad.output
