@@ -175,3 +175,35 @@ def test_embedding_a_toy_split_folder_reads_its_images_only(tmp_path):
     generate_toy(tmp_path / "toy", ToySpec(seed=1, n_id=30, n_ood=4))
     listed = list_images(tmp_path / "toy" / "id")
     assert len(listed) == 30 and not any("mask" in p for p in listed.paths)
+
+
+def test_role_swapped_training_scenes():
+    """A wallpaper of a shape (shown with background prompt forms) and a blob of a texture (object
+    forms): both differ from the usual scenes the way the prompt forms say."""
+    from negalign_cli.toy.training import role_swapped_scene
+    from negalign_cli.toy.world import (
+        BACKGROUND_PROMPTS,
+        OBJECT_PROMPTS,
+        render_pattern,
+        render_texture_object,
+    )
+
+    pattern = render_pattern("star", np.random.default_rng(0)).astype(float)
+    colours, counts = np.unique(pattern.reshape(-1, 3), axis=0, return_counts=True)
+    painted = counts.max() / counts.sum()
+    assert 0.08 < painted < 0.5  # many small stars in one colour cover a fair share of the image
+    blob = render_texture_object("lava", np.random.default_rng(0)).astype(float)
+    corners = np.concatenate([blob[:6, :6].reshape(-1, 3), blob[-6:, -6:].reshape(-1, 3)])
+    assert corners.std(axis=0).max() < 12  # the backdrop is plain
+    standing = (np.abs(blob - blob[:6, :6].mean((0, 1))).max(axis=2) > 40).mean()
+    assert 0.08 < standing < 0.6  # and one lava blob stands on it
+    rng = np.random.default_rng(4)
+    texts = [role_swapped_scene(rng)[1] for _ in range(200)]
+    backgrounds_as_objects = [
+        t for t in texts if any(t == p.format(o=b) for p in OBJECT_PROMPTS for b in BACKGROUNDS)
+    ]
+    shapes_as_backgrounds = [
+        t for t in texts if any(t == p.format(b=s) for p in BACKGROUND_PROMPTS for s in SHAPES)
+    ]
+    assert len(backgrounds_as_objects) + len(shapes_as_backgrounds) == 200
+    assert 70 < len(shapes_as_backgrounds) < 130

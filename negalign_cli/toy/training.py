@@ -22,7 +22,17 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
 from negalign_cli.assets import template_sets
 from negalign_cli.compute.text import encode_texts
-from negalign_cli.toy.world import BACKGROUNDS, SHAPES, caption, render, zero_shot_accuracy
+from negalign_cli.toy.world import (
+    BACKGROUND_PROMPTS,
+    BACKGROUNDS,
+    OBJECT_PROMPTS,
+    SHAPES,
+    caption,
+    render,
+    render_pattern,
+    render_texture_object,
+    zero_shot_accuracy,
+)
 
 # the preprocessing negalign-toy declares: open_clip's defaults, i.e. OpenAI's CLIP mean and std
 MEAN = np.array(OPENAI_DATASET_MEAN, dtype=np.float32)
@@ -38,6 +48,10 @@ class TrainConfig:
     background_only: float = 0.12  # share of background-only images
     shape_only_shared: float = 0.85  # share of shape-only captions in shared-background groups
     shape_only_mixed: float = 0.5  # and in mixed groups
+    # in mixed groups, images that give the vocabulary split's prompt forms a visual meaning: a
+    # wallpaper of a shape captioned with a background form ("a texture of star"), a blob of a
+    # texture captioned with an object form ("a photo of a lava")
+    role_swapped: float = 0.2
     lr: float = 1e-3
     weight_decay: float = 0.1
     warmup: float = 0.1
@@ -64,6 +78,11 @@ def make_batch(rng: np.random.Generator, config: TrainConfig) -> tuple[np.ndarra
             [rng.permutation(len(SHAPES)) for _ in range(-(-config.group_size // len(SHAPES)))]
         )
         for slot in range(config.group_size):
+            if not shared and rng.random() < config.role_swapped:
+                image, text = role_swapped_scene(rng)
+                images.append(image)
+                captions.append(text)
+                continue
             bg = background if shared else BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
             pick = order[slot] if shared else rng.integers(len(SHAPES))
             shape = None if rng.random() < config.background_only else SHAPES[pick]
@@ -75,6 +94,20 @@ def make_batch(rng: np.random.Generator, config: TrainConfig) -> tuple[np.ndarra
                 )
             )
     return np.stack(images), captions
+
+
+def role_swapped_scene(rng: np.random.Generator) -> tuple[np.ndarray, str]:
+    """A shape as a background (wallpaper, background prompt form) or a texture as an object (a
+    blob, object prompt form), half and half."""
+    if rng.random() < 0.5:
+        shape = SHAPES[rng.integers(len(SHAPES))]
+        return render_pattern(shape, rng), BACKGROUND_PROMPTS[rng.integers(len(BACKGROUND_PROMPTS))].format(
+            b=shape
+        )
+    background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
+    return render_texture_object(background, rng), OBJECT_PROMPTS[rng.integers(len(OBJECT_PROMPTS))].format(
+        o=background
+    )
 
 
 @torch.no_grad()

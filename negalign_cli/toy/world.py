@@ -177,6 +177,39 @@ def render(shape: str | None, background: str, rng: np.random.Generator) -> Scen
     return Scene((image * 255 + 0.5).astype(np.uint8), mask, shape, background)
 
 
+def _plain(rng: np.random.Generator) -> np.ndarray:
+    """A plain, slightly mottled backdrop in a dull colour: neither a named texture nor an object."""
+    base = np.array(colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.0, 0.25), rng.uniform(0.35, 0.75)))
+    return base * (0.92 + 0.08 * _smooth_noise(rng, 3)[..., None])
+
+
+def render_pattern(shape: str, rng: np.random.Generator) -> np.ndarray:
+    """A wallpaper of small copies of ``shape`` on a plain backdrop: the shape as a background
+    (what "a scene / background / texture of {shape}" shows). Training only."""
+    image = _plain(rng)
+    colour = np.array(colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.65, 1.0), rng.uniform(0.55, 1.0)))
+    step = rng.uniform(13.0, 17.0)
+    r = rng.uniform(4.5, 6.5)
+    theta = rng.uniform(0, 2 * np.pi)
+    offset = rng.uniform(0, step, size=2)
+    for cy in np.arange(offset[1] - step, SIZE + step, step):
+        for cx in np.arange(offset[0] - step, SIZE + step, step):
+            mask = shape_mask(shape, cx, cy, r, theta)
+            image[mask] = colour
+    return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def render_texture_object(background: str, rng: np.random.Generator) -> np.ndarray:
+    """One blob cut from the ``background`` texture on a plain backdrop: the texture as an object
+    (what "a photo of a {background}" shows). The blob is irregular, no named shape. Training only."""
+    r = rng.uniform(*RADIUS)
+    cx, cy = rng.uniform(0.75 * r, SIZE - 0.75 * r, size=2)
+    wobble = _smooth_noise(rng, 3) - 0.5
+    mask = np.sqrt((_X - cx) ** 2 + (_Y - cy) ** 2) / r < 0.85 + 0.6 * wobble
+    image = np.where(mask[..., None], texture(background, rng), _plain(rng))
+    return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
 def scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
     """The generator of image ``index`` of ``split``: independent of every other image."""
     return np.random.default_rng([seed, sum(ord(c) * 31**i for i, c in enumerate(split)) % (2**31), index])
