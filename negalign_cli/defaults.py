@@ -49,3 +49,6 @@ DEFAULT_MAX_PIXELS = 89_478_485
 
 # Where the word goes in a prompt template.
 PLACEHOLDER = "{}"
+
+# `negalign report`: CAM overlays of the most and of the least ID-like images, per set.
+DEFAULT_REPORT_CELLS = 4

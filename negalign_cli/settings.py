@@ -81,10 +81,14 @@ def contain_writes(cache_dir: Path) -> None:
 
 
 def resolve_device(device: str | None = None) -> torch.device:
-    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:i``."""
+    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:i``. Under torchrun
+    (``LOCAL_RANK`` set) ``auto`` and ``cuda`` mean this process's own GPU, ``cuda:LOCAL_RANK``."""
     import torch
 
     name = (device or os.environ.get(DEVICE_ENV) or "auto").strip().lower()
+    local_rank = os.environ.get("LOCAL_RANK", "")
+    if name in ("auto", "cuda") and local_rank.isdigit() and torch.cuda.is_available():
+        name = f"cuda:{int(local_rank) % max(1, torch.cuda.device_count())}"
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cpu":

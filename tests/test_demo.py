@@ -50,12 +50,13 @@ DEMO_MINORITY_REJECTED = {
 
 
 @pytest.mark.slow
-def test_demo_runs_end_to_end_and_then_from_the_cache(tmp_path):
+def test_demo_runs_end_to_end_and_then_from_the_cache(toy_demo):
     """What `make demo` runs (smaller): the whole pipeline on the bundled toy CLIP, then a rerun."""
+    demo, first = toy_demo
+    tmp_path = demo.parent
     negalign = Path(sys.executable).with_name("negalign")
-    command = [str(negalign), "demo", "--out", str(tmp_path / "demo"), "--n-id", "80", "--n-ood", "40"]
-    env = {**os.environ, "COLUMNS": "160"}
-    first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    command = [str(negalign), "demo", "--out", str(demo), "--n-id", "80", "--n-ood", "40"]
+    env = {**os.environ, "COLUMNS": "160", "NEGALIGN_CACHE": str(tmp_path / "cache")}  # the fixture's cache
     assert first.returncode == 0, first.stderr[-3000:]
     for method in ("MCM", "NegLabel", "NegRefine", "NegLabel*", "NegAlign"):
         assert method in first.stdout
@@ -77,7 +78,10 @@ def test_demo_runs_end_to_end_and_then_from_the_cache(tmp_path):
     )  # the set separates them
     minority = results["id_groups"]["minority"]
     assert minority["n"] == 47 and minority["rejected"] == pytest.approx(DEMO_MINORITY_REJECTED, abs=0.025)
-    assert len(list((tmp_path / "demo" / "viz").glob("*.png"))) == 6
+    for name in ("id", "spurious", "spurious_object", "nonspurious"):  # CAM overlays of ID and every OOD set
+        assert len(list((tmp_path / "demo" / "viz" / name).glob("*.png"))) == 2
+    for name in ("report.html", "report.md", "report.tex", "figures/cam_grid.png"):
+        assert (tmp_path / "demo" / "report" / name).is_file()
     for name in ("roc.png", "score_hist.png", "metrics.csv"):
         assert (tmp_path / "demo" / "results" / name).is_file()
     second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)

@@ -254,3 +254,29 @@ def test_energy_and_maxlogit_equal_loops(data):
         )
         assert got["s_maxlogit"][i] == pytest.approx(top, abs=1e-4)
     assert (got["s_energy"] >= got["s_maxlogit"]).all()  # logsumexp ≥ max
+
+
+def test_group_logsumexp_in_place_equals_torch():
+    generator = torch.Generator().manual_seed(5)
+    logits = 100 * torch.randn(37, 600, generator=generator).clamp(-1, 1)
+    logits[0, :6] = -1e30  # a group far below the rest
+    logits[1] = -150.0
+    expected = torch.logsumexp(logits.unflatten(-1, (100, -1)), dim=-1)
+    scratch = torch.cat([logits, torch.zeros(37, 5)], dim=1)  # the buffer is wider than the groups
+    got = scores_module.group_logsumexp(scratch[:, :600], 100, overwrite=True)
+    assert torch.equal(got, expected)  # the same operations: the same bits
+    assert torch.equal(scores_module.group_logsumexp(logits, 100), expected)
+
+
+@pytest.mark.parametrize("kept,groups,k", [(600, 100, 5), (600, 6, 5), (590, 10, 5), (600, 3, 5), (0, 1, 3)])
+def test_top_columns_equal_a_full_topk(kept, groups, k):
+    generator = torch.Generator().manual_seed(kept + groups)
+    logits = torch.randn(50, 607, generator=generator)
+    if kept:
+        logits[3, kept:] = 9.0 + torch.arange(607 - kept)  # the largest values among the dropped columns
+        logits[4, :12] = 8.0 + torch.arange(12.0)  # all in the first blocks
+    values, columns = scores_module.top_columns(logits, k, kept, groups)
+    expected_values, expected_columns = torch.topk(logits, k, dim=-1)
+    assert torch.equal(values, expected_values)
+    assert torch.equal(columns, expected_columns)  # no ties in these values
+    assert torch.equal(torch.gather(logits, 1, columns), values)

@@ -8,7 +8,18 @@ from typing import Annotated
 import typer
 
 from negalign_cli import __version__
-from negalign_cli.cli import cache_cmd, cam_cmd, embed_cmd, models_cmd, score_cmd, toy_cmd, vocab_cmd
+from negalign_cli.cli import (
+    bench_cmd,
+    cache_cmd,
+    cam_cmd,
+    embed_cmd,
+    models_cmd,
+    report_cmd,
+    score_cmd,
+    shard_cmd,
+    toy_cmd,
+    vocab_cmd,
+)
 from negalign_cli.defaults import DEBUG_ENV
 
 app = typer.Typer(
@@ -51,6 +62,14 @@ app.command("split-vocab", epilog=vocab_cmd.SPLIT_EXAMPLE)(vocab_cmd.split)
 app.command("cam", epilog=cam_cmd.EXAMPLE)(cam_cmd.cam)
 app.command("score", epilog=score_cmd.SCORE_EXAMPLE)(score_cmd.score)
 app.command("evaluate", epilog=score_cmd.EVALUATE_EXAMPLE)(score_cmd.evaluate_command)
+app.command("merge", epilog=shard_cmd.MERGE_EXAMPLE)(shard_cmd.merge)
+app.command(
+    "launch",
+    epilog=shard_cmd.LAUNCH_EXAMPLE,
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)(shard_cmd.launch)
+app.command("bench", epilog=bench_cmd.EXAMPLE)(bench_cmd.bench)
+app.command("report", epilog=report_cmd.EXAMPLE)(report_cmd.report)
 app.command("demo", epilog="Example: negalign demo --out demo-output")(toy_cmd.demo)
 app.command("sanity", epilog="Example: negalign sanity --model negalign-toy")(toy_cmd.sanity)
 app.add_typer(embed_cmd.app, name="embed")

@@ -51,6 +51,8 @@ def cam(
     decode: o.Decode = "auto",
     max_pixels: o.MaxPixels = defaults.DEFAULT_MAX_PIXELS,
     allow_outside_root: o.AllowOutsideRoot = False,
+    shard: o.ShardOpt = None,
+    shards_dir: o.ShardsDir = None,
     out: o.Out = None,
     cache_dir: o.CacheDir = None,
     device: o.Device = "auto",
@@ -65,14 +67,18 @@ def cam(
     image_embeddings.npy + images.parquet, so the folder is a complete `score` input."""
     from negalign_cli.cache.workspace import Workspace
     from negalign_cli.compute.vision import CamConfig
-    from negalign_cli.inputs.datasets import list_images
+    from negalign_cli.inputs.datasets import list_images, resolve_decoder
     from negalign_cli.inputs.words import load_classes
-    from negalign_cli.stages.images import cam_images, digest_images
+    from negalign_cli.stages.images import cam_images, cam_spec, digest_images
     from negalign_cli.stages.plots import write_cam_overlays
 
     if viz and out is None and viz_dir is None:
         raise NegalignError("--viz writes under --out (or --viz-dir): give one of them")
-
+    if viz and shards_dir is not None:
+        raise NegalignError(
+            "--viz draws from the whole run: use it after `negalign merge`, not with --shards-dir"
+        )
+    chosen_shard, cache_dir = o.shard_setup(shard, shards_dir, out, cache_dir)
     rt = o.runtime(cache_dir, device, precision, batch_size)
     report = o.reporter(verbose, quiet)
     config = CamConfig(
@@ -80,24 +86,44 @@ def cam(
     )
     config.validate(10**6)  # names and ranges; the block is checked against the model below
     class_list = load_classes(classes, report)
-    listing = digest_images(
-        list_images(images, data_root, split, allow_outside_root=allow_outside_root), report
-    )
+    image_list = list_images(images, data_root, split, allow_outside_root=allow_outside_root)
+    listing = digest_images(image_list, report) if chosen_shard is None else None
     loaded = o.load(model, pretrained, rt, report)
-    result = cam_images(
-        loaded,
-        listing,
-        class_list,
-        Workspace.open(rt.cache_dir),
-        config,
-        store_dtype=store_dtype,
-        batch_size=rt.batch_size,
-        workers=workers,
-        strict=strict,
-        decoder=decode,
-        max_pixels=max_pixels,
-        reporter=report,
-    )
+
+    def run(listing):
+        return cam_images(
+            loaded,
+            listing,
+            class_list,
+            Workspace.open(rt.cache_dir),
+            config,
+            store_dtype=store_dtype,
+            batch_size=rt.batch_size,
+            workers=workers,
+            strict=strict,
+            decoder=decode,
+            max_pixels=max_pixels,
+            reporter=report,
+        )
+
+    if chosen_shard is not None and shards_dir is not None:
+        from negalign_cli.stages.shards import run_shard
+
+        spec = cam_spec(
+            loaded,
+            "",
+            class_list,
+            config,
+            store_dtype=store_dtype,
+            decoder=resolve_decoder(decode, loaded.device),
+            max_pixels=max_pixels,
+        )
+        outcome = run_shard(
+            shards_dir, chosen_shard, spec, image_list, lambda part: run(digest_images(part, report)), report
+        )
+        o.shard_summary(outcome)
+        return
+    result = run(listing)
     c = result.artifact.manifest["counts"]
     hit = " (cache hit)" if result.hit else f" ({c['computed']} computed)"
     stdout().print(

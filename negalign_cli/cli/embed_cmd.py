@@ -132,6 +132,8 @@ def images(
     decode: o.Decode = "auto",
     max_pixels: o.MaxPixels = defaults.DEFAULT_MAX_PIXELS,
     allow_outside_root: o.AllowOutsideRoot = False,
+    shard: o.ShardOpt = None,
+    shards_dir: o.ShardsDir = None,
     out: o.Out = None,
     cache_dir: o.CacheDir = None,
     device: o.Device = "auto",
@@ -144,27 +146,46 @@ def images(
     nothing, new files are all that is encoded). Writes image_embeddings.npy and images.parquet
     (row, path, label, digest, status, reason)."""
     from negalign_cli.cache.workspace import Workspace
-    from negalign_cli.inputs.datasets import list_images
-    from negalign_cli.stages.images import digest_images, embed_images
+    from negalign_cli.inputs.datasets import list_images, resolve_decoder
+    from negalign_cli.stages.images import digest_images, embed_images, embed_images_spec
 
+    chosen_shard, cache_dir = o.shard_setup(shard, shards_dir, out, cache_dir)
     rt = o.runtime(cache_dir, device, precision, batch_size)
     report = o.reporter(verbose, quiet)
-    listing = digest_images(
-        list_images(images, data_root, split, allow_outside_root=allow_outside_root), report
-    )
+    image_list = list_images(images, data_root, split, allow_outside_root=allow_outside_root)
+    listing = digest_images(image_list, report) if chosen_shard is None else None
     loaded = o.load(model, pretrained, rt, report)
-    result = embed_images(
-        loaded,
-        listing,
-        Workspace.open(rt.cache_dir),
-        store_dtype=store_dtype,
-        batch_size=rt.batch_size,
-        workers=workers,
-        strict=strict,
-        decoder=decode,
-        max_pixels=max_pixels,
-        reporter=report,
-    )
+
+    def run(listing):
+        return embed_images(
+            loaded,
+            listing,
+            Workspace.open(rt.cache_dir),
+            store_dtype=store_dtype,
+            batch_size=rt.batch_size,
+            workers=workers,
+            strict=strict,
+            decoder=decode,
+            max_pixels=max_pixels,
+            reporter=report,
+        )
+
+    if chosen_shard is not None and shards_dir is not None:
+        from negalign_cli.stages.shards import run_shard
+
+        spec = embed_images_spec(
+            loaded,
+            "",
+            store_dtype=store_dtype,
+            decoder=resolve_decoder(decode, loaded.device),
+            max_pixels=max_pixels,
+        )
+        outcome = run_shard(
+            shards_dir, chosen_shard, spec, image_list, lambda part: run(digest_images(part, report)), report
+        )
+        o.shard_summary(outcome)
+        return
+    result = run(listing)
     c = result.artifact.manifest["counts"]
     status = "cache hit" if result.hit else f"encoded {c['encoded']}, cached {c['cached']}"
     stdout().print(

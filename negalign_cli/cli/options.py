@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from enum import Enum
 from pathlib import Path
@@ -149,6 +150,59 @@ AllowOutsideRoot = Annotated[
         help="Read listed paths and symlinks that lead outside the data root (refused by default).",
     ),
 ]
+
+ShardOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--shard",
+        help="Run shard i of K (0-based, e.g. 0/4) of a sharded run; default: from SLURM_ARRAY_TASK_ID/"
+        "SLURM_ARRAY_TASK_COUNT or torchrun's RANK/WORLD_SIZE. Needs --shards-dir.",
+        show_default=False,
+    ),
+]
+ShardsDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--shards-dir",
+        help="Folder shared by the shards of one run (plan.json, one folder per shard); "
+        "`negalign merge` assembles them. Each shard keeps its own cache there unless --cache-dir is given.",
+        show_default=False,
+    ),
+]
+
+
+def shard_setup(shard: str | None, shards_dir: Path | None, out: Path | None, cache_dir: Path | None):
+    """(shard, cache folder) of a sharded run, or (None, cache_dir) for a plain one."""
+    from negalign_cli.errors import NegalignError
+
+    if shards_dir is None:
+        if shard is not None:
+            raise NegalignError("--shard needs --shards-dir (the folder the shards of one run share)")
+        return None, cache_dir
+    if out is not None:
+        raise NegalignError(
+            "a shard writes into --shards-dir, not --out: "
+            "`negalign merge DIR --out OUT` writes the whole artifact"
+        )
+    from negalign_cli.stages.shards import resolve_shard, shard_cache
+
+    chosen = resolve_shard(shard)
+    if cache_dir is None and not os.environ.get(CACHE_ENV):
+        cache_dir = shard_cache(shards_dir, chosen)
+    return chosen, cache_dir
+
+
+def shard_summary(outcome) -> None:
+    from negalign_cli.cli.console import stdout
+
+    if outcome.skipped:
+        stdout().print(f"shard {outcome.shard}: done already ({outcome.images} images); skipped")
+        return
+    c = outcome.result.artifact.manifest["counts"]
+    stdout().print(
+        f"shard {outcome.shard}: {outcome.images} images, {c['skipped']} skipped "
+        f"({'cache hit' if outcome.result.hit else 'computed'}); wrote {outcome.folder}"
+    )
 
 
 def duplicates_note(counts: dict) -> str:

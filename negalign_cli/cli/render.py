@@ -16,9 +16,12 @@ def render_results(results: dict) -> None:
         title=f"AUROC ↑ / FPR@95 ↓ in % ({convention} convention: {definition})", title_justify="left"
     )
     table.add_column("method")
-    for name in [*sets, "mean"] if len(sets) > 1 else sets:
-        table.add_column(name, justify="right")
-    blocks = [results["ood"][n] for n in sets] + ([results["mean"]] if len(sets) > 1 else [])
+    groups = results.get("groups", {})
+    for name in [*sets, *groups, "mean"] if len(sets) > 1 else sets:
+        table.add_column(f"{name} (mean)" if name in groups else name, justify="right")
+    blocks = [results["ood"][n] for n in sets]
+    if len(sets) > 1:
+        blocks += [*groups.values(), results["mean"]]
     for method in results["mean"]["methods"]:
         label = method
         if method == NEGALIGN:
@@ -51,3 +54,24 @@ def render_id_groups(results: dict) -> None:
             f"ID group {name} ({group['n']} images): share rejected at the threshold keeping "
             f"{100 * group['keep']:g}% of ID: {shares}"
         )
+
+
+def render_bench(record: dict) -> Table:
+    """The table of `negalign bench`: one row per flow, then the speed-up ratios."""
+    env = record["environment"]
+    table = Table(
+        title=f"negalign bench — {env['model']} ({env['image_size']} px, {env['precision']}) on "
+        f"{env['device_name']} ({env['device']}, {env['cpu_threads']} CPU threads), "
+        f"torch {env['versions']['torch']}",
+        title_justify="left",
+    )
+    for name, justify in (("flow", "left"), ("images/s", "right"), ("peak MB", "right"), ("note", "left")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for row in record["results"]:
+        rate = row["images_per_s"]
+        shown = f"{rate:,.1f}" if rate >= 10 else f"{rate:.3g}"
+        table.add_row(row["flow"], shown, f"{row['peak_mb']:,.0f}", row["note"])
+    table.add_section()
+    for name, value in record["ratios"].items():
+        table.add_row(name, f"{value:,.2f}×" if value >= 10 else f"{value:.3f}", "", "ratio in this run")
+    return table

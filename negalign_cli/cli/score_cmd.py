@@ -152,6 +152,15 @@ def score(
 def evaluate_command(
     id_file: Annotated[Path, typer.Option("--id", help="ID scores: scores.parquet or any CSV/parquet.")],
     ood: Annotated[list[str], typer.Option("--ood", help="NAME=FILE, repeatable.")],
+    ood_groups: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--ood-group",
+            help="NAME=SET1,SET2: also report the mean over these --ood sets, repeatable "
+            "(OpenOOD: --ood-group near=ssb_hard,ninco --ood-group far=inaturalist,textures,openimage_o).",
+            show_default=False,
+        ),
+    ] = None,
     score_column: Annotated[
         str | None,
         typer.Option("--score", help="Evaluate this one column (any method, any tool).", show_default=False),
@@ -221,7 +230,13 @@ def evaluate_command(
     score_hist.png."""
     from negalign_cli.cache.workspace import Workspace
     from negalign_cli.stages import files
-    from negalign_cli.stages.evaluation import EvaluateRequest, evaluate, parse_lambdas, parse_ood
+    from negalign_cli.stages.evaluation import (
+        EvaluateRequest,
+        evaluate,
+        parse_lambdas,
+        parse_ood,
+        parse_ood_groups,
+    )
 
     report = o.reporter(verbose, quiet)
     request = EvaluateRequest(
@@ -236,6 +251,7 @@ def evaluate_command(
         calibration_path=calibration,
         drop_nonfinite=drop_nonfinite,
         allow_mixed_settings=allow_mixed_settings,
+        groups=parse_ood_groups(ood_groups),
         id_groups=parse_ood(id_group or [], "--id-group", required=False),
     )
     result = evaluate(request, Workspace.open(o.cache_root(cache_dir)), report)

@@ -107,11 +107,11 @@ def demo(
 ) -> None:
     """Run the whole pipeline on the toy benchmark with the bundled toy CLIP: generate, split-vocab,
     cam (which also embeds), score, evaluate --compare --lambda sweep --id-group minority, CAM
-    overlays. Prints the method table and a summary computed from it (best method per set, best λ per
-    set, minority-group false alarms); writes results.json, metrics.csv, plots and overlays under --out."""
+    overlays of ID and OOD images, and the report. Prints the method table and a summary computed
+    from it (best method per set, best λ per set, minority-group false alarms); writes results.json,
+    metrics.csv, plots, overlays and report/report.html under --out."""
     from negalign_cli.cache.workspace import Workspace
     from negalign_cli.cli.render import render_results
-    from negalign_cli.stages.plots import write_cam_overlays
     from negalign_cli.toy.demo import DemoSettings, run_demo, summarise
     from negalign_cli.toy.generate import ToySpec
 
@@ -131,8 +131,6 @@ def demo(
         workers=workers or 0,
         reporter=report,
     )
-    cam_id = next(r for name, r in result.steps if name == "cam id")
-    overlays = write_cam_overlays(cam_id.artifact.path, settings.viz, out / "viz", loaded.image_size)
     render_results(result.results)
     stdout().print("what the demo found (computed from the figures above):")
     for line in summarise(result.results):
@@ -148,9 +146,10 @@ def demo(
         else f"{computed} of {len(result.steps)} stages computed, the rest from the cache"
     )
     stdout().print(
-        f"demo: generate → split-vocab → cam ×{sets} → score ×{sets} → evaluate in {seconds:.1f} s "
-        f"({served}); "
-        f"results in {out / 'results'}, {len(overlays)} CAM overlays in {out / 'viz'}"
+        f"demo: generate → split-vocab → cam ×{sets} → score ×{sets} → evaluate → overlays, report in "
+        f"{seconds:.1f} s ({served}); "
+        f"results in {out / 'results'}, {len(result.overlays)} CAM overlays in {out / 'viz'}, "
+        f"the report in {result.report}"
     )
 
 

@@ -78,3 +78,42 @@ def statistics(frame_columns: Mapping[str, np.ndarray]) -> dict[str, float]:
     if valid is not None and len(valid) and not all(v is None for v in valid):
         out["cam_valid_rate"] = float(np.mean(np.asarray(valid, dtype=bool)))
     return out
+
+
+def average_metrics(metric_dicts: Sequence[Mapping[str, Mapping[str, float]]]) -> dict[str, dict[str, float]]:
+    """The unweighted mean over OOD sets of each metric in each convention (OpenOOD's and the
+    papers' "average" row: every set counts once, whatever its size)."""
+    if not metric_dicts:
+        raise ValueError("average_metrics needs at least one set")
+    first = metric_dicts[0]
+    return {
+        convention: {
+            name: float(np.mean([m[convention][name] for m in metric_dicts])) for name in first[convention]
+        }
+        for convention in first
+    }
+
+
+def group_sets(groups: Sequence[tuple[str, Sequence[str]]], sets: Sequence[str]) -> dict[str, list[str]]:
+    """Check ``--ood-group`` definitions against the OOD set names: every member must be a set, a
+    group must have at least one member and no duplicates, and a group's name must not be a set's
+    (or ``mean``). Returns name → members in the given order. Raises ValueError with the reason."""
+    known = set(sets)
+    out: dict[str, list[str]] = {}
+    for name, members in groups:
+        if name in out:
+            raise ValueError(f"group {name!r} is defined twice")
+        if name in known or name == "mean":
+            raise ValueError(f"group name {name!r} is already an OOD set name (or 'mean')")
+        unknown = [m for m in members if m not in known]
+        if unknown:
+            raise ValueError(
+                f"group {name!r} names {', '.join(map(repr, unknown))}, not among the OOD sets "
+                f"({', '.join(sets)})"
+            )
+        if not members:
+            raise ValueError(f"group {name!r} has no sets")
+        if len(set(members)) != len(members):
+            raise ValueError(f"group {name!r} names a set twice")
+        out[name] = list(members)
+    return out

@@ -64,14 +64,65 @@ def sigmoid_of_difference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(a.double() - b.double())
 
 
-def neglabel_grouped(pos_logits: torch.Tensor, grouped_neg_logits: torch.Tensor, groups: int) -> torch.Tensor:
+def _blocks(columns: torch.Tensor, groups: int) -> torch.Tensor:
+    """The last dimension split into ``groups`` contiguous blocks: a view, also of a column slice."""
+    return columns.view(*columns.shape[:-1], groups, -1)
+
+
+def group_logsumexp(
+    grouped_neg_logits: torch.Tensor, groups: int, overwrite: bool = False, maxes: torch.Tensor | None = None
+) -> torch.Tensor:
+    """LSE over each of the ``groups`` contiguous column blocks: (n, groups). The same operations as
+    ``torch.logsumexp`` (max, subtract, exp, sum, log, add the max back), so the same values; with
+    ``overwrite`` they run in place on the caller's buffer, whose values are destroyed (no n×M
+    temporaries: the memory traffic that made scoring slower than its matrix product). ``maxes``:
+    the blocks' maxima (n, groups) if the caller has them already."""
+    blocks = _blocks(grouped_neg_logits, groups)
+    if not overwrite:
+        return torch.logsumexp(blocks, dim=-1)
+    shift = (blocks.amax(dim=-1) if maxes is None else maxes.clone()).unsqueeze(-1)
+    shift.masked_fill_(shift.abs() == float("inf"), 0.0)
+    lse: torch.Tensor = blocks.sub_(shift).exp_().sum(dim=-1).log_().add_(shift.squeeze(-1))
+    return lse
+
+
+def top_columns(
+    logits: torch.Tensor, k: int, kept: int, groups: int, maxes: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk(logits, k)`` (values, column indices) without sorting whole rows: the k largest
+    values lie in the k column blocks (of the first ``kept`` columns, ``groups`` blocks) with the
+    largest maxima, or among the columns after ``kept``; only those candidates are ranked. The
+    values equal a full top-k exactly; among exactly tied values the chosen columns may differ."""
+    if groups <= k or kept == 0:
+        return torch.topk(logits, k, dim=-1)
+    blocks = _blocks(logits[:, :kept], groups)
+    width = blocks.shape[-1]
+    best_blocks = (blocks.amax(dim=-1) if maxes is None else maxes).topk(k, dim=-1).indices  # (n, k)
+    candidates = torch.gather(blocks, 1, best_blocks.unsqueeze(-1).expand(-1, -1, width)).flatten(1)
+    columns = (best_blocks.unsqueeze(-1) * width + torch.arange(width, device=logits.device)).flatten(1)
+    if kept < logits.shape[1]:
+        rest = logits[:, kept:]
+        candidates = torch.cat([candidates, rest], dim=1)
+        tail = torch.arange(kept, logits.shape[1], device=logits.device)
+        columns = torch.cat([columns, tail.expand(rest.shape[0], -1)], dim=1)
+    values, order = torch.topk(candidates, k, dim=-1)
+    return values, torch.gather(columns, 1, order)
+
+
+def neglabel_grouped(
+    pos_logits: torch.Tensor,
+    grouped_neg_logits: torch.Tensor,
+    groups: int,
+    overwrite: bool = False,
+    maxes: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Mean over groups of Σ_{k∈pos} softmax([pos, neg_g])_k = sigmoid(LSE(pos) − LSE(neg_g)).
 
     ``grouped_neg_logits`` holds the negatives already in group order (``group_order``). The
-    log-sum-exps are taken in the logits' dtype, the sigmoid and the mean in float64."""
-    n = grouped_neg_logits.shape[0]
+    log-sum-exps are taken in the logits' dtype, the sigmoid and the mean in float64. With
+    ``overwrite`` the negative logits are used as scratch space (see :func:`group_logsumexp`)."""
     pos_lse = torch.logsumexp(pos_logits, dim=-1, keepdim=True)
-    neg_lse = torch.logsumexp(grouped_neg_logits.reshape(n, groups, -1), dim=-1)
+    neg_lse = group_logsumexp(grouped_neg_logits, groups, overwrite, maxes)
     return sigmoid_of_difference(pos_lse, neg_lse).mean(dim=-1)
 
 
@@ -281,16 +332,19 @@ def compute_scores(
     config: ScoreConfig,
     encode_pairs: Callable[[list[str]], torch.Tensor] | None = None,
     on_chunk: Callable[[int], None] | None = None,
+    device: torch.device | str | None = None,
 ) -> dict[str, np.ndarray]:
     """Every score column of the registry for every image, in chunks of images (no N×M matrix is
     ever whole; one matmul per chunk gives all negative logits, see :class:`NegativeLayout`).
 
     ``encode_pairs`` turns NegRefine's "p and n" texts into features (noun templates); each
     distinct pair is encoded once per chunk of images. Without it the multi-matching columns are
-    NaN; without background embeddings the P_align columns are NaN.
+    NaN; without background embeddings the P_align columns are NaN. With ``device`` (e.g. a GPU)
+    each chunk is scored there and only its per-image results come back.
     """
-    classes = inputs.classes.float()
-    negatives = inputs.negatives.float()
+    device = torch.device(device or "cpu")
+    classes = inputs.classes.float().to(device)
+    negatives = inputs.negatives.float().to(device)
     n_images = inputs.images.shape[0]
     layout = NegativeLayout.build(negatives, inputs.star_indices, config)
     background_negatives = None
@@ -307,16 +361,17 @@ def compute_scores(
         np.empty((n_images, k_neg), dtype=np.int64),
         np.empty((n_images, k_neg), dtype=np.float32),
     )
-    step = chunk_rows(negatives.shape[0] + classes.shape[0])
+    step = min(chunk_rows(negatives.shape[0] + classes.shape[0]), max(1, n_images))
+    buffer = torch.empty(step, negatives.shape[0], device=device)  # one chunk's negative logits, reused
     for start in range(0, n_images, step):
         rows = slice(start, min(start + step, n_images))
-        _score_chunk(inputs, config, classes, layout, background_negatives, rows, out, top)
+        _score_chunk(inputs, config, classes, layout, background_negatives, rows, out, top, buffer)
         if on_chunk is not None:
             on_chunk(rows.stop - rows.start)
     if encode_pairs is not None:
-        out["s_multimatch"] = _multimatch_column(inputs, classes.shape[1], top, encode_pairs)
+        out["s_multimatch"] = _multimatch_column(inputs, classes.shape[1], top, encode_pairs, device)
     if background_negatives is not None and inputs.background_valid is not None:
-        apply_invalid_cam_policy(out, ~inputs.background_valid.numpy(), config.invalid_cam)
+        apply_invalid_cam_policy(out, ~inputs.background_valid.cpu().numpy(), config.invalid_cam)
     out["s_negrefine"] = out["s_neglabel_plain"] + config.multimatch_weight * out["s_multimatch"]
     return out
 
@@ -330,41 +385,51 @@ def _score_chunk(
     rows: slice,
     out: dict[str, np.ndarray],
     top: _TopMatches,
+    buffer: torch.Tensor,
 ) -> None:
-    """The scores of one chunk of images, written into ``out`` (and ``top``) at ``rows``."""
-    x = unit_rows(inputs.images, rows.start, rows.stop)
+    """The scores of one chunk of images, written into ``out`` (and ``top``) at ``rows``. The
+    negative logits go into ``buffer``; everything that reads them runs before the grouped
+    NegLabel, which uses the buffer as scratch space."""
+    x = unit_rows(inputs.images, rows.start, rows.stop).to(buffer.device, non_blocking=True)
     cos_pos = x @ classes.T
     pos_logits = LOGIT_SCALE * cos_pos
-    logits = (LOGIT_SCALE * x) @ layout.weights  # scaling the rows first saves a pass over n×M
-    predicted = pos_logits.argmax(dim=-1)
-    out["pred_class"][rows] = predicted.numpy()
-    out["s_mcm"][rows] = mcm(cos_pos, config.mcm_temperature).numpy()
-    out["s_energy"][rows] = energy(pos_logits).numpy()
-    out["s_maxlogit"][rows] = max_logit(pos_logits).numpy()
-    plain = neglabel_grouped(pos_logits, logits[:, : layout.kept], config.groups)
-    out["s_neglabel_plain"][rows] = plain.numpy()
+    logits = buffer[: x.shape[0]]
+    torch.matmul(LOGIT_SCALE * x, layout.weights, out=logits)  # scaling the rows first saves a pass over n×M
+    largest, predicted = pos_logits.max(dim=-1)  # the first of tied maxima, as argmax
+    out["pred_class"][rows] = predicted.cpu().numpy()
+    out["s_mcm"][rows] = mcm(cos_pos, config.mcm_temperature).cpu().numpy()
+    out["s_energy"][rows] = energy(pos_logits).cpu().numpy()
+    out["s_maxlogit"][rows] = largest.double().cpu().numpy()  # = max_logit(): the max is exact in any dtype
+    maxes = _blocks(logits[:, : layout.kept], config.groups).amax(dim=-1)  # one pass, used twice
+    values, columns = top_columns(logits, top.negatives.shape[1], layout.kept, config.groups, maxes)
+    top.negatives[rows] = layout.layout[columns.cpu()].numpy()
+    top.negative_logits[rows] = values.cpu().numpy()
+    top.classes[rows] = torch.topk(pos_logits, top.classes.shape[1], dim=-1).indices.cpu().numpy()
+    star = None
     if config.star_is_plain:
-        star = plain
+        pass
     elif config.neg_topk is not None:
         star_logits = logits if layout.star_columns is None else logits[:, layout.star_columns]
         star = neglabel_topk(pos_logits, star_logits, config.neg_topk)
-    else:
-        star = neglabel_grouped(pos_logits, logits[:, layout.star_columns], config.groups)  # already grouped
-    out["s_neglabel_star"][rows] = star.numpy()
-    values, columns = torch.topk(logits, top.negatives.shape[1], dim=-1)
-    top.negatives[rows] = layout.layout[columns].numpy()
-    top.negative_logits[rows] = values.numpy()
-    top.classes[rows] = torch.topk(pos_logits, top.classes.shape[1], dim=-1).indices.numpy()
+    else:  # M2's columns, gathered (a copy) in their own group order
+        star = neglabel_grouped(pos_logits, logits[:, layout.star_columns], config.groups, overwrite=True)
+    plain = neglabel_grouped(pos_logits, logits[:, : layout.kept], config.groups, overwrite=True, maxes=maxes)
+    out["s_neglabel_plain"][rows] = plain.cpu().numpy()
+    out["s_neglabel_star"][rows] = (plain if star is None else star).cpu().numpy()
     if background_negatives is not None and inputs.background is not None:
-        background = unit_rows(inputs.background, rows.start, rows.stop)
+        background = unit_rows(inputs.background, rows.start, rows.stop).to(buffer.device, non_blocking=True)
         aligned, pos, neg = p_align(background, classes[predicted], background_negatives, config.align_topk)
-        out["p_align"][rows] = aligned.numpy()
-        out["s_bg_pos"][rows] = pos.numpy()
-        out["s_bg_neg"][rows] = neg.numpy()
+        out["p_align"][rows] = aligned.cpu().numpy()
+        out["s_bg_pos"][rows] = pos.cpu().numpy()
+        out["s_bg_neg"][rows] = neg.cpu().numpy()
 
 
 def _multimatch_column(
-    inputs: ScoreInputs, dim: int, top: _TopMatches, encode_pairs: Callable[[list[str]], torch.Tensor]
+    inputs: ScoreInputs,
+    dim: int,
+    top: _TopMatches,
+    encode_pairs: Callable[[list[str]], torch.Tensor],
+    device: torch.device | None = None,
 ) -> np.ndarray:
     """NegRefine's multi-matching score of every image; the distinct "p and n" texts of a chunk of
     images are encoded once (chunks keep the pair features' memory bounded)."""
@@ -379,10 +444,17 @@ def _multimatch_column(
         pair_ids, pair_texts = distinct_pairs(
             top.classes[start:stop], top.negatives[start:stop], inputs.class_names, inputs.negative_names
         )
-        features = encode_pairs(pair_texts).float()[torch.from_numpy(pair_ids)]
-        column[start:stop] = multimatch(
-            unit_rows(inputs.images, start, stop), features, pair_negative_logits[start:stop]
-        ).numpy()
+        device = device or torch.device("cpu")
+        features = encode_pairs(pair_texts).float().to(device)[torch.from_numpy(pair_ids).to(device)]
+        column[start:stop] = (
+            multimatch(
+                unit_rows(inputs.images, start, stop).to(device),
+                features,
+                pair_negative_logits[start:stop].to(device),
+            )
+            .cpu()
+            .numpy()
+        )
     return column
 
 

@@ -339,13 +339,32 @@ def collate_raw(batch):
     return batch
 
 
+def jpeg_decoder():
+    """Batched JPEG decoding (nvJPEG on CUDA): TorchCodec's ``decode_jpeg`` where it is installed
+    (torchvision's image decoding is deprecated since 0.29; TorchCodec 0.17 works with torch
+    2.14.1), else torchvision's. Returns ``decode(list_of_byte_tensors, device) -> list``."""
+    try:
+        from torchcodec.decoders import decode_jpeg as codec_decode
+
+        def decode(data, device):
+            return codec_decode(list(data), mode="RGB", device=device)
+
+    except (ImportError, OSError, RuntimeError):  # absent, or built for another torch
+        from torchvision.io import ImageReadMode
+        from torchvision.io import decode_jpeg as vision_decode
+
+        def decode(data, device):
+            return vision_decode(list(data), mode=ImageReadMode.RGB, device=device)
+
+    return decode
+
+
 def decode_batch(
     items, preprocess_cfg: dict, device: torch.device, fallback
 ) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
     """Decode the JPEG bytes of a batch in one call on ``device`` and apply open_clip's evaluation
     preprocessing there (bicubic resize of the shorter side with antialiasing, centre crop,
     normalisation). A JPEG the batched decoder rejects is retried with PIL (``fallback(index)``)."""
-    from torchvision.io import ImageReadMode, decode_jpeg
     from torchvision.transforms.v2 import functional as TF
 
     size = preprocess_cfg["size"]
@@ -363,7 +382,7 @@ def decode_batch(
     decoded: list = []
     if raw:
         try:
-            decoded = decode_jpeg([d for _, d in raw], mode=ImageReadMode.RGB, device=device)
+            decoded = jpeg_decoder()([d for _, d in raw], device)
         except RuntimeError:
             decoded = [None] * len(raw)
     for (i, _), image in zip(raw, decoded, strict=True):

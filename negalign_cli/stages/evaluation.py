@@ -19,9 +19,11 @@ from negalign_cli.compute.evaluation import (
     ALIGN,
     STAR,
     all_metrics,
+    average_metrics,
     best_lambda,
     final_score,
     fit_calibration,
+    group_sets,
     lambda_sweep,
     statistics,
 )
@@ -34,7 +36,7 @@ from negalign_cli.reporting import NullReporter, Reporter
 from negalign_cli.stages import files
 from negalign_cli.stages.scoring import read_score_metadata
 
-EVALUATE_STAGE, EVALUATE_VERSION = "evaluate", 1
+EVALUATE_STAGE, EVALUATE_VERSION = "evaluate", 2  # 2: ROC of every method, labelled histograms, --ood-group
 METHODS = method_columns()
 
 
@@ -72,6 +74,20 @@ def parse_ood(items: list[str], option: str = "--ood", required: bool = True) ->
     return pairs
 
 
+def parse_ood_groups(items: list[str] | None) -> list[tuple[str, list[str]]]:
+    """``NAME=set1,set2`` pairs (``--ood-group``, repeatable), e.g. OpenOOD's
+    ``near=ssb_hard,ninco`` and ``far=inaturalist,textures,openimage_o``. The members are checked
+    against the ``--ood`` names when the evaluation runs."""
+    groups = []
+    for item in items or []:
+        name, sep, members = item.partition("=")
+        sets = [m.strip() for m in members.split(",") if m.strip()]
+        if not sep or not name.strip() or not sets:
+            raise NegalignError(f"--ood-group takes NAME=SET1,SET2 (names given to --ood), got {item!r}")
+        groups.append((name.strip(), sets))
+    return groups
+
+
 def read_score_file(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise NegalignError(f"score file not found: {path}")
@@ -102,12 +118,13 @@ class EvaluateRequest:
     calibration_path: Path | None = None
     drop_nonfinite: bool = False
     allow_mixed_settings: bool = False
+    groups: list[tuple[str, list[str]]] = field(default_factory=list)
     id_groups: list[tuple[str, Path]] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
 
     def params(self) -> dict[str, Any]:
-        groups = {"id_groups": [name for name, _ in self.id_groups]} if self.id_groups else {}
-        return groups | {
+        id_groups = {"id_groups": [name for name, _ in self.id_groups]} if self.id_groups else {}
+        return id_groups | {
             "oods": [name for name, _ in self.oods],
             "score_column": self.score_column,
             "lambdas": self.lambdas,
@@ -117,6 +134,8 @@ class EvaluateRequest:
             "scale_stabilize": self.scale_stabilize,
             "drop_nonfinite": self.drop_nonfinite,
             "allow_mixed_settings": self.allow_mixed_settings,
+            # only when given, so that the keys of earlier evaluations stay valid
+            **({"ood_groups": {name: sets for name, sets in self.groups}} if self.groups else {}),
         }
 
 
@@ -153,6 +172,10 @@ def evaluate(request: EvaluateRequest, workspace: Workspace, reporter: Reporter 
         raise NegalignError(
             f"--select-lambda-on {request.select_on!r} is not one of the --ood names ({', '.join(names)})"
         )
+    try:
+        group_sets(request.groups, names)
+    except ValueError as exc:
+        raise NegalignError(f"--ood-group: {exc}") from exc
     inputs = {"id": sha256_file(request.id_path) if request.id_path.is_file() else "missing"}
     for name, path in request.oods:
         inputs[f"ood:{name}"] = sha256_file(path) if path.is_file() else "missing"
@@ -213,6 +236,12 @@ def _evaluate(request: EvaluateRequest, folder: Path, reporter: Reporter) -> dic
             excluded_invalid_cam=excluded[name],
         )
         results["ood"][name] = block
+    groups = group_sets(request.groups, list(results["ood"]))
+    if groups:
+        results["groups"] = {
+            name: {"sets": sets, **_mean_block({s: results["ood"][s] for s in sets}, request.convention)}
+            for name, sets in groups.items()
+        }
     results["mean"] = _mean_block(results["ood"], request.convention)
     if "lambda_sweep" in results["mean"]:  # the method's published top-level keys
         for key in ("best_lambda", "best_auroc", "lambda_sweep"):
@@ -222,7 +251,7 @@ def _evaluate(request: EvaluateRequest, folder: Path, reporter: Reporter) -> dic
     results["statistics"] = {"id": statistics(_stat_columns(id_frame))}
     for name, frame in ood_frames.items():
         results["statistics"][f"ood:{name}"] = statistics(_stat_columns(frame))
-    _write_outputs(folder, request, results, rows, id_frame, ood_frames, selection, chosen, calibration)
+    _write_outputs(folder, request, results, rows, id_frame, ood_frames)
     return {"counts": {"id": len(id_frame), **{f"ood:{n}": len(f) for n, f in ood_frames.items()}}}
 
 
@@ -515,29 +544,18 @@ def _write_outputs(
     rows: list[dict],
     id_frame: pd.DataFrame,
     ood_frames: dict[str, pd.DataFrame],
-    selection: _Selection,
-    chosen: dict[str, float],
-    calibration: dict | None,
 ) -> None:
-    """results.json, metrics.csv (per set and the mean), roc.png and score_hist.png."""
+    """results.json, metrics.csv (per set, per group and the mean), roc.png and score_hist.png."""
     from negalign_cli.stages.plots import plot_histograms, plot_roc
 
     (folder / files.RESULTS).write_text(json.dumps(results, indent=2, sort_keys=False), encoding="utf-8")
     mean_rows = [
-        _row("mean", m, b.get("lambda"), b["metrics"], request.convention)
-        for m, b in results["mean"]["methods"].items()
+        _row(name, m, b.get("lambda"), b["metrics"], request.convention)
+        for name, block in [*results.get("groups", {}).items(), ("mean", results["mean"])]
+        for m, b in block["methods"].items()
     ]
     pd.DataFrame(rows + mean_rows).to_csv(folder / files.METRICS, index=False, float_format="%.4f")
-    main_method = NEGALIGN if selection.negalign else next(iter(selection.columns))
-    plot_roc(
-        folder / files.ROC_PLOT,
-        _scores_for(main_method, id_frame, chosen, calibration, selection.columns),
-        {
-            n: _scores_for(main_method, f, chosen, calibration, selection.columns, n)
-            for n, f in ood_frames.items()
-        },
-        title=main_method,
-    )
+    plot_roc(folder / files.ROC_PLOT, roc_curves(results, id_frame, ood_frames))
     frames = {"ID": id_frame, **ood_frames}
     components = [
         c
@@ -547,11 +565,50 @@ def _write_outputs(
     plot_histograms(folder / files.HISTOGRAM_PLOT, id_frame, ood_frames, list(dict.fromkeys(components)))
 
 
-def _scores_for(method, frame, chosen, calibration, columns, name=None) -> np.ndarray:
+def method_label(method: str, entry: dict) -> str:
+    """A method's name as tables and figures show it: NegAlign with the λ it used."""
+    lam = entry.get("lambda")
     if method == NEGALIGN:
-        lam = chosen[name] if name is not None else next(iter(chosen.values()))
-        return final_score(_values(frame, STAR), _values(frame, ALIGN), lam, calibration)
-    return _values(frame, columns[method])
+        return f"{method} (λ={lam:g})" if lam is not None else f"{method} (λ per set)"
+    return method
+
+
+def method_scores(entry: dict, frame: pd.DataFrame, calibration: dict | None) -> np.ndarray:
+    """The scores one method entry of results.json gave the rows of ``frame``: its column, or for
+    NegAlign S* + λ·P_align at the entry's λ (z-scored with M3's statistics when there are any)."""
+    if "lambda" in entry:
+        return final_score(_values(frame, STAR), _values(frame, ALIGN), float(entry["lambda"]), calibration)
+    return _values(frame, entry["column"])
+
+
+def roc_curves(
+    results: dict, id_frame: pd.DataFrame, ood_frames: dict[str, pd.DataFrame]
+) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """OOD set → method label → (ID scores, OOD scores), every method of the table."""
+    calibration = results.get("calibration")
+    return {
+        name: {
+            method_label(method, entry): (
+                method_scores(entry, id_frame, calibration),
+                method_scores(entry, frame, calibration),
+            )
+            for method, entry in results["ood"][name]["methods"].items()
+        }
+        for name, frame in ood_frames.items()
+    }
+
+
+def evaluated_rows(results: dict, frames: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """The rows of the score files (``frames``: "ID" and the OOD names) that ``evaluate`` kept,
+    by the same rules (invalid CAMs under ``--invalid-cam exclude``, NaN/inf rows under
+    ``--drop-nonfinite``), for figures drawn later from the same files."""
+    first = next(iter(results["ood"].values()))["methods"]
+    columns = {m: e["column"] for m, e in first.items() if m != NEGALIGN}
+    selection = _Selection(columns, NEGALIGN in first)
+    frames = dict(frames)
+    _exclude_invalid_cams(frames, selection, NullReporter())
+    _drop_nonfinite(frames, _needed_columns(EvaluateRequest(Path(), []), selection), True, NullReporter())
+    return frames
 
 
 def _stat_columns(frame: pd.DataFrame) -> dict[str, np.ndarray]:
@@ -578,19 +635,12 @@ def _row(ood: str, method: str, lam: float | None, metrics: dict, convention: st
     }
 
 
-def _average(metric_dicts: list[dict]) -> dict:
-    return {
-        c: {k: float(np.mean([m[c][k] for m in metric_dicts])) for k in metric_dicts[0][c]}
-        for c in metric_dicts[0]
-    }
-
-
 def _mean_block(blocks: dict[str, dict], convention: str) -> dict:
     mean: dict[str, Any] = {"methods": {}}
     first = next(iter(blocks.values()))
     for method in first["methods"]:
         entries = [b["methods"][method] for b in blocks.values()]
-        mean["methods"][method] = {"metrics": _average([e["metrics"] for e in entries])}
+        mean["methods"][method] = {"metrics": average_metrics([e["metrics"] for e in entries])}
         if "lambda" in entries[0]:
             mean["methods"][method]["lambda"] = (
                 entries[0]["lambda"] if len({e["lambda"] for e in entries}) == 1 else None
@@ -599,7 +649,7 @@ def _mean_block(blocks: dict[str, dict], convention: str) -> dict:
         sweep = {
             key: {
                 "lambda": first["lambda_sweep"][key]["lambda"],
-                "metrics": _average([b["lambda_sweep"][key]["metrics"] for b in blocks.values()]),
+                "metrics": average_metrics([b["lambda_sweep"][key]["metrics"] for b in blocks.values()]),
             }
             for key in first["lambda_sweep"]
         }

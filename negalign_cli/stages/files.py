@@ -40,3 +40,12 @@ RESULTS = "results.json"
 METRICS = "metrics.csv"
 ROC_PLOT = "roc.png"
 HISTOGRAM_PLOT = "score_hist.png"
+
+# report (`negalign report RESULTS_DIR --out DIR`; default DIR = RESULTS_DIR/report)
+REPORT_DIR = "report"
+REPORT_HTML = "report.html"
+REPORT_MARKDOWN = "report.md"
+REPORT_LATEX = "report.tex"
+REPORT_FIGURES = "figures"  # the PNGs report.md and report.tex include (report.html embeds them)
+LAMBDA_PLOT = "lambda_curve.png"
+CAM_GRID_PLOT = "cam_grid.png"

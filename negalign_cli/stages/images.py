@@ -116,7 +116,7 @@ def _run_missing(
     missing: Sequence[str],
     first: dict[str, int],
     model: LoadedModel,
-    process: Callable[[torch.Tensor, list[str]], None],
+    process: Callable[[torch.Tensor, list[str]], Callable[[], None] | None],
     *,
     batch_size: int,
     workers: int,
@@ -126,7 +126,10 @@ def _run_missing(
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> dict[str, str]:
     """Decode and run ``process(batch, digests)`` over the images whose digests are missing;
-    returns decoding failures (digest -> reason)."""
+    returns decoding failures (digest -> reason). ``process`` may return a function that finishes
+    the batch (stores its results): on a GPU it is called after the next batch has been started,
+    so the GPU computes batch k + 1 while the host stores batch k (no synchronisation in between);
+    on a CPU at once."""
     failures: dict[str, str] = {}
     if not missing:
         return failures
@@ -152,25 +155,55 @@ def _run_missing(
             pin_memory=model.device.type == "cuda",
             timeout=WORKER_TIMEOUT if workers else 0,
         )
+    pending: Callable[[], None] | None = None
+    overlap = model.device.type == "cuda"
     with reporter.progress(f"{what} {len(paths)} images", len(paths)) as advance:
         waited = time.perf_counter()
-        for number, (indices, batch, failed) in enumerate(batches, start=1):
-            started = time.perf_counter()
-            for index, reason in failed:
-                failures[missing[index]] = reason
-            if batch is not None:
-                batch = batch.to(model.device, non_blocking=True)
-                if model.precision != "fp32":
-                    batch = batch.to(next(model.model.parameters()).dtype)
-                process(batch, [missing[i] for i in indices])
-            advance(len(indices) + len(failed))
-            done = time.perf_counter()
-            reporter.debug(
-                f"batch {number}: {len(indices)} image(s), {len(failed)} failed; decoding waited "
-                f"{started - waited:.3f} s, model {done - started:.3f} s"
-            )
-            waited = done
+        try:
+            for number, (indices, batch, failed) in enumerate(batches, start=1):
+                started = time.perf_counter()
+                for index, reason in failed:
+                    failures[missing[index]] = reason
+                if batch is not None:
+                    batch = batch.to(model.device, non_blocking=True)
+                    if model.precision != "fp32":
+                        batch = batch.to(next(model.model.parameters()).dtype)
+                    previous, pending = pending, process(batch, [missing[i] for i in indices])
+                    if previous is not None:
+                        previous()
+                    if not overlap and pending is not None:  # on a CPU there is nothing to overlap
+                        now: Callable[[], None] = pending
+                        pending = None
+                        now()
+                advance(len(indices) + len(failed))
+                done = time.perf_counter()
+                reporter.debug(
+                    f"batch {number}: {len(indices)} image(s), {len(failed)} failed; decoding waited "
+                    f"{started - waited:.3f} s, model {done - started:.3f} s"
+                )
+                waited = done
+        finally:  # what was computed is stored, also when the run stops here (Ctrl-C, an error)
+            if pending is not None:
+                pending()
     return failures
+
+
+def to_host(*tensors: torch.Tensor) -> Callable[[], list[np.ndarray]]:
+    """Start copying device tensors to the host; the returned function waits for the copies (a
+    CUDA event, not a device-wide synchronisation) and gives numpy arrays. On the CPU it is
+    immediate."""
+    if not tensors or tensors[0].device.type != "cuda":
+        arrays = [t.detach().cpu().numpy() for t in tensors]
+        return lambda: arrays
+    copies = [t.detach().to("cpu", non_blocking=True) for t in tensors]
+    event = torch.cuda.Event()
+    event.record()
+
+    def ready() -> list[np.ndarray]:
+        event.synchronize()
+        return [c.numpy() for c in copies]
+
+    return ready
 
 
 def _table(listing: Listing, found: dict[str, int], failures: dict[str, str]) -> pd.DataFrame:
@@ -258,7 +291,7 @@ def _fill(
     listing: Listing,
     namespace: Namespace,
     model: LoadedModel,
-    process: Callable[[torch.Tensor, list[str]], None],
+    process: Callable[[torch.Tensor, list[str]], Callable[[], None] | None],
     *,
     batch_size: int,
     workers: int,
@@ -334,6 +367,29 @@ def _check_store_dtype(store_dtype: str) -> None:
 
 
 # ----------------------------------------------------------------------------- embed images
+def embed_images_spec(
+    model: LoadedModel,
+    images_key: str,
+    *,
+    store_dtype: str = DEFAULT_STORE_DTYPE,
+    decoder: str = "pil",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> StageSpec:
+    """What identifies an ``embed images`` run (``decoder`` already resolved for the device)."""
+    _check_store_dtype(store_dtype)
+    params: dict[str, object] = {
+        "store_dtype": store_dtype,
+        "precision": model.precision,
+        "items_version": IMAGE_ITEMS_VERSION,
+        "max_pixels": max_pixels,
+    }
+    if decoder != "pil":
+        params["decoder"] = decoder
+    return StageSpec(
+        EMBED_IMAGES_STAGE, EMBED_IMAGES_VERSION, params, {"model": model.fingerprint, "images": images_key}
+    )
+
+
 def embed_images(
     model: LoadedModel,
     listing: Listing,
@@ -349,26 +405,18 @@ def embed_images(
 ) -> StageResult:
     """``image_embeddings.npy`` (one row per distinct readable image) and ``images.parquet``."""
     reporter = reporter or NullReporter()
-    _check_store_dtype(store_dtype)
     workers = default_workers() if workers is None else workers
     decoder = resolve_decoder(decoder, model.device)
-    params = {
-        "store_dtype": store_dtype,
-        "precision": model.precision,
-        "items_version": IMAGE_ITEMS_VERSION,
-        "max_pixels": max_pixels,
-    }
-    if decoder != "pil":
-        params["decoder"] = decoder
-    spec = StageSpec(
-        EMBED_IMAGES_STAGE, EMBED_IMAGES_VERSION, params, {"model": model.fingerprint, "images": listing.key}
+    spec = embed_images_spec(
+        model, listing.key, store_dtype=store_dtype, decoder=decoder, max_pixels=max_pixels
     )
 
     namespace = image_namespace(workspace, model, decoder)
 
     def compute(folder):
         def process(batch, batch_digests):
-            namespace.put_many(batch_digests, encode_images(model.model, batch).cpu().numpy())
+            ready = to_host(encode_images(model.model, batch))
+            return lambda: namespace.put_many(batch_digests, ready()[0])
 
         filled = _fill(
             listing,
@@ -446,6 +494,45 @@ def _cam_namespace(
     return workspace.items.namespace("cam", model.fingerprint, params, dim)
 
 
+def cam_spec(
+    model: LoadedModel,
+    images_key: str,
+    classes: WordList,
+    config: CamConfig,
+    *,
+    store_dtype: str = DEFAULT_STORE_DTYPE,
+    decoder: str = "pil",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> StageSpec:
+    """What identifies a ``cam`` run (``decoder`` already resolved for the device)."""
+    _check_store_dtype(store_dtype)
+    config.validate(len(vision_tower(model.model).blocks))
+    params: dict[str, object] = {
+        **asdict(config),
+        "store_dtype": store_dtype,
+        "precision": model.precision,
+        "max_pixels": max_pixels,
+    }
+    if decoder != "pil":
+        params["decoder"] = decoder
+    inputs = {"model": model.fingerprint, "images": images_key, "classes": classes.digest}
+    return StageSpec(CAM_STAGE, CAM_VERSION, params, inputs)
+
+
+# The files of each image stage that hold one row per distinct image, in row order (what
+# `negalign merge` assembles from shards); ``images.parquet`` is rebuilt from the image list.
+ROW_FILES: dict[str, tuple[str, ...]] = {
+    EMBED_IMAGES_STAGE: (files.IMAGE_EMBEDDINGS,),
+    CAM_STAGE: (
+        files.IMAGE_EMBEDDINGS,
+        files.BACKGROUND_EMBEDDINGS,
+        files.CAMS,
+        files.FOREGROUND,
+        files.CAM_TABLE,
+    ),
+}
+
+
 def cam_images(
     model: LoadedModel,
     listing: Listing,
@@ -465,21 +552,12 @@ def cam_images(
     ``cam.parquet``, plus the ``image_embeddings.npy``/``images.parquet`` of the same forward, so the
     folder scores alone."""
     reporter = reporter or NullReporter()
-    _check_store_dtype(store_dtype)
     tower = vision_tower(model.model)
-    config.validate(len(tower.blocks))
     workers = default_workers() if workers is None else workers
     decoder = resolve_decoder(decoder, model.device)
-    params = {
-        **asdict(config),
-        "store_dtype": store_dtype,
-        "precision": model.precision,
-        "max_pixels": max_pixels,
-    }
-    if decoder != "pil":
-        params["decoder"] = decoder
-    inputs = {"model": model.fingerprint, "images": listing.key, "classes": classes.digest}
-    spec = StageSpec(CAM_STAGE, CAM_VERSION, params, inputs)
+    spec = cam_spec(
+        model, listing.key, classes, config, store_dtype=store_dtype, decoder=decoder, max_pixels=max_pixels
+    )
 
     cams_ns = _cam_namespace(workspace, model, config, classes, tower.grid[0] * tower.grid[1], decoder)
     images_ns = image_namespace(workspace, model, decoder)
@@ -493,8 +571,13 @@ def cam_images(
 
         def process(batch, batch_digests):
             out = cam_batch(model.model, batch, class_features, config)
-            images_ns.put_many(batch_digests, out.embeddings.cpu().numpy())  # first: see _fill
-            cams_ns.put_many(batch_digests, pack_cam_rows(out))
+            ready = to_host(out.embeddings)
+
+            def finish():
+                images_ns.put_many(batch_digests, ready()[0])  # first: see _fill
+                cams_ns.put_many(batch_digests, pack_cam_rows(out))
+
+            return finish
 
         filled = _fill(
             listing,

@@ -216,7 +216,9 @@ def score_images(
             f" ({len(table)} paths)" if len(table) != len(embeddings) else ""
         )
         with reporter.progress(label, len(embeddings)) as advance:
-            columns = compute_scores(inputs_, config, texts.pairs if multimatch else None, on_chunk=advance)
+            columns = compute_scores(
+                inputs_, config, texts.pairs if multimatch else None, on_chunk=advance, device=model.device
+            )
         frame = _scores_frame(table, columns, classes, cam)
         metadata = {
             "model": model.fingerprint,

@@ -1,15 +1,16 @@
 """``negalign demo``: the whole pipeline on the toy benchmark and the bundled toy CLIP.
 
 generate → split-vocab → cam (the ID test set and each OOD set; it also embeds) → score → evaluate
---compare --lambda sweep --id-group minority, plus CAM overlays, and a summary computed from the
-measured figures (:func:`summarise`). Every step is a cached stage, so a second run is served from
-the cache.
+--compare --lambda sweep --id-group minority, then CAM overlays of ID and of every OOD set
+(``viz/<set>/``), the report (``report/``: report.html, report.md, report.tex) and a summary
+computed from the measured figures (:func:`summarise`). Every step but the drawing is a cached
+stage, so a second run is served from the cache.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from negalign_cli.cache.store import StageResult
@@ -24,6 +25,8 @@ from negalign_cli.reporting import NullReporter, Reporter
 from negalign_cli.stages import files
 from negalign_cli.stages.evaluation import EvaluateRequest, evaluate
 from negalign_cli.stages.images import cam_images, digest_images
+from negalign_cli.stages.plots import write_cam_overlays
+from negalign_cli.stages.report import build_report
 from negalign_cli.stages.scoring import open_image_set, score_images
 from negalign_cli.stages.vocab import VocabEntry, negatives_from_split, split_scores, split_vocab
 from negalign_cli.toy.generate import GROUPS, ID_TEST, ToySpec, generate_toy
@@ -44,7 +47,7 @@ class DemoSettings:
     cam: CamConfig = TOY_CAM
     groups: int = 1  # the toy vocabulary holds 30 words: NegLabel's 100 groups need more
     lambdas: tuple[float, ...] = DEFAULT_LAMBDAS
-    viz: int = 6
+    viz: int = 2  # CAM overlays per set (ID and each OOD set)
 
 
 @dataclass
@@ -52,6 +55,8 @@ class DemoResult:
     results: dict
     steps: list[tuple[str, StageResult]]
     out: Path
+    overlays: list[Path] = field(default_factory=list)
+    report: Path | None = None
 
     @property
     def all_hits(self) -> bool:
@@ -129,7 +134,13 @@ def run_demo(
     steps.append(("evaluate", evaluated))
     evaluated.artifact.export(out / "results")
     results = json.loads((out / "results" / files.RESULTS).read_text(encoding="utf-8"))
-    return DemoResult(results, steps, out)
+    overlays = []
+    for name in ("id", *OOD_SETS):
+        overlays += write_cam_overlays(
+            out / "cam" / name, settings.viz, out / "viz" / name.removeprefix("ood_"), model.image_size
+        )
+    report = build_report(out / "results", out / files.REPORT_DIR, reporter=reporter)
+    return DemoResult(results, steps, out, overlays, report.out / files.REPORT_HTML)
 
 
 def _spec_json(spec: ToySpec) -> dict:

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The GPU figures of negalign in one run: GPU scoring checked against CPU scoring, then
+# `negalign bench` (fp16 and bf16, per-image reference flow included) and embedding from JPEG files.
+#
+# usage: bash benchmarks/gpu_check.sh [OUT_DIR]        (default: $OUT, else ./gpu-check)
+#
+# The host needs python3 with torch (CUDA) and torchvision. What else is missing is installed from
+# the wheels in benchmarks/wheels/ (no network needed): fill that folder where pip works with
+#   bash benchmarks/gpu_wheels.sh            (open_clip_torch, ftfy, wcwidth, diskcache, torchcodec, ...)
+# Figures go to OUT_DIR/*.json and OUT_DIR/gpu-check.log; copy the tables into docs/performance.md.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(dirname "$here")
+out=${1:-${OUT:-$root/gpu-check}}
+py=${PYTHON:-python3}
+mkdir -p "$out"
+exec > >(tee "$out/gpu-check.log") 2>&1
+
+site=${NEGALIGN_SITE:-/tmp/negalign-site}
+if compgen -G "$here/wheels/*.whl" >/dev/null; then
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$here"/wheels/*.whl
+  export PYTHONPATH="$site:$root${PYTHONPATH:+:$PYTHONPATH}"
+else
+  echo "no wheels in $here/wheels: using what $py has"
+  export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+"$py" -c "import torch, open_clip; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'open_clip', open_clip.__version__, torch.cuda.get_device_name())"
+
+echo "== 1. scoring on the GPU equals scoring on the CPU"
+"$py" - <<'PY'
+import numpy as np, torch
+from negalign_cli.compute.scores import ScoreConfig, ScoreInputs, compute_scores
+g = torch.Generator().manual_seed(0)
+unit = lambda n: torch.nn.functional.normalize(torch.randn(n, 512, generator=g), dim=-1)
+n, k, m = 5000, 1000, 10000
+inputs = ScoreInputs(images=unit(n).numpy(), classes=unit(k), negatives=unit(m),
+                     class_names=[f"c{i}" for i in range(k)], negative_names=[f"n{i}" for i in range(m)],
+                     star_indices=torch.arange(m // 2), background=unit(n).numpy(),
+                     background_valid=torch.ones(n, dtype=torch.bool), background_indices=torch.arange(m // 2, m))
+config = ScoreConfig(groups=100, role_aware=True)
+cpu = compute_scores(inputs, config)
+gpu = compute_scores(inputs, config, device="cuda")
+worst = 0.0
+for name, values in cpu.items():
+    if name == "pred_class":
+        agree = float((values == gpu[name]).mean()); print(f"pred_class agreement {agree:.5f}"); continue
+    both = np.isfinite(values) & np.isfinite(gpu[name])
+    diff = float(np.abs(values[both] - gpu[name][both]).max()) if both.any() else 0.0
+    worst = max(worst, diff); print(f"{name:18s} max |cpu - gpu| = {diff:.2e}")
+assert worst < 1e-4, worst
+PY
+
+echo "== 2. negalign bench, fp16 weights, decoded tensors"
+"$py" -m negalign_cli bench --device cuda --precision fp16 --batch-size 512 --batches 8 --repeats 3 \
+  --per-image 64 --json "$out/bench-fp16.json"
+
+echo "== 3. negalign bench, bf16 weights"
+"$py" -m negalign_cli bench --device cuda --precision bf16 --batch-size 512 --batches 8 --repeats 3 \
+  --per-image 32 --json "$out/bench-bf16.json"
+
+echo "== 4. embedding from JPEG files (ImageNet-like 500x375), batched GPU decoding"
+jpegs=$(mktemp -d)
+"$py" - "$jpegs" <<'PY'
+import sys, numpy as np
+from PIL import Image
+rng = np.random.default_rng(0)
+base = rng.integers(0, 255, (375, 500, 3), dtype=np.uint8)
+for i in range(4096):  # smooth-ish content so the files are ~100 KB like photos, not noise
+    image = np.roll(base, i, axis=1) // 2 + np.linspace(0, 120, 500, dtype=np.uint8)[None, :, None]
+    Image.fromarray(image.astype(np.uint8)).save(f"{sys.argv[1]}/{i:05d}.jpg", quality=90)
+PY
+"$py" -m negalign_cli bench --device cuda --precision fp16 --batch-size 512 --batches 8 --repeats 3 \
+  --per-image 8 --images "$jpegs" --workers "$(( $(nproc) - 1 ))" --json "$out/bench-files.json"
+rm -rf "$jpegs"
+echo "figures in $out"

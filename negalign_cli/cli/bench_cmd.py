@@ -1,0 +1,94 @@
+"""`negalign bench`: throughput and peak memory of every flow, in one run on one device."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from negalign_cli.cli import options as o
+from negalign_cli.cli.console import guarded, stdout
+
+EXAMPLE = (
+    "Example: negalign bench --device cpu --batch-size 8 --json bench.json  "
+    "(on a GPU: negalign bench --device cuda --precision fp16 --batch-size 512)"
+)
+
+
+@guarded
+def bench(
+    model: Annotated[str, typer.Option("--model", "-m", help="open_clip architecture (random weights).")] = (
+        "ViT-B-16"
+    ),
+    pretrained: Annotated[
+        str,
+        typer.Option("--pretrained", help="Weights: random (speed does not depend on them) or a file/tag."),
+    ] = "random",
+    device: o.Device = "auto",
+    precision: o.PrecisionOpt = o.Precision.fp32,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", "-b", min=1, help="Images per batch of the model flows.")
+    ] = 16,
+    batches: Annotated[int, typer.Option("--batches", min=1, help="Timed batches per repetition.")] = 2,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed repetitions (median).")] = 3,
+    classes: Annotated[int, typer.Option("--classes", min=1, help="ID classes for scoring.")] = 1000,
+    negatives: Annotated[
+        int, typer.Option("--negatives", min=100, help="Negative labels for scoring.")
+    ] = 10000,
+    score_images: Annotated[
+        int, typer.Option("--score-images", min=1, help="Cached embeddings scored per repetition.")
+    ] = 20000,
+    per_image: Annotated[
+        int, typer.Option("--per-image", min=1, help="Images of the per-image reference flow.")
+    ] = 4,
+    images: Annotated[
+        Path | None,
+        typer.Option("--images", help="Also time embedding from these image files.", show_default=False),
+    ] = None,
+    workers: Annotated[int, typer.Option("--workers", min=0, help="DataLoader workers with --images.")] = 0,
+    json_out: Annotated[
+        Path | None,
+        typer.Option("--json", help="Write every figure and the environment here.", show_default=False),
+    ] = None,
+    verbose: o.Verbose = 0,
+    quiet: o.Quiet = False,
+) -> None:
+    """Measure images/s and peak memory of: the image tower's bare forward, embed, embed + CAM +
+    background, scoring from cache (all columns) beside the bare GEMM it cannot beat, multi-matching,
+    the full pipeline, and the per-image reference flow (batch 1, texts per image, full-backward
+    CAM), with the speed-up ratios. Warm-up excluded, median of --repeats. Figures, not a test."""
+    import json
+
+    from negalign_cli.errors import NegalignError
+    from negalign_cli.settings import Runtime
+    from negalign_cli.stages.bench import BenchConfig, run_bench
+
+    if images is not None and not images.exists():
+        raise NegalignError(f"--images {images} does not exist")
+    value = precision.value if isinstance(precision, o.Precision) else precision
+    rt = Runtime.create(cache_dir=None, device=device, precision=value, batch_size=batch_size)
+    report = o.reporter(verbose, quiet)
+    from negalign_cli.models import load_model
+
+    loaded = load_model(model, pretrained, rt.device, rt.precision)  # random weights are the point here
+    report.info(f"model {loaded.describe()}")
+    config = BenchConfig(
+        batch_size=batch_size,
+        batches=batches,
+        repeats=repeats,
+        classes=classes,
+        negatives=negatives,
+        score_images=score_images,
+        per_image=per_image,
+        images=images,
+        workers=workers,
+    )
+    record = run_bench(loaded, config, report)
+    from negalign_cli.cli.render import render_bench
+
+    stdout().print(render_bench(record))
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(record, indent=2), encoding="utf-8")
+        stdout().print(f"wrote {json_out}")

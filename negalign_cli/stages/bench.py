@@ -1,0 +1,504 @@
+"""``negalign bench``: every flow's throughput and peak memory, measured in ONE run on one device.
+
+Each flow runs once to warm up (allocations, kernels, caches), then ``repeats`` times; the median
+time gives images/s. Model flows run on decoded tensors already on the device (random pixels: speed
+does not depend on values) unless image files are given. The per-image reference flow is the
+published research scripts' way: batch 1, the "p and n" texts of NegRefine's multi-matching encoded
+for every image, and Grad-CAM by a full backward pass (through every block, into the weights). The
+bare GEMM — images × (classes + negatives) × D, float32, the same chunks — is what scoring cannot
+beat; scoring is reported as a fraction of it.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from negalign_cli import __version__
+from negalign_cli.compute.scores import (
+    LOGIT_SCALE,
+    ScoreConfig,
+    ScoreInputs,
+    chunk_rows,
+    compute_scores,
+    group_order,
+    neglabel_grouped,
+    pair_text,
+)
+from negalign_cli.compute.vision import (
+    CamConfig,
+    _hooks,
+    cam_batch,
+    cam_from_gradients,
+    encode_images,
+    foreground_mask,
+    masked_mean,
+    vision_tower,
+)
+from negalign_cli.compute.vision import _project as project_tokens
+from negalign_cli.models import LoadedModel
+from negalign_cli.reporting import NullReporter, Reporter
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    batch_size: int = 64
+    batches: int = 2  # timed batches per repetition of a model flow
+    repeats: int = 3
+    classes: int = 1000
+    negatives: int = 10000
+    score_images: int = 20000
+    per_image: int = 4  # images of the per-image reference flow (per repetition)
+    cam: CamConfig = field(default_factory=CamConfig)
+    pairs: int = 5  # NegRefine's top-k classes and negatives: pairs² texts per image
+    images: Path | None = None  # real files instead of decoded tensors
+    workers: int = 0
+
+
+@dataclass
+class Measurement:
+    flow: str
+    images: int  # per repetition
+    seconds: float  # median over repetitions
+    peak_mb: float
+    repeats: int
+    note: str = ""
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else float("inf")
+
+
+# ----------------------------------------------------------------------------- measuring
+class _PeakRss:
+    """Peak resident memory of this process while a block runs (sampled every 5 ms)."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def current() -> int:
+        try:
+            with open("/proc/self/statm", encoding="ascii") as handle:
+                return int(handle.read().split()[1]) * 4096
+        except OSError:
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self.current())
+
+    @contextmanager
+    def watch(self) -> Iterator[None]:
+        self.peak = self.current()
+        thread = threading.Thread(target=self._run, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            self._stop.set()
+            thread.join()
+            self._stop.clear()
+            self.peak = max(self.peak, self.current())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass(frozen=True)
+class Flow:
+    name: str
+    run: Callable[[], Any]
+    images: int
+    note: str = ""
+
+
+def measure_together(flows: list[Flow], device: torch.device, repeats: int) -> list[Measurement]:
+    """Warm each flow up once, then time ``repeats`` rounds, each round running every flow once
+    (interleaved, so a noisy neighbour on a shared machine slows all of them alike and their
+    ratio holds); the median time of each flow gives its rate."""
+    for flow in flows:
+        flow.run()
+        _sync(device)
+    times: dict[str, list[float]] = {flow.name: [] for flow in flows}
+    peaks = dict.fromkeys(times, 0.0)
+    for _ in range(repeats):
+        for flow in flows:
+            rss = _PeakRss()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            with rss.watch():
+                started = time.perf_counter()
+                flow.run()
+                _sync(device)
+                times[flow.name].append(time.perf_counter() - started)
+            peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss.peak
+            peaks[flow.name] = max(peaks[flow.name], peak / 2**20)
+    return [
+        Measurement(f.name, f.images, statistics.median(times[f.name]), peaks[f.name], repeats, f.note)
+        for f in flows
+    ]
+
+
+def measure(
+    flow: str,
+    run: Callable[[], Any],
+    images: int,
+    device: torch.device,
+    repeats: int,
+    note: str = "",
+) -> Measurement:
+    """Warm up once, then time ``repeats`` runs; the median gives the rate."""
+    return measure_together([Flow(flow, run, images, note)], device, repeats)[0]
+
+
+# ----------------------------------------------------------------------------- the inputs
+def _unit(n: int, dim: int, generator: torch.Generator) -> torch.Tensor:
+    return F.normalize(torch.randn(n, dim, generator=generator), dim=-1)
+
+
+def _pixels(model: LoadedModel, n: int, generator: torch.Generator) -> torch.Tensor:
+    size = model.image_size
+    batch = torch.randn(n, 3, size, size, generator=generator)  # normalised pixels are ~N(0, 1)
+    dtype = next(model.model.parameters()).dtype
+    return batch.to(model.device, dtype)
+
+
+def _score_inputs(n: int, dim: int, config: BenchConfig, generator: torch.Generator) -> ScoreInputs:
+    negatives = _unit(config.negatives, dim, generator)
+    half = config.negatives // 2
+    return ScoreInputs(
+        images=_unit(n, dim, generator).numpy(),
+        classes=_unit(config.classes, dim, generator),
+        negatives=negatives,
+        class_names=[f"class {i}" for i in range(config.classes)],
+        negative_names=[f"negative {i}" for i in range(config.negatives)],
+        star_indices=torch.arange(half),
+        background=_unit(n, dim, generator).numpy(),
+        background_valid=torch.ones(n, dtype=torch.bool),
+        background_indices=torch.arange(half, config.negatives),
+    )
+
+
+def _warm_pairs(inputs: ScoreInputs) -> Callable[[list[str]], torch.Tensor]:
+    """A warm pair cache: the features of "p and n" texts as a lookup (normalise(P[p] + N[n]))."""
+    class_index = {name: i for i, name in enumerate(inputs.class_names)}
+    negative_index = {name: i for i, name in enumerate(inputs.negative_names)}
+
+    def lookup(texts: list[str]) -> torch.Tensor:
+        pairs = [text.split(" and ", 1) for text in texts]
+        p = torch.tensor([class_index[a] for a, _ in pairs])
+        n = torch.tensor([negative_index[b] for _, b in pairs])
+        return F.normalize(inputs.classes[p] + inputs.negatives[n], dim=-1)
+
+    return lookup
+
+
+def bare_gemm(images: np.ndarray, weights: torch.Tensor, device: torch.device | None = None) -> None:
+    """images × weightsᵀ in float32, in the chunks scoring uses (copied to ``device`` as scoring
+    copies them), into one reused buffer."""
+    device = device or torch.device("cpu")
+    rows = chunk_rows(weights.shape[0])
+    out = torch.empty(min(rows, images.shape[0]), weights.shape[0], device=device)
+    transposed = weights.T.contiguous().to(device)
+    for start in range(0, images.shape[0], rows):
+        block = torch.from_numpy(images[start : start + rows]).to(device, non_blocking=True)
+        torch.matmul(block, transposed, out=out[: block.shape[0]])
+
+
+# ----------------------------------------------------------------------------- the reference flow
+@contextmanager
+def _trainable(module: torch.nn.Module) -> Iterator[None]:
+    """Weights that take gradients, as in the research scripts (restored after)."""
+    before = [p.requires_grad for p in module.parameters()]
+    for p in module.parameters():
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p, flag in zip(module.parameters(), before, strict=True):
+            p.requires_grad_(flag)
+            p.grad = None
+
+
+def reference_step(
+    model: LoadedModel,
+    image: torch.Tensor,
+    inputs: ScoreInputs,
+    config: BenchConfig,
+    grouping: torch.Tensor,
+    groups: int,
+) -> dict[str, torch.Tensor]:
+    """One image as the per-image research scripts do it: batch 1, Grad-CAM by a full backward
+    (gradients into every weight), NegLabel, NegRefine's k² "p and n" texts encoded for this image,
+    and P_align. Returns what it computed (the tests compare it with the batched flow)."""
+    tower = vision_tower(model.model)
+    device = model.device
+    classes = inputs.classes.to(device)
+    negatives = inputs.negatives.to(device)
+    net: Any = model.model
+    with _trainable(net), _hooks(tower, config.cam.block, detach=False) as capture, torch.enable_grad():
+        embedding = F.normalize(net.encode_image(image).float(), dim=-1)
+        score, predicted = (embedding @ classes.T).max(dim=-1)
+        score.sum().backward()
+        activation = capture.require("activation")
+        gradient = activation.grad
+    if gradient is None:
+        raise RuntimeError("the full backward pass left no gradient at the hooked block")
+    hooked = activation.detach() if tower.batch_first else activation.detach().transpose(0, 1)
+    gradient = gradient if tower.batch_first else gradient.transpose(0, 1)
+    cams = cam_from_gradients(hooked, gradient, config.cam.method).view(-1, *tower.grid)
+    foreground = foreground_mask(cams, config.cam.fg_percentile, config.cam.dilate)
+    final = capture.require("final")
+    final = final if tower.batch_first else final.transpose(0, 1)
+    with torch.inference_mode():
+        tokens = project_tokens(tower.visual, final[:, 1:])
+        background = masked_mean(tokens.float(), ~foreground)
+        x = embedding.detach()
+        pos = LOGIT_SCALE * x @ classes.T
+        neg = LOGIT_SCALE * x @ negatives.T
+        plain = neglabel_grouped(pos, neg[:, grouping], groups)
+        top_pos = pos.topk(config.pairs, dim=-1).indices[0].tolist()
+        top_neg = neg.topk(config.pairs, dim=-1)
+        texts = [
+            pair_text(inputs.class_names[p], inputs.negative_names[n])
+            for p in top_pos
+            for n in top_neg.indices[0].tolist()
+        ]
+        pair_features = F.normalize(net.encode_text(model.tokenizer(texts).to(device)).float(), dim=-1)
+        pair_logits = LOGIT_SCALE * x @ pair_features.T
+        multimatch = torch.sigmoid(
+            pair_logits.double() - top_neg.values.repeat(1, config.pairs).double()
+        ).max()
+    return {
+        "embedding": x,
+        "cam": cams.detach(),
+        "background": background,
+        "neglabel": plain,
+        "multimatch": multimatch,
+        "pred_class": predicted,
+    }
+
+
+# ----------------------------------------------------------------------------- the run
+def environment(model: LoadedModel) -> dict[str, Any]:
+    import open_clip
+
+    device = model.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return {
+        "device": str(device),
+        "device_name": name,
+        "cpu_threads": torch.get_num_threads(),
+        "model": model.name,
+        "weights": model.weights,
+        "precision": model.precision,
+        "image_size": model.image_size,
+        "embed_dim": model.embed_dim,
+        "versions": {
+            "negalign": __version__,
+            "torch": torch.__version__,
+            "open_clip": open_clip.__version__,
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+        },
+        "machine": platform.platform(),
+    }
+
+
+def _image_file_flow(model: LoadedModel, config: BenchConfig) -> tuple[Callable[[], Any], int, str]:
+    """Embedding from image files the way `embed images` reads them: PIL in DataLoader workers on a
+    CPU; on a GPU the JPEG bytes are decoded there in batches (nvJPEG), as ``--decode auto`` does."""
+    from negalign_cli.inputs.datasets import (
+        ImageDataset,
+        RawDataset,
+        collate,
+        collate_raw,
+        decode_batch,
+        list_images,
+        resolve_decoder,
+    )
+
+    if config.images is None:
+        raise ValueError("no image folder")
+    paths = list_images(config.images).paths[: config.batch_size * config.batches]
+    dtype = next(model.model.parameters()).dtype
+    decoder = resolve_decoder("auto", model.device)
+    pin = model.device.type == "cuda"
+    if decoder == "torch":
+        raw = RawDataset(paths, model.image_transform())
+
+        def run() -> None:
+            loader = torch.utils.data.DataLoader(
+                raw, batch_size=config.batch_size, num_workers=config.workers, collate_fn=collate_raw
+            )
+            for items in loader:
+                _, batch, _ = decode_batch(items, model.preprocess_cfg, model.device, raw.pil.__getitem__)
+                if batch is not None:
+                    encode_images(model.model, batch.to(dtype))
+
+        return run, len(paths), f"{config.workers} workers, batched GPU JPEG decoding"
+    dataset = ImageDataset(paths, model.image_transform())
+
+    def run_pil() -> None:
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=config.batch_size,
+            num_workers=config.workers,
+            collate_fn=collate,
+            pin_memory=pin,
+        )
+        for _, batch, _ in loader:
+            if batch is not None:
+                encode_images(model.model, batch.to(model.device, dtype, non_blocking=True))
+
+    return run_pil, len(paths), f"{config.workers} workers, PIL decoding"
+
+
+def run_bench(model: LoadedModel, config: BenchConfig, reporter: Reporter | None = None) -> dict[str, Any]:
+    """Measure every flow; returns the record ``--json`` writes (the table reads it too)."""
+    reporter = reporter or NullReporter()
+    generator = torch.Generator().manual_seed(0)
+    device, dim = model.device, model.embed_dim
+    repeats = config.repeats
+    n_model = config.batch_size * config.batches
+    batches = [_pixels(model, config.batch_size, generator) for _ in range(config.batches)]
+    class_features = _unit(config.classes, dim, generator).to(device)
+    inputs = _score_inputs(config.score_images, dim, config, generator)
+    score_config = ScoreConfig(groups=100, role_aware=True)
+    results: list[Measurement] = []
+    flows = 9 if config.images is not None else 8
+    with reporter.progress("benchmark flows", flows) as advance:
+
+        @torch.inference_mode()
+        def forward() -> None:
+            visual: Any = vision_tower(model.model).visual
+            for batch in batches:
+                visual(batch)
+
+        results.append(measure("image tower forward (ceiling)", forward, n_model, device, repeats))
+        advance(1)
+
+        def embed() -> None:
+            for batch in batches:
+                encode_images(model.model, batch)
+
+        results.append(measure("embed", embed, n_model, device, repeats, "normalised float32 embeddings"))
+        advance(1)
+        if config.images is not None:
+            run, count, how = _image_file_flow(model, config)
+            results.append(measure("embed from image files", run, count, device, repeats, how))
+            advance(1)
+
+        def embed_cam() -> None:
+            for batch in batches:
+                cam_batch(model.model, batch, class_features, config.cam)
+
+        results.append(
+            measure(
+                "embed + CAM + background",
+                embed_cam,
+                n_model,
+                device,
+                repeats,
+                f"{config.cam.method}, block {config.cam.block}, single-block backward",
+            )
+        )
+        advance(1)
+
+        weights = torch.cat([inputs.classes, inputs.negatives])
+        pairs = _warm_pairs(inputs)
+        scoring = [
+            Flow(
+                "bare GEMM (fp32)",
+                lambda: bare_gemm(inputs.images, weights, device),  # type: ignore[arg-type]
+                config.score_images,
+                f"{config.score_images} × ({config.classes} + {config.negatives}) × {dim}",
+            ),
+            Flow(
+                "score from cache (all columns)",
+                lambda: compute_scores(inputs, score_config, device=device),
+                config.score_images,
+                "MCM, Energy, MaxLogit, NegLabel, NegLabel* (M2), P_align",
+            ),
+            Flow(
+                "score + multi-matching",
+                lambda: compute_scores(inputs, score_config, pairs, device=device),
+                config.score_images,
+                "NegRefine's pairs from a warm text cache",
+            ),
+        ]
+        results.extend(measure_together(scoring, device, repeats))  # interleaved: a fair ratio
+        advance(3)
+
+        def full() -> None:
+            embeddings, backgrounds = [], []
+            for batch in batches:
+                out = cam_batch(model.model, batch, class_features, config.cam)
+                embeddings.append(out.embeddings.cpu())
+                backgrounds.append(out.background.cpu())
+            pipeline = ScoreInputs(
+                images=torch.cat(embeddings).numpy(),
+                classes=inputs.classes,
+                negatives=inputs.negatives,
+                class_names=inputs.class_names,
+                negative_names=inputs.negative_names,
+                star_indices=inputs.star_indices,
+                background=torch.cat(backgrounds).numpy(),
+                background_valid=torch.ones(n_model, dtype=torch.bool),
+                background_indices=inputs.background_indices,
+            )
+            compute_scores(pipeline, score_config, pairs, device=device)
+
+        results.append(
+            measure("full NegAlign pipeline", full, n_model, device, repeats, "embed + CAM + all scores")
+        )
+        advance(1)
+        grouping = group_order(config.negatives, score_config.groups, score_config.group_seed)
+        singles = [b[i : i + 1] for b in batches for i in range(b.shape[0])][: config.per_image]
+
+        def per_image() -> None:
+            for image in singles:  # one host sync per image, as those scripts have
+                float(reference_step(model, image, inputs, config, grouping, score_config.groups)["neglabel"])
+
+        results.append(
+            measure(
+                "per-image reference flow",
+                per_image,
+                len(singles),
+                device,
+                repeats,
+                f"batch 1, {config.pairs**2} texts per image, full backward",
+            )
+        )
+        advance(1)
+    model.model.zero_grad(set_to_none=True)
+    rate = {m.flow: m.images_per_s for m in results}
+    ratios = {
+        "embed / forward ceiling": rate["embed"] / rate["image tower forward (ceiling)"],
+        "score / bare GEMM": rate["score from cache (all columns)"] / rate["bare GEMM (fp32)"],
+        "full pipeline / per-image flow": rate["full NegAlign pipeline"] / rate["per-image reference flow"],
+    }
+    return {
+        "environment": environment(model),
+        "config": {**asdict(config), "images": str(config.images) if config.images else None},
+        "results": [{**asdict(m), "images_per_s": m.images_per_s} for m in results],
+        "ratios": ratios,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }

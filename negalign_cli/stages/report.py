@@ -1,0 +1,502 @@
+"""The ``report`` stage: an ``evaluate`` folder as one self-contained HTML page, Markdown and LaTeX.
+
+Reads ``RESULTS_DIR`` (an ``evaluate --out`` folder or artifact: ``results.json`` and its
+``manifest.json``), finds the score files it evaluated (checked against the digests the manifest
+recorded) and, beside each, the ``score`` manifest naming the ``cam`` folder it scored. Writes
+``report.html`` (inline CSS, figures as ``data:`` URIs: it needs no network and no other file),
+``report.md`` and ``report.tex`` (the same method table; they include ``figures/*.png``) and
+``figures/``. What cannot be found (a score file moved, no CAM outputs) leaves its figure out, and
+the report says so. Not cached: the report is a rendering of files that are themselves cached, and
+takes seconds; it is written into a temporary folder inside ``--out`` and renamed into place.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from negalign_cli import __version__
+from negalign_cli.cache.store import MANIFEST
+from negalign_cli.compute.metrics import CONVENTIONS
+from negalign_cli.defaults import DEFAULT_REPORT_CELLS, NEGALIGN
+from negalign_cli.errors import NegalignError
+from negalign_cli.hashing import sha256_file
+from negalign_cli.reporting import NullReporter, Reporter
+from negalign_cli.stages import files
+
+# (key in results.json, column title, higher is better)
+METRICS: tuple[tuple[str, str, bool], ...] = (
+    ("auroc", "AUROC", True),
+    ("fpr95", "FPR@95", False),
+    ("aupr_in", "AUPR-In", True),
+    ("aupr_out", "AUPR-Out", True),
+)
+TEMPLATES = ("report.html.j2", "report.md.j2", "report.tex.j2")
+
+
+@dataclass
+class ScoreSet:
+    """One evaluated score file (ID or an OOD set) and what was found beside it."""
+
+    name: str
+    recorded: str  # the path results.json recorded
+    path: Path | None = None
+    digest: str | None = None  # what evaluate's manifest recorded
+    frame: pd.DataFrame | None = None
+    manifest: dict = field(default_factory=dict)  # the score artifact's manifest.json
+    cam_folder: Path | None = None
+    cam_manifest: dict = field(default_factory=dict)
+    problem: str | None = None
+
+
+@dataclass
+class ReportResult:
+    out: Path
+    written: list[Path]
+    notes: list[str]
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise NegalignError(f"cannot read {what} {path}: {str(exc).splitlines()[0][:120]}") from exc
+
+
+def _locate(recorded: str, bases: list[Path]) -> Path | None:
+    """A path as recorded (absolute, or relative to where the command ran): tried as it is, then
+    against each folder of ``bases`` (the results folder and its parents)."""
+    path = Path(recorded).expanduser()
+    if path.is_absolute():
+        return path if path.exists() else None
+    for base in [Path.cwd(), *bases]:
+        if (base / path).exists():
+            return base / path
+    return None
+
+
+def _bases(results_dir: Path) -> list[Path]:
+    results_dir = results_dir.resolve()
+    return [results_dir, *list(results_dir.parents)[:4]]
+
+
+def load_score_sets(results: dict, evaluate_manifest: dict, results_dir: Path) -> list[ScoreSet]:
+    """ID then each OOD set, each with its frame (the rows evaluate kept) and CAM folder when found."""
+    from negalign_cli.stages.evaluation import evaluated_rows, read_score_file
+
+    bases = _bases(results_dir)
+    inputs = evaluate_manifest.get("inputs", {})
+    sets = [ScoreSet("ID", results["id"]["file"], digest=inputs.get("id"))]
+    sets += [
+        ScoreSet(name, block["file"], digest=inputs.get(f"ood:{name}"))
+        for name, block in results["ood"].items()
+    ]
+    for entry in sets:
+        entry.path = _locate(entry.recorded, bases)
+        if entry.path is None or not entry.path.is_file():
+            entry.problem = f"score file {entry.recorded} not found"
+            continue
+        if entry.digest and sha256_file(entry.path) != entry.digest:
+            entry.problem = f"{entry.path} is not the file that was evaluated (its sha256 differs)"
+            continue
+        entry.frame = read_score_file(entry.path)
+        manifest_path = entry.path.parent / MANIFEST
+        if manifest_path.is_file():
+            entry.manifest = _read_json(manifest_path, "score manifest")
+        cam = entry.manifest.get("images_dir")
+        cam_folder = _locate(cam, bases) if cam else None
+        if (
+            cam_folder is not None
+            and (cam_folder / files.CAMS).is_file()
+            and (cam_folder / files.CAM_TABLE).is_file()
+        ):
+            entry.cam_folder = cam_folder
+            if (cam_folder / MANIFEST).is_file():
+                entry.cam_manifest = _read_json(cam_folder / MANIFEST, "cam manifest")
+    found = {s.name: s.frame for s in sets if s.frame is not None}
+    if len(found) == len(sets):
+        kept = evaluated_rows(results, found)
+        for entry in sets:
+            entry.frame = kept[entry.name]
+    return sets
+
+
+# --- the method table -------------------------------------------------------------------------
+
+
+def _fmt(value: float) -> str:
+    return f"{100 * value:.2f}"
+
+
+def method_table(results: dict, convention: str) -> list[dict[str, Any]]:
+    """Blocks of rows: each OOD set, each ``--ood-group`` mean, then the mean over all sets; in
+    each block one row per method with its four metrics (percent, 2 decimals) and which of them
+    are the block's best (ties all marked)."""
+    blocks: list[tuple[str, str, dict]] = [(name, "set", block) for name, block in results["ood"].items()]
+    blocks += [(name, "group", block) for name, block in results.get("groups", {}).items()]
+    if len(results["ood"]) > 1:
+        blocks.append(("mean", "mean", results["mean"]))
+    from negalign_cli.stages.evaluation import method_label
+
+    table = []
+    for name, kind, block in blocks:
+        rows: list[dict[str, Any]] = []
+        for method, entry in block["methods"].items():
+            values = {key: _fmt(entry["metrics"][convention][key]) for key, _, _ in METRICS}
+            rows.append({"method": method_label(method, entry), "values": values, "best": set()})
+        for key, _, higher in METRICS:
+            shown = [float(row["values"][key]) for row in rows]
+            target = max(shown) if higher else min(shown)
+            for row, value in zip(rows, shown, strict=True):
+                if len(rows) > 1 and value == target:
+                    row["best"].add(key)
+        label = name
+        if kind == "group":
+            label = f"{name} (mean of {', '.join(block['sets'])})"
+        elif kind == "mean":
+            label = f"mean of the {len(results['ood'])} OOD sets"
+        n = results["ood"][name]["n"] if kind == "set" else None
+        table.append({"name": name, "label": label, "kind": kind, "n": n, "rows": rows})
+    return table
+
+
+# --- figures ----------------------------------------------------------------------------------
+
+
+def _main_entry(results: dict, set_name: str | None) -> tuple[str, dict]:
+    """The score the CAM grid ranks by: NegAlign where evaluated (at the set's λ; for ID the
+    common λ, else the first set's), else the first method of the table."""
+    block = results["ood"][set_name] if set_name else next(iter(results["ood"].values()))
+    methods = block["methods"]
+    if NEGALIGN in methods:
+        entry = methods[NEGALIGN]
+        if set_name is None and results["mean"]["methods"][NEGALIGN].get("lambda") is not None:
+            entry = {**entry, "lambda": results["mean"]["methods"][NEGALIGN]["lambda"]}
+        return NEGALIGN, entry
+    method = next(iter(methods))
+    return method, methods[method]
+
+
+def _cam_rows(results: dict, sets: list[ScoreSet], cells: int, size: int) -> tuple[list, list[str]]:
+    from negalign_cli.inputs.masks import find_mask
+    from negalign_cli.stages.evaluation import method_label, method_scores
+    from negalign_cli.stages.plots import CamCell, centre_square
+
+    rows, notes = [], []
+    bases = _bases(Path.cwd())
+    for entry in sets:
+        if entry.frame is None or entry.cam_folder is None:
+            notes.append(
+                f"{entry.name}: no CAM outputs found beside its score file; left out of the CAM grid"
+            )
+            continue
+        method, chosen = _main_entry(results, None if entry.name == "ID" else entry.name)
+        scores = method_scores(chosen, entry.frame, results.get("calibration"))
+        order = np.argsort(-scores, kind="mergesort")
+        cams = np.load(entry.cam_folder / files.CAMS, mmap_mode="r")
+        meta = pd.read_parquet(entry.cam_folder / files.CAM_TABLE)
+        k = min(cells, len(order) // 2 or 1)
+        label = method_label(method, chosen)
+        for title, picks in (("most ID-like", order[:k]), ("least ID-like", order[::-1][:k])):
+            row_cells = []
+            for rank, index in enumerate(picks, 1):
+                record = entry.frame.iloc[int(index)]
+                image = _locate(str(record["path"]), bases) or Path(str(record["path"]))
+                if not image.is_file():
+                    notes.append(f"{entry.name}: image {record['path']} not found; left out of the CAM grid")
+                    continue
+                row = int(record["row"])
+                mask_path = find_mask(image)
+                mask = centre_square(mask_path, size, "L") > 127 if mask_path is not None else None
+                valid = bool(meta["cam_valid"].iloc[row])
+                caption = (
+                    f"#{rank} {label}: {scores[index]:.4g}\n"
+                    f"predicted class: {meta['pred_name'].iloc[row]}\n"
+                    f"cosine to it: {float(meta['pred_score'].iloc[row]):.3f}"
+                    + ("" if valid else "\nCAM invalid")
+                )
+                row_cells.append(CamCell(centre_square(image, size), np.asarray(cams[row]), mask, caption))
+            if row_cells:
+                rows.append((f"{entry.name}: {title}", row_cells))
+    return rows, notes
+
+
+def _figures(
+    results: dict, sets: list[ScoreSet], folder: Path, cells: int, advance: Callable[[int], None]
+) -> tuple[dict[str, dict], list[str]]:
+    """figure key → {file, title, caption}; notes on what was left out."""
+    from negalign_cli.compute.evaluation import ALIGN
+    from negalign_cli.stages.evaluation import roc_curves
+    from negalign_cli.stages.plots import plot_cam_grid, plot_histograms, plot_lambda_curve, plot_roc
+
+    convention = results["metrics_convention"]
+    figures: dict[str, dict] = {}
+    notes: list[str] = []
+    if "lambda_sweep" in next(iter(results["ood"].values())):
+        sweeps = {name: _sweep(block) for name, block in results["ood"].items()}
+        chosen = {name: block["methods"][NEGALIGN].get("lambda") for name, block in results["ood"].items()}
+        for name, block in [*results.get("groups", {}).items(), ("mean", results["mean"])]:
+            if len(results["ood"]) > 1 or name != "mean":
+                sweeps[name], chosen[name] = _sweep(block), block["methods"][NEGALIGN].get("lambda")
+        plot_lambda_curve(folder / files.LAMBDA_PLOT, sweeps, chosen, convention)
+        advance(1)
+        rule = results.get("lambda_selection", {}).get("rule", "")
+        figures["lambda"] = {
+            "file": files.LAMBDA_PLOT,
+            "title": "NegAlign's λ curve",
+            "caption": f"AUROC and FPR@95 ({convention} convention) of S_final = S* + λ·P_align for each "
+            f"λ of the sweep; ★ marks the λ each set uses ({rule}).",
+        }
+    else:
+        notes.append("no λ sweep in results.json (NegAlign was not evaluated): no λ curve")
+    frames = {s.name: s.frame for s in sets if s.frame is not None}
+    if len(frames) == len(sets):
+        id_frame = frames.pop("ID")
+        plot_roc(folder / files.ROC_PLOT, roc_curves(results, id_frame, frames))
+        advance(1)
+        figures["roc"] = {
+            "file": files.ROC_PLOT,
+            "title": "ROC curves of every method",
+            "caption": "ID is the positive class; the dashed line is 95% of ID kept (where FPR@95 is read).",
+        }
+        columns = [
+            e["column"] for m, e in next(iter(results["ood"].values()))["methods"].items() if m != NEGALIGN
+        ]
+        columns += [ALIGN] if all(ALIGN in f.columns for f in [id_frame, *frames.values()]) else []
+        usable = [
+            c
+            for c in dict.fromkeys(columns)
+            if all(pd.to_numeric(f[c], errors="coerce").notna().any() for f in [id_frame, *frames.values()])
+        ]
+        plot_histograms(folder / files.HISTOGRAM_PLOT, id_frame, frames, usable)
+        advance(1)
+        figures["histograms"] = {
+            "file": files.HISTOGRAM_PLOT,
+            "title": "Score histograms",
+            "caption": "Each score of ID against each OOD set (densities: each set's area is 1).",
+        }
+    else:
+        notes += [f"{s.name}: {s.problem}; ROC curves and histograms left out" for s in sets if s.problem]
+    rows, cam_notes = _cam_rows(results, sets, cells, size=128)
+    notes += cam_notes
+    if rows:
+        plot_cam_grid(folder / files.CAM_GRID_PLOT, rows)
+        advance(1)
+        figures["cams"] = {
+            "file": files.CAM_GRID_PLOT,
+            "title": "CAM overlays of the most and least ID-like images",
+            "caption": "Ranked by the score named in each caption; under each image: the class the model "
+            "predicts and the cosine between the image and that class's text embedding.",
+        }
+    return figures, notes
+
+
+def _sweep(block: dict) -> dict[float, dict]:
+    return {float(v["lambda"]): v["metrics"] for v in block["lambda_sweep"].values()}
+
+
+# --- provenance -------------------------------------------------------------------------------
+
+
+def _versions(*manifests: dict) -> dict[str, str]:
+    import jinja2
+    import matplotlib
+
+    versions: dict[str, str] = {}
+    for manifest in manifests:
+        for name, version in manifest.get("versions", {}).items():
+            versions.setdefault(name, version)
+    report = {
+        "negalign (report)": __version__,
+        "python (report)": platform.python_version(),
+        "numpy": np.__version__,
+        "pandas": pd.__version__,
+        "matplotlib": matplotlib.__version__,
+        "jinja2": jinja2.__version__,
+    }
+    for name, version in report.items():
+        versions.setdefault(name, version)
+    return versions
+
+
+def provenance(results: dict, evaluate_manifest: dict, sets: list[ScoreSet]) -> dict[str, Any]:
+    """Model fingerprint, data sets (digests, sizes), every setting, library versions, conventions."""
+    models = {s.manifest.get("inputs", {}).get("model") for s in sets} - {None}
+    descriptions = {s.manifest.get("model") for s in sets} - {None}
+    datasets = []
+    for entry in sets:
+        block = results["id"] if entry.name == "ID" else results["ood"][entry.name]
+        cam_inputs = entry.cam_manifest.get("inputs", {})
+        cam_counts = entry.cam_manifest.get("counts", {})
+        datasets.append(
+            {
+                "name": entry.name,
+                "score_file": str(entry.path or entry.recorded),
+                "score_sha256": entry.digest or (sha256_file(entry.path) if entry.path else ""),
+                "rows": block["n"],
+                "dropped": block.get("dropped_nonfinite", 0) + block.get("excluded_invalid_cam", 0),
+                "cam_invalid": block.get("cam_invalid", 0),
+                "images_digest": cam_inputs.get("images", ""),
+                "images": cam_counts.get("images", cam_counts.get("embedded", "")),
+                "cam_folder": str(entry.cam_folder or ""),
+            }
+        )
+    config = {k: v for k, v in results.get("config", {}).items() if k != "score_files"}
+    score_configs = results.get("config", {}).get("score_files", {}) or {}
+    distinct = {json.dumps(c, sort_keys=True) for c in score_configs.values()}
+    settings: list[tuple[str, str]] = [(f"evaluate: {k}", json.dumps(v)) for k, v in config.items()]
+    if len(distinct) == 1:
+        settings += [
+            (f"score: {k}", json.dumps(v)) for k, v in (next(iter(score_configs.values())) or {}).items()
+        ]
+    else:
+        settings += [
+            (f"score ({name}): {k}", json.dumps(v))
+            for name, c in score_configs.items()
+            for k, v in (c or {}).items()
+        ]
+    for what in ("classes", "negatives"):  # the digests of the word lists every score file used
+        digests = {s.manifest.get("inputs", {}).get(what) for s in sets} - {None}
+        if digests:
+            settings.append((f"score: {what} (sha256 of the list)", ", ".join(sorted(digests))))
+    cam_params = {
+        json.dumps(s.cam_manifest.get("params", {}), sort_keys=True) for s in sets if s.cam_manifest
+    }
+    if len(cam_params) == 1:
+        settings += [(f"cam: {k}", json.dumps(v)) for k, v in json.loads(cam_params.pop()).items()]
+    if "calibration" in results:
+        settings.append(("M3 calibration", json.dumps(results["calibration"])))
+    if "lambda_selection" in results:
+        settings.append(("λ selection", results["lambda_selection"]["rule"]))
+    return {
+        "model_fingerprints": sorted(models),
+        "model_descriptions": sorted(descriptions),
+        "datasets": datasets,
+        "settings": settings,
+        "versions": _versions(
+            evaluate_manifest, *(s.manifest for s in sets), *(s.cam_manifest for s in sets)
+        ),
+        "selection_convention": results["metrics_convention"],
+        "definitions": results["metric_definitions"],
+        "evaluate_key": evaluate_manifest.get("key", ""),
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+# --- rendering --------------------------------------------------------------------------------
+
+
+def _tex(text: Any) -> str:
+    replacements = {
+        "\\": r"\textbackslash{}",
+        "&": r"\&",
+        "%": r"\%",
+        "$": r"\$",
+        "#": r"\#",
+        "_": r"\_",
+        "{": r"\{",
+        "}": r"\}",
+        "~": r"\textasciitilde{}",
+        "^": r"\textasciicircum{}",
+        "λ": r"$\lambda$",
+        "★": r"$\star$",
+        "·": r"$\cdot$",
+        "≥": r"$\geq$",
+        "→": r"$\to$",
+    }
+    return "".join(replacements.get(ch, ch) for ch in str(text))
+
+
+def _md(text: Any) -> str:
+    return str(text).replace("|", r"\|").replace("*", r"\*").replace("_", r"\_")
+
+
+def _environment():
+    import jinja2
+
+    environment = jinja2.Environment(
+        loader=jinja2.PackageLoader("negalign_cli", "assets/report"),
+        autoescape=jinja2.select_autoescape(enabled_extensions=("html.j2",), default_for_string=False),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    environment.filters["tex"] = _tex
+    environment.filters["md"] = _md
+    return environment
+
+
+def build_report(
+    results_dir: Path,
+    out: Path | None = None,
+    *,
+    cells: int = DEFAULT_REPORT_CELLS,
+    reporter: Reporter | None = None,
+) -> ReportResult:
+    """Write report.html, report.md, report.tex and figures/ for an ``evaluate`` folder."""
+    reporter = reporter or NullReporter()
+    results_dir = Path(results_dir).expanduser()
+    if not (results_dir / files.RESULTS).is_file():
+        raise NegalignError(f"{results_dir} holds no {files.RESULTS}: give an `evaluate --out` folder")
+    results = _read_json(results_dir / files.RESULTS, "results")
+    if "ood" not in results or "mean" not in results or "metric_definitions" not in results:
+        raise NegalignError(f"{results_dir / files.RESULTS} is not an `evaluate` results.json")
+    manifest = _read_json(results_dir / MANIFEST, "manifest") if (results_dir / MANIFEST).is_file() else {}
+    out = Path(out).expanduser() if out is not None else results_dir / files.REPORT_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".negalign-report-", dir=out))
+    try:
+        with reporter.progress("report: reading the score files", 1) as advance:
+            sets = load_score_sets(results, manifest, results_dir)
+            advance(1)
+        figures_dir = staging / files.REPORT_FIGURES
+        figures_dir.mkdir()
+        with reporter.progress("report: drawing the figures", 4) as advance:
+            figures, notes = _figures(results, sets, figures_dir, cells, advance)
+        for figure in figures.values():
+            data = (figures_dir / figure["file"]).read_bytes()
+            figure["data_uri"] = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+            figure["path"] = f"{files.REPORT_FIGURES}/{figure['file']}"
+        context = {
+            "title": f"negalign report: {', '.join(results['ood'])}",
+            "results": results,
+            "conventions": sorted(CONVENTIONS, key=lambda c: c != results["metrics_convention"]),
+            "tables": {c: method_table(results, c) for c in CONVENTIONS},
+            "metrics": METRICS,
+            "figures": figures,
+            "notes": notes,
+            "provenance": provenance(results, manifest, sets),
+            "columns": results.get("columns", {}),
+        }
+        environment = _environment()
+        names = (files.REPORT_HTML, files.REPORT_MARKDOWN, files.REPORT_LATEX)
+        for template, name in zip(TEMPLATES, names, strict=True):
+            (staging / name).write_text(
+                environment.get_template(template).render(**context), encoding="utf-8"
+            )
+        written = []
+        target_figures = out / files.REPORT_FIGURES
+        target_figures.mkdir(exist_ok=True)
+        for figure in figures.values():
+            os.replace(figures_dir / figure["file"], target_figures / figure["file"])
+            written.append(target_figures / figure["file"])
+        for name in names:
+            os.replace(staging / name, out / name)
+            written.append(out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for note in notes:
+        reporter.info(note)
+    return ReportResult(out, written, notes)

@@ -1,0 +1,466 @@
+"""Sharded ``embed images`` and ``cam`` runs, and ``negalign merge``.
+
+A sharded run splits one image list into K contiguous slices. All shards of one run share a
+folder (``--shards-dir``) holding:
+
+- ``plan.json``: the frozen plan (stage, K, the image list's digest and size, the model
+  fingerprint and every parameter of the stage). The first shard to start writes it (atomically,
+  never overwriting); every later shard compares its own plan with it and is refused on any
+  difference, so an array cannot mix two image lists, models or settings.
+- ``images.json.gz``: the exact image list (paths, labels, extra columns, listed problems), so
+  ``merge`` rebuilds the unsharded artifact without listing or hashing anything again.
+- ``shard-00000-of-00004/``: each shard's artifact (exported with its manifest), its own cache
+  (``cache/``, unless ``--cache-dir`` or ``$NEGALIGN_CACHE`` says otherwise: one SQLite file is
+  never shared between nodes) and ``done.json``, written last. A resubmitted array skips every
+  shard whose ``done.json`` matches the plan and whose files still verify.
+
+``merge`` assembles the shards' rows into exactly the files an unsharded run writes (same key,
+same bytes), with no model and no recomputation.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from negalign_cli.cache.store import MANIFEST, StageResult, StageSpec, verify_folder
+from negalign_cli.cache.workspace import Workspace
+from negalign_cli.errors import NegalignError
+from negalign_cli.hashing import canonical_json, sha256_json, sha256_text
+from negalign_cli.inputs.datasets import ImageList
+from negalign_cli.reporting import NullReporter, Reporter
+from negalign_cli.stages import files
+from negalign_cli.stages.images import (
+    CAM_STAGE,
+    CAM_VERSION,
+    EMBED_IMAGES_STAGE,
+    EMBED_IMAGES_VERSION,
+    ROW_FILES,
+    Listing,
+    _row_order,
+    _table,
+)
+
+PLAN = "plan.json"
+PLAN_IMAGES = "images.json.gz"
+DONE = "done.json"
+PLAN_FORMAT = 1
+STAGE_VERSIONS = {EMBED_IMAGES_STAGE: EMBED_IMAGES_VERSION, CAM_STAGE: CAM_VERSION}
+
+
+# ----------------------------------------------------------------------------- which shard
+@dataclass(frozen=True)
+class Shard:
+    """Shard ``index`` (0-based) of ``count``."""
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or not 0 <= self.index < self.count:
+            raise NegalignError(f"shard {self.index}/{self.count}: need 0 ≤ i < K and K ≥ 1")
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """``"i/K"`` (0-based i)."""
+        try:
+            index, count = (int(part) for part in text.split("/"))
+        except ValueError:
+            raise NegalignError(f"--shard must look like i/K (e.g. 0/4), got {text!r}") from None
+        return cls(index, count)
+
+    def bounds(self, n: int) -> tuple[int, int]:
+        """The slice of an ``n``-image list this shard takes (sizes differ by at most one)."""
+        return self.index * n // self.count, (self.index + 1) * n // self.count
+
+    @property
+    def name(self) -> str:
+        return f"shard-{self.index:05d}-of-{self.count:05d}"
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+def shard_from_env(environ: Mapping[str, str] | None = None) -> Shard | None:
+    """The shard a scheduler assigned: a SLURM job array (``SLURM_ARRAY_TASK_ID`` minus
+    ``SLURM_ARRAY_TASK_MIN``, of ``SLURM_ARRAY_TASK_COUNT``) or torchrun (``RANK`` of
+    ``WORLD_SIZE``); None outside both."""
+    env = os.environ if environ is None else environ
+    try:
+        if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+            first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+            return Shard(int(env["SLURM_ARRAY_TASK_ID"]) - first, int(env["SLURM_ARRAY_TASK_COUNT"]))
+        if "RANK" in env and "WORLD_SIZE" in env:
+            return Shard(int(env["RANK"]), int(env["WORLD_SIZE"]))
+    except ValueError as exc:
+        raise NegalignError(f"cannot read the shard from the scheduler's variables: {exc}") from None
+    return None
+
+
+def resolve_shard(option: str | None, environ: Mapping[str, str] | None = None) -> Shard:
+    """``--shard i/K`` if given, else the scheduler's; an error when neither says."""
+    if option is not None:
+        return Shard.parse(option)
+    shard = shard_from_env(environ)
+    if shard is None:
+        raise NegalignError(
+            "--shards-dir needs a shard: give --shard i/K, or run inside a SLURM job array "
+            "(SLURM_ARRAY_TASK_ID/COUNT) or under torchrun (RANK/WORLD_SIZE)"
+        )
+    return shard
+
+
+def shard_cache(shards_dir: Path, shard: Shard) -> Path:
+    """A shard's own cache, inside its folder (the default when no cache is named)."""
+    return Path(shards_dir) / shard.name / "cache"
+
+
+# ----------------------------------------------------------------------------- the image list
+def images_digest(images: ImageList) -> str:
+    """What identifies an image list before any file is read (paths, labels, extra columns,
+    listed problems)."""
+    problems = sorted(images.problems.items())
+    return sha256_json([images.paths, images.labels, images.extra, problems])
+
+
+def subset(images: ImageList, start: int, stop: int) -> ImageList:
+    """Images ``start:stop`` of a list, with their listed problems."""
+    return ImageList(
+        source=images.source,
+        paths=images.paths[start:stop],
+        labels=images.labels[start:stop],
+        extra={name: values[start:stop] for name, values in images.extra.items()},
+        problems={i - start: why for i, why in images.problems.items() if start <= i < stop},
+    )
+
+
+def _write_images(path: Path, images: ImageList) -> None:
+    record = {
+        "source": images.source,
+        "paths": images.paths,
+        "labels": images.labels,
+        "extra": images.extra,
+        "problems": [[i, why] for i, why in sorted(images.problems.items())],
+    }
+    with gzip.open(path, "wt", encoding="utf-8") as handle:  # ensure_ascii keeps odd bytes (surrogates)
+        json.dump(record, handle, ensure_ascii=True)
+
+
+def _read_images(path: Path) -> ImageList:
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as handle:
+            record = json.load(handle)
+        return ImageList(
+            source=record["source"],
+            paths=list(record["paths"]),
+            labels=list(record["labels"]),
+            extra={k: list(v) for k, v in record["extra"].items()},
+            problems={int(i): str(why) for i, why in record["problems"]},
+        )
+    except (OSError, EOFError, ValueError, KeyError, TypeError) as exc:
+        raise NegalignError(f"the plan's image list {path} is unreadable ({exc})") from None
+
+
+# ----------------------------------------------------------------------------- the plan
+@dataclass(frozen=True)
+class Plan:
+    stage: str
+    version: int
+    shards: int
+    images: str  # images_digest
+    count: int
+    source: str
+    params: Mapping[str, Any]
+    inputs: Mapping[str, str]  # the stage's inputs but the image list (model, classes)
+
+    @classmethod
+    def of(cls, spec: StageSpec, images: ImageList, shards: int) -> Plan:
+        inputs = {k: v for k, v in spec.inputs.items() if k != "images"}
+        return cls(
+            spec.stage,
+            spec.version,
+            shards,
+            images_digest(images),
+            len(images),
+            images.source,
+            dict(spec.params),
+            inputs,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": PLAN_FORMAT,
+            "stage": self.stage,
+            "version": self.version,
+            "shards": self.shards,
+            "images": {"digest": self.images, "count": self.count, "source": self.source},
+            "params": dict(self.params),
+            "inputs": dict(self.inputs),
+        }
+
+    @classmethod
+    def from_json(cls, record: Mapping[str, Any]) -> Plan:
+        return cls(
+            record["stage"],
+            int(record["version"]),
+            int(record["shards"]),
+            record["images"]["digest"],
+            int(record["images"]["count"]),
+            record["images"]["source"],
+            record["params"],
+            record["inputs"],
+        )
+
+    @property
+    def digest(self) -> str:
+        return sha256_text(canonical_json(self.to_json()))
+
+    def spec(self, images_key: str) -> StageSpec:
+        """The unsharded run's spec for the full list (its digests give ``images_key``)."""
+        return StageSpec(self.stage, self.version, self.params, {**self.inputs, "images": images_key})
+
+    def differences(self, other: Plan) -> list[str]:
+        mine, theirs = self.to_json(), other.to_json()
+        names = {"images": "image list", "inputs": "model or classes", "params": "settings"}
+        out = []
+        for field in ("stage", "version", "shards", "images", "inputs", "params"):
+            if mine[field] != theirs[field]:
+                if field == "params":
+                    changed = sorted(
+                        k
+                        for k in set(mine["params"]) | set(theirs["params"])
+                        if mine["params"].get(k) != theirs["params"].get(k)
+                    )
+                    out.append(f"settings ({', '.join(changed)})")
+                else:
+                    out.append(names.get(field, field))
+        return out
+
+
+def read_plan(shards_dir: Path) -> Plan:
+    path = Path(shards_dir) / PLAN
+    if not path.is_file():
+        raise NegalignError(f"{shards_dir} holds no {PLAN}: no shard of a sharded run has started there")
+    try:
+        plan = Plan.from_json(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise NegalignError(f"{path} is unreadable ({exc})") from None
+    if plan.stage not in STAGE_VERSIONS:
+        raise NegalignError(f"{path} plans an unknown stage {plan.stage!r}")
+    return plan
+
+
+def _write_new(path: Path, write: Callable[[Path], object]) -> bool:
+    """Write ``path`` through a temporary file, never replacing an existing one; False if another
+    process was first."""
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(handle)
+    try:
+        write(Path(tmp))
+        try:
+            os.link(tmp, path)  # atomic, and fails when the file exists
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        os.unlink(tmp)
+
+
+def freeze_plan(shards_dir: Path, plan: Plan, images: ImageList) -> Plan:
+    """Write the plan if this is the first shard, else check this shard's plan against it."""
+    folder = Path(shards_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / PLAN).exists():
+        _write_new(folder / PLAN_IMAGES, lambda p: _write_images(p, images))
+        text = json.dumps(plan.to_json(), indent=2, sort_keys=True)
+        _write_new(folder / PLAN, lambda p: p.write_text(text, encoding="utf-8"))
+    frozen = read_plan(folder)
+    differences = plan.differences(frozen)
+    if differences:
+        raise NegalignError(
+            f"this shard's {', '.join(differences)} differ from the plan frozen in {folder / PLAN}; "
+            "shards of one run must share the image list, model and settings (use another --shards-dir "
+            "for a new run)"
+        )
+    return frozen
+
+
+# ----------------------------------------------------------------------------- one shard
+@dataclass(frozen=True)
+class ShardOutcome:
+    shard: Shard
+    folder: Path
+    skipped: bool  # done by an earlier run
+    result: StageResult | None
+    images: int  # images in this shard
+
+
+def shard_done(shards_dir: Path, plan: Plan, shard: Shard) -> bool:
+    """Whether ``shard`` finished under ``plan`` and its files still verify."""
+    folder = Path(shards_dir) / shard.name
+    try:
+        done = json.loads((folder / DONE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(done, dict) or done.get("plan") != plan.digest:
+        return False
+    manifest, problem = verify_folder(folder / "artifact")
+    return problem is None and manifest is not None and manifest.get("key") == done.get("key")
+
+
+def run_shard(
+    shards_dir: Path,
+    shard: Shard,
+    spec: StageSpec,
+    images: ImageList,
+    run: Callable[[ImageList], StageResult],
+    reporter: Reporter | None = None,
+) -> ShardOutcome:
+    """Freeze or check the plan, skip a finished shard, else run ``run`` on this shard's slice
+    and publish its artifact and ``done.json``. ``spec`` is the stage's spec (its image key is
+    ignored: the plan names the list by :func:`images_digest`)."""
+    reporter = reporter or NullReporter()
+    if shard.count > len(images):
+        raise NegalignError(
+            f"{shard.count} shards for {len(images)} images: use at most {len(images)} shards"
+        )
+    plan = freeze_plan(shards_dir, Plan.of(spec, images, shard.count), images)
+    folder = Path(shards_dir) / shard.name
+    start, stop = shard.bounds(len(images))
+    if shard_done(shards_dir, plan, shard):
+        reporter.info(f"shard {shard} is done already ({folder}); nothing to do")
+        return ShardOutcome(shard, folder, True, None, stop - start)
+    if start == stop:
+        raise NegalignError(
+            f"shard {shard} of {len(images)} images is empty: use at most {len(images)} shards"
+        )
+    result = run(subset(images, start, stop))
+    (folder / DONE).unlink(missing_ok=True)
+    result.artifact.export(folder / "artifact")
+    done = {"plan": plan.digest, "shard": [shard.index, shard.count], "key": result.artifact.key}
+    tmp = folder / f".{DONE}.tmp"
+    tmp.write_text(json.dumps(done, indent=2), encoding="utf-8")
+    os.replace(tmp, folder / DONE)
+    return ShardOutcome(shard, folder, False, result, stop - start)
+
+
+# ----------------------------------------------------------------------------- merge
+def missing_shards(shards_dir: Path, plan: Plan) -> list[Shard]:
+    return [
+        s for s in (Shard(i, plan.shards) for i in range(plan.shards)) if not shard_done(shards_dir, plan, s)
+    ]
+
+
+def _load_rows(path: Path) -> np.ndarray | pd.DataFrame:
+    return pd.read_parquet(path) if path.suffix == ".parquet" else np.load(path, mmap_mode="r")
+
+
+def merge_shards(shards_dir: Path, workspace: Workspace, reporter: Reporter | None = None) -> StageResult:
+    """The unsharded artifact of a finished sharded run, assembled from the shards' rows (same
+    key and bytes as a one-process run), stored in ``workspace``."""
+    reporter = reporter or NullReporter()
+    shards_dir = Path(shards_dir)
+    plan = read_plan(shards_dir)
+    if STAGE_VERSIONS[plan.stage] != plan.version:
+        raise NegalignError(
+            f"{shards_dir / PLAN} was made for {plan.stage} version {plan.version}; this negalign writes "
+            f"version {STAGE_VERSIONS[plan.stage]}: rerun the shards with this version"
+        )
+    missing = missing_shards(shards_dir, plan)
+    if missing:
+        shown = ", ".join(str(s.index) for s in missing[:10]) + (" …" if len(missing) > 10 else "")
+        raise NegalignError(
+            f"{len(missing)} of {plan.shards} shard(s) are not done (shard {shown}): rerun them "
+            "(finished shards are skipped), then merge"
+        )
+    images = _read_images(shards_dir / PLAN_IMAGES)
+    if images_digest(images) != plan.images or len(images) != plan.count:
+        raise NegalignError(f"{shards_dir / PLAN_IMAGES} does not match {PLAN}: the shard folder is damaged")
+    folders = [shards_dir / Shard(i, plan.shards).name / "artifact" for i in range(plan.shards)]
+    manifests = [json.loads((f / MANIFEST).read_text(encoding="utf-8")) for f in folders]
+    tables = [pd.read_parquet(f / files.IMAGE_TABLE) for f in folders]
+    if sum(len(t) for t in tables) != len(images):
+        raise NegalignError(
+            f"the shards in {shards_dir} list {sum(len(t) for t in tables)} images, the plan {len(images)}"
+        )
+    whole = pd.concat(tables, ignore_index=True)
+    digests = [d if d else None for d in whole["digest"].astype(str)]
+    reasons = ["" if d else str(r) for d, r in zip(digests, whole["reason"], strict=True)]
+    listing = Listing(images, digests, reasons)
+    skipped = whole[(whole["status"] != "ok") & (whole["digest"] != "")]
+    failures = dict(zip(skipped["digest"].astype(str), skipped["reason"].astype(str), strict=True))
+    # where each distinct digest's row lives: the first shard (in list order) that has it
+    source: dict[str, tuple[int, int]] = {}
+    for number, table in enumerate(tables):
+        ok = table[table["status"] == "ok"]
+        for digest, row in zip(ok["digest"].astype(str), ok["row"].astype(int), strict=True):
+            source.setdefault(digest, (number, row))
+    rows = _row_order(listing, set(source))
+    order = list(rows)  # distinct digests in output order
+    from_shard = np.array([source[d][0] for d in order], dtype=np.int64)
+    from_row = np.array([source[d][1] for d in order], dtype=np.int64)
+
+    def compute(folder: Path) -> dict[str, Any]:
+        counts: dict[str, int] = {}
+        with reporter.progress(f"merging {plan.shards} shards", len(ROW_FILES[plan.stage])) as advance:
+            for name in ROW_FILES[plan.stage]:
+                parts = [_load_rows(f / name) for f in folders]
+                if isinstance(parts[0], pd.DataFrame):
+                    frames = [p.iloc[from_row[from_shard == i]] for i, p in enumerate(parts)]  # type: ignore[union-attr]
+                    merged = _interleave_frames(frames, from_shard)
+                    merged.to_parquet(folder / name, index=False)
+                    if "cam_valid" in merged:
+                        counts["cam_valid"] = int(merged["cam_valid"].sum())
+                else:
+                    first = parts[0]
+                    out = np.empty((len(order), *first.shape[1:]), dtype=first.dtype)
+                    for i, part in enumerate(parts):
+                        mask = from_shard == i
+                        if mask.any():
+                            out[mask] = part[from_row[mask]]
+                    np.save(folder / name, out)
+                advance(1)
+        _table(listing, rows, failures).to_parquet(folder / files.IMAGE_TABLE, index=False)
+        return _merged_manifest(plan, manifests, len(order), counts)
+
+    spec = plan.spec(listing.key)
+    return workspace.store.run(spec, compute, reporter)
+
+
+def _interleave_frames(frames: list[pd.DataFrame], from_shard: np.ndarray) -> pd.DataFrame:
+    """Rows taken shard by shard put back in output order (``from_shard`` names each row's shard)."""
+    merged = pd.concat(frames, ignore_index=True)
+    position = np.concatenate([np.flatnonzero(from_shard == i) for i in range(len(frames))])
+    return merged.iloc[np.argsort(position, kind="stable")].reset_index(drop=True)
+
+
+def _merged_manifest(
+    plan: Plan, manifests: list[dict[str, Any]], rows: int, recounted: Mapping[str, int]
+) -> dict[str, Any]:
+    counts = [m.get("counts", {}) for m in manifests]
+    summed = {
+        name: sum(int(c.get(name, 0)) for c in counts)
+        for name in ("images", "skipped", "encoded", "cached", "computed")
+        if any(name in c for c in counts)
+    }
+    summed["embedded" if plan.stage == EMBED_IMAGES_STAGE else "processed"] = rows
+    summed["duplicates"] = plan.count - summed.get("skipped", 0) - rows
+    summed.update(recounted)
+    extra: dict[str, Any] = {"counts": summed, "images_source": plan.source}
+    if "model" in manifests[0]:
+        extra["model"] = manifests[0]["model"]
+    extra["merged_from"] = {
+        "shards": plan.shards,
+        "keys": [m.get("key") for m in manifests],
+        "plan": plan.digest,
+    }
+    return extra

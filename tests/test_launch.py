@@ -1,0 +1,96 @@
+"""`negalign launch` through submitit's local executor: shards as processes, a killed shard rerun
+alone, the merge equal to one unsharded run."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+
+from tests.faults.helpers import cli, one_line_error
+from tests.faults.test_interruptions import interrupt, negalign
+from tests.helpers import TINY
+from tests.helpers.images import make_image_folder
+
+
+@pytest.mark.slow
+def test_launch_local_reruns_only_the_killed_shard(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("NEGALIGN_CACHE")
+    folder = make_image_folder(tmp_path / "imgs", per_class=12)  # 24 images, 12 per shard
+    stage = ["embed", "images", "--images", str(folder), *TINY, "--batch-size", "2", "--workers", "0"]
+    whole = negalign(*stage, "--cache-dir", "c-whole", "--out", "whole")
+    assert whole.returncode == 0, whole.stderr
+    # both shards through submitit's local executor, merged: the bytes of the one-process run
+    fresh = negalign("launch", *stage, "--shards", "2", "--shards-dir", "fresh", "--out", "fresh-out")
+    assert fresh.returncode == 0, fresh.stderr + fresh.stdout
+    assert "2 shard(s) ran, 0 were done already" in fresh.stdout
+    for name in ("image_embeddings.npy", "images.parquet"):
+        assert (tmp_path / "fresh-out" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+
+    runs = tmp_path / "runs"
+    assert negalign(*stage, "--shard", "0/2", "--shards-dir", str(runs)).returncode == 0
+    # shard 1 is killed after 2 of its 6 batches: no done marker, but its cache keeps those images
+    code = interrupt(
+        tmp_path / "markers", 2, signal.SIGKILL, *stage, "--shard", "1/2", "--shards-dir", str(runs)
+    )
+    assert code == -signal.SIGKILL
+    assert not (runs / "shard-00001-of-00002" / "done.json").exists()
+
+    launched = negalign("launch", *stage, "--shards", "2", "--shards-dir", str(runs), "--out", "merged")
+    assert launched.returncode == 0, launched.stderr + launched.stdout
+    assert "1 shard(s) ran, 1 were done already" in launched.stdout
+    shard_one = json.loads((runs / "shard-00001-of-00002" / "artifact" / "manifest.json").read_text())
+    assert 0 < shard_one["counts"]["encoded"] < 12 and shard_one["counts"]["cached"] >= 4  # resumed
+    for name in ("image_embeddings.npy", "images.parquet"):
+        assert (tmp_path / "merged" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+    assert list((runs / "logs").iterdir())  # submitit kept the shard's log
+
+    again = negalign("launch", *stage, "--shards", "2", "--shards-dir", str(runs), "--no-merge")
+    assert again.returncode == 0 and "0 shard(s) ran, 2 were done already" in again.stdout
+
+
+def test_launch_refuses_bad_requests(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    folder = make_image_folder(tmp_path / "imgs")
+    base = ["launch", "embed", "images", "--images", str(folder), "--shards", "2", "--shards-dir", "r"]
+    one_line_error(cli(*base, "--executor", "pbs"), "--executor must be local or slurm")
+    one_line_error(cli("launch", "score", "--shards", "2", "--shards-dir", "r"), "launch runs embed or cam")
+    one_line_error(cli(*base, "--shard", "0/2"), "--shard is launch's to set")
+    one_line_error(cli(*base, "--slurm-arg", "account"), "KEY=VALUE")
+
+
+def test_slurm_executor_settings(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from negalign_cli.errors import NegalignError
+    from negalign_cli.stages.launch import LaunchConfig, _executor
+
+    config = LaunchConfig(
+        executor="slurm",
+        array_parallelism=16,
+        partition="gpu",
+        cpus_per_shard=8,
+        mem_gb=64,
+        timeout_min=240,
+        slurm_extra={"account": "proj1"},
+    )
+    monkeypatch.setenv("PATH", str(tmp_path))  # no SLURM here
+    with pytest.raises(NegalignError, match="needs SLURM's commands"):
+        _executor(config, tmp_path / "logs")
+    srun = tmp_path / "srun"
+    srun.write_text("#!/bin/sh\nexit 0\n")
+    srun.chmod(0o755)
+    executor = _executor(config, Path(tmp_path / "logs"))
+    script = executor._executor._make_submission_file_text("python -m negalign_cli", "uid")
+    for line in (
+        "--partition=gpu",
+        "--cpus-per-task=8",
+        "--mem=64GB",
+        "--time=240",
+        "--account=proj1",
+        "--gpus-per-node=1",
+    ):
+        assert line in script, line
+    assert executor._executor.parameters["array_parallelism"] == 16
