@@ -328,3 +328,99 @@ def test_invalid_cam_rows_are_counted_and_excluded(files, tmp_path, workspace):
     results = json.loads(evaluate(request, workspace).artifact.file("results.json").read_text())
     assert results["id"]["cam_invalid"] == invalid["id"] and results["id"]["excluded_invalid_cam"] == 0
     assert results["id"]["n"] == len(frames["id"])
+
+
+def _with_paths(tmp_path):
+    paths = [str(tmp_path / "images" / f"{i:03d}.png") for i in range(300)]
+    file = write_scores(tmp_path / "id_paths.parquet", 300, 0, shift=0.3)
+    frame = pd.read_parquet(file).assign(path=paths)
+    frame.to_parquet(file, index=False)
+    return file
+
+
+def test_id_group_rejection_per_method(files, workspace, tmp_path):
+    from negalign_cli.compute.metrics import group_rejection
+
+    id_file = _with_paths(tmp_path)
+    id_frame = load(id_file)
+    chosen = id_frame["path"].iloc[::7].tolist()
+    manifest = tmp_path / "groups" / "minority.csv"
+    manifest.parent.mkdir()
+    # relative to the manifest's folder, as every manifest is read; one image the ID file lacks
+    relative = ["../images/" + p.rsplit("/", 1)[1] for p in chosen]
+    pd.DataFrame({"path": relative + ["../images/elsewhere.png"]}).to_csv(manifest, index=False)
+    request = EvaluateRequest(
+        id_file,
+        [("near", files["near"]), ("far", files["far"])],
+        lambdas=[0.0, 2.0],
+        compare=True,
+        id_groups=[("minority", manifest)],
+    )
+    results = json.loads(evaluate(request, workspace).artifact.file("results.json").read_text())
+    group = results["id_groups"]["minority"]
+    in_group = id_frame["path"].isin(chosen).to_numpy()
+    assert group["n"] == len(chosen) == in_group.sum() and group["listed_not_in_id"] == 1
+    for method, column in (
+        ("MCM", "s_mcm"),
+        ("NegLabel", "s_neglabel_plain"),
+        ("NegLabel*", "s_neglabel_star"),
+    ):
+        expected = group_rejection(id_frame[column].to_numpy(), in_group)
+        assert group["rejected"][method] == pytest.approx(expected)
+    for lam in (0.0, 2.0):
+        combined = (id_frame["s_neglabel_star"] + lam * id_frame["p_align"]).to_numpy()
+        assert group["negalign_sweep"][str(lam)] == pytest.approx(group_rejection(combined, in_group))
+    # independent check of one figure: sort, cut at the 95% rank, count the group below it
+    mcm = id_frame["s_mcm"].to_numpy()
+    cut = np.sort(mcm)[::-1][int(np.ceil(0.95 * len(mcm))) - 1]
+    assert group["rejected"]["MCM"] == pytest.approx(np.mean(mcm[in_group] < cut))
+    assert len({round(v, 6) for v in group["rejected"].values()}) > 1  # the methods differ on this data
+
+
+def test_id_group_errors(files, workspace, tmp_path):
+    stranger = tmp_path / "stranger.csv"
+    stranger.write_text("path\n/not/scored.png\n")
+    with pytest.raises(NegalignError, match="none of its 1 image"):
+        evaluate(
+            EvaluateRequest(
+                _with_paths(tmp_path), [("near", files["near"])], compare=True, id_groups=[("g", stranger)]
+            ),
+            workspace,
+        )
+    with pytest.raises(NegalignError, match="no path column"):
+        evaluate(
+            EvaluateRequest(
+                files["id"], [("near", files["near"])], compare=True, id_groups=[("g", stranger)]
+            ),
+            workspace,
+        )
+    with pytest.raises(NegalignError, match="not found"):
+        evaluate(
+            EvaluateRequest(
+                files["id"],
+                [("near", files["near"])],
+                compare=True,
+                id_groups=[("g", tmp_path / "missing.csv")],
+            ),
+            workspace,
+        )
+    with pytest.raises(NegalignError, match="--id-group takes NAME=FILE"):
+        parse_ood(["nofile"], "--id-group", required=False)
+    assert parse_ood([], "--id-group", required=False) == []
+
+
+def test_evaluate_cli_id_group(files, tmp_path):
+    id_file = _with_paths(tmp_path)
+    group = tmp_path / "images"  # a folder of images is a group too: its files, matched by path
+    group.mkdir()
+    for i in range(0, 300, 10):
+        (group / f"{i:03d}.png").write_bytes(b"")
+    base = ["evaluate", "--id", str(id_file), "--ood", f"near={files['near']}", "--compare"]
+    base += ["--cache-dir", str(tmp_path / "c"), "--out", str(tmp_path / "r")]
+    result = runner.invoke(app, [*base, "--id-group", f"minority={group}"])
+    assert result.exit_code == 0, result.output
+    assert "ID group minority (30 images)" in result.output and "NegLabel*" in result.output
+    stored = json.loads((tmp_path / "r" / "results.json").read_text())["id_groups"]["minority"]
+    assert stored["n"] == 30 and set(stored["rejected"]) >= {"MCM", "NegLabel", "NegAlign"}
+    bad = runner.invoke(app, [*base, "--id-group", "minority"])
+    assert bad.exit_code == 2 and "--id-group takes NAME=FILE" in bad.output

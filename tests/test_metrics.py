@@ -121,3 +121,42 @@ def test_openood_aupr_of_a_perfect_curve_is_one_not_more():
 
     metrics = ood_metrics(np.array([1.0, 1.0]), np.array([-1.5, -1, -2, -2] + [0] * 16), "openood")
     assert metrics.aupr_out == 1.0 and metrics.aupr_in == 1.0  # the trapezoids summed to 1 + 2e-16
+
+
+def _brute_force_rejection(id_scores, in_group, keep=0.95):
+    """Try every ID score as the threshold; take the highest that keeps >= keep of ID (score >= t)."""
+    candidates = [t for t in sorted(set(id_scores.tolist())) if np.mean(id_scores >= t) >= keep]
+    threshold = max(candidates)
+    return sum(1 for s, g in zip(id_scores, in_group, strict=True) if g and s < threshold) / sum(in_group)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_group_rejection_against_brute_force(seed):
+    from negalign_cli.compute.metrics import group_rejection, keep_threshold
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(5, 400))
+    # coarse values make ties, which decide what "keeps 95%" means
+    scores = np.round(rng.normal(size=n), int(rng.integers(0, 3)))
+    group = rng.random(n) < rng.uniform(0.05, 0.6)
+    group[rng.integers(n)] = True
+    assert group_rejection(scores, group) == pytest.approx(_brute_force_rejection(scores, group))
+    threshold = keep_threshold(scores)
+    assert np.mean(scores >= threshold) >= 0.95
+    assert not (scores > threshold).mean() >= 0.95 or threshold == scores.max()
+
+
+def test_group_rejection_hand_worked():
+    from negalign_cli.compute.metrics import group_rejection, keep_threshold
+
+    scores = np.arange(20, dtype=float)  # keeping 95% of 20 = 19 images: threshold 1, only 0 rejected
+    assert keep_threshold(scores) == 1.0
+    group = np.zeros(20, bool)
+    group[[0, 1, 5]] = True
+    assert group_rejection(scores, group) == pytest.approx(1 / 3)
+    assert group_rejection(scores, group, keep=0.5) == pytest.approx(1.0)  # threshold 10
+    assert group_rejection(scores, group, keep=0.75) == pytest.approx(2 / 3)  # threshold 5 keeps image 5
+    with pytest.raises(ValueError, match="no ID image"):
+        group_rejection(scores, np.zeros(20, bool))
+    with pytest.raises(ValueError, match="shape"):
+        group_rejection(scores, group[:5])

@@ -307,7 +307,7 @@ def test_toy_report_content(toy_run):
     out = toy_run / "report"
     results = json.loads((toy_run / "demo" / "results" / "results.json").read_text())
     markdown = (out / "report.md").read_text()
-    assert check_markdown_against_results(markdown, results) == 2 * 3 * 7 * 4
+    assert check_markdown_against_results(markdown, results) == 2 * 4 * 7 * 4  # 3 OOD sets and the mean
     html = (out / "report.html").read_text()
     check_self_contained(html, out)
     assert {p.name for p in (out / "figures").iterdir()} == {
@@ -339,12 +339,14 @@ def test_toy_cam_grid_rows(toy_run, monkeypatch):
     results = json.loads((results_dir / "results.json").read_text())
     manifest = json.loads((results_dir / "manifest.json").read_text())
     sets = load_score_sets(results, manifest, results_dir)
-    assert [s.name for s in sets] == ["ID", "spurious", "nonspurious"]
+    assert [s.name for s in sets] == ["ID", "spurious", "spurious_object", "nonspurious"]
     assert all(s.cam_folder is not None and s.problem is None for s in sets)
     rows, notes = _cam_rows(results, sets, cells=3, size=64)
     assert not notes
     assert [title for title, _ in rows] == [
-        f"{name}: {kind} ID-like" for name in ("ID", "spurious", "nonspurious") for kind in ("most", "least")
+        f"{name}: {kind} ID-like"
+        for name in ("ID", "spurious", "spurious_object", "nonspurious")
+        for kind in ("most", "least")
     ]
     for (title, cells), entry in zip(rows, [s for s in sets for _ in (0, 1)], strict=True):
         assert len(cells) == 3
@@ -360,9 +362,13 @@ def test_toy_cam_grid_rows(toy_run, monkeypatch):
                 assert cell.mask is None or not cell.mask.any()
             else:
                 assert cell.mask is not None and 0.02 < cell.mask.mean() < 0.8
-    # the mask finder: the toy world's metadata.csv, and the images/ → masks/ fallback
+    # the mask finder: the toy world's metadata.csv (masks in their own tree beside the splits)
     image = toy_run / "demo" / "toy" / "id" / "images" / "star" / "00000.png"
-    assert find_mask(image) == toy_run / "demo" / "toy" / "id" / "masks" / "star" / "00000.png"
+    found = find_mask(image)
+    assert (
+        found is not None
+        and found.resolve() == (toy_run / "demo" / "toy" / "masks" / "id" / "star" / "00000.png").resolve()
+    )
     assert find_mask(toy_run / "demo" / "report" / "figures" / "roc.png") is None
 
 

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -20,7 +22,30 @@ from negalign_cli.toy.world import (
 
 
 def test_world_has_enough_names():
-    assert len(SHAPES) >= 12 and len(BACKGROUNDS) >= 10
+    assert len(SHAPES) >= 10 and len(BACKGROUNDS) >= 10  # 10 well-separated shapes: the model card says why
+    assert len(set(SHAPES)) == len(SHAPES) and not set(SHAPES) & set(BACKGROUNDS)
+
+
+def test_captions_use_the_vocabulary_splits_prompt_forms():
+    from negalign_cli.assets import template_sets
+    from negalign_cli.toy.world import BACKGROUND_PROMPTS, OBJECT_PROMPTS
+
+    templates = template_sets()
+    assert [t.format("{o}") for t in templates["object"]] == list(OBJECT_PROMPTS)
+    assert [t.format("{b}") for t in templates["background"]] == list(BACKGROUND_PROMPTS)
+    rng = np.random.default_rng(1)
+    objects = [caption("ring", "lava", rng, shape_only=1.0) for _ in range(2000)]
+    backgrounds = [caption(None, "lava", rng) for _ in range(2000)]
+    object_forms = {p.format(o="ring") for p in OBJECT_PROMPTS}
+    background_forms = {p.format(b="lava") for p in BACKGROUND_PROMPTS}
+    assert 0.45 < np.mean([c in object_forms for c in objects]) < 0.55  # OBJECT_MIX: half
+    assert 0.2 < np.mean([c == "ring" for c in objects]) < 0.3  # a quarter bare
+    assert all("lava" not in c for c in objects)
+    assert 0.55 < np.mean([c in background_forms for c in backgrounds]) < 0.65  # BACKGROUND_MIX
+    assert 0.2 < np.mean([c == "lava" for c in backgrounds]) < 0.3
+    assert not any(
+        c in object_forms for c in (p.format(o="lava") for p in OBJECT_PROMPTS) if c in backgrounds
+    )
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -73,7 +98,14 @@ def test_scene_rng_is_per_image():
 def test_generate_toy(tmp_path):
     spec = ToySpec(seed=3, n_id=200, n_ood=40, n_train=12)
     counts = generate_toy(tmp_path / "toy", spec)
-    assert counts == {"id": 200, "ood_spurious": 40, "ood_nonspurious": 40, "train": 12}
+    assert counts == {
+        "id": 200,
+        "id_minority": 40,
+        "ood_spurious": 40,
+        "ood_spurious_object": 40,
+        "ood_nonspurious": 40,
+        "train": 12,
+    }
     root = tmp_path / "toy"
     assert (root / "classes.txt").read_text().split() == ["star", "heart"]
     vocab = (root / "vocab.txt").read_text().split("\n")
@@ -101,6 +133,8 @@ def test_generate_toy(tmp_path):
     image = np.asarray(Image.open(root / "id" / row["path"]))
     mask = np.asarray(Image.open(root / "id" / row["mask"])) > 0
     assert image.shape == (64, 64, 3) and mask.any()
+    # the mask is the drawn shape: its pixels differ from the texture around it
+    assert np.abs(image[mask].astype(float).mean(0) - image[~mask].astype(float).mean(0)).max() > 10
     spurious = pd.read_csv(root / "ood_spurious" / "metadata.csv", keep_default_na=False)
     assert (spurious["shape"] == "").all() and set(spurious["background"]) <= {
         "water",
@@ -113,6 +147,30 @@ def test_generate_toy(tmp_path):
     other = pd.read_csv(root / "ood_nonspurious" / "metadata.csv", keep_default_na=False)
     assert not set(other["shape"]) & {"star", "heart"}
     assert not set(other["background"]) & {"water", "snow", "forest", "grass"}
+    # the new splits: ID shapes on the other class's backgrounds; unknown shapes on the ID backgrounds
+    minority = pd.read_csv(root / "id_minority" / "metadata.csv", keep_default_na=False)
+    swapped = {"star": {"forest", "grass"}, "heart": {"water", "snow"}}
+    assert set(minority["label"]) == {"star", "heart"} and (minority["group"] == "minority").all()
+    assert all(b in swapped[s] for s, b in zip(minority["shape"], minority["background"], strict=True))
+    objects = pd.read_csv(root / "ood_spurious_object" / "metadata.csv", keep_default_na=False)
+    assert not set(objects["shape"]) & {"star", "heart"} and len(set(objects["shape"])) == len(SHAPES) - 2
+    assert set(objects["background"]) <= {"water", "snow", "forest", "grass"}
+    # a split folder holds images only (masks live in OUT/masks): a folder read yields the images
+    for split in counts:
+        files = [p for p in (root / split).rglob("*") if p.is_file()]
+        assert sorted(p.suffix for p in files if p.suffix != ".png") == [".csv", ".csv"]
+        assert sum(p.suffix == ".png" for p in files) == counts[split]
+        assert len(list((root / "masks" / split).rglob("*.png"))) == counts[split]
+    # the ID test set and its minority group, both readable as manifests
+    from negalign_cli.inputs.datasets import list_images
+
+    test_set = list_images(root / "id_test.csv")
+    assert len(test_set) == 240 and all(Path(p).is_file() for p in test_set.paths)
+    group = list_images(root / "groups" / "minority.csv", allow_outside_root=True)
+    expected = int((meta["group"] == "minority").sum()) + 40
+    assert len(group) == expected and set(map(str, map(Path.resolve, map(Path, group.paths)))) <= {
+        str(Path(p).resolve()) for p in test_set.paths
+    }
     assert "caption" in pd.read_csv(root / "train" / "metadata.csv").columns
     manifest = pd.read_csv(root / "id" / "manifest.csv")
     assert list(manifest.columns) == ["path", "label"] and len(manifest) == 200
@@ -121,3 +179,43 @@ def test_generate_toy(tmp_path):
     assert (tmp_path / "again" / "id" / row["path"]).read_bytes() == (root / "id" / row["path"]).read_bytes()
     with pytest.raises(NegalignError, match="correlation"):
         generate_toy(tmp_path / "bad", ToySpec(correlation=0.2))
+
+
+def test_embedding_a_toy_split_folder_reads_its_images_only(tmp_path):
+    from negalign_cli.inputs.datasets import list_images
+
+    generate_toy(tmp_path / "toy", ToySpec(seed=1, n_id=30, n_ood=4))
+    listed = list_images(tmp_path / "toy" / "id")
+    assert len(listed) == 30 and not any("mask" in p for p in listed.paths)
+
+
+def test_role_swapped_training_scenes():
+    """A wallpaper of a shape (shown with background prompt forms) and a blob of a texture (object
+    forms): both differ from the usual scenes the way the prompt forms say."""
+    from negalign_cli.toy.training import role_swapped_scene
+    from negalign_cli.toy.world import (
+        BACKGROUND_PROMPTS,
+        OBJECT_PROMPTS,
+        render_pattern,
+        render_texture_object,
+    )
+
+    pattern = render_pattern("star", np.random.default_rng(0)).astype(float)
+    colours, counts = np.unique(pattern.reshape(-1, 3), axis=0, return_counts=True)
+    painted = counts.max() / counts.sum()
+    assert 0.08 < painted < 0.5  # many small stars in one colour cover a fair share of the image
+    blob = render_texture_object("lava", np.random.default_rng(0)).astype(float)
+    corners = np.concatenate([blob[:6, :6].reshape(-1, 3), blob[-6:, -6:].reshape(-1, 3)])
+    assert corners.std(axis=0).max() < 12  # the backdrop is plain
+    standing = (np.abs(blob - blob[:6, :6].mean((0, 1))).max(axis=2) > 40).mean()
+    assert 0.08 < standing < 0.6  # and one lava blob stands on it
+    rng = np.random.default_rng(4)
+    texts = [role_swapped_scene(rng)[1] for _ in range(200)]
+    backgrounds_as_objects = [
+        t for t in texts if any(t == p.format(o=b) for p in OBJECT_PROMPTS for b in BACKGROUNDS)
+    ]
+    shapes_as_backgrounds = [
+        t for t in texts if any(t == p.format(b=s) for p in BACKGROUND_PROMPTS for s in SHAPES)
+    ]
+    assert len(backgrounds_as_objects) + len(shapes_as_backgrounds) == 200
+    assert 70 < len(shapes_as_backgrounds) < 130

@@ -42,6 +42,19 @@ def render_results(results: dict) -> None:
         )
         stdout().print(f"λ sweep (mean AUROC %): {sweep}")
 
+    render_id_groups(results)
+
+
+def render_id_groups(results: dict) -> None:
+    """Per ID subgroup (``evaluate --id-group``): the share each method rejects at the threshold
+    that keeps 95% of all ID images."""
+    for name, group in results.get("id_groups", {}).items():
+        shares = ", ".join(f"{method} {100 * share:.1f}%" for method, share in group["rejected"].items())
+        stdout().print(
+            f"ID group {name} ({group['n']} images): share rejected at the threshold keeping "
+            f"{100 * group['keep']:g}% of ID: {shares}"
+        )
+
 
 def render_bench(record: dict) -> Table:
     """The table of `negalign bench`: one row per flow, then the speed-up ratios."""

@@ -209,6 +209,16 @@ def evaluate_command(
             help="Compare score files made with different score settings, classes or negatives.",
         ),
     ] = False,
+    id_group: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--id-group",
+            help="NAME=FILE, repeatable: an ID subgroup (a manifest or folder of images scored in --id, "
+            "matched by path); reports the share of it each method rejects at the threshold keeping 95% "
+            "of all ID images. Example: --id-group minority=toy/groups/minority.csv",
+            show_default=False,
+        ),
+    ] = None,
     out: o.Out = None,
     cache_dir: o.CacheDir = None,
     verbose: o.Verbose = 0,
@@ -242,6 +252,7 @@ def evaluate_command(
         drop_nonfinite=drop_nonfinite,
         allow_mixed_settings=allow_mixed_settings,
         groups=parse_ood_groups(ood_groups),
+        id_groups=parse_ood(id_group or [], "--id-group", required=False),
     )
     result = evaluate(request, Workspace.open(o.cache_root(cache_dir)), report)
     results = json.loads(result.artifact.file(files.RESULTS).read_text(encoding="utf-8"))

@@ -53,7 +53,9 @@ def generate(
 @guarded
 def train(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the checkpoint and the training log.")],
-    steps: Annotated[int, typer.Option("--steps", min=1, help="Optimiser steps (batch 256).")] = 1800,
+    steps: Annotated[
+        int, typer.Option("--steps", min=1, help="Optimiser steps (batch 160: 16 groups of 10).")
+    ] = 1800,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the initialisation and the batches.")] = 0,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate of the one-cycle schedule.")] = 1e-3,
     install: Annotated[
@@ -117,12 +119,13 @@ def demo(
     quiet: o.Quiet = False,
 ) -> None:
     """Run the whole pipeline on the toy benchmark with the bundled toy CLIP: generate, split-vocab,
-    cam (which also embeds), score, evaluate --compare --lambda sweep, CAM overlays of ID and OOD
-    images, and the report. Prints the method table; writes results.json, metrics.csv, plots,
-    overlays and report/report.html under --out."""
+    cam (which also embeds), score, evaluate --compare --lambda sweep --id-group minority, CAM
+    overlays of ID and OOD images, and the report. Prints the method table and a summary computed
+    from it (best method per set, best λ per set, minority-group false alarms); writes results.json,
+    metrics.csv, plots, overlays and report/report.html under --out."""
     from negalign_cli.cache.workspace import Workspace
     from negalign_cli.cli.render import render_results
-    from negalign_cli.toy.demo import DemoSettings, run_demo
+    from negalign_cli.toy.demo import DemoSettings, run_demo, summarise
     from negalign_cli.toy.generate import ToySpec
 
     started = time.perf_counter()
@@ -142,7 +145,11 @@ def demo(
         reporter=report,
     )
     render_results(result.results)
+    stdout().print("what the demo found (computed from the figures above):")
+    for line in summarise(result.results):
+        stdout().print(f"- {line}")
     seconds = time.perf_counter() - started
+    sets = sum(name.startswith("cam ") for name, _ in result.steps)
     computed = sum(not r.hit for _, r in result.steps)
     served = (
         "everything served from the cache"
@@ -152,7 +159,7 @@ def demo(
         else f"{computed} of {len(result.steps)} stages computed, the rest from the cache"
     )
     stdout().print(
-        "demo: generate → split-vocab → cam ×3 → score ×3 → evaluate → overlays, report in "
+        f"demo: generate → split-vocab → cam ×{sets} → score ×{sets} → evaluate → overlays, report in "
         f"{seconds:.1f} s ({served}); "
         f"results in {out / 'results'}, {len(result.overlays)} CAM overlays in {out / 'viz'}, "
         f"the report in {result.report}"

@@ -129,3 +129,28 @@ def _area(recall: np.ndarray, precision: np.ndarray) -> float:
     """Trapezoid area under a precision-recall curve (OpenOOD's AUPR). The trapezoids' sum can
     exceed 1 by a rounding (1.0000000000000002 for a perfect curve); an area is at most 1."""
     return min(1.0, float(skm.auc(recall, precision)))
+
+
+def keep_threshold(id_scores: np.ndarray, keep: float = RECALL_LEVEL) -> float:
+    """The highest threshold t that keeps at least ``keep`` of the ID scores (score ≥ t is kept):
+    the ``ceil(keep · n)``-th highest ID score."""
+    scores = np.asarray(id_scores, dtype=np.float64)
+    if scores.size == 0:
+        raise ValueError("a threshold needs at least one ID score")
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep must be in (0, 1], got {keep}")
+    rank = max(1, int(np.ceil(keep * scores.size - 1e-9)))
+    return float(np.sort(scores)[::-1][rank - 1])
+
+
+def group_rejection(id_scores: np.ndarray, in_group: np.ndarray, keep: float = RECALL_LEVEL) -> float:
+    """Share of the ID images in ``in_group`` (a boolean mask over ``id_scores``) that fall below
+    the threshold keeping ``keep`` of all ID images: the false alarms a score raises on an ID
+    subgroup (Waterbirds' minority groups) when it is tuned to keep 95% of ID."""
+    scores = np.asarray(id_scores, dtype=np.float64)
+    group = np.asarray(in_group, dtype=bool)
+    if group.shape != scores.shape:
+        raise ValueError(f"in_group has shape {group.shape}, the ID scores {scores.shape}")
+    if not group.any():
+        raise ValueError("the group holds no ID image")
+    return float(np.mean(scores[group] < keep_threshold(scores, keep)))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ from negalign_cli.compute.evaluation import (
     lambda_sweep,
     statistics,
 )
-from negalign_cli.compute.metrics import CONVENTIONS, DEFINITIONS
+from negalign_cli.compute.metrics import CONVENTIONS, DEFINITIONS, RECALL_LEVEL, group_rejection
 from negalign_cli.compute.scores import SCORE_COLUMNS, method_columns, score_column
 from negalign_cli.defaults import DEFAULT_LAMBDAS, NEGALIGN
 from negalign_cli.errors import NegalignError
@@ -55,20 +57,20 @@ def parse_lambdas(text: str | None) -> list[float] | None:
     return sorted(set(values))
 
 
-def parse_ood(items: list[str]) -> list[tuple[str, Path]]:
-    """``NAME=FILE`` pairs; names must be unique."""
+def parse_ood(items: list[str], option: str = "--ood", required: bool = True) -> list[tuple[str, Path]]:
+    """``NAME=FILE`` pairs of ``option``; names must be unique."""
     pairs = []
     for item in items:
         name, sep, path = item.partition("=")
         if not sep or not name.strip() or not path.strip():
-            raise NegalignError(f"--ood takes NAME=FILE, got {item!r}")
+            raise NegalignError(f"{option} takes NAME=FILE, got {item!r}")
         pairs.append((name.strip(), Path(path.strip()).expanduser()))
     names = [n for n, _ in pairs]
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
-        raise NegalignError(f"--ood name(s) given more than once: {', '.join(duplicated)}")
-    if not pairs:
-        raise NegalignError("give at least one --ood NAME=FILE")
+        raise NegalignError(f"{option} name(s) given more than once: {', '.join(duplicated)}")
+    if not pairs and required:
+        raise NegalignError(f"give at least one {option} NAME=FILE")
     return pairs
 
 
@@ -117,10 +119,12 @@ class EvaluateRequest:
     drop_nonfinite: bool = False
     allow_mixed_settings: bool = False
     groups: list[tuple[str, list[str]]] = field(default_factory=list)
+    id_groups: list[tuple[str, Path]] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
 
     def params(self) -> dict[str, Any]:
-        return {
+        id_groups = {"id_groups": [name for name, _ in self.id_groups]} if self.id_groups else {}
+        return id_groups | {
             "oods": [name for name, _ in self.oods],
             "score_column": self.score_column,
             "lambdas": self.lambdas,
@@ -177,6 +181,8 @@ def evaluate(request: EvaluateRequest, workspace: Workspace, reporter: Reporter 
         inputs[f"ood:{name}"] = sha256_file(path) if path.is_file() else "missing"
     if request.calibration_path is not None:
         inputs["calibration"] = sha256_file(request.calibration_path)
+    for name, path in request.id_groups:
+        inputs[f"id-group:{name}"] = _group_digest(path)
     spec = StageSpec(EVALUATE_STAGE, EVALUATE_VERSION, request.params(), inputs)
     return workspace.store.run(spec, lambda folder: _evaluate(request, folder, reporter), reporter)
 
@@ -240,6 +246,8 @@ def _evaluate(request: EvaluateRequest, folder: Path, reporter: Reporter) -> dic
     if "lambda_sweep" in results["mean"]:  # the method's published top-level keys
         for key in ("best_lambda", "best_auroc", "lambda_sweep"):
             results[key] = results["mean"][key]
+    if request.id_groups:
+        results["id_groups"] = _id_groups(request, id_frame, selection, sweeps, results["mean"], calibration)
     results["statistics"] = {"id": statistics(_stat_columns(id_frame))}
     for name, frame in ood_frames.items():
         results["statistics"][f"ood:{name}"] = statistics(_stat_columns(frame))
@@ -464,6 +472,69 @@ def _ood_block(
         for other, metrics in sweep.items():
             rows.append(_row(name, f"{NEGALIGN} sweep", other, metrics, request.convention))
     return block
+
+
+# ----------------------------------------------------------------------------- ID subgroups
+def _group_digest(path: Path) -> str:
+    """What the cache key records of a group: the file's bytes, or the image list of a folder."""
+    if path.is_file():
+        return sha256_file(path)
+    if path.is_dir():
+        return hashlib.sha256("\n".join(_group_paths(path)).encode()).hexdigest()
+    raise NegalignError(f"--id-group file not found: {path}")
+
+
+def _group_paths(path: Path) -> list[str]:
+    """The real paths a group lists (a manifest, relative to its folder, or a folder of images).
+    Nothing is read but the list: a group may name images anywhere."""
+    from negalign_cli.inputs.datasets import list_images
+
+    return [os.path.realpath(p) for p in list_images(path, allow_outside_root=True).paths]
+
+
+def _id_groups(
+    request: EvaluateRequest,
+    id_frame: pd.DataFrame,
+    selection: _Selection,
+    sweeps: dict[str, dict[float, dict]],
+    mean: dict,
+    calibration: dict | None,
+) -> dict[str, Any]:
+    """Per ID subgroup: the share of its images each method rejects at the threshold that keeps
+    95% of all ID images (NegAlign at every swept λ). Images are matched by their real path."""
+    if "path" not in id_frame.columns:
+        raise NegalignError("--id-group matches images by path, and the ID score file has no path column")
+    real = np.array([os.path.realpath(str(p)) for p in id_frame["path"]], dtype=object)
+    scores = {method: _values(id_frame, column) for method, column in selection.columns.items()}
+    lambdas = sorted(next(iter(sweeps.values()))) if sweeps else []
+    sweep_scores = {
+        lam: final_score(_values(id_frame, STAR), _values(id_frame, ALIGN), lam, calibration)
+        for lam in lambdas
+    }
+    lam = mean["methods"].get(NEGALIGN, {}).get("lambda")
+    out: dict[str, Any] = {}
+    for name, path in request.id_groups:
+        listed = set(_group_paths(path))
+        in_group = np.isin(real, list(listed))
+        if not in_group.any():
+            raise NegalignError(
+                f"--id-group {name}: none of its {len(listed)} image(s) is a row of the ID score file "
+                "(images are matched by path: list the files the ID set was scored from)"
+            )
+        rejected = {method: group_rejection(values, in_group) for method, values in scores.items()}
+        if lam is not None:
+            rejected[NEGALIGN] = group_rejection(sweep_scores[lam], in_group)
+        out[name] = {
+            "file": str(path),
+            "n": int(in_group.sum()),
+            "listed_not_in_id": len(listed - set(real[in_group])),
+            "keep": RECALL_LEVEL,
+            "rejected": rejected,
+            "negalign_sweep": {
+                str(value): group_rejection(values, in_group) for value, values in sweep_scores.items()
+            },
+        }
+    return out
 
 
 def _write_outputs(

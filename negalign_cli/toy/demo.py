@@ -1,8 +1,9 @@
 """``negalign demo``: the whole pipeline on the toy benchmark and the bundled toy CLIP.
 
-generate → split-vocab → cam (ID and both OOD sets; it also embeds) → score → evaluate
---compare --lambda sweep, then CAM overlays of ID and of every OOD set (``viz/<set>/``) and the
-report (``report/``: report.html, report.md, report.tex). Every step but the drawing is a cached
+generate → split-vocab → cam (the ID test set and each OOD set; it also embeds) → score → evaluate
+--compare --lambda sweep --id-group minority, then CAM overlays of ID and of every OOD set
+(``viz/<set>/``), the report (``report/``: report.html, report.md, report.tex) and a summary
+computed from the measured figures (:func:`summarise`). Every step but the drawing is a cached
 stage, so a second run is served from the cache.
 """
 
@@ -16,7 +17,7 @@ from negalign_cli.cache.store import StageResult
 from negalign_cli.cache.workspace import Workspace
 from negalign_cli.compute.scores import ScoreConfig
 from negalign_cli.compute.vision import CamConfig
-from negalign_cli.defaults import DEFAULT_LAMBDAS
+from negalign_cli.defaults import DEFAULT_LAMBDAS, NEGALIGN
 from negalign_cli.inputs.datasets import list_images
 from negalign_cli.inputs.words import load_classes, load_negatives
 from negalign_cli.models import LoadedModel
@@ -28,9 +29,10 @@ from negalign_cli.stages.plots import write_cam_overlays
 from negalign_cli.stages.report import build_report
 from negalign_cli.stages.scoring import open_image_set, score_images
 from negalign_cli.stages.vocab import VocabEntry, negatives_from_split, split_scores, split_vocab
-from negalign_cli.toy.generate import ToySpec, generate_toy
+from negalign_cli.toy.generate import GROUPS, ID_TEST, ToySpec, generate_toy
 
-OOD_SETS = ("ood_spurious", "ood_nonspurious")
+OOD_SETS = ("ood_spurious", "ood_spurious_object", "ood_nonspurious")
+ID_SET = "id"  # the ID test set: toy id_test.csv (id and id_minority)
 
 
 TOY_TAU = 0.001  # negalign-toy's r-scores are ~100× smaller than NegAlign's tau assumes
@@ -93,8 +95,9 @@ def run_demo(
     split.artifact.export(out / "split")
     negatives = negatives_from_split(out / "split")
     score_files = {}
-    for name in ("id", *OOD_SETS):
-        listing = digest_images(list_images(data / name / "manifest.csv"), reporter)
+    for name in (ID_SET, *OOD_SETS):
+        manifest = data / ID_TEST if name == ID_SET else data / name / "manifest.csv"
+        listing = digest_images(list_images(manifest), reporter)
         cam = cam_images(
             model,
             listing,
@@ -121,10 +124,11 @@ def run_demo(
         scored.artifact.export(out / "scores" / name)
         score_files[name] = out / "scores" / name / files.SCORES
     request = EvaluateRequest(
-        score_files["id"],
+        score_files[ID_SET],
         [(name.removeprefix("ood_"), score_files[name]) for name in OOD_SETS],
         lambdas=list(settings.lambdas),
         compare=True,
+        id_groups=[("minority", data / GROUPS / "minority.csv")],
     )
     evaluated = evaluate(request, workspace, reporter)
     steps.append(("evaluate", evaluated))
@@ -149,3 +153,57 @@ def _spec_json(spec: ToySpec) -> dict:
         "id_shapes": list(spec.id_shapes),
         "id_backgrounds": [list(g) for g in spec.id_backgrounds],
     }
+
+
+def summarise(results: dict, tolerance: float = 0.0005) -> list[str]:
+    """What the demo found, in sentences computed from ``results.json``: the best method on each
+    OOD set (AUROC; methods within ``tolerance`` of the best share the place), the best λ per set
+    and whether P_align helps there (AUROC above λ = 0), and the share of the minority ID group
+    each method rejects at the threshold keeping 95% of all ID images."""
+    convention = results["metrics_convention"]
+    lines = []
+    for name, block in results["ood"].items():
+        auroc = {m: v["metrics"][convention]["auroc"] for m, v in block["methods"].items()}
+        top = max(auroc.values())
+        best = [m for m, a in auroc.items() if a >= top - tolerance]
+        if len(best) == len(auroc):
+            lines.append(
+                f"{name}: every method scores AUROC {100 * top:.2f}% (the set does not separate them)"
+            )
+            continue
+        worst = min(auroc, key=lambda m: auroc[m])
+        lines.append(
+            f"{name}: best {' = '.join(best)} (AUROC {100 * top:.2f}%); "
+            f"worst {worst} ({100 * auroc[worst]:.2f}%)"
+        )
+    per_set, gains = [], []
+    for name, block in results["ood"].items():
+        if not block.get("lambda_sweep"):
+            continue
+        auroc = {float(k): v["metrics"][convention]["auroc"] for k, v in block["lambda_sweep"].items()}
+        lam = float(block["best_lambda"])
+        gain = auroc[lam] - auroc[0.0] if 0.0 in auroc else None
+        if gain is not None and lam > 0 and gain > 0:
+            gains.append(name)
+            per_set.append(f"{name} λ={lam:g} (+{100 * gain:.2f} AUROC over λ=0)")
+        else:
+            per_set.append(f"{name} λ={lam:g}" + (" (no gain)" if gain is not None else ""))
+    if per_set:
+        verdict = f"P_align helps on {', '.join(gains)}" if gains else "P_align helps on no set"
+        lines.append(f"{verdict}; best λ per set: " + "; ".join(per_set))
+    for group, entry in results.get("id_groups", {}).items():
+        rejected = entry["rejected"]
+        order = sorted(rejected, key=lambda m: rejected[m])
+        shares = ", ".join(f"{m}{_lambda_label(results, m)} {100 * rejected[m]:.1f}%" for m in order)
+        lines.append(
+            f"{group} ID images ({entry['n']}) rejected at the threshold keeping {100 * entry['keep']:g}% "
+            f"of all ID (all ID: {100 * (1 - entry['keep']):.0f}%): {shares}"
+        )
+    return lines
+
+
+def _lambda_label(results: dict, method: str) -> str:
+    if method != NEGALIGN:
+        return ""
+    lam = results["mean"]["methods"].get(NEGALIGN, {}).get("lambda")
+    return f" (λ={lam:g})" if lam is not None else ""

@@ -4,17 +4,23 @@ Layout of ``OUT/``::
 
     classes.txt                the ID classes (two shapes)
     vocab.txt                  negative candidates: other shapes, backgrounds, distractor words
-    <split>/images/<label>/<n>.png, <split>/masks/<label>/<n>.png   (mask: 255 = object)
+    <split>/images/<label>/<n>.png
     <split>/manifest.csv       path,label (relative to the split folder)
-    <split>/metadata.csv       path, label, shape, background, mask, group
+    <split>/metadata.csv       path, label, shape, background, mask, group (mask relative to the split folder)
                                (id also: img_filename, y, split, place: Waterbirds' columns, so
                                that ``--images id/metadata.csv --split test`` reads it as Waterbirds)
+    masks/<split>/<label>/<n>.png   the object's exact mask (255 = object), beside the splits so that a
+                               split folder holds images only
+    id_test.csv                the ID test set: ``id`` and ``id_minority`` (paths relative to OUT)
+    groups/minority.csv        the minority-group ID images of id_test.csv (``evaluate --id-group``)
     README.md                  what was generated, with the seed
 
 Splits: ``id`` (Waterbirds-like: each ID shape on its own background group ``correlation`` of the
-time), ``ood_spurious`` (background-only images of the ID backgrounds: the placesbg analogue),
-``ood_nonspurious`` (other shapes on other backgrounds), and with ``--train N`` a ``train`` split
-with captions (the trainer draws its own batches from the seed; this is for inspection).
+time), ``id_minority`` (the ID shapes on the other class's backgrounds only: still ID),
+``ood_spurious`` (background-only images of the ID backgrounds: the placesbg analogue),
+``ood_spurious_object`` (unknown shapes on the ID backgrounds), ``ood_nonspurious`` (other shapes on
+other backgrounds), and with ``--train N`` a ``train`` split with captions (the trainer draws its own
+batches from the seed; this is for inspection).
 """
 
 from __future__ import annotations
@@ -65,6 +71,11 @@ class ToySpec:
         return [b for b in BACKGROUNDS if b not in used]
 
 
+MASKS = "masks"  # OUT/masks/<split>/...: the masks' tree, beside the splits
+ID_TEST = "id_test.csv"  # OUT/id_test.csv: the ID test set (id and id_minority)
+GROUPS = "groups"  # OUT/groups/<name>.csv: ID subgroups
+
+
 def _write(folder: Path, rows: list[dict], scenes) -> None:
     for row, scene in zip(rows, scenes, strict=True):
         image_path, mask_path = folder / row["path"], folder / row["mask"]
@@ -93,13 +104,29 @@ def _waterbirds_columns(row: dict, index: int, label_index: int, place: int) -> 
     }
 
 
+def _write_id_lists(out: Path) -> None:
+    """``id_test.csv`` (every ID image: ``id`` then ``id_minority``) and ``groups/minority.csv``
+    (its minority-group images), paths relative to the file's own folder as manifests are read."""
+    frames = []
+    for split in ("id", "id_minority"):
+        meta = pd.read_csv(out / split / "metadata.csv", keep_default_na=False)
+        meta["path"] = split + "/" + meta["path"]
+        frames.append(meta)
+    both = pd.concat(frames, ignore_index=True)
+    both[["path", "label"]].to_csv(out / ID_TEST, index=False)
+    minority = both[both["group"] == "minority"][["path", "label"]].copy()
+    minority["path"] = "../" + minority["path"]
+    (out / GROUPS).mkdir(exist_ok=True)
+    minority.to_csv(out / GROUPS / "minority.csv", index=False)
+
+
 def _scene_rows(split: str, label: str, index: int, scene, group: str, text: str | None = None) -> dict:
     row = {
         "path": f"images/{label}/{index:05d}.png",
         "label": label,
         "shape": scene.shape or "",
         "background": scene.background,
-        "mask": f"masks/{label}/{index:05d}.png",
+        "mask": f"../{MASKS}/{split}/{label}/{index:05d}.png",
         "group": group,
     }
     if text is not None:
@@ -140,10 +167,22 @@ def generate_toy(out: str | Path, spec: ToySpec, reporter: Reporter | None = Non
         row = _scene_rows("id", str(scene.shape), index, scene, "majority" if majority else "minority")
         return _waterbirds_columns(row, index, label_index, place), scene
 
+    def draw_minority(index, rng):
+        label_index = index % 2
+        group = spec.id_backgrounds[1 - label_index]
+        scene = render(spec.id_shapes[label_index], group[rng.integers(len(group))], rng)
+        return _scene_rows("id_minority", str(scene.shape), index, scene, "minority"), scene
+
     def draw_spurious(index, rng):
         backgrounds = [b for group in spec.id_backgrounds for b in group]
         scene = render(None, backgrounds[index % len(backgrounds)], rng)
         return _scene_rows("ood_spurious", scene.background, index, scene, "background-only"), scene
+
+    def draw_spurious_object(index, rng):
+        backgrounds = [b for group in spec.id_backgrounds for b in group]
+        shapes = spec.other_shapes
+        scene = render(shapes[index % len(shapes)], backgrounds[rng.integers(len(backgrounds))], rng)
+        return _scene_rows("ood_spurious_object", str(scene.shape), index, scene, "other-on-id"), scene
 
     def draw_other(index, rng):
         shapes, backgrounds = spec.other_shapes, spec.other_backgrounds
@@ -159,10 +198,13 @@ def generate_toy(out: str | Path, spec: ToySpec, reporter: Reporter | None = Non
         ), scene
 
     split("id", spec.n_id, draw_id)
+    split("id_minority", spec.n_ood, draw_minority)
     split("ood_spurious", spec.n_ood, draw_spurious)
+    split("ood_spurious_object", spec.n_ood, draw_spurious_object)
     split("ood_nonspurious", spec.n_ood, draw_other)
     if spec.n_train:
         split("train", spec.n_train, draw_train)
+    _write_id_lists(out)
     (out / "classes.txt").write_text("\n".join(spec.id_shapes) + "\n", encoding="utf-8")
     vocab = spec.other_shapes + list(BACKGROUNDS) + list(DISTRACTORS)
     (out / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
@@ -173,10 +215,15 @@ def generate_toy(out: str | Path, spec: ToySpec, reporter: Reporter | None = Non
         f"- ID classes: {', '.join(spec.id_shapes)}; {spec.id_shapes[0]} appears on "
         f"{'/'.join(spec.id_backgrounds[0])} and {spec.id_shapes[1]} on {'/'.join(spec.id_backgrounds[1])} "
         f"{spec.correlation:.0%} of the time (the rest swapped).\n"
+        "- id_minority: the ID shapes on the other class's backgrounds only (still ID).\n"
+        f"- {ID_TEST}: the ID test set (id and id_minority); {GROUPS}/minority.csv: its minority-group "
+        "images (`evaluate --id-group minority=...`).\n"
         "- ood_spurious: background-only images of the ID backgrounds (the placesbg analogue).\n"
+        f"- ood_spurious_object: {', '.join(spec.other_shapes)} on the ID backgrounds.\n"
         f"- ood_nonspurious: {', '.join(spec.other_shapes)} on {', '.join(spec.other_backgrounds)}.\n"
         "- vocab.txt: negative candidates (other shapes, backgrounds, distractor words).\n"
-        "- masks/: the object's exact mask (255 = object), the ground truth for CAM localisation.\n",
+        f"- {MASKS}/<split>/: the object's exact mask (255 = object), the ground truth for CAM "
+        "localisation; the metadata.csv `mask` column is relative to the split folder.\n",
         encoding="utf-8",
     )
     return counts

@@ -22,7 +22,17 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
 from negalign_cli.assets import template_sets
 from negalign_cli.compute.text import encode_texts
-from negalign_cli.toy.world import BACKGROUNDS, SHAPES, caption, render, zero_shot_accuracy
+from negalign_cli.toy.world import (
+    BACKGROUND_PROMPTS,
+    BACKGROUNDS,
+    OBJECT_PROMPTS,
+    SHAPES,
+    caption,
+    render,
+    render_pattern,
+    render_texture_object,
+    zero_shot_accuracy,
+)
 
 # the preprocessing negalign-toy declares: open_clip's defaults, i.e. OpenAI's CLIP mean and std
 MEAN = np.array(OPENAI_DATASET_MEAN, dtype=np.float32)
@@ -33,9 +43,15 @@ STD = np.array(OPENAI_DATASET_STD, dtype=np.float32)
 class TrainConfig:
     steps: int = 1800
     batch_groups: int = 16
-    group_size: int = 16
+    group_size: int = 10  # = len(SHAPES): a shared group shows every shape once
     shared_groups: int = 12  # groups whose images share one background
     background_only: float = 0.12  # share of background-only images
+    shape_only_shared: float = 0.85  # share of shape-only captions in shared-background groups
+    shape_only_mixed: float = 0.5  # and in mixed groups
+    # in mixed groups, images that give the vocabulary split's prompt forms a visual meaning: a
+    # wallpaper of a shape captioned with a background form ("a texture of star"), a blob of a
+    # texture captioned with an object form ("a photo of a lava")
+    role_swapped: float = 0.2
     lr: float = 1e-3
     weight_decay: float = 0.1
     warmup: float = 0.1
@@ -50,17 +66,48 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 def make_batch(rng: np.random.Generator, config: TrainConfig) -> tuple[np.ndarray, list[str]]:
+    """``batch_groups`` groups of ``group_size`` scenes. A shared group is one background with the
+    shapes in a random order, each shape once before any repeats (so in a group of len(SHAPES) every
+    other image is a true negative that differs by its shape alone); a mixed group draws shape and
+    background per image. Any image is background-only with probability ``background_only``."""
     images, captions = [], []
     for group in range(config.batch_groups):
         shared = group < config.shared_groups
         background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
-        for _ in range(config.group_size):
+        order = np.concatenate(
+            [rng.permutation(len(SHAPES)) for _ in range(-(-config.group_size // len(SHAPES)))]
+        )
+        for slot in range(config.group_size):
+            if not shared and rng.random() < config.role_swapped:
+                image, text = role_swapped_scene(rng)
+                images.append(image)
+                captions.append(text)
+                continue
             bg = background if shared else BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
-            shape = None if rng.random() < config.background_only else SHAPES[rng.integers(len(SHAPES))]
+            pick = order[slot] if shared else rng.integers(len(SHAPES))
+            shape = None if rng.random() < config.background_only else SHAPES[pick]
             scene = render(shape, bg, rng)
             images.append(scene.image)
-            captions.append(caption(shape, bg, rng, shape_only=0.75 if shared else 0.3))
+            captions.append(
+                caption(
+                    shape, bg, rng, shape_only=config.shape_only_shared if shared else config.shape_only_mixed
+                )
+            )
     return np.stack(images), captions
+
+
+def role_swapped_scene(rng: np.random.Generator) -> tuple[np.ndarray, str]:
+    """A shape as a background (wallpaper, background prompt form) or a texture as an object (a
+    blob, object prompt form), half and half."""
+    if rng.random() < 0.5:
+        shape = SHAPES[rng.integers(len(SHAPES))]
+        return render_pattern(shape, rng), BACKGROUND_PROMPTS[rng.integers(len(BACKGROUND_PROMPTS))].format(
+            b=shape
+        )
+    background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
+    return render_texture_object(background, rng), OBJECT_PROMPTS[rng.integers(len(OBJECT_PROMPTS))].format(
+        o=background
+    )
 
 
 @torch.no_grad()
@@ -82,7 +129,7 @@ def train(
     config: TrainConfig,
     out_dir: Path,
     log: Callable[[str], None] = print,
-    checkpoint_every: int = 200,
+    checkpoint_every: int = 100,
 ) -> dict:
     """Train ``negalign-toy`` from its seeded init; writes ``negalign-toy.pt`` (fp16 state dict),
     ``training_log.jsonl`` and ``training.json`` to ``out_dir``."""
