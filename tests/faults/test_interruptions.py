@@ -60,13 +60,13 @@ def data(tmp_path_factory):
     return root
 
 
+# Every command meets a hard kill, every signal meets an image stage; the full cross product cost
+# two more minutes of CI for little more (the signal handling is shared by all commands).
 CASES = [
-    ("embed", signal.SIGINT),
     ("embed", signal.SIGTERM),
     ("embed", signal.SIGKILL),
     ("cam", signal.SIGINT),
     ("cam", signal.SIGKILL),
-    ("score", signal.SIGINT),
     ("score", signal.SIGKILL),
 ]
 
