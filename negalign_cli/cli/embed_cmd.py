@@ -172,8 +172,6 @@ def images(
         )
 
     if chosen_shard is not None and shards_dir is not None:
-        from negalign_cli.stages.shards import run_shard
-
         spec = embed_images_spec(
             loaded,
             "",
@@ -181,15 +179,7 @@ def images(
             decoder=resolve_decoder(decode, loaded.device),
             max_pixels=max_pixels,
         )
-        outcome = run_shard(
-            shards_dir,
-            chosen_shard,
-            spec,
-            image_list,
-            lambda part: run(digest_images(part, report, stat_cache=stat_cache)),
-            report,
-        )
-        o.shard_summary(outcome)
+        o.run_shard(chosen_shard, shards_dir, spec, image_list, run, report, stat_cache)
         return
     result = run(listing)
     c = result.artifact.manifest["counts"]

@@ -193,6 +193,23 @@ def shard_setup(shard: str | None, shards_dir: Path | None, out: Path | None, ca
     return chosen, cache_dir
 
 
+def run_shard(shard, shards_dir: Path, spec, image_list, run, report, stat_cache) -> None:
+    """One shard of a sharded `embed images`/`cam` run: its slice hashed and run by ``run`` (the
+    stage on a digested listing), published in ``shards_dir``, and its summary line."""
+    from negalign_cli.stages.images import digest_images
+    from negalign_cli.stages.shards import run_shard as run_one
+
+    outcome = run_one(
+        shards_dir,
+        shard,
+        spec,
+        image_list,
+        lambda part: run(digest_images(part, report, stat_cache=stat_cache)),
+        report,
+    )
+    shard_summary(outcome)
+
+
 def shard_summary(outcome) -> None:
     from negalign_cli.cli.console import stdout
 
