@@ -10,6 +10,22 @@ import numpy as np
 import pandas as pd
 
 
+def _heat(axis, cam: np.ndarray, extent: tuple[int, int, int, int], alpha: float):
+    """A CAM drawn over an image as CAM / max CAM (NaN as 0), jet, bilinear: one look for every
+    overlay (the demo's, `cam --viz`'s and the report's grid). Returns the image for a colour bar."""
+    cam = np.nan_to_num(cam.astype(np.float32), nan=0.0)
+    peak = float(cam.max()) if cam.size else 0.0
+    return axis.imshow(
+        cam / peak if peak > 0 else cam,
+        cmap="jet",
+        alpha=alpha,
+        vmin=0.0,
+        vmax=1.0,
+        extent=extent,
+        interpolation="bilinear",
+    )
+
+
 def _pyplot():
     import matplotlib
 
@@ -182,18 +198,8 @@ def plot_cam_grid(path: Path, rows: list[tuple[str, list[CamCell]]], size: int =
                 axis.axis("off")
                 continue
             cell = cells[c]
-            cam = np.nan_to_num(cell.cam.astype(np.float32), nan=0.0)
-            peak = float(cam.max()) if cam.size else 0.0
             axis.imshow(cell.pixels, extent=extent)
-            image = axis.imshow(
-                cam / peak if peak > 0 else cam,
-                cmap="jet",
-                alpha=0.45,
-                vmin=0.0,
-                vmax=1.0,
-                extent=extent,
-                interpolation="bilinear",
-            )
+            image = _heat(axis, cell.cam, extent, alpha=0.45)
             if cell.mask is not None and cell.mask.any():
                 masks = True
                 axis.contour(cell.mask.astype(np.float32), levels=[0.5], colors="white", linewidths=1.2)
@@ -238,17 +244,7 @@ def cam_overlays(
         axes[0].imshow(pixels)
         axes[0].set_title("image (the model's centre crop)", fontsize=9)
         axes[1].imshow(pixels)
-        cam = np.nan_to_num(cam.astype(np.float32))
-        peak = float(cam.max()) if cam.size else 0.0
-        heat = axes[1].imshow(
-            cam / peak if peak > 0 else cam,
-            cmap="jet",
-            alpha=0.5,
-            vmin=0,
-            vmax=1,
-            extent=extent,
-            interpolation="bilinear",
-        )
+        heat = _heat(axes[1], cam, extent, alpha=0.5)
         figure.colorbar(heat, ax=axes[1], fraction=0.046, pad=0.02, label="CAM / max CAM")
         axes[1].set_title("CAM", fontsize=9)
         grid = np.kron(fg.astype(np.float32), np.ones((size // fg.shape[0], size // fg.shape[1])))
