@@ -373,7 +373,7 @@ class CLIPNegAlign:
             for start in range(0, batch.shape[0], self.batch_size):
                 chunk = batch[start : start + self.batch_size].to(self.device)
                 if self.model.precision != "fp32":
-                    chunk = chunk.to(next(self.model.model.parameters()).dtype)
+                    chunk = chunk.to(self.model.input_dtype)
                 if self.use_p_align:
                     out = cam_batch(self.model.model, chunk, self.class_features, self.cam_config)
                     embeddings.append(out.embeddings.cpu())

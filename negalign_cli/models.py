@@ -112,6 +112,17 @@ class LoadedModel:
         return int(size[0] if isinstance(size, (tuple, list)) else size)
 
     @property
+    def input_dtype(self) -> torch.dtype:
+        """The dtype the image tower takes its pixels in: that of its first convolution or linear
+        layer (under fp16/bf16 open_clip casts those, but keeps the class and position embeddings,
+        which come first among the parameters, in float32)."""
+        visual = getattr(self.model, "visual", self.model)
+        for module in visual.modules():
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+                return module.weight.dtype
+        return next(self.model.parameters()).dtype
+
+    @property
     def short_fingerprint(self) -> str:
         return self.fingerprint[:16]
 
@@ -361,7 +372,7 @@ def load_model(
     device = torch.device(device)
     model.to(device)
     if precision != "fp32":
-        open_clip.model.convert_weights_to_lp(model, dtype=torch_dtype(precision))
+        to_low_precision(model, torch_dtype(precision))
     with _quiet_open_clip():
         tokenizer = open_clip.get_tokenizer(name)
     return LoadedModel(
@@ -377,6 +388,20 @@ def load_model(
         precision=precision,
         random_weights=source.random,
     )
+
+
+def to_low_precision(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """fp16/bf16 weights the way open_clip's own ``create_model(precision=...)`` makes them: the
+    matrices cast (``convert_weights_to_lp``), the layer norms kept in float32 and run on float32
+    inputs (``LayerNormFp32``). Casting the matrices alone leaves layer norms whose float32 weights
+    meet fp16 inputs, which the CPU kernels accept and the CUDA kernels refuse."""
+    import open_clip
+    from open_clip.transformer import LayerNorm, LayerNormFp32
+
+    open_clip.model.convert_weights_to_lp(model, dtype=dtype)
+    for module in model.modules():
+        if type(module) in (LayerNorm, torch.nn.LayerNorm):
+            module.__class__ = LayerNormFp32
 
 
 def _first_line(exc: BaseException, limit: int = 200) -> str:

@@ -135,6 +135,37 @@ def test_new_files_renames_and_resume(tiny_model, workspace, tmp_path, monkeypat
     assert not list(workspace.store.tmp_dir.iterdir())
 
 
+def test_reduced_precision_embeds_and_cams(workspace, tmp_path, monkeypatch):
+    """bf16 weights (fp16 is the same path on a GPU): the pixels are cast to the dtype of the patch
+    embedding, not to that of the first parameter (the class embedding, which open_clip keeps in
+    float32); layer norms run in float32 on float32 inputs (the CUDA kernel refuses a float32
+    weight with fp16 input, the CPU one accepts it: the strict stand-in below refuses it here too);
+    and the results stay close to float32's."""
+    import torch.nn.functional as F
+
+    from negalign_cli.models import load_model
+
+    layer_norm = F.layer_norm
+
+    def strict_layer_norm(x, shape, weight=None, bias=None, eps=1e-5):
+        assert weight is None or weight.dtype == x.dtype, f"layer_norm on {x.dtype} with {weight.dtype}"
+        return layer_norm(x, shape, weight, bias, eps)
+
+    monkeypatch.setattr(F, "layer_norm", strict_layer_norm)
+
+    fp32, bf16 = load_model("negalign-tiny-test"), load_model("negalign-tiny-test", precision="bf16")
+    assert fp32.input_dtype == torch.float32 and bf16.input_dtype == torch.bfloat16
+    assert next(bf16.model.parameters()).dtype == torch.float32  # why input_dtype exists
+    listing = listing_of(make_image_folder(tmp_path / "tree"))
+    want = embed_images(fp32, listing, workspace, workers=0, store_dtype="float32")
+    got = embed_images(bf16, listing, workspace, workers=0, store_dtype="float32")
+    assert got.artifact.manifest["counts"]["encoded"] == 6  # another precision, another cache entry
+    a, b = (np.load(r.artifact.file("image_embeddings.npy")) for r in (want, got))
+    assert (a * b).sum(1).min() > 0.99
+    cams = cam_images(bf16, listing, WordList("t", ("birds", "boats")), workspace, CamConfig(), workers=0)
+    assert np.isfinite(np.load(cams.artifact.file("background_embeddings.npy"))).all()
+
+
 def test_cam_stage(tiny_model, workspace, tmp_path):
     folder = make_image_folder(tmp_path / "tree")
     listing = listing_of(folder)

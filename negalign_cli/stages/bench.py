@@ -184,7 +184,7 @@ def _unit(n: int, dim: int, generator: torch.Generator) -> torch.Tensor:
 def _pixels(model: LoadedModel, n: int, generator: torch.Generator) -> torch.Tensor:
     size = model.image_size
     batch = torch.randn(n, 3, size, size, generator=generator)  # normalised pixels are ~N(0, 1)
-    dtype = next(model.model.parameters()).dtype
+    dtype = model.input_dtype
     return batch.to(model.device, dtype)
 
 
@@ -347,7 +347,7 @@ def _image_file_flow(model: LoadedModel, config: BenchConfig) -> tuple[Callable[
         raise ValueError("no image folder")
     listed = list_images(config.images)
     paths = [listed.location(i) for i in range(min(len(listed), config.batch_size * config.batches))]
-    dtype = next(model.model.parameters()).dtype
+    dtype = model.input_dtype
     decoder = resolve_decoder("auto", model.device)
     pin = model.device.type == "cuda"
     if decoder == "torch":

@@ -187,7 +187,7 @@ def _run_missing(
                 if batch is not None:
                     batch = batch.to(model.device, non_blocking=True)
                     if model.precision != "fp32":
-                        batch = batch.to(next(model.model.parameters()).dtype)
+                        batch = batch.to(model.input_dtype)
                     previous, pending = pending, process(batch, [missing[i] for i in indices])
                     if previous is not None:
                         previous()

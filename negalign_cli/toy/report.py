@@ -45,7 +45,7 @@ def _pixels_tensor(model: LoadedModel, pixels: np.ndarray) -> torch.Tensor:
 
     transform = model.image_transform()
     batch = torch.stack([transform(Image.fromarray(image)) for image in pixels]).to(model.device)
-    return batch.to(next(model.model.parameters()).dtype)
+    return batch.to(model.input_dtype)
 
 
 def _tensor(model: LoadedModel, scenes) -> torch.Tensor:
