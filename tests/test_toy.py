@@ -219,3 +219,24 @@ def test_role_swapped_training_scenes():
     ]
     assert len(backgrounds_as_objects) + len(shapes_as_backgrounds) == 200
     assert 70 < len(shapes_as_backgrounds) < 130
+
+
+def test_training_batches_do_not_depend_on_the_workers():
+    """Batch ``step`` is a function of (seed, stage, step): rendered here or by two spawned worker
+    processes, a run draws the same images and captions, and a second stage draws other ones."""
+    from negalign_cli.toy.training import TrainConfig, _batches, batch_for_step, to_tensor
+
+    here = list(_batches(TrainConfig(steps=3, workers=0)))
+    spawned = list(_batches(TrainConfig(steps=3, workers=2)))
+    for (a, ca), (b, cb) in zip(here, spawned, strict=True):
+        np.testing.assert_array_equal(a, b)
+        assert ca == cb
+    assert not np.array_equal(here[0][0], here[1][0])
+    second_stage, _ = batch_for_step(TrainConfig(init="x.pt"), 1)
+    assert not np.array_equal(second_stage, here[0][0])
+    # the preprocessing: OpenAI's mean and std, channels first
+    images = here[0][0][:4]
+    mean = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+    std = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+    want = ((images / np.float32(255.0) - mean) / std).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(to_tensor(images).numpy(), want, atol=1e-5)
