@@ -8,7 +8,8 @@
 # the wheels in benchmarks/wheels/ (no network needed): fill that folder where pip works with
 #   bash benchmarks/gpu_wheels.sh            (open_clip_torch, ftfy, wcwidth, diskcache, torchcodec, ...)
 # Figures go to OUT_DIR/*.json and OUT_DIR/gpu-check.log; copy the tables into docs/performance.md.
-set -euo pipefail
+set -uo pipefail  # a failed section is reported and the next one still runs
+failed=0
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(dirname "$here")
 out=${1:-${OUT:-$root/gpu-check}}
@@ -52,27 +53,33 @@ for name, values in cpu.items():
     worst = max(worst, diff); print(f"{name:18s} max |cpu - gpu| = {diff:.2e}")
 assert worst < 1e-4, worst
 PY
+[ $? -eq 0 ] || { echo "section 1 FAILED"; failed=1; }
 
 echo "== 2. negalign bench, fp16 weights, decoded tensors"
 "$py" -m negalign_cli bench --device cuda --precision fp16 --batch-size 512 --batches 8 --repeats 3 \
-  --per-image 64 --json "$out/bench-fp16.json"
+  --per-image 64 --json "$out/bench-fp16.json" || { echo "section 2 FAILED"; failed=1; }
 
 echo "== 3. negalign bench, bf16 weights"
 "$py" -m negalign_cli bench --device cuda --precision bf16 --batch-size 512 --batches 8 --repeats 3 \
-  --per-image 32 --json "$out/bench-bf16.json"
+  --per-image 32 --json "$out/bench-bf16.json" || { echo "section 3 FAILED"; failed=1; }
 
 echo "== 4. embedding from JPEG files (ImageNet-like 500x375), batched GPU decoding"
 jpegs=$(mktemp -d)
 "$py" - "$jpegs" <<'PY'
 import sys, numpy as np
+from multiprocessing import Pool
 from PIL import Image
-rng = np.random.default_rng(0)
-base = rng.integers(0, 255, (375, 500, 3), dtype=np.uint8)
-for i in range(4096):  # smooth-ish content so the files are ~100 KB like photos, not noise
+base = np.random.default_rng(0).integers(0, 255, (375, 500, 3), dtype=np.uint8)
+
+def write(i):  # smooth-ish content so the files are ~100 KB like photos, not noise
     image = np.roll(base, i, axis=1) // 2 + np.linspace(0, 120, 500, dtype=np.uint8)[None, :, None]
     Image.fromarray(image.astype(np.uint8)).save(f"{sys.argv[1]}/{i:05d}.jpg", quality=90)
+
+with Pool() as pool:
+    pool.map(write, range(4096), chunksize=64)
 PY
 "$py" -m negalign_cli bench --device cuda --precision fp16 --batch-size 512 --batches 8 --repeats 3 \
-  --per-image 8 --images "$jpegs" --workers "$(( $(nproc) - 1 ))" --json "$out/bench-files.json"
+  --per-image 8 --images "$jpegs" --workers "$(( $(nproc) - 1 ))" --json "$out/bench-files.json" || { echo "section 4 FAILED"; failed=1; }
 rm -rf "$jpegs"
 echo "figures in $out"
+exit "$failed"
