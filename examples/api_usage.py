@@ -5,8 +5,8 @@
 
     # on the toy world (`negalign toy generate --out toy`), with the toy model card's settings:
     python examples/api_usage.py --id toy/id/images --ood toy/ood_spurious/images \
-        --classes toy/classes.txt --nouns toy/vocab.txt --arch negalign-toy --tau 0.001 \
-        --groups 1 --cam-method gradxact --out api_scores.csv
+        --classes toy/classes.txt --nouns toy/vocab.txt --arch negalign-toy --tau 0.05 \
+        --groups 1 --cam-method gradxact --cam-block -2 --out api_scores.csv
 
 It scores one image with every detail, then every image in batches, fits M3's statistics on
 half of the ID images (never on the batch being scored), and prints AUROC / FPR@95 of NegLabel,
@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--tau", type=float, default=0.05)
     parser.add_argument("--groups", type=int, default=100)
     parser.add_argument("--cam-method", default="gradcam")
+    parser.add_argument("--cam-block", type=int, default=-1, help="the block whose ln_1 output the CAM reads")
     parser.add_argument("--lambda-bg", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     parser.add_argument("--out", default="api_scores.csv", help="per-image scores (CSV)")
@@ -77,6 +78,7 @@ def main() -> None:
         tau=args.tau,
         groups=args.groups,
         cam_method=args.cam_method,
+        cam_block=args.cam_block,
         batch_size=args.batch_size,
     )
     id_files, ood_files = image_files(args.id), image_files(args.ood)

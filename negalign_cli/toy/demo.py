@@ -17,7 +17,7 @@ from negalign_cli.cache.store import StageResult
 from negalign_cli.cache.workspace import Workspace
 from negalign_cli.compute.scores import ScoreConfig
 from negalign_cli.compute.vision import CamConfig
-from negalign_cli.defaults import DEFAULT_LAMBDAS, NEGALIGN
+from negalign_cli.defaults import DEFAULT_LAMBDAS, DEFAULT_TAU, NEGALIGN
 from negalign_cli.inputs.datasets import list_images
 from negalign_cli.inputs.words import load_classes, load_negatives
 from negalign_cli.models import LoadedModel
@@ -35,8 +35,8 @@ OOD_SETS = ("ood_spurious", "ood_spurious_object", "ood_nonspurious")
 ID_SET = "id"  # the ID test set: toy id_test.csv (id and id_minority)
 
 
-TOY_TAU = 0.001  # negalign-toy's r-scores are ~100× smaller than NegAlign's tau assumes
-TOY_CAM = CamConfig(method="gradxact", block=-1)  # the best localiser of the model card (IoU 0.49)
+TOY_TAU = DEFAULT_TAU  # NegAlign's own: negalign-toy's r-scores (|r| ≥ 0.33, model card) suit it
+TOY_CAM = CamConfig(method="gradxact", block=-2)  # the best localiser of the model card (IoU 0.47)
 
 
 @dataclass(frozen=True)
