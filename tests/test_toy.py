@@ -226,8 +226,8 @@ def test_training_batches_do_not_depend_on_the_workers():
     processes, a run draws the same images and captions, and a second stage draws other ones."""
     from negalign_cli.toy.training import TrainConfig, _batches, batch_for_step, to_tensor
 
-    here = list(_batches(TrainConfig(steps=3, workers=0)))
-    spawned = list(_batches(TrainConfig(steps=3, workers=2)))
+    here = list(_batches(TrainConfig(steps=3), workers=0))
+    spawned = list(_batches(TrainConfig(steps=3), workers=2))
     for (a, ca), (b, cb) in zip(here, spawned, strict=True):
         np.testing.assert_array_equal(a, b)
         assert ca == cb
@@ -240,3 +240,33 @@ def test_training_batches_do_not_depend_on_the_workers():
     std = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
     want = ((images / np.float32(255.0) - mean) / std).transpose(0, 3, 1, 2)
     np.testing.assert_allclose(to_tensor(images).numpy(), want, atol=1e-5)
+
+
+def test_toy_train_command_writes_a_loadable_checkpoint(tmp_path):
+    """Two steps of `negalign toy train` on the CPU: the checkpoint (fp16, the bundled model's
+    keys and shapes, under 10 MB), the log of each probe and the summary; auto workers are none on
+    a CPU."""
+    import json
+
+    import torch
+    from typer.testing import CliRunner
+
+    from negalign_cli.cli.app import app
+    from negalign_cli.models import PROJECT_MODELS, bundled_checkpoint
+    from negalign_cli.toy.training import auto_workers
+
+    assert auto_workers(torch.device("cpu")) == 0 and 0 <= auto_workers(torch.device("cuda")) <= 12
+    out = tmp_path / "run"
+    result = CliRunner().invoke(
+        app, ["toy", "train", "--out", str(out), "--steps", "2", "--eval-every", "1", "--device", "cpu", "-q"]
+    )
+    assert result.exit_code == 0, result.output
+    state = torch.load(out / "negalign-toy.pt", weights_only=True)
+    bundled = torch.load(bundled_checkpoint(PROJECT_MODELS["negalign-toy"]), weights_only=True)
+    assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in bundled.items()}
+    assert state["visual.conv1.weight"].dtype == torch.float16
+    assert (out / "negalign-toy.pt").stat().st_size < 10_000_000
+    log = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [1, 2] and all(0 <= e["object"] <= 1 for e in log)
+    summary = json.loads((out / "training.json").read_text())
+    assert summary["config"]["steps"] == 2 and summary["final"] == log[-1]

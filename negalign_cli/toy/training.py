@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import multiprocessing
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -28,6 +29,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
 from negalign_cli.assets import template_sets
 from negalign_cli.compute.text import encode_texts
+from negalign_cli.reporting import NullReporter, Reporter
 from negalign_cli.toy.world import (
     BACKGROUND_PROMPTS,
     BACKGROUNDS,
@@ -47,7 +49,7 @@ STD = np.array(OPENAI_DATASET_STD, dtype=np.float32)
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 1800
+    steps: int = 8000  # what the bundled checkpoint's run used (model card)
     batch_groups: int = 16
     group_size: int = 10  # = len(SHAPES): a shared group shows every shape once
     shared_groups: int = 12  # groups whose images share one background
@@ -64,9 +66,9 @@ class TrainConfig:
     seed: int = 0
     threads: int | None = None
     init: str | None = None  # continue from this checkpoint (a second stage of training)
-    device: str = "cpu"  # cpu, cuda, cuda:N or auto
-    workers: int = 0  # processes rendering batches (0: this one)
-    eval_every: int = 100  # steps between the accuracy probes (and checkpoints)
+    device: str = "auto"  # cpu, cuda, cuda:N or auto
+    workers: int | None = None  # processes rendering batches (0: this one; None: auto_workers)
+    eval_every: int = 250  # steps between the accuracy probes (and checkpoints)
 
 
 def to_tensor(images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -88,14 +90,22 @@ def batch_for_step(config: TrainConfig, step: int) -> tuple[np.ndarray, list[str
     return make_batch(batch_rng(config, step), config)
 
 
-def _batches(config: TrainConfig) -> Iterator[tuple[np.ndarray, list[str]]]:
-    """Batches 1..steps in order, rendered here or by ``config.workers`` spawned processes."""
+def auto_workers(device: torch.device) -> int:
+    """Batch renderers when none are named: none on a CPU (the cores train), else all CPUs but
+    one, at most 12 (about what keeps one GPU busy with this model)."""
+    if device.type == "cpu":
+        return 0
+    return max(0, min(12, (os.cpu_count() or 1) - 1))
+
+
+def _batches(config: TrainConfig, workers: int) -> Iterator[tuple[np.ndarray, list[str]]]:
+    """Batches 1..steps in order, rendered here or by ``workers`` spawned processes."""
     steps = range(1, config.steps + 1)
-    if config.workers <= 0:
+    if workers <= 0:
         yield from (batch_for_step(config, step) for step in steps)
         return
     context = multiprocessing.get_context("spawn")  # no fork after CUDA is up
-    with context.Pool(config.workers) as pool:
+    with context.Pool(workers) as pool:
         yield from pool.imap(functools.partial(batch_for_step, config), steps, chunksize=4)
 
 
@@ -164,6 +174,7 @@ def train(
     config: TrainConfig,
     out_dir: Path,
     log: Callable[[str], None] = print,
+    reporter: Reporter | None = None,
 ) -> dict:
     """Train ``negalign-toy`` from its seeded init; writes ``negalign-toy.pt`` (fp16 state dict),
     ``training_log.jsonl`` and ``training.json`` to ``out_dir``."""
@@ -196,33 +207,36 @@ def train(
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / "training_log.jsonl"
     log_path.write_text("")
+    workers = config.workers if config.workers is not None else auto_workers(device)
     started = time.perf_counter()
     history = []
-    for step, (images, captions) in enumerate(_batches(config), start=1):
-        model.train()
-        image_features, text_features, logit_scale = model(
-            to_tensor(images, device), tokenizer(captions).to(device, non_blocking=True)
-        )
-        loss = loss_fn(image_features, text_features, logit_scale)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        schedule.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, np.log(100))
-        if step % config.eval_every == 0 or step == config.steps:
-            accuracy = training_accuracy(model, tokenizer)
-            entry = {
-                "step": step,
-                "loss": float(loss.detach()),
-                "seconds": round(time.perf_counter() - started, 1),
-                **accuracy,
-            }
-            history.append(entry)
-            with open(log_path, "a") as handle:
-                handle.write(json.dumps(entry) + "\n")
-            log(json.dumps(entry))
-            save_checkpoint(model, out_dir / "negalign-toy.pt")
+    with (reporter or NullReporter()).progress(f"training {config.steps} steps", config.steps) as advance:
+        for step, (images, captions) in enumerate(_batches(config, workers), start=1):
+            model.train()
+            image_features, text_features, logit_scale = model(
+                to_tensor(images, device), tokenizer(captions).to(device, non_blocking=True)
+            )
+            loss = loss_fn(image_features, text_features, logit_scale)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, np.log(100))
+            if step % config.eval_every == 0 or step == config.steps:
+                accuracy = training_accuracy(model, tokenizer)
+                entry = {
+                    "step": step,
+                    "loss": float(loss.detach()),
+                    "seconds": round(time.perf_counter() - started, 1),
+                    **accuracy,
+                }
+                history.append(entry)
+                with open(log_path, "a") as handle:
+                    handle.write(json.dumps(entry) + "\n")
+                log(json.dumps(entry))
+                save_checkpoint(model, out_dir / "negalign-toy.pt")
+            advance(1)
     summary = {"config": asdict(config), "history": history, "final": history[-1] if history else {}}
     (out_dir / "training.json").write_text(json.dumps(summary, indent=2))
     return summary
