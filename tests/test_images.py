@@ -162,6 +162,11 @@ def test_reduced_precision_embeds_and_cams(workspace, tmp_path, monkeypatch):
     assert got.artifact.manifest["counts"]["encoded"] == 6  # another precision, another cache entry
     a, b = (np.load(r.artifact.file("image_embeddings.npy")) for r in (want, got))
     assert (a * b).sum(1).min() > 0.99
+    from negalign_cli.compute.text import encode_texts
+
+    words, templates = ["birds", "boats", "a lake"], ["a photo of a {}.", "a {} in the wild."]
+    text32, text16 = (encode_texts(m.model, m.tokenizer, words, templates) for m in (fp32, bf16))
+    assert text16.dtype == torch.float32 and (text32 * text16).sum(1).min() > 0.99
     cams = cam_images(bf16, listing, WordList("t", ("birds", "boats")), workspace, CamConfig(), workers=0)
     assert np.isfinite(np.load(cams.artifact.file("background_embeddings.npy"))).all()
 
