@@ -371,9 +371,7 @@ class CLIPNegAlign:
         embeddings, background, meta, cams, masks = [], [], [], [], []
         for batch in batches:
             for start in range(0, batch.shape[0], self.batch_size):
-                chunk = batch[start : start + self.batch_size].to(self.device)
-                if self.model.precision != "fp32":
-                    chunk = chunk.to(self.model.input_dtype)
+                chunk = self.model.to_input(batch[start : start + self.batch_size])
                 if self.use_p_align:
                     out = cam_batch(self.model.model, chunk, self.class_features, self.cam_config)
                     embeddings.append(out.embeddings.cpu())

@@ -122,6 +122,11 @@ class LoadedModel:
                 return module.weight.dtype
         return next(self.model.parameters()).dtype
 
+    def to_input(self, pixels: torch.Tensor, non_blocking: bool = False) -> torch.Tensor:
+        """Preprocessed pixels moved to the model's device, then cast to its ``input_dtype``
+        (on the device, so an fp16 model's batch crosses the bus once, as it is)."""
+        return pixels.to(self.device, non_blocking=non_blocking).to(self.input_dtype)
+
     @property
     def short_fingerprint(self) -> str:
         return self.fingerprint[:16]

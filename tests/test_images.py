@@ -156,6 +156,7 @@ def test_reduced_precision_embeds_and_cams(workspace, tmp_path, monkeypatch):
     fp32, bf16 = load_model("negalign-tiny-test"), load_model("negalign-tiny-test", precision="bf16")
     assert fp32.input_dtype == torch.float32 and bf16.input_dtype == torch.bfloat16
     assert next(bf16.model.parameters()).dtype == torch.float32  # why input_dtype exists
+    assert bf16.to_input(torch.zeros(1, 3, 32, 32)).dtype == torch.bfloat16
     listing = listing_of(make_image_folder(tmp_path / "tree"))
     want = embed_images(fp32, listing, workspace, workers=0, store_dtype="float32")
     got = embed_images(bf16, listing, workspace, workers=0, store_dtype="float32")

@@ -183,9 +183,7 @@ def _unit(n: int, dim: int, generator: torch.Generator) -> torch.Tensor:
 
 def _pixels(model: LoadedModel, n: int, generator: torch.Generator) -> torch.Tensor:
     size = model.image_size
-    batch = torch.randn(n, 3, size, size, generator=generator)  # normalised pixels are ~N(0, 1)
-    dtype = model.input_dtype
-    return batch.to(model.device, dtype)
+    return model.to_input(torch.randn(n, 3, size, size, generator=generator))  # normalised pixels ~N(0, 1)
 
 
 def _score_inputs(n: int, dim: int, config: BenchConfig, generator: torch.Generator) -> ScoreInputs:
@@ -347,7 +345,6 @@ def _image_file_flow(model: LoadedModel, config: BenchConfig) -> tuple[Callable[
         raise ValueError("no image folder")
     listed = list_images(config.images)
     paths = [listed.location(i) for i in range(min(len(listed), config.batch_size * config.batches))]
-    dtype = model.input_dtype
     decoder = resolve_decoder("auto", model.device)
     pin = model.device.type == "cuda"
     if decoder == "torch":
@@ -360,7 +357,7 @@ def _image_file_flow(model: LoadedModel, config: BenchConfig) -> tuple[Callable[
             for items in loader:
                 _, batch, _ = decode_batch(items, model.preprocess_cfg, model.device, raw.pil.__getitem__)
                 if batch is not None:
-                    encode_images(model.model, batch.to(dtype))
+                    encode_images(model.model, model.to_input(batch))
 
         return run, len(paths), f"{config.workers} workers, batched GPU JPEG decoding"
     dataset = ImageDataset(paths, model.image_transform())
@@ -375,7 +372,7 @@ def _image_file_flow(model: LoadedModel, config: BenchConfig) -> tuple[Callable[
         )
         for _, batch, _ in loader:
             if batch is not None:
-                encode_images(model.model, batch.to(model.device, dtype, non_blocking=True))
+                encode_images(model.model, model.to_input(batch, non_blocking=True))
 
     return run_pil, len(paths), f"{config.workers} workers, PIL decoding"
 

@@ -185,9 +185,7 @@ def _run_missing(
                 for index, reason in failed:
                     failures[missing[index]] = reason
                 if batch is not None:
-                    batch = batch.to(model.device, non_blocking=True)
-                    if model.precision != "fp32":
-                        batch = batch.to(model.input_dtype)
+                    batch = model.to_input(batch, non_blocking=True)
                     previous, pending = pending, process(batch, [missing[i] for i in indices])
                     if previous is not None:
                         previous()

@@ -44,8 +44,7 @@ def _pixels_tensor(model: LoadedModel, pixels: np.ndarray) -> torch.Tensor:
     from PIL import Image
 
     transform = model.image_transform()
-    batch = torch.stack([transform(Image.fromarray(image)) for image in pixels]).to(model.device)
-    return batch.to(model.input_dtype)
+    return model.to_input(torch.stack([transform(Image.fromarray(image)) for image in pixels]))
 
 
 def _tensor(model: LoadedModel, scenes) -> torch.Tensor:
