@@ -437,6 +437,7 @@ def _multimatch_column(
     k_neg = top.negatives.shape[1]
     # pairs are positive-major (p0n0, p0n1, ...): pair (i, j) meets negative j
     pair_negative_logits = torch.from_numpy(np.tile(top.negative_logits, (1, k_pos)))
+    device = device or torch.device("cpu")
     column = np.full(n_images, np.nan)
     rows = min(MULTIMATCH_CHUNK, chunk_rows(k_pos * k_neg * dim))
     for start in range(0, n_images, rows):
@@ -444,7 +445,6 @@ def _multimatch_column(
         pair_ids, pair_texts = distinct_pairs(
             top.classes[start:stop], top.negatives[start:stop], inputs.class_names, inputs.negative_names
         )
-        device = device or torch.device("cpu")
         features = encode_pairs(pair_texts).float().to(device)[torch.from_numpy(pair_ids).to(device)]
         column[start:stop] = (
             multimatch(
