@@ -188,7 +188,8 @@ class ItemStore:
                     f"the vector index {self.index_path} is missing but {len(held)} shard file(s) under "
                     f"{self.path} hold vectors: run `negalign cache repair` to rebuild it from them"
                 )
-        return _open_index(self.index_path)
+        with writing(self.index_path):
+            return _open_index(self.index_path)
 
     @property
     def records(self) -> diskcache.Index:
