@@ -13,7 +13,10 @@ maps (namespace, item digest) to (shard, row)::
 
 A record carries its own key and checksum, so the file is self-describing: a bit flipped in a
 vector is caught on read (the vector is dropped and recomputed), and a lost or damaged index is
-rebuilt from the record files alone (`negalign cache repair`). Each process appends to a shard of
+rebuilt from the record files alone (`negalign cache repair`); a missing index beside shard files
+that hold vectors is refused with that hint, never recreated empty (it would orphan them). A shard
+is (namespace, file number): the index numbers shards itself and records each one's file, and a
+new file never takes a number an existing file has. Each process appends to a shard of
 its own (never shared between writers), writes a batch, fsyncs it, and only then indexes it: a
 killed run leaves at worst unindexed bytes at a shard's end, never an index entry pointing at
 bytes that were not written. Writers roll over to a new shard at 1 GiB. On disk a vector costs its
@@ -547,7 +550,8 @@ class ItemStore:
         """Why the vector index must be rebuilt from the shard files; None if it need not be."""
         if not index_healthy(self.index_path):
             return "it was damaged"
-        files = [f for f in shard_files(self.path) if f.stem.isdigit() and f.parent in self._layouts()]
+        readable = self._layouts()  # a folder without its row width cannot be indexed anyway
+        files = [f for f in shard_files(self.path) if f.stem.isdigit() and f.parent in readable]
         if not self.index_path.exists():
             return "it was missing" if files else None
         db = _open_index(self.index_path)
