@@ -220,6 +220,8 @@ class ArtifactStore:
             try:
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
+                if is_disk_full(exc):
+                    raise disk_full(folder) from exc
                 raise NegalignError(f"cannot create cache folder {folder}: {exc.strerror}") from exc
         self._index: diskcache.Index | None = None
 

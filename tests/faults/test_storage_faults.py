@@ -361,3 +361,25 @@ def test_a_full_disk_under_stat_db_is_disk_full_and_keeps_it(tmp_path):
             StatCache(stat_db).digests(files, lambda todo: digest_all([files[i] for i in todo], 1))
         assert sorted(p.name for p in disk.iterdir() if "filler" not in p.name)[0] == "stat.db"
         assert not list(disk.glob("*damaged*"))
+
+
+def test_what_counts_as_a_full_disk(tmp_path):
+    """ENOSPC/EDQUOT, SQLITE_FULL and numpy's short write always; SQLite's I/O error only where the
+    disk it writes has (next to) no room left; nothing else."""
+    import errno
+    import sqlite3
+
+    from negalign_cli.cache.diskfull import is_disk_full
+
+    assert is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    assert is_disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert is_disk_full(OSError("524288 requested and 246752 written"))
+    assert is_disk_full(sqlite3.OperationalError("database or disk is full"))
+    assert not is_disk_full(OSError(errno.EIO, "Input/output error"))
+    assert not is_disk_full(sqlite3.DatabaseError("file is not a database"))
+    io_error = sqlite3.OperationalError("disk I/O error")
+    disk = tmp_path / "disk"
+    with tmpfs(disk, "16m"):
+        assert not is_disk_full(io_error, disk / "c" / "index.db")  # 16 MiB free: some other fault
+        fill(disk)
+        assert is_disk_full(io_error, disk / "c" / "index.db")
