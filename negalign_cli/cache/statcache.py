@@ -16,9 +16,10 @@ Two guards keep the shortcut honest:
   ignored (the file is hashed again), never trusted; a damaged stat field simply no longer matches.
 
 Setting the mtime back changes the ctime, so that too is caught (DVC, which keys on mtime alone,
-documents it as a limit). What remains is what git shares: a file changed by writing to its
-block device, or a clock set back to the very nanosecond. Delete ``<cache>/stat.db`` to hash
-everything again.
+documents it as a limit). What remains: a file changed by writing to its block device, and a
+same-size rewrite with the mtime set back made within one kernel timestamp tick (a few ms) of the
+file's previous change and of the hash (the racy guard below looks at the mtime only). Delete
+``<cache>/stat.db`` to hash everything again.
 
 The database is a cache of a cache: if it cannot be read it is set aside and every file is hashed.
 A full disk is not damage: it is an error naming stat.db (the database is left as it is).
