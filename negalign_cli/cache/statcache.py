@@ -18,7 +18,7 @@ Two guards keep the shortcut honest:
 Setting the mtime back changes the ctime, so that too is caught (DVC, which keys on mtime alone,
 documents it as a limit). What remains: a file changed by writing to its block device, and a
 same-size rewrite with the mtime set back made within one kernel timestamp tick (a few ms) of the
-file's previous change and of the hash (the racy guard below looks at the mtime only). Delete
+file's previous change and of the hash (the first guard above looks at the mtime only). Delete
 ``<cache>/stat.db`` to hash everything again.
 
 The database is a cache of a cache: if it cannot be read it is set aside and every file is hashed.

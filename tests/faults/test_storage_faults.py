@@ -208,6 +208,37 @@ def test_the_stat_cache_sees_files_on_a_re_created_tmpfs(tmp_path):
         assert digests() == [hashlib.sha256(x).hexdigest() for x in new]
 
 
+def test_embed_images_on_a_re_created_tmpfs_embeds_the_new_pictures(tmp_path):
+    """The same through the CLI: a data folder on a tmpfs, embedded; the tmpfs re-created and filled
+    with other pictures of the same size (BMP: same dimensions, same bytes count) with the old
+    mtimes. Before: "encoded 0, cached 8", the old pictures' embeddings under the new files."""
+    from tests.helpers.images import rgb
+
+    data = tmp_path / "data"
+    staging = tmp_path / "staging"
+    cache = ["--cache-dir", str(tmp_path / "c")]
+
+    def pictures(seed: int) -> None:
+        for i in range(8):
+            source = staging / f"{i}.bmp"
+            source.parent.mkdir(exist_ok=True)
+            rgb(seed + i).save(source)
+            os.utime(source, ns=(OLD_NS, OLD_NS))
+            shutil.copy2(source, data / f"{i}.bmp")
+
+    def embed():
+        return cli("embed", "images", "--images", str(data), "--workers", "0", *cache)
+
+    with tmpfs(data, "16m"):
+        pictures(100)
+        first = embed()
+        assert first.exit_code == 0 and "encoded 8, cached 0" in first.output, first.output
+    with tmpfs(data, "16m"):
+        pictures(200)
+        second = embed()
+        assert second.exit_code == 0 and "encoded 8, cached 0" in second.output, second.output
+
+
 def test_a_stat_db_of_the_old_schema_is_not_trusted(tmp_path):
     """Rows written before the ctime was in the key (schema 1) are dropped, not matched."""
     import sqlite3
