@@ -34,6 +34,7 @@ import diskcache
 from filelock import FileLock, Timeout
 
 from negalign_cli import __version__
+from negalign_cli.cache.diskfull import disk_full, is_disk_full, writing
 from negalign_cli.errors import NegalignError
 from negalign_cli.hashing import canonical_json, sha256_file, sha256_text
 from negalign_cli.reporting import NullReporter, Reporter
@@ -67,7 +68,10 @@ class StageSpec:
 
 
 def damaged(path: Path, exc: BaseException) -> NegalignError:
-    """The one-line error for a cache database SQLite cannot read."""
+    """The one-line error for a cache database SQLite cannot read (or, if the disk is full, for
+    one it cannot write: that database is not damaged and `cache repair` would not help)."""
+    if is_disk_full(exc, path):
+        return disk_full(path)
     return NegalignError(
         f"the cache database in {path} is damaged ({exc}): run `negalign cache repair` "
         "(it rebuilds the index from the artifact folders and keeps every readable vector)"
@@ -99,14 +103,16 @@ class Artifact:
         into place, the manifest last: a failure (disk full, Ctrl-C) leaves no truncated file, and
         a folder without a manifest that matches its files is never taken for a finished one."""
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        names = [*self.files, MANIFEST]
-        staging = Path(tempfile.mkdtemp(prefix=".negalign-export-", dir=out))
+        with writing(out):
+            out.mkdir(parents=True, exist_ok=True)
+            names = [*self.files, MANIFEST]
+            staging = Path(tempfile.mkdtemp(prefix=".negalign-export-", dir=out))
         try:
             for name in names:
                 target = staging / name
                 target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(self.path / name, target)
+                with writing(out / name):
+                    shutil.copyfile(self.path / name, target)
             (out / MANIFEST).unlink(missing_ok=True)  # the old manifest must not vouch for new files
             for name in names:
                 final = out / name
@@ -214,6 +220,8 @@ class ArtifactStore:
             try:
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
+                if is_disk_full(exc):
+                    raise disk_full(folder) from exc
                 raise NegalignError(f"cannot create cache folder {folder}: {exc.strerror}") from exc
         self._index: diskcache.Index | None = None
 
@@ -280,7 +288,8 @@ class ArtifactStore:
         if manifest is None:
             return None, reason
         if record is None:  # complete on disk, not yet indexed (a run stopped between rename and index)
-            self.index[key] = self._record(key, manifest, folder)
+            with self._writing_index():
+                self.index[key] = self._record(key, manifest, folder)
         return Artifact(key=key, stage=manifest["stage"], path=folder, manifest=manifest), None
 
     def get(self, spec_or_key: StageSpec | str) -> Artifact | None:
@@ -357,34 +366,11 @@ class ArtifactStore:
         return StageResult(artifact, hit=False)
 
     def _compute(self, spec: StageSpec, key: str, compute: ComputeFn) -> Artifact:
-        tmp = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=self.tmp_dir))
+        with writing(self.tmp_dir):
+            tmp = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=self.tmp_dir))
         try:
-            started = time.perf_counter()
-            extra = dict(compute(tmp) or {})
-            seconds = time.perf_counter() - started
-            outputs = {}
-            for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
-                name = path.relative_to(tmp).as_posix()
-                if name == MANIFEST:
-                    raise RuntimeError(f"stage {spec.stage} must not write {MANIFEST} itself")
-                outputs[name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-            manifest = {
-                "key": key,
-                "stage": spec.stage,
-                "stage_version": spec.version,
-                "params": dict(spec.params),
-                "inputs": dict(spec.inputs),
-                "outputs": outputs,
-                "counts": extra.pop("counts", {}),
-                "timing": {"seconds": round(seconds, 4)},
-                "created": _now_iso(),
-                "versions": library_versions(),
-                **extra,
-            }
-            with open(tmp / MANIFEST, "w", encoding="utf-8") as handle:
-                json.dump(manifest, handle, indent=2, sort_keys=True)
-                handle.flush()
-                os.fsync(handle.fileno())
+            with writing(tmp):  # the stage's own writes (np.save, parquet) and the manifest
+                manifest = self._fill(spec, key, compute, tmp)
             final = self.artifact_dir(spec.stage, key)
             final.parent.mkdir(parents=True, exist_ok=True)
             if final.exists():
@@ -393,11 +379,46 @@ class ArtifactStore:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        self.index[key] = self._record(key, manifest, final)
+        with self._writing_index():
+            self.index[key] = self._record(key, manifest, final)
         return Artifact(key=key, stage=spec.stage, path=final, manifest=manifest)
 
+    def _writing_index(self) -> contextlib.AbstractContextManager[None]:
+        return writing(self.root / "index")
+
+    def _fill(self, spec: StageSpec, key: str, compute: ComputeFn, tmp: Path) -> dict[str, Any]:
+        """Run the stage's compute into ``tmp`` and write its manifest there (fsynced)."""
+        started = time.perf_counter()
+        extra = dict(compute(tmp) or {})
+        seconds = time.perf_counter() - started
+        outputs = {}
+        for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            name = path.relative_to(tmp).as_posix()
+            if name == MANIFEST:
+                raise RuntimeError(f"stage {spec.stage} must not write {MANIFEST} itself")
+            outputs[name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+        manifest = {
+            "key": key,
+            "stage": spec.stage,
+            "stage_version": spec.version,
+            "params": dict(spec.params),
+            "inputs": dict(spec.inputs),
+            "outputs": outputs,
+            "counts": extra.pop("counts", {}),
+            "timing": {"seconds": round(seconds, 4)},
+            "created": _now_iso(),
+            "versions": library_versions(),
+            **extra,
+        }
+        with open(tmp / MANIFEST, "w", encoding="utf-8") as handle:
+            json.dump(manifest, handle, indent=2, sort_keys=True)
+            handle.flush()
+            os.fsync(handle.fileno())
+        return manifest
+
     def _remove(self, key: str, folder: Path | None = None) -> int:
-        record = self.index.pop(key, None)
+        with self._writing_index():
+            record = self.index.pop(key, None)
         if folder is None and record is not None:
             folder = self.root / record["path"]
         freed = 0
@@ -436,7 +457,8 @@ class ArtifactStore:
             if record is not None and not (self.root / record["path"]).exists():
                 report.dangling_index_entries.append(key)
                 if not dry_run:
-                    self.index.pop(key, None)
+                    with self._writing_index():
+                        self.index.pop(key, None)
         for stage_dir in sorted(p for p in self.artifacts_dir.iterdir() if p.is_dir()):
             for folder in sorted(p for p in stage_dir.iterdir() if p.is_dir()):
                 if folder.name in indexed:
@@ -462,7 +484,8 @@ class ArtifactStore:
         ):
             return False
         if not dry_run:
-            self.index[key] = self._record(key, manifest, folder)
+            with self._writing_index():
+                self.index[key] = self._record(key, manifest, folder)
         return True
 
     def rebuild_index(self) -> tuple[int, int]:
