@@ -87,7 +87,8 @@ class Preset:
 
 MOS = Source(
     "Huang & Li, MOS: Towards Scaling Out-of-distribution Detection for Large Semantic Space, CVPR 2021",
-    "https://github.com/deeplearning-wisc/large_scale_ood (README: iNaturalist.tar.gz, SUN.tar.gz, Places.tar.gz)",
+    "https://github.com/deeplearning-wisc/large_scale_ood "
+    "(README: iNaturalist.tar.gz, SUN.tar.gz, Places.tar.gz)",
 )
 DTD = Source(
     "Cimpoi et al., Describing Textures in the Wild, CVPR 2014 (all 5,640 images, as MOS uses it)",
@@ -125,7 +126,7 @@ NONSPURIOUS_SOURCE = Source(
 )
 
 
-def _openood(name: str, list_name: str, count: int, group: str, images: str, citation: str) -> SetSpec:
+def _openood(name: str, list_name: str, count: int, group: str | None, images: str, citation: str) -> SetSpec:
     return SetSpec(
         name=name,
         count=count,
@@ -162,7 +163,12 @@ PRESETS: tuple[Preset, ...] = (
         "Textures, OpenImage-O (its benchmark_imglist files)",
         classes="imagenet",
         id_set=_openood(
-            "ImageNet-1K", "test_imagenet.txt", 45_000, "", "images_largescale", OPENOOD + "; ILSVRC 2012 val"
+            "ImageNet-1K",
+            "test_imagenet.txt",
+            45_000,
+            None,
+            "images_largescale",
+            OPENOOD + "; ILSVRC 2012 val",
         ),
         ood_sets=(
             _openood(
@@ -171,8 +177,8 @@ PRESETS: tuple[Preset, ...] = (
                 49_000,
                 "near",
                 "images_largescale",
-                "Vaze et al., Open-Set Recognition: a Good Closed-Set Classifier is All You Need?, ICLR 2022; "
-                + OPENOOD,
+                "Vaze et al., Open-Set Recognition: a Good Closed-Set Classifier is All You Need?, "
+                "ICLR 2022; " + OPENOOD,
             ),
             _openood(
                 "NINCO",
