@@ -311,3 +311,16 @@ def test_published_rows_follow_the_preset():
     assert rows[1].per_set["iNaturalist"].fpr95 == 1.91 and rows[1].average.auroc == 94.21
     assert presets.published_rows("openood-imagenet") == []
     assert presets.published_rows("waterbirds") == []
+
+
+def test_the_docs_show_every_preset_count_and_every_published_figure():
+    text = (Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+    for preset in presets.PRESETS:
+        section = text.split(f"## `{preset.name}`", 1)[1].split("\n## ", 1)[0]
+        for spec in preset.sets:
+            count = "not checked" if spec.count is None else f"{spec.count:,}"
+            assert f"| {spec.name} |" in section and count in section, (preset.name, spec.name)
+    for setting in presets.published_data()["settings"]:
+        for row in presets.published_setting(setting):
+            for figure in [*row.per_set.values(), *([row.average] if row.average else [])]:
+                assert f"{figure.auroc:.2f} / {figure.fpr95:.2f}" in text, (setting, row.method, figure)
