@@ -398,13 +398,26 @@ def _count_list(path: Path) -> int:
         return sum(1 for line in handle if line.strip() and not line.lstrip().startswith("#"))
 
 
+def _split_number(value: str) -> int | None:
+    try:
+        return int(float(value))
+    except ValueError:
+        return None
+
+
 def _waterbirds_rows(metadata: Path, split: str | None) -> list[dict[str, str]]:
+    """The rows of a Waterbirds ``metadata.csv`` (of ``split``: a name or a number, matched as
+    numbers, as negalign's reader does)."""
     with metadata.open(encoding="utf-8-sig", newline="") as handle:
-        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in csv.DictReader(handle)]
+        reader = csv.DictReader(handle)
+        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+        columns = {c.strip() for c in reader.fieldnames or ()}
     if split is None:
         return rows
-    wanted = str(WATERBIRDS_SPLITS.get(split, split))
-    return [row for row in rows if row.get("split", "") == wanted]
+    if "split" not in columns:
+        raise NegalignError(f"{metadata} has no 'split' column: it is not Waterbirds' metadata.csv")
+    wanted = WATERBIRDS_SPLITS.get(split, _split_number(split))
+    return [row for row in rows if _split_number(row.get("split", "")) == wanted]
 
 
 def count_images(resolved: ResolvedSet) -> int:

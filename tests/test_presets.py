@@ -324,3 +324,14 @@ def test_the_docs_show_every_preset_count_and_every_published_figure():
         for row in presets.published_setting(setting):
             for figure in [*row.per_set.values(), *([row.average] if row.average else [])]:
                 assert f"{figure.auroc:.2f} / {figure.fpr95:.2f}" in text, (setting, row.method, figure)
+
+
+def test_waterbirds_splits_are_matched_as_numbers(tmp_path):
+    root = make_root(tmp_path / "data", "waterbirds")
+    metadata = root / "waterbird_complete95_forest2water2" / "metadata.csv"
+    metadata.write_text(metadata.read_text(encoding="utf-8").replace(",2,", ",2.0,"), encoding="utf-8")
+    resolved = presets.resolve_preset("waterbirds", root)
+    assert presets.count_images(resolved.id_set) == 4
+    metadata.write_text("img_filename,y,place\na.jpg,0,1\n", encoding="utf-8")
+    with pytest.raises(NegalignError, match="no 'split' column"):
+        presets.count_images(resolved.id_set)
