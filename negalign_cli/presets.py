@@ -122,7 +122,8 @@ PLACESBG_SOURCE = Source(
 )
 NONSPURIOUS_SOURCE = Source(
     "Ming et al., AAAI 2022 (the non-spurious OOD sets of its Waterbirds experiments)",
-    "https://github.com/deeplearning-wisc/Spurious_OOD (README: the non-spurious OOD data sets)",
+    "https://github.com/deeplearning-wisc/Spurious_OOD (README, 'Non-spurious OOD Test Sets': download "
+    "links for Textures, LSUN-R, iSUN and SVHN)",
 )
 
 
@@ -246,9 +247,14 @@ PRESETS: tuple[Preset, ...] = (
                 note="its size follows the Places365 classes it is drawn from: no count is checked",
             ),
             SetSpec(
-                "SVHN", 26_032, "folder", "SVHN", NONSPURIOUS_SOURCE, group="non-spurious", optional=True
+                "Textures",
+                5_640,
+                "folder",
+                "dtd/images",
+                NONSPURIOUS_SOURCE,
+                group="non-spurious",
+                optional=True,
             ),
-            SetSpec("iSUN", 8_925, "folder", "iSUN", NONSPURIOUS_SOURCE, group="non-spurious", optional=True),
             SetSpec(
                 "LSUN_resize",
                 10_000,
@@ -257,6 +263,18 @@ PRESETS: tuple[Preset, ...] = (
                 NONSPURIOUS_SOURCE,
                 group="non-spurious",
                 optional=True,
+            ),
+            SetSpec("iSUN", 8_925, "folder", "iSUN", NONSPURIOUS_SOURCE, group="non-spurious", optional=True),
+            SetSpec(
+                "SVHN",
+                26_032,
+                "folder",
+                "svhn",
+                NONSPURIOUS_SOURCE,
+                group="non-spurious",
+                optional=True,
+                note="distributed as test_32x32.mat: write its images to files first (negalign reads "
+                "image files)",
             ),
         ),
         id_groups=(

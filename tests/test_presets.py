@@ -168,7 +168,7 @@ def test_optional_sets_are_used_where_present(tmp_path):
     resolved = presets.resolve_preset("waterbirds", root)
     assert [s.name for s in resolved.ood_sets] == ["placesbg", "iSUN"]
     assert resolved.groups == {"placesbg": "spurious", "iSUN": "non-spurious"}
-    assert resolved.absent_optional == ("SVHN", "LSUN_resize")
+    assert resolved.absent_optional == ("Textures", "LSUN_resize", "SVHN")
 
 
 def test_the_minority_group_is_read_from_metadata(tmp_path):
