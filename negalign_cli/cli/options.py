@@ -56,6 +56,16 @@ def checked_model(name: str) -> str:
         raise fail(str(exc), exc.exit_code) from None
 
 
+def check_passed_model(argv: list[str]) -> None:
+    """The ``--model`` among options passed on to other commands (``launch``'s shards), checked
+    as if it were parsed here: a wrong name fails once, before any shard is submitted."""
+    for index, arg in enumerate(argv):
+        if arg in ("--model", "-m") and index + 1 < len(argv):
+            checked_model(argv[index + 1])
+        elif arg.startswith("--model="):
+            checked_model(arg.split("=", 1)[1])
+
+
 Model = Annotated[
     str,
     typer.Option(

@@ -74,6 +74,16 @@ def test_unknown_model_fails_before_any_image_is_hashed(tmp_path):
     assert "negalign-tiny-test" in one_line_error(cli("bench", "--model", "negalign-tiny"), "did you mean")
 
 
+def test_launch_checks_the_shards_model_before_submitting(tmp_path):
+    images = make_image_folder(tmp_path / "images")
+    shards = tmp_path / "shards"
+    for spelling in (["--model", "ViT-B-61"], ["--model=ViT-B-61"], ["-m", "ViT-B-61"]):
+        command = ["launch", "cam", "--shards", "2", "--shards-dir", str(shards), "--images", str(images)]
+        result = cli(*command, "--classes", "waterbird", *spelling)
+        assert "did you mean ViT-B-16" in one_line_error(result, "unknown model architecture 'ViT-B-61'")
+        assert not shards.exists(), "shards were planned before the name was checked"
+
+
 def test_openai_spelling_is_accepted_by_the_cli(tmp_path):
     """`--model ViT-B/16` is ViT-B-16 with OpenAI's weights (here: not cached, so that error, at
     once, before the images are hashed: not 'unknown model')."""
