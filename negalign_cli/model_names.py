@@ -2,8 +2,8 @@
 
 The CLI checks ``--model`` while it parses its options, before it lists or hashes an image and
 before torch is imported (seconds): the names come from the JSON configs open_clip ships (the
-same files ``open_clip.list_models()`` reads) and the project's own configs. ``models.py``
-re-exports what is here; the loader and the Python API use the same functions.
+same files ``open_clip.list_models()`` reads) and the project's own configs. The loader
+(``models.py``) and the Python API (``api.py``) use the same names and the same mapping.
 """
 
 from __future__ import annotations
