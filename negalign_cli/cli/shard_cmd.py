@@ -139,6 +139,7 @@ def launch(
     for refused in ("--shard", "--shards-dir", "--out", "--viz"):
         if refused in passed or any(a.startswith(refused + "=") for a in passed):
             raise NegalignError(f"{refused} is launch's to set: give it to launch, not to the shards")
+    o.check_passed_model(passed)  # a wrong --model fails here, not in every shard
     extra = {}
     for item in slurm_arg or []:
         key, sep, value = item.partition("=")
