@@ -128,7 +128,7 @@ def check_cam_inputs(image_set: ImageSet, classes: WordList) -> str | None:
     classes, encoded with its class prompts: scoring with other classes or prompts would pair
     P_align (and cam.parquet's pred_name) with a class the scores do not know, so it is refused.
     Needs no model: the CLI runs it before loading weights. Returns a warning when the CAM outputs
-    record neither (made by an older negalign), so nothing could be checked."""
+    do not record both (made by an older negalign), so they could not be fully checked."""
     if image_set.cam_inputs is None:
         return None
     recorded_classes = image_set.cam_inputs.get("classes")
