@@ -96,16 +96,24 @@ class Artifact:
     def files(self) -> list[str]:
         return sorted(self.manifest["outputs"])
 
-    def export(self, out_dir: str | Path) -> list[Path]:
+    def export(
+        self, out_dir: str | Path, known: Iterable[str] = (), reporter: Reporter | None = None
+    ) -> list[Path]:
         """Copy the outputs and the manifest into ``out_dir`` (the user-facing ``--out``).
 
         Everything is first copied into a temporary folder inside ``out_dir`` and then renamed
         into place, the manifest last: a failure (disk full, Ctrl-C) leaves no truncated file, and
-        a folder without a manifest that matches its files is never taken for a finished one."""
+        a folder without a manifest that matches its files is never taken for a finished one.
+
+        Files an earlier export left there that this artifact does not have are removed before the
+        manifest is written: those the old manifest lists, and those named in ``known`` (the file
+        names any stage writes, for a folder whose manifest is gone). Nothing else is touched."""
+        reporter = reporter or NullReporter()
         out = Path(out_dir)
         with writing(out):
             out.mkdir(parents=True, exist_ok=True)
             names = [*self.files, MANIFEST]
+            previous = {*listed_outputs(out / MANIFEST), *known} - set(names)
             staging = Path(tempfile.mkdtemp(prefix=".negalign-export-", dir=out))
         try:
             for name in names:
@@ -114,13 +122,43 @@ class Artifact:
                 with writing(out / name):
                     shutil.copyfile(self.path / name, target)
             (out / MANIFEST).unlink(missing_ok=True)  # the old manifest must not vouch for new files
-            for name in names:
+            for name in names[:-1]:
                 final = out / name
                 final.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(staging / name, final)
+            removed = _remove_stale(out, previous)
+            os.replace(staging / MANIFEST, out / MANIFEST)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        if removed:
+            reporter.info(
+                f"removed {', '.join(removed)} from {out}: left by an earlier run, not part of this "
+                f"{self.stage} output"
+            )
         return [out / name for name in names]
+
+
+def listed_outputs(manifest: Path) -> list[str]:
+    """The outputs an existing manifest.json lists (none if it is missing or unreadable)."""
+    try:
+        outputs = json.loads(manifest.read_text(encoding="utf-8"))["outputs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return [name for name in outputs if isinstance(name, str)] if isinstance(outputs, dict) else []
+
+
+def _remove_stale(out: Path, names: Iterable[str]) -> list[str]:
+    """Delete the plain files ``out/NAME`` (only relative names inside ``out``; never a folder)."""
+    removed = []
+    for name in sorted(names):
+        relative = Path(name)
+        if relative.is_absolute() or ".." in relative.parts or not relative.parts:
+            continue
+        path = out / relative
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+            removed.append(name)
+    return removed
 
 
 @dataclass(frozen=True)

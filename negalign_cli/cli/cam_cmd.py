@@ -69,6 +69,7 @@ def cam(
     from negalign_cli.compute.vision import CamConfig
     from negalign_cli.inputs.datasets import list_images, resolve_decoder
     from negalign_cli.inputs.words import load_classes
+    from negalign_cli.stages import files
     from negalign_cli.stages.images import cam_images, cam_spec, digest_images
     from negalign_cli.stages.plots import write_cam_overlays
 
@@ -127,8 +128,8 @@ def cam(
         f"cam {result.artifact.key[:12]}: {c['processed']} of {c['images']} images, CAM valid for "
         f"{c['cam_valid']}, {c['skipped']} skipped{o.duplicates_note(c)}{hit}"
     )
+    o.finish(result, out, "cam", report, redraws=(files.VIZ_DIR,) if viz and viz_dir is None else ())
     if viz:
-        folder = viz_dir if viz_dir is not None else Path(str(out)) / "viz"
+        folder = viz_dir if viz_dir is not None else Path(str(out)) / files.VIZ_DIR
         written = write_cam_overlays(result.artifact.path, viz, folder, loaded.image_size)
         stdout().print(f"wrote {len(written)} overlay(s) to {folder}")
-    o.finish(result, out, "cam")

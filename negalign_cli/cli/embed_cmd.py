@@ -108,7 +108,7 @@ def texts(
         report.warn(
             f"{counts['truncated_prompts']} prompt(s) were longer than the model's context and were cut"
         )
-    o.finish(result, out, "embed-texts")
+    o.finish(result, out, "embed-texts", report)
 
 
 IMAGES_EXAMPLE = (
@@ -189,4 +189,4 @@ def images(
         f"embed-images {result.artifact.key[:12]}: {c['embedded']} of {c['images']} images embedded, "
         f"{c['skipped']} skipped{o.duplicates_note(c)} ({status})"
     )
-    o.finish(result, out, "embed-images")
+    o.finish(result, out, "embed-images", report)

@@ -264,15 +264,40 @@ def duplicates_note(counts: dict) -> str:
     return f", {n} path(s) byte-identical to an earlier one (sharing its row)" if n else ""
 
 
-def finish(result, out: Path | None, label: str) -> None:
-    """Export the artifact to ``--out`` (or say where it is): the last line of most commands."""
+def finish(
+    result, out: Path | None, label: str, report: RichReporter | None = None, redraws: tuple[str, ...] = ()
+) -> None:
+    """Export the artifact to ``--out`` (or say where it is): the last line of most commands. Files
+    an earlier run left in ``--out`` that this artifact lacks are removed (stage outputs only);
+    what was drawn there from another artifact (a report, CAM overlays) is named in a warning,
+    unless the command draws it again now (``redraws``)."""
+    from negalign_cli.cache.store import MANIFEST
     from negalign_cli.cli.console import stdout
+    from negalign_cli.stages import files
 
-    if out is not None:
-        written = result.artifact.export(out)
-        stdout().print(f"wrote {', '.join(p.name for p in written)} to {out}")
-    else:
+    if out is None:
         stdout().print(f"{label} artifact: {result.artifact.path}")
+        return
+    report = report or RichReporter()
+    before = _manifest_key(out / MANIFEST)
+    written = result.artifact.export(out, known=files.ARTIFACT_FILES, reporter=report)
+    stdout().print(f"wrote {', '.join(p.name for p in written)} to {out}")
+    drawn = sorted(name for name in files.RENDERED - set(redraws) if (out / name).exists())
+    if drawn and before != result.artifact.key:
+        report.warn(
+            f"{', '.join(drawn)} in {out} were drawn from the output that was there before: rerun the "
+            "command that made them (report, cam --viz) or delete them"
+        )
+
+
+def _manifest_key(path: Path) -> str | None:
+    import json
+
+    try:
+        key = json.loads(path.read_text(encoding="utf-8")).get("key")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return key if isinstance(key, str) else None
 
 
 Decode = Annotated[

@@ -45,7 +45,7 @@ def merge(
         f"shard(s), {rows} of {c.get('images', 0)} images, {c.get('skipped', 0)} skipped"
         f"{o.duplicates_note(c)}{' (cache hit)' if result.hit else ''}"
     )
-    o.finish(result, out, manifest["stage"])
+    o.finish(result, out, manifest["stage"], report)
 
 
 LAUNCH_EXAMPLE = (

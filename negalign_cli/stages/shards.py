@@ -463,8 +463,9 @@ def _merged_manifest(
     summed["duplicates"] = plan.count - summed.get("skipped", 0) - rows
     summed.update(recounted)
     extra: dict[str, Any] = {"counts": summed, "images_source": plan.source}
-    if "model" in manifests[0]:
-        extra["model"] = manifests[0]["model"]
+    for name in ("model", "sources"):  # `sources`: the classes a `cam` run used, for score's messages
+        if name in manifests[0]:
+            extra[name] = manifests[0][name]
     extra["merged_from"] = {
         "shards": plan.shards,
         "keys": [m.get("key") for m in manifests],
