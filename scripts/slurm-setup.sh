@@ -14,6 +14,7 @@
 set -euo pipefail
 
 STATE=${SLURM_CI_STATE:-/run/negalign-slurm}
+MARK="# written by negalign's scripts/slurm-setup.sh"
 
 stop() {
     local name pid
@@ -37,6 +38,15 @@ start() {
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends slurm-wlm munge
     fi
     mkdir -p "$STATE"
+    if scontrol ping 2>/dev/null | grep -q 'is UP'; then
+        echo "slurm-setup: a SLURM controller is already up; leaving it as it is"
+        sinfo
+        return 0
+    fi
+    if [ -s /etc/slurm/slurm.conf ] && ! grep -q "^$MARK" /etc/slurm/slurm.conf; then
+        echo "slurm-setup: /etc/slurm/slurm.conf exists and is not this script's; not touching it" >&2
+        exit 2
+    fi
     local host cpus mem
     host=$(hostname -s)
     cpus=$(nproc)
@@ -61,6 +71,7 @@ start() {
     mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm
     chown slurm:slurm /var/spool/slurmctld /var/log/slurm
     cat > /etc/slurm/slurm.conf <<EOF
+$MARK
 ClusterName=negalign-ci
 SlurmctldHost=$host
 SlurmUser=slurm

@@ -427,7 +427,9 @@ def _foreign_folders(shards_dir: Path, plan: Plan) -> None:
             continue
         claimed = done.get("shard") if isinstance(done, dict) else None
         if done.get("plan") == plan.digest and claimed != [index, plan.shards]:
-            said = f"shard {claimed[0]}/{claimed[1]}" if isinstance(claimed, list) and len(claimed) == 2 else "?"
+            said = (
+                f"shard {claimed[0]}/{claimed[1]}" if isinstance(claimed, list) and len(claimed) == 2 else "?"
+            )
             raise NegalignError(
                 f"{shards_dir / shard.name} holds the results of {said}, not of shard {shard} (its {DONE}): "
                 f"delete that folder and rerun shard {shard}, then merge"
