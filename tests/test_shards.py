@@ -163,3 +163,18 @@ def test_merge_refuses_a_shard_folder_of_another_shard(tmp_path, monkeypatch):
 
     table = pd.read_parquet(tmp_path / "m" / "images.parquet")
     assert table["status"].eq("ok").all() and table["digest"].nunique() == 6
+
+
+def test_merge_counts_this_runs_shards_on_a_cache_hit(tmp_path, monkeypatch):
+    """After a K = 2 merge, the K = 3 merge of the same list is a cache hit of the same artifact;
+    its line names this run's 3 shards (it said "merged 2 shard(s)", the cached merge's count)."""
+    monkeypatch.chdir(tmp_path)
+    folder = make_image_folder(tmp_path / "data", per_class=3)
+    base = ["embed", "images", "--images", str(folder), "--workers", "0"]
+    for count in (2, 3):
+        for i in range(count):
+            assert cli(*base, "--shard", f"{i}/{count}", "--shards-dir", f"runs{count}").exit_code == 0
+        merged = cli("merge", f"runs{count}", "--cache-dir", "c-merge")
+        assert merged.exit_code == 0, merged.output
+        assert f"merged {count} shard(s), 6 of 6 images" in merged.output, merged.output
+    assert "(cache hit)" in merged.output
