@@ -95,8 +95,10 @@ SlurmdLogFile=/var/log/slurm/slurmd.log
 SlurmctldTimeout=30
 SlurmdTimeout=30
 MinJobAge=300
-# scontrol requeue and preemption requeue a job under the same id
+# scontrol requeue and preemption requeue a job under the same id; a requeued job may start again
+# once its old credential has expired (cred_expire + 1 s; SLURM's default is 120 s)
 JobRequeue=1
+AuthInfo=cred_expire=30
 NodeName=$host CPUs=$cpus RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP DefMemPerCPU=1000
 EOF

@@ -29,6 +29,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +46,22 @@ LAUNCH_RECORD = "launch.json"  # the SLURM array last submitted for this folder
 POLL_SECONDS = 0.5
 SLURM_POLL = (1.0, 30.0)  # squeue: first interval, then doubling up to the second
 TERMINATED = 143  # a shard stopped by SIGTERM: requeued, preempted, cancelled or out of time
+RUNNING = ("RUNNING", "COMPLETING", "CONFIGURING", "STAGE_OUT", "SIGNALING")
+# states a task ends in; PREEMPTED and the rest may still turn into PENDING when SLURM requeues it
+FINISHED = (
+    "COMPLETED",
+    "CANCELLED",
+    "FAILED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "PREEMPTED",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "SPECIAL_EXIT",
+    "REVOKED",
+)
+GRACE_POLLS = 5  # queue polls (2 s apart) a task must look finished without a result to count as failed
 
 
 class ShardJob:
@@ -83,11 +100,13 @@ class ShardJob:
             with contextlib.suppress(ProcessLookupError):
                 child.send_signal(signum)
 
-        previous = signal.signal(signal.SIGTERM, forward)
+        main = threading.current_thread() is threading.main_thread()  # signals are the main thread's
+        previous = signal.signal(signal.SIGTERM, forward) if main else None
         try:
             code = child.wait()
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            if main:
+                signal.signal(signal.SIGTERM, previous)
         if terminated or code in (-signal.SIGTERM, TERMINATED):
             sys.stderr.flush()
             os._exit(TERMINATED)  # no result file: SLURM decides whether the task runs again
@@ -365,10 +384,11 @@ def _scancel(array: str) -> None:
 
 
 def _squeue(array: str) -> dict[str, tuple[str, str]] | None:
-    """``{task id: (state, reason)}`` of the array's tasks still in the queue; None when squeue fails."""
+    """``{task id: (state, reason)}`` of the array's tasks the controller still knows (finished ones
+    stay listed for its MinJobAge); None when squeue fails."""
     try:
         done = subprocess.run(
-            ["squeue", "-h", "-r", "-j", array, "-o", "%i|%T|%r"],
+            ["squeue", "-h", "-r", "-t", "all", "-j", array, "-o", "%i|%T|%r"],
             capture_output=True,
             text=True,
             check=False,
@@ -395,7 +415,7 @@ def _refuse_running_array(shards_dir: Path) -> None:
         array = str(record["array"])
     except (OSError, ValueError, KeyError, TypeError):
         return
-    tasks = _squeue(array)
+    tasks = {t: s for t, s in (_squeue(array) or {}).items() if s[0] not in FINISHED}
     if tasks:
         raise NegalignError(
             f"SLURM job array {array} of this --shards-dir still has {len(tasks)} task(s) queued or running: "
@@ -468,10 +488,10 @@ def _follow(
                 pending, running = [], 0
                 for index, handle in list(open_tasks.items()):
                     task = str(handle.job_id)
-                    if task in queue:
+                    state, reason = queue.get(task, ("", ""))
+                    if state and state not in FINISHED:
                         absent.pop(index, None)
-                        state, reason = queue[task]
-                        if state in ("RUNNING", "COMPLETING", "CONFIGURING", "STAGE_OUT"):
+                        if state in RUNNING:
                             running += 1
                         else:
                             pending.append(reason if reason and reason != "None" else "")
@@ -479,9 +499,10 @@ def _follow(
                     if handle.paths.result_pickle.exists():
                         continue  # finished since the look above: taken next second
                     absent[index] = absent.get(index, 0) + 1
-                    if absent[index] >= 3:  # left the queue without a result
+                    if absent[index] >= GRACE_POLLS:  # ended (or gone) without a result
                         failed[index] = _log_of(handle)
-                        why[index] = "it left the queue unfinished (cancelled, out of time or killed)"
+                        ended = f"SLURM ended it as {state}" if state else "it left the queue"
+                        why[index] = f"{ended} without a result (cancelled, out of time or killed)"
                         del open_tasks[index]
                         advance(1)
                 done = len(jobs) - len(open_tasks) - len(failed)
@@ -494,7 +515,7 @@ def _follow(
                 if line != last_line and open_tasks:
                     reporter.info(line)
                     last_line = line
-                next_poll = time.monotonic() + (SLURM_POLL[0] if absent else interval)
+                next_poll = time.monotonic() + (2.0 if absent else interval)
                 interval = min(interval * 2, SLURM_POLL[1])
             if not open_tasks:
                 break
