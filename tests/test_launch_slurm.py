@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -131,6 +132,10 @@ def test_embed_k2_requeued_task_resumes_and_a_changed_list_is_refused(slurm):
     assert running.returncode == 0, out + err
     assert "2 shard(s) ran, 0 were done already" in out and "merged 2 shard(s)" in out, out
     assert "Traceback" not in err and "Bypassing sacct" not in err, err
+    # what it waits for: counts (and SLURM's pending reason) each time they change
+    assert re.search(
+        rf"job array {array}: [0-2] pending( \([A-Za-z, ]+\))?, [1-2] running, [0-1] done", err
+    ), err
     _same_files(tmp_path / "merged", tmp_path / "whole", ["image_embeddings.npy", "images.parquet"])
     # the requeued shard resumed from its own cache: fewer images computed the second time
     counts = json.loads((runs / "shard-00001-of-00002" / "artifact" / "manifest.json").read_text())["counts"]
@@ -189,6 +194,10 @@ def test_sbatch_refusals_max_wait_and_a_running_array(slurm):
     one_line_error(cli(*launch, "--time", "2h"), "--time must be a SLURM time")
     # a user error is found here, before submitting, not in every shard's log
     one_line_error(cli(*launch, "--bogus-option", "1"), "No such option: --bogus-option")
+    (tmp_path / "classes.txt").write_text("bird\n")
+    cam = ["launch", "cam", "--classes", "classes.txt", "--images", str(folder), *TINY]
+    cam += ["--shards", "2", "--shards-dir", "runs-cam", "--executor", "slurm"]
+    one_line_error(cli(*cam, "--bg-pool", "bogus"), "--bg-pool")  # failed in every shard's log
     assert subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout == before
     # --max-wait: the launcher stops waiting, the array runs on, and a relaunch does not run it twice
     waited = cli(*launch, "--max-wait", "00:00:02", "--job-name", "tiny")

@@ -133,7 +133,9 @@ def launch(
     job_name: Annotated[
         str | None,
         typer.Option(
-            "--job-name", help="slurm: the array's name (default: negalign-<stage>).", show_default=False
+            "--job-name",
+            help="slurm: the array's name (default: negalign-STAGE, e.g. negalign-cam).",
+            show_default=False,
         ),
     ] = None,
     gres: Annotated[
