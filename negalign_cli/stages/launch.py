@@ -501,8 +501,11 @@ def _follow(
                     absent[index] = absent.get(index, 0) + 1
                     if absent[index] >= GRACE_POLLS:  # ended (or gone) without a result
                         failed[index] = _log_of(handle)
-                        ended = f"SLURM ended it as {state}" if state else "it left the queue"
-                        why[index] = f"{ended} without a result (cancelled, out of time or killed)"
+                        why[index] = (
+                            f"SLURM ended it as {state}, without a result"
+                            if state
+                            else "it left the queue without a result (cancelled, out of time or killed)"
+                        )
                         del open_tasks[index]
                         advance(1)
                 done = len(jobs) - len(open_tasks) - len(failed)
