@@ -22,6 +22,7 @@ import pytest
 
 from negalign_cli import hashing
 from negalign_cli.cache import statcache
+from negalign_cli.cache.workspace import STAT_CACHE
 from negalign_cli.stages import files
 from tests.faults.helpers import cli, one_line_error
 from tests.helpers.images import make_image_folder
@@ -148,9 +149,8 @@ def test_score_hashes_each_input_file_once(chain, reads):
     """One digest per input file feeds both the check against its manifest and the stage key
     (before: `open_image_set` verified the files, then `ImageSet.digests()` hashed them again)."""
     root, commands = chain
-    (root / "c" / statcache.STAT_CACHE).unlink()  # nothing remembered: every file must be read
-    for suffix in ("-wal", "-shm"):
-        (root / "c" / f"{statcache.STAT_CACHE}{suffix}").unlink(missing_ok=True)
+    for suffix in ("", "-wal", "-shm"):  # nothing remembered: every file must be read
+        (root / "c" / f"{STAT_CACHE}{suffix}").unlink(missing_ok=True)
     reads.clear()
     _run(commands["score_id"])
     inputs = [files.IMAGE_EMBEDDINGS, files.IMAGE_TABLE, files.BACKGROUND_EMBEDDINGS, files.CAM_TABLE]
