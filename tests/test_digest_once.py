@@ -233,3 +233,61 @@ def test_an_edited_score_file_is_hashed_again_by_evaluate(chain, reads, keep_mti
         assert "cache hit" not in " ".join(done.output.split()), done.output
     finally:
         _run(commands["score_ood"])  # exported again
+
+
+# ----------------------------------------------------------------------------- sha256_files itself
+def _old_file(path: Path, content: bytes) -> str:
+    path.write_bytes(content)
+    os.utime(path, ns=(1_600_000_000 * 10**9,) * 2)  # long past: never "racy"
+    return str(path)
+
+
+def test_sha256_files_reads_a_file_once_then_only_when_it_changes(tmp_path, reads):
+    cache = statcache.StatCache(tmp_path / "stat.db")
+    paths = [_old_file(tmp_path / f"f{i}", f"content {i}".encode()) for i in range(3)]
+    expected = [hashing.sha256_file(p) for p in paths]
+    reads.clear()
+    assert statcache.sha256_files(paths, cache) == expected
+    assert len(reads.paths) == 3
+    reads.clear()
+    assert statcache.sha256_files(paths, cache) == expected and reads.paths == []
+    Path(paths[1]).write_bytes(b"content X")  # same size, new bytes
+    assert statcache.sha256_files(paths, cache)[1] == hashing.sha256_file(paths[1]) != expected[1]
+    assert reads.paths == [os.path.realpath(paths[1])] * 2  # the rehash, and the check above
+
+
+def test_sha256_files_raises_what_sha256_file_raises(tmp_path):
+    from negalign_cli.hashing import NotRegularFile
+
+    cache = statcache.StatCache(tmp_path / "stat.db")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # a real FIFO: refused, never opened (that would block)
+    with pytest.raises(NotRegularFile):
+        statcache.sha256_files([fifo], cache)
+    with pytest.raises(FileNotFoundError):
+        statcache.sha256_files([tmp_path / "gone"], cache)
+
+
+def test_an_empty_file_is_not_remembered_for_the_images_that_share_the_keys(tmp_path):
+    """An empty output has the empty digest; the same path listed as an image is still "empty
+    file" (the stat cache's image rows and file rows share one key space)."""
+    from negalign_cli.inputs.datasets import digest_all
+
+    cache = statcache.StatCache(tmp_path / "stat.db")
+    empty = _old_file(tmp_path / "empty", b"")
+    assert statcache.sha256_files([empty], cache) == [hashing.sha256_file(empty)]
+    assert cache.digests([empty], lambda todo: digest_all([empty], 1)) == [(None, "empty file")]
+
+
+def test_a_full_disk_under_stat_db_does_not_stop_a_check(tmp_path):
+    """Verifying reads: a stat.db with no room to remember is passed over (the files are hashed),
+    where an image listing says disk full (tests/faults/test_storage_faults.py)."""
+    from tests.faults.test_storage_faults import fill, tmpfs
+
+    disk = tmp_path / "disk"
+    with tmpfs(disk):
+        paths = [_old_file(tmp_path / f"f{i}", f"content {i}".encode() * 100) for i in range(3)]
+        fill(disk)
+        cache = statcache.StatCache(disk / "stat.db")
+        assert statcache.sha256_files(paths, cache) == [hashing.sha256_file(p) for p in paths]
+        assert not list(disk.glob("*damaged*"))

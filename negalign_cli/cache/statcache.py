@@ -198,15 +198,18 @@ class StatCache:
 
     def file_digests(self, paths: Sequence[str]) -> list[Digest]:
         """The sha256 of whole files (artifact outputs, ``--out`` exports, score files) by their
-        stat: an unchanged file is not read. A file that cannot be read gets (None, why not)."""
+        stat: an unchanged file is not read. A file that cannot be read gets (None, why not); so
+        does an empty one, which is not remembered (as for images, whose rows share these keys)."""
 
         def hash_many(todo: list[int]) -> list[Digest]:
             found: list[Digest] = []
             for i in todo:
                 try:
-                    found.append((hashing.sha256_file_sized(paths[i])[0], ""))
+                    digest, size = hashing.sha256_file_sized(paths[i])
                 except OSError as exc:
                     found.append((None, str(exc)))
+                    continue
+                found.append((digest, "") if size else (None, "empty file"))
             return found
 
         return self.digests(paths, hash_many)
@@ -226,7 +229,8 @@ def sha256_files(paths: Sequence[str | Path], stat_cache: StatCache | None = Non
         found = stat_cache.file_digests(names)
     except NegalignError:  # stat.db has no room (a full disk): a read still works, without it
         return [hashing.sha256_file_sized(name)[0] for name in names]
-    # a file the cache could not hash is read once more here, to raise what sha256_file raises
+    # a file the cache did not hash (empty, unreadable) is read here: its digest, or what
+    # sha256_file raises
     return [
         digest if digest is not None else hashing.sha256_file_sized(name)[0]
         for name, (digest, _) in zip(names, found, strict=True)
