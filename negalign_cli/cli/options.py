@@ -241,6 +241,7 @@ def run_shard(shard, shards_dir: Path, spec, image_list, run, report, stat_cache
         image_list,
         lambda part: run(digest_images(part, report, stat_cache=stat_cache)),
         report,
+        stat_cache,
     )
     shard_summary(outcome)
 

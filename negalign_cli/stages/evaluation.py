@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from negalign_cli import __version__
+from negalign_cli.cache.statcache import StatCache, sha256_files
 from negalign_cli.cache.store import StageResult, StageSpec
 from negalign_cli.cache.workspace import Workspace
 from negalign_cli.compute.evaluation import (
@@ -31,7 +32,6 @@ from negalign_cli.compute.metrics import CONVENTIONS, DEFINITIONS, RECALL_LEVEL,
 from negalign_cli.compute.scores import SCORE_COLUMNS, method_columns, score_column
 from negalign_cli.defaults import DEFAULT_LAMBDAS, NEGALIGN
 from negalign_cli.errors import NegalignError
-from negalign_cli.hashing import sha256_file
 from negalign_cli.reporting import NullReporter, Reporter
 from negalign_cli.stages import files
 from negalign_cli.stages.scoring import read_score_metadata
@@ -176,13 +176,14 @@ def evaluate(request: EvaluateRequest, workspace: Workspace, reporter: Reporter 
         group_sets(request.groups, names)
     except ValueError as exc:
         raise NegalignError(f"--ood-group: {exc}") from exc
-    inputs = {"id": sha256_file(request.id_path) if request.id_path.is_file() else "missing"}
+    stat_cache = workspace.store.stat_cache  # a score file unchanged since it was hashed is not read
+    inputs = {"id": _file_digest(request.id_path, stat_cache) if request.id_path.is_file() else "missing"}
     for name, path in request.oods:
-        inputs[f"ood:{name}"] = sha256_file(path) if path.is_file() else "missing"
+        inputs[f"ood:{name}"] = _file_digest(path, stat_cache) if path.is_file() else "missing"
     if request.calibration_path is not None:
-        inputs["calibration"] = sha256_file(request.calibration_path)
+        inputs["calibration"] = _file_digest(request.calibration_path, stat_cache)
     for name, path in request.id_groups:
-        inputs[f"id-group:{name}"] = _group_digest(path)
+        inputs[f"id-group:{name}"] = _group_digest(path, stat_cache)
     spec = StageSpec(EVALUATE_STAGE, EVALUATE_VERSION, request.params(), inputs)
     return workspace.store.run(spec, lambda folder: _evaluate(request, folder, reporter), reporter)
 
@@ -475,10 +476,14 @@ def _ood_block(
 
 
 # ----------------------------------------------------------------------------- ID subgroups
-def _group_digest(path: Path) -> str:
+def _file_digest(path: Path, stat_cache: StatCache | None = None) -> str:
+    return sha256_files([path], stat_cache)[0]
+
+
+def _group_digest(path: Path, stat_cache: StatCache | None = None) -> str:
     """What the cache key records of a group: the file's bytes, or the image list of a folder."""
     if path.is_file():
-        return sha256_file(path)
+        return _file_digest(path, stat_cache)
     if path.is_dir():
         return hashlib.sha256("\n".join(_group_paths(path)).encode()).hexdigest()
     raise NegalignError(f"--id-group file not found: {path}")

@@ -10,6 +10,7 @@ import pandas as pd
 import torch
 
 from negalign_cli.assets import csp_suffixes
+from negalign_cli.cache.statcache import StatCache
 from negalign_cli.cache.store import MANIFEST, Artifact, StageResult, StageSpec, verify_folder
 from negalign_cli.cache.workspace import Workspace
 from negalign_cli.compute.text import count_truncated, format_prompts
@@ -308,10 +309,11 @@ class NegativeVocab:
         return np.flatnonzero(np.isin(np.array(self.roles), list(roles))).astype(np.int64)
 
 
-def negatives_from_split(folder) -> NegativeVocab:
+def negatives_from_split(folder, stat_cache: StatCache | None = None) -> NegativeVocab:
     """Read a ``split-vocab`` output folder (``split_scores.csv``) and, from its manifest.json, the
     model that scored it. A manifest that does not vouch for ``split_scores.csv`` is refused; a folder
-    without one (a hand-made split) has no recorded model."""
+    without one (a hand-made split) has no recorded model. ``stat_cache``: an unchanged file is not
+    read to be checked."""
     from pathlib import Path
 
     path = Path(folder).expanduser() / files.SPLIT_SCORES
@@ -319,7 +321,7 @@ def negatives_from_split(folder) -> NegativeVocab:
         raise NegalignError(f"{path} not found: --negatives-split takes a split-vocab --out folder")
     scored_by = None
     if (path.parent / MANIFEST).exists():
-        manifest, reason = verify_folder(path.parent, [files.SPLIT_SCORES])
+        manifest, reason = verify_folder(path.parent, [files.SPLIT_SCORES], stat_cache)
         if manifest is None:
             raise NegalignError(
                 f"{path.parent} does not match its manifest.json ({reason}): the split was edited, cut "
