@@ -10,6 +10,10 @@ from negalign_cli.compute.metrics import CONVENTIONS, ood_metrics
 from negalign_cli.compute.scores import SCORE_COLUMNS, zscore
 
 STAR, ALIGN = "s_neglabel_star", "p_align"
+# Names results.json, metrics.csv and the tables give rows that are not an OOD set: the ID set and
+# the mean over the sets. No OOD set or --ood-group may take one (in any case).
+ID_SET, MEAN = "ID", "mean"
+RESERVED_SET_NAMES = {ID_SET: "the ID set", MEAN: "the mean over the OOD sets"}
 
 
 def fit_calibration(star: np.ndarray, align: np.ndarray) -> dict[str, dict[str, float]]:
@@ -94,17 +98,52 @@ def average_metrics(metric_dicts: Sequence[Mapping[str, Mapping[str, float]]]) -
     }
 
 
+def check_set_names(sets: Sequence[str]) -> None:
+    """Check the OOD set names: none empty, none reserved (:data:`RESERVED_SET_NAMES`, in any case:
+    an OOD set called ``ID`` would replace the ID set, one called ``mean`` would be a second mean
+    row) and no two equal up to case (one row to a reader, two to the code). Raises ValueError."""
+    seen: dict[str, str] = {}
+    for name in sets:
+        if not name.strip():
+            raise ValueError("an OOD set name is empty")
+        _check_reserved(name, "OOD set")
+        other = seen.get(name.casefold())
+        if other is not None:
+            problem = (
+                f"name {name!r} is given twice"
+                if other == name
+                else f"names {other!r} and {name!r} differ only in case"
+            )
+            raise ValueError(f"OOD set {problem}: give each set its own name")
+        seen[name.casefold()] = name
+
+
+def _check_reserved(name: str, what: str) -> None:
+    reserved = {r.casefold(): r for r in RESERVED_SET_NAMES}
+    if name.casefold() in reserved:
+        meaning = RESERVED_SET_NAMES[reserved[name.casefold()]]
+        raise ValueError(
+            f"{what} name {name!r} is reserved: results.json and the tables call {meaning} "
+            f"{reserved[name.casefold()]!r} ({', '.join(RESERVED_SET_NAMES)} are reserved, in any case); "
+            "name it otherwise"
+        )
+
+
 def group_sets(groups: Sequence[tuple[str, Sequence[str]]], sets: Sequence[str]) -> dict[str, list[str]]:
     """Check ``--ood-group`` definitions against the OOD set names: every member must be a set, a
-    group must have at least one member and no duplicates, and a group's name must not be a set's
-    (or ``mean``). Returns name → members in the given order. Raises ValueError with the reason."""
+    group must have at least one member and no duplicates, and a group's name must be neither a
+    set's nor another group's nor reserved (:data:`RESERVED_SET_NAMES`), in any case. Returns
+    name → members in the given order. Raises ValueError with the reason."""
     known = set(sets)
+    taken = {s.casefold(): s for s in sets}
     out: dict[str, list[str]] = {}
     for name, members in groups:
-        if name in out:
-            raise ValueError(f"group {name!r} is defined twice")
-        if name in known or name == "mean":
-            raise ValueError(f"group name {name!r} is already an OOD set name (or 'mean')")
+        _check_reserved(name, "group")
+        if name.casefold() in taken:
+            other = taken[name.casefold()]
+            if other in out:
+                raise ValueError(f"group {name!r} is defined twice (or differs from {other!r} only in case)")
+            raise ValueError(f"group name {name!r} is already an OOD set name ({other!r})")
         unknown = [m for m in members if m not in known]
         if unknown:
             raise ValueError(
@@ -116,4 +155,5 @@ def group_sets(groups: Sequence[tuple[str, Sequence[str]]], sets: Sequence[str])
         if len(set(members)) != len(members):
             raise ValueError(f"group {name!r} names a set twice")
         out[name] = list(members)
+        taken[name.casefold()] = name
     return out

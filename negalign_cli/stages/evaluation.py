@@ -17,10 +17,13 @@ from negalign_cli.cache.store import StageResult, StageSpec
 from negalign_cli.cache.workspace import Workspace
 from negalign_cli.compute.evaluation import (
     ALIGN,
+    ID_SET,
+    MEAN,
     STAR,
     all_metrics,
     average_metrics,
     best_lambda,
+    check_set_names,
     final_score,
     fit_calibration,
     group_sets,
@@ -173,18 +176,40 @@ def evaluate(request: EvaluateRequest, workspace: Workspace, reporter: Reporter 
             f"--select-lambda-on {request.select_on!r} is not one of the --ood names ({', '.join(names)})"
         )
     try:
+        check_set_names(names)
+    except ValueError as exc:
+        raise NegalignError(f"--ood: {exc}") from exc
+    try:
         group_sets(request.groups, names)
     except ValueError as exc:
         raise NegalignError(f"--ood-group: {exc}") from exc
     inputs = {"id": sha256_file(request.id_path) if request.id_path.is_file() else "missing"}
     for name, path in request.oods:
         inputs[f"ood:{name}"] = sha256_file(path) if path.is_file() else "missing"
+    _warn_same_content(request, inputs, reporter)
     if request.calibration_path is not None:
         inputs["calibration"] = sha256_file(request.calibration_path)
     for name, path in request.id_groups:
         inputs[f"id-group:{name}"] = _group_digest(path)
     spec = StageSpec(EVALUATE_STAGE, EVALUATE_VERSION, request.params(), inputs)
     return workspace.store.run(spec, lambda folder: _evaluate(request, folder, reporter), reporter)
+
+
+def _warn_same_content(request: EvaluateRequest, inputs: dict[str, str], reporter: Reporter) -> None:
+    """Warn when an OOD file holds the same bytes as the ID file (ID would be scored against
+    itself: every method near 50% AUROC) or as another OOD file."""
+    seen = {inputs["id"]: f"the ID file {request.id_path}"}
+    for name, path in request.oods:
+        digest = inputs[f"ood:{name}"]
+        if digest == "missing":
+            continue
+        if digest in seen:
+            reporter.warn(
+                f"--ood {name}={path} has the same content as {seen[digest]} (sha256 {digest[:12]}): "
+                "check that you gave the file you meant"
+            )
+        else:
+            seen[digest] = f"--ood {name}"
 
 
 @dataclass
@@ -200,8 +225,8 @@ def _evaluate(request: EvaluateRequest, folder: Path, reporter: Reporter) -> dic
     selection = _select(request, frames, reporter)
     cam_invalid, excluded = _exclude_invalid_cams(frames, selection, reporter)
     dropped = _drop_nonfinite(frames, _needed_columns(request, selection), request.drop_nonfinite, reporter)
-    id_frame = frames["ID"]
-    ood_frames = {name: frame for name, frame in frames.items() if name != "ID"}
+    id_frame = frames[ID_SET]
+    ood_frames = {name: frame for name, frame in frames.items() if name != ID_SET}
     calibration = _calibration(request, id_frame) if selection.negalign else None
     sweeps = _sweeps(request, id_frame, ood_frames, calibration) if selection.negalign else {}
     chosen, rule = _choose_lambdas(request, sweeps)
@@ -214,9 +239,9 @@ def _evaluate(request: EvaluateRequest, folder: Path, reporter: Reporter) -> dic
         "id": {
             "file": str(request.id_path),
             "n": len(id_frame),
-            "dropped_nonfinite": dropped["ID"],
-            "cam_invalid": cam_invalid["ID"],
-            "excluded_invalid_cam": excluded["ID"],
+            "dropped_nonfinite": dropped[ID_SET],
+            "cam_invalid": cam_invalid[ID_SET],
+            "excluded_invalid_cam": excluded[ID_SET],
         },
         "ood": {},
     }
@@ -270,9 +295,9 @@ def _column_descriptions(selection: _Selection) -> dict[str, dict[str, str]]:
 def _read_frames(request: EvaluateRequest) -> dict[str, pd.DataFrame]:
     """The ID and OOD score files (ID first), refusing files made by different models, and files
     made with different score settings, classes or negatives unless --allow-mixed-settings."""
-    frames = {"ID": read_score_file(request.id_path)}
+    frames = {ID_SET: read_score_file(request.id_path)}
     frames.update({name: read_score_file(path) for name, path in request.oods})
-    metadata = {name: read_score_metadata(path) for name, path in [("ID", request.id_path), *request.oods]}
+    metadata = {name: read_score_metadata(path) for name, path in [(ID_SET, request.id_path), *request.oods]}
     models = {name: meta.get("model") for name, meta in metadata.items()}
     if len({m for m in models.values() if m}) > 1:
         shown = ", ".join(f"{n}={m[:12]}" for n, m in models.items() if m)
@@ -551,12 +576,12 @@ def _write_outputs(
     (folder / files.RESULTS).write_text(json.dumps(results, indent=2, sort_keys=False), encoding="utf-8")
     mean_rows = [
         _row(name, m, b.get("lambda"), b["metrics"], request.convention)
-        for name, block in [*results.get("groups", {}).items(), ("mean", results["mean"])]
+        for name, block in [*results.get("groups", {}).items(), (MEAN, results["mean"])]
         for m, b in block["methods"].items()
     ]
     pd.DataFrame(rows + mean_rows).to_csv(folder / files.METRICS, index=False, float_format="%.4f")
     plot_roc(folder / files.ROC_PLOT, roc_curves(results, id_frame, ood_frames))
-    frames = {"ID": id_frame, **ood_frames}
+    frames = {ID_SET: id_frame, **ood_frames}
     components = [
         c
         for c in (*METHODS.values(), ALIGN, request.score_column)
@@ -663,7 +688,7 @@ def _mean_block(blocks: dict[str, dict], convention: str) -> dict:
 
 
 def _score_configs(request: EvaluateRequest) -> dict[str, Any]:
-    configs = {"ID": read_score_metadata(request.id_path).get("config")}
+    configs = {ID_SET: read_score_metadata(request.id_path).get("config")}
     for name, path in request.oods:
         configs[name] = read_score_metadata(path).get("config")
     return configs

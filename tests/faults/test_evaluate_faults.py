@@ -1,0 +1,154 @@
+"""Fault suite: `evaluate`, `report` and the Python API refuse inputs that do not belong together
+(reserved or clashing set names, an edited results folder, scores too large to combine, images
+the API cannot read as the CLI does) with one clear error, never a silent or crashing result."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from negalign_cli.errors import NegalignError
+from negalign_cli.reporting import RecordingReporter
+from negalign_cli.stages.evaluation import EvaluateRequest, evaluate
+from tests.faults.helpers import cli, one_line_error
+from tests.helpers.synthetic import write_scores
+
+
+@pytest.fixture()
+def scores(tmp_path):
+    return {
+        "id": write_scores(tmp_path / "id.parquet", 120, 0, shift=0.3),
+        "near": write_scores(tmp_path / "near.parquet", 90, 1, shift=0.1),
+        "far": write_scores(tmp_path / "far.csv", 80, 2, shift=-0.2),
+    }
+
+
+def _evaluate(tmp_path: Path, *args: str):
+    return cli("evaluate", *args, "--cache-dir", str(tmp_path / "c"), "-q")
+
+
+# --- item 3: reserved and clashing OOD set names, an OOD file that is the ID file ----------------
+
+
+@pytest.mark.parametrize("name", ["ID", "id", "Id", "mean", "MEAN", "Mean"])
+def test_reserved_ood_names_are_refused(scores, tmp_path, name):
+    """`--ood ID=FILE` used to replace the ID set (every method 50% AUROC, FPR 100%) and `--ood
+    mean=FILE` to make a second "mean" column; both are refused, in any case."""
+    done = _evaluate(tmp_path, "--id", str(scores["id"]), "--ood", f"{name}={scores['near']}")
+    one_line_error(done, f"OOD set name {name!r} is reserved")
+    done = _evaluate(
+        tmp_path,
+        "--id",
+        str(scores["id"]),
+        "--ood",
+        f"near={scores['near']}",
+        "--ood",
+        f"{name}={scores['far']}",
+    )
+    one_line_error(done, "is reserved")
+    assert not (tmp_path / "c" / "artifacts" / "evaluate").exists()
+
+
+def test_reserved_names_through_the_stage_and_for_groups(scores, workspace):
+    """The stage checks the names itself (library callers build EvaluateRequest directly), and
+    an --ood-group may take neither a reserved name nor a set's, in any case."""
+    with pytest.raises(NegalignError, match="reserved"):
+        evaluate(EvaluateRequest(scores["id"], [("ID", scores["near"])]), workspace)
+    pair = [("near", scores["near"]), ("far", scores["far"])]
+    for group, match in (("Mean", "reserved"), ("id", "reserved"), ("NEAR", "already an OOD set name")):
+        with pytest.raises(NegalignError, match=match):
+            evaluate(EvaluateRequest(scores["id"], pair, groups=[(group, ["near", "far"])]), workspace)
+    with pytest.raises(NegalignError, match="defined twice"):
+        evaluate(EvaluateRequest(scores["id"], pair, groups=[("g", ["near"]), ("G", ["far"])]), workspace)
+
+
+def test_duplicate_ood_names_are_refused(scores, tmp_path, workspace):
+    done = _evaluate(
+        tmp_path,
+        "--id",
+        str(scores["id"]),
+        "--ood",
+        f"near={scores['near']}",
+        "--ood",
+        f"Near={scores['far']}",
+    )
+    one_line_error(done, "differ only in case")
+    with pytest.raises(NegalignError, match="given twice"):
+        evaluate(EvaluateRequest(scores["id"], [("a", scores["near"]), ("a", scores["far"])]), workspace)
+
+
+def test_an_ood_file_with_the_id_files_content_is_warned_about(scores, tmp_path, workspace):
+    copy = tmp_path / "copy-of-id.parquet"
+    shutil.copy(scores["id"], copy)  # another path, the same bytes
+    reporter = RecordingReporter()
+    request = EvaluateRequest(
+        scores["id"], [("near", scores["near"]), ("oops", copy), ("again", scores["near"])]
+    )
+    evaluate(request, workspace, reporter)
+    warnings = [m for kind, m in reporter.messages if kind == "warn"]
+    assert any("--ood oops" in m and "same content as the ID file" in m for m in warnings), warnings
+    assert any("--ood again" in m and "same content as --ood near" in m for m in warnings), warnings
+    assert len(warnings) == 2
+    done = _evaluate(tmp_path, "--id", str(scores["id"]), "--ood", f"oops={copy}")
+    assert done.exit_code == 0, done.output
+    assert "warning:" in done.output and "same content as the ID file" in done.output
+
+
+# --- item 7: report verifies the evaluate folder before rendering ----------------------------------
+
+
+def _results_folder(scores, tmp_path) -> Path:
+    done = cli(
+        "evaluate",
+        "--id",
+        str(scores["id"]),
+        "--ood",
+        f"near={scores['near']}",
+        "--compare",
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--out",
+        str(tmp_path / "results"),
+    )
+    assert done.exit_code == 0, done.output
+    return tmp_path / "results"
+
+
+def test_report_refuses_an_edited_results_json(scores, tmp_path):
+    results = _results_folder(scores, tmp_path)
+    assert cli("report", str(results), "--out", str(tmp_path / "ok"), "-q").exit_code == 0
+    data = json.loads((results / "results.json").read_text())
+    data["ood"]["near"]["methods"]["MCM"]["metrics"]["neglabel"]["auroc"] = 0.999  # a better number
+    (results / "results.json").write_text(json.dumps(data, indent=2))
+    done = cli("report", str(results), "--out", str(tmp_path / "edited"), "-q")
+    line = one_line_error(done, "does not match its manifest.json")
+    assert "results.json" in line and "rerun `negalign evaluate" in line
+    assert not (tmp_path / "edited" / "report.html").exists()
+
+
+def test_report_refuses_edits_of_the_same_size_and_a_missing_or_foreign_manifest(scores, tmp_path):
+    results = _results_folder(scores, tmp_path)
+    text = (results / "results.json").read_text()
+    index = text.index('"auroc": 0.') + len('"auroc": 0.')
+    digit = text[index]
+    (results / "results.json").write_text(text[:index] + ("1" if digit != "1" else "2") + text[index + 1 :])
+    one_line_error(cli("report", str(results), "-q"), "results.json does not match its digest")
+    (results / "results.json").write_text(text)
+    manifest = json.loads((results / "manifest.json").read_text())
+    (results / "metrics.csv").write_text("ood,method\n")  # another output of the folder, edited
+    one_line_error(cli("report", str(results), "-q"), "metrics.csv has")
+    (results / "manifest.json").unlink()
+    one_line_error(cli("report", str(results), "-q"), "has no manifest.json")
+    # a manifest that vouches for the files but is another stage's
+    from negalign_cli.hashing import sha256_file
+
+    manifest["stage"] = "score"
+    manifest["outputs"] = {
+        n: {"sha256": sha256_file(results / n), "bytes": (results / n).stat().st_size}
+        for n in ("results.json", "metrics.csv")
+    }
+    (results / "manifest.json").write_text(json.dumps(manifest))
+    one_line_error(cli("report", str(results), "-q"), "not of `evaluate`")
