@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,11 +24,13 @@ from negalign_cli.compute.evaluation import (
     all_metrics,
     average_metrics,
     best_lambda,
+    calibration_problem,
     check_set_names,
     final_score,
     fit_calibration,
     group_sets,
     lambda_sweep,
+    nonfinite_final,
     statistics,
 )
 from negalign_cli.compute.metrics import CONVENTIONS, DEFINITIONS, RECALL_LEVEL, group_rejection
@@ -35,11 +38,14 @@ from negalign_cli.compute.scores import SCORE_COLUMNS, method_columns, score_col
 from negalign_cli.defaults import DEFAULT_LAMBDAS, NEGALIGN
 from negalign_cli.errors import NegalignError
 from negalign_cli.hashing import sha256_file
-from negalign_cli.reporting import NullReporter, Reporter
+from negalign_cli.reporting import NullReporter, RecordingReporter, Reporter
 from negalign_cli.stages import files
 from negalign_cli.stages.scoring import read_score_metadata
 
-EVALUATE_STAGE, EVALUATE_VERSION = "evaluate", 2  # 2: ROC of every method, labelled histograms, --ood-group
+FITTED = "fitted on the ID set"  # the source of M3 statistics fitted by evaluate itself
+# 2: ROC of every method, labelled histograms, --ood-group; 3: S_final overflows and reserved set
+# names refused (an evaluation cached before would still serve them)
+EVALUATE_STAGE, EVALUATE_VERSION = "evaluate", 3
 METHODS = method_columns()
 
 
@@ -224,10 +230,19 @@ def _evaluate(request: EvaluateRequest, folder: Path, reporter: Reporter) -> dic
     frames = _read_frames(request)
     selection = _select(request, frames, reporter)
     cam_invalid, excluded = _exclude_invalid_cams(frames, selection, reporter)
-    dropped = _drop_nonfinite(frames, _needed_columns(request, selection), request.drop_nonfinite, reporter)
+    paths = {ID_SET: request.id_path, **dict(request.oods)}
+    dropped = _drop_nonfinite(
+        frames, _needed_columns(request, selection), request.drop_nonfinite, reporter, paths
+    )
+    calibration = _calibration(request, frames[ID_SET]) if selection.negalign else None
+    if selection.negalign:
+        _check_calibration(calibration, paths)
+        overflow = _drop_overflow(
+            frames, _lambdas(request), calibration, request.drop_nonfinite, reporter, paths
+        )
+        dropped = {name: count + overflow[name] for name, count in dropped.items()}
     id_frame = frames[ID_SET]
     ood_frames = {name: frame for name, frame in frames.items() if name != ID_SET}
-    calibration = _calibration(request, id_frame) if selection.negalign else None
     sweeps = _sweeps(request, id_frame, ood_frames, calibration) if selection.negalign else {}
     chosen, rule = _choose_lambdas(request, sweeps)
 
@@ -400,24 +415,66 @@ def _exclude_invalid_cams(
 
 
 def _drop_nonfinite(
-    frames: dict[str, pd.DataFrame], needed: list[str], drop: bool, reporter: Reporter
+    frames: dict[str, pd.DataFrame],
+    needed: list[str],
+    drop: bool,
+    reporter: Reporter,
+    paths: Mapping[str, Path] | None = None,
 ) -> dict[str, int]:
     """NaN/inf in an evaluated column is an error, or (``--drop-nonfinite``) the row is left out."""
     dropped = {}
     for name in list(frames):
+        where = f"{name} ({paths[name]})" if paths else name
         values = frames[name][needed].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
         bad = ~np.isfinite(values).all(axis=1)
         if bad.any():
             if not drop:
                 raise NegalignError(
-                    f"{name}: {int(bad.sum())} row(s) have NaN/inf in {', '.join(needed)}; "
+                    f"{where}: {int(bad.sum())} row(s) have NaN/inf in {', '.join(needed)}; "
                     "pass --drop-nonfinite to leave them out"
                 )
-            reporter.warn(f"{name}: left out {int(bad.sum())} row(s) with NaN/inf scores")
+            reporter.warn(f"{where}: left out {int(bad.sum())} row(s) with NaN/inf scores")
             frames[name] = frames[name][~bad]
         dropped[name] = int(bad.sum())
         if frames[name].empty:
-            raise NegalignError(f"{name}: no rows left to evaluate")
+            raise NegalignError(f"{where}: no rows left to evaluate")
+    return dropped
+
+
+def _drop_overflow(
+    frames: dict[str, pd.DataFrame],
+    lambdas: Sequence[float],
+    calibration: dict | None,
+    drop: bool,
+    reporter: Reporter,
+    paths: Mapping[str, Path] | None = None,
+) -> dict[str, int]:
+    """Finite S* and P_align too large to combine: S_final = S* + λ·P_align (z-scored with M3's
+    statistics when there are any) overflows to inf at one of ``lambdas``. An error naming the
+    file and the columns, or (``--drop-nonfinite``) the row is left out, as NaN/inf rows are."""
+    dropped = {}
+    combined = f"{STAR} + λ·{ALIGN}"
+    if calibration is not None:
+        combined += f" (z-scored, M3 statistics {calibration['source']})"
+    for name in list(frames):
+        where = f"{name} ({paths[name]})" if paths else name
+        star, align = _values(frames[name], STAR), _values(frames[name], ALIGN)
+        bad = nonfinite_final(star, align, lambdas, calibration)
+        if bad.any():
+            if not drop:
+                first = int(np.flatnonzero(bad)[0])
+                at = [lam for lam in lambdas if nonfinite_final(star, align, [lam], calibration).any()]
+                raise NegalignError(
+                    f"{where}: S_final = {combined} overflows to inf for {int(bad.sum())} row(s) at λ = "
+                    f"{', '.join(f'{lam:g}' for lam in at)} (first: row {frames[name].index[first]}, "
+                    f"{STAR}={star[first]:.4g}, {ALIGN}={align[first]:.4g}): finite scores too large to "
+                    "combine; check how the file was made, or pass --drop-nonfinite to leave them out"
+                )
+            reporter.warn(f"{where}: left out {int(bad.sum())} row(s) whose S_final = {combined} overflows")
+            frames[name] = frames[name][~bad]
+            if frames[name].empty:
+                raise NegalignError(f"{where}: no rows left to evaluate")
+        dropped[name] = int(bad.sum())
     return dropped
 
 
@@ -432,9 +489,27 @@ def _calibration(request: EvaluateRequest, id_frame: pd.DataFrame) -> dict | Non
     if request.scale_stabilize:
         return {
             **fit_calibration(_values(id_frame, STAR), _values(id_frame, ALIGN)),
-            "source": "fitted on the ID set",
+            "source": FITTED,
         }
     return None
+
+
+def _lambdas(request: EvaluateRequest) -> list[float]:
+    """The λ NegAlign is evaluated at: --lambda, else the published sweep."""
+    return request.lambdas or list(DEFAULT_LAMBDAS)
+
+
+def _check_calibration(calibration: dict | None, paths: Mapping[str, Path]) -> None:
+    """M3's statistics must be finite (an infinite std would make every z-score 0), their
+    standard deviations not negative."""
+    problem = calibration_problem(calibration) if calibration is not None else None
+    if calibration is not None and problem is not None:
+        fix = (
+            f"the ID scores ({paths[ID_SET]}) cannot be standardised; check how the file was made"
+            if calibration["source"] == FITTED
+            else "give the calibration block of a results.json written by `evaluate --scale-stabilize`"
+        )
+        raise NegalignError(f"M3 statistics ({calibration['source']}) hold {problem}: {fix}")
 
 
 def _sweeps(
@@ -443,7 +518,7 @@ def _sweeps(
     ood_frames: dict[str, pd.DataFrame],
     calibration: dict | None,
 ) -> dict[str, dict[float, dict]]:
-    lambdas = request.lambdas or list(DEFAULT_LAMBDAS)
+    lambdas = _lambdas(request)
     id_star, id_align = _values(id_frame, STAR), _values(id_frame, ALIGN)
     return {
         name: lambda_sweep(
@@ -632,7 +707,12 @@ def evaluated_rows(results: dict, frames: dict[str, pd.DataFrame]) -> dict[str, 
     selection = _Selection(columns, NEGALIGN in first)
     frames = dict(frames)
     _exclude_invalid_cams(frames, selection, NullReporter())
-    _drop_nonfinite(frames, _needed_columns(EvaluateRequest(Path(), []), selection), True, NullReporter())
+    silent = RecordingReporter()  # evaluate said what it left out
+    _drop_nonfinite(frames, _needed_columns(EvaluateRequest(Path(), []), selection), True, silent)
+    if selection.negalign:
+        sweep = next(iter(results["ood"].values()))["lambda_sweep"]
+        lambdas = [float(entry["lambda"]) for entry in sweep.values()]
+        _drop_overflow(frames, lambdas, results.get("calibration"), True, silent)
     return frames
 
 

@@ -8,6 +8,8 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from negalign_cli.errors import NegalignError
@@ -152,3 +154,120 @@ def test_report_refuses_edits_of_the_same_size_and_a_missing_or_foreign_manifest
     }
     (results / "manifest.json").write_text(json.dumps(manifest))
     one_line_error(cli("report", str(results), "-q"), "not of `evaluate`")
+
+
+# --- item 13: finite scores too large to combine --------------------------------------------------
+
+
+def _with(path: Path, out: Path, **cells) -> Path:
+    """A copy of a score file with some cells set: ``column=[(row, value), ...]``."""
+    frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    for column, edits in cells.items():
+        for row, value in edits:
+            frame.loc[row, column] = value
+    frame.to_parquet(out, index=False)
+    return out
+
+
+def test_an_overflowing_final_score_is_one_clear_error(scores, tmp_path):
+    """1e308 + λ·1e308 is inf: `evaluate` used to crash ("unexpected ValueError: Input contains
+    infinity"); it names the file, the columns and the λ, and --drop-nonfinite leaves the row out."""
+    huge = _with(
+        scores["near"], tmp_path / "huge.parquet", s_neglabel_star=[(3, 1e308)], p_align=[(3, 1e308)]
+    )
+    done = _evaluate(tmp_path, "--id", str(scores["id"]), "--ood", f"huge={huge}")
+    line = one_line_error(done, f"huge ({huge}): S_final = s_neglabel_star + λ·p_align overflows to inf")
+    assert "1 row(s)" in line and "row 3" in line and "--drop-nonfinite" in line
+    assert "at λ = 1, 2, 5, 10 (" in line  # not at 0 or 0.5: 1e308 + 0.5·1e308 is finite
+    # at λ = 0 alone nothing overflows: nothing is refused
+    done = _evaluate(tmp_path, "--id", str(scores["id"]), "--ood", f"huge={huge}", "--lambda", "0")
+    assert done.exit_code == 0, done.output
+    # the row-policy: left out with a warning, counted, and the report draws from the same rows
+    out = tmp_path / "results"
+    done = _evaluate(
+        tmp_path, "--id", str(scores["id"]), "--ood", f"huge={huge}", "--drop-nonfinite", "--out", str(out)
+    )
+    assert done.exit_code == 0, done.output
+    assert "left out 1 row(s) whose S_final" in done.output
+    results = json.loads((out / "results.json").read_text())
+    assert results["ood"]["huge"]["n"] == 89 and results["ood"]["huge"]["dropped_nonfinite"] == 1
+    reported = cli("report", str(out), "-q")
+    assert reported.exit_code == 0, reported.output
+    assert (out / "report" / "figures" / "roc.png").is_file()
+
+
+def test_an_overflow_in_the_id_file_and_under_m3(scores, tmp_path):
+    huge_id = _with(
+        scores["id"], tmp_path / "huge-id.parquet", s_neglabel_star=[(0, -1e308)], p_align=[(0, -1e308)]
+    )
+    done = _evaluate(tmp_path, "--id", str(huge_id), "--ood", f"near={scores['near']}", "--compare")
+    one_line_error(done, f"ID ({huge_id}): S_final")
+    # M3's z-scores combine safely, but its statistics must not overflow: an infinite std made
+    # every z-score 0 (every λ scored 50% AUROC, silently)
+    out = tmp_path / "m3"
+    args = ("--id", str(huge_id), "--ood", f"near={scores['near']}", "--scale-stabilize", "--lambda", "0,1")
+    done = _evaluate(tmp_path, *args, "--out", str(out))
+    assert done.exit_code == 0, done.output
+    results = json.loads((out / "results.json").read_text())
+    calibration = results["calibration"]
+    id_frame = pd.read_parquet(huge_id)
+    for column in ("s_neglabel_star", "p_align"):
+        expected = id_frame[column].to_numpy() / 1e308
+        assert calibration[column]["mean"] == pytest.approx(expected.mean() * 1e308)
+        assert calibration[column]["std"] == pytest.approx(expected.std() * 1e308)
+    assert "Infinity" not in (out / "results.json").read_text()
+    auroc = results["ood"]["near"]["lambda_sweep"]["1.0"]["metrics"]["neglabel"]["auroc"]
+    from negalign_cli.compute.evaluation import final_score
+    from negalign_cli.compute.metrics import ood_metrics
+
+    near = pd.read_parquet(scores["near"])
+    recomputed = ood_metrics(
+        final_score(id_frame["s_neglabel_star"].to_numpy(), id_frame["p_align"].to_numpy(), 1.0, calibration),
+        final_score(near["s_neglabel_star"].to_numpy(), near["p_align"].to_numpy(), 1.0, calibration),
+    )
+    assert auroc == pytest.approx(recomputed.auroc) and auroc != 0.5
+
+
+@pytest.mark.parametrize(
+    ("std", "message"),
+    [("inf", "not finite"), ("nan", "not finite"), ("-1", "negative standard deviation")],
+)
+def test_calibration_files_that_cannot_standardise(scores, tmp_path, std, message):
+    calibration = tmp_path / "calibration.json"
+    star = {"mean": 0.5, "std": float(std)}
+    calibration.write_text(
+        json.dumps({"calibration": {"s_neglabel_star": star, "p_align": {"mean": 0, "std": 1}}})
+    )
+    done = _evaluate(
+        tmp_path,
+        "--id",
+        str(scores["id"]),
+        "--ood",
+        f"near={scores['near']}",
+        "--calibration",
+        str(calibration),
+    )
+    line = one_line_error(done, f"M3 statistics ({calibration})")
+    assert message in line and "s_neglabel_star std" in line
+
+
+def test_huge_but_finite_scores_of_other_methods_are_evaluated_and_drawn(scores, tmp_path):
+    """±1e308 in a method's column (not combined): metrics, statistics and histograms stay finite
+    (the histogram's range overflowed: "unexpected ValueError: `bins` must increase")."""
+    huge = _with(
+        scores["near"],
+        tmp_path / "huge.parquet",
+        s_mcm=[(0, 1e308), (1, -1e308)],
+        s_neglabel_star=[(2, 1.5e308), (3, -1.5e308)],
+    )
+    out = tmp_path / "results"
+    done = _evaluate(
+        tmp_path, "--id", str(scores["id"]), "--ood", f"huge={huge}", "--compare", "--out", str(out)
+    )
+    assert done.exit_code == 0, done.output
+    assert "Warning" not in done.output
+    text = (out / "results.json").read_text()
+    assert "Infinity" not in text and "NaN" not in text
+    results = json.loads(text)
+    assert np.isfinite(results["statistics"]["ood:huge"]["s_mcm_std"])
+    assert (out / "score_hist.png").stat().st_size > 0
