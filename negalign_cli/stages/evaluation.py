@@ -160,16 +160,38 @@ def _usable(frame: pd.DataFrame, column: str) -> bool:
     return column in frame.columns and bool(pd.to_numeric(frame[column], errors="coerce").notna().any())
 
 
-def _load_calibration(path: Path) -> dict:
+def load_calibration(path: Path, what: str | None = None) -> dict[str, dict[str, float]]:
+    """M3 statistics from a JSON file (a results.json of ``evaluate --scale-stabilize``, or its
+    ``calibration`` block alone); ``what`` names where it came from in errors (default: the path)."""
+    what = what or str(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise NegalignError(f"cannot read calibration file {path}") from exc
-    data = data.get("calibration", data)
+        raise NegalignError(f"cannot read calibration file {what}: {str(exc).splitlines()[0][:120]}") from exc
+    return parse_calibration(data, what)
+
+
+def parse_calibration(data: Any, what: str) -> dict[str, dict[str, float]]:
+    """M3 statistics (mean and std of S* and P_align) from a mapping, or from a results.json's
+    ``calibration`` block; refused unless finite with non-negative std. ``what`` names the source."""
+    if isinstance(data, Mapping) and isinstance(data.get("calibration"), Mapping):
+        data = data["calibration"]
     try:
-        return {k: {"mean": float(data[k]["mean"]), "std": float(data[k]["std"])} for k in (STAR, ALIGN)}
-    except (KeyError, TypeError, ValueError) as exc:
-        raise NegalignError(f"{path} holds no mean/std for {STAR} and {ALIGN}") from exc
+        calibration = {
+            k: {"mean": float(data[k]["mean"]), "std": float(data[k]["std"])} for k in (STAR, ALIGN)
+        }
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise NegalignError(
+            f"{what} holds no mean/std for {STAR} and {ALIGN}: give the calibration block of a "
+            "results.json written by `evaluate --scale-stabilize` (or that results.json)"
+        ) from exc
+    problem = calibration_problem(calibration)
+    if problem is not None:
+        raise NegalignError(
+            f"M3 statistics ({what}) hold {problem}: give the calibration block of a results.json "
+            "written by `evaluate --scale-stabilize`"
+        )
+    return calibration
 
 
 def evaluate(request: EvaluateRequest, workspace: Workspace, reporter: Reporter | None = None) -> StageResult:
@@ -485,7 +507,7 @@ def _values(frame: pd.DataFrame, name: str) -> np.ndarray:
 def _calibration(request: EvaluateRequest, id_frame: pd.DataFrame) -> dict | None:
     """M3's statistics: from --calibration FILE, or fitted on the ID set; None without M3."""
     if request.calibration_path is not None:
-        return {**_load_calibration(request.calibration_path), "source": str(request.calibration_path)}
+        return {**load_calibration(request.calibration_path), "source": str(request.calibration_path)}
     if request.scale_stabilize:
         return {
             **fit_calibration(_values(id_frame, STAR), _values(id_frame, ALIGN)),

@@ -271,3 +271,138 @@ def test_huge_but_finite_scores_of_other_methods_are_evaluated_and_drawn(scores,
     results = json.loads(text)
     assert np.isfinite(results["statistics"]["ood:huge"]["s_mcm_std"])
     assert (out / "score_hist.png").stat().st_size > 0
+
+
+# --- item 6: the API reads images as the CLI does, and names the argument it cannot use ------------
+
+API_NEGATIVES = ["ocean", "forest", "sand", "teapot", "lamp", "cup"]
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory):
+    from negalign_cli import CLIPNegAlign
+
+    model = CLIPNegAlign(
+        train_dataset=["cat", "dog"],
+        arch="negalign-tiny-test",
+        device="cpu",
+        neg_nouns=API_NEGATIVES,
+        use_role_aware_negatives=False,
+        groups=1,
+        batch_size=3,
+        cache_dir=tmp_path_factory.mktemp("api") / "c",
+    )
+    yield model
+    model.close()
+
+
+def test_a_16_bit_image_is_scaled_on_every_route(api, tmp_path):
+    """A 16-bit PIL image was clipped by ``convert("RGB")`` (nearly white) while the same file was
+    scaled by ``load_rgb``; a file, its PIL image and its pixel array now give the same pixels as
+    the CLI's reader, and the same scores."""
+    from PIL import Image
+
+    from negalign_cli.inputs.datasets import load_rgb
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "gray16.png"
+    Image.fromarray(rng.integers(0, 65536, size=(40, 48), dtype=np.uint16)).save(path)
+    image = Image.open(path)
+    assert image.mode.startswith("I;16")
+    cli_pixels = api.clip_preprocess.transform(load_rgb(str(path)))  # what `embed images` feeds the model
+    clipped = api.clip_preprocess.transform(Image.open(path).convert("RGB"))
+    assert not torch_equal(cli_pixels, clipped)  # the two conversions really differ on this image
+    for route in (image, str(path), path, np.asarray(image)):
+        assert torch_equal(api.clip_preprocess(route), cli_pixels), type(route)
+    scores = api.detection_scores([image, str(path), np.asarray(image), np.asarray(Image.open(path))])
+    np.testing.assert_allclose(scores, scores[0], rtol=1e-6)  # batches of 3: float rounding only
+    assert api.detection_score(None, orig_image=image) == pytest.approx(scores[0], rel=1e-6)
+    assert api.detection_score(np.asarray(image)) == pytest.approx(scores[0], rel=1e-6)
+    # 16-bit colour (PIL holds none) is scaled by the same rule as 16-bit gray
+    gray = np.asarray(image)
+    assert torch_equal(api.clip_preprocess(np.stack([gray] * 3, axis=-1)), cli_pixels)
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return a.shape == b.shape and bool(torch.equal(a, b))
+
+
+def _bad_inputs():
+    import torch
+
+    return [
+        ("uint8 tensor", torch.zeros(2, 3, 32, 32, dtype=torch.uint8), "torch.uint8 tensor"),
+        ("wrong size", torch.zeros(1, 3, 16, 16), "shape (1, 3, 16, 16)"),
+        ("wrong channels", torch.zeros(2, 1, 32, 32), "shape (2, 1, 32, 32)"),
+        ("5-D", torch.zeros(1, 1, 3, 32, 32), "shape (1, 1, 3, 32, 32)"),
+        ("NaN pixels", torch.full((1, 3, 32, 32), float("nan")), "NaN or infinite"),
+        ("float array", np.zeros((32, 32, 3), np.float32), "dtype float32"),
+        ("channels first array", np.zeros((3, 32, 32), np.uint8), "shape 3×32×32"),
+        ("two channels", np.zeros((32, 32, 2), np.uint8), "shape 32×32×2"),
+        ("a number", 5, "type int"),
+        ("a list of numbers", [1, 2], "type int"),
+        ("a missing file", "no-such-image.png", "not found"),
+        ("mixed sizes", [torch.zeros(3, 32, 32), torch.zeros(3, 16, 16)], "different shapes"),
+        ("a loader of arrays", iter([np.zeros((2, 3, 32, 32), np.float32)]), "type ndarray"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(13))
+def test_api_inputs_it_cannot_use_raise_one_error_naming_the_argument(api, case, tmp_path):
+    name, value, text = _bad_inputs()[case]
+    calls = [("batch=", lambda v: api.detection_scores(v)), ("id_images=", lambda v: api.fit_calibration(v))]
+    if name not in ("a list of numbers", "mixed sizes", "a loader of arrays"):
+        calls += [
+            ("img_tensor=", lambda v: api.detection_score(v)),
+            ("orig_image=", lambda v: api.detection_score(None, orig_image=v)),
+        ]
+    for argument, call in calls:
+        if name == "a loader of arrays":
+            value = iter([np.zeros((2, 3, 32, 32), np.float32)])
+        with pytest.raises(NegalignError) as raised:
+            call(value)
+        message = str(raised.value)
+        assert message.startswith(argument) and text in message, (name, argument, message)
+        assert "--" not in message, message  # the API's words, not the CLI's flags
+    (tmp_path / "not-an-image.png").write_bytes(b"not a PNG")
+    with pytest.raises(NegalignError, match=r"^batch=: cannot read image"):
+        api.detection_scores([str(tmp_path / "not-an-image.png")])
+
+
+@pytest.mark.parametrize(
+    ("calibration", "text"),
+    [
+        ({"s_neglabel_star": {"mean": 0.0}}, "calibration= holds no mean/std"),
+        ({"s_neglabel_star": {"mean": 0, "std": 1}, "p_align": {"mean": "x", "std": 1}}, "no mean/std"),
+        ([1, 2], "calibration= holds no mean/std"),
+        (
+            {"s_neglabel_star": {"mean": 0, "std": float("inf")}, "p_align": {"mean": 0, "std": 1}},
+            "(calibration=) hold values that are not finite",
+        ),
+        (
+            {"calibration": {"s_neglabel_star": {"mean": 0, "std": -1}, "p_align": {"mean": 0, "std": 1}}},
+            "(calibration=) hold a negative standard deviation",
+        ),
+        ("no-such-calibration.json", "calibration='no-such-calibration.json'"),
+    ],
+)
+def test_malformed_calibration_is_refused_naming_the_argument(calibration, text):
+    """calibration= is read before any weight is loaded; a malformed one used to raise KeyError,
+    TypeError or ValueError, or (inf, a negative std) to z-score silently wrong."""
+    from negalign_cli import CLIPNegAlign
+
+    with pytest.raises(NegalignError) as raised:
+        CLIPNegAlign(train_dataset=["cat"], arch="negalign-tiny-test", device="cpu", calibration=calibration)
+    assert text in str(raised.value)
+
+
+def test_a_good_calibration_and_a_results_json_are_taken(api, tmp_path, scores):
+    from negalign_cli import CLIPNegAlign
+
+    stats = {"s_neglabel_star": {"mean": 0.5, "std": 0.1}, "p_align": {"mean": 0.0, "std": 0.2}}
+    assert CLIPNegAlign._read_calibration(stats) == stats
+    assert CLIPNegAlign._read_calibration({"calibration": {**stats, "source": "x"}}) == stats
+    (tmp_path / "results.json").write_text(json.dumps({"calibration": stats, "ood": {}}))
+    assert CLIPNegAlign._read_calibration(tmp_path / "results.json") == stats
