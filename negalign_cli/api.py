@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 
 from negalign_cli.cache.workspace import Workspace
-from negalign_cli.compute.evaluation import ALIGN, STAR, final_score
+from negalign_cli.compute.evaluation import ALIGN, STAR, final_score, nonfinite_final
 from negalign_cli.compute.evaluation import fit_calibration as fit_statistics
 from negalign_cli.compute.scores import SCORE_COLUMNS, ScoreConfig, compute_scores
 from negalign_cli.compute.vision import CamConfig, cam_batch, encode_images, vision_tower
@@ -188,6 +188,8 @@ class CLIPNegAlign:
         self.calibration = self._read_calibration(calibration)
         if batch_size < 1:
             raise NegalignError(f"batch_size must be at least 1 (got {batch_size})")
+        if not np.isfinite(self.lambda_bg):
+            raise NegalignError(f"lambda_bg= must be a finite number (got {lambda_bg})")
 
         name, weights = resolve_arch(arch, pretrained)
         torch_device = resolve_device(device)
@@ -498,7 +500,15 @@ class CLIPNegAlign:
                 "use_scale_stabilization (M3) needs ID statistics: call fit_calibration(id_images) "
                 "first, or pass calibration= (a results.json of `evaluate --scale-stabilize`)"
             )
-        return final_score(base, align, lam, self.calibration if self.m3 else None)
+        calibration = self.calibration if self.m3 else None
+        overflow = nonfinite_final(base, align, [lam], calibration) & np.isfinite(base) & np.isfinite(align)
+        if overflow.any():
+            raise NegalignError(
+                f"S_final overflows to inf for {int(overflow.sum())} image(s): lambda_bg={lam:g}"
+                + (" and the M3 statistics (calibration=)" if calibration is not None else "")
+                + " scale finite scores beyond float64; use a smaller lambda_bg or check calibration="
+            )
+        return final_score(base, align, lam, calibration)
 
     # ------------------------------------------------------------------ housekeeping
     def settings(self) -> dict[str, Any]:

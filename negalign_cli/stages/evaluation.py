@@ -216,6 +216,8 @@ def evaluate(request: EvaluateRequest, workspace: Workspace, reporter: Reporter 
         inputs[f"ood:{name}"] = sha256_file(path) if path.is_file() else "missing"
     _warn_same_content(request, inputs, reporter)
     if request.calibration_path is not None:
+        if not request.calibration_path.is_file():
+            raise NegalignError(f"--calibration file not found: {request.calibration_path}")
         inputs["calibration"] = sha256_file(request.calibration_path)
     for name, path in request.id_groups:
         inputs[f"id-group:{name}"] = _group_digest(path)

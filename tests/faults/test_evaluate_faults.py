@@ -406,3 +406,40 @@ def test_a_good_calibration_and_a_results_json_are_taken(api, tmp_path, scores):
     assert CLIPNegAlign._read_calibration({"calibration": {**stats, "source": "x"}}) == stats
     (tmp_path / "results.json").write_text(json.dumps({"calibration": stats, "ood": {}}))
     assert CLIPNegAlign._read_calibration(tmp_path / "results.json") == stats
+
+
+def test_the_apis_final_score_never_overflows_silently(api):
+    """The API combines S* + λ·P_align too: M3 statistics that carry finite scores past float64
+    raise an error naming the argument, as `evaluate` does, never an inf score; λ must be finite."""
+    import torch
+
+    from negalign_cli import CLIPNegAlign
+
+    with pytest.raises(NegalignError, match="lambda_bg= must be a finite number"):
+        CLIPNegAlign(train_dataset=["cat"], arch="negalign-tiny-test", device="cpu", lambda_bg=float("nan"))
+    pixels = torch.zeros(2, 3, 32, 32)
+    previous = (api.lambda_bg, api.calibration, api.use_scale_stabilization)
+    try:
+        assert np.isfinite(api.detection_scores(pixels)).all()
+        api.use_scale_stabilization = True
+        api.calibration = {
+            "s_neglabel_star": {"mean": 0.0, "std": 1e-320},
+            "p_align": {"mean": 0.0, "std": 1e-320},
+        }
+        with pytest.raises(NegalignError, match="calibration="):
+            api.detection_scores(pixels)
+    finally:
+        api.lambda_bg, api.calibration, api.use_scale_stabilization = previous
+
+
+def test_a_missing_calibration_file_is_one_line(scores, tmp_path):
+    done = _evaluate(
+        tmp_path,
+        "--id",
+        str(scores["id"]),
+        "--ood",
+        f"near={scores['near']}",
+        "--calibration",
+        str(tmp_path / "nope.json"),
+    )
+    one_line_error(done, "--calibration file not found")
