@@ -102,6 +102,8 @@ $(call need,WATERBIRDS,waterbirds,DIR (the folder with metadata.csv))
 $(call need,PLACESBG,waterbirds,DIR (the placesbg images))
 endif
 
+WB_SCORES := $(WB)/scores/id/scores.parquet $(WB)/scores/placesbg/scores.parquet
+
 waterbirds: $(WB)/report/report.html
 waterbirds-results: $(WB)/results/results.json
 
@@ -120,11 +122,11 @@ $(WB)/cam/id/manifest.json: $(WB)/.knobs/cam $(if $(WATERBIRDS),$(WATERBIRDS)/me
 $(WB)/cam/placesbg/manifest.json: $(WB)/.knobs/cam | $(PIPELINE_SETUP)
 	$(NEGALIGN) cam --images $(PLACESBG) --classes $(WATERBIRDS_CLASSES) $(CAM_ARGS) $(RUNTIME_ARGS) --out $(@D)
 
-$(WB)/scores/%/scores.parquet: $(WB)/cam/%/manifest.json $(WB)/split/manifest.json $(WB)/.knobs/score
+$(WB_SCORES): $(WB)/scores/%/scores.parquet: $(WB)/cam/%/manifest.json $(WB)/split/manifest.json $(WB)/.knobs/score
 	$(NEGALIGN) score --images-dir $(WB)/cam/$* --classes $(WATERBIRDS_CLASSES) --negatives-split $(WB)/split \
 	    $(SCORE_ARGS) $(RUNTIME_ARGS) --out $(@D)
 
-$(WB)/results/results.json: $(WB)/scores/id/scores.parquet $(WB)/scores/placesbg/scores.parquet $(WB)/.knobs/evaluate
+$(WB)/results/results.json: $(WB_SCORES) $(WB)/.knobs/evaluate
 	$(NEGALIGN) evaluate --id $(WB)/scores/id/scores.parquet --ood placesbg=$(WB)/scores/placesbg/scores.parquet \
 	    $(EVAL_ARGS) --out $(@D)
 
@@ -139,6 +141,7 @@ endif
 
 OOD_NAMES := $(foreach pair,$(OOD),$(firstword $(subst =, ,$(pair))))
 ood_path = $(patsubst $(1)=%,%,$(filter $(1)=%,$(OOD)))
+IN_OOD_CAMS := $(foreach name,$(OOD_NAMES),$(IN)/cam/ood-$(name)/manifest.json)
 IN_OOD_SCORES := $(foreach name,$(OOD_NAMES),$(IN)/scores/ood-$(name)/scores.parquet)
 
 imagenet: $(IN)/report/report.html
@@ -156,10 +159,10 @@ $(IN)/cam/id/manifest.json: $(IN)/.knobs/cam | $(PIPELINE_SETUP)
 	$(NEGALIGN) cam --images $(IMAGENET) $(if $(IMAGENET_SPLIT),--split $(IMAGENET_SPLIT)) \
 	    --classes $(IMAGENET_CLASSES) $(CAM_ARGS) $(RUNTIME_ARGS) --out $(@D)
 
-$(IN)/cam/ood-%/manifest.json: $(IN)/.knobs/cam | $(PIPELINE_SETUP)
+$(IN_OOD_CAMS): $(IN)/cam/ood-%/manifest.json: $(IN)/.knobs/cam | $(PIPELINE_SETUP)
 	$(NEGALIGN) cam --images $(call ood_path,$*) --classes $(IMAGENET_CLASSES) $(CAM_ARGS) $(RUNTIME_ARGS) --out $(@D)
 
-$(IN)/scores/%/scores.parquet: $(IN)/cam/%/manifest.json $(IN)/split/manifest.json $(IN)/.knobs/score
+$(IN)/scores/id/scores.parquet $(IN_OOD_SCORES): $(IN)/scores/%/scores.parquet: $(IN)/cam/%/manifest.json $(IN)/split/manifest.json $(IN)/.knobs/score
 	$(NEGALIGN) score --images-dir $(IN)/cam/$* --classes $(IMAGENET_CLASSES) --negatives-split $(IN)/split \
 	    $(SCORE_ARGS) $(RUNTIME_ARGS) --out $(@D)
 
@@ -170,5 +173,12 @@ $(IN)/results/results.json: $(IN)/scores/id/scores.parquet $(IN_OOD_SCORES) $(IN
 $(IN)/report/report.html: $(IN)/results/results.json
 	$(NEGALIGN) report $(IN)/results --out $(@D)
 
-# The --out folders are written by the commands: keep them when a later step fails.
-.PRECIOUS: $(WB)/cam/%/manifest.json $(WB)/scores/%/scores.parquet $(IN)/cam/%/manifest.json $(IN)/scores/%/scores.parquet
+# Every artifact is named (static pattern rules over the lists above, never a bare pattern rule), so
+# none is an intermediate file that make deletes at the end of a run: a deleted manifest.json would
+# make the next run redo its step (`TAU=0.1 make -n imagenet` would plan cam again). .SECONDARY
+# with no prerequisites keeps any intermediate a future pattern rule might make (GNU make 4.3 has
+# no .NOTINTERMEDIATE). .PRECIOUS: a step's output stays when make is interrupted or a later step
+# fails (the --out folders are written by the commands themselves).
+.SECONDARY:
+.PRECIOUS: $(WB)/split/manifest.json $(WB)/cam/id/manifest.json $(WB)/cam/placesbg/manifest.json $(WB_SCORES) \
+    $(IN)/split/manifest.json $(IN)/cam/id/manifest.json $(IN_OOD_CAMS) $(IN)/scores/id/scores.parquet $(IN_OOD_SCORES)

@@ -42,6 +42,7 @@ from negalign_cli.hashing import sha256_lines
 from negalign_cli.inputs.datasets import PIXEL_ARRAYS, TooLarge, load_rgb, to_rgb
 from negalign_cli.inputs.lexicon import load_lexicon
 from negalign_cli.inputs.words import WordList, load_classes, load_negatives
+from negalign_cli.model_names import OPENAI_ARCHS  # OpenAI's names, the same map the CLI reads
 from negalign_cli.models import CHECKPOINT_SUFFIXES, PROJECT_MODELS, LoadedModel, load_model
 from negalign_cli.reporting import NullReporter, Reporter
 from negalign_cli.settings import resolve_cache_dir, resolve_device, resolve_precision
@@ -56,18 +57,6 @@ from negalign_cli.stages.vocab import (
     split_vocab,
 )
 
-# OpenAI's model names (``clip.load``) and the open_clip architecture each one is.
-OPENAI_ARCHS = {
-    "RN50": "RN50",
-    "RN101": "RN101",
-    "RN50x4": "RN50x4",
-    "RN50x16": "RN50x16",
-    "RN50x64": "RN50x64",
-    "ViT-B/32": "ViT-B-32",
-    "ViT-B/16": "ViT-B-16",
-    "ViT-L/14": "ViT-L-14",
-    "ViT-L/14@336px": "ViT-L-14-336",
-}
 # What a single image's details hold besides the score columns of ``scores.parquet``.
 DETAIL_EXTRAS = ("s_final", "pred_class", "pred_name", "pred_score", "cam_valid", "fg_fraction")
 

@@ -50,5 +50,9 @@ DEFAULT_MAX_PIXELS = 89_478_485
 # Where the word goes in a prompt template.
 PLACEHOLDER = "{}"
 
+# The template set of the class prompts: `cam` aims its CAM at them, `score` encodes the classes with
+# them (and `score` refuses a CAM made with other classes or templates).
+CLASS_TEMPLATES = "noun"
+
 # `negalign report`: CAM overlays of the most and of the least ID-like images, per set.
 DEFAULT_REPORT_CELLS = 4

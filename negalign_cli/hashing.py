@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import json
 import math
+import os
+import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -65,11 +69,67 @@ def sha256_file(path: str | Path) -> str:
     return sha256_file_sized(path)[0]
 
 
+_KINDS = {
+    stat.S_IFDIR: "directory",
+    stat.S_IFIFO: "fifo",
+    stat.S_IFSOCK: "socket",
+    stat.S_IFCHR: "character device",
+    stat.S_IFBLK: "block device",
+}
+
+
+class NotRegularFile(OSError):
+    """A path that is a FIFO, a device, a socket or a directory: never opened for reading (a FIFO
+    blocks forever, a device may never end). ``kind`` names it; ``str()`` is the skip reason."""
+
+    def __init__(self, path: str | Path, kind: str) -> None:
+        super().__init__(errno.EINVAL, f"not a regular file ({kind})", str(path))
+        self.kind = kind
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def file_kind(mode: int) -> str:
+    """``"file"`` for a regular file, else what it is (``fifo``, ``character device``, …)."""
+    return "file" if stat.S_ISREG(mode) else _KINDS.get(stat.S_IFMT(mode), "special file")
+
+
+def check_regular(path: str | Path) -> None:
+    """Raise :class:`NotRegularFile` unless ``path`` (symlinks followed) is a regular file;
+    ``FileNotFoundError`` and other ``OSError`` as ``os.stat`` raises them. Nothing is opened."""
+    kind = file_kind(os.stat(path).st_mode)
+    if kind != "file":
+        raise NotRegularFile(path, kind)
+
+
+def open_regular(path: str | Path) -> io.BufferedReader:
+    """Open a regular file for reading in binary, checking its type first: every route that reads
+    a user-named path goes through here, so a FIFO or a device in a list is refused with
+    :class:`NotRegularFile`, never opened (a FIFO would block forever and ignore Ctrl-C). The open
+    itself does not block (``O_NONBLOCK``) and the opened file's type is checked again, so a path
+    swapped for a FIFO between the two checks is refused too."""
+    check_regular(path)
+    nonblocking = getattr(os, "O_NONBLOCK", 0)
+    fd = os.open(path, os.O_RDONLY | nonblocking | getattr(os, "O_CLOEXEC", 0))
+    try:
+        kind = file_kind(os.fstat(fd).st_mode)
+        if kind != "file":
+            raise NotRegularFile(path, kind)
+        if nonblocking:
+            os.set_blocking(fd, True)
+        return open(fd, "rb")  # noqa: SIM115 (the caller closes it)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def sha256_file_sized(path: str | Path) -> tuple[str, int]:
-    """sha256 of a file's bytes, read in 1 MiB chunks, and how many bytes there were."""
+    """sha256 of a file's bytes, read in 1 MiB chunks, and how many bytes there were. A path that
+    is not a regular file raises :class:`NotRegularFile` (see :func:`open_regular`)."""
     digest = hashlib.sha256()
     size = 0
-    with open(path, "rb") as handle:
+    with open_regular(path) as handle:
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)
             size += len(chunk)

@@ -30,6 +30,7 @@ from negalign_cli.assets import model_config_dir
 from negalign_cli.defaults import DEFAULT_MODEL, DEFAULT_PRETRAINED
 from negalign_cli.errors import NegalignError
 from negalign_cli.hashing import canonical_json
+from negalign_cli.model_names import check_model_name, resolve_model_name  # names, checked without torch
 
 RANDOM = "random"
 DEFAULT_RANDOM_SEED = 0
@@ -227,10 +228,17 @@ def _quiet_open_clip() -> Iterator[None]:
     quiet = _NotFromOpenClip(os.path.dirname(open_clip.__file__))
     root = logging.getLogger()
     root.addFilter(quiet)
+    # logging.info() on a root logger without handlers installs one (basicConfig) for good, and every
+    # library logger then prints twice (huggingface_hub's retries: its own line, then the root's)
+    placeholder = logging.NullHandler() if not root.handlers else None
+    if placeholder is not None:
+        root.addHandler(placeholder)
     try:
         yield
     finally:
         root.removeFilter(quiet)
+        if placeholder is not None:
+            root.removeHandler(placeholder)
 
 
 def is_torchscript_archive(path: Path) -> bool:
@@ -254,6 +262,110 @@ def _weights_hint(arch: str, tags: list[str]) -> str:
     )
 
 
+# --------------------------------------------------------------------------- open_clip tags, offline
+HUB_PROBE_TIMEOUT = 5.0  # seconds one request may take to tell whether the hub answers
+_TRUE = ("1", "ON", "YES", "TRUE")
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache as the environment names it now (huggingface_hub reads it once,
+    when imported): HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub."""
+    env = os.environ
+    cache_home = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    home = env.get("HF_HOME") or os.path.join(cache_home, "huggingface")
+    folder = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
+    return Path(os.path.expandvars(os.path.expanduser(folder)))
+
+
+def _hub_files(open_clip, name: str, tag: str) -> tuple[str, tuple[str, ...]] | None:
+    """(repo id, the file names open_clip tries in turn) of a tag's weights on the Hugging Face
+    hub, or None where open_clip fetches them otherwise (a URL of their own)."""
+    from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+
+    cfg = open_clip.get_pretrained_cfg(name, tag)
+    hub = cfg.get("hf_hub", "")
+    if not hub or "file" in cfg or not open_clip.pretrained.has_hf_hub():
+        return None
+    repo_id, filename = os.path.split(hub)
+    filename = filename or HF_WEIGHTS_NAME
+    if filename == HF_WEIGHTS_NAME:
+        return repo_id, (HF_SAFE_WEIGHTS_NAME, filename)
+    if filename.endswith((".bin", ".pth")):
+        return repo_id, (filename[:-4] + ".safetensors", filename)
+    return repo_id, (filename,)
+
+
+def _hub_unreachable(repo_id: str, filename: str) -> str | None:
+    """Why the hub cannot give ``filename`` now (offline mode, no network, no answer), or None
+    when it answers. One request, no retries: huggingface_hub's own download retries five times
+    per file, with back-off, before it gives up (about a minute for a tag)."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import HfHubHTTPError
+
+    offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    if offline.strip().upper() in _TRUE or constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    endpoint = (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+    try:
+        url = hf_hub_url(repo_id, filename, endpoint=endpoint)
+        get_hf_file_metadata(url, timeout=HUB_PROBE_TIMEOUT, endpoint=endpoint)
+    except HfHubHTTPError as exc:
+        status = exc.response.status_code
+        if status in (408, 429) or status >= 500:
+            return f"the hub at {endpoint} does not answer (HTTP {status})"
+        return None  # the hub answered (a missing file, a gated repository): the download says what
+    except Exception as exc:  # no network, no name resolution, a proxy that refuses
+        return f"the hub at {endpoint} cannot be reached ({type(exc).__name__}: {_first_line(exc, 80)})"
+    return None
+
+
+def _hub_weights_cached(open_clip, name: str, tag: str) -> bool:
+    """Whether the weights of an open_clip tag are in the Hugging Face cache (then they are loaded
+    with no request at all). When they are not and the hub cannot be reached, a one-line
+    :class:`NegalignError` now, in a second or so, instead of a minute of retries."""
+    files = _hub_files(open_clip, name, tag)
+    if files is None:
+        return False
+    from huggingface_hub import try_to_load_from_cache
+
+    repo_id, names = files
+    cache = hub_cache_dir()
+    if any(isinstance(try_to_load_from_cache(repo_id, f, cache_dir=cache), str) for f in names):
+        return True
+    reason = _hub_unreachable(repo_id, names[-1])
+    if reason is not None:
+        raise NegalignError(
+            f"could not get the weights {name}/{tag}: they are not in the Hugging Face cache ({cache}) and "
+            f"{reason}; {_no_download_hint(name, repo_id)}"
+        )
+    return False
+
+
+def _no_download_hint(name: str, repo_id: str | None = None) -> str:
+    fill = f"`hf download {repo_id}`" if repo_id else "a first run"
+    return (
+        f"pass --pretrained PATH (a {name} checkpoint file), or fill the cache where there is a network "
+        f"({fill}, then copy HF_HOME here), or try the bundled toy model with --model negalign-toy"
+    )
+
+
+@contextlib.contextmanager
+def _hub_offline(offline: bool) -> Iterator[None]:
+    """huggingface_hub in offline mode while open_clip fetches weights that are in the cache: the
+    cached file, with no request (and no retries where there is no network)."""
+    if not offline:
+        yield
+        return
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
 @dataclass(frozen=True)
 class WeightsSource:
     """Where a model's weights come from, resolved from ``--model`` and ``--pretrained``."""
@@ -263,6 +375,7 @@ class WeightsSource:
     checkpoint: Path | None = None  # a local checkpoint file
     seed: int | None = None  # a seeded random init
     local_dir: bool = False  # ``local-dir:`` models carry their own weights
+    hub_cached: bool = False  # the tag's weights are in the Hugging Face cache: no network is needed
 
     @property
     def random(self) -> bool:
@@ -283,6 +396,7 @@ def resolve_weights(name: str, pretrained: str | None) -> WeightsSource:
         return WeightsSource(identifier, local_dir=True)
     project = PROJECT_MODELS.get(name)
     if project is None and name not in open_clip.list_models():
+        check_model_name(name)  # an unknown name: the error names the closest known ones
         raise NegalignError(f"unknown model architecture {name!r}: `negalign models` lists the known ones")
     tags = list(open_clip.list_pretrained_tags_by_model(name))
     if not pretrained:
@@ -304,7 +418,11 @@ def resolve_weights(name: str, pretrained: str | None) -> WeightsSource:
     if path.is_file():
         return WeightsSource(str(path.resolve()), checkpoint=path.resolve())
     if pretrained in tags:
-        return WeightsSource(f"open_clip tag {pretrained}", tag=pretrained)
+        return WeightsSource(
+            f"open_clip tag {pretrained}",
+            tag=pretrained,
+            hub_cached=_hub_weights_cached(open_clip, name, pretrained),
+        )
     if path.exists():
         raise NegalignError(f"--pretrained {pretrained} is a folder, not a checkpoint file")
     if _looks_like_path(pretrained):
@@ -312,6 +430,18 @@ def resolve_weights(name: str, pretrained: str | None) -> WeightsSource:
     raise NegalignError(
         f"--pretrained {pretrained!r} is neither a file nor a tag of {name}: {_weights_hint(name, tags)}"
     )
+
+
+def check_weights(name: str, pretrained: str | None = None) -> tuple[str, str | None, WeightsSource]:
+    """``(architecture, weights, where they come from)`` for ``--model``/``--pretrained`` as given,
+    without building the model: commands call it before they read any image, so a wrong name,
+    a missing file or weights that cannot be downloaded fail at once. OpenAI's names
+    (``ViT-B/16``) are open_clip's (``ViT-B-16``) with OpenAI's weights; so is ``ViT-B-16`` alone
+    (the field's standard)."""
+    name, pretrained = resolve_model_name(name, pretrained)
+    if name == DEFAULT_MODEL and not pretrained:
+        pretrained = DEFAULT_PRETRAINED
+    return name, pretrained, resolve_weights(name, pretrained)
 
 
 def _build(name: str, source: WeightsSource) -> tuple[torch.nn.Module, bool]:
@@ -327,9 +457,15 @@ def _build(name: str, source: WeightsSource) -> tuple[torch.nn.Module, bool]:
             if source.local_dir:
                 model = open_clip.create_model(name, device="cpu")
             elif source.tag is not None:
-                model = open_clip.create_model(
-                    name, pretrained=source.tag, device="cpu", force_quick_gelu=quick_gelu
-                )
+                with _hub_offline(source.hub_cached):
+                    model = open_clip.create_model(
+                        name,
+                        pretrained=source.tag,
+                        device="cpu",
+                        force_quick_gelu=quick_gelu,
+                        # the cache looked in (a tag fetched from a URL keeps open_clip's own folder)
+                        cache_dir=str(hub_cache_dir()) if _hub_files(open_clip, name, source.tag) else None,
+                    )
             else:
                 with _seeded(source.seed if source.seed is not None else DEFAULT_RANDOM_SEED):
                     model = open_clip.create_model(
@@ -337,11 +473,9 @@ def _build(name: str, source: WeightsSource) -> tuple[torch.nn.Module, bool]:
                     )
         except Exception as exc:  # open_clip raises RuntimeError/OSError/HF errors for a failed download
             if source.tag is not None:
-                fail_fast = "" if os.environ.get("HF_HUB_OFFLINE") else "; set HF_HUB_OFFLINE=1 to fail fast"
                 raise NegalignError(
-                    f"could not get the weights {name}/{source.tag} ({_first_line(exc, 120)}); offline? "
-                    f"Download them elsewhere and pass --pretrained /path/to/{name}.bin, or try the "
-                    f"bundled toy model with --model negalign-toy{fail_fast}"
+                    f"could not get the weights {name}/{source.tag} ({_first_line(exc, 120)}): "
+                    f"{_no_download_hint(name)}"
                 ) from exc
             raise NegalignError(f"could not build model {name}: {_first_line(exc)}") from exc
         if source.checkpoint is not None:
@@ -359,16 +493,15 @@ def load_model(
     precision: str = "fp32",
 ) -> LoadedModel:
     """Build ``name`` with weights from ``pretrained`` and put it in eval mode on ``device``.
-    ``ViT-B-16`` without ``pretrained`` means OpenAI's weights (the field's standard).
+    ``ViT-B-16`` without ``pretrained`` means OpenAI's weights (the field's standard); OpenAI's names
+    (``ViT-B/16``) are open_clip's with OpenAI's weights (:func:`check_weights`).
 
     Raises :class:`NegalignError` with a one-line explanation for anything the user can fix.
     """
     from negalign_cli.settings import check_precision, torch_dtype
 
-    if name == DEFAULT_MODEL and not pretrained:
-        pretrained = DEFAULT_PRETRAINED
     precision = check_precision(precision)
-    source = resolve_weights(name, pretrained)
+    name, pretrained, source = check_weights(name, pretrained)
     model, quick_gelu = _build(name, source)
     open_clip = _open_clip()
     config = _resolved_config(open_clip, name, quick_gelu)

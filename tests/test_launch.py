@@ -64,6 +64,8 @@ def test_launch_refuses_bad_requests(tmp_path, monkeypatch):
 
 
 def test_slurm_executor_settings(tmp_path, monkeypatch):
+    """The sbatch script submitit writes from launch's options (the real cluster runs are in
+    tests/test_launch_slurm.py)."""
     from pathlib import Path
 
     from negalign_cli.errors import NegalignError
@@ -76,23 +78,76 @@ def test_slurm_executor_settings(tmp_path, monkeypatch):
         cpus_per_shard=8,
         mem_gb=64,
         timeout_min=240,
-        slurm_extra={"account": "proj1"},
+        account="proj1",
+        qos="high",
+        gres="gpu:a100:1",
+        constraint="a100",
+        exclude="node7",
+        mail_type="END,FAIL",
+        mail_user="me@example.org",
+        setup=("module load cuda",),
+        slurm_extra={"reservation": "r1"},
     )
     monkeypatch.setenv("PATH", str(tmp_path))  # no SLURM here
     with pytest.raises(NegalignError, match="needs SLURM's commands"):
-        _executor(config, tmp_path / "logs")
-    srun = tmp_path / "srun"
-    srun.write_text("#!/bin/sh\nexit 0\n")
-    srun.chmod(0o755)
-    executor = _executor(config, Path(tmp_path / "logs"))
-    script = executor._executor._make_submission_file_text("python -m negalign_cli", "uid")
+        _executor(config, tmp_path / "logs", "cam")
+    for name in ("srun", "sbatch", "squeue", "scontrol"):
+        (tmp_path / name).write_text("#!/bin/sh\nexit 0\n")
+        (tmp_path / name).chmod(0o755)
+    executor = _executor(config, Path(tmp_path / "logs"), "cam")
+    script = executor._make_submission_file_text("python -m negalign_cli", "uid")
     for line in (
         "--partition=gpu",
         "--cpus-per-task=8",
         "--mem=64GB",
         "--time=240",
         "--account=proj1",
-        "--gpus-per-node=1",
+        "--qos=high",
+        "--gres=gpu:a100:1",
+        "--constraint=a100",
+        "--exclude=node7",
+        "--mail-type=END,FAIL",
+        "--mail-user=me@example.org",
+        "--reservation=r1",
+        "--job-name=negalign-cam",
+        "\nmodule load cuda\n",
     ):
         assert line in script, line
-    assert executor._executor.parameters["array_parallelism"] == 16
+    assert "gpus" not in script  # none asked for: a CPU partition refuses --gpus-per-node
+    assert "/logs/%j/" in script  # an array task: logs/<array>_<task>/, made before the release
+    assert executor.parameters["array_parallelism"] == 16
+    # the job name is launch's to set (it lost to submitit's default as --slurm-arg job-name=X)
+    named = LaunchConfig(executor="slurm", job_name="mine", gpus_per_shard=2)
+    script = _executor(named, tmp_path / "logs", "cam")._make_submission_file_text("x", "uid")
+    assert "--job-name=mine" in script and "--job-name=submitit" not in script
+    assert "--gpus-per-node=2" in script
+    with pytest.raises(NegalignError, match="--slurm-arg job_name repeats a launch option"):
+        _executor(LaunchConfig(executor="slurm", slurm_extra={"job-name": "x"}), tmp_path / "logs")
+
+
+def test_slurm_time_formats():
+    from negalign_cli.errors import NegalignError
+    from negalign_cli.stages.launch import parse_time
+
+    assert parse_time("90") == 90 * 60
+    assert parse_time("04:00:00") == 4 * 3600
+    assert parse_time("1-12:00:00") == 36 * 3600
+    assert parse_time("2-6") == 54 * 3600 and parse_time("0-0:30") == 30 * 60
+    assert parse_time("5:30") == 330  # MM:SS
+    for bad in ("2h", "", "1-", "0", "00:00:00", "1:2:3:4"):
+        with pytest.raises(NegalignError, match="SLURM time|longer than zero"):
+            parse_time(bad)
+
+
+@pytest.mark.slow
+def test_a_failing_shard_shows_its_error_line(tmp_path, monkeypatch):
+    """A shard that fails on its node (here: --strict and an unreadable image, which only reading
+    the image finds) is reported with its own one-line error, and exit 2 says "fix, then rerun"."""
+    monkeypatch.chdir(tmp_path)
+    folder = make_image_folder(tmp_path / "imgs", per_class=2)
+    (folder / "boats" / "9.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")  # in shard 1
+    stage = ["launch", "embed", "images", "--images", str(folder), *TINY, "--workers", "0", "--strict"]
+    result = cli(*stage, "--shards", "2", "--shards-dir", "runs")
+    line = one_line_error(result, "1 of 2 shard(s) failed: shard 1/2: skipped 1 image(s) (")
+    assert "--strict turns skips into a failure" in line and "fix, then rerun" in line
+    assert "(log " in line and "runs/logs/" in line

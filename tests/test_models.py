@@ -106,7 +106,7 @@ def test_offline_tag_fails_with_a_hint():
     ) as caught:
         load_model("ViT-B-32", "openai")
     message = str(caught.value)
-    assert "HF_HUB_OFFLINE" not in message  # already set: no advice to set it
+    assert "set HF_HUB_OFFLINE=1" not in message  # already set: no advice to set it
     assert "negalign-toy" in message
     # the default model is the field's standard, ViT-B-16 with OpenAI's weights
     with pytest.raises(NegalignError, match="could not get the weights ViT-B-16/openai"):

@@ -33,6 +33,17 @@ def make(*args: str, dry: bool = False) -> str:
     return result.stdout
 
 
+def out_folders(plan: str) -> list[Path]:
+    """The --out folder of every step a dry run plans."""
+    return [Path(line.split(" --out ")[1].split()[0]) for line in plan.splitlines() if " --out " in line]
+
+
+def assert_every_manifest(folders: list[Path]) -> None:
+    """Each step's artifact is still there after the run: make deleted none as intermediate."""
+    missing = [str(folder) for folder in folders if not (folder / "manifest.json").is_file()]
+    assert not missing, f"manifest.json missing after the pipeline: {missing}"
+
+
 def commands(plan: str) -> list[str]:
     """The negalign subcommands a dry run would run (sorted: make's order is its own)."""
     return sorted(
@@ -110,6 +121,8 @@ def test_make_waterbirds_and_imagenet_on_the_toy_world(toy):
     assert "--split test" in plan and str(data / "id" / "metadata.csv") in plan
     make("waterbirds-results", *waterbirds)
     runs = toy / "runs" / "waterbirds"
+    assert len(out_folders(plan)) == 6
+    assert_every_manifest(out_folders(plan))
     results = json.loads((runs / "results" / "results.json").read_text())
     metadata = pd.read_csv(data / "id" / "metadata.csv")
     assert results["id"]["n"] == int((metadata["split"] == 2).sum()) == 15  # the test split only
@@ -139,8 +152,12 @@ def test_make_waterbirds_and_imagenet_on_the_toy_world(toy):
         f"OOD=spurious={data / 'ood_spurious' / 'images'} nonspurious={data / 'ood_nonspurious' / 'images'}",
         f"IMAGENET_CLASSES={classes}",
     ]
+    plan = make("imagenet-results", *imagenet, dry=True)
+    assert commands(plan) == sorted(["split-vocab", *["cam", "score"] * 3, "evaluate"])
     make("imagenet-results", *imagenet)
     runs = toy / "runs" / "imagenet"
+    assert len(out_folders(plan)) == 8
+    assert_every_manifest(out_folders(plan))  # the OOD sets' cam folders too (a pattern rule made them)
     results = json.loads((runs / "results" / "results.json").read_text())
     assert results["id"]["n"] == 30 and set(results["ood"]) == {"spurious", "nonspurious"}
     check_methods(results, runs, {"spurious": "ood-spurious", "nonspurious": "ood-nonspurious"})
@@ -152,6 +169,14 @@ def test_make_waterbirds_and_imagenet_on_the_toy_world(toy):
             np.mean(per_set)
         )
     assert commands(make("imagenet-results", *imagenet, dry=True)) == []
+    # a changed knob plans its step and what follows, on every OOD set: never cam again
+    assert commands(make("imagenet-results", *imagenet, "TAU=0.002", dry=True)) == sorted(
+        ["split-vocab", "score", "score", "score", "evaluate"]
+    )
+    assert commands(make("imagenet-results", *imagenet, "BLOCK=-2", dry=True)) == sorted(
+        ["cam", "score"] * 3 + ["evaluate"]
+    )
+    assert commands(make("imagenet-results", *imagenet, "LAMBDAS=0,1", dry=True)) == ["evaluate"]
 
 
 @pytest.mark.slow

@@ -135,3 +135,46 @@ def test_shard_option_errors(tmp_path, monkeypatch):
         cli("embed", "images", "--images", str(folder), "--shards-dir", "r", "--shard", "0/7"),
         "7 shards for 6 images",
     )
+
+
+def test_merge_refuses_a_shard_folder_of_another_shard(tmp_path, monkeypatch):
+    """A copy of shard 0's folder in shard 1's place must not be merged as shard 1's slice."""
+    monkeypatch.chdir(tmp_path)
+    hearts = make_image_folder(tmp_path / "data", per_class=3)  # 6 images: two classes, 3 per shard
+    base = ["embed", "images", "--images", str(hearts), "--workers", "0", "--shards-dir", "runs"]
+    for i in (0, 1):
+        assert cli(*base, "--shard", f"{i}/2").exit_code == 0
+    runs = tmp_path / "runs"
+    shutil.rmtree(runs / "shard-00001-of-00002")
+    shutil.copytree(runs / "shard-00000-of-00002", runs / "shard-00001-of-00002")
+    one_line_error(cli("merge", "runs", "--out", "m"), "holds the results of shard 0/2, not of shard 1/2")
+    assert not (tmp_path / "m").exists()
+    # even with its done.json edited to claim the right index, its rows name shard 0's images
+    done = runs / "shard-00001-of-00002" / "done.json"
+    record = json.loads(done.read_text())
+    done.write_text(json.dumps({**record, "shard": [1, 2]}))
+    one_line_error(cli("merge", "runs", "--out", "m"), "does not hold shard 1/2's images (row 0 is")
+    # the misplaced folder is not "done": rerunning shard 1 replaces it, then the merge is whole
+    done.write_text(json.dumps(record))
+    assert "done already" not in cli(*base, "--shard", "1/2").output
+    merged = cli("merge", "runs", "--out", "m")
+    assert merged.exit_code == 0, merged.output
+    import pandas as pd
+
+    table = pd.read_parquet(tmp_path / "m" / "images.parquet")
+    assert table["status"].eq("ok").all() and table["digest"].nunique() == 6
+
+
+def test_merge_counts_this_runs_shards_on_a_cache_hit(tmp_path, monkeypatch):
+    """After a K = 2 merge, the K = 3 merge of the same list is a cache hit of the same artifact;
+    its line names this run's 3 shards (it said "merged 2 shard(s)", the cached merge's count)."""
+    monkeypatch.chdir(tmp_path)
+    folder = make_image_folder(tmp_path / "data", per_class=3)
+    base = ["embed", "images", "--images", str(folder), "--workers", "0"]
+    for count in (2, 3):
+        for i in range(count):
+            assert cli(*base, "--shard", f"{i}/{count}", "--shards-dir", f"runs{count}").exit_code == 0
+        merged = cli("merge", f"runs{count}", "--cache-dir", "c-merge")
+        assert merged.exit_code == 0, merged.output
+        assert f"merged {count} shard(s), 6 of 6 images" in merged.output, merged.output
+    assert "(cache hit)" in merged.output

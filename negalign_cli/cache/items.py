@@ -13,7 +13,10 @@ maps (namespace, item digest) to (shard, row)::
 
 A record carries its own key and checksum, so the file is self-describing: a bit flipped in a
 vector is caught on read (the vector is dropped and recomputed), and a lost or damaged index is
-rebuilt from the record files alone (`negalign cache repair`). Each process appends to a shard of
+rebuilt from the record files alone (`negalign cache repair`); a missing index beside shard files
+that hold vectors is refused with that hint, never recreated empty (it would orphan them). A shard
+is (namespace, file number): the index numbers shards itself and records each one's file, and a
+new file never takes a number an existing file has. Each process appends to a shard of
 its own (never shared between writers), writes a batch, fsyncs it, and only then indexes it: a
 killed run leaves at worst unindexed bytes at a shard's end, never an index entry pointing at
 bytes that were not written. Writers roll over to a new shard at 1 GiB. On disk a vector costs its
@@ -48,6 +51,7 @@ import diskcache
 import numpy as np
 from filelock import FileLock, Timeout
 
+from negalign_cli.cache.diskfull import disk_full, is_disk_full, writing
 from negalign_cli.cache.store import damaged
 from negalign_cli.errors import NegalignError
 from negalign_cli.hashing import canonical_json, sha256_text
@@ -63,7 +67,9 @@ _BUSY_MS = 120_000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS ns (num INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE);
-CREATE TABLE IF NOT EXISTS shard (num INTEGER PRIMARY KEY AUTOINCREMENT, ns INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS shard (
+    num INTEGER PRIMARY KEY AUTOINCREMENT, ns INTEGER NOT NULL, file INTEGER
+);
 CREATE TABLE IF NOT EXISTS item (
     ns INTEGER NOT NULL, digest BLOB NOT NULL, shard INTEGER NOT NULL, row INTEGER NOT NULL,
     PRIMARY KEY (ns, digest)
@@ -104,10 +110,36 @@ def _open_index(path: Path) -> sqlite3.Connection:
         # vectors they pointed at are then recomputed (or found again by `cache repair`)
         db.execute("PRAGMA synchronous=NORMAL")
         db.executescript(_SCHEMA)
+        columns = {row[1] for row in db.execute("PRAGMA table_info(shard)")}
+        if "file" not in columns:  # an index written before shard files were numbered apart
+            with contextlib.suppress(sqlite3.OperationalError):  # another process added it first
+                db.execute("ALTER TABLE shard ADD COLUMN file INTEGER")
     except BaseException:
         db.close()
         raise
     return db
+
+
+def shard_files(path: Path) -> list[Path]:
+    """The shard files under a vector store folder that hold at least one byte."""
+    found = []
+    for file in sorted(path.glob("*/*.rec")) if path.is_dir() else []:
+        with contextlib.suppress(OSError):
+            if file.stat().st_size > 0:
+                found.append(file)
+    return found
+
+
+def _create_shard_file(folder: Path, number: int) -> tuple[int, int]:
+    """Create ``<folder>/<number>.rec`` exclusively, or the next number past every shard file the
+    folder holds (a file left by an older index, another writer's); (number, descriptor)."""
+    while True:
+        path = folder / f"{number:08d}.rec"
+        try:
+            return number, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            taken = [int(p.stem) for p in folder.glob("*.rec") if p.stem.isdigit()]
+            number = max([number, *taken]) + 1
 
 
 @dataclass
@@ -146,8 +178,21 @@ class ItemStore:
     @property
     def db(self) -> sqlite3.Connection:
         if self._db is None:
-            self._db = self._open(self.path, lambda: _open_index(self.index_path))
+            self._db = self._open(self.path, self._open_existing_index)
         return self._db
+
+    def _open_existing_index(self) -> sqlite3.Connection:
+        """The index; never a new empty one beside shard files that hold vectors (it would orphan
+        them all, and number new shards over theirs): that is refused, `cache repair` rebuilds it."""
+        if not self.index_path.exists():
+            held = shard_files(self.path)
+            if held:
+                raise NegalignError(
+                    f"the vector index {self.index_path} is missing but {len(held)} shard file(s) under "
+                    f"{self.path} hold vectors: run `negalign cache repair` to rebuild it from them"
+                )
+        with writing(self.index_path):
+            return _open_index(self.index_path)
 
     @property
     def records(self) -> diskcache.Index:
@@ -161,22 +206,29 @@ class ItemStore:
                 f"{path} is a file where a cache folder belongs: move it away, or run `negalign cache repair`"
             )
         self.root.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(self.root / "items-open.lock")):
-            try:
+        with writing(self.root / "items-open.lock"):
+            lock = FileLock(str(self.root / "items-open.lock"))
+            lock.acquire()
+        try:
+            with writing(path):
                 return make()
-            except sqlite3.DatabaseError as exc:
-                raise damaged(path, exc) from exc
+        except sqlite3.DatabaseError as exc:
+            raise damaged(path, exc) from exc
+        finally:
+            lock.release()
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+        with writing(self.index_path):
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):  # SQLite may have rolled back already
+                    db.execute("ROLLBACK")
+                raise
 
     def close(self) -> None:
         for writer in self._writers.values():
@@ -252,11 +304,13 @@ class ItemStore:
         path = self._shard_paths.get(shard)
         if path is None:
             row = self.db.execute(
-                "SELECT ns.id FROM shard JOIN ns ON shard.ns = ns.num WHERE shard.num = ?", (shard,)
+                "SELECT ns.id, COALESCE(shard.file, shard.num) FROM shard JOIN ns ON shard.ns = ns.num "
+                "WHERE shard.num = ?",
+                (shard,),
             ).fetchone()
             if row is None:
                 return None
-            path = self._shard_paths[shard] = self._folder(row[0]) / f"{shard:08d}.rec"
+            path = self._shard_paths[shard] = self._folder(row[0]) / f"{int(row[1]):08d}.rec"
         return path
 
     def _writer(self, info: NamespaceInfo, ns_num: int, width: int) -> _Writer:
@@ -266,14 +320,25 @@ class ItemStore:
         if writer is not None:
             os.close(writer.fd)
         folder = self._folder(info.id)
-        folder.mkdir(parents=True, exist_ok=True)
         meta = folder / "meta.json"
-        if not meta.is_file():
-            _write_atomically(meta, json.dumps({"dim": info.dim, "dtype": info.dtype, "namespace": info.id}))
+        with writing(meta):
+            folder.mkdir(parents=True, exist_ok=True)
+            if not meta.is_file():
+                text = json.dumps({"dim": info.dim, "dtype": info.dtype, "namespace": info.id})
+                _write_atomically(meta, text)
+        # a shard is (namespace, file number); its index number is its own, and the file gets that
+        # number unless a file already has it (left by an index that was lost): then the next free
         with self._transaction() as db:
             shard = int(db.execute("INSERT INTO shard (ns) VALUES (?)", (ns_num,)).lastrowid or 0)
-        path = folder / f"{shard:08d}.rec"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            with writing(folder / f"{shard:08d}.rec"):
+                number, fd = _create_shard_file(folder, shard)
+            try:
+                db.execute("UPDATE shard SET file = ? WHERE num = ?", (number, shard))
+            except BaseException:
+                os.close(fd)
+                (folder / f"{number:08d}.rec").unlink(missing_ok=True)
+                raise
+        path = folder / f"{number:08d}.rec"
         _fsync_folder(folder)
         writer = self._writers[info.id] = _Writer(shard, path, fd)
         self._shard_paths[shard] = path
@@ -285,10 +350,11 @@ class ItemStore:
         first = writer.rows
         data = records.tobytes()
         try:
-            written = 0
-            while written < len(data):
-                written += os.pwrite(writer.fd, data[written:], first * records.shape[1] + written)
-            os.fsync(writer.fd)
+            with writing(writer.path):
+                written = 0
+                while written < len(data):
+                    written += os.pwrite(writer.fd, data[written:], first * records.shape[1] + written)
+                os.fsync(writer.fd)
         except BaseException:
             # the bytes after ``first`` are unknown now: this shard takes no more rows
             self._writers.pop(info.id, None)
@@ -339,7 +405,7 @@ class ItemStore:
     def record_use(self, info: NamespaceInfo, added: int = 0) -> None:
         """Create or update a namespace's record: count += added, last used = now."""
         now = time.time()
-        with self.records.transact():
+        with writing(self.records_path), self.records.transact():
             stored = self.records.get(info.id)
             current = NamespaceInfo(**stored) if stored is not None else info
             self.records[info.id] = asdict(replace(current, count=current.count + added, last_used=now))
@@ -367,13 +433,15 @@ class ItemStore:
         """Hold the namespaces a run reads and writes: `cache gc` leaves them alone until the run
         ends (a lease is a JSON file plus a lock the run holds; a dead run's lock is free)."""
         folder = self.root / "leases"
-        folder.mkdir(parents=True, exist_ok=True)
         name = uuid.uuid4().hex
-        lock = FileLock(str(folder / f"{name}.lock"))
-        lock.acquire()
+        with writing(folder):
+            folder.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(str(folder / f"{name}.lock"))
+            lock.acquire()
         record = folder / f"{name}.json"
         try:
-            record.write_text(json.dumps({"pid": os.getpid(), "namespaces": [n.id for n in namespaces]}))
+            with writing(record):
+                record.write_text(json.dumps({"pid": os.getpid(), "namespaces": [n.id for n in namespaces]}))
             yield
         finally:
             record.unlink(missing_ok=True)
@@ -458,9 +526,10 @@ class ItemStore:
 
     # -------------------------------------------------------------- repair
     def repair(self) -> ItemRepair:
-        """Check both databases; rebuild a damaged vector index from the record files (every
-        record whose checksum holds is kept) and a damaged namespace-record store from what can
-        still be read, and say how much was lost."""
+        """Check both databases; rebuild the vector index from the record files (every record
+        whose checksum holds is kept) when it is damaged, missing, or does not know every shard
+        file, and a damaged namespace-record store from what can still be read; say how much was
+        lost. A full disk is an error that leaves both in place (they are not damaged)."""
         held = self.leased()
         if held:
             raise NegalignError(
@@ -469,38 +538,88 @@ class ItemStore:
             )
         self.close()
         report = ItemRepair()
-        lost_index = not self.index_path.exists() and any(self.path.glob("*/*.rec"))
-        if lost_index or not index_healthy(self.index_path):
+        why = self._index_problem()
+        if why is not None:
             report.vectors_kept, report.vectors_lost = self.rebuild_index()
+            report.index_problem = why
         if not database_healthy(self.records_path, lambda: diskcache.Index(str(self.records_path))):
             report.records_kept, report.records_rebuilt = self._salvage_records()
         return report
 
-    def rebuild_index(self) -> tuple[int, int]:
-        """A new index from the record files (the damaged one is moved aside): (kept, unreadable)."""
-        self.close()
-        if self.path.exists() and not self.path.is_dir():
-            _move_aside(self.path)  # a file where the store's folder belongs
-        if self.index_path.exists() or self.index_path.with_name("index.db-wal").exists():
-            stamp = int(time.time())
-            for suffix in ("", "-wal", "-shm"):
-                part = self.index_path.with_name(f"index.db{suffix}")
-                if part.exists():
-                    part.rename(part.with_name(f"index.db{suffix}.damaged-{stamp}"))
-        kept = lost = 0
+    def _index_problem(self) -> str | None:
+        """Why the vector index must be rebuilt from the shard files; None if it need not be."""
+        if not index_healthy(self.index_path):
+            return "it was damaged"
+        readable = self._layouts()  # a folder without its row width cannot be indexed anyway
+        files = [f for f in shard_files(self.path) if f.stem.isdigit() and f.parent in readable]
+        if not self.index_path.exists():
+            return "it was missing" if files else None
+        db = _open_index(self.index_path)
+        try:
+            query = "SELECT ns.id, COALESCE(shard.file, shard.num) FROM shard JOIN ns ON shard.ns = ns.num"
+            known = {(str(ns_id), int(number)) for ns_id, number in db.execute(query)}
+        except sqlite3.DatabaseError as exc:
+            if is_disk_full(exc, self.index_path):
+                raise disk_full(self.index_path) from exc
+            return "it was damaged"
+        finally:
+            db.close()
+        unknown = [f for f in files if (f.parent.name, int(f.stem)) not in known]
+        if unknown:
+            return f"it did not know {len(unknown)} shard file(s) that hold vectors"
+        return None
+
+    def _layouts(self) -> dict[Path, int]:
+        """Namespace folders whose ``meta.json`` gives their record width (others cannot be read)."""
+        widths = {}
         folders = sorted(p for p in self.path.iterdir() if p.is_dir()) if self.path.is_dir() else []
         for folder in folders:
             try:
                 meta = json.loads((folder / "meta.json").read_text())
-                width = _KEY + int(meta["dim"]) * np.dtype(meta["dtype"]).itemsize + _CHECKSUM
+                widths[folder] = _KEY + int(meta["dim"]) * np.dtype(meta["dtype"]).itemsize + _CHECKSUM
             except (OSError, ValueError, KeyError, TypeError):
                 continue  # not a namespace folder (or one whose row width is unknown)
+        return widths
+
+    def rebuild_index(self) -> tuple[int, int]:
+        """A new index from the record files: (kept, unreadable). It is built beside the old one
+        and swapped in only when complete (the old one is moved aside then), so a failure (a full
+        disk) leaves the old index as it was. A shard is indexed under its namespace and file
+        number, with a number of its own in the index: two namespaces' ``00000001.rec`` stay two."""
+        self.close()
+        if self.path.exists() and not self.path.is_dir():
+            _move_aside(self.path)  # a file where the store's folder belongs
+        fresh = self.index_path.with_name(f"index.db.rebuild-{uuid.uuid4().hex[:8]}")
+        try:
+            with writing(fresh):
+                self.path.mkdir(parents=True, exist_ok=True)
+                self._db = _open_index(fresh)
+            kept, lost = self._index_shards()
+            self.close()  # the last connection: SQLite folds the WAL into the file and removes it
+        except BaseException:
+            self.close()
+            for suffix in ("", "-wal", "-shm"):
+                fresh.with_name(fresh.name + suffix).unlink(missing_ok=True)
+            raise
+        stamp = int(time.time())
+        for suffix in ("", "-wal", "-shm"):  # a WAL left without its database goes too
+            part = self.index_path.with_name(f"index.db{suffix}")
+            if part.exists():
+                part.rename(part.with_name(f"index.db{suffix}.damaged-{stamp}"))
+        os.replace(fresh, self.index_path)
+        _fsync_folder(self.path)
+        return kept, lost
+
+    def _index_shards(self) -> tuple[int, int]:
+        kept = lost = 0
+        for folder, width in self._layouts().items():
             ns_num = self._ns_num(folder.name, create=True)
             for path in sorted(folder.glob("*.rec")):
+                if not path.stem.isdigit():
+                    continue
                 try:
-                    shard = int(path.stem)
                     data = np.fromfile(path, np.uint8)
-                except (ValueError, OSError):
+                except OSError:
                     continue
                 count = len(data) // width
                 lost += int(len(data) % width != 0)  # a torn record at the end
@@ -509,7 +628,9 @@ class ItemStore:
                 lost += int((~good).sum())
                 rows = np.flatnonzero(good)
                 with self._transaction() as db:
-                    db.execute("INSERT OR IGNORE INTO shard (num, ns) VALUES (?, ?)", (shard, ns_num))
+                    number = int(path.stem)
+                    insert = "INSERT INTO shard (ns, file) VALUES (?, ?)"
+                    shard = int(db.execute(insert, (ns_num, number)).lastrowid or 0)
                     before = db.total_changes
                     db.executemany(
                         "INSERT OR IGNORE INTO item VALUES (?, ?, ?, ?)",
@@ -527,8 +648,9 @@ class ItemStore:
                 with contextlib.suppress(sqlite3.DatabaseError, TypeError):
                     kept[ns_id] = dict(old[ns_id])
             old.cache.close()
-        for ns_id, record in kept.items():
-            self.records[ns_id] = record
+        with writing(self.records_path):
+            for ns_id, record in kept.items():
+                self.records[ns_id] = record
         # namespaces whose record was lost: rebuilt from the vector index, so that `cache ls`
         # shows them and `cache gc` can remove them (what they were made with is unknown)
         counts: dict[str, int] = {}
@@ -554,7 +676,8 @@ class ItemStore:
                     now,
                     ITEM_FORMAT,
                 )
-                self.records[ns_id] = asdict(info)
+                with writing(self.records_path):
+                    self.records[ns_id] = asdict(info)
                 rebuilt += 1
         return len(kept), rebuilt
 
@@ -670,6 +793,7 @@ class ItemRepair:
 
     vectors_kept: int | None = None  # None: the vector index was intact
     vectors_lost: int | None = 0
+    index_problem: str = ""  # why the vector index was rebuilt
     records_kept: int | None = None  # None: the namespace records were intact
     records_rebuilt: int = 0
 
@@ -679,11 +803,13 @@ def index_healthy(path: Path) -> bool:
     if not path.exists():
         return not path.parent.exists() or path.parent.is_dir()
     try:
-        db = _open_index(path)
+        with writing(path):  # a full disk is not damage: never set a healthy index aside for it
+            db = _open_index(path)
     except sqlite3.DatabaseError:
         return False
     try:
-        return db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        with writing(path):
+            return db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     except sqlite3.DatabaseError:
         return False
     finally:
@@ -697,12 +823,14 @@ def database_healthy(path: Path, make: Callable[[], Any]) -> bool:
     if not path.is_dir():
         return False
     try:
-        handle = make()
+        with writing(path):  # a full disk is not damage: never set a healthy database aside for it
+            handle = make()
     except sqlite3.DatabaseError:
         return False
     cache = handle.cache if isinstance(handle, diskcache.Index) else handle
     try:
-        return not cache.check()
+        with writing(path):
+            return not cache.check()
     except sqlite3.DatabaseError:
         return False
     finally:

@@ -1,8 +1,13 @@
-"""A stat cache: (path, size, mtime_ns, inode, device) -> content digest, so that an unchanged file is
-not read and hashed again (the idea of DVC's state database and of git's index).
+"""A stat cache: (path, size, mtime_ns, ctime_ns, inode, device) -> content digest, so that an
+unchanged file is not read and hashed again (the idea of DVC's state database and of git's index).
 
-A file's cached digest is used only when its size, modification time (in nanoseconds), inode and
-device all equal what they were when it was hashed; any change to one of them hashes it again.
+A file's cached digest is used only when its size, modification time, status-change time (both in
+nanoseconds), inode and device all equal what they were when it was hashed; any change to one of
+them hashes it again. The change time is what git's index also keys on: a program can set a file's
+mtime back (``cp -p``, ``rsync -t``, ``os.utime``) but not its ctime, which the kernel sets on every
+write, rename and ``utime`` call. Without it a file system re-created at the same path (a fresh
+tmpfs hands out the same inode numbers and device; a re-created container volume) and filled with
+same-size files whose mtimes were kept would match every old row with new content.
 Two guards keep the shortcut honest:
 
 * a file modified less than ``RACY_SECONDS`` before it was hashed is not recorded (a write in the
@@ -10,11 +15,15 @@ Two guards keep the shortcut honest:
 * every row carries a BLAKE2b checksum of its path and digest, so a row damaged inside SQLite is
   ignored (the file is hashed again), never trusted; a damaged stat field simply no longer matches.
 
-The known limit, as DVC documents for its own state: a file whose content is changed and whose
-modification time is then set back (``touch -d``, ``os.utime``) to the old value, with the same size
-and inode, keeps its old digest. Delete ``<cache>/stat.db`` to hash everything again.
+Setting the mtime back changes the ctime, so that too is caught (DVC, which keys on mtime alone,
+documents it as a limit). What remains: a file changed by writing to its block device, and a
+same-size rewrite with the mtime set back made within one kernel timestamp tick (a few ms) of the
+file's previous change and of the hash (the first guard above looks at the mtime only). Delete
+``<cache>/stat.db`` to hash everything again.
 
 The database is a cache of a cache: if it cannot be read it is set aside and every file is hashed.
+A full disk is not damage: it is an error naming stat.db (the database is left as it is).
+Schema 2 added ``ctime_ns``; rows of schema 1 are dropped when the database is opened.
 """
 
 from __future__ import annotations
@@ -28,23 +37,43 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from negalign_cli.cache.diskfull import disk_full, is_disk_full
+
 RACY_SECONDS = 2.0
 _CHUNK = 900 if sqlite3.sqlite_version_info < (3, 32, 0) else 8000
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS stat (
-    path BLOB PRIMARY KEY, size INTEGER, mtime_ns INTEGER, inode INTEGER, device INTEGER,
-    digest TEXT, checksum BLOB
+SCHEMA_VERSION = 2  # 2: ctime_ns in the key (rows of version 1 are dropped)
+_SCHEMA = f"""
+DROP TABLE IF EXISTS stat;
+CREATE TABLE stat (
+    path BLOB PRIMARY KEY, size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER, inode INTEGER,
+    device INTEGER, digest TEXT, checksum BLOB
 ) WITHOUT ROWID;
+PRAGMA user_version = {SCHEMA_VERSION};
 """
 
 Digest = tuple[str | None, str]  # (sha256 hex, "") or (None, why not)
-Stat = tuple[int, int, int, int]  # size, mtime_ns, inode, device
+Stat = tuple[int, int, int, int, int]  # size, mtime_ns, ctime_ns, inode, device
 
 
 def _checksum(path: bytes, digest: str) -> bytes:
     """A row's checksum covers the path and the digest; the stat fields need none: a damaged one
     no longer matches the file's stat, so the file is hashed again."""
     return hashlib.blake2b(path + digest.encode(), digest_size=8).digest()
+
+
+def _upgrade(db: sqlite3.Connection) -> None:
+    """Create the table, or drop one of an older schema (its rows lack a field of the key)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:  # asked again, locked
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+        db.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
+        raise
 
 
 class StatCache:
@@ -63,14 +92,19 @@ class StatCache:
                 db = sqlite3.connect(str(self.path), timeout=60, isolation_level=None)
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=NORMAL")
-                db.executescript(_SCHEMA)
+                if db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+                    _upgrade(db)
                 return db
-            except sqlite3.DatabaseError:
+            except sqlite3.DatabaseError as exc:
                 if db is not None:
                     db.close()
+                if is_disk_full(exc, self.path):
+                    raise disk_full(self.path) from exc  # full, not damaged: left as it is
                 if attempt == 0:
                     self._set_aside()
-            except OSError:
+            except OSError as exc:
+                if is_disk_full(exc):
+                    raise disk_full(self.path) from exc
                 return None  # a read-only cache: hash everything, remember nothing
         return None
 
@@ -105,11 +139,10 @@ class StatCache:
             except OSError as exc:
                 result[i] = (None, f"cannot read: {exc.strerror or exc}")
                 continue
-            stats[i] = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+            stats[i] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
         db = self._connect()
-        known: dict[
-            bytes, tuple[Any, ...]
-        ] = {}  # path -> (path, size, mtime_ns, inode, device, digest, checksum)
+        # path -> (path, size, mtime_ns, ctime_ns, inode, device, digest, checksum)
+        known: dict[bytes, tuple[Any, ...]] = {}
         keys = [p.encode("utf-8", "surrogateescape") for p in paths]  # os.fsencode, on POSIX
         if db is not None:
             try:
@@ -117,22 +150,24 @@ class StatCache:
                 for start in range(0, len(wanted), _CHUNK):
                     chunk = wanted[start : start + _CHUNK]
                     query = (
-                        "SELECT path, size, mtime_ns, inode, device, digest, checksum FROM stat "
+                        "SELECT path, size, mtime_ns, ctime_ns, inode, device, digest, checksum FROM stat "
                         f"WHERE path IN ({','.join('?' * len(chunk))})"
                     )
                     known.update((row[0], row) for row in db.execute(query, chunk))
-            except sqlite3.DatabaseError:
+            except sqlite3.DatabaseError as exc:
                 known = {}
                 db.close()
                 db = None
+                if is_disk_full(exc, self.path):
+                    raise disk_full(self.path) from exc
                 self._set_aside()
         todo: list[int] = []
         for i, (key, now) in enumerate(zip(keys, stats, strict=True)):
             if now is None:
                 continue
             entry = known.get(key)
-            if entry is not None and entry[1:5] == now and _checksum(key, entry[5]) == entry[6]:
-                result[i] = (entry[5], "")
+            if entry is not None and entry[1:6] == now and _checksum(key, entry[6]) == entry[7]:
+                result[i] = (entry[6], "")
             else:
                 todo.append(i)
         self.hits += len(paths) - len(todo)
@@ -146,10 +181,14 @@ class StatCache:
             if digest is not None and seen is not None and seen[1] < racy:
                 rows.append((keys[i], *seen, digest, _checksum(keys[i], digest)))
         if db is not None:
-            with contextlib.suppress(sqlite3.Error):
+            try:
                 if rows:
                     db.execute("BEGIN IMMEDIATE")
-                    db.executemany("INSERT OR REPLACE INTO stat VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                    db.executemany("INSERT OR REPLACE INTO stat VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
                     db.execute("COMMIT")
-            db.close()
+            except sqlite3.Error as exc:
+                if is_disk_full(exc, self.path):
+                    raise disk_full(self.path) from exc
+            finally:
+                db.close()
         return [r if r is not None else (None, "not processed") for r in result]

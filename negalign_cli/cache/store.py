@@ -34,6 +34,7 @@ import diskcache
 from filelock import FileLock, Timeout
 
 from negalign_cli import __version__
+from negalign_cli.cache.diskfull import disk_full, is_disk_full, writing
 from negalign_cli.errors import NegalignError
 from negalign_cli.hashing import canonical_json, sha256_file, sha256_text
 from negalign_cli.reporting import NullReporter, Reporter
@@ -67,7 +68,10 @@ class StageSpec:
 
 
 def damaged(path: Path, exc: BaseException) -> NegalignError:
-    """The one-line error for a cache database SQLite cannot read."""
+    """The one-line error for a cache database SQLite cannot read (or, if the disk is full, for
+    one it cannot write: that database is not damaged and `cache repair` would not help)."""
+    if is_disk_full(exc, path):
+        return disk_full(path)
     return NegalignError(
         f"the cache database in {path} is damaged ({exc}): run `negalign cache repair` "
         "(it rebuilds the index from the artifact folders and keeps every readable vector)"
@@ -92,29 +96,69 @@ class Artifact:
     def files(self) -> list[str]:
         return sorted(self.manifest["outputs"])
 
-    def export(self, out_dir: str | Path) -> list[Path]:
+    def export(
+        self, out_dir: str | Path, known: Iterable[str] = (), reporter: Reporter | None = None
+    ) -> list[Path]:
         """Copy the outputs and the manifest into ``out_dir`` (the user-facing ``--out``).
 
         Everything is first copied into a temporary folder inside ``out_dir`` and then renamed
         into place, the manifest last: a failure (disk full, Ctrl-C) leaves no truncated file, and
-        a folder without a manifest that matches its files is never taken for a finished one."""
+        a folder without a manifest that matches its files is never taken for a finished one.
+
+        Files an earlier export left there that this artifact does not have are removed before the
+        manifest is written: those the old manifest lists, and those named in ``known`` (the file
+        names any stage writes, for a folder whose manifest is gone). Nothing else is touched."""
+        reporter = reporter or NullReporter()
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        names = [*self.files, MANIFEST]
-        staging = Path(tempfile.mkdtemp(prefix=".negalign-export-", dir=out))
+        with writing(out):
+            out.mkdir(parents=True, exist_ok=True)
+            names = [*self.files, MANIFEST]
+            previous = {*listed_outputs(out / MANIFEST), *known} - set(names)
+            staging = Path(tempfile.mkdtemp(prefix=".negalign-export-", dir=out))
         try:
             for name in names:
                 target = staging / name
                 target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(self.path / name, target)
+                with writing(out / name):
+                    shutil.copyfile(self.path / name, target)
             (out / MANIFEST).unlink(missing_ok=True)  # the old manifest must not vouch for new files
-            for name in names:
+            for name in names[:-1]:
                 final = out / name
                 final.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(staging / name, final)
+            removed = _remove_stale(out, previous)
+            os.replace(staging / MANIFEST, out / MANIFEST)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        if removed:
+            reporter.info(
+                f"removed {', '.join(removed)} from {out}: left by an earlier run, not part of this "
+                f"{self.stage} output"
+            )
         return [out / name for name in names]
+
+
+def listed_outputs(manifest: Path) -> list[str]:
+    """The outputs an existing manifest.json lists (none if it is missing or unreadable)."""
+    try:
+        outputs = json.loads(manifest.read_text(encoding="utf-8"))["outputs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return [name for name in outputs if isinstance(name, str)] if isinstance(outputs, dict) else []
+
+
+def _remove_stale(out: Path, names: Iterable[str]) -> list[str]:
+    """Delete the plain files ``out/NAME`` (only relative names inside ``out``; never a folder)."""
+    removed = []
+    for name in sorted(names):
+        relative = Path(name)
+        if relative.is_absolute() or ".." in relative.parts or not relative.parts:
+            continue
+        path = out / relative
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+            removed.append(name)
+    return removed
 
 
 @dataclass(frozen=True)
@@ -214,6 +258,8 @@ class ArtifactStore:
             try:
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
+                if is_disk_full(exc):
+                    raise disk_full(folder) from exc
                 raise NegalignError(f"cannot create cache folder {folder}: {exc.strerror}") from exc
         self._index: diskcache.Index | None = None
 
@@ -280,7 +326,8 @@ class ArtifactStore:
         if manifest is None:
             return None, reason
         if record is None:  # complete on disk, not yet indexed (a run stopped between rename and index)
-            self.index[key] = self._record(key, manifest, folder)
+            with self._writing_index():
+                self.index[key] = self._record(key, manifest, folder)
         return Artifact(key=key, stage=manifest["stage"], path=folder, manifest=manifest), None
 
     def get(self, spec_or_key: StageSpec | str) -> Artifact | None:
@@ -357,34 +404,11 @@ class ArtifactStore:
         return StageResult(artifact, hit=False)
 
     def _compute(self, spec: StageSpec, key: str, compute: ComputeFn) -> Artifact:
-        tmp = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=self.tmp_dir))
+        with writing(self.tmp_dir):
+            tmp = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=self.tmp_dir))
         try:
-            started = time.perf_counter()
-            extra = dict(compute(tmp) or {})
-            seconds = time.perf_counter() - started
-            outputs = {}
-            for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
-                name = path.relative_to(tmp).as_posix()
-                if name == MANIFEST:
-                    raise RuntimeError(f"stage {spec.stage} must not write {MANIFEST} itself")
-                outputs[name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-            manifest = {
-                "key": key,
-                "stage": spec.stage,
-                "stage_version": spec.version,
-                "params": dict(spec.params),
-                "inputs": dict(spec.inputs),
-                "outputs": outputs,
-                "counts": extra.pop("counts", {}),
-                "timing": {"seconds": round(seconds, 4)},
-                "created": _now_iso(),
-                "versions": library_versions(),
-                **extra,
-            }
-            with open(tmp / MANIFEST, "w", encoding="utf-8") as handle:
-                json.dump(manifest, handle, indent=2, sort_keys=True)
-                handle.flush()
-                os.fsync(handle.fileno())
+            with writing(tmp):  # the stage's own writes (np.save, parquet) and the manifest
+                manifest = self._fill(spec, key, compute, tmp)
             final = self.artifact_dir(spec.stage, key)
             final.parent.mkdir(parents=True, exist_ok=True)
             if final.exists():
@@ -393,11 +417,46 @@ class ArtifactStore:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        self.index[key] = self._record(key, manifest, final)
+        with self._writing_index():
+            self.index[key] = self._record(key, manifest, final)
         return Artifact(key=key, stage=spec.stage, path=final, manifest=manifest)
 
+    def _writing_index(self) -> contextlib.AbstractContextManager[None]:
+        return writing(self.root / "index")
+
+    def _fill(self, spec: StageSpec, key: str, compute: ComputeFn, tmp: Path) -> dict[str, Any]:
+        """Run the stage's compute into ``tmp`` and write its manifest there (fsynced)."""
+        started = time.perf_counter()
+        extra = dict(compute(tmp) or {})
+        seconds = time.perf_counter() - started
+        outputs = {}
+        for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            name = path.relative_to(tmp).as_posix()
+            if name == MANIFEST:
+                raise RuntimeError(f"stage {spec.stage} must not write {MANIFEST} itself")
+            outputs[name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+        manifest = {
+            "key": key,
+            "stage": spec.stage,
+            "stage_version": spec.version,
+            "params": dict(spec.params),
+            "inputs": dict(spec.inputs),
+            "outputs": outputs,
+            "counts": extra.pop("counts", {}),
+            "timing": {"seconds": round(seconds, 4)},
+            "created": _now_iso(),
+            "versions": library_versions(),
+            **extra,
+        }
+        with open(tmp / MANIFEST, "w", encoding="utf-8") as handle:
+            json.dump(manifest, handle, indent=2, sort_keys=True)
+            handle.flush()
+            os.fsync(handle.fileno())
+        return manifest
+
     def _remove(self, key: str, folder: Path | None = None) -> int:
-        record = self.index.pop(key, None)
+        with self._writing_index():
+            record = self.index.pop(key, None)
         if folder is None and record is not None:
             folder = self.root / record["path"]
         freed = 0
@@ -436,7 +495,8 @@ class ArtifactStore:
             if record is not None and not (self.root / record["path"]).exists():
                 report.dangling_index_entries.append(key)
                 if not dry_run:
-                    self.index.pop(key, None)
+                    with self._writing_index():
+                        self.index.pop(key, None)
         for stage_dir in sorted(p for p in self.artifacts_dir.iterdir() if p.is_dir()):
             for folder in sorted(p for p in stage_dir.iterdir() if p.is_dir()):
                 if folder.name in indexed:
@@ -462,7 +522,8 @@ class ArtifactStore:
         ):
             return False
         if not dry_run:
-            self.index[key] = self._record(key, manifest, folder)
+            with self._writing_index():
+                self.index[key] = self._record(key, manifest, folder)
         return True
 
     def rebuild_index(self) -> tuple[int, int]:

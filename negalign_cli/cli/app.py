@@ -10,6 +10,7 @@ import typer
 from negalign_cli import __version__
 from negalign_cli.cli import (
     bench_cmd,
+    benchmarks_cmd,
     cache_cmd,
     cam_cmd,
     embed_cmd,
@@ -69,6 +70,7 @@ app.command(
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
 )(shard_cmd.launch)
 app.command("bench", epilog=bench_cmd.EXAMPLE)(bench_cmd.bench)
+app.command("benchmarks", epilog=benchmarks_cmd.EXAMPLE)(benchmarks_cmd.benchmarks)
 app.command("report", epilog=report_cmd.EXAMPLE)(report_cmd.report)
 app.command("demo", epilog="Example: negalign demo --out demo-output")(toy_cmd.demo)
 app.command("sanity", epilog="Example: negalign sanity --model negalign-toy")(toy_cmd.sanity)

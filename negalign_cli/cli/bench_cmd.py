@@ -18,9 +18,12 @@ EXAMPLE = (
 
 @guarded
 def bench(
-    model: Annotated[str, typer.Option("--model", "-m", help="open_clip architecture (random weights).")] = (
-        "ViT-B-16"
-    ),
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model", "-m", callback=o.checked_model, help="open_clip architecture (random weights)."
+        ),
+    ] = "ViT-B-16",
     pretrained: Annotated[
         str,
         typer.Option("--pretrained", help="Weights: random (speed does not depend on them) or a file/tag."),

@@ -157,9 +157,10 @@ def repair(cache_dir: CacheDir = None) -> None:
             "will be recomputed by the next run that needs it"
         )
     else:
+        why = f"; the index was rebuilt because {items.index_problem}" if items.index_problem else ""
         stdout().print(
             f"per-item vectors: {items.vectors_kept} kept, {items.vectors_lost} unreadable "
-            "(recomputed by the next run that needs them)"
+            f"(recomputed by the next run that needs them){why}"
         )
     if items.records_kept is not None:
         stdout().print(f"namespace records: {items.records_kept} kept")

@@ -69,6 +69,7 @@ def cam(
     from negalign_cli.compute.vision import CamConfig
     from negalign_cli.inputs.datasets import list_images, resolve_decoder
     from negalign_cli.inputs.words import load_classes
+    from negalign_cli.stages import files
     from negalign_cli.stages.images import cam_images, cam_spec, digest_images
     from negalign_cli.stages.plots import write_cam_overlays
 
@@ -86,6 +87,7 @@ def cam(
     )
     config.validate(10**6)  # names and ranges; the block is checked against the model below
     class_list = load_classes(classes, report)
+    o.check_weights(model, pretrained)  # before any image is hashed: missing weights fail at once
     image_list = list_images(images, data_root, split, allow_outside_root=allow_outside_root)
     stat_cache = Workspace.open(rt.cache_dir).stat_cache  # unchanged files are not hashed again
     listing = digest_images(image_list, report, stat_cache=stat_cache) if chosen_shard is None else None
@@ -126,8 +128,8 @@ def cam(
         f"cam {result.artifact.key[:12]}: {c['processed']} of {c['images']} images, CAM valid for "
         f"{c['cam_valid']}, {c['skipped']} skipped{o.duplicates_note(c)}{hit}"
     )
+    o.finish(result, out, "cam", report, redraws=(files.VIZ_DIR,) if viz and viz_dir is None else ())
     if viz:
-        folder = viz_dir if viz_dir is not None else Path(str(out)) / "viz"
+        folder = viz_dir if viz_dir is not None else Path(str(out)) / files.VIZ_DIR
         written = write_cam_overlays(result.artifact.path, viz, folder, loaded.image_size)
         stdout().print(f"wrote {len(written)} overlay(s) to {folder}")
-    o.finish(result, out, "cam")

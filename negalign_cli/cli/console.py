@@ -79,7 +79,7 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_TOO_LARGE = {errno.EFBIG}  # a full disk (ENOSPC, EDQUOT) is cache.diskfull's
 _DENIED = {errno.EROFS, errno.EACCES, errno.EPERM}
 
 
@@ -87,13 +87,27 @@ def storage_failure(exc: BaseException) -> str | None:
     """One line for what the disk or a cache database refused (disk full, read-only, damaged)."""
     import sqlite3
 
+    from negalign_cli.cache.diskfull import disk_full, is_disk_full
+
+    cause: BaseException | None = exc
+    for _ in range(16):  # a full disk behind a wrapped error too
+        if cause is None or is_disk_full(cause):
+            break
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None and is_disk_full(cause):  # the write paths name their file; this is for the rest
+        exc = cause
+        # shutil's copies name the source first and the file being written second
+        target = getattr(exc, "filename2", None) or getattr(exc, "filename", None)
+        if target:
+            return str(disk_full(target))
+        return (
+            "disk full while writing (the file was not named): free space on the disk of --cache-dir "
+            "or --out and rerun"
+        )
     if isinstance(exc, OSError) and exc.errno is not None:
         where = f" {exc.filename}" if exc.filename else ""
-        if exc.errno in _FULL:
-            return (
-                f"disk full while writing{where}: free some space, or point --cache-dir / --out at "
-                "another disk"
-            )
+        if exc.errno in _TOO_LARGE:
+            return f"{exc.strerror or exc} while writing{where}: free some space, or use another disk"
         if exc.errno in _DENIED:
             return (
                 f"cannot write{where} ({exc.strerror}): negalign writes its index and lock files even to "

@@ -108,7 +108,7 @@ def texts(
         report.warn(
             f"{counts['truncated_prompts']} prompt(s) were longer than the model's context and were cut"
         )
-    o.finish(result, out, "embed-texts")
+    o.finish(result, out, "embed-texts", report)
 
 
 IMAGES_EXAMPLE = (
@@ -152,6 +152,7 @@ def images(
     chosen_shard, cache_dir = o.shard_setup(shard, shards_dir, out, cache_dir)
     rt = o.runtime(cache_dir, device, precision, batch_size)
     report = o.reporter(verbose, quiet)
+    o.check_weights(model, pretrained)  # before any image is hashed: missing weights fail at once
     image_list = list_images(images, data_root, split, allow_outside_root=allow_outside_root)
     stat_cache = Workspace.open(rt.cache_dir).stat_cache  # unchanged files are not hashed again
     listing = digest_images(image_list, report, stat_cache=stat_cache) if chosen_shard is None else None
@@ -188,4 +189,4 @@ def images(
         f"embed-images {result.artifact.key[:12]}: {c['embedded']} of {c['images']} images embedded, "
         f"{c['skipped']} skipped{o.duplicates_note(c)} ({status})"
     )
-    o.finish(result, out, "embed-images")
+    o.finish(result, out, "embed-images", report)

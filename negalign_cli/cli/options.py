@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from negalign_cli.cli.console import RichReporter
+from negalign_cli.cli.console import RichReporter, debug_enabled, fail
 from negalign_cli.defaults import DEFAULT_MODEL, DEFAULT_PRETRAINED, PRECISIONS, STORE_DTYPES
 from negalign_cli.settings import CACHE_ENV, DEVICE_ENV, Runtime, contain_writes, resolve_cache_dir
 
@@ -40,13 +40,40 @@ PrecisionOpt = Annotated[Precision, typer.Option("--precision", help="Model prec
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Items per forward pass.")]
 Verbose = Annotated[int, typer.Option("-v", "--verbose", count=True, help="More detail (repeatable).")]
 Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="Only warnings, errors and results.")]
+
+
+def checked_model(name: str) -> str:
+    """``--model`` checked as it is parsed, before a command lists or hashes anything (and without
+    torch): an unknown name is one error line with the closest known names."""
+    from negalign_cli.errors import NegalignError
+    from negalign_cli.model_names import check_model_name
+
+    try:
+        return check_model_name(name)
+    except NegalignError as exc:
+        if debug_enabled():
+            raise
+        raise fail(str(exc), exc.exit_code) from None
+
+
+def check_passed_model(argv: list[str]) -> None:
+    """The ``--model`` among options passed on to other commands (``launch``'s shards), checked
+    as if it were parsed here: a wrong name fails once, before any shard is submitted."""
+    for index, arg in enumerate(argv):
+        if arg in ("--model", "-m") and index + 1 < len(argv):
+            checked_model(argv[index + 1])
+        elif arg.startswith("--model="):
+            checked_model(arg.split("=", 1)[1])
+
+
 Model = Annotated[
     str,
     typer.Option(
         "--model",
         "-m",
-        help="open_clip architecture or a project model (`negalign models`); "
-        "negalign-toy is the bundled toy CLIP.",
+        callback=checked_model,
+        help="open_clip architecture or a project model (`negalign models`), or OpenAI's name (ViT-B/16: "
+        "with OpenAI's weights); negalign-toy is the bundled toy CLIP.",
     ),
 ]
 Pretrained = Annotated[
@@ -77,6 +104,14 @@ def cache_root(cache_dir: Path | None) -> Path:
 
 def reporter(verbose: int, quiet: bool) -> RichReporter:
     return RichReporter(-1 if quiet else verbose)
+
+
+def check_weights(model: str, pretrained: str | None) -> None:
+    """Before any image is listed or hashed: the weights exist (a file, a project model, an
+    open_clip tag that is cached or can be downloaded now)."""
+    from negalign_cli.models import check_weights
+
+    check_weights(model, pretrained)
 
 
 def load(model: str, pretrained: str | None, rt: Runtime, report: RichReporter, detail: str = ""):
@@ -229,15 +264,40 @@ def duplicates_note(counts: dict) -> str:
     return f", {n} path(s) byte-identical to an earlier one (sharing its row)" if n else ""
 
 
-def finish(result, out: Path | None, label: str) -> None:
-    """Export the artifact to ``--out`` (or say where it is): the last line of most commands."""
+def finish(
+    result, out: Path | None, label: str, report: RichReporter | None = None, redraws: tuple[str, ...] = ()
+) -> None:
+    """Export the artifact to ``--out`` (or say where it is): the last line of most commands. Files
+    an earlier run left in ``--out`` that this artifact lacks are removed (stage outputs only);
+    what was drawn there from another artifact (a report, CAM overlays) is named in a warning,
+    unless the command draws it again now (``redraws``)."""
+    from negalign_cli.cache.store import MANIFEST
     from negalign_cli.cli.console import stdout
+    from negalign_cli.stages import files
 
-    if out is not None:
-        written = result.artifact.export(out)
-        stdout().print(f"wrote {', '.join(p.name for p in written)} to {out}")
-    else:
+    if out is None:
         stdout().print(f"{label} artifact: {result.artifact.path}")
+        return
+    report = report or RichReporter()
+    before = _manifest_key(out / MANIFEST)
+    written = result.artifact.export(out, known=files.ARTIFACT_FILES, reporter=report)
+    stdout().print(f"wrote {', '.join(p.name for p in written)} to {out}")
+    drawn = sorted(name for name in files.RENDERED - set(redraws) if (out / name).exists())
+    if drawn and before != result.artifact.key:
+        report.warn(
+            f"{', '.join(drawn)} in {out} were drawn from the output that was there before: rerun the "
+            "command that made them (report, cam --viz) or delete them"
+        )
+
+
+def _manifest_key(path: Path) -> str | None:
+    import json
+
+    try:
+        key = json.loads(path.read_text(encoding="utf-8")).get("key")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return key if isinstance(key, str) else None
 
 
 Decode = Annotated[

@@ -96,7 +96,13 @@ def score(
     from negalign_cli.cache.workspace import Workspace
     from negalign_cli.compute.scores import ScoreConfig
     from negalign_cli.inputs.words import load_classes, load_negatives
-    from negalign_cli.stages.scoring import check_request, open_image_set, resolve_folder, score_images
+    from negalign_cli.stages.scoring import (
+        check_cam_inputs,
+        check_request,
+        open_image_set,
+        resolve_folder,
+        score_images,
+    )
     from negalign_cli.stages.vocab import negatives_from_lists, negatives_from_split
 
     rt = o.runtime(cache_dir, device, precision, batch_size)
@@ -125,6 +131,7 @@ def score(
     )
     check_request(vocab, config, has_cam=image_set.has_cam)  # before any weight is loaded
     class_list = load_classes(classes, report)
+    check_cam_inputs(image_set, class_list)  # the CAM's classes and prompts are these (warnings: below)
     loaded = o.load(model, pretrained, rt, report, f"; {len(vocab.words)} negatives from {vocab.origin}")
     result = score_images(
         loaded,
@@ -145,7 +152,7 @@ def score(
         else ""
     )
     stdout().print(f"score {result.artifact.key[:12]}{hit}: {counts['images']} images scored{invalid}")
-    o.finish(result, out, "score")
+    o.finish(result, out, "score", report)
 
 
 @guarded
@@ -257,4 +264,4 @@ def evaluate_command(
     result = evaluate(request, Workspace.open(o.cache_root(cache_dir)), report)
     results = json.loads(result.artifact.file(files.RESULTS).read_text(encoding="utf-8"))
     render_results(results)
-    o.finish(result, out, "evaluate")
+    o.finish(result, out, "evaluate", report)

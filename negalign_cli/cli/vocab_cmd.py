@@ -90,7 +90,7 @@ def mine(
     phrases = f"{c['kept_adjectives']} of {c['candidate_adjectives']} adjective phrases"
     dropped = f"{c['dropped_as_class_name']} nouns equal to a class dropped"
     stdout().print(f"mine-negatives {result.artifact.key[:12]}{hit}: kept {nouns} and {phrases} ({dropped})")
-    o.finish(result, out, "mine-negatives")
+    o.finish(result, out, "mine-negatives", report)
 
 
 @guarded
@@ -172,7 +172,7 @@ def split(
         report.warn(f"{truncated} prompt(s) were longer than the model's context and were cut at the end")
     result = split_vocab(scores.artifact, workspace, tau=tau, reporter=report)
     _render_summary(summarise_split(result.artifact), tau)
-    o.finish(result, out, "split-vocab")
+    o.finish(result, out, "split-vocab", report)
 
 
 def _render_summary(summary, tau: float) -> None:

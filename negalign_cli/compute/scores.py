@@ -229,6 +229,7 @@ class ScoreColumn:
     needs_pairs: bool = False  # needs NegRefine's "p and n" texts (multi-matching)
     method: bool = False  # a row of `evaluate --compare`'s table
     reference: str = ""  # where the score was published
+    version: int = 1  # bump when the column's formula changes: the `score` stage's cache key follows it
 
 
 SCORES: tuple[ScoreColumn, ...] = (
@@ -269,6 +270,13 @@ SCORES: tuple[ScoreColumn, ...] = (
     ScoreColumn("p_align", "P_align", "s_bg_pos − s_bg_neg", needs_cam=True),
 )
 SCORE_COLUMNS = tuple(column.name for column in SCORES)
+
+
+def registry_key() -> list[tuple[str, int]]:
+    """What the `score` stage's cache key holds of the registry: each column's name and version, in
+    order. Adding, removing or re-versioning a column changes the key, so a stored score artifact
+    made without it is never reused."""
+    return [(column.name, column.version) for column in SCORES]
 
 
 def method_columns() -> dict[str, str]:

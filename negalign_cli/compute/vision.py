@@ -10,9 +10,9 @@ summed over the batch (each image's gradient equals a single-image run: a ViT ne
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -23,20 +23,34 @@ from negalign_cli.compute.types import OpenClipModule
 from negalign_cli.defaults import BG_POOLS, CAM_METHODS
 from negalign_cli.errors import NegalignError
 
+T = TypeVar("T")
+
+
+def registered(registry: Mapping[str, T], name: str, option: str) -> T:
+    """``registry[name]``; an unknown name is refused (never a silent fallback to another entry)."""
+    if not isinstance(name, str) or name not in registry:
+        raise NegalignError(f"unknown {option} {name!r}: use {', '.join(registry)}")
+    return registry[name]
+
 
 @dataclass(frozen=True)
 class CamConfig:
+    """Grad-CAM and background-pooling settings. The method and pool names are checked against
+    their registries (``CAM_METHOD_REGISTRY``, ``BG_POOL_REGISTRY``) when the config is made; the
+    ranges that need the model (the block) by :meth:`validate`."""
+
     method: str = "gradcam"
     block: int = -1
     fg_percentile: float = 80.0
     dilate: int = 1
     bg_pool: str = "tokens"
 
+    def __post_init__(self) -> None:
+        registered(CAM_METHOD_REGISTRY, self.method, "--cam-method")
+        registered(BG_POOL_REGISTRY, self.bg_pool, "--bg-pool")
+
     def validate(self, n_blocks: int) -> None:
-        if self.method not in CAM_METHODS:
-            raise NegalignError(f"unknown --cam-method {self.method!r}: use {' or '.join(CAM_METHODS)}")
-        if self.bg_pool not in BG_POOLS:
-            raise NegalignError(f"unknown --bg-pool {self.bg_pool!r}: use {', '.join(BG_POOLS)}")
+        self.__post_init__()
         if not -n_blocks <= self.block < n_blocks:
             raise NegalignError(f"--block {self.block} is out of range for a tower of {n_blocks} blocks")
         if not 0 <= self.fg_percentile <= 100:
@@ -207,16 +221,29 @@ def _batch_first(tensor: torch.Tensor, tower: VisionTower) -> torch.Tensor:
     return tensor if tower.batch_first else tensor.transpose(0, 1)
 
 
-def cam_from_gradients(activation: torch.Tensor, gradient: torch.Tensor, method: str) -> torch.Tensor:
-    """Patch-token relevance (B, HW) from the hooked activation and its gradient (B, 1+HW, C).
+def gradcam(activation: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+    """ReLU(Σ_c w_c·A_c) per patch token, w_c the gradient averaged over patch tokens."""
+    weights = gradient.mean(dim=1, keepdim=True)
+    return F.relu((activation * weights).sum(dim=-1))
 
-    ``gradcam``: ReLU(Σ_c w_c·A_c) with w_c the gradient averaged over patch tokens;
-    ``gradxact``: |Σ_c g_c·A_c| per token (no channel averaging)."""
-    a, g = activation[:, 1:].float(), gradient[:, 1:].float()
-    if method == "gradcam":
-        weights = g.mean(dim=1, keepdim=True)
-        return F.relu((a * weights).sum(dim=-1))
-    return (a * g).sum(dim=-1).abs()
+
+def gradxact(activation: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+    """|Σ_c g_c·A_c| per patch token (no channel averaging)."""
+    return (activation * gradient).sum(dim=-1).abs()
+
+
+# The CAM methods, by the name `--cam-method` takes (defaults.CAM_METHODS lists the same names).
+CAM_METHOD_REGISTRY: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "gradcam": gradcam,
+    "gradxact": gradxact,
+}
+
+
+def cam_from_gradients(activation: torch.Tensor, gradient: torch.Tensor, method: str) -> torch.Tensor:
+    """Patch-token relevance (B, HW) from the hooked activation and its gradient (B, 1+HW, C), by
+    the registered ``method`` (``gradcam`` or ``gradxact``); an unknown name is refused."""
+    function = registered(CAM_METHOD_REGISTRY, method, "--cam-method")
+    return function(activation[:, 1:].float(), gradient[:, 1:].float())
 
 
 def foreground_mask(cams: torch.Tensor, percentile: float, dilate: int) -> torch.Tensor:
@@ -284,6 +311,52 @@ def fill_foreground(images: torch.Tensor, foreground: torch.Tensor, patch: tuple
     return images.masked_fill(pixels.unsqueeze(1), 0.0)
 
 
+BackgroundPool = Callable[[OpenClipModule, VisionTower, torch.Tensor, _Capture, torch.Tensor], torch.Tensor]
+
+
+def pool_tokens(
+    model: OpenClipModule, tower: VisionTower, images: torch.Tensor, capture: _Capture, keep: torch.Tensor
+) -> torch.Tensor:
+    """``tokens``: the mean of the final patch tokens (ln_post, proj) over the background patches."""
+    tokens = _project(tower.visual, _batch_first(capture.require("final"), tower)[:, 1:])
+    return masked_mean(tokens.float(), keep)
+
+
+def pool_maskclip(
+    model: OpenClipModule, tower: VisionTower, images: torch.Tensor, capture: _Capture, keep: torch.Tensor
+) -> torch.Tensor:
+    """``maskclip``: the last block's value path (:func:`maskclip_tokens`) over the background patches."""
+    tokens = maskclip_tokens(tower, _batch_first(capture.require("last_input"), tower))
+    return masked_mean(tokens.float(), keep)
+
+
+def pool_clearclip(
+    model: OpenClipModule, tower: VisionTower, images: torch.Tensor, capture: _Capture, keep: torch.Tensor
+) -> torch.Tensor:
+    """``clearclip``: the last block's q·q attention (:func:`clearclip_tokens`) over the background."""
+    tokens = clearclip_tokens(tower, _batch_first(capture.require("last_input"), tower))
+    return masked_mean(tokens.float(), keep)
+
+
+def pool_mask(
+    model: OpenClipModule, tower: VisionTower, images: torch.Tensor, capture: _Capture, keep: torch.Tensor
+) -> torch.Tensor:
+    """``mask``: the image re-encoded with its foreground patches set to the preprocessing mean."""
+    filled = fill_foreground(images, ~keep, tower.patch)
+    return F.normalize(model.encode_image(filled).float(), dim=-1)
+
+
+# The background pools, by the name `--bg-pool` takes (defaults.BG_POOLS lists the same names).
+BG_POOL_REGISTRY: dict[str, BackgroundPool] = {
+    "tokens": pool_tokens,
+    "maskclip": pool_maskclip,
+    "clearclip": pool_clearclip,
+    "mask": pool_mask,
+}
+if tuple(CAM_METHOD_REGISTRY) != CAM_METHODS or tuple(BG_POOL_REGISTRY) != BG_POOLS:
+    raise RuntimeError("defaults.CAM_METHODS / BG_POOLS must name the registries of compute/vision.py")
+
+
 def cam_batch(
     model: OpenClipModule, images: torch.Tensor, class_features: torch.Tensor, config: CamConfig
 ) -> CamBatch:
@@ -304,18 +377,9 @@ def cam_batch(
     valid = finite & (cams.flatten(1).amax(dim=1) > 0) & (~foreground).flatten(1).any(dim=1)
     # an invalid CAM pools the whole image (the fallback; `score --invalid-cam` decides its use)
     background_patches = ~foreground | ~valid.view(-1, 1, 1)
+    pool = registered(BG_POOL_REGISTRY, config.bg_pool, "--bg-pool")
     with torch.inference_mode():
-        if config.bg_pool == "mask":
-            filled = fill_foreground(images, ~background_patches, tower.patch)
-            background = F.normalize(model.encode_image(filled).float(), dim=-1)
-        else:
-            if config.bg_pool == "tokens":
-                tokens = _project(tower.visual, _batch_first(capture.require("final"), tower)[:, 1:])
-            elif config.bg_pool == "maskclip":
-                tokens = maskclip_tokens(tower, _batch_first(capture.require("last_input"), tower))
-            else:
-                tokens = clearclip_tokens(tower, _batch_first(capture.require("last_input"), tower))
-            background = masked_mean(tokens.float(), background_patches)
+        background = pool(model, tower, images, capture, background_patches)
     return CamBatch(
         embeddings=embeddings.detach(),
         pred_class=pred_class.detach(),

@@ -22,7 +22,13 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from negalign_cli.defaults import DEFAULT_MAX_PIXELS
 from negalign_cli.errors import NegalignError
-from negalign_cli.hashing import printable_path, sha256_file_sized
+from negalign_cli.hashing import (
+    NotRegularFile,
+    file_kind,
+    open_regular,
+    printable_path,
+    sha256_file_sized,
+)
 from negalign_cli.inputs.tars import Member, is_tar_spec, list_shards, member_digest
 
 OUTSIDE_ROOT = "outside the data root"
@@ -76,6 +82,11 @@ def list_images(
     links: list[int] | None = None  # paths that may lead elsewhere (None: any of them)
     if path.is_dir():
         (images, links), root = _from_folder(path), path
+    elif not path.is_file():  # a FIFO would block the read forever, a device may never end
+        kind = file_kind(path.stat().st_mode)
+        raise NegalignError(f"--images {path} is a {kind}, not a file or folder: {IMAGES_TAKES}")
+    elif path.suffix.lower() in IMAGE_SUFFIXES:
+        raise NegalignError(_one_image(path))
     elif path.name == "metadata.csv" or split is not None:
         images, root = _from_waterbirds(path, data_root, split), _root(path, data_root)
     else:
@@ -85,6 +96,18 @@ def list_images(
     if not allow_outside_root:
         _refuse_outside(images, root, links)
     return images
+
+
+IMAGES_TAKES = (
+    "--images takes a folder, an ImageFolder tree, a CSV/TXT manifest, a Waterbirds metadata.csv "
+    "or tar shards ('data/{00000..00099}.tar')"
+)
+
+
+def _one_image(path: Path) -> str:
+    return (
+        f"--images {path} is one image: {IMAGES_TAKES}; for one image, try `negalign sanity --image {path}`"
+    )
 
 
 def _root(manifest: Path, data_root: str | Path | None) -> Path:
@@ -111,9 +134,11 @@ def _refuse_outside(images: ImageList, root: Path, only: Iterable[int] | None = 
             images.problems[index] = f"{OUTSIDE_ROOT} {printable_path(base)} (--allow-outside-root reads it)"
 
 
-def _walk(root: str, prefix: tuple[str, ...], found: list[tuple[tuple[str, ...], bool]]) -> None:
-    """Image files under ``root`` as (relative parts, is a symlink); like ``Path.rglob('*')``, the
-    walk does not descend into symlinked folders."""
+def _walk(root: str, prefix: tuple[str, ...], found: list[tuple[tuple[str, ...], bool, str]]) -> None:
+    """Image files under ``root`` as (relative parts, is a symlink, "" or what the entry is when it
+    is no regular file: ``fifo``, ``socket``, a device); like ``Path.rglob('*')``, the walk does not
+    descend into symlinked folders. A FIFO or a device named like an image is listed (and skipped
+    with its reason, never opened); a folder named like one is not."""
     with os.scandir(root) as entries:
         for entry in entries:
             name = entry.name
@@ -123,28 +148,28 @@ def _walk(root: str, prefix: tuple[str, ...], found: list[tuple[tuple[str, ...],
                     continue
                 dot = name.rfind(".")
                 # os.path.splitext's rule: the leading dots of a name start no extension
-                if (
-                    dot > 0
-                    and name[dot:].lower() in IMAGE_SUFFIXES
-                    and name[:dot].strip(".")
-                    and entry.is_file()
-                ):
-                    found.append(((*prefix, name), entry.is_symlink()))
+                if dot > 0 and name[dot:].lower() in IMAGE_SUFFIXES and name[:dot].strip("."):
+                    if entry.is_file():
+                        found.append(((*prefix, name), entry.is_symlink(), ""))
+                    elif not entry.is_dir():  # a FIFO, socket or device (a broken link raises)
+                        kind = file_kind(entry.stat().st_mode)
+                        found.append(((*prefix, name), entry.is_symlink(), kind))
             except OSError:
                 continue
 
 
 def _from_folder(root: Path) -> tuple[ImageList, list[int]]:
     """The images under ``root``, sorted as paths (by their parts); and the indices of symlinks."""
-    found: list[tuple[tuple[str, ...], bool]] = []
+    found: list[tuple[tuple[str, ...], bool, str]] = []
     _walk(str(root), (), found)
     found.sort(key=lambda item: item[0])
-    image_folder = bool(found) and all(len(parts) >= 2 for parts, _ in found)
-    labels = [parts[0] if image_folder else "" for parts, _ in found]
+    image_folder = bool(found) and all(len(parts) >= 2 for parts, _, _ in found)
+    labels = [parts[0] if image_folder else "" for parts, _, _ in found]
     base = str(root.resolve()).rstrip(os.sep)  # "" for the file system's root: the join adds it back
-    paths = [os.sep.join((base, *parts)) for parts, _ in found]
-    links = [i for i, (_, link) in enumerate(found) if link]
-    return ImageList(str(root), paths, labels, {}), links
+    paths = [os.sep.join((base, *parts)) for parts, _, _ in found]
+    links = [i for i, (_, link, _) in enumerate(found) if link]
+    problems = {i: str(NotRegularFile(paths[i], kind)) for i, (_, _, kind) in enumerate(found) if kind}
+    return ImageList(str(root), paths, labels, {}, problems), links
 
 
 def _from_tars(spec: str) -> ImageList:
@@ -167,11 +192,34 @@ def _from_tars(spec: str) -> ImageList:
     return ImageList(spec, paths, labels, extra, problems, members)
 
 
-def _read_text(path: Path) -> str:
+def _open_list(path: Path) -> io.BufferedReader:
+    """A list file (a manifest, a metadata.csv), opened only if it is a regular file."""
     try:
-        return path.read_text(encoding="utf-8-sig")
+        return open_regular(path)
+    except NotRegularFile as exc:
+        raise NegalignError(f"--images {path} is a {exc.kind}, not a file or folder: {IMAGES_TAKES}") from exc
+    except OSError as exc:
+        raise NegalignError(f"cannot read --images {path}: {exc.strerror or exc}") from exc
+
+
+def _read_text(path: Path) -> str:
+    with _open_list(path) as handle:
+        data = handle.read()
+    try:
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise NegalignError(f"manifest {path} is not UTF-8 text") from exc
+        if _is_picture(data):
+            raise NegalignError(_one_image(path)) from exc
+        raise NegalignError(f"manifest {path} is not UTF-8 text: {IMAGES_TAKES}") from exc
+
+
+def _is_picture(data: bytes) -> bool:
+    """Bytes PIL recognises as an image (by their header; nothing is decoded)."""
+    try:
+        with Image.open(io.BytesIO(data)):
+            return True
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return False
 
 
 def _from_manifest(path: Path, data_root: str | Path | None) -> ImageList:
@@ -226,7 +274,8 @@ def _from_waterbirds(path: Path, data_root: str | Path | None, split: str | None
     import pandas as pd
 
     root = Path(data_root).expanduser() if data_root is not None else path.parent
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)  # labels stay as written; blanks stay ""
+    with _open_list(path) as handle:  # labels stay as written; blanks stay ""
+        frame = pd.read_csv(handle, dtype=str, keep_default_na=False)
     frame.columns = [str(c).strip() for c in frame.columns]
     missing = {"img_filename", "y"} - set(frame.columns)
     if missing:
@@ -265,6 +314,8 @@ def file_digest(path: str | Member) -> tuple[str | None, str]:
         digest, size = sha256_file_sized(path)
     except FileNotFoundError:
         return None, "file not found"
+    except NotRegularFile as exc:  # a FIFO or a device: never opened
+        return None, str(exc)
     except OSError as exc:
         return None, f"cannot read: {exc.strerror or exc}"
     if size == 0:
@@ -287,12 +338,16 @@ def load_rgb(path: str | Member, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
     raises :class:`TooLarge` before it is decoded."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the check below decides
+        source = io.BytesIO(path.read()) if isinstance(path, Member) else open_regular(path)
         previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
         try:
-            image = Image.open(io.BytesIO(path.read()) if isinstance(path, Member) else path)
+            image = Image.open(source)
+        except BaseException:
+            source.close()
+            raise
         finally:
             Image.MAX_IMAGE_PIXELS = previous
-    with image:
+    with source, image:
         width, height = image.size
         if max_pixels is not None and width * height > max_pixels:
             raise TooLarge(
@@ -343,7 +398,8 @@ def _from_array(array: np.ndarray) -> Image.Image:
 # Why an image was skipped: a transient reason is retried by the next run; any other depends on the
 # file's content (which its digest pins), so it is final for that content.
 VANISHED = "file vanished before it was read"
-TRANSIENT_PREFIXES = (VANISHED, "file not found", "cannot read", "not processed")
+# A file that was hashed and then became a FIFO or a device ("not a regular file") was replaced: retried.
+TRANSIENT_PREFIXES = (VANISHED, "file not found", "cannot read", "not processed", "not a regular file")
 
 
 def is_transient(reason: str) -> bool:
@@ -370,6 +426,8 @@ class ImageDataset(torch.utils.data.Dataset):
             tensor = self.transform(load_rgb(path, self.max_pixels))
         except FileNotFoundError:
             return index, None, VANISHED
+        except NotRegularFile as exc:  # it was a file when it was hashed
+            return index, None, str(exc)
         except UnidentifiedImageError:
             return index, None, "not an image PIL can decode"
         except TooLarge as exc:
@@ -425,7 +483,11 @@ class RawDataset(torch.utils.data.Dataset):
         if suffix not in JPEG_SUFFIXES:
             return self.pil[index] + ("decoded",)
         try:
-            data = path.read() if isinstance(path, Member) else Path(path).read_bytes()
+            if isinstance(path, Member):
+                data = path.read()
+            else:
+                with open_regular(path) as handle:
+                    data = handle.read()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 with Image.open(io.BytesIO(data)) as header:
@@ -434,6 +496,8 @@ class RawDataset(torch.utils.data.Dataset):
                 return index, None, f"image too large: {width}×{height} pixels, above --max-pixels", "raw"
         except FileNotFoundError:
             return index, None, VANISHED, "raw"
+        except NotRegularFile as exc:
+            return index, None, str(exc), "raw"
         except (UnidentifiedImageError, Image.DecompressionBombError, SyntaxError, ValueError):
             return self.pil[index] + ("decoded",)  # PIL gives the reason
         except OSError as exc:

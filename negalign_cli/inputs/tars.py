@@ -12,8 +12,13 @@ DataLoader workers. (The ``webdataset`` package streams shards in order, which s
 but not a content-addressed cache that needs random access to a few members and a reason for
 each broken one.) Compressed shards (``.tar.gz``) have no offsets to read by and are refused.
 
-A shard that is missing, is not a tar, or ends early is recorded as a skipped entry with its
-reason (an image whose bytes run past the end of a truncated shard too); the rest is read.
+A shard that is missing, is not a tar, is not a regular file (a FIFO, a device: never opened) or
+ends early is recorded as a skipped entry with its reason (an image whose bytes run past the end
+of a truncated shard too); the rest is read. ``tarfile`` takes a shard cut at a 512-byte block
+boundary (where a partial copy stops) for a complete one, so the end-of-archive marker (a zero
+block) is checked: without it the shard's entry says "truncated after N members". A member name
+that comes twice in one shard would give two rows with one id: the second is skipped as a
+duplicate.
 """
 
 from __future__ import annotations
@@ -22,13 +27,17 @@ import hashlib
 import os
 import re
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from negalign_cli.errors import NegalignError
+from negalign_cli.hashing import NotRegularFile, file_kind, open_regular
 
 _BRACES = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
+MAX_SHARDS = 1_000_000
+_BLOCK = tarfile.BLOCKSIZE
 
 
 @dataclass(frozen=True)
@@ -49,7 +58,7 @@ class Member:
         return os.path.splitext(self.name)[1].lower()
 
     def read(self) -> bytes:
-        with open(self.tar, "rb") as handle:
+        with open_regular(self.tar) as handle:
             data = os.pread(handle.fileno(), self.size, self.offset)
         if len(data) != self.size:
             raise OSError(f"{self.id}: the shard ends inside this member")
@@ -61,23 +70,50 @@ def is_tar_spec(spec: str) -> bool:
     return spec.endswith(".tar") or (spec.endswith("}") and ".tar" in spec)
 
 
+def _choices(body: str) -> tuple[int, Iterator[str]]:
+    """How many choices a brace group's body gives, and the choices (made lazily)."""
+    numbers = _RANGE.match(body)
+    if numbers is None:
+        choices = body.split(",")
+        return len(choices), iter(choices)
+    first, last = numbers.group(1), numbers.group(2)
+    start, stop = int(first), int(last)
+    width = len(first) if first.lstrip("-").startswith("0") and len(first) > 1 else 0
+    step = 1 if stop >= start else -1
+    return abs(stop - start) + 1, (str(n).zfill(width) for n in range(start, stop + step, step))
+
+
 def expand_braces(spec: str) -> list[str]:
-    """``a{1..3}b{x,y}`` -> a1bx a1by a2bx …; a zero-padded start pads every number to its width."""
+    """``a{1..3}b{x,y}`` -> a1bx a1by a2bx …; a zero-padded start pads every number to its width.
+    Count the names first (:func:`count_braces`): a range may name millions."""
     match = _BRACES.search(spec)
     if match is None:
         return [spec]
-    body = match.group(1)
-    numbers = _RANGE.match(body)
-    if numbers:
-        first, last = numbers.group(1), numbers.group(2)
-        start, stop = int(first), int(last)
-        width = len(first) if first.lstrip("-").startswith("0") and len(first) > 1 else 0
-        step = 1 if stop >= start else -1
-        choices = [str(n).zfill(width) for n in range(start, stop + step, step)]
-    else:
-        choices = body.split(",")
+    _, choices = _choices(match.group(1))
     head, tail = spec[: match.start()], spec[match.end() :]
     return [expanded for choice in choices for expanded in expand_braces(f"{head}{choice}{tail}")]
+
+
+def count_braces(spec: str, cap: int = MAX_SHARDS) -> int:
+    """How many names :func:`expand_braces` makes of ``spec``, without making them: exact up to
+    ``cap``; above it, some number above ``cap``. A group inside no other multiplies the count
+    (its choices hold no braces, so each leaves the same groups to expand); a group nested in
+    another may change that one (``{{1,2}..5}``), so its choices are counted one by one."""
+    match = _BRACES.search(spec)
+    if match is None:
+        return 1
+    count, choices = _choices(match.group(1))
+    head, tail = spec[: match.start()], spec[match.end() :]
+    if "{" in head and "}" in tail:  # perhaps nested
+        total = 0
+        for choice in choices:
+            total += count_braces(f"{head}{choice}{tail}", cap)
+            if total > cap:
+                break
+        return total
+    if count > cap:
+        return count
+    return count * count_braces(f"{head}{next(choices)}{tail}", cap)
 
 
 @dataclass
@@ -90,11 +126,20 @@ class ShardListing:
 
 def list_shards(spec: str, image_suffixes: set[str]) -> ShardListing:
     """Index every shard named by ``spec``; refused when none of them exists."""
-    names = expand_braces(str(Path(spec).expanduser()))
-    if len(names) > 1_000_000:
-        raise NegalignError(f"--images {spec} expands to {len(names):,} shards: too many")
+    expanded = str(Path(spec).expanduser())
+    count = count_braces(expanded, MAX_SHARDS)  # before expanding: a range may name billions
+    if count > MAX_SHARDS:
+        raise NegalignError(
+            f"--images {spec} names more than {MAX_SHARDS:,} tar shards: too many; "
+            "name fewer (a smaller brace range) or list the images in a manifest"
+        )
+    names = expand_braces(expanded)
     if not any(os.path.isfile(name) for name in names):
         shown = names[0] if len(names) == 1 else f"{names[0]} … {names[-1]}"
+        special = next((name for name in names if os.path.exists(name)), None)
+        if special is not None:  # a FIFO, a device, a folder named like a shard: never opened
+            kind = file_kind(os.stat(special).st_mode)
+            raise NegalignError(f"--images {spec}: no tar shard is a regular file ({special} is a {kind})")
         raise NegalignError(f"--images {spec}: no tar shard exists ({shown})")
     listing = ShardListing([], [], [], [])
     for name in names:
@@ -107,46 +152,89 @@ def _index_shard(path: str, image_suffixes: set[str], out: ShardListing) -> None
         out.problems.append((path, "compressed tar shard: only plain .tar can be read by offset"))
         return
     try:
-        size = os.path.getsize(path)
-        archive = tarfile.open(path, "r:")  # noqa: SIM115 (closed by the with below)
+        handle = open_regular(path)  # a FIFO or a device is never opened
     except FileNotFoundError:
         out.problems.append((path, "tar shard not found"))
         return
+    except NotRegularFile as exc:
+        out.problems.append((path, str(exc)))
+        return
+    except OSError as exc:
+        out.problems.append((path, f"not a readable tar shard ({_first_line(exc)})"))
+        return
+    with handle:
+        _index_open_shard(path, handle, image_suffixes, out)
+
+
+def _index_open_shard(path: str, handle, image_suffixes: set[str], out: ShardListing) -> None:
+    size = os.fstat(handle.fileno()).st_size
+    try:
+        archive = tarfile.open(fileobj=handle, mode="r:")  # noqa: SIM115 (closed by the with below)
     except (tarfile.TarError, OSError) as exc:
         out.problems.append((path, f"not a readable tar shard ({_first_line(exc)})"))
         return
     images: list[tarfile.TarInfo] = []
+    duplicates: list[tarfile.TarInfo] = []
+    seen: set[str] = set()
     texts: dict[str, tarfile.TarInfo] = {}
     damage = ""
+    count, last = 0, ""  # members read (of every type), the last one's name
     with archive:
         while True:
             try:
                 info = archive.next()
             except (tarfile.TarError, OSError, EOFError) as exc:
-                damage = f"tar shard damaged after {len(images)} image(s) ({_first_line(exc)})"
+                if str(exc) == "unexpected end of data" and last:  # the bytes end inside ``last``
+                    damage = f"truncated after {count - 1} members: the tar shard ends inside {last}"
+                else:
+                    damage = f"tar shard damaged after {count} members ({_first_line(exc)})"
                 break
-            if info is None:
+            if info is None:  # the end-of-archive marker, or the end of the bytes, or a bad header
+                damage = _no_end_marker(handle, archive.offset, size, count)
                 break
+            count, last = count + 1, info.name
             if not info.isfile():
                 continue
             stem, suffix = _split(info.name)
             if suffix in image_suffixes:
+                if info.name in seen:  # the first of that name is read (its id is taken)
+                    duplicates.append(info)
+                    continue
+                seen.add(info.name)
                 images.append(info)
             elif suffix in (".txt", ".cls"):
-                texts[stem + suffix] = info
-    with open(path, "rb") as handle:
-        for info in images:
-            member = Member(path, info.name, info.offset_data, info.size)
-            if info.offset_data + info.size > size:
-                out.problems.append((member.id, "truncated: the tar shard ends inside this image"))
-                damage = ""  # said by this entry
-                continue
-            stem, _ = _split(info.name)
-            out.members.append(member)
-            out.labels.append(_small_text(handle, texts.get(stem + ".cls"), size))
-            out.captions.append(_small_text(handle, texts.get(stem + ".txt"), size))
+                texts.setdefault(stem + suffix, info)
+    for info in images:
+        member = Member(path, info.name, info.offset_data, info.size)
+        if info.offset_data + info.size > size:
+            out.problems.append((member.id, "truncated: the tar shard ends inside this image"))
+            damage = ""  # said by this entry
+            continue
+        stem, _ = _split(info.name)
+        out.members.append(member)
+        out.labels.append(_small_text(handle, texts.get(stem + ".cls"), size))
+        out.captions.append(_small_text(handle, texts.get(stem + ".txt"), size))
+    for info in duplicates:
+        out.problems.append(
+            (f"{path}/{info.name}", "duplicate member name in the tar shard: the first one is read")
+        )
     if damage:
         out.problems.append((path, damage))
+
+
+def _no_end_marker(handle, offset: int, size: int, count: int) -> str:
+    """ "" when the shard ends with its end-of-archive marker (a zero block where ``tarfile``
+    stopped), else why it stopped there. ``tarfile`` reads a shard cut at a block boundary, a cut
+    header and an invalid header alike as the end of the archive, dropping what follows unsaid."""
+    block = os.pread(handle.fileno(), _BLOCK, offset) if offset < size else b""
+    if block == bytes(_BLOCK):
+        return ""
+    if len(block) < _BLOCK:
+        return (
+            f"truncated after {count} members: the tar shard has no end-of-archive marker "
+            "(a partial copy?); any members after them are lost"
+        )
+    return f"tar shard damaged after {count} members (an invalid header at byte {offset:,})"
 
 
 def _split(name: str) -> tuple[str, str]:
@@ -174,11 +262,11 @@ def locate(path: str) -> str | Member:
         start = cut + 1
         if os.path.isfile(tar):
             try:
-                with tarfile.open(tar, "r:") as archive:
-                    info = archive.getmember(name)
-            except (KeyError, tarfile.TarError, OSError):
+                with open_regular(tar) as handle, tarfile.open(fileobj=handle, mode="r:") as archive:
+                    info = next((m for m in archive if m.name == name), None)  # the first: the one listed
+            except (tarfile.TarError, OSError):
                 return path
-            return Member(tar, name, info.offset_data, info.size)
+            return path if info is None else Member(tar, name, info.offset_data, info.size)
     return path
 
 

@@ -113,6 +113,11 @@ class TemplateSet:
     name: str
     templates: tuple[str, ...]
 
+    @property
+    def digest(self) -> str:
+        """What cache keys and manifests record of the prompts (the templates, not the set's name)."""
+        return sha256_lines(self.templates)
+
 
 def load_templates(spec: str) -> TemplateSet:
     """A named template set (``noun``, ``adjective``, ``object``, ``background``, ``bare``) or a file

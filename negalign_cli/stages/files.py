@@ -52,3 +52,51 @@ CAM_GRID_PLOT = "cam_grid.png"
 
 # the Python API (CLIPNegAlign): where it exports the split under its output_folder (NegAlign's layout)
 NEGATIVES_SPLIT_DIR = "negatives_split"
+
+# `cam --viz` without --viz-dir: the overlays go to --out/viz
+VIZ_DIR = "viz"
+
+# Every file a stage's artifact holds. `--out` keeps only the current artifact's: an export removes
+# these names (and whatever the folder's old manifest.json listed) when the new artifact lacks them.
+ARTIFACT_FILES = frozenset(
+    {
+        CLASS_EMBEDDINGS,
+        CLASS_LIST,
+        NEGATIVE_EMBEDDINGS,
+        NEGATIVE_LIST,
+        NEG_LABELS_NOUN,
+        NEG_LABELS_ADJ,
+        MINING_SCORES,
+        R_SCORES,
+        SPLIT_SCORES,
+        NEG_OBJECT,
+        NEG_BACKGROUND,
+        NEG_AMBIGUOUS,
+        IMAGE_EMBEDDINGS,
+        IMAGE_TABLE,
+        BACKGROUND_EMBEDDINGS,
+        CAMS,
+        FOREGROUND,
+        CAM_TABLE,
+        SCORES,
+        RESULTS,
+        METRICS,
+        ROC_PLOT,
+        HISTOGRAM_PLOT,
+    }
+)
+# What commands draw from an artifact beside it (report, cam --viz, the API's split): never deleted
+# by an export, but named in a warning when the artifact in the folder changes under them.
+RENDERED = frozenset(
+    {
+        REPORT_DIR,
+        REPORT_HTML,
+        REPORT_MARKDOWN,
+        REPORT_LATEX,
+        REPORT_FIGURES,
+        LAMBDA_PLOT,
+        CAM_GRID_PLOT,
+        NEGATIVES_SPLIT_DIR,
+        VIZ_DIR,
+    }
+)

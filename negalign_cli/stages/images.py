@@ -31,7 +31,7 @@ from negalign_cli.compute.vision import (
     unpack_cam_rows,
     vision_tower,
 )
-from negalign_cli.defaults import DEFAULT_STORE_DTYPE, STORE_DTYPES
+from negalign_cli.defaults import CLASS_TEMPLATES, DEFAULT_STORE_DTYPE, STORE_DTYPES
 from negalign_cli.errors import NegalignError
 from negalign_cli.hashing import printable_path, sha256_json
 from negalign_cli.inputs.datasets import (
@@ -504,6 +504,7 @@ def _cam_namespace(
     params = {
         **asdict(config),
         "classes": classes.digest,
+        "class_templates": load_templates(CLASS_TEMPLATES).digest,  # the prompts of the CAM's target
         "precision": model.precision,
         "version": CAM_ITEMS_VERSION,
     }
@@ -533,7 +534,12 @@ def cam_spec(
     }
     if decoder != "pil":
         params["decoder"] = decoder
-    inputs = {"model": model.fingerprint, "images": images_key, "classes": classes.digest}
+    inputs = {
+        "model": model.fingerprint,
+        "images": images_key,
+        "classes": classes.digest,
+        "class_templates": load_templates(CLASS_TEMPLATES).digest,  # `score` checks both against its own
+    }
     return StageSpec(CAM_STAGE, CAM_VERSION, params, inputs)
 
 
@@ -583,7 +589,7 @@ def cam_images(
     def compute(folder):
         class_features = torch.from_numpy(
             text_embeddings(
-                model, classes.words, load_templates("noun"), workspace, reporter=reporter
+                model, classes.words, load_templates(CLASS_TEMPLATES), workspace, reporter=reporter
             ).vectors
         )
 
@@ -626,6 +632,7 @@ def cam_images(
             },
             "model": model.describe(),
             "images_source": listing.images.source,
+            "sources": {"classes": classes.source},
         }
 
     with workspace.items.lease(cams_ns, images_ns):

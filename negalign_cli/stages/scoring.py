@@ -24,11 +24,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from negalign_cli.cache.store import StageResult, StageSpec, verify_folder
+from negalign_cli.cache.store import MANIFEST, StageResult, StageSpec, listed_outputs, verify_folder
 from negalign_cli.cache.workspace import Workspace
-from negalign_cli.compute.scores import ScoreConfig, ScoreInputs, cam_columns, compute_scores
+from negalign_cli.compute.scores import (
+    ScoreConfig,
+    ScoreInputs,
+    cam_columns,
+    compute_scores,
+    registry_key,
+)
 from negalign_cli.compute.vocab import ROLE_AMBIGUOUS, ROLE_BACKGROUND, ROLE_OBJECT
-from negalign_cli.defaults import INVALID_CAM_POLICIES
+from negalign_cli.defaults import CLASS_TEMPLATES, INVALID_CAM_POLICIES
 from negalign_cli.errors import NegalignError
 from negalign_cli.hashing import sha256_file
 from negalign_cli.inputs.words import WordList, load_templates
@@ -36,7 +42,7 @@ from negalign_cli.models import LoadedModel
 from negalign_cli.reporting import NullReporter, Reporter
 from negalign_cli.stages import files
 from negalign_cli.stages.text import text_embeddings
-from negalign_cli.stages.vocab import NegativeVocab, negative_features
+from negalign_cli.stages.vocab import NegativeVocab, check_split_model, negative_features
 
 SCORE_STAGE, SCORE_VERSION = "score", 2  # 2: float64 aggregation, duplicate paths, --invalid-cam
 METADATA_KEY = b"negalign"
@@ -51,6 +57,8 @@ class ImageSet:
     folder: Path
     cam_folder: Path | None
     model_fingerprint: str | None
+    cam_inputs: dict | None = None  # what the `cam` run was computed against (its manifest's inputs)
+    cam_classes: str | None = None  # where its classes came from, when recorded
 
     @property
     def has_cam(self) -> bool:
@@ -89,7 +97,12 @@ def open_image_set(images_dir: str | Path, cam_dir: str | Path | None = None) ->
     cam_manifest = None
     if cam_dir is not None or (folder / BACKGROUND).is_file() or (folder / CAM).is_file():
         assert cam_folder is not None
-        cam_manifest = _verified(cam_folder, (BACKGROUND, CAM), "--cam-dir takes a `cam` --out folder")
+        cam_manifest = _verified(
+            cam_folder,
+            (BACKGROUND, CAM),
+            "--cam-dir takes a `cam` --out folder",
+            "delete them to score without CAM outputs, or pass a `cam` --out folder with --cam-dir",
+        )
     else:
         cam_folder = None
     recorded = [m.get("inputs", {}) for m in (manifest, cam_manifest) if m is not None]
@@ -101,13 +114,60 @@ def open_image_set(images_dir: str | Path, cam_dir: str | Path | None = None) ->
             f"--images-dir {folder} and --cam-dir {cam_folder} were made from different image lists: "
             "run `embed images` and `cam` on the same --images"
         )
-    return ImageSet(folder, cam_folder, next(iter(fingerprints), None))
+    return ImageSet(
+        folder,
+        cam_folder,
+        next(iter(fingerprints), None),
+        cam_manifest.get("inputs", {}) if cam_manifest is not None else None,
+        (cam_manifest.get("sources") or {}).get("classes") if cam_manifest is not None else None,
+    )
 
 
-def _verified(folder: Path, names: tuple[str, ...], hint: str) -> dict:
+def check_cam_inputs(image_set: ImageSet, classes: WordList) -> str | None:
+    """The CAM outputs were computed toward each image's predicted class among the `cam` run's
+    classes, encoded with its class prompts: scoring with other classes or prompts would pair
+    P_align (and cam.parquet's pred_name) with a class the scores do not know, so it is refused.
+    Needs no model: the CLI runs it before loading weights. Returns a warning when the CAM outputs
+    do not record both (made by an older negalign), so they could not be fully checked."""
+    if image_set.cam_inputs is None:
+        return None
+    recorded_classes = image_set.cam_inputs.get("classes")
+    recorded_templates = image_set.cam_inputs.get("class_templates")
+    if recorded_classes is not None and recorded_classes != classes.digest:
+        made = f" ({image_set.cam_classes})" if image_set.cam_classes else ""
+        raise NegalignError(
+            f"the CAM outputs in {image_set.cam_folder} were computed for other classes{made} than "
+            f"--classes {classes.source}: their CAMs aim at classes this scoring does not know. Pass "
+            "the --classes the `cam` run used, or rerun `cam` with these classes"
+        )
+    if recorded_templates is not None and recorded_templates != load_templates(CLASS_TEMPLATES).digest:
+        raise NegalignError(
+            f"the CAM outputs in {image_set.cam_folder} were computed with other class prompt templates "
+            "than this negalign's (made by another version): rerun `cam`"
+        )
+    if recorded_classes is None or recorded_templates is None:
+        return (
+            f"the CAM outputs in {image_set.cam_folder} do not record their "
+            f"{'classes' if recorded_classes is None else 'class prompt templates'} (an older negalign "
+            "made them), so they cannot be checked against this scoring; rerun `cam` to have them checked"
+        )
+    return None
+
+
+def _verified(folder: Path, names: tuple[str, ...], hint: str, leftover: str | None = None) -> dict:
+    """The manifest of ``folder``, which must list ``names`` and match them byte for byte. Files
+    the manifest does not list were left by an earlier command (``leftover`` says what to do)."""
     missing = [name for name in names if not (folder / name).is_file()]
     if missing:
         raise NegalignError(f"{folder / missing[0]} not found: {hint}")
+    listed = listed_outputs(folder / MANIFEST)
+    unlisted = [name for name in names if name not in listed]
+    if listed and unlisted:
+        stage = json.loads((folder / MANIFEST).read_text(encoding="utf-8")).get("stage", "another command")
+        raise NegalignError(
+            f"{folder} holds {', '.join(unlisted)}, which its manifest.json (a `{stage}` output) does not "
+            f"list: an earlier command left them there; {leftover or hint}"
+        )
     manifest, reason = verify_folder(folder, names)
     if manifest is None:
         raise NegalignError(
@@ -192,13 +252,25 @@ def score_images(
             f"{model.describe()}: pass the same --model/--pretrained"
         )
     check_request(negatives, config, has_cam=image_set.has_cam)
+    unchecked = check_cam_inputs(image_set, classes)
+    if unchecked:
+        reporter.warn(unchecked)
+    check_split_model(negatives, model, reporter)
     if not image_set.has_cam:
         reporter.info("no CAM outputs beside the embeddings: the background columns stay empty")
-    params = {**asdict(config), "multimatch": multimatch, "precision": model.precision}
+    params = {
+        **asdict(config),
+        "multimatch": multimatch,
+        "precision": model.precision,
+        "columns": registry_key(),  # a new or re-versioned score column is a new key
+    }
     inputs = {
         "model": model.fingerprint,
         "classes": classes.digest,
         "negatives": negatives.digest,
+        "class_templates": load_templates(CLASS_TEMPLATES).digest,  # the prompts of every text encoded
+        "noun_templates": load_templates("noun").digest,
+        "adjective_templates": load_templates("adjective").digest,
         **image_set.digests(),
     }
     spec = StageSpec(SCORE_STAGE, SCORE_VERSION, params, inputs)
@@ -257,7 +329,7 @@ class TextEncoder:
         vectors = text_embeddings(
             self.model,
             list(words),
-            load_templates("noun"),
+            load_templates(CLASS_TEMPLATES),
             self.workspace,
             batch_size=self.batch_size,
             reporter=self.reporter,

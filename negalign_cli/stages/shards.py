@@ -20,11 +20,13 @@ same bytes), with no model and no recomputation.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +37,7 @@ import pandas as pd
 from negalign_cli.cache.store import MANIFEST, StageResult, StageSpec, verify_folder
 from negalign_cli.cache.workspace import Workspace
 from negalign_cli.errors import NegalignError
-from negalign_cli.hashing import canonical_json, sha256_json, sha256_text
+from negalign_cli.hashing import canonical_json, printable_path, sha256_json, sha256_text
 from negalign_cli.inputs.datasets import ImageList
 from negalign_cli.inputs.tars import Member
 from negalign_cli.reporting import NullReporter, Reporter
@@ -235,21 +237,22 @@ class Plan:
         """The unsharded run's spec for the full list (its digests give ``images_key``)."""
         return StageSpec(self.stage, self.version, self.params, {**self.inputs, "images": images_key})
 
-    def differences(self, other: Plan) -> list[str]:
+    def differences(self, other: Plan, ignore: tuple[str, ...] = ()) -> list[str]:
+        """What differs from ``other`` (settings named in ``ignore`` aside)."""
         mine, theirs = self.to_json(), other.to_json()
         names = {"images": "image list", "inputs": "model or classes", "params": "settings"}
         out = []
         for field in ("stage", "version", "shards", "images", "inputs", "params"):
-            if mine[field] != theirs[field]:
-                if field == "params":
-                    changed = sorted(
-                        k
-                        for k in set(mine["params"]) | set(theirs["params"])
-                        if mine["params"].get(k) != theirs["params"].get(k)
-                    )
+            if field == "params":
+                changed = sorted(
+                    k
+                    for k in set(mine["params"]) | set(theirs["params"])
+                    if k not in ignore and mine["params"].get(k) != theirs["params"].get(k)
+                )
+                if changed:
                     out.append(f"settings ({', '.join(changed)})")
-                else:
-                    out.append(names.get(field, field))
+            elif mine[field] != theirs[field]:
+                out.append(names.get(field, field))
         return out
 
 
@@ -264,6 +267,44 @@ def read_plan(shards_dir: Path) -> Plan:
     if plan.stage not in STAGE_VERSIONS:
         raise NegalignError(f"{path} plans an unknown stage {plan.stage!r}")
     return plan
+
+
+def check_plan(shards_dir: Path, plan: Plan, ignore: tuple[str, ...] = ()) -> None:
+    """Refuse ``plan`` when ``shards_dir`` holds a plan frozen for another run (another image list,
+    model, classes, shard count or settings); nothing to check before the first shard started."""
+    folder = Path(shards_dir)
+    if not (folder / PLAN).exists():
+        return
+    differences = plan.differences(read_plan(folder), ignore)
+    if differences:
+        raise NegalignError(
+            f"this run's {', '.join(differences)} differ from the plan frozen in {folder / PLAN}: its "
+            "shards belong to another run; use another --shards-dir for this one (or delete that folder)"
+        )
+
+
+# While set, a shard stops once its plan is known (``launch`` checks a run locally this way).
+_PLAN_ONLY: ContextVar[bool] = ContextVar("negalign_plan_only", default=False)
+
+
+class Planned(BaseException):  # noqa: N818 - not an error: it carries the plan out of the command
+    """Raised by :func:`run_shard` under :func:`plan_only`, carrying the plan and the image list."""
+
+    def __init__(self, plan: Plan, images: ImageList) -> None:
+        super().__init__("planned")
+        self.plan = plan
+        self.images = images
+
+
+@contextlib.contextmanager
+def plan_only() -> Iterator[None]:
+    """Within this block a sharded ``embed images``/``cam`` command checks its options, lists its
+    images and builds its plan, then raises :class:`Planned` instead of running or writing."""
+    token = _PLAN_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _PLAN_ONLY.reset(token)
 
 
 def _write_new(path: Path, write: Callable[[Path], object]) -> bool:
@@ -320,6 +361,8 @@ def shard_done(shards_dir: Path, plan: Plan, shard: Shard) -> bool:
         return False
     if not isinstance(done, dict) or done.get("plan") != plan.digest:
         return False
+    if done.get("shard") != [shard.index, shard.count]:  # another shard's folder copied here
+        return False
     manifest, problem = verify_folder(folder / "artifact")
     return problem is None and manifest is not None and manifest.get("key") == done.get("key")
 
@@ -340,6 +383,8 @@ def run_shard(
         raise NegalignError(
             f"{shard.count} shards for {len(images)} images: use at most {len(images)} shards"
         )
+    if _PLAN_ONLY.get():
+        raise Planned(Plan.of(spec, images, shard.count), images)
     plan = freeze_plan(shards_dir, Plan.of(spec, images, shard.count), images)
     folder = Path(shards_dir) / shard.name
     start, stop = shard.bounds(len(images))
@@ -371,9 +416,56 @@ def _load_rows(path: Path) -> np.ndarray | pd.DataFrame:
     return pd.read_parquet(path) if path.suffix == ".parquet" else np.load(path, mmap_mode="r")
 
 
-def merge_shards(shards_dir: Path, workspace: Workspace, reporter: Reporter | None = None) -> StageResult:
+def _foreign_folders(shards_dir: Path, plan: Plan) -> None:
+    """Refuse a shard folder whose ``done.json`` names another shard (a folder copied or moved into
+    the wrong place), before it could be merged as this shard's slice."""
+    for index in range(plan.shards):
+        shard = Shard(index, plan.shards)
+        try:
+            done = json.loads((shards_dir / shard.name / DONE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        claimed = done.get("shard") if isinstance(done, dict) else None
+        if done.get("plan") == plan.digest and claimed != [index, plan.shards]:
+            said = (
+                f"shard {claimed[0]}/{claimed[1]}" if isinstance(claimed, list) and len(claimed) == 2 else "?"
+            )
+            raise NegalignError(
+                f"{shards_dir / shard.name} holds the results of {said}, not of shard {shard} (its {DONE}): "
+                f"delete that folder and rerun shard {shard}, then merge"
+            )
+
+
+def _check_slices(shards_dir: Path, plan: Plan, images: ImageList, tables: list[pd.DataFrame]) -> None:
+    """Each shard's rows must list exactly the images of its slice of the plan, in order."""
+    for index, table in enumerate(tables):
+        shard = Shard(index, plan.shards)
+        start, stop = shard.bounds(len(images))
+        wanted = [printable_path(p) for p in images.paths[start:stop]]
+        got = [str(p) for p in table["path"]]
+        if got != wanted:
+            where = next((i for i, (a, b) in enumerate(zip(got, wanted, strict=False)) if a != b), None)
+            detail = (
+                f"{len(got)} rows for the slice's {len(wanted)} images"
+                if where is None
+                else f"row {where} is {got[where]!r}, the plan's {wanted[where]!r}"
+            )
+            raise NegalignError(
+                f"{shards_dir / shard.name} does not hold shard {shard}'s images ({detail}): delete that "
+                f"folder and rerun shard {shard}, then merge"
+            )
+
+
+def merge_shards(
+    shards_dir: Path,
+    workspace: Workspace,
+    reporter: Reporter | None = None,
+    expected: Plan | None = None,
+    ignore: tuple[str, ...] = (),
+) -> StageResult:
     """The unsharded artifact of a finished sharded run, assembled from the shards' rows (same
-    key and bytes as a one-process run), stored in ``workspace``."""
+    key and bytes as a one-process run), stored in ``workspace``. With ``expected`` (the plan of
+    the run the caller meant), a folder frozen for another run is refused."""
     reporter = reporter or NullReporter()
     shards_dir = Path(shards_dir)
     plan = read_plan(shards_dir)
@@ -382,6 +474,9 @@ def merge_shards(shards_dir: Path, workspace: Workspace, reporter: Reporter | No
             f"{shards_dir / PLAN} was made for {plan.stage} version {plan.version}; this negalign writes "
             f"version {STAGE_VERSIONS[plan.stage]}: rerun the shards with this version"
         )
+    if expected is not None:
+        check_plan(shards_dir, expected, ignore)
+    _foreign_folders(shards_dir, plan)
     missing = missing_shards(shards_dir, plan)
     if missing:
         shown = ", ".join(str(s.index) for s in missing[:10]) + (" …" if len(missing) > 10 else "")
@@ -395,6 +490,7 @@ def merge_shards(shards_dir: Path, workspace: Workspace, reporter: Reporter | No
     folders = [shards_dir / Shard(i, plan.shards).name / "artifact" for i in range(plan.shards)]
     manifests = [json.loads((f / MANIFEST).read_text(encoding="utf-8")) for f in folders]
     tables = [pd.read_parquet(f / files.IMAGE_TABLE) for f in folders]
+    _check_slices(shards_dir, plan, images, tables)
     if sum(len(t) for t in tables) != len(images):
         raise NegalignError(
             f"the shards in {shards_dir} list {sum(len(t) for t in tables)} images, the plan {len(images)}"
@@ -463,8 +559,9 @@ def _merged_manifest(
     summed["duplicates"] = plan.count - summed.get("skipped", 0) - rows
     summed.update(recounted)
     extra: dict[str, Any] = {"counts": summed, "images_source": plan.source}
-    if "model" in manifests[0]:
-        extra["model"] = manifests[0]["model"]
+    for name in ("model", "sources"):  # `sources`: the classes a `cam` run used, for score's messages
+        if name in manifests[0]:
+            extra[name] = manifests[0][name]
     extra["merged_from"] = {
         "shards": plan.shards,
         "keys": [m.get("key") for m in manifests],

@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 
 from negalign_cli.assets import csp_suffixes
-from negalign_cli.cache.store import Artifact, StageResult, StageSpec
+from negalign_cli.cache.store import MANIFEST, Artifact, StageResult, StageSpec, verify_folder
 from negalign_cli.cache.workspace import Workspace
 from negalign_cli.compute.text import count_truncated, format_prompts
 from negalign_cli.compute.vocab import (
@@ -237,7 +237,11 @@ def split_vocab(
         raise NegalignError(
             f"--tau must be ≥ 0 (got {tau}): words with r ≥ tau are objects, r ≤ −tau backgrounds"
         )
-    spec = StageSpec(SPLIT_STAGE, SPLIT_VERSION, {"tau": tau}, {"scores": scores.key})
+    inputs = {"scores": scores.key}
+    scored_by = scores.manifest.get("inputs", {}).get("model")
+    if scored_by:  # recorded in the split's manifest: `score` and the API refuse it for another model
+        inputs["model"] = scored_by
+    spec = StageSpec(SPLIT_STAGE, SPLIT_VERSION, {"tau": tau}, inputs)
 
     def compute(folder):
         frame = pd.read_parquet(scores.file(files.R_SCORES))
@@ -288,6 +292,7 @@ class NegativeVocab:
     sources: tuple[str, ...]  # "noun" or "adj"
     roles: tuple[str, ...] | None
     origin: str
+    model: str | None = None  # fingerprint of the model whose r-scores gave the roles (a split's manifest)
 
     @property
     def digest(self) -> str:
@@ -304,12 +309,24 @@ class NegativeVocab:
 
 
 def negatives_from_split(folder) -> NegativeVocab:
-    """Read a ``split-vocab`` output folder (``split_scores.csv``)."""
+    """Read a ``split-vocab`` output folder (``split_scores.csv``) and, from its manifest.json, the
+    model that scored it. A manifest that does not vouch for ``split_scores.csv`` is refused; a folder
+    without one (a hand-made split) has no recorded model."""
     from pathlib import Path
 
     path = Path(folder).expanduser() / files.SPLIT_SCORES
     if not path.is_file():
         raise NegalignError(f"{path} not found: --negatives-split takes a split-vocab --out folder")
+    scored_by = None
+    if (path.parent / MANIFEST).exists():
+        manifest, reason = verify_folder(path.parent, [files.SPLIT_SCORES])
+        if manifest is None:
+            raise NegalignError(
+                f"{path.parent} does not match its manifest.json ({reason}): the split was edited, cut "
+                "short or left by another command; rerun `negalign split-vocab --out` (a hand-edited "
+                "split without manifest.json is read as it is, but its model cannot be checked)"
+            )
+        scored_by = manifest.get("inputs", {}).get("model")
     frame = pd.read_csv(path, keep_default_na=False, dtype={"word": str, "source": str, "role": str})
     missing = {"word", "source", "role"} - set(frame.columns)
     if missing:
@@ -319,8 +336,31 @@ def negatives_from_split(folder) -> NegativeVocab:
         raise NegalignError(f"{path} has unknown source/role values: {', '.join(bad)}")
     frame = pd.concat([frame[frame["source"] == "noun"], frame[frame["source"] == "adj"]])
     return NegativeVocab(
-        tuple(frame["word"]), tuple(frame["source"]), tuple(frame["role"]), f"split {path.parent}"
+        tuple(frame["word"]),
+        tuple(frame["source"]),
+        tuple(frame["role"]),
+        f"split {path.parent}",
+        scored_by if isinstance(scored_by, str) else None,
     )
+
+
+def check_split_model(vocab: NegativeVocab, model: LoadedModel, reporter: Reporter | None = None) -> None:
+    """Roles come from one model's r-scores: a split scored by another model is refused (its
+    object/background roles would be another model's). With a ``reporter``, a split that records no
+    model (hand-made, or made by an older negalign) is named in a warning."""
+    if vocab.roles is None:
+        return
+    if vocab.model is not None and vocab.model != model.fingerprint:
+        raise NegalignError(
+            f"the negatives {vocab.origin} were scored by model {vocab.model[:16]}, not by "
+            f"{model.describe()}: its object/background roles are another model's. Rerun "
+            "`negalign split-vocab` with this --model/--pretrained, or score with the split's model"
+        )
+    if vocab.model is None and reporter is not None:
+        reporter.warn(
+            f"the negatives {vocab.origin} do not record the model that scored them (no manifest.json, "
+            "or an older negalign): their roles cannot be checked against this model"
+        )
 
 
 def negatives_from_lists(nouns: WordList | None, adjs: WordList | None) -> NegativeVocab:
@@ -348,6 +388,7 @@ def negative_features(
 ) -> np.ndarray:
     """Text features of the negatives in vocab order: nouns with the noun templates, adjective
     phrases with the adjective templates (NegLabel/NegRefine)."""
+    check_split_model(vocab, model)  # the API and every other caller: roles of another model are refused
     noun_templates = noun_templates or load_templates("noun")
     adjective_templates = adjective_templates or load_templates("adjective")
     sources = np.array(vocab.sources)
