@@ -64,7 +64,7 @@ def test_average_metrics_and_group_checks():
     for groups, message in [
         ([("near", ["ssb", "inaturalist"])], "inaturalist"),
         ([("ssb", ["ninco"])], "already an OOD set"),
-        ([("mean", ["ninco"])], "already an OOD set"),
+        ([("mean", ["ninco"])], "reserved"),
         ([("near", ["ssb"]), ("near", ["ninco"])], "twice"),
         ([("near", ["ssb", "ssb"])], "twice"),
         ([("near", [])], "no sets"),

@@ -29,7 +29,7 @@ import pandas as pd
 
 from negalign_cli import __version__
 from negalign_cli.cache.statcache import StatCache, sha256_files
-from negalign_cli.cache.store import MANIFEST
+from negalign_cli.cache.store import MANIFEST, verify_folder
 from negalign_cli.compute.metrics import CONVENTIONS
 from negalign_cli.defaults import DEFAULT_REPORT_CELLS, NEGALIGN
 from negalign_cli.errors import NegalignError
@@ -442,6 +442,32 @@ def _environment():
     return environment
 
 
+def verified_results(results_dir: Path, stat_cache: StatCache | None = None) -> dict:
+    """The manifest of an ``evaluate`` folder whose every output (results.json first) still has
+    the size and sha256 its manifest records; an edited, truncated or unvouched folder is refused:
+    the report renders only what ``evaluate`` wrote."""
+    from negalign_cli.stages.evaluation import EVALUATE_STAGE
+
+    redo = "rerun `negalign evaluate ... --out` to write it again"
+    if not (results_dir / MANIFEST).is_file():
+        raise NegalignError(
+            f"{results_dir} has no {MANIFEST}, so its {files.RESULTS} cannot be checked: give the "
+            f"folder `evaluate --out` wrote (it holds both), or {redo}"
+        )
+    manifest, problem = verify_folder(results_dir, None, stat_cache)
+    if manifest is None:
+        raise NegalignError(
+            f"{results_dir} does not match its {MANIFEST} ({problem}): it was edited or truncated "
+            f"after `evaluate` wrote it; {redo}"
+        )
+    if manifest["stage"] != EVALUATE_STAGE or files.RESULTS not in manifest["outputs"]:
+        raise NegalignError(
+            f"{results_dir / MANIFEST} is the manifest of a `{manifest['stage']}` run, not of `evaluate`'s "
+            f"{files.RESULTS}; give an `evaluate --out` folder"
+        )
+    return manifest
+
+
 def build_report(
     results_dir: Path,
     out: Path | None = None,
@@ -456,10 +482,10 @@ def build_report(
     results_dir = Path(results_dir).expanduser()
     if not (results_dir / files.RESULTS).is_file():
         raise NegalignError(f"{results_dir} holds no {files.RESULTS}: give an `evaluate --out` folder")
+    manifest = verified_results(results_dir, stat_cache)
     results = _read_json(results_dir / files.RESULTS, "results")
     if "ood" not in results or "mean" not in results or "metric_definitions" not in results:
         raise NegalignError(f"{results_dir / files.RESULTS} is not an `evaluate` results.json")
-    manifest = _read_json(results_dir / MANIFEST, "manifest") if (results_dir / MANIFEST).is_file() else {}
     out = Path(out).expanduser() if out is not None else results_dir / files.REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".negalign-report-", dir=out))
