@@ -29,7 +29,6 @@ from negalign_cli.compute.vision import (
     encode_images,
     pack_cam_rows,
     unpack_cam_rows,
-    vision_tower,
 )
 from negalign_cli.defaults import CLASS_TEMPLATES, DEFAULT_STORE_DTYPE, STORE_DTYPES
 from negalign_cli.errors import NegalignError
@@ -525,7 +524,7 @@ def cam_spec(
 ) -> StageSpec:
     """What identifies a ``cam`` run (``decoder`` already resolved for the device)."""
     _check_store_dtype(store_dtype)
-    config.validate(len(vision_tower(model.model).blocks))
+    config.validate(model.vision_blocks)  # from the fingerprint table: the model is not built here
     params: dict[str, object] = {
         **asdict(config),
         "store_dtype": store_dtype,
@@ -576,14 +575,14 @@ def cam_images(
     ``cam.parquet``, plus the ``image_embeddings.npy``/``images.parquet`` of the same forward, so the
     folder scores alone."""
     reporter = reporter or NullReporter()
-    tower = vision_tower(model.model)
+    grid = model.grid  # a tower Grad-CAM cannot use fails here, before anything is read
     workers = default_workers() if workers is None else workers
     decoder = resolve_decoder(decoder, model.device)
     spec = cam_spec(
         model, listing.key, classes, config, store_dtype=store_dtype, decoder=decoder, max_pixels=max_pixels
     )
 
-    cams_ns = _cam_namespace(workspace, model, config, classes, tower.grid[0] * tower.grid[1], decoder)
+    cams_ns = _cam_namespace(workspace, model, config, classes, grid[0] * grid[1], decoder)
     images_ns = image_namespace(workspace, model, decoder)
 
     def compute(folder):
@@ -617,7 +616,7 @@ def cam_images(
             max_pixels=max_pixels,
             companions=[images_ns],
         )
-        rows = unpack_cam_rows(filled.values, model.embed_dim, tower.grid)
+        rows = unpack_cam_rows(filled.values, model.embed_dim, grid)
         embeddings, found = images_ns.get_many(filled.digests)
         _require_all(images_ns, [d for d, hit in zip(filled.digests, found, strict=True) if not hit])
         _write_cam_outputs(folder, rows, embeddings, filled.table, classes, store_dtype)
