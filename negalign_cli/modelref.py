@@ -381,15 +381,12 @@ def table_entry(ref: ModelRef, loaded: Any) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- the lazy model
-_BUILT_ONLY_NOTE = "model, tokenizer, context_length, input_dtype, to_input, image_transform, …"
-
-
 class LazyModel:
     """What stages are given: a model that is built on first use of anything that needs the
-    network (``model``, ``tokenizer``, ``image_transform``, ``to_input``, ``input_dtype``,
-    ``context_length``…), and answers its identity (``fingerprint``, ``precision``, ``embed_dim``,
-    ``name``, ``device``, ``describe()``, ``preprocess_cfg``, the vision tower's sizes) from the
-    fingerprint table without building it."""
+    network (``model``, ``tokenizer``, ``to_input``, ``input_dtype``, ``context_length``…), and
+    answers its identity (``fingerprint``, ``precision``, ``embed_dim``, ``name``, ``device``,
+    ``describe()``, ``preprocess_cfg``, the vision tower's sizes) from the fingerprint table without
+    building it; ``image_transform()`` needs open_clip but not the model."""
 
     def __init__(
         self,
@@ -466,6 +463,15 @@ class LazyModel:
     def describe(self) -> str:
         where = f"{self.device}, {self.precision}"
         return f"{self.name} ({self.weights}; fingerprint {self.short_fingerprint}; {where})"
+
+    def image_transform(self) -> Any:
+        """open_clip's evaluation preprocessing: from the preprocessing config, no model built
+        (imports open_clip, so only a compute step calls it)."""
+        if self._loaded is not None:
+            return self._loaded.image_transform()
+        from negalign_cli.models import preprocess_transform
+
+        return preprocess_transform(self._entry["preprocess_cfg"])
 
     @property
     def built(self) -> bool:

@@ -122,22 +122,27 @@ class LoadedModel:
 
     def image_transform(self):
         """open_clip's evaluation preprocessing for this model (resize, centre crop, normalise)."""
-        import open_clip
-
-        cfg = self.preprocess_cfg
-        return open_clip.image_transform(
-            cfg["size"],
-            is_train=False,
-            mean=cfg.get("mean"),
-            std=cfg.get("std"),
-            resize_mode=cfg.get("resize_mode"),
-            interpolation=cfg.get("interpolation"),
-            fill_color=cfg.get("fill_color", 0),
-        )
+        return preprocess_transform(self.preprocess_cfg)
 
     def describe(self) -> str:
         where = f"{self.device}, {self.precision}"
         return f"{self.name} ({self.weights}; fingerprint {self.short_fingerprint}; {where})"
+
+
+def preprocess_transform(cfg: dict[str, Any]):
+    """open_clip's evaluation preprocessing (resize, centre crop, normalise) of a preprocessing
+    config: no model is needed."""
+    import open_clip
+
+    return open_clip.image_transform(
+        cfg["size"],
+        is_train=False,
+        mean=cfg.get("mean"),
+        std=cfg.get("std"),
+        resize_mode=cfg.get("resize_mode"),
+        interpolation=cfg.get("interpolation"),
+        fill_color=cfg.get("fill_color", 0),
+    )
 
 
 # --------------------------------------------------------------------------- registry
