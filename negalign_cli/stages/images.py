@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -47,10 +48,12 @@ from negalign_cli.inputs.datasets import (
     resolve_decoder,
 )
 from negalign_cli.inputs.words import WordList, load_templates
-from negalign_cli.models import LoadedModel
 from negalign_cli.reporting import NullReporter, Reporter
 from negalign_cli.stages import files
 from negalign_cli.stages.text import text_embeddings
+
+if TYPE_CHECKING:  # a stage gets a modelref.LazyModel (built on first use) or a models.LoadedModel
+    from negalign_cli.models import LoadedModel
 
 EMBED_IMAGES_STAGE, EMBED_IMAGES_VERSION = "embed-images", 2  # 2: counts duplicate paths
 CAM_STAGE, CAM_VERSION = "cam", 2  # 2: exact foreground percentile, whole-image fallback background
