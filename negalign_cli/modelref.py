@@ -432,7 +432,8 @@ class LazyModel:
 
     @property
     def preprocess_cfg(self) -> dict[str, Any]:
-        return dict(self._entry["preprocess_cfg"])
+        """As open_clip gives it (sizes and channel statistics as tuples; JSON kept them as lists)."""
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in self._entry["preprocess_cfg"].items()}
 
     @property
     def embed_dim(self) -> int:
@@ -471,7 +472,7 @@ class LazyModel:
             return self._loaded.image_transform()
         from negalign_cli.models import preprocess_transform
 
-        return preprocess_transform(self._entry["preprocess_cfg"])
+        return preprocess_transform(self.preprocess_cfg)
 
     @property
     def built(self) -> bool:
