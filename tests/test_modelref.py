@@ -110,6 +110,9 @@ def chain(tmp_path_factory):
     make_image_folder(root / "imgs", per_class=2)
     (root / "classes.txt").write_text("birds\nboats\n")
     (root / "nouns.txt").write_text("ocean\nforest\nsand\nteapot\nlamp\ncup\nkettle\nsky\n")
+    (root / "lexicon").mkdir()
+    (root / "lexicon" / "noun.artifact.txt").write_text("teapot\nlamp\ncup\nkettle\nbicycle\nladder\n")
+    (root / "lexicon" / "adj.all.txt").write_text("red\nwooden\nshiny\n")
     cache = ("--cache-dir", str(root / "c"))
     runs = {
         "embed texts": ("embed", "texts", "--classes", str(root / "classes.txt"), *cache),
@@ -117,6 +120,10 @@ def chain(tmp_path_factory):
         "cam": (
             "cam", "--images", str(root / "imgs"), "--classes", str(root / "classes.txt"), "--workers", "0",
             "--out", str(root / "cam"), *cache,
+        ),
+        "mine-negatives": (
+            "mine-negatives", "--classes", str(root / "classes.txt"), "--lexicon", str(root / "lexicon"),
+            "--exclude", "", *cache,
         ),
         "split-vocab": (
             "split-vocab", "--nouns", str(root / "nouns.txt"), "--tau", "0", "--out", str(root / "split"), *cache
@@ -132,7 +139,9 @@ def chain(tmp_path_factory):
     return root, runs
 
 
-@pytest.mark.parametrize("command", ["embed texts", "embed images", "cam", "split-vocab", "score"])
+@pytest.mark.parametrize(
+    "command", ["embed texts", "embed images", "cam", "mine-negatives", "split-vocab", "score"]
+)
 def test_a_cache_hit_builds_no_model(chain, monkeypatch, command):
     _, runs = chain
     _no_build(monkeypatch)
