@@ -5,6 +5,7 @@ row is caught when the model is built, and a cache hit of every model command bu
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -200,7 +201,7 @@ def test_an_embed_images_hit_in_a_fresh_process(chain):
     _, runs = chain
     done = subprocess.run(
         [sys.executable, "-c", _HIT, *runs["embed images"], "--model", "negalign-tiny-test"],
-        capture_output=True, text=True, cwd=ROOT, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -211,6 +212,34 @@ def test_an_embed_images_hit_in_a_fresh_process(chain):
             "torch is still imported at module level by stages/images.py, compute/vision.py and "
             "inputs/datasets.py (made lazy in a parallel change); the model itself is not built"
         )
+
+
+_PLAN = textwrap.dedent(
+    """
+    import json, sys
+    from negalign_cli.modelref import plan_model
+    from negalign_cli.settings import Runtime
+    rt = Runtime.create(cache_dir=sys.argv[1], device=sys.argv[2])
+    model = plan_model("negalign-toy", None, rt.cache_dir, rt.device)
+    print(json.dumps({"built": model.built, "fingerprint": model.fingerprint, "blocks": model.vision_blocks,
+                      "imported": sorted(m for m in ("torch", "numpy", "open_clip") if m in sys.modules)}))
+    """
+)
+
+
+def test_planning_a_known_model_imports_no_torch(tmp_path):
+    """The planning layer alone (modelref + the Runtime): with a row, no torch, numpy or open_clip."""
+    plan_model("negalign-toy", None, tmp_path)  # the row
+    device = "auto" if settings.no_gpu_driver() else "cpu"  # with a GPU driver, auto asks torch
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", _PLAN, str(tmp_path), device], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not result["built"] and result["blocks"] == 4
+    assert result["fingerprint"] == models.load_model("negalign-toy").fingerprint
+    assert result["imported"] == []
 
 
 # ----------------------------------------------------------------------------- the device, no torch
