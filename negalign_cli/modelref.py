@@ -348,16 +348,21 @@ class FingerprintTable:
         rows = self._read()
         rows[key] = {"entry": entry, "checksum": _checksum(entry)}
         text = json.dumps({"version": TABLE_VERSION, "rows": rows}, indent=1, sort_keys=True)
-        tmp = self.path.with_name(f".{TABLE_FILE}.{os.getpid()}.tmp")
+        import tempfile
+
+        tmp: Path | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "w", encoding="utf-8") as handle:
+            fd, name = tempfile.mkstemp(prefix=f".{TABLE_FILE}.", suffix=".tmp", dir=self.path.parent)
+            tmp = Path(name)
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 handle.write(text)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, self.path)
-        except OSError:
-            tmp.unlink(missing_ok=True)  # an unwritable cache: the next run builds the model again
+        except OSError:  # an unwritable cache: the next run builds the model again
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
 
 
 def table_entry(ref: ModelRef, loaded: Any) -> dict[str, Any]:

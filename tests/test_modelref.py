@@ -73,6 +73,41 @@ def test_a_changed_checkpoint_gets_a_new_fingerprint(tmp_path):
     assert after.fingerprint == models.load_model("negalign-tiny-test", str(path)).fingerprint
 
 
+def test_an_open_clip_tag_row_follows_its_cached_file(tmp_path, monkeypatch):
+    """A tag's row records the stat of the tag's file in the Hugging Face cache (laid out as
+    huggingface_hub does: refs/main, snapshots/COMMIT/FILE); new bytes there are a new fingerprint."""
+    from open_clip import pretrained
+
+    tiny = models.load_model("negalign-tiny-test").model
+    snapshot = tmp_path / "hf" / "hub" / "models--negalign--tiny-test" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    weights = snapshot / "open_clip_pytorch_model.bin"
+
+    def write(shift: float) -> None:
+        torch.save(
+            {k: v + shift if v.is_floating_point() else v for k, v in tiny.state_dict().items()}, weights
+        )
+
+    write(0.5)
+    registry = {
+        **pretrained._PRETRAINED,
+        "negalign-tiny-test": {"hubtest": pretrained._pcfg(hf_hub="negalign/tiny-test/")},
+    }
+    monkeypatch.setattr(pretrained, "_PRETRAINED", registry)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    first = plan_model("negalign-tiny-test", "hubtest", tmp_path / "cache")
+    assert first.built and first.fingerprint == models.load_model("negalign-tiny-test", "hubtest").fingerprint
+    again = plan_model("negalign-tiny-test", "hubtest", tmp_path / "cache")
+    assert not again.built and again.fingerprint == first.fingerprint
+    write(0.25)  # the cached file replaced (a new revision of the same tag)
+    changed = plan_model("negalign-tiny-test", "hubtest", tmp_path / "cache")
+    assert changed.built and changed.fingerprint != first.fingerprint
+    assert changed.fingerprint == models.load_model("negalign-tiny-test", "hubtest").fingerprint
+
+
 def test_a_damaged_row_is_not_trusted(tmp_path):
     plan_model("negalign-tiny-test", None, tmp_path)
     table = json.loads((tmp_path / TABLE_FILE).read_text())
