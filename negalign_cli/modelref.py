@@ -28,7 +28,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from negalign_cli.defaults import DEFAULT_MODEL, DEFAULT_PRETRAINED
 from negalign_cli.errors import NegalignError
@@ -535,3 +535,9 @@ def plan_model(
     entry = table_entry(ref, loaded)
     table.put(ref, entry)
     return LazyModel(ref, entry, table, loaded=loaded, reporter=reporter)
+
+
+if TYPE_CHECKING:
+    from negalign_cli.models import LoadedModel
+
+    AnyModel: TypeAlias = LoadedModel | LazyModel  # what stages take: built, or built on first use

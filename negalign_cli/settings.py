@@ -108,17 +108,12 @@ def resolve_device(device: str | None = None) -> torch.device:
 
 class DeviceName(str):
     """A device as torch spells it (``cpu``, ``cuda``, ``cuda:1``), known without importing torch:
-    a ``str``, so torch takes it wherever it takes a device name, with ``type`` and ``index`` like
-    ``torch.device``."""
+    a ``str``, so torch takes it wherever it takes a device name, with a ``type`` like
+    ``torch.device``'s."""
 
     @property
     def type(self) -> str:
         return self.split(":", 1)[0]
-
-    @property
-    def index(self) -> int | None:
-        _, _, index = self.partition(":")
-        return int(index) if index else None
 
 
 def no_gpu_driver() -> bool:

@@ -45,7 +45,7 @@ from negalign_cli.stages.text import text_embeddings
 from negalign_cli.stages.vocab import NegativeVocab, check_split_model, negative_features
 
 if TYPE_CHECKING:  # a stage gets a modelref.LazyModel (built on first use) or a models.LoadedModel
-    from negalign_cli.models import LoadedModel
+    from negalign_cli.modelref import AnyModel
 
 SCORE_STAGE, SCORE_VERSION = "score", 2  # 2: float64 aggregation, duplicate paths, --invalid-cam
 METADATA_KEY = b"negalign"
@@ -236,7 +236,7 @@ def star_roles(config: ScoreConfig) -> tuple[str, ...]:
 
 
 def score_images(
-    model: LoadedModel,
+    model: AnyModel,
     image_set: ImageSet,
     classes: WordList,
     negatives: NegativeVocab,
@@ -323,7 +323,7 @@ def score_images(
 class TextEncoder:
     """Class, negative and "p and n" features through the per-word cache (noun templates)."""
 
-    model: LoadedModel
+    model: AnyModel
     workspace: Workspace
     batch_size: int
     reporter: Reporter

@@ -34,7 +34,7 @@ from negalign_cli.stages import files
 from negalign_cli.stages.text import text_embeddings
 
 if TYPE_CHECKING:  # a stage gets a modelref.LazyModel (built on first use) or a models.LoadedModel
-    from negalign_cli.models import LoadedModel
+    from negalign_cli.modelref import AnyModel
 
 MINE_STAGE, MINE_VERSION = "mine-negatives", 1
 SCORES_STAGE, SCORES_VERSION = "split-scores", 2  # 2: r_scores.parquet (was scores.parquet)
@@ -52,7 +52,7 @@ def _write_lines(path, lines: Sequence[str]) -> None:
 
 # ----------------------------------------------------------------------------- mining
 def mine_negatives(
-    model: LoadedModel,
+    model: AnyModel,
     classes: WordList,
     lexicon: Lexicon,
     workspace: Workspace,
@@ -179,7 +179,7 @@ class VocabEntry:
 
 
 def split_scores(
-    model: LoadedModel,
+    model: AnyModel,
     entries: Sequence[VocabEntry],
     workspace: Workspace,
     *,
@@ -347,7 +347,7 @@ def negatives_from_split(folder) -> NegativeVocab:
     )
 
 
-def check_split_model(vocab: NegativeVocab, model: LoadedModel, reporter: Reporter | None = None) -> None:
+def check_split_model(vocab: NegativeVocab, model: AnyModel, reporter: Reporter | None = None) -> None:
     """Roles come from one model's r-scores: a split scored by another model is refused (its
     object/background roles would be another model's). With a ``reporter``, a split that records no
     model (hand-made, or made by an older negalign) is named in a warning."""
@@ -380,7 +380,7 @@ def negatives_from_lists(nouns: WordList | None, adjs: WordList | None) -> Negat
 
 
 def negative_features(
-    model: LoadedModel,
+    model: AnyModel,
     vocab: NegativeVocab,
     workspace: Workspace,
     *,
