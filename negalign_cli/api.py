@@ -35,7 +35,7 @@ from negalign_cli.cache.workspace import Workspace
 from negalign_cli.compute.evaluation import ALIGN, STAR, final_score, nonfinite_final
 from negalign_cli.compute.evaluation import fit_calibration as fit_statistics
 from negalign_cli.compute.scores import SCORE_COLUMNS, ScoreConfig, compute_scores
-from negalign_cli.compute.vision import CamConfig, cam_batch, encode_images, vision_tower
+from negalign_cli.compute.vision import CamConfig, cam_batch, encode_images
 from negalign_cli.defaults import DEFAULT_INVALID_CAM, DEFAULT_PRETRAINED, DEFAULT_TAU
 from negalign_cli.errors import NegalignError
 from negalign_cli.hashing import sha256_lines
@@ -43,7 +43,7 @@ from negalign_cli.inputs.datasets import PIXEL_ARRAYS, TooLarge, load_rgb, to_rg
 from negalign_cli.inputs.lexicon import load_lexicon
 from negalign_cli.inputs.words import WordList, load_classes, load_negatives
 from negalign_cli.model_names import OPENAI_ARCHS  # OpenAI's names, the same map the CLI reads
-from negalign_cli.models import CHECKPOINT_SUFFIXES, PROJECT_MODELS, LoadedModel, load_model
+from negalign_cli.modelref import CHECKPOINT_SUFFIXES, PROJECT_MODELS, LazyModel, plan_model
 from negalign_cli.reporting import NullReporter, Reporter
 from negalign_cli.settings import resolve_cache_dir, resolve_device, resolve_precision
 from negalign_cli.stages import files
@@ -184,11 +184,16 @@ class CLIPNegAlign:
         torch_device = resolve_device(device)
         resolve_precision(precision, torch_device)
         self.classes = _word_list(train_dataset, "class", self.reporter)
-        self.model: LoadedModel = load_model(name, weights, torch_device, precision)
+        cache_root = resolve_cache_dir(cache_dir)
+        # built when something is computed (texts or images the caches lack), else known from the
+        # cache's fingerprint table (modelref)
+        self.model: LazyModel = plan_model(
+            name, weights, cache_root, str(torch_device), precision, self.reporter
+        )
         if self.model.random_weights:
             self.reporter.warn(f"{self.model.name} has random weights: its scores mean nothing")
-        self.workspace = Workspace.open(resolve_cache_dir(cache_dir))
-        self.device = self.model.device
+        self.workspace = Workspace.open(cache_root)
+        self.device = torch_device
         self.clip_preprocess = _Preprocess(self.model.image_transform())
         self._texts = _Texts(self.model, self.workspace, 1024, self.reporter)
         self.negatives = self._negatives(
@@ -196,7 +201,7 @@ class CLIPNegAlign:
         )
         check_request(self.negatives, self.config, has_cam=use_p_align)
         if use_p_align:
-            self.cam_config.validate(len(vision_tower(self.model.model).blocks))
+            self.cam_config.validate(self.model.vision_blocks)
         # encoded (or read from the per-word cache) once, as the published class does in __init__
         self.class_features = self._texts.fix_classes(self.classes.words)
         self.negative_features = self._texts.fix_negatives(self.negatives)

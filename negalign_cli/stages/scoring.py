@@ -17,6 +17,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -38,11 +39,13 @@ from negalign_cli.compute.vocab import ROLE_AMBIGUOUS, ROLE_BACKGROUND, ROLE_OBJ
 from negalign_cli.defaults import CLASS_TEMPLATES, INVALID_CAM_POLICIES
 from negalign_cli.errors import NegalignError
 from negalign_cli.inputs.words import WordList, load_templates
-from negalign_cli.models import LoadedModel
 from negalign_cli.reporting import NullReporter, Reporter
 from negalign_cli.stages import files
 from negalign_cli.stages.text import text_embeddings
 from negalign_cli.stages.vocab import NegativeVocab, check_split_model, negative_features
+
+if TYPE_CHECKING:  # a stage gets a modelref.LazyModel (built on first use) or a models.LoadedModel
+    from negalign_cli.modelref import AnyModel
 
 SCORE_STAGE, SCORE_VERSION = "score", 2  # 2: float64 aggregation, duplicate paths, --invalid-cam
 METADATA_KEY = b"negalign"
@@ -260,7 +263,7 @@ def star_roles(config: ScoreConfig) -> tuple[str, ...]:
 
 
 def score_images(
-    model: LoadedModel,
+    model: AnyModel,
     image_set: ImageSet,
     classes: WordList,
     negatives: NegativeVocab,
@@ -347,7 +350,7 @@ def score_images(
 class TextEncoder:
     """Class, negative and "p and n" features through the per-word cache (noun templates)."""
 
-    model: LoadedModel
+    model: AnyModel
     workspace: Workspace
     batch_size: int
     reporter: Reporter

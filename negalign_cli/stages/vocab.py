@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -29,10 +30,12 @@ from negalign_cli.defaults import DEFAULT_EXCLUDE, DEFAULT_TAU
 from negalign_cli.errors import NegalignError
 from negalign_cli.inputs.lexicon import Lexicon
 from negalign_cli.inputs.words import TemplateSet, WordList, load_templates
-from negalign_cli.models import LoadedModel
 from negalign_cli.reporting import NullReporter, Reporter
 from negalign_cli.stages import files
 from negalign_cli.stages.text import text_embeddings
+
+if TYPE_CHECKING:  # a stage gets a modelref.LazyModel (built on first use) or a models.LoadedModel
+    from negalign_cli.modelref import AnyModel
 
 MINE_STAGE, MINE_VERSION = "mine-negatives", 1
 SCORES_STAGE, SCORES_VERSION = "split-scores", 2  # 2: r_scores.parquet (was scores.parquet)
@@ -50,7 +53,7 @@ def _write_lines(path, lines: Sequence[str]) -> None:
 
 # ----------------------------------------------------------------------------- mining
 def mine_negatives(
-    model: LoadedModel,
+    model: AnyModel,
     classes: WordList,
     lexicon: Lexicon,
     workspace: Workspace,
@@ -177,7 +180,7 @@ class VocabEntry:
 
 
 def split_scores(
-    model: LoadedModel,
+    model: AnyModel,
     entries: Sequence[VocabEntry],
     workspace: Workspace,
     *,
@@ -346,7 +349,7 @@ def negatives_from_split(folder, stat_cache: StatCache | None = None) -> Negativ
     )
 
 
-def check_split_model(vocab: NegativeVocab, model: LoadedModel, reporter: Reporter | None = None) -> None:
+def check_split_model(vocab: NegativeVocab, model: AnyModel, reporter: Reporter | None = None) -> None:
     """Roles come from one model's r-scores: a split scored by another model is refused (its
     object/background roles would be another model's). With a ``reporter``, a split that records no
     model (hand-made, or made by an older negalign) is named in a warning."""
@@ -379,7 +382,7 @@ def negatives_from_lists(nouns: WordList | None, adjs: WordList | None) -> Negat
 
 
 def negative_features(
-    model: LoadedModel,
+    model: AnyModel,
     vocab: NegativeVocab,
     workspace: Workspace,
     *,
