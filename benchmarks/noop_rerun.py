@@ -1,14 +1,18 @@
 #!/usr/bin/env python3
 """How long a no-op rerun of `negalign embed images` takes (everything already cached).
 
-usage: python benchmarks/noop_rerun.py [--files 100000] [--dir DIR] [--profile FILE] [--json FILE]
+usage: python benchmarks/noop_rerun.py [--files 100000] [--dir DIR] [--commands embed-images,cam,score]
+       [--device auto] [--profile FILE] [--json FILE]
 
 Generates ``--files`` tiny PNG images (8×8, distinct contents, 100 class folders) once under
 ``DIR/images`` (kept between calls when ``--dir`` is given), runs ``embed images`` once with the
 tiny test model to fill the cache, then times the rerun, which must encode nothing:
 
 * as a subprocess (``python -m negalign_cli embed images …``): what a user waits for, start-up
-  included;
+  included, beside ``python -c "import torch"`` timed in the same run (the ratio is issue 21's
+  target: ≤ 0.6), and whether that process imported torch (a hit should not);
+* ``--commands embed-images,cam,score``: the same subprocess figures for a no-op ``cam`` and
+  ``score`` (on the cam folder, with a few noun negatives) too;
 * in this process, imports already done (a second in-process call): the command's own work;
 * the files that rerun opened to hash, and their bytes (every sha256 of a file is taken through
   ``hashing.open_regular``): the images, the artifact's outputs (checked against its manifest on
@@ -48,12 +52,25 @@ def make_images(folder: Path, count: int) -> None:
     marker.touch()
 
 
+# `negalign ARGS` as `python -m negalign_cli` runs it; says on stderr whether torch was imported
+_WITNESS = """
+import runpy, sys
+sys.argv = ["negalign", *sys.argv[1:]]
+try:
+    runpy.run_module("negalign_cli", run_name="__main__", alter_sys=True)
+finally:
+    sys.stderr.write("torch-imported=%s" % ("torch" in sys.modules))
+"""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--files", type=int, default=100_000)
     parser.add_argument("--dir", type=Path, default=None, help="work folder (default: a temporary one)")
+    parser.add_argument("--commands", default="embed-images", help="comma-separated: embed-images,cam,score")
+    parser.add_argument("--device", default="auto", help="--device of every command")
     parser.add_argument("--profile", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -72,24 +89,70 @@ def main() -> None:
         "negalign-tiny-test",
         "--cache-dir",
         str(cache),
+        "--device",
+        args.device,
         "--quiet",
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
-    def subprocess_run() -> float:
+    def subprocess_run(argv: list[str]) -> tuple[float, bool]:
+        """Wall seconds of `negalign ARGV` in a fresh process, and whether it imported torch."""
         started = time.perf_counter()
         done = subprocess.run(
-            [sys.executable, "-m", "negalign_cli", *command], env=env, capture_output=True, text=True
+            [sys.executable, "-c", _WITNESS, *argv], env=env, capture_output=True, text=True
         )
         seconds = time.perf_counter() - started
         if done.returncode != 0:
             raise SystemExit(done.stderr[-2000:])
-        return seconds
+        return seconds, "torch-imported=True" in done.stderr
 
-    first = subprocess_run()
-    print(f"first run (fills the cache): {first:.1f} s")
-    rerun = subprocess_run()
-    print(f"no-op rerun, subprocess: {rerun:.2f} s")
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import torch"], env=env, check=True)
+    import_torch = time.perf_counter() - started
+    print(f'python -c "import torch": {import_torch:.2f} s')
+    figures: dict[str, object] = {"files": args.files, "import_torch_s": round(import_torch, 2)}
+    classes, nouns = root / "classes.txt", root / "nouns.txt"
+    classes.write_text("".join(f"c{i:03d}\n" for i in range(100)))
+    nouns.write_text("ocean\nforest\nsand\nteapot\nlamp\ncup\nkettle\nsky\n")
+    runs = {"embed-images": command}
+    common = ["--model", "negalign-tiny-test", "--cache-dir", str(cache), "--device", args.device]
+    runs["cam"] = [
+        "cam",
+        "--images",
+        str(images),
+        "--classes",
+        str(classes),
+        "--out",
+        str(root / "cam"),
+        *common,
+    ]
+    runs["score"] = [
+        "score", "--images-dir", str(root / "cam"), "--classes", str(classes), "--nouns", str(nouns),
+        "--groups", "2", *common,
+    ]  # fmt: skip
+    wanted = args.commands.split(",")
+    for name in ("embed-images", "cam", "score"):  # in the order their inputs need
+        if name not in wanted and not (name == "cam" and "score" in wanted):
+            continue
+        first, _ = subprocess_run([*runs[name], "--quiet"])
+        print(f"{name}: first run (fills the cache): {first:.1f} s")
+        if name not in wanted:
+            continue
+        rerun, imported = subprocess_run([*runs[name], "--quiet"])
+        ratio = rerun / import_torch
+        print(
+            f"{name}: no-op rerun, subprocess: {rerun:.2f} s = {ratio:.2f}× import torch; "
+            f"torch {'imported' if imported else 'not imported'}"
+        )
+        key = "" if name == "embed-images" else f"{name}_"
+        figures.update(
+            {f"{key}rerun_subprocess_s": round(rerun, 2), f"{key}rerun_over_import_torch": round(ratio, 2)}
+        )
+        figures[f"{key}rerun_imported_torch"] = imported
+    if "embed-images" not in wanted:
+        if args.json:
+            args.json.write_text(json.dumps(figures, indent=2))
+        return
 
     from typer.testing import CliRunner
 
@@ -111,7 +174,6 @@ def main() -> None:
         profiler.dump_stats(str(args.profile))
     inprocess = time.perf_counter() - started
     print(f"no-op rerun, in-process (imports done): {inprocess:.2f} s")
-    figures = {"files": args.files, "first_s": round(first, 2), "rerun_subprocess_s": round(rerun, 2)}
     figures["rerun_inprocess_s"] = round(inprocess, 2)
     from negalign_cli import hashing
 
