@@ -24,6 +24,13 @@ SLOW = Path(__file__).resolve().parents[1] / "helpers" / "slow_negalign.py"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
 
 
+def negalign(*args: str) -> subprocess.CompletedProcess:
+    """A real `python -m negalign_cli` process (tests/test_launch.py uses it too)."""
+    return subprocess.run(
+        [sys.executable, "-m", "negalign_cli", *args], env=ENV, capture_output=True, text=True
+    )
+
+
 def interrupt(markers: Path, after: int, sig: int, *args: str) -> int:
     """Run slowly, send ``sig`` once ``after`` batches are done; returns the exit code."""
     markers.mkdir(parents=True, exist_ok=True)
