@@ -42,6 +42,19 @@ def text_features(texts: list[str]) -> torch.Tensor:
     return torch.stack([unit(1, int(hashlib.sha256(t.encode()).hexdigest()[:8], 16))[0] for t in texts])
 
 
+def index_encoder(inputs: ScoreInputs, calls: list[int] | None = None):
+    """An encoder by (class, negative) index with the features ``text_features`` gives the texts."""
+
+    def encode(classes: np.ndarray, negatives: np.ndarray) -> torch.Tensor:
+        if calls is not None:
+            calls.append(len(classes))
+        assert len(set(zip(classes.tolist(), negatives.tolist(), strict=True))) == len(classes)
+        names = zip(classes.tolist(), negatives.tolist(), strict=True)
+        return text_features([pair_text(inputs.class_names[a], inputs.negative_names[b]) for a, b in names])
+
+    return encode
+
+
 # ----------------------------------------------------------------------------- the former code
 def former_multimatch(
     inputs: ScoreInputs, config: ScoreConfig, encode_pairs: Callable[[list[str]], torch.Tensor]
@@ -170,12 +183,7 @@ def test_the_pair_table_gives_the_former_numbers_bit_for_bit(case):
 def test_an_index_encoder_gives_the_same_numbers(case):
     inputs, config = CASES[case]
 
-    def by_index(classes: np.ndarray, negatives: np.ndarray) -> torch.Tensor:
-        return text_features(
-            [pair_text(inputs.class_names[a], inputs.negative_names[b]) for a, b in zip(classes, negatives)]
-        )
-
-    table = PairTable(by_index, len(inputs.negative_names))
+    table = PairTable(index_encoder(inputs), len(inputs.negative_names))
     got = compute_scores(inputs, config, table)["s_multimatch"]
     np.testing.assert_array_equal(got, compute_scores(inputs, config, text_features)["s_multimatch"])
 
@@ -216,14 +224,7 @@ def test_a_kept_table_encodes_nothing_the_second_time():
     inputs, config = CASES["repeated pairs"]
     calls: list[int] = []
 
-    def by_index(classes: np.ndarray, negatives: np.ndarray) -> torch.Tensor:
-        calls.append(len(classes))
-        assert len(set(zip(classes.tolist(), negatives.tolist(), strict=True))) == len(classes)
-        return text_features(
-            [pair_text(inputs.class_names[a], inputs.negative_names[b]) for a, b in zip(classes, negatives)]
-        )
-
-    table = PairTable(by_index, len(inputs.negative_names))
+    table = PairTable(index_encoder(inputs, calls), len(inputs.negative_names))
     first = compute_scores(inputs, config, table)["s_multimatch"]
     encoded = table.encoded
     assert encoded == sum(calls) == len(table) > 0
@@ -237,13 +238,8 @@ def test_a_full_table_starts_afresh_with_the_same_numbers(monkeypatch):
     monkeypatch.setattr(scores_module.chunk_rows, "__defaults__", (3000,))
     monkeypatch.setattr(scores_module, "MEMORY_BUDGET_FLOATS", 3000)
 
-    def by_index(classes: np.ndarray, negatives: np.ndarray) -> torch.Tensor:
-        return text_features(
-            [pair_text(inputs.class_names[a], inputs.negative_names[b]) for a, b in zip(classes, negatives)]
-        )
-
-    roomy = compute_scores(inputs, config, PairTable(by_index, len(inputs.negative_names)))
-    small = PairTable(by_index, len(inputs.negative_names), max_floats=60 * D)
+    roomy = compute_scores(inputs, config, PairTable(index_encoder(inputs), len(inputs.negative_names)))
+    small = PairTable(index_encoder(inputs), len(inputs.negative_names), max_floats=60 * D)
     tight = compute_scores(inputs, config, small)
     assert small.resets > 0 and len(small) * D <= max(60 * D, 25 * 30 * D)
     np.testing.assert_array_equal(tight["s_multimatch"], roomy["s_multimatch"])
