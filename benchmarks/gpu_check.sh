@@ -7,7 +7,9 @@
 # The host needs python3 with torch (CUDA) and torchvision. What else is missing is installed from
 # the wheels in benchmarks/wheels/ (no network needed): fill that folder where pip works with
 #   bash benchmarks/gpu_wheels.sh            (open_clip_torch, ftfy, wcwidth, diskcache, torchcodec, ...)
-# Figures go to OUT_DIR/*.json and OUT_DIR/gpu-check.log; copy the tables into docs/performance.md.
+# Figures go to OUT_DIR/*.json and OUT_DIR/gpu-check.log; the last section prints issue 23's targets
+# table (every figure beside its target and the figure before, benchmarks/gpu_table.py); copy the
+# tables into docs/performance.md. Budget: under 8 minutes on one H100/H200.
 set -uo pipefail  # a failed section is reported and the next one still runs
 failed=0
 here=$(cd "$(dirname "$0")" && pwd)
@@ -81,5 +83,8 @@ PY
 "$py" -m negalign_cli bench --device cuda --precision fp16 --batch-size 512 --batches 8 --repeats 3 \
   --per-image 8 --images "$jpegs" --workers "$(( $(nproc) - 1 ))" --json "$out/bench-files.json" || { echo "section 4 FAILED"; failed=1; }
 rm -rf "$jpegs"
+
+echo "== 5. the targets (issue 23): now, measured, target"
+"$py" "$here/gpu_table.py" "$out/bench-fp16.json" "$out/bench-files.json" || { echo "section 5 FAILED"; failed=1; }
 echo "figures in $out"
 exit "$failed"

@@ -204,3 +204,41 @@ def test_real_like_embeddings_repeat_pairs_as_real_images_do():
     assert random > 0.8 * 25 * 2000  # of 200,000 possible pairs
     assert 2 * 2000 < real < 0.5 * random
     assert real_lists > 0.9 * 2000  # hardly two images share all 25 pairs
+
+
+def test_gpu_check_calls_existing_bench_flags_and_tabulates_a_cpu_record(tmp_path):
+    """`benchmarks/gpu_check.sh` cannot run without a GPU: check what it calls instead. Every flag
+    it passes to `negalign bench` exists, and its targets table reads a (CPU) bench record."""
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    import typer
+
+    from negalign_cli.cli.app import app
+
+    root = Path(__file__).resolve().parents[1]
+    script = (root / "benchmarks" / "gpu_check.sh").read_text().replace("\\\n", " ")
+    calls = [line for line in script.splitlines() if "negalign_cli bench" in line]
+    assert len(calls) >= 3
+    bench = typer.main.get_command(app).commands["bench"]  # type: ignore[attr-defined]
+    known = {opt for param in bench.params for opt in (*param.opts, *param.secondary_opts)}
+    used = {flag for line in calls for flag in re.findall(r"(?<=\s)--[a-z][a-z0-9-]*", line)}
+    assert used and used <= known, used - known
+    assert "gpu_table.py" in script
+
+    out = tmp_path / "bench.json"
+    args = ["bench", "--model", "negalign-tiny-test", "--device", "cpu", "--flows", "score", "--repeats", "1"]
+    result = cli(*args, "--classes", "10", "--negatives", "200", "--score-images", "100", "--json", str(out))
+    assert result.exit_code == 0, result.output
+    spec = importlib.util.spec_from_file_location("gpu_table", root / "benchmarks" / "gpu_table.py")
+    assert spec is not None and spec.loader is not None
+    gpu_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_table)
+    record = json.loads(out.read_text())
+    text = gpu_table.table([record])
+    rate = {row["flow"]: row["images_per_s"] for row in record["results"]}["score + multi-matching"]
+    row = next(line for line in text.splitlines() if line.startswith("score + multi-matching, warm"))
+    assert f"{rate:,.0f}" in row and "200,000" in row and "9,040" in row  # measured, target, now
+    ratio = record["ratios"]["multi-matching / all columns"]
+    assert f"{ratio:.3f}" in next(line for line in text.splitlines() if line.startswith("multi-matching /"))
