@@ -249,3 +249,46 @@ def test_pair_ids_address_class_and_negative():
     table = PairTable(lambda c, n: torch.zeros(len(c), D), 7)
     ids = table.pair_ids(torch.tensor([[2, 0]]), torch.tensor([[6, 1, 3]]))
     assert ids.tolist() == [[2 * 7 + 6, 2 * 7 + 1, 2 * 7 + 3, 6, 1, 3]]  # positive-major, as NegRefine
+
+
+def test_the_score_stage_keeps_its_numbers_through_the_text_cache(
+    tiny_model, workspace, tmp_path, monkeypatch
+):
+    """The `score` stage, its texts from the per-word cache: s_multimatch equals the former
+    string path over the same cache bit for bit, and each "p and n" text is asked for once."""
+    import pandas as pd
+
+    from negalign_cli.inputs.words import WordList
+    from negalign_cli.stages import scoring
+    from negalign_cli.stages.scoring import (
+        TextEncoder,
+        _load_images,
+        open_image_set,
+        score_images,
+        score_inputs,
+    )
+    from negalign_cli.stages.vocab import negatives_from_lists
+    from tests.helpers.synthetic import write_image_set
+
+    images = write_image_set(tmp_path / "imgs", n=40, dim=64, seed=3)
+    classes = WordList("t", tuple(f"bird {i}" for i in range(7)))
+    vocab = negatives_from_lists(WordList("n", tuple(f"thing {i}" for i in range(30))), None)
+    config = ScoreConfig(groups=5)
+    asked: list[str] = []
+    original = TextEncoder.pairs
+
+    def counting(self, texts):
+        asked.extend(texts)
+        return original(self, texts)
+
+    monkeypatch.setattr(scoring.TextEncoder, "pairs", counting)
+    monkeypatch.setattr(scores_module.chunk_rows, "__defaults__", (37 * 8,))  # 8 images per chunk
+    result = score_images(tiny_model, open_image_set(images), classes, vocab, workspace, config)
+    frame = pd.read_parquet(result.artifact.file("scores.parquet"))
+    assert len(asked) == len(set(asked)) > 0
+    image_set = open_image_set(images)
+    _, embeddings, _, _ = _load_images(image_set)
+    texts = TextEncoder(tiny_model, workspace, 64, scoring.NullReporter())
+    inputs = score_inputs(embeddings, None, None, classes, vocab, config, texts)
+    former = former_multimatch(inputs, config, texts.words)
+    np.testing.assert_array_equal(frame.sort_values("row")["s_multimatch"].to_numpy(), former)
