@@ -120,11 +120,13 @@ def test_bench_runs_only_the_chosen_flows(tmp_path):
         "bare GEMMs with background (fp32)",
         "score from cache (all columns)",
         "score + multi-matching",
+        "score + multi-matching, pairs fetched",
     ]
     assert list(record["ratios"]) == [
         "score / bare GEMM",
         "all columns / bare GEMMs",
         "multi-matching / all columns",
+        "multi-matching, pairs fetched / all columns",
     ]
 
 

@@ -18,6 +18,12 @@ from negalign_cli.defaults import DEFAULT_INVALID_CAM
 LOGIT_SCALE = 100.0
 MEMORY_BUDGET_FLOATS = 1 << 25  # ~128 MiB of float32 per chunk of logits
 PAIR_TABLE_FLOATS = 1 << 27  # ~512 MiB of float32: the pair table starts afresh beyond this
+# Multi-matching's working sets: pairs encoded per call of the encoder, and the gathered pair
+# features of a slice of images (16 MiB each at D = 512). Blocks this small are recycled by the
+# allocator; larger ones are fresh pages every time, and first touching them cost more than the
+# arithmetic (a CPU measurement).
+PAIR_ENCODE_ROWS = 8192
+PAIR_GATHER_FLOATS = 1 << 22
 
 
 def chunk_rows(n_columns: int, budget: int = MEMORY_BUDGET_FLOATS) -> int:
@@ -377,10 +383,15 @@ class PairTable:
         assert rows is not None
         return rows.view(ids.shape)
 
-    def features(self, rows: torch.Tensor) -> torch.Tensor:
-        """The features (``rows.shape`` × D, float32) of table rows from :meth:`rows`."""
+    def features(self, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The features (``rows.shape`` × D, float32) of table rows from :meth:`rows`, gathered
+        into ``out`` (a flat buffer of at least ``rows.numel()`` × D) when given."""
         assert self._features is not None
-        return self._features[rows]
+        if out is None:
+            return self._features[rows]
+        flat = out[: rows.numel()]
+        torch.index_select(self._features, 0, rows.reshape(-1), out=flat)
+        return flat.view(*rows.shape, -1)
 
     @staticmethod
     def _unseen(flat: torch.Tensor, found: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
@@ -399,16 +410,18 @@ class PairTable:
         return self._rows[at], self._codes[at] == flat
 
     def _add(self, missing: torch.Tensor, unseen: np.ndarray) -> None:
-        features = self.encode(unseen // self.n_negatives, unseen % self.n_negatives)
-        features = features.to(device=missing.device, dtype=torch.float32)
-        self.encoded += int(unseen.size)
         used, count = len(self), int(unseen.size)
-        if self._features is None or used + count > self._features.shape[0]:
-            grown = torch.empty(max(2 * (used + count), 1024), features.shape[1], device=missing.device)
-            if self._features is not None:
-                grown[:used] = self._features[:used]
-            self._features = grown
-        self._features[used : used + count] = features
+        for start in range(0, count, PAIR_ENCODE_ROWS):  # batches of the encoder, written in place
+            part = unseen[start : start + PAIR_ENCODE_ROWS]
+            features = self.encode(part // self.n_negatives, part % self.n_negatives)
+            features = features.to(device=missing.device, dtype=torch.float32)
+            if self._features is None or used + count > self._features.shape[0]:
+                grown = torch.empty(max(2 * (used + count), 1024), features.shape[1], device=missing.device)
+                if self._features is not None:
+                    grown[:used] = self._features[:used]
+                self._features = grown
+            self._features[used + start : used + start + part.size] = features
+        self.encoded += count
         new_rows = torch.arange(used, used + count, device=missing.device)
         if self._codes is None or self._rows is None:
             self._codes, self._rows = missing, new_rows
@@ -556,10 +569,11 @@ def _multimatch_chunk(
     # pair (i, j) meets negative j
     pair_negative_logits = top.negative_logits.repeat(1, k_pos)
     rows = table.rows(ids)
-    step = chunk_rows(k_pos * k_neg * dim)
+    step = chunk_rows(k_pos * k_neg * dim, min(MEMORY_BUDGET_FLOATS, PAIR_GATHER_FLOATS))
+    gathered = torch.empty(min(step, x.shape[0]) * k_pos * k_neg, dim, device=x.device)  # reused
     for start in range(0, x.shape[0], step):
         part = slice(start, start + step)
-        out[part] = multimatch(x[part], table.features(rows[part]), pair_negative_logits[part])
+        out[part] = multimatch(x[part], table.features(rows[part], gathered), pair_negative_logits[part])
 
 
 def apply_invalid_cam_policy(columns: dict[str, np.ndarray], invalid: np.ndarray, policy: str) -> None:

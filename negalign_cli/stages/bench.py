@@ -246,26 +246,35 @@ def _score_inputs(
 
 
 class _WarmPairs:
-    """A warm text cache for NegRefine's pairs, by index: the features of "p and n" are
-    normalise(P[p] + N[n]) (no strings, no encoder). Each run starts an empty :class:`PairTable`
-    over it, as one ``score`` run does over the text cache; ``last`` is the latest run's table."""
+    """NegRefine's pair features by index, from a warm text cache whose lookup costs next to
+    nothing: the features of "p and n" are normalise(P[p] + N[n]) (no strings, no encoder).
+    ``table()`` starts an empty :class:`PairTable` per run, as one ``score`` run does over the text
+    cache (every distinct pair is fetched once per run); ``warm()`` keeps one table across runs,
+    the pair features already on the device (what the warm target measures)."""
 
     def __init__(self, inputs: ScoreInputs) -> None:
         self.classes, self.negatives = inputs.classes, inputs.negatives
         self.last: PairTable | None = None
+        self.kept: PairTable | None = None
 
     def encode(self, classes: np.ndarray, negatives: np.ndarray) -> torch.Tensor:
         p, n = torch.from_numpy(classes), torch.from_numpy(negatives)
-        return F.normalize(self.classes[p] + self.negatives[n], dim=-1)
+        features = self.classes[p].add_(self.negatives[n])  # F.normalize's operations, in place
+        return features.div_(torch.linalg.vector_norm(features, dim=-1, keepdim=True).clamp_min_(1e-12))
 
     def table(self) -> PairTable:
         self.last = PairTable(self.encode, self.negatives.shape[0])
         return self.last
 
-    @property
-    def distinct(self) -> int | None:
-        """Distinct pairs the latest run met (each is encoded once while the table holds them)."""
-        return None if self.last is None or self.last.resets else self.last.encoded
+    def warm(self) -> PairTable:
+        if self.kept is None:
+            self.kept = PairTable(self.encode, self.negatives.shape[0])
+        return self.kept
+
+    @staticmethod
+    def distinct(table: PairTable | None) -> int | None:
+        """Distinct pairs a table met (each is encoded once while the table holds them)."""
+        return None if table is None or table.resets else table.encoded
 
 
 def bare_gemm(images: np.ndarray, weights: torch.Tensor, device: torch.device | None = None) -> None:
@@ -447,7 +456,7 @@ def run_bench(model: LoadedModel, config: BenchConfig, reporter: Reporter | None
         raise NegalignError(
             f"unknown flow group(s) {', '.join(sorted(unknown))}: use {', '.join(FLOW_GROUPS)}"
         )
-    total = {"model": 3 + (config.images is not None), "score": 5, "pipeline": 2}
+    total = {"model": 3 + (config.images is not None), "score": 6, "pipeline": 2}
     with reporter.progress("benchmark flows", sum(total[g] for g in config.flows)) as advance:
         pairs = _WarmPairs(inputs)
         if "model" in config.flows:
@@ -531,13 +540,20 @@ def run_bench(model: LoadedModel, config: BenchConfig, reporter: Reporter | None
                 ),
                 Flow(
                     "score + multi-matching",
+                    lambda: compute_scores(inputs, score_config, pairs.warm(), device=device),
+                    n,
+                    f"+ NegRefine's pairs, warm (features on the device; {config.embeddings} embeddings)",
+                ),
+                Flow(
+                    "score + multi-matching, pairs fetched",
                     lambda: compute_scores(inputs, score_config, pairs.table(), device=device),
                     n,
-                    f"+ NegRefine's pairs from a warm text cache ({config.embeddings} embeddings)",
+                    "+ every distinct pair fetched once per run from an in-memory text cache",
                 ),
             ]
             results.extend(measure_together(scoring, device, repeats))  # interleaved: a fair ratio
-            results[-1].distinct_pairs = pairs.distinct
+            results[-2].distinct_pairs = pairs.distinct(pairs.kept)
+            results[-1].distinct_pairs = pairs.distinct(pairs.last)
             advance(len(scoring))
 
         if "pipeline" in config.flows:
@@ -580,7 +596,7 @@ def run_bench(model: LoadedModel, config: BenchConfig, reporter: Reporter | None
                     f"embed + CAM + all scores ({config.embeddings} embeddings scored)",
                 )
             )
-            results[-1].distinct_pairs = pairs.distinct
+            results[-1].distinct_pairs = pairs.distinct(pairs.last)
             advance(1)
             grouping = group_order(config.negatives, score_config.groups, score_config.group_seed)
             singles = [b[i : i + 1] for b in batches for i in range(b.shape[0])][: config.per_image]
@@ -611,6 +627,10 @@ def run_bench(model: LoadedModel, config: BenchConfig, reporter: Reporter | None
         "score / bare GEMM": ("score from cache (embeddings)", "bare GEMM (fp32)"),
         "all columns / bare GEMMs": ("score from cache (all columns)", "bare GEMMs with background (fp32)"),
         "multi-matching / all columns": ("score + multi-matching", "score from cache (all columns)"),
+        "multi-matching, pairs fetched / all columns": (
+            "score + multi-matching, pairs fetched",
+            "score from cache (all columns)",
+        ),
         "full pipeline / per-image flow": ("full NegAlign pipeline", "per-image reference flow"),
     }
     ratios = {name: rate[a] / rate[b] for name, (a, b) in wanted.items() if a in rate and b in rate}
