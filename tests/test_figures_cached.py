@@ -169,7 +169,17 @@ def test_cached_figure_is_a_fresh_draw_and_an_edited_one_is_redrawn(scores, tmp_
     data[len(data) // 2] ^= 0xFF
     lam.write_bytes(bytes(data))
     drawn.clear()
-    again = report(tmp_path, "results", "report2")
+    result = cli(
+        "report",
+        str(tmp_path / "results"),
+        "--out",
+        str(tmp_path / "report2"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    )
+    assert result.exit_code == 0, result.output
+    assert "cached figure" in result.output and "lambda_curve.png does not match its digest" in result.output
+    again = tmp_path / "report2"
     assert drawn == Counter(plot_lambda_curve=1)
     assert pngs(again / "figures") == first
     assert lam.read_bytes() == first["lambda_curve.png"]  # the cache holds the good figure again

@@ -319,7 +319,7 @@ def _evaluate(
     results["statistics"] = {"id": statistics(_stat_columns(id_frame))}
     for name, frame in ood_frames.items():
         results["statistics"][f"ood:{name}"] = statistics(_stat_columns(frame))
-    _write_outputs(folder, request, results, rows, id_frame, ood_frames, store)
+    _write_outputs(folder, request, results, rows, id_frame, ood_frames, store, reporter)
     return {"counts": {"id": len(id_frame), **{f"ood:{n}": len(f) for n, f in ood_frames.items()}}}
 
 
@@ -677,6 +677,7 @@ def _write_outputs(
     id_frame: pd.DataFrame,
     ood_frames: dict[str, pd.DataFrame],
     store: ArtifactStore | None = None,
+    reporter: Reporter | None = None,
 ) -> None:
     """results.json, metrics.csv (per set, per group and the mean), roc.png and score_hist.png.
     The figures are copied from the cache (``store``) when their data are unchanged: the
@@ -693,7 +694,8 @@ def _write_outputs(
     ]
     pd.DataFrame(rows + mean_rows).to_csv(folder / files.METRICS, index=False, float_format="%.4f")
     curves = roc_curves(results, id_frame, ood_frames)
-    cached_figure(store, "roc", curves, lambda path: plots.plot_roc(path, curves), folder / files.ROC_PLOT)
+    roc = folder / files.ROC_PLOT
+    cached_figure(store, "roc", curves, lambda path: plots.plot_roc(path, curves), roc, reporter)
     frames = {ID_SET: id_frame, **ood_frames}
     components = [
         c
@@ -701,7 +703,7 @@ def _write_outputs(
         if c and all(_usable(f, c) for f in frames.values())
     ]
     histogram_figure(
-        store, folder / files.HISTOGRAM_PLOT, id_frame, ood_frames, list(dict.fromkeys(components))
+        store, folder / files.HISTOGRAM_PLOT, id_frame, ood_frames, list(dict.fromkeys(components)), reporter
     )
 
 
@@ -711,18 +713,22 @@ def histogram_figure(
     id_frame: pd.DataFrame,
     ood_frames: dict[str, pd.DataFrame],
     columns: list[str],
+    reporter: Reporter | None = None,
 ) -> bool:
     """score_hist.png (``plots.plot_histograms``) from the cache when the columns drawn, their
     values and labels are unchanged, else drawn. Returns whether it came from the cache."""
     from negalign_cli.stages import plots
     from negalign_cli.stages.figures import cached_figure
 
-    labels = {c: (known.label if (known := score_column(c)) else c) for c in columns}
+    def drawn(frame: pd.DataFrame) -> dict[str, np.ndarray]:  # the values the histograms bin
+        numeric = {c: pd.to_numeric(frame[c], errors="coerce") for c in columns}
+        return {c: values.to_numpy(dtype=np.float64, na_value=np.nan) for c, values in numeric.items()}
+
     material = {
         "columns": columns,
-        "labels": labels,
-        "id": {c: id_frame[c] for c in columns},
-        "ood": {name: {c: frame[c] for c in columns} for name, frame in ood_frames.items()},
+        "labels": {c: (known.label if (known := score_column(c)) else c) for c in columns},
+        "id": drawn(id_frame),
+        "ood": {name: drawn(frame) for name, frame in ood_frames.items()},
     }
     return cached_figure(
         store,
@@ -730,6 +736,7 @@ def histogram_figure(
         material,
         lambda path: plots.plot_histograms(path, id_frame, ood_frames, columns),
         target,
+        reporter,
     )
 
 

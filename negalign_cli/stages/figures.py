@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from negalign_cli.cache.store import StageSpec
-from negalign_cli.reporting import Reporter
+from negalign_cli.reporting import NullReporter, Reporter
 
 if TYPE_CHECKING:
     from negalign_cli.cache.store import ArtifactStore
@@ -66,7 +66,7 @@ def _feed(digest: Any, value: Any) -> None:
     elif isinstance(value, np.generic):
         _feed(digest, value.item())
     else:
-        digest.update(json.dumps(value, allow_nan=True).encode() + b"\n")
+        digest.update(json.dumps(value, allow_nan=True, default=repr).encode() + b"\n")
 
 
 def matplotlib_version() -> str:
@@ -109,6 +109,23 @@ def cached_figure(
     def compute(folder: Path) -> None:
         draw(folder / name)
 
-    result = store.run(figure_spec(kind, material), compute, reporter)
+    result = store.run(figure_spec(kind, material), compute, _Quieter(reporter or NullReporter()))
     shutil.copyfile(result.artifact.file(name), target)
     return result.hit
+
+
+class _Quieter(NullReporter):
+    """The stage's reporter with the store's per-figure "cache hit" lines demoted to debug (a
+    figure is a detail of the command that draws it); warnings (a corrupt cached figure) stay."""
+
+    def __init__(self, reporter: Reporter) -> None:
+        self.reporter = reporter
+
+    def info(self, message: str) -> None:
+        self.reporter.debug(message)
+
+    def debug(self, message: str) -> None:
+        self.reporter.debug(message)
+
+    def warn(self, message: str) -> None:
+        self.reporter.warn(message)

@@ -311,6 +311,7 @@ def _figures(
     advance: Callable[[int], None],
     store: ArtifactStore | None = None,
     stat_cache: StatCache | None = None,
+    reporter: Reporter | None = None,
 ) -> tuple[dict[str, dict], list[str]]:
     """figure key → {file, title, caption}; notes on what was left out. Each figure is copied from
     the cache (``store``) when one was drawn from the same data, else drawn."""
@@ -334,6 +335,7 @@ def _figures(
             {"sweeps": sweeps, "chosen": chosen, "convention": convention},
             lambda path: plots.plot_lambda_curve(path, sweeps, chosen, convention),
             folder / files.LAMBDA_PLOT,
+            reporter,
         )
         advance(1)
         rule = results.get("lambda_selection", {}).get("rule", "")
@@ -349,9 +351,8 @@ def _figures(
     if len(frames) == len(sets):
         id_frame = frames.pop("ID")
         curves = roc_curves(results, id_frame, frames)
-        cached_figure(
-            store, "roc", curves, lambda path: plots.plot_roc(path, curves), folder / files.ROC_PLOT
-        )
+        roc = folder / files.ROC_PLOT
+        cached_figure(store, "roc", curves, lambda path: plots.plot_roc(path, curves), roc, reporter)
         advance(1)
         figures["roc"] = {
             "file": files.ROC_PLOT,
@@ -367,7 +368,7 @@ def _figures(
             for c in dict.fromkeys(columns)
             if all(pd.to_numeric(f[c], errors="coerce").notna().any() for f in [id_frame, *frames.values()])
         ]
-        histogram_figure(store, folder / files.HISTOGRAM_PLOT, id_frame, frames, usable)
+        histogram_figure(store, folder / files.HISTOGRAM_PLOT, id_frame, frames, usable, reporter)
         advance(1)
         figures["histograms"] = {
             "file": files.HISTOGRAM_PLOT,
@@ -386,6 +387,7 @@ def _figures(
             _cam_material(picks, size, stat_cache) if store is not None else None,
             lambda path: plots.plot_cam_grid(path, _cam_cells(picks, size)),
             folder / files.CAM_GRID_PLOT,
+            reporter,
         )
         advance(1)
         figures["cams"] = {
@@ -590,7 +592,7 @@ def build_report(
         figures_dir = staging / files.REPORT_FIGURES
         figures_dir.mkdir()
         with reporter.progress("report: drawing the figures", 4) as advance:
-            figures, notes = _figures(results, sets, figures_dir, cells, advance, store, stat_cache)
+            figures, notes = _figures(results, sets, figures_dir, cells, advance, store, stat_cache, reporter)
         for figure in figures.values():
             data = (figures_dir / figure["file"]).read_bytes()
             figure["data_uri"] = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
