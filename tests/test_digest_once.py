@@ -139,7 +139,11 @@ def test_merge_and_shards_hash_nothing_on_a_noop_rerun(tmp_path, reads, no_racy_
 
 def test_report_checks_score_files_without_reading_them_again(chain, reads):
     root, commands = chain
-    _run(commands["report"])
+    _run(commands["report"])  # draws the figures into the cache (`figure` artifacts)
+    reads.clear()
+    _run(commands["report"])  # a figure artifact's first hit verifies it, as any artifact's
+    figures = reads.under(root / "c" / "artifacts" / "figure")
+    assert reads.paths == figures, reads.paths  # the score files are not read again
     reads.clear()
     _run(commands["report"])
     assert reads.paths == [], reads.paths

@@ -139,7 +139,13 @@ def run_demo(
         overlays += write_cam_overlays(
             out / "cam" / name, settings.viz, out / "viz" / name.removeprefix("ood_"), model.image_size
         )
-    report = build_report(out / "results", out / files.REPORT_DIR, reporter=reporter)
+    report = build_report(
+        out / "results",
+        out / files.REPORT_DIR,
+        reporter=reporter,
+        stat_cache=workspace.store.stat_cache,
+        store=workspace.store,  # a second demo copies the report's figures from the cache
+    )
     return DemoResult(results, steps, out, overlays, report.out / files.REPORT_HTML)
 
 
