@@ -28,13 +28,13 @@ from negalign_cli.compute.evaluation import (
     statistics,
 )
 from negalign_cli.compute.metrics import CONVENTIONS, DEFINITIONS, RECALL_LEVEL, group_rejection
-from negalign_cli.compute.scores import SCORE_COLUMNS, method_columns, score_column
+from negalign_cli.compute.score_columns import SCORE_COLUMNS, method_columns, score_column
 from negalign_cli.defaults import DEFAULT_LAMBDAS, NEGALIGN
 from negalign_cli.errors import NegalignError
 from negalign_cli.hashing import sha256_file
 from negalign_cli.reporting import NullReporter, Reporter
 from negalign_cli.stages import files
-from negalign_cli.stages.scoring import read_score_metadata
+from negalign_cli.stages.score_files import read_score_metadata
 
 EVALUATE_STAGE, EVALUATE_VERSION = "evaluate", 2  # 2: ROC of every method, labelled histograms, --ood-group
 METHODS = method_columns()
@@ -487,7 +487,7 @@ def _group_digest(path: Path) -> str:
 def _group_paths(path: Path) -> list[str]:
     """The real paths a group lists (a manifest, relative to its folder, or a folder of images).
     Nothing is read but the list: a group may name images anywhere."""
-    from negalign_cli.inputs.datasets import list_images
+    from negalign_cli.inputs.listing import list_images
 
     return [os.path.realpath(p) for p in list_images(path, allow_outside_root=True).paths]
 
