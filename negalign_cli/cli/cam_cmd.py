@@ -66,7 +66,7 @@ def cam(
     image embedding. Writes background_embeddings.npy, cams.npy, cam.parquet, and
     image_embeddings.npy + images.parquet, so the folder is a complete `score` input."""
     from negalign_cli.cache.workspace import Workspace
-    from negalign_cli.compute.vision import CamConfig
+    from negalign_cli.compute.cam_layout import CamConfig
     from negalign_cli.inputs.datasets import resolve_decoder
     from negalign_cli.inputs.listing import list_images
     from negalign_cli.inputs.words import load_classes
