@@ -1,5 +1,6 @@
-"""Decoding images: PIL's 8-bit RGB, the torch ``Dataset``s that feed the encoders and the batched
-JPEG decoder. Listing images and their digests (no torch) is ``inputs/listing.py``.
+"""Decoding images: PIL's 8-bit RGB, the datasets that feed the encoders' DataLoaders and the
+batched JPEG decoder. Listing images and their digests is ``inputs/listing.py``. torch is imported
+where a tensor is made, not with the module: `report` reads images (``load_rgb``) without it.
 """
 
 from __future__ import annotations
@@ -9,9 +10,9 @@ import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from negalign_cli.defaults import DEFAULT_MAX_PIXELS
@@ -19,6 +20,9 @@ from negalign_cli.errors import NegalignError
 from negalign_cli.hashing import NotRegularFile, open_regular
 from negalign_cli.inputs.listing import VANISHED
 from negalign_cli.inputs.tars import Member
+
+if TYPE_CHECKING:
+    import torch
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey patch
 
@@ -58,7 +62,7 @@ def load_rgb(path: str | Member, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
         return image.convert("RGB")
 
 
-class ImageDataset(torch.utils.data.Dataset):
+class ImageDataset:  # a map-style dataset (what DataLoader takes: __len__, __getitem__)
     """Decodes and preprocesses the images at the given paths; failures come back as reasons.
     Images above ``max_pixels`` (PIL's decompression-bomb guard) are skipped, never decoded."""
 
@@ -93,6 +97,8 @@ def collate(batch):
     indices = [i for i, tensor, _ in batch if tensor is not None]
     tensors = [tensor for _, tensor, _ in batch if tensor is not None]
     failures = [(i, reason) for i, tensor, reason in batch if tensor is None]
+    import torch
+
     stacked = torch.stack(tensors) if tensors else None
     return indices, stacked, failures
 
@@ -115,7 +121,7 @@ def resolve_decoder(decoder: str, device: torch.device) -> str:
     return decoder
 
 
-class RawDataset(torch.utils.data.Dataset):
+class RawDataset:  # a map-style dataset, as ImageDataset
     """File bytes for the batched decoder (JPEGs); other files are decoded here with PIL. A JPEG's
     header is read first, so one above ``max_pixels`` is skipped, never decoded."""
 
@@ -154,6 +160,8 @@ class RawDataset(torch.utils.data.Dataset):
             return self.pil[index] + ("decoded",)  # PIL gives the reason
         except OSError as exc:
             return index, None, f"cannot read: {exc.strerror or exc}", "raw"
+        import torch
+
         return index, torch.frombuffer(bytearray(data), dtype=torch.uint8), "", "raw"
 
 
@@ -187,6 +195,7 @@ def decode_batch(
     """Decode the JPEG bytes of a batch in one call on ``device`` and apply open_clip's evaluation
     preprocessing there (bicubic resize of the shorter side with antialiasing, centre crop,
     normalisation). A JPEG the batched decoder rejects is retried with PIL (``fallback(index)``)."""
+    import torch
     from torchvision.transforms.v2 import functional as TF
 
     size = preprocess_cfg["size"]
