@@ -7,11 +7,12 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 DEMO_OUT ?= demo-output
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast lint format demo clean help
+.PHONY: install test test-ci test-fast lint format demo clean help
 
 help:
 	@echo "make demo      set up and run the pipeline on the bundled tiny model (writes $(DEMO_OUT)/)"
-	@echo "make test      set up and run the whole test suite (slow end-to-end tests included)"
+	@echo "make test      set up and run the test suite (slow end-to-end tests included, not those marked ci)"
+	@echo "make test-ci   only the long real runs marked ci (example scripts, SLURM launches): CI runs them after make test"
 	@echo "make test-fast the tests without the slow end-to-end ones"
 	@echo "make lint      ruff (check + format) and mypy (strict on negalign_cli/compute)"
 	@echo "make install   create $(VENV) with torch pinned and negalign in editable mode"
@@ -28,10 +29,13 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not ci" $(PYTEST_ARGS)
+
+test-ci: $(STAMP)
+	$(BIN)/python -m pytest -q -m ci $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not slow and not ci" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

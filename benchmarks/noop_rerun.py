@@ -9,7 +9,10 @@ tiny test model to fill the cache, then times the rerun, which must encode nothi
 
 * as a subprocess (``python -m negalign_cli embed images …``): what a user waits for, start-up
   included;
-* in this process, imports already done (a second in-process call): the command's own work.
+* in this process, imports already done (a second in-process call): the command's own work;
+* the files that rerun opened to hash, and their bytes (every sha256 of a file is taken through
+  ``hashing.open_regular``): the images, the artifact's outputs (checked against its manifest on
+  every hit) and nothing else. With the stat cache none should be read once their stat is known.
 
 ``--profile FILE`` writes a cProfile of the in-process rerun (``python -m pstats FILE``).
 """
@@ -110,6 +113,31 @@ def main() -> None:
     print(f"no-op rerun, in-process (imports done): {inprocess:.2f} s")
     figures = {"files": args.files, "first_s": round(first, 2), "rerun_subprocess_s": round(rerun, 2)}
     figures["rerun_inprocess_s"] = round(inprocess, 2)
+    from negalign_cli import hashing
+
+    opened: list[str] = []
+    original = hashing.open_regular
+
+    def counted(path):
+        opened.append(str(path))
+        return original(path)
+
+    hashing.open_regular = counted
+    try:
+        result = runner.invoke(app, command)
+    finally:
+        hashing.open_regular = original
+    if result.exit_code != 0:
+        raise SystemExit(result.output)
+    artifact = [p for p in opened if str(cache) in p]
+    read = sum(os.path.getsize(p) for p in opened)
+    print(
+        f"no-op rerun, files hashed: {len(opened)} ({read:,} bytes), of which {len(artifact)} "
+        "artifact output(s)"
+    )
+    figures.update(
+        rerun_files_hashed=len(opened), rerun_bytes_hashed=read, rerun_outputs_hashed=len(artifact)
+    )
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
 

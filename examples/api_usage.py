@@ -31,9 +31,11 @@ def image_files(folder: str) -> list[Path]:
     return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in SUFFIXES)
 
 
-def open_rgb(path: Path) -> Image.Image:
+def open_image(path: Path) -> Image.Image:
+    """The image as PIL decodes it: the API converts it to RGB as the CLI converts files (16-bit
+    scaled to 8 bits, where ``convert("RGB")`` would clip it)."""
     with Image.open(path) as image:
-        return image.convert("RGB")
+        return image.copy()
 
 
 def main() -> None:
@@ -85,11 +87,11 @@ def main() -> None:
     calibration_files, test_files = id_files[::2], id_files[1::2]
 
     # M3's statistics come from ID images, not from the batch being scored.
-    stats = model.fit_calibration([open_rgb(p) for p in calibration_files])
+    stats = model.fit_calibration([str(p) for p in calibration_files])  # paths: read as the CLI reads them
     print(f"M3 statistics from {len(calibration_files)} ID images: {stats}")
 
     # One image, every detail (as the method description prints them).
-    img = open_rgb(test_files[0])
+    img = open_image(test_files[0])
     details = model.detection_score(
         model.clip_preprocess(img).unsqueeze(0), orig_image=img, return_details=True
     )
@@ -105,7 +107,7 @@ def main() -> None:
     for name, files in (("id", test_files), ("ood", ood_files)):
         for start in range(0, len(files), args.batch_size):
             chunk = files[start : start + args.batch_size]
-            frame = model.detection_scores([open_rgb(p) for p in chunk], return_details=True)
+            frame = model.detection_scores([str(p) for p in chunk], return_details=True)
             frame.insert(0, "path", [str(p) for p in chunk])
             frame.insert(1, "set", name)
             frames.append(frame)

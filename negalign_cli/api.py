@@ -29,21 +29,22 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 
 from negalign_cli.cache.workspace import Workspace
-from negalign_cli.compute.evaluation import ALIGN, STAR, final_score
+from negalign_cli.compute.evaluation import ALIGN, STAR, final_score, nonfinite_final
 from negalign_cli.compute.evaluation import fit_calibration as fit_statistics
 from negalign_cli.compute.score_columns import SCORE_COLUMNS
 from negalign_cli.compute.scores import ScoreConfig, compute_scores
-from negalign_cli.compute.vision import CamConfig, cam_batch, encode_images, vision_tower
+from negalign_cli.compute.vision import CamConfig, cam_batch, encode_images
 from negalign_cli.defaults import DEFAULT_INVALID_CAM, DEFAULT_PRETRAINED, DEFAULT_TAU
 from negalign_cli.errors import NegalignError
 from negalign_cli.hashing import sha256_lines
-from negalign_cli.inputs.datasets import load_rgb
+from negalign_cli.inputs.datasets import PIXEL_ARRAYS, TooLarge, load_rgb, to_rgb
 from negalign_cli.inputs.lexicon import load_lexicon
 from negalign_cli.inputs.words import WordList, load_classes, load_negatives
 from negalign_cli.model_names import OPENAI_ARCHS  # OpenAI's names, the same map the CLI reads
-from negalign_cli.models import CHECKPOINT_SUFFIXES, PROJECT_MODELS, LoadedModel, load_model
+from negalign_cli.modelref import CHECKPOINT_SUFFIXES, PROJECT_MODELS, LazyModel, plan_model
 from negalign_cli.reporting import NullReporter, Reporter
 from negalign_cli.settings import resolve_cache_dir, resolve_device, resolve_precision
 from negalign_cli.stages import files
@@ -177,16 +178,23 @@ class CLIPNegAlign:
         self.calibration = self._read_calibration(calibration)
         if batch_size < 1:
             raise NegalignError(f"batch_size must be at least 1 (got {batch_size})")
+        if not np.isfinite(self.lambda_bg):
+            raise NegalignError(f"lambda_bg= must be a finite number (got {lambda_bg})")
 
         name, weights = resolve_arch(arch, pretrained)
         torch_device = resolve_device(device)
         resolve_precision(precision, torch_device)
         self.classes = _word_list(train_dataset, "class", self.reporter)
-        self.model: LoadedModel = load_model(name, weights, torch_device, precision)
+        cache_root = resolve_cache_dir(cache_dir)
+        # built when something is computed (texts or images the caches lack), else known from the
+        # cache's fingerprint table (modelref)
+        self.model: LazyModel = plan_model(
+            name, weights, cache_root, str(torch_device), precision, self.reporter
+        )
         if self.model.random_weights:
             self.reporter.warn(f"{self.model.name} has random weights: its scores mean nothing")
-        self.workspace = Workspace.open(resolve_cache_dir(cache_dir))
-        self.device = self.model.device
+        self.workspace = Workspace.open(cache_root)
+        self.device = torch_device
         self.clip_preprocess = _Preprocess(self.model.image_transform())
         self._texts = _Texts(self.model, self.workspace, 1024, self.reporter)
         self.negatives = self._negatives(
@@ -194,7 +202,7 @@ class CLIPNegAlign:
         )
         check_request(self.negatives, self.config, has_cam=use_p_align)
         if use_p_align:
-            self.cam_config.validate(len(vision_tower(self.model.model).blocks))
+            self.cam_config.validate(self.model.vision_blocks)
         # encoded (or read from the per-word cache) once, as the published class does in __init__
         self.class_features = self._texts.fix_classes(self.classes.words)
         self.negative_features = self._texts.fix_negatives(self.negatives)
@@ -256,16 +264,13 @@ class CLIPNegAlign:
     def _read_calibration(
         calibration: Mapping[str, Mapping[str, float]] | str | Path | None,
     ) -> dict[str, dict[str, float]] | None:
+        from negalign_cli.stages.evaluation import load_calibration, parse_calibration
+
         if calibration is None:
             return None
         if isinstance(calibration, (str, Path)):
-            from negalign_cli.stages.evaluation import _load_calibration
-
-            return _load_calibration(Path(calibration).expanduser())
-        return {
-            k: {"mean": float(calibration[k]["mean"]), "std": float(calibration[k]["std"])}
-            for k in (STAR, ALIGN)
-        }
+            return load_calibration(Path(calibration).expanduser(), f"calibration={str(calibration)!r}")
+        return parse_calibration(calibration, "calibration=")
 
     @property
     def m3(self) -> bool:
@@ -277,7 +282,7 @@ class CLIPNegAlign:
         PIL images, or an iterable of batches such as a DataLoader yielding ``(images, labels)``)
         and use them from now on. Rows whose S* or P_align is undefined are left out, as
         ``evaluate`` does. Returns the statistics (the ``calibration`` block of ``results.json``)."""
-        frame = self._frame(self._batches(id_images), final=False)
+        frame = self._frame(self._batches(id_images, "id_images"), final=False)
         star = frame[STAR].to_numpy(dtype=np.float64)
         align = frame[ALIGN].to_numpy(dtype=np.float64) if self.use_p_align else np.zeros_like(star)
         keep = np.isfinite(star) & np.isfinite(align)
@@ -293,15 +298,18 @@ class CLIPNegAlign:
         self, img_tensor: Any, orig_image: Any = None, return_details: bool = False
     ) -> float | dict[str, Any]:
         """S_final of one image (a preprocessed ``(1, 3, H, W)`` or ``(3, H, W)`` tensor; or, with
-        ``img_tensor=None``, the PIL image ``orig_image``, preprocessed here). ``orig_image`` is
-        otherwise unused: the CAM is computed on the tensor. With ``return_details``: a dict of every
+        ``img_tensor=None``, the PIL image ``orig_image``, preprocessed here; a path or a pixel
+        array is read as the CLI reads files, wherever an image goes). ``orig_image`` is otherwise
+        unused: the CAM is computed on the tensor. With ``return_details``: a dict of every
         score component (``s_neglabel_plain``, ``s_neglabel_star``, ``p_align``, ``s_final``, …),
         the predicted class and its cosine, ``cam_valid``, and the CAM and foreground mask (patch grid)."""
-        if img_tensor is None:
-            if orig_image is None:
-                raise NegalignError("detection_score needs img_tensor or orig_image")
-            img_tensor = self.clip_preprocess(orig_image)
-        batch = img_tensor if img_tensor.dim() == 4 else img_tensor.unsqueeze(0)
+        if img_tensor is None and orig_image is None:
+            raise NegalignError("detection_score needs img_tensor or orig_image")
+        given, argument = (img_tensor, "img_tensor") if img_tensor is not None else (orig_image, "orig_image")
+        if isinstance(given, torch.Tensor):
+            batch = self._pixels(given, argument)
+        else:  # a PIL image, a path or a pixel array: preprocessed here
+            batch = self._pixels(self.clip_preprocess(given, argument).unsqueeze(0), argument)
         if batch.shape[0] != 1:
             raise NegalignError(
                 f"detection_score takes one image, got a batch of {batch.shape[0]}: use detection_scores"
@@ -328,17 +336,25 @@ class CLIPNegAlign:
         PIL images, or an iterable of batches), processed ``batch_size`` images at a time. With
         ``return_details``: a DataFrame with one row per image and the columns of ``scores.parquet``
         plus ``s_final``, ``pred_score`` and ``fg_fraction``."""
-        frame = self._frame(self._batches(batch))
+        frame = self._frame(self._batches(batch, "batch"))
         return frame if return_details else frame["s_final"].to_numpy()
 
-    def _batches(self, images: Any) -> Iterator[torch.Tensor]:
-        """Input batches, lazily: a tensor as is; a list of (3, H, W) tensors or of PIL images
-        (or paths) stacked ``batch_size`` at a time, so that preprocessed pixels of a long list
+    def _batches(self, images: Any, argument: str = "images") -> Iterator[torch.Tensor]:
+        """Input batches, lazily: a tensor as is; one image (a PIL image, a path, a pixel array),
+        or a list of (3, H, W) tensors, PIL images, paths or pixel arrays (a 4-D pixel array is a
+        stack of them), stacked ``batch_size`` at a time, so that preprocessed pixels of a long list
         never sit in memory at once; any other iterable batch by batch (``(images, labels)``
-        tuples of a DataLoader give their images)."""
+        tuples of a DataLoader give their images). Every batch is checked (:meth:`_pixels`); what
+        cannot be read raises NegalignError naming ``argument``."""
         if isinstance(images, torch.Tensor):
-            yield images if images.dim() == 4 else images.unsqueeze(0)
+            yield self._pixels(images, argument)
             return
+        if isinstance(images, (str, Path, Image.Image)) or (
+            isinstance(images, np.ndarray) and images.ndim < 4
+        ):
+            images = [images]
+        elif isinstance(images, np.ndarray):
+            images = list(images)
         if isinstance(images, Sequence) and not isinstance(images, (str, bytes)):
             loose = [
                 not isinstance(item, (tuple, list))
@@ -348,12 +364,62 @@ class CLIPNegAlign:
             if loose and all(loose):  # single images
                 for start in range(0, len(images), self.batch_size):
                     chunk = images[start : start + self.batch_size]
-                    yield torch.stack(
-                        [x if isinstance(x, torch.Tensor) else self.clip_preprocess(x) for x in chunk]
-                    )
+                    pixels = [
+                        x if isinstance(x, torch.Tensor) else self.clip_preprocess(x, argument) for x in chunk
+                    ]
+                    if len({tuple(x.shape) for x in pixels}) > 1:
+                        shapes = ", ".join(sorted({str(tuple(x.shape)) for x in pixels}))
+                        raise NegalignError(
+                            f"{argument}= holds tensors of different shapes ({shapes}): give preprocessed "
+                            f"pixels of shape {self._pixel_shape(3)} (model.clip_preprocess(image))"
+                        )
+                    yield self._pixels(torch.stack(pixels), argument)
                 return
-        for batch in images:
-            yield batch[0] if isinstance(batch, (tuple, list)) else batch
+        try:
+            batches = iter(images)
+        except TypeError:
+            raise NegalignError(
+                f"{argument}= is an object of type {type(images).__name__}: give a tensor of "
+                "preprocessed pixels, PIL images, paths or pixel arrays (or a list or DataLoader of them)"
+            ) from None
+        for batch in batches:
+            batch = batch[0] if isinstance(batch, (tuple, list)) else batch
+            if not isinstance(batch, torch.Tensor):
+                raise NegalignError(
+                    f"{argument}= yielded an object of type {type(batch).__name__}: each batch of an "
+                    f"iterable must be a tensor of shape {self._pixel_shape(4)} (or an (images, labels) pair)"
+                )
+            yield self._pixels(batch, argument)
+
+    def _input_size(self) -> tuple[int, int]:
+        """(height, width) the model's preprocessing gives."""
+        size = self.model.preprocess_cfg["size"]
+        return (int(size[0]), int(size[1])) if isinstance(size, (tuple, list)) else (int(size), int(size))
+
+    def _pixel_shape(self, dims: int) -> str:
+        height, width = self._input_size()
+        return f"(B, 3, {height}, {width})" if dims == 4 else f"(3, {height}, {width})"
+
+    def _pixels(self, batch: torch.Tensor, argument: str) -> torch.Tensor:
+        """A batch of preprocessed pixels, checked: floating point (uint8 pixels would be read as
+        values 0..255 and score nonsense), (B, 3, H, W) or (3, H, W) for the model's input size,
+        finite. Raises NegalignError naming ``argument``."""
+        if batch.dim() == 3:
+            batch = batch.unsqueeze(0)
+        if batch.dim() != 4 or batch.shape[0] < 1 or tuple(batch.shape[1:]) != (3, *self._input_size()):
+            raise NegalignError(
+                f"{argument}= holds a tensor of shape {tuple(batch.shape)}: give preprocessed pixels of "
+                f"shape {self._pixel_shape(4)} or {self._pixel_shape(3)} (model.clip_preprocess(image)), "
+                "or the PIL images"
+            )
+        if not batch.is_floating_point():
+            raise NegalignError(
+                f"{argument}= holds a {batch.dtype} tensor: give preprocessed (normalised, floating "
+                "point) pixels from model.clip_preprocess(image), or the PIL images"
+            )
+        if not bool(torch.isfinite(batch).all()):
+            raise NegalignError(f"{argument}= holds NaN or infinite pixel values")
+        return batch
 
     def _frame(self, batches: Iterable[torch.Tensor], keep_maps: bool = False, final: bool = True) -> Any:
         """One forward per chunk of ``batch_size`` images (Grad-CAM when P_align is on), then
@@ -429,7 +495,15 @@ class CLIPNegAlign:
                 "use_scale_stabilization (M3) needs ID statistics: call fit_calibration(id_images) "
                 "first, or pass calibration= (a results.json of `evaluate --scale-stabilize`)"
             )
-        return final_score(base, align, lam, self.calibration if self.m3 else None)
+        calibration = self.calibration if self.m3 else None
+        overflow = nonfinite_final(base, align, [lam], calibration) & np.isfinite(base) & np.isfinite(align)
+        if overflow.any():
+            raise NegalignError(
+                f"S_final overflows to inf for {int(overflow.sum())} image(s): lambda_bg={lam:g}"
+                + (" and the M3 statistics (calibration=)" if calibration is not None else "")
+                + " scale finite scores beyond float64; use a smaller lambda_bg or check calibration="
+            )
+        return final_score(base, align, lam, calibration)
 
     # ------------------------------------------------------------------ housekeeping
     def settings(self) -> dict[str, Any]:
@@ -496,19 +570,35 @@ class _Texts(TextEncoder):
 
 
 class _Preprocess:
-    """The CLI's preprocessing of one image: 8-bit RGB (alpha dropped, grayscale expanded, 16-bit
-    scaled, as ``embed images`` reads files), then open_clip's evaluation transform. Takes a PIL
-    image or a path."""
+    """The CLI's preprocessing of one image: 8-bit RGB by the conversion ``embed images`` applies
+    to files (:func:`negalign_cli.inputs.datasets.to_rgb`: alpha dropped, grayscale expanded,
+    16-bit scaled), then open_clip's evaluation transform. Takes a PIL image, a path or a pixel
+    array (``np.asarray(pil_image)``); anything else raises NegalignError naming ``argument``."""
 
     def __init__(self, transform: Any) -> None:
         self.transform = transform
 
-    def __call__(self, image: Any) -> torch.Tensor:
+    def __call__(self, image: Any, argument: str = "image") -> torch.Tensor:
         if isinstance(image, (str, Path)):
-            image = load_rgb(str(image))
-        elif getattr(image, "mode", "RGB") != "RGB":
-            image = image.convert("RGB")
-        return self.transform(image)
+            try:
+                rgb = load_rgb(str(Path(image).expanduser()))
+            except FileNotFoundError:
+                raise NegalignError(f"{argument}=: image file {str(image)!r} not found") from None
+            except (OSError, ValueError, SyntaxError, TooLarge, Image.DecompressionBombError) as exc:
+                raise NegalignError(
+                    f"{argument}=: cannot read image {str(image)!r}: {str(exc).splitlines()[0][:120]}"
+                ) from None
+        elif isinstance(image, (Image.Image, np.ndarray)):
+            try:
+                rgb = to_rgb(image)
+            except ValueError as exc:
+                raise NegalignError(f"{argument}= holds {exc}") from None
+        else:
+            raise NegalignError(
+                f"{argument}= holds an object of type {type(image).__name__}: give a PIL image, a path, "
+                f"a pixel array ({PIXEL_ARRAYS}) or a tensor of preprocessed pixels"
+            )
+        return self.transform(rgb)
 
 
 def _nonempty(path: Path | None, reporter: Reporter) -> WordList | None:

@@ -30,45 +30,19 @@ from negalign_cli.assets import model_config_dir
 from negalign_cli.defaults import DEFAULT_MODEL, DEFAULT_PRETRAINED
 from negalign_cli.errors import NegalignError
 from negalign_cli.hashing import canonical_json
-from negalign_cli.model_names import check_model_name, resolve_model_name  # names, checked without torch
-
-RANDOM = "random"
-DEFAULT_RANDOM_SEED = 0
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
-
-
-@dataclass(frozen=True)
-class ProjectModel:
-    """An architecture the project defines itself (config in ``assets/model_configs``)."""
-
-    name: str
-    description: str
-    seed: int | None = None  # random init from this seed when no --pretrained is given
-    checkpoint: str | None = None  # bundled weights (under assets/models) used when no --pretrained is given
-
-
-PROJECT_MODELS: dict[str, ProjectModel] = {
-    "negalign-tiny-test": ProjectModel(
-        name="negalign-tiny-test",
-        description="ViT 32 px, patch 8, 2 layers, width 64; random init (seed 0); for tests and examples",
-        seed=0,
-    ),
-    "negalign-toy": ProjectModel(
-        name="negalign-toy",
-        description="ViT 64 px, patch 8, 4 layers, width 128; trained on the toy world (model card: "
-        "negalign_cli/assets/models/negalign-toy.md)",
-        seed=0,
-        checkpoint="models/negalign-toy.pt",
-    ),
-}
-
-
-def bundled_checkpoint(project: ProjectModel) -> Path | None:
-    if project.checkpoint is None:
-        return None
-    from negalign_cli.assets import asset_path
-
-    return asset_path(project.checkpoint)
+from negalign_cli.model_names import resolve_model_name  # names, checked without torch
+from negalign_cli.modelref import (  # noqa: F401  (re-exported: the torch-free half lives there)
+    CHECKPOINT_SUFFIXES,
+    DEFAULT_RANDOM_SEED,
+    PROJECT_MODELS,
+    RANDOM,
+    ProjectModel,
+    WeightsSource,
+    bundled_checkpoint,
+    looks_like_path,
+    resolve_source,
+    weights_hint,
+)
 
 
 @dataclass(frozen=True)
@@ -132,24 +106,43 @@ class LoadedModel:
     def short_fingerprint(self) -> str:
         return self.fingerprint[:16]
 
+    @property
+    def vision_blocks(self) -> int:
+        """The number of transformer blocks of the ViT image tower (a one-line error otherwise)."""
+        from negalign_cli.compute.vision import vision_tower
+
+        return len(vision_tower(self.model).blocks)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """The ViT image tower's patch grid (a one-line error for a tower Grad-CAM cannot use)."""
+        from negalign_cli.compute.vision import vision_tower
+
+        return vision_tower(self.model).grid
+
     def image_transform(self):
         """open_clip's evaluation preprocessing for this model (resize, centre crop, normalise)."""
-        import open_clip
-
-        cfg = self.preprocess_cfg
-        return open_clip.image_transform(
-            cfg["size"],
-            is_train=False,
-            mean=cfg.get("mean"),
-            std=cfg.get("std"),
-            resize_mode=cfg.get("resize_mode"),
-            interpolation=cfg.get("interpolation"),
-            fill_color=cfg.get("fill_color", 0),
-        )
+        return preprocess_transform(self.preprocess_cfg)
 
     def describe(self) -> str:
         where = f"{self.device}, {self.precision}"
         return f"{self.name} ({self.weights}; fingerprint {self.short_fingerprint}; {where})"
+
+
+def preprocess_transform(cfg: dict[str, Any]):
+    """open_clip's evaluation preprocessing (resize, centre crop, normalise) of a preprocessing
+    config: no model is needed."""
+    import open_clip
+
+    return open_clip.image_transform(
+        cfg["size"],
+        is_train=False,
+        mean=cfg.get("mean"),
+        std=cfg.get("std"),
+        resize_mode=cfg.get("resize_mode"),
+        interpolation=cfg.get("interpolation"),
+        fill_color=cfg.get("fill_color", 0),
+    )
 
 
 # --------------------------------------------------------------------------- registry
@@ -247,19 +240,6 @@ def is_torchscript_archive(path: Path) -> bool:
             return any(name.endswith("constants.pkl") for name in archive.namelist())
     except (zipfile.BadZipFile, OSError):
         return False
-
-
-def _looks_like_path(value: str) -> bool:
-    return os.sep in value or value.startswith((".", "~")) or value.lower().endswith(CHECKPOINT_SUFFIXES)
-
-
-def _weights_hint(arch: str, tags: list[str]) -> str:
-    shown = ", ".join(tags[:6]) + (", …" if len(tags) > 6 else "")
-    tag_part = f"an open_clip tag ({shown}) to download, " if tags else ""
-    return (
-        f"pass --pretrained with {tag_part}a local checkpoint path such as --pretrained /path/to/{arch}.pt, "
-        f"or --pretrained random for a seeded random init (speed tests only)"
-    )
 
 
 # --------------------------------------------------------------------------- open_clip tags, offline
@@ -366,70 +346,61 @@ def _hub_offline(offline: bool) -> Iterator[None]:
         constants.HF_HUB_OFFLINE = before
 
 
-@dataclass(frozen=True)
-class WeightsSource:
-    """Where a model's weights come from, resolved from ``--model`` and ``--pretrained``."""
-
-    description: str  # human-readable, shown in messages and manifests
-    tag: str | None = None  # an open_clip tag (downloaded by open_clip)
-    checkpoint: Path | None = None  # a local checkpoint file
-    seed: int | None = None  # a seeded random init
-    local_dir: bool = False  # ``local-dir:`` models carry their own weights
-    hub_cached: bool = False  # the tag's weights are in the Hugging Face cache: no network is needed
-
-    @property
-    def random(self) -> bool:
-        return self.seed is not None
+def open_clip_tags(name: str) -> list[str]:
+    """open_clip's weight tags of architecture ``name`` (imports open_clip)."""
+    return list(_open_clip().list_pretrained_tags_by_model(name))
 
 
 def resolve_weights(name: str, pretrained: str | None) -> WeightsSource:
-    """Check ``name`` and ``pretrained`` and say where the weights come from (no model is built).
+    """Check ``name`` and ``pretrained`` and say where the weights come from (no model is built):
+    :func:`negalign_cli.modelref.resolve_source`, plus what needs open_clip: an open_clip tag is
+    checked against the architecture's tags, and whether its weights are cached (or can be
+    downloaded now).
 
     Raises :class:`NegalignError` with a one-line explanation for anything the user can fix."""
+    source = resolve_source(name, pretrained)
+    if source.tag is None:
+        return source
     open_clip = _open_clip()
-    schema, identifier = open_clip.factory.parse_model_name(name)
-    if schema == "local-dir":
-        if pretrained:
-            raise NegalignError("a local-dir: model carries its own weights; drop --pretrained")
-        if not Path(identifier).is_dir():
-            raise NegalignError(f"model folder not found: {identifier}")
-        return WeightsSource(identifier, local_dir=True)
-    project = PROJECT_MODELS.get(name)
-    if project is None and name not in open_clip.list_models():
-        check_model_name(name)  # an unknown name: the error names the closest known ones
-        raise NegalignError(f"unknown model architecture {name!r}: `negalign models` lists the known ones")
-    tags = list(open_clip.list_pretrained_tags_by_model(name))
-    if not pretrained:
-        if project is not None and project.checkpoint is not None:
-            checkpoint = bundled_checkpoint(project)
-            if checkpoint is None or not checkpoint.is_file():
-                raise NegalignError(
-                    f"the bundled {name} checkpoint is missing ({checkpoint}); regenerate it with "
-                    "`negalign toy train --install` or pass --pretrained PATH"
-                )
-            return WeightsSource(f"bundled checkpoint {project.checkpoint}", checkpoint=checkpoint)
-        if project is None or project.seed is None:
-            raise NegalignError(f"model {name} needs weights: {_weights_hint(name, tags)}")
-        return WeightsSource(f"random init, seed {project.seed}", seed=project.seed)
-    if pretrained.lower() == RANDOM:
-        seed = project.seed if project is not None and project.seed is not None else DEFAULT_RANDOM_SEED
-        return WeightsSource(f"random init, seed {seed}", seed=seed)
-    path = Path(pretrained).expanduser()
-    if path.is_file():
-        return WeightsSource(str(path.resolve()), checkpoint=path.resolve())
-    if pretrained in tags:
+    tags = open_clip_tags(name)
+    if source.tag in tags:
         return WeightsSource(
-            f"open_clip tag {pretrained}",
-            tag=pretrained,
-            hub_cached=_hub_weights_cached(open_clip, name, pretrained),
+            source.description, tag=source.tag, hub_cached=_hub_weights_cached(open_clip, name, source.tag)
         )
-    if path.exists():
-        raise NegalignError(f"--pretrained {pretrained} is a folder, not a checkpoint file")
-    if _looks_like_path(pretrained):
-        raise NegalignError(f"checkpoint not found: {pretrained}")
+    if Path(source.tag).expanduser().exists():
+        raise NegalignError(f"--pretrained {source.tag} is a folder, not a checkpoint file")
     raise NegalignError(
-        f"--pretrained {pretrained!r} is neither a file nor a tag of {name}: {_weights_hint(name, tags)}"
+        f"--pretrained {source.tag!r} is neither a file nor a tag of {name}: {weights_hint(name, tags)}"
     )
+
+
+def tag_weights_file(name: str, tag: str) -> str | None:
+    """The file of an open_clip tag's weights in the Hugging Face cache, if it is there."""
+    open_clip = _open_clip()
+    files = _hub_files(open_clip, name, tag)
+    if files is None:
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    repo_id, names = files
+    for filename in names:
+        found = try_to_load_from_cache(repo_id, filename, cache_dir=hub_cache_dir())
+        if isinstance(found, str):
+            return found
+    return None
+
+
+def vision_summary(model: torch.nn.Module) -> dict[str, Any]:
+    """The image tower's sizes Grad-CAM needs (blocks, patch grid), or the one-line error
+    :func:`compute.vision.vision_tower` gives for a tower it cannot use (kept in the fingerprint
+    table, so a planning step knows them without the model)."""
+    from negalign_cli.compute.vision import vision_tower
+
+    try:
+        tower = vision_tower(model)
+    except NegalignError as exc:
+        return {"error": str(exc)}
+    return {"blocks": len(tower.blocks), "grid": list(tower.grid), "patch": list(tower.patch)}
 
 
 def check_weights(name: str, pretrained: str | None = None) -> tuple[str, str | None, WeightsSource]:

@@ -106,12 +106,52 @@ def resolve_device(device: str | None = None) -> torch.device:
     return torch.device("cuda", index)
 
 
+class DeviceName(str):
+    """A device as torch spells it (``cpu``, ``cuda``, ``cuda:1``), known without importing torch:
+    a ``str``, so torch takes it wherever it takes a device name, with a ``type`` like
+    ``torch.device``'s."""
+
+    @property
+    def type(self) -> str:
+        return self.split(":", 1)[0]
+
+
+def no_gpu_driver() -> bool:
+    """True when this machine has no GPU driver torch could use: no NVIDIA driver
+    (``/proc/driver/nvidia``, ``/dev/nvidia*``) and no ROCm one (``/dev/kfd``). CUDA is then
+    unavailable for sure, and ``auto`` means the CPU without asking torch."""
+    if os.path.exists("/proc/driver/nvidia") or os.path.exists("/dev/kfd"):
+        return False
+    try:
+        return not any(name.startswith("nvidia") for name in os.listdir("/dev"))
+    except OSError:
+        return False
+
+
+def resolve_device_name(device: str | None = None) -> DeviceName:
+    """:func:`resolve_device` without importing torch where the answer is sure: ``cpu`` always, and
+    ``auto`` on a machine with no GPU driver (:func:`no_gpu_driver`). Anything else asks torch."""
+    name = (device or os.environ.get(DEVICE_ENV) or "auto").strip().lower()
+    if name == "cpu" or (name == "auto" and no_gpu_driver()):
+        return DeviceName("cpu")
+    if name != "auto" and not re.fullmatch(r"cuda(?::(\d+))?", name):
+        raise NegalignError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
+    if no_gpu_driver():
+        raise NegalignError(f"device {name} asked for, but CUDA is not available here: use --device cpu")
+    return DeviceName(str(resolve_device(device)))
+
+
+def check_precision_on(precision: str, device: str) -> str:
+    """The normalised precision name, checked against the device (no torch): fp16 only on CUDA."""
+    key = check_precision(precision)
+    if key == "fp16" and DeviceName(device).type != "cuda":
+        raise NegalignError("--precision fp16 needs a CUDA device; on the CPU use fp32 or bf16")
+    return key
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     """fp32 everywhere; fp16 only on CUDA (CPU kernels for it are slow or missing); bf16 anywhere."""
-    key = check_precision(precision)
-    if key == "fp16" and device.type != "cuda":
-        raise NegalignError("--precision fp16 needs a CUDA device; on the CPU use fp32 or bf16")
-    return torch_dtype(key)
+    return torch_dtype(check_precision_on(precision, str(device)))
 
 
 def check_precision(precision: str) -> str:
@@ -127,7 +167,7 @@ class Runtime:
     """Where and how a command runs; built once by the CLI from flags, environment and defaults."""
 
     cache_dir: Path
-    device: torch.device
+    device: DeviceName  # resolved without torch where possible (resolve_device_name)
     precision: str
     batch_size: int
 
@@ -145,6 +185,6 @@ class Runtime:
     ) -> Runtime:
         if batch_size < 1:
             raise NegalignError(f"--batch-size must be at least 1 (got {batch_size})")
-        resolved_device = resolve_device(device)
-        resolve_precision(precision, resolved_device)
+        resolved_device = resolve_device_name(device)
+        check_precision_on(precision, resolved_device)
         return cls(resolve_cache_dir(cache_dir), resolved_device, precision.strip().lower(), batch_size)

@@ -20,6 +20,7 @@ from negalign_cli.compute.score_columns import SCORE_COLUMNS
 from negalign_cli.errors import NegalignError
 from negalign_cli.toy.demo import TOY_TAU
 from negalign_cli.toy.generate import ToySpec, generate_toy
+from tests.helpers import in_process
 
 # The toy model card's settings (negalign_cli/assets/models/negalign-toy.md): every API call in
 # this file passes these, as a user of the toy world would.
@@ -79,9 +80,10 @@ def cli_scores(toy):
             str(toy / "scores"),
         ],
     ]
-    for step in steps:
-        result = runner.invoke(app, [*step, *common])
-        assert result.exit_code == 0, (step, result.output)
+    with in_process():  # before the per-test isolation: undo what the commands change for the process
+        for step in steps:
+            result = runner.invoke(app, [*step, *common])
+            assert result.exit_code == 0, (step, result.output)
     return pd.read_parquet(toy / "scores" / "scores.parquet")
 
 

@@ -126,13 +126,26 @@ def test_cache_ls_info_gc(tmp_path):
         (["cache", "info", "ab"], "too short"),
     ],
 )
-def test_bad_input_gives_one_line_error(tmp_path, args, message):
-    result = negalign(*args, "--cache-dir", str(tmp_path / "c"), cwd=tmp_path)
-    assert result.returncode != 0
+def test_bad_input_gives_one_line_error(tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)  # relative paths (missing_classes.txt) as a user's shell would see them
+    result = run(*args, "--cache-dir", str(tmp_path / "c"))
+    assert result.exit_code != 0
+    assert isinstance(result.exception, SystemExit), result.exception  # an exit, not a crash
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     error_lines = [line for line in lines if line.startswith("error:")]
     assert len(error_lines) == 1 and message in error_lines[0], result.stderr
+
+
+def test_python_m_negalign_cli_smoke(tmp_path):
+    """The one real `python -m negalign_cli` process of the CLI tests (the cases above run in-process):
+    bad input through the real entry point is exit 2 and one `error:` line on stderr, no traceback."""
+    bad = negalign(
+        "embed", "texts", "-c", "missing_classes.txt", "--cache-dir", str(tmp_path / "c"), cwd=tmp_path
+    )
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    error_lines = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and "class file not found" in error_lines[0], bad.stderr
 
 
 def test_models_lists_project_and_open_clip():

@@ -1,12 +1,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
+
+from negalign_cli.cli.app import app
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_AUROC = {
@@ -51,12 +51,12 @@ DEMO_MINORITY_REJECTED = {
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end_and_then_from_the_cache(toy_demo):
-    """What `make demo` runs (smaller): the whole pipeline on the bundled toy CLIP, then a rerun."""
+    """What `make demo` runs (smaller): the whole pipeline on the bundled toy CLIP in a real process
+    (tests/conftest.py), then a rerun in-process."""
     demo, first = toy_demo
     tmp_path = demo.parent
-    negalign = Path(sys.executable).with_name("negalign")
-    command = [str(negalign), "demo", "--out", str(demo), "--n-id", "80", "--n-ood", "40"]
-    env = {**os.environ, "COLUMNS": "160", "NEGALIGN_CACHE": str(tmp_path / "cache")}  # the fixture's cache
+    command = ["demo", "--out", str(demo), "--n-id", "80", "--n-ood", "40"]
+    env = {"COLUMNS": "160", "NEGALIGN_CACHE": str(tmp_path / "cache")}  # the fixture's cache
     assert first.returncode == 0, first.stderr[-3000:]
     for method in ("MCM", "NegLabel", "NegRefine", "NegLabel*", "NegAlign"):
         assert method in first.stdout
@@ -85,20 +85,14 @@ def test_demo_runs_end_to_end_and_then_from_the_cache(toy_demo):
         assert (tmp_path / "demo" / "report" / name).is_file()
     for name in ("roc.png", "score_hist.png", "metrics.csv"):
         assert (tmp_path / "demo" / "results" / name).is_file()
-    second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-    assert second.returncode == 0 and "everything served from the cache" in second.stdout
+    second = CliRunner().invoke(app, command, env=env)
+    assert second.exit_code == 0 and "everything served from the cache" in second.stdout, second.output
 
 
 @pytest.mark.slow
 def test_sanity_prints_the_method_document_fields(tmp_path):
-    negalign = Path(sys.executable).with_name("negalign")
-    result = subprocess.run(
-        [str(negalign), "sanity", "--cache-dir", str(tmp_path / "c")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = CliRunner().invoke(app, ["sanity", "--cache-dir", str(tmp_path / "c")])
+    assert result.exit_code == 0, result.output[-2000:]
     for field in ("predicted class", "S_NegLabel plain", "S_NegLabel*", "P_align", "S_final", "CAM valid"):
         assert field in result.stdout
 

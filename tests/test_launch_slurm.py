@@ -112,6 +112,7 @@ def _same_files(a: Path, b: Path, names) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_embed_k2_requeued_task_resumes_and_a_changed_list_is_refused(slurm):
     tmp_path = slurm
     folder = make_image_folder(tmp_path / "imgs", per_class=6)  # 12 images, 6 per shard
@@ -150,6 +151,7 @@ def test_embed_k2_requeued_task_resumes_and_a_changed_list_is_refused(slurm):
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_cam_k2_a_cancelled_task_reruns_alone(slurm):
     tmp_path = slurm
     (tmp_path / "classes.txt").write_text("bird\nboat\n")

@@ -36,7 +36,7 @@ steps = json.loads(sys.argv[1])
 results = {"start": {"heavy": [m for m in heavy if m in sys.modules]}}
 runner = CliRunner()
 for name, argv in steps:
-    if name == "models":  # the first step that may import torch (here): the versions before it
+    if name == "launch":  # the one step that imports torch (its plan-only check): versions before it
         from negalign_cli.cache.store import library_versions
         versions_before = library_versions()
         results["versions before"] = {"heavy": [m for m in heavy if m in sys.modules]}
@@ -88,7 +88,7 @@ def world(tmp_path_factory):
         ("evaluate miss", [*evaluate, "--lambda", "0,3", "--out", str(root / "results-3")]),
         ("report", ["report", str(root / "results"), "--cache-dir", str(root / "cache")]),
         ("load_rgb", [str(images / "birds" / "0.jpg")]),
-        ("models", ["models"]),  # imports torch for the project's model table (see below)
+        ("models", ["models"]),
         (
             "launch",
             [
@@ -176,12 +176,6 @@ def test_models_lists_open_clips_tags_without_importing_it(world):
     assert "open_clip" not in world["models"]["heavy"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the project's model table (PROJECT_MODELS) is in models.py, which imports torch, until "
-    "the model reference (issue 21 part 1) moves it into a torch-free module; then import it from "
-    "there in cli/models_cmd.py and drop this mark",
-)
 def test_models_imports_no_torch(world):
     _light(world, "models")
 

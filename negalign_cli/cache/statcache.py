@@ -37,8 +37,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from negalign_cli import hashing
 from negalign_cli.cache.diskfull import disk_full, is_disk_full
+from negalign_cli.errors import NegalignError
 
+STAT_CACHE = "stat.db"  # its name under the cache root
 RACY_SECONDS = 2.0
 _CHUNK = 900 if sqlite3.sqlite_version_info < (3, 32, 0) else 8000
 SCHEMA_VERSION = 2  # 2: ctime_ns in the key (rows of version 1 are dropped)
@@ -192,3 +195,43 @@ class StatCache:
             finally:
                 db.close()
         return [r if r is not None else (None, "not processed") for r in result]
+
+    def file_digests(self, paths: Sequence[str]) -> list[Digest]:
+        """The sha256 of whole files (artifact outputs, ``--out`` exports, score files) by their
+        stat: an unchanged file is not read. A file that cannot be read gets (None, why not); so
+        does an empty one, which is not remembered (as for images, whose rows share these keys)."""
+
+        def hash_many(todo: list[int]) -> list[Digest]:
+            found: list[Digest] = []
+            for i in todo:
+                try:
+                    digest, size = hashing.sha256_file_sized(paths[i])
+                except OSError as exc:
+                    found.append((None, str(exc)))
+                    continue
+                found.append((digest, "") if size else (None, "empty file"))
+            return found
+
+        return self.digests(paths, hash_many)
+
+
+def sha256_files(paths: Sequence[str | Path], stat_cache: StatCache | None = None) -> list[str]:
+    """The sha256 of each file's bytes. Every digest that verifies an artifact against its
+    manifest (store lookups, ``--out`` folders, shard folders) or keys a stage on a file (score
+    files) is taken here: with ``stat_cache``, a file whose size, mtime, ctime, inode and device
+    are unchanged since it was hashed is not read again; any change re-hashes it. A file that
+    cannot be read raises as :func:`negalign_cli.hashing.sha256_file` does; a ``stat.db`` that
+    cannot be written (a full disk) is passed over: every file is hashed."""
+    names = [os.path.abspath(p) for p in paths]
+    if stat_cache is None or not names:
+        return [hashing.sha256_file_sized(name)[0] for name in names]
+    try:
+        found = stat_cache.file_digests(names)
+    except NegalignError:  # stat.db has no room (a full disk): a read still works, without it
+        return [hashing.sha256_file_sized(name)[0] for name in names]
+    # a file the cache did not hash (empty, unreadable) is read here: its digest, or what
+    # sha256_file raises
+    return [
+        digest if digest is not None else hashing.sha256_file_sized(name)[0]
+        for name, (digest, _) in zip(names, found, strict=True)
+    ]

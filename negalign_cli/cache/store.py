@@ -10,8 +10,10 @@ Layout under the cache root::
 A stage run is identified by ``StageSpec.key``: the sha256 of the canonical JSON of the stage
 name, the stage version, its parameters and the digests of its inputs. Outputs are written to a
 temporary folder, digested into ``manifest.json`` and renamed into place, so a killed run never
-leaves a visible partial artifact. Every read re-digests the outputs; a truncated or edited file is
-reported and the artifact recomputed, never used.
+leaves a visible partial artifact. Every read checks the outputs against the manifest (each file's
+size and sha256, the digest through the stat cache ``<cache>/stat.db``: a file whose stat is
+unchanged since it was verified is not read again, a changed one is re-hashed); a truncated or
+edited file is reported and the artifact recomputed, never used.
 """
 
 from __future__ import annotations
@@ -38,8 +40,9 @@ from filelock import FileLock, Timeout
 
 from negalign_cli import __version__
 from negalign_cli.cache.diskfull import disk_full, is_disk_full, writing
+from negalign_cli.cache.statcache import STAT_CACHE, StatCache, sha256_files
 from negalign_cli.errors import NegalignError
-from negalign_cli.hashing import canonical_json, sha256_file, sha256_text
+from negalign_cli.hashing import canonical_json, sha256_text
 from negalign_cli.reporting import NullReporter, Reporter
 
 MANIFEST = "manifest.json"
@@ -231,11 +234,12 @@ def _module_version(module: str) -> str:
 
 
 def verify_folder(
-    folder: Path, names: Iterable[str] | None = None
+    folder: Path, names: Iterable[str] | None = None, stat_cache: StatCache | None = None
 ) -> tuple[dict[str, Any] | None, str | None]:
     """(manifest, None) if ``folder`` holds a readable manifest and every output it lists (or just
     ``names``) matches its size and sha256; else (None, why not). Artifact folders and ``--out``
-    exports are checked the same way."""
+    exports are checked the same way. With ``stat_cache``, an output whose stat is unchanged since
+    its digest was last taken is not read again (a changed one is re-hashed)."""
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
         return None, "manifest.json is missing"
@@ -249,6 +253,10 @@ def verify_folder(
     wanted = None if names is None else set(names)
     if wanted is not None and not wanted <= set(outputs):
         return None, f"its manifest does not list {', '.join(sorted(wanted - set(outputs)))}"
+    # Sizes first, file by file; then the digests of the files before the first problem, in one
+    # batch (one stat-cache query): the first problem in manifest order is reported, as ever.
+    expected: list[tuple[str, Path, str]] = []
+    problem = None
     for name, meta in outputs.items():
         if wanted is not None and name not in wanted:
             continue
@@ -256,13 +264,21 @@ def verify_folder(
         try:
             size, digest = int(meta["bytes"]), str(meta["sha256"])
         except (KeyError, TypeError, ValueError):
-            return None, f"manifest.json is malformed (its entry for {name})"
+            problem = f"manifest.json is malformed (its entry for {name})"
+            break
         if not path.is_file():
-            return None, f"{name} is missing"
+            problem = f"{name} is missing"
+            break
         if path.stat().st_size != size:
-            return None, f"{name} has {path.stat().st_size} bytes, expected {size}"
-        if sha256_file(path) != digest:
+            problem = f"{name} has {path.stat().st_size} bytes, expected {size}"
+            break
+        expected.append((name, path, digest))
+    found = sha256_files([path for _, path, _ in expected], stat_cache)
+    for (name, _, digest), actual in zip(expected, found, strict=True):
+        if actual != digest:
             return None, f"{name} does not match its digest"
+    if problem is not None:
+        return None, problem
     return manifest, None
 
 
@@ -282,6 +298,8 @@ class ArtifactStore:
                     raise disk_full(folder) from exc
                 raise NegalignError(f"cannot create cache folder {folder}: {exc.strerror}") from exc
         self._index: diskcache.Index | None = None
+        # digests of verified outputs by their stat: an unchanged artifact is not read on a hit
+        self.stat_cache = StatCache(self.root / STAT_CACHE)
 
     # ----------------------------------------------------------------- index
     @property
@@ -314,7 +332,7 @@ class ArtifactStore:
 
     # ---------------------------------------------------------------- lookup
     def _verify(self, folder: Path) -> tuple[dict[str, Any] | None, str | None]:
-        return verify_folder(folder)
+        return verify_folder(folder, stat_cache=self.stat_cache)
 
     def _record(self, key: str, manifest: dict[str, Any], folder: Path) -> dict[str, Any]:
         return {
@@ -449,12 +467,14 @@ class ArtifactStore:
         started = time.perf_counter()
         extra = dict(compute(tmp) or {})
         seconds = time.perf_counter() - started
-        outputs = {}
-        for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
-            name = path.relative_to(tmp).as_posix()
-            if name == MANIFEST:
-                raise RuntimeError(f"stage {spec.stage} must not write {MANIFEST} itself")
-            outputs[name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+        written = sorted(p for p in tmp.rglob("*") if p.is_file())
+        if any(path.relative_to(tmp).as_posix() == MANIFEST for path in written):
+            raise RuntimeError(f"stage {spec.stage} must not write {MANIFEST} itself")
+        # no stat cache: these paths are renamed away next (and their files were just written)
+        outputs = {
+            path.relative_to(tmp).as_posix(): {"sha256": digest, "bytes": path.stat().st_size}
+            for path, digest in zip(written, sha256_files(written), strict=True)
+        }
         manifest = {
             "key": key,
             "stage": spec.stage,

@@ -13,7 +13,7 @@ import diskcache
 from filelock import FileLock, Timeout
 
 from negalign_cli.cache.items import ItemRepair, ItemStore, database_healthy
-from negalign_cli.cache.statcache import StatCache
+from negalign_cli.cache.statcache import STAT_CACHE, StatCache
 from negalign_cli.cache.store import ArtifactStore, GcReport, folder_size
 from negalign_cli.errors import NegalignError
 from negalign_cli.settings import SCRATCH, SCRATCH_OWNER
@@ -27,7 +27,6 @@ class RepairReport:
     items: ItemRepair = field(default_factory=ItemRepair)
 
 
-STAT_CACHE = "stat.db"
 SCRATCH_AGE = 86400.0  # a scratch entry untouched for a day belongs to a run that died
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -54,7 +53,7 @@ class Workspace:
 
     @property
     def stat_cache(self) -> StatCache:
-        """Digests of image files by their stat (``<cache>/stat.db``): unchanged files are not re-read."""
+        """Digests of files by their stat (``<cache>/stat.db``): unchanged files are not re-read."""
         return StatCache(self.root / STAT_CACHE)
 
     def close(self) -> None:

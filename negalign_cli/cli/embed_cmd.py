@@ -153,7 +153,7 @@ def images(
     chosen_shard, cache_dir = o.shard_setup(shard, shards_dir, out, cache_dir)
     rt = o.runtime(cache_dir, device, precision, batch_size)
     report = o.reporter(verbose, quiet)
-    o.check_weights(model, pretrained)  # before any image is hashed: missing weights fail at once
+    o.check_weights(model, pretrained, rt)  # before any image is hashed: missing weights fail at once
     image_list = list_images(images, data_root, split, allow_outside_root=allow_outside_root)
     stat_cache = Workspace.open(rt.cache_dir).stat_cache  # unchanged files are not hashed again
     listing = digest_images(image_list, report, stat_cache=stat_cache) if chosen_shard is None else None

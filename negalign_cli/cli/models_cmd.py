@@ -24,7 +24,7 @@ def models(
     from rich.table import Table
 
     from negalign_cli.model_names import list_architectures  # open_clip's names and tags, read without torch
-    from negalign_cli.models import PROJECT_MODELS
+    from negalign_cli.modelref import PROJECT_MODELS  # torch-free, as the names and tags
 
     infos = [
         i

@@ -106,23 +106,32 @@ def reporter(verbose: int, quiet: bool) -> RichReporter:
     return RichReporter(-1 if quiet else verbose)
 
 
-def check_weights(model: str, pretrained: str | None) -> None:
+def check_weights(model: str, pretrained: str | None, rt: Runtime | None = None) -> None:
     """Before any image is listed or hashed: the weights exist (a file, a project model, an
-    open_clip tag that is cached or can be downloaded now)."""
+    open_clip tag that is cached or can be downloaded now). A model the cache's fingerprint table
+    knows (``modelref``) was checked when it was built: nothing is imported for it."""
+    if rt is not None:
+        from negalign_cli.modelref import FingerprintTable, resolve_ref
+
+        if FingerprintTable(rt.cache_dir).get(resolve_ref(model, pretrained, rt.device, rt.precision)):
+            return
     from negalign_cli.models import check_weights
 
     check_weights(model, pretrained)
 
 
 def load(model: str, pretrained: str | None, rt: Runtime, report: RichReporter, detail: str = ""):
-    """Load the model, say which one, and warn loudly when its weights are random."""
-    from negalign_cli.models import load_model
+    """The command's model (``modelref.LazyModel``): its identity from the cache's fingerprint
+    table, the network built only when a stage computes something (a miss), or now when the table
+    does not know it yet. Says which model, and warns loudly when its weights are random."""
+    from negalign_cli.modelref import plan_model
 
     started = time.perf_counter()
-    loaded = load_model(model, pretrained, rt.device, rt.precision)
+    loaded = plan_model(model, pretrained, rt.cache_dir, rt.device, rt.precision, report)
     report.info(f"model {loaded.describe()}{detail}")
+    how = "built" if loaded.built else "from the fingerprint table (not built)"
     report.debug(
-        f"model loaded in {time.perf_counter() - started:.2f} s; fingerprint {loaded.fingerprint}; "
+        f"model {how} in {time.perf_counter() - started:.2f} s; fingerprint {loaded.fingerprint}; "
         f"preprocessing {loaded.preprocess_cfg}; cache {rt.cache_dir}"
     )
     if loaded.random_weights:
@@ -241,6 +250,7 @@ def run_shard(shard, shards_dir: Path, spec, image_list, run, report, stat_cache
         image_list,
         lambda part: run(digest_images(part, report, stat_cache=stat_cache)),
         report,
+        stat_cache,
     )
     shard_summary(outcome)
 

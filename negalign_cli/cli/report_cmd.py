@@ -47,8 +47,15 @@ def report(
     histograms, a grid of CAM overlays of the most and least ID-like images of every set (with the
     true mask on the toy world) and the provenance (model fingerprint, data digests, settings,
     library versions). The score files and `cam` folders are found through the manifests."""
+    from negalign_cli.cache.statcache import STAT_CACHE, StatCache
     from negalign_cli.stages.report import build_report
 
-    o.cache_root(cache_dir)  # side files (matplotlib's cache) go under the cache
-    result = build_report(results_dir, out, cells=cells, reporter=o.reporter(verbose, quiet))
+    root = o.cache_root(cache_dir)  # side files (matplotlib's cache) go under the cache
+    result = build_report(
+        results_dir,
+        out,
+        cells=cells,
+        reporter=o.reporter(verbose, quiet),
+        stat_cache=StatCache(root / STAT_CACHE),  # unchanged score files are not read again
+    )
     stdout().print(f"wrote {', '.join(p.name for p in result.written)} to {result.out}")

@@ -93,6 +93,7 @@ def score(
     """Score every image: MCM, NegLabel (plain and *), NegRefine multi-matching, and the background
     terms (s_bg_pos, s_bg_neg, P_align) when CAM outputs exist. Writes scores.parquet. M3 (z-scoring)
     happens in `evaluate` (--scale-stabilize), where the ID set is known."""
+    from negalign_cli.cache.statcache import STAT_CACHE, StatCache
     from negalign_cli.cache.workspace import Workspace
     from negalign_cli.compute.scores import ScoreConfig
     from negalign_cli.inputs.words import load_classes, load_negatives
@@ -110,7 +111,7 @@ def score(
     if negatives_split is not None and (nouns or adjs):
         raise NegalignError("give either --negatives-split or --nouns/--adjs, not both")
     vocab = (
-        negatives_from_split(negatives_split)
+        negatives_from_split(negatives_split, StatCache(rt.cache_dir / STAT_CACHE))
         if negatives_split is not None
         else negatives_from_lists(
             load_negatives(nouns, report) if nouns else None, load_negatives(adjs, report) if adjs else None
@@ -127,7 +128,9 @@ def score(
     )
     workspace = Workspace.open(rt.cache_dir)
     image_set = open_image_set(
-        resolve_folder(images_dir, workspace), resolve_folder(cam_dir, workspace) if cam_dir else None
+        resolve_folder(images_dir, workspace),
+        resolve_folder(cam_dir, workspace) if cam_dir else None,
+        workspace.stat_cache,  # each file hashed once, or not at all when unchanged
     )
     check_request(vocab, config, has_cam=image_set.has_cam)  # before any weight is loaded
     class_list = load_classes(classes, report)

@@ -10,14 +10,42 @@ from negalign_cli.compute.metrics import CONVENTIONS, ood_metrics
 from negalign_cli.compute.score_columns import SCORE_COLUMNS
 
 STAR, ALIGN = "s_neglabel_star", "p_align"
+# Names results.json, metrics.csv and the tables give rows that are not an OOD set: the ID set and
+# the mean over the sets. No OOD set or --ood-group may take one (in any case).
+ID_SET, MEAN = "ID", "mean"
+RESERVED_SET_NAMES = {ID_SET: "the ID set", MEAN: "the mean over the OOD sets"}
+
+
+def mean_std(values: np.ndarray) -> tuple[float, float]:
+    """Mean and population standard deviation, NaN left out. Finite scores too large for a sum
+    or a square (near ±1e308) are divided by their largest magnitude first and the results scaled
+    back, so their statistics stay finite; ordinary scores are summed as they are."""
+    values = np.asarray(values, dtype=np.float64)
+    finite = np.abs(values[np.isfinite(values)])
+    peak = float(finite.max()) if finite.size else 0.0
+    scale = peak if peak > 1e150 else 1.0
+    scaled = values / scale if scale != 1.0 else values
+    return float(np.nanmean(scaled)) * scale, float(np.nanstd(scaled)) * scale
 
 
 def fit_calibration(star: np.ndarray, align: np.ndarray) -> dict[str, dict[str, float]]:
     """M3: mean and standard deviation (population) of S* and P_align on the ID set."""
+    (star_mean, star_std), (align_mean, align_std) = mean_std(star), mean_std(align)
     return {
-        STAR: {"mean": float(np.mean(star)), "std": float(np.std(star))},
-        ALIGN: {"mean": float(np.mean(align)), "std": float(np.std(align))},
+        STAR: {"mean": star_mean, "std": star_std},
+        ALIGN: {"mean": align_mean, "std": align_std},
     }
+
+
+def calibration_problem(calibration: Mapping[str, Mapping[str, float]]) -> str | None:
+    """Why M3 statistics cannot standardise, or None: a mean or standard deviation that is not
+    finite (an infinite std would make every z-score 0) or a negative std."""
+    values = [(f"{c} {stat}", float(calibration[c][stat])) for c in (STAR, ALIGN) for stat in ("mean", "std")]
+    bad = [f"{name}={value}" for name, value in values if not np.isfinite(value)]
+    if bad:
+        return f"values that are not finite ({', '.join(bad)})"
+    negative = [f"{name}={value}" for name, value in values if name.endswith("std") and value < 0]
+    return f"a negative standard deviation ({', '.join(negative)})" if negative else None
 
 
 def final_score(
@@ -31,6 +59,21 @@ def final_score(
         star = zscore(star, calibration[STAR]["mean"], calibration[STAR]["std"])
         align = zscore(align, calibration[ALIGN]["mean"], calibration[ALIGN]["std"])
     return star + lam * align
+
+
+def nonfinite_final(
+    star: np.ndarray,
+    align: np.ndarray,
+    lambdas: Sequence[float],
+    calibration: Mapping[str, Mapping[str, float]] | None = None,
+) -> np.ndarray:
+    """Rows whose S_final is not finite at one of ``lambdas``: with finite components, finite
+    scores too large to combine (1e308 + 1e308 overflows to inf). A boolean mask, no warning."""
+    bad = np.zeros(len(star), dtype=bool)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for lam in lambdas:  # a handful of λ, each vectorised over every row
+            bad |= ~np.isfinite(final_score(star, align, lam, calibration))
+    return bad
 
 
 def all_metrics(id_scores: np.ndarray, ood_scores: np.ndarray) -> dict[str, dict[str, float]]:
@@ -72,8 +115,7 @@ def statistics(frame_columns: Mapping[str, np.ndarray]) -> dict[str, float]:
             continue
         values = np.asarray(values, dtype=np.float64)
         if values.size and np.isfinite(values).any():
-            out[f"{name}_mean"] = float(np.nanmean(values))
-            out[f"{name}_std"] = float(np.nanstd(values))
+            out[f"{name}_mean"], out[f"{name}_std"] = mean_std(values)
     valid = frame_columns.get("cam_valid")
     if valid is not None and len(valid) and not all(v is None for v in valid):
         out["cam_valid_rate"] = float(np.mean(np.asarray(valid, dtype=bool)))
@@ -94,17 +136,52 @@ def average_metrics(metric_dicts: Sequence[Mapping[str, Mapping[str, float]]]) -
     }
 
 
+def check_set_names(sets: Sequence[str]) -> None:
+    """Check the OOD set names: none empty, none reserved (:data:`RESERVED_SET_NAMES`, in any case:
+    an OOD set called ``ID`` would replace the ID set, one called ``mean`` would be a second mean
+    row) and no two equal up to case (one row to a reader, two to the code). Raises ValueError."""
+    seen: dict[str, str] = {}
+    for name in sets:
+        if not name.strip():
+            raise ValueError("an OOD set name is empty")
+        _check_reserved(name, "OOD set")
+        other = seen.get(name.casefold())
+        if other is not None:
+            problem = (
+                f"name {name!r} is given twice"
+                if other == name
+                else f"names {other!r} and {name!r} differ only in case"
+            )
+            raise ValueError(f"OOD set {problem}: give each set its own name")
+        seen[name.casefold()] = name
+
+
+def _check_reserved(name: str, what: str) -> None:
+    reserved = {r.casefold(): r for r in RESERVED_SET_NAMES}
+    if name.casefold() in reserved:
+        meaning = RESERVED_SET_NAMES[reserved[name.casefold()]]
+        raise ValueError(
+            f"{what} name {name!r} is reserved: results.json and the tables call {meaning} "
+            f"{reserved[name.casefold()]!r} ({', '.join(RESERVED_SET_NAMES)} are reserved, in any case); "
+            "name it otherwise"
+        )
+
+
 def group_sets(groups: Sequence[tuple[str, Sequence[str]]], sets: Sequence[str]) -> dict[str, list[str]]:
     """Check ``--ood-group`` definitions against the OOD set names: every member must be a set, a
-    group must have at least one member and no duplicates, and a group's name must not be a set's
-    (or ``mean``). Returns name → members in the given order. Raises ValueError with the reason."""
+    group must have at least one member and no duplicates, and a group's name must be neither a
+    set's nor another group's nor reserved (:data:`RESERVED_SET_NAMES`), in any case. Returns
+    name → members in the given order. Raises ValueError with the reason."""
     known = set(sets)
+    taken = {s.casefold(): s for s in sets}
     out: dict[str, list[str]] = {}
     for name, members in groups:
-        if name in out:
-            raise ValueError(f"group {name!r} is defined twice")
-        if name in known or name == "mean":
-            raise ValueError(f"group name {name!r} is already an OOD set name (or 'mean')")
+        _check_reserved(name, "group")
+        if name.casefold() in taken:
+            other = taken[name.casefold()]
+            if other in out:
+                raise ValueError(f"group {name!r} is defined twice (or differs from {other!r} only in case)")
+            raise ValueError(f"group name {name!r} is already an OOD set name ({other!r})")
         unknown = [m for m in members if m not in known]
         if unknown:
             raise ValueError(
@@ -116,6 +193,7 @@ def group_sets(groups: Sequence[tuple[str, Sequence[str]]], sets: Sequence[str])
         if len(set(members)) != len(members):
             raise ValueError(f"group {name!r} names a set twice")
         out[name] = list(members)
+        taken[name.casefold()] = name
     return out
 
 

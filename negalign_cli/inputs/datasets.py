@@ -32,8 +32,8 @@ class TooLarge(ValueError):
 
 
 def load_rgb(path: str | Member, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open an image as 8-bit RGB: alpha dropped, grayscale expanded, 16-bit scaled to 8 bits.
-    An image with more than ``max_pixels`` pixels raises :class:`TooLarge` before it is decoded."""
+    """Open an image as 8-bit RGB (:func:`to_rgb`). An image with more than ``max_pixels`` pixels
+    raises :class:`TooLarge` before it is decoded."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the check below decides
         source = io.BytesIO(path.read()) if isinstance(path, Member) else open_regular(path)
@@ -53,13 +53,44 @@ def load_rgb(path: str | Member, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
                 f"above --max-pixels {max_pixels:,}"
             )
         image.load()
-        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-            array = np.asarray(image, dtype=np.float64)
-            peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-            return Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert(
-                "RGB"
-            )
-        return image.convert("RGB")
+        return to_rgb(image)
+
+
+PIXEL_ARRAYS = "(H, W), (H, W, 1), (H, W, 3) or (H, W, 4) of uint8 or uint16, or (H, W) of int32"
+
+
+def to_rgb(image: Image.Image | np.ndarray) -> Image.Image:
+    """8-bit RGB, the one conversion of every image, whether read from a file, given as a PIL
+    image or as a pixel array (:data:`PIXEL_ARRAYS`, as ``np.asarray(pil_image)`` gives): alpha
+    dropped, grayscale expanded, 16-bit scaled to 8 bits (not clipped: 65535 is white, 32768 mid
+    grey). Raises ValueError for an array of another shape or dtype."""
+    if isinstance(image, np.ndarray):
+        image = _from_array(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        return Image.fromarray(_to_8bit(array, peak)).convert("RGB")
+    return image.convert("RGB")
+
+
+def _to_8bit(array: np.ndarray, peak: float) -> np.ndarray:
+    return np.clip(np.asarray(array, dtype=np.float64) / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def _from_array(array: np.ndarray) -> Image.Image:
+    """A PIL image of pixels in PIL's own layout; 16-bit colour (which PIL cannot hold) is scaled to
+    8 bits here, by :func:`to_rgb`'s rule."""
+    shape = "×".join(map(str, array.shape))
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    channels = 1 if array.ndim == 2 else array.shape[2] if array.ndim == 3 else 0
+    if channels not in (1, 3, 4) or 0 in array.shape:
+        raise ValueError(f"a pixel array of shape {shape}: give {PIXEL_ARRAYS}")
+    if array.dtype == np.uint16 and channels > 1:
+        array = _to_8bit(array, 65535.0)
+    elif not (array.dtype in (np.uint8, np.uint16) or (array.dtype == np.int32 and channels == 1)):
+        raise ValueError(f"a pixel array of dtype {array.dtype}: give {PIXEL_ARRAYS}")
+    return Image.fromarray(np.ascontiguousarray(array))
 
 
 class ImageDataset:  # a map-style dataset (what DataLoader takes: __len__, __getitem__)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,30 +14,38 @@ import numpy as np
 import pandas as pd
 
 from negalign_cli import __version__
+from negalign_cli.cache.statcache import StatCache, sha256_files
 from negalign_cli.cache.store import StageResult, StageSpec
 from negalign_cli.cache.workspace import Workspace
 from negalign_cli.compute.evaluation import (
     ALIGN,
+    ID_SET,
+    MEAN,
     STAR,
     all_metrics,
     average_metrics,
     best_lambda,
+    calibration_problem,
+    check_set_names,
     final_score,
     fit_calibration,
     group_sets,
     lambda_sweep,
+    nonfinite_final,
     statistics,
 )
 from negalign_cli.compute.metrics import CONVENTIONS, DEFINITIONS, RECALL_LEVEL, group_rejection
 from negalign_cli.compute.score_columns import SCORE_COLUMNS, method_columns, score_column
 from negalign_cli.defaults import DEFAULT_LAMBDAS, NEGALIGN
 from negalign_cli.errors import NegalignError
-from negalign_cli.hashing import sha256_file
-from negalign_cli.reporting import NullReporter, Reporter
+from negalign_cli.reporting import NullReporter, RecordingReporter, Reporter
 from negalign_cli.stages import files
 from negalign_cli.stages.score_files import read_score_metadata
 
-EVALUATE_STAGE, EVALUATE_VERSION = "evaluate", 2  # 2: ROC of every method, labelled histograms, --ood-group
+FITTED = "fitted on the ID set"  # the source of M3 statistics fitted by evaluate itself
+# 2: ROC of every method, labelled histograms, --ood-group; 3: S_final overflows and reserved set
+# names refused (an evaluation cached before would still serve them)
+EVALUATE_STAGE, EVALUATE_VERSION = "evaluate", 3
 METHODS = method_columns()
 
 
@@ -151,16 +160,38 @@ def _usable(frame: pd.DataFrame, column: str) -> bool:
     return column in frame.columns and bool(pd.to_numeric(frame[column], errors="coerce").notna().any())
 
 
-def _load_calibration(path: Path) -> dict:
+def load_calibration(path: Path, what: str | None = None) -> dict[str, dict[str, float]]:
+    """M3 statistics from a JSON file (a results.json of ``evaluate --scale-stabilize``, or its
+    ``calibration`` block alone); ``what`` names where it came from in errors (default: the path)."""
+    what = what or str(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise NegalignError(f"cannot read calibration file {path}") from exc
-    data = data.get("calibration", data)
+        raise NegalignError(f"cannot read calibration file {what}: {str(exc).splitlines()[0][:120]}") from exc
+    return parse_calibration(data, what)
+
+
+def parse_calibration(data: Any, what: str) -> dict[str, dict[str, float]]:
+    """M3 statistics (mean and std of S* and P_align) from a mapping, or from a results.json's
+    ``calibration`` block; refused unless finite with non-negative std. ``what`` names the source."""
+    if isinstance(data, Mapping) and isinstance(data.get("calibration"), Mapping):
+        data = data["calibration"]
     try:
-        return {k: {"mean": float(data[k]["mean"]), "std": float(data[k]["std"])} for k in (STAR, ALIGN)}
-    except (KeyError, TypeError, ValueError) as exc:
-        raise NegalignError(f"{path} holds no mean/std for {STAR} and {ALIGN}") from exc
+        calibration = {
+            k: {"mean": float(data[k]["mean"]), "std": float(data[k]["std"])} for k in (STAR, ALIGN)
+        }
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise NegalignError(
+            f"{what} holds no mean/std for {STAR} and {ALIGN}: give the calibration block of a "
+            "results.json written by `evaluate --scale-stabilize` (or that results.json)"
+        ) from exc
+    problem = calibration_problem(calibration)
+    if problem is not None:
+        raise NegalignError(
+            f"M3 statistics ({what}) hold {problem}: give the calibration block of a results.json "
+            "written by `evaluate --scale-stabilize`"
+        )
+    return calibration
 
 
 def evaluate(request: EvaluateRequest, workspace: Workspace, reporter: Reporter | None = None) -> StageResult:
@@ -173,18 +204,43 @@ def evaluate(request: EvaluateRequest, workspace: Workspace, reporter: Reporter 
             f"--select-lambda-on {request.select_on!r} is not one of the --ood names ({', '.join(names)})"
         )
     try:
+        check_set_names(names)
+    except ValueError as exc:
+        raise NegalignError(f"--ood: {exc}") from exc
+    try:
         group_sets(request.groups, names)
     except ValueError as exc:
         raise NegalignError(f"--ood-group: {exc}") from exc
-    inputs = {"id": sha256_file(request.id_path) if request.id_path.is_file() else "missing"}
+    stat_cache = workspace.store.stat_cache  # a score file unchanged since it was hashed is not read
+    inputs = {"id": _file_digest(request.id_path, stat_cache) if request.id_path.is_file() else "missing"}
     for name, path in request.oods:
-        inputs[f"ood:{name}"] = sha256_file(path) if path.is_file() else "missing"
+        inputs[f"ood:{name}"] = _file_digest(path, stat_cache) if path.is_file() else "missing"
+    _warn_same_content(request, inputs, reporter)
     if request.calibration_path is not None:
-        inputs["calibration"] = sha256_file(request.calibration_path)
+        if not request.calibration_path.is_file():
+            raise NegalignError(f"--calibration file not found: {request.calibration_path}")
+        inputs["calibration"] = _file_digest(request.calibration_path, stat_cache)
     for name, path in request.id_groups:
-        inputs[f"id-group:{name}"] = _group_digest(path)
+        inputs[f"id-group:{name}"] = _group_digest(path, stat_cache)
     spec = StageSpec(EVALUATE_STAGE, EVALUATE_VERSION, request.params(), inputs)
     return workspace.store.run(spec, lambda folder: _evaluate(request, folder, reporter), reporter)
+
+
+def _warn_same_content(request: EvaluateRequest, inputs: dict[str, str], reporter: Reporter) -> None:
+    """Warn when an OOD file holds the same bytes as the ID file (ID would be scored against
+    itself: every method near 50% AUROC) or as another OOD file."""
+    seen = {inputs["id"]: f"the ID file {request.id_path}"}
+    for name, path in request.oods:
+        digest = inputs[f"ood:{name}"]
+        if digest == "missing":
+            continue
+        if digest in seen:
+            reporter.warn(
+                f"--ood {name}={path} has the same content as {seen[digest]} (sha256 {digest[:12]}): "
+                "check that you gave the file you meant"
+            )
+        else:
+            seen[digest] = f"--ood {name}"
 
 
 @dataclass
@@ -199,10 +255,19 @@ def _evaluate(request: EvaluateRequest, folder: Path, reporter: Reporter) -> dic
     frames = _read_frames(request)
     selection = _select(request, frames, reporter)
     cam_invalid, excluded = _exclude_invalid_cams(frames, selection, reporter)
-    dropped = _drop_nonfinite(frames, _needed_columns(request, selection), request.drop_nonfinite, reporter)
-    id_frame = frames["ID"]
-    ood_frames = {name: frame for name, frame in frames.items() if name != "ID"}
-    calibration = _calibration(request, id_frame) if selection.negalign else None
+    paths = {ID_SET: request.id_path, **dict(request.oods)}
+    dropped = _drop_nonfinite(
+        frames, _needed_columns(request, selection), request.drop_nonfinite, reporter, paths
+    )
+    calibration = _calibration(request, frames[ID_SET]) if selection.negalign else None
+    if selection.negalign:
+        _check_calibration(calibration, paths)
+        overflow = _drop_overflow(
+            frames, _lambdas(request), calibration, request.drop_nonfinite, reporter, paths
+        )
+        dropped = {name: count + overflow[name] for name, count in dropped.items()}
+    id_frame = frames[ID_SET]
+    ood_frames = {name: frame for name, frame in frames.items() if name != ID_SET}
     sweeps = _sweeps(request, id_frame, ood_frames, calibration) if selection.negalign else {}
     chosen, rule = _choose_lambdas(request, sweeps)
 
@@ -214,9 +279,9 @@ def _evaluate(request: EvaluateRequest, folder: Path, reporter: Reporter) -> dic
         "id": {
             "file": str(request.id_path),
             "n": len(id_frame),
-            "dropped_nonfinite": dropped["ID"],
-            "cam_invalid": cam_invalid["ID"],
-            "excluded_invalid_cam": excluded["ID"],
+            "dropped_nonfinite": dropped[ID_SET],
+            "cam_invalid": cam_invalid[ID_SET],
+            "excluded_invalid_cam": excluded[ID_SET],
         },
         "ood": {},
     }
@@ -270,9 +335,9 @@ def _column_descriptions(selection: _Selection) -> dict[str, dict[str, str]]:
 def _read_frames(request: EvaluateRequest) -> dict[str, pd.DataFrame]:
     """The ID and OOD score files (ID first), refusing files made by different models, and files
     made with different score settings, classes or negatives unless --allow-mixed-settings."""
-    frames = {"ID": read_score_file(request.id_path)}
+    frames = {ID_SET: read_score_file(request.id_path)}
     frames.update({name: read_score_file(path) for name, path in request.oods})
-    metadata = {name: read_score_metadata(path) for name, path in [("ID", request.id_path), *request.oods]}
+    metadata = {name: read_score_metadata(path) for name, path in [(ID_SET, request.id_path), *request.oods]}
     models = {name: meta.get("model") for name, meta in metadata.items()}
     if len({m for m in models.values() if m}) > 1:
         shown = ", ".join(f"{n}={m[:12]}" for n, m in models.items() if m)
@@ -375,24 +440,66 @@ def _exclude_invalid_cams(
 
 
 def _drop_nonfinite(
-    frames: dict[str, pd.DataFrame], needed: list[str], drop: bool, reporter: Reporter
+    frames: dict[str, pd.DataFrame],
+    needed: list[str],
+    drop: bool,
+    reporter: Reporter,
+    paths: Mapping[str, Path] | None = None,
 ) -> dict[str, int]:
     """NaN/inf in an evaluated column is an error, or (``--drop-nonfinite``) the row is left out."""
     dropped = {}
     for name in list(frames):
+        where = f"{name} ({paths[name]})" if paths else name
         values = frames[name][needed].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
         bad = ~np.isfinite(values).all(axis=1)
         if bad.any():
             if not drop:
                 raise NegalignError(
-                    f"{name}: {int(bad.sum())} row(s) have NaN/inf in {', '.join(needed)}; "
+                    f"{where}: {int(bad.sum())} row(s) have NaN/inf in {', '.join(needed)}; "
                     "pass --drop-nonfinite to leave them out"
                 )
-            reporter.warn(f"{name}: left out {int(bad.sum())} row(s) with NaN/inf scores")
+            reporter.warn(f"{where}: left out {int(bad.sum())} row(s) with NaN/inf scores")
             frames[name] = frames[name][~bad]
         dropped[name] = int(bad.sum())
         if frames[name].empty:
-            raise NegalignError(f"{name}: no rows left to evaluate")
+            raise NegalignError(f"{where}: no rows left to evaluate")
+    return dropped
+
+
+def _drop_overflow(
+    frames: dict[str, pd.DataFrame],
+    lambdas: Sequence[float],
+    calibration: dict | None,
+    drop: bool,
+    reporter: Reporter,
+    paths: Mapping[str, Path] | None = None,
+) -> dict[str, int]:
+    """Finite S* and P_align too large to combine: S_final = S* + λ·P_align (z-scored with M3's
+    statistics when there are any) overflows to inf at one of ``lambdas``. An error naming the
+    file and the columns, or (``--drop-nonfinite``) the row is left out, as NaN/inf rows are."""
+    dropped = {}
+    combined = f"{STAR} + λ·{ALIGN}"
+    if calibration is not None:
+        combined += f" (z-scored, M3 statistics {calibration['source']})"
+    for name in list(frames):
+        where = f"{name} ({paths[name]})" if paths else name
+        star, align = _values(frames[name], STAR), _values(frames[name], ALIGN)
+        bad = nonfinite_final(star, align, lambdas, calibration)
+        if bad.any():
+            if not drop:
+                first = int(np.flatnonzero(bad)[0])
+                at = [lam for lam in lambdas if nonfinite_final(star, align, [lam], calibration).any()]
+                raise NegalignError(
+                    f"{where}: S_final = {combined} overflows to inf for {int(bad.sum())} row(s) at λ = "
+                    f"{', '.join(f'{lam:g}' for lam in at)} (first: row {frames[name].index[first]}, "
+                    f"{STAR}={star[first]:.4g}, {ALIGN}={align[first]:.4g}): finite scores too large to "
+                    "combine; check how the file was made, or pass --drop-nonfinite to leave them out"
+                )
+            reporter.warn(f"{where}: left out {int(bad.sum())} row(s) whose S_final = {combined} overflows")
+            frames[name] = frames[name][~bad]
+            if frames[name].empty:
+                raise NegalignError(f"{where}: no rows left to evaluate")
+        dropped[name] = int(bad.sum())
     return dropped
 
 
@@ -403,13 +510,31 @@ def _values(frame: pd.DataFrame, name: str) -> np.ndarray:
 def _calibration(request: EvaluateRequest, id_frame: pd.DataFrame) -> dict | None:
     """M3's statistics: from --calibration FILE, or fitted on the ID set; None without M3."""
     if request.calibration_path is not None:
-        return {**_load_calibration(request.calibration_path), "source": str(request.calibration_path)}
+        return {**load_calibration(request.calibration_path), "source": str(request.calibration_path)}
     if request.scale_stabilize:
         return {
             **fit_calibration(_values(id_frame, STAR), _values(id_frame, ALIGN)),
-            "source": "fitted on the ID set",
+            "source": FITTED,
         }
     return None
+
+
+def _lambdas(request: EvaluateRequest) -> list[float]:
+    """The λ NegAlign is evaluated at: --lambda, else the published sweep."""
+    return request.lambdas or list(DEFAULT_LAMBDAS)
+
+
+def _check_calibration(calibration: dict | None, paths: Mapping[str, Path]) -> None:
+    """M3's statistics must be finite (an infinite std would make every z-score 0), their
+    standard deviations not negative."""
+    problem = calibration_problem(calibration) if calibration is not None else None
+    if calibration is not None and problem is not None:
+        fix = (
+            f"the ID scores ({paths[ID_SET]}) cannot be standardised; check how the file was made"
+            if calibration["source"] == FITTED
+            else "give the calibration block of a results.json written by `evaluate --scale-stabilize`"
+        )
+        raise NegalignError(f"M3 statistics ({calibration['source']}) hold {problem}: {fix}")
 
 
 def _sweeps(
@@ -418,7 +543,7 @@ def _sweeps(
     ood_frames: dict[str, pd.DataFrame],
     calibration: dict | None,
 ) -> dict[str, dict[float, dict]]:
-    lambdas = request.lambdas or list(DEFAULT_LAMBDAS)
+    lambdas = _lambdas(request)
     id_star, id_align = _values(id_frame, STAR), _values(id_frame, ALIGN)
     return {
         name: lambda_sweep(
@@ -475,10 +600,14 @@ def _ood_block(
 
 
 # ----------------------------------------------------------------------------- ID subgroups
-def _group_digest(path: Path) -> str:
+def _file_digest(path: Path, stat_cache: StatCache | None = None) -> str:
+    return sha256_files([path], stat_cache)[0]
+
+
+def _group_digest(path: Path, stat_cache: StatCache | None = None) -> str:
     """What the cache key records of a group: the file's bytes, or the image list of a folder."""
     if path.is_file():
-        return sha256_file(path)
+        return _file_digest(path, stat_cache)
     if path.is_dir():
         return hashlib.sha256("\n".join(_group_paths(path)).encode()).hexdigest()
     raise NegalignError(f"--id-group file not found: {path}")
@@ -551,12 +680,12 @@ def _write_outputs(
     (folder / files.RESULTS).write_text(json.dumps(results, indent=2, sort_keys=False), encoding="utf-8")
     mean_rows = [
         _row(name, m, b.get("lambda"), b["metrics"], request.convention)
-        for name, block in [*results.get("groups", {}).items(), ("mean", results["mean"])]
+        for name, block in [*results.get("groups", {}).items(), (MEAN, results["mean"])]
         for m, b in block["methods"].items()
     ]
     pd.DataFrame(rows + mean_rows).to_csv(folder / files.METRICS, index=False, float_format="%.4f")
     plot_roc(folder / files.ROC_PLOT, roc_curves(results, id_frame, ood_frames))
-    frames = {"ID": id_frame, **ood_frames}
+    frames = {ID_SET: id_frame, **ood_frames}
     components = [
         c
         for c in (*METHODS.values(), ALIGN, request.score_column)
@@ -607,7 +736,12 @@ def evaluated_rows(results: dict, frames: dict[str, pd.DataFrame]) -> dict[str, 
     selection = _Selection(columns, NEGALIGN in first)
     frames = dict(frames)
     _exclude_invalid_cams(frames, selection, NullReporter())
-    _drop_nonfinite(frames, _needed_columns(EvaluateRequest(Path(), []), selection), True, NullReporter())
+    silent = RecordingReporter()  # evaluate said what it left out
+    _drop_nonfinite(frames, _needed_columns(EvaluateRequest(Path(), []), selection), True, silent)
+    if selection.negalign:
+        sweep = next(iter(results["ood"].values()))["lambda_sweep"]
+        lambdas = [float(entry["lambda"]) for entry in sweep.values()]
+        _drop_overflow(frames, lambdas, results.get("calibration"), True, silent)
     return frames
 
 
@@ -663,7 +797,7 @@ def _mean_block(blocks: dict[str, dict], convention: str) -> dict:
 
 
 def _score_configs(request: EvaluateRequest) -> dict[str, Any]:
-    configs = {"ID": read_score_metadata(request.id_path).get("config")}
+    configs = {ID_SET: read_score_metadata(request.id_path).get("config")}
     for name, path in request.oods:
         configs[name] = read_score_metadata(path).get("config")
     return configs

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import pandas as pd
@@ -29,7 +30,6 @@ from negalign_cli.compute.vision import (
     encode_images,
     pack_cam_rows,
     unpack_cam_rows,
-    vision_tower,
 )
 from negalign_cli.defaults import CLASS_TEMPLATES, DEFAULT_STORE_DTYPE, STORE_DTYPES
 from negalign_cli.errors import NegalignError
@@ -45,7 +45,6 @@ from negalign_cli.inputs.datasets import (
 )
 from negalign_cli.inputs.listing import ImageList, digest_all, is_transient
 from negalign_cli.inputs.words import WordList, load_templates
-from negalign_cli.models import LoadedModel
 from negalign_cli.reporting import NullReporter, Reporter
 from negalign_cli.stages import files
 from negalign_cli.stages.image_rows import (  # what merge reads too, without torch
@@ -58,6 +57,9 @@ from negalign_cli.stages.image_rows import (  # what merge reads too, without to
 from negalign_cli.stages.image_rows import image_table as _table
 from negalign_cli.stages.image_rows import row_order as _row_order
 from negalign_cli.stages.text import text_embeddings
+
+if TYPE_CHECKING:  # a stage gets a modelref.LazyModel (built on first use) or a models.LoadedModel
+    from negalign_cli.modelref import AnyModel
 
 IMAGE_ITEMS_VERSION = 1
 CAM_ITEMS_VERSION = 2
@@ -105,7 +107,7 @@ def digest_images(
     return Listing(images, digests, reasons)
 
 
-def image_namespace(workspace: Workspace, model: LoadedModel, decoder: str = "pil") -> Namespace:
+def image_namespace(workspace: Workspace, model: AnyModel, decoder: str = "pil") -> Namespace:
     params = {"precision": model.precision, "version": IMAGE_ITEMS_VERSION}
     if decoder != "pil":  # the batched decoder's resize differs slightly from PIL's: keep them apart
         params["decoder"] = decoder
@@ -116,7 +118,7 @@ def _run_missing(
     listing: Listing,
     missing: Sequence[str],
     first: dict[str, int],
-    model: LoadedModel,
+    model: AnyModel,
     process: Callable[[torch.Tensor, list[str]], Callable[[], None] | None],
     *,
     batch_size: int,
@@ -146,7 +148,8 @@ def _run_missing(
             timeout=WORKER_TIMEOUT if workers else 0,
         )
         fallback = dataset.pil.__getitem__
-        batches = (decode_batch(items, model.preprocess_cfg, model.device, fallback) for items in raw)
+        device = torch.device(model.device)  # a LazyModel's is a settings.DeviceName (a str)
+        batches = (decode_batch(items, model.preprocess_cfg, device, fallback) for items in raw)
     else:
         batches = torch.utils.data.DataLoader(
             ImageDataset(paths, model.image_transform(), max_pixels),
@@ -254,7 +257,7 @@ class Filled:
 def _fill(
     listing: Listing,
     namespace: Namespace,
-    model: LoadedModel,
+    model: AnyModel,
     process: Callable[[torch.Tensor, list[str]], Callable[[], None] | None],
     *,
     batch_size: int,
@@ -332,7 +335,7 @@ def _check_store_dtype(store_dtype: str) -> None:
 
 # ----------------------------------------------------------------------------- embed images
 def embed_images_spec(
-    model: LoadedModel,
+    model: AnyModel,
     images_key: str,
     *,
     store_dtype: str = DEFAULT_STORE_DTYPE,
@@ -355,7 +358,7 @@ def embed_images_spec(
 
 
 def embed_images(
-    model: LoadedModel,
+    model: AnyModel,
     listing: Listing,
     workspace: Workspace,
     *,
@@ -370,7 +373,7 @@ def embed_images(
     """``image_embeddings.npy`` (one row per distinct readable image) and ``images.parquet``."""
     reporter = reporter or NullReporter()
     workers = default_workers() if workers is None else workers
-    decoder = resolve_decoder(decoder, model.device)
+    decoder = resolve_decoder(decoder, cast("torch.device", model.device))  # reads its .type only
     spec = embed_images_spec(
         model, listing.key, store_dtype=store_dtype, decoder=decoder, max_pixels=max_pixels
     )
@@ -444,7 +447,7 @@ def _write_cam_outputs(
 
 
 def _cam_namespace(
-    workspace: Workspace, model: LoadedModel, config: CamConfig, classes: WordList, cells: int, decoder: str
+    workspace: Workspace, model: AnyModel, config: CamConfig, classes: WordList, cells: int, decoder: str
 ):
     dim = cam_row_width(model.embed_dim, cells)
     params = {
@@ -460,7 +463,7 @@ def _cam_namespace(
 
 
 def cam_spec(
-    model: LoadedModel,
+    model: AnyModel,
     images_key: str,
     classes: WordList,
     config: CamConfig,
@@ -471,7 +474,7 @@ def cam_spec(
 ) -> StageSpec:
     """What identifies a ``cam`` run (``decoder`` already resolved for the device)."""
     _check_store_dtype(store_dtype)
-    config.validate(len(vision_tower(model.model).blocks))
+    config.validate(model.vision_blocks)  # from the fingerprint table: the model is not built here
     params: dict[str, object] = {
         **asdict(config),
         "store_dtype": store_dtype,
@@ -490,7 +493,7 @@ def cam_spec(
 
 
 def cam_images(
-    model: LoadedModel,
+    model: AnyModel,
     listing: Listing,
     classes: WordList,
     workspace: Workspace,
@@ -508,14 +511,14 @@ def cam_images(
     ``cam.parquet``, plus the ``image_embeddings.npy``/``images.parquet`` of the same forward, so the
     folder scores alone."""
     reporter = reporter or NullReporter()
-    tower = vision_tower(model.model)
+    grid = model.grid  # a tower Grad-CAM cannot use fails here, before anything is read
     workers = default_workers() if workers is None else workers
-    decoder = resolve_decoder(decoder, model.device)
+    decoder = resolve_decoder(decoder, cast("torch.device", model.device))  # reads its .type only
     spec = cam_spec(
         model, listing.key, classes, config, store_dtype=store_dtype, decoder=decoder, max_pixels=max_pixels
     )
 
-    cams_ns = _cam_namespace(workspace, model, config, classes, tower.grid[0] * tower.grid[1], decoder)
+    cams_ns = _cam_namespace(workspace, model, config, classes, grid[0] * grid[1], decoder)
     images_ns = image_namespace(workspace, model, decoder)
 
     def compute(folder):
@@ -549,7 +552,7 @@ def cam_images(
             max_pixels=max_pixels,
             companions=[images_ns],
         )
-        rows = unpack_cam_rows(filled.values, model.embed_dim, tower.grid)
+        rows = unpack_cam_rows(filled.values, model.embed_dim, grid)
         embeddings, found = images_ns.get_many(filled.digests)
         _require_all(images_ns, [d for d, hit in zip(filled.digests, found, strict=True) if not hit])
         _write_cam_outputs(folder, rows, embeddings, filled.table, classes, store_dtype)

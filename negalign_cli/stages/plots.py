@@ -88,15 +88,19 @@ def plot_histograms(
     for axis in axes.flat[len(panels) :]:
         axis.axis("off")
     for axis, (name, frame, column) in zip(axes.flat, panels, strict=False):
-        id_values = pd.to_numeric(id_frame[column], errors="coerce").dropna().to_numpy()
-        ood_values = pd.to_numeric(frame[column], errors="coerce").dropna().to_numpy()
+        id_values, ood_values = (_finite(f[column]) for f in (id_frame, frame))
         both = np.r_[id_values, ood_values]
-        bins = np.linspace(both.min(), both.max(), 40) if both.size and np.ptp(both) > 0 else 20
-        axis.hist(id_values, bins=bins, alpha=0.55, density=True, label="ID")
-        axis.hist(ood_values, bins=bins, alpha=0.55, density=True, label=name)
         known = score_column(column)
         label = (labels or {}).get(column) or (known.label if known else column)
         axis.set_title(f"{label}: ID against {name}", fontsize=8)
+        if both.size and both.max() / 4 - both.min() / 4 > np.finfo(np.float64).max / 8:
+            # an axis (with its margins) cannot span them: scores near ±1e308
+            axis.text(0.5, 0.5, "not drawn: the scores span\nmore than float64 holds", ha="center")
+            axis.set_axis_off()
+            continue
+        bins = np.linspace(both.min(), both.max(), 40) if both.size and both.max() > both.min() else 20
+        axis.hist(id_values, bins=bins, alpha=0.55, density=True, label="ID")
+        axis.hist(ood_values, bins=bins, alpha=0.55, density=True, label=name)
         axis.set_xlabel(f"score ({column})" if label == column else f"{label} score ({column})", fontsize=7)
         axis.set_ylabel("density (share of the set per unit score)", fontsize=7)
         axis.tick_params(labelsize=7)
@@ -104,6 +108,13 @@ def plot_histograms(
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
+
+
+def _finite(values: pd.Series) -> np.ndarray:
+    """A column's finite values (a histogram of a column other than the evaluated ones may hold
+    NaN or inf)."""
+    array = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
+    return array[np.isfinite(array)]
 
 
 def plot_lambda_curve(

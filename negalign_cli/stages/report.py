@@ -28,11 +28,11 @@ import numpy as np
 import pandas as pd
 
 from negalign_cli import __version__
-from negalign_cli.cache.store import MANIFEST
+from negalign_cli.cache.statcache import StatCache, sha256_files
+from negalign_cli.cache.store import MANIFEST, verify_folder
 from negalign_cli.compute.metrics import CONVENTIONS
 from negalign_cli.defaults import DEFAULT_REPORT_CELLS, NEGALIGN
 from negalign_cli.errors import NegalignError
-from negalign_cli.hashing import sha256_file
 from negalign_cli.reporting import NullReporter, Reporter
 from negalign_cli.stages import files
 
@@ -92,8 +92,12 @@ def _bases(results_dir: Path) -> list[Path]:
     return [results_dir, *list(results_dir.parents)[:4]]
 
 
-def load_score_sets(results: dict, evaluate_manifest: dict, results_dir: Path) -> list[ScoreSet]:
-    """ID then each OOD set, each with its frame (the rows evaluate kept) and CAM folder when found."""
+def load_score_sets(
+    results: dict, evaluate_manifest: dict, results_dir: Path, stat_cache: StatCache | None = None
+) -> list[ScoreSet]:
+    """ID then each OOD set, each with its frame (the rows evaluate kept) and CAM folder when found.
+    Each score file is checked against the digest evaluate recorded (through ``stat_cache``: an
+    unchanged file is not read for it)."""
     from negalign_cli.stages.evaluation import evaluated_rows, read_score_file
 
     bases = _bases(results_dir)
@@ -108,7 +112,7 @@ def load_score_sets(results: dict, evaluate_manifest: dict, results_dir: Path) -
         if entry.path is None or not entry.path.is_file():
             entry.problem = f"score file {entry.recorded} not found"
             continue
-        if entry.digest and sha256_file(entry.path) != entry.digest:
+        if entry.digest and sha256_files([entry.path], stat_cache)[0] != entry.digest:
             entry.problem = f"{entry.path} is not the file that was evaluated (its sha256 differs)"
             continue
         entry.frame = read_score_file(entry.path)
@@ -344,7 +348,7 @@ def provenance(results: dict, evaluate_manifest: dict, sets: list[ScoreSet]) -> 
             {
                 "name": entry.name,
                 "score_file": str(entry.path or entry.recorded),
-                "score_sha256": entry.digest or (sha256_file(entry.path) if entry.path else ""),
+                "score_sha256": entry.digest or (sha256_files([entry.path])[0] if entry.path else ""),
                 "rows": block["n"],
                 "dropped": block.get("dropped_nonfinite", 0) + block.get("excluded_invalid_cam", 0),
                 "cam_invalid": block.get("cam_invalid", 0),
@@ -438,28 +442,56 @@ def _environment():
     return environment
 
 
+def verified_results(results_dir: Path, stat_cache: StatCache | None = None) -> dict:
+    """The manifest of an ``evaluate`` folder whose every output (results.json first) still has
+    the size and sha256 its manifest records; an edited, truncated or unvouched folder is refused:
+    the report renders only what ``evaluate`` wrote."""
+    from negalign_cli.stages.evaluation import EVALUATE_STAGE
+
+    redo = "rerun `negalign evaluate ... --out` to write it again"
+    if not (results_dir / MANIFEST).is_file():
+        raise NegalignError(
+            f"{results_dir} has no {MANIFEST}, so its {files.RESULTS} cannot be checked: give the "
+            f"folder `evaluate --out` wrote (it holds both), or {redo}"
+        )
+    manifest, problem = verify_folder(results_dir, None, stat_cache)
+    if manifest is None:
+        raise NegalignError(
+            f"{results_dir} does not match its {MANIFEST} ({problem}): it was edited or truncated "
+            f"after `evaluate` wrote it; {redo}"
+        )
+    if manifest["stage"] != EVALUATE_STAGE or files.RESULTS not in manifest["outputs"]:
+        raise NegalignError(
+            f"{results_dir / MANIFEST} is the manifest of a `{manifest['stage']}` run, not of `evaluate`'s "
+            f"{files.RESULTS}; give an `evaluate --out` folder"
+        )
+    return manifest
+
+
 def build_report(
     results_dir: Path,
     out: Path | None = None,
     *,
     cells: int = DEFAULT_REPORT_CELLS,
     reporter: Reporter | None = None,
+    stat_cache: StatCache | None = None,
 ) -> ReportResult:
-    """Write report.html, report.md, report.tex and figures/ for an ``evaluate`` folder."""
+    """Write report.html, report.md, report.tex and figures/ for an ``evaluate`` folder
+    (``stat_cache``: the cache's, so that unchanged score files are not read to be checked)."""
     reporter = reporter or NullReporter()
     results_dir = Path(results_dir).expanduser()
     if not (results_dir / files.RESULTS).is_file():
         raise NegalignError(f"{results_dir} holds no {files.RESULTS}: give an `evaluate --out` folder")
+    manifest = verified_results(results_dir, stat_cache)
     results = _read_json(results_dir / files.RESULTS, "results")
     if "ood" not in results or "mean" not in results or "metric_definitions" not in results:
         raise NegalignError(f"{results_dir / files.RESULTS} is not an `evaluate` results.json")
-    manifest = _read_json(results_dir / MANIFEST, "manifest") if (results_dir / MANIFEST).is_file() else {}
     out = Path(out).expanduser() if out is not None else results_dir / files.REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".negalign-report-", dir=out))
     try:
         with reporter.progress("report: reading the score files", 1) as advance:
-            sets = load_score_sets(results, manifest, results_dir)
+            sets = load_score_sets(results, manifest, results_dir, stat_cache)
             advance(1)
         figures_dir = staging / files.REPORT_FIGURES
         figures_dir.mkdir()

@@ -17,11 +17,13 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
 
+from negalign_cli.cache.statcache import StatCache, sha256_files
 from negalign_cli.cache.store import MANIFEST, StageResult, StageSpec, listed_outputs, verify_folder
 from negalign_cli.cache.workspace import Workspace
 from negalign_cli.compute.score_columns import cam_columns, registry_key
@@ -29,14 +31,15 @@ from negalign_cli.compute.scores import ScoreConfig, ScoreInputs, compute_scores
 from negalign_cli.compute.vocab import ROLE_AMBIGUOUS, ROLE_BACKGROUND, ROLE_OBJECT
 from negalign_cli.defaults import CLASS_TEMPLATES, INVALID_CAM_POLICIES
 from negalign_cli.errors import NegalignError
-from negalign_cli.hashing import sha256_file
 from negalign_cli.inputs.words import WordList, load_templates
-from negalign_cli.models import LoadedModel
 from negalign_cli.reporting import NullReporter, Reporter
 from negalign_cli.stages import files
 from negalign_cli.stages.score_files import write_scores  # torch-free: evaluate reads them
 from negalign_cli.stages.text import text_embeddings
 from negalign_cli.stages.vocab import NegativeVocab, check_split_model, negative_features
+
+if TYPE_CHECKING:  # a stage gets a modelref.LazyModel (built on first use) or a models.LoadedModel
+    from negalign_cli.modelref import AnyModel
 
 SCORE_STAGE, SCORE_VERSION = "score", 2  # 2: float64 aggregation, duplicate paths, --invalid-cam
 EMBEDDINGS, IMAGES = files.IMAGE_EMBEDDINGS, files.IMAGE_TABLE
@@ -52,16 +55,20 @@ class ImageSet:
     model_fingerprint: str | None
     cam_inputs: dict | None = None  # what the `cam` run was computed against (its manifest's inputs)
     cam_classes: str | None = None  # where its classes came from, when recorded
+    # the files' sha256 as verified against their manifests: the stage key reads no file again
+    verified: dict[str, str] | None = None
 
     @property
     def has_cam(self) -> bool:
         return self.cam_folder is not None
 
     def digests(self) -> dict[str, str]:
+        if self.verified is not None:
+            return dict(self.verified)
         files = {"embeddings": self.folder / EMBEDDINGS, "images": self.folder / IMAGES}
         if self.cam_folder is not None:
             files.update(background=self.cam_folder / BACKGROUND, cam=self.cam_folder / CAM)
-        return {name: sha256_file(path) for name, path in files.items()}
+        return dict(zip(files, sha256_files(list(files.values())), strict=True))
 
 
 def resolve_folder(spec: str | Path, workspace: Workspace) -> Path:
@@ -75,16 +82,23 @@ def resolve_folder(spec: str | Path, workspace: Workspace) -> Path:
     return artifact.path
 
 
-def open_image_set(images_dir: str | Path, cam_dir: str | Path | None = None) -> ImageSet:
+def open_image_set(
+    images_dir: str | Path, cam_dir: str | Path | None = None, stat_cache: StatCache | None = None
+) -> ImageSet:
     """An ``embed images`` or ``cam`` output folder (an ``--out`` export or an artifact folder),
-    verified against its manifest.json: a truncated, edited or half-written file is refused."""
+    verified against its manifest.json: a truncated, edited or half-written file is refused. Each
+    file is hashed once (not at all when ``stat_cache`` knows it unchanged); the digests it was
+    verified by are the score stage's input digests."""
     folder = Path(images_dir).expanduser()
     if not folder.is_dir():
         raise NegalignError(
             f"--images-dir {folder} is not a folder: give an `embed images` or `cam` --out folder"
         )
     manifest = _verified(
-        folder, (EMBEDDINGS, IMAGES), "--images-dir takes an `embed images` or `cam` --out folder"
+        folder,
+        (EMBEDDINGS, IMAGES),
+        "--images-dir takes an `embed images` or `cam` --out folder",
+        stat_cache=stat_cache,
     )
     cam_folder: Path | None = Path(cam_dir).expanduser() if cam_dir is not None else folder
     cam_manifest = None
@@ -95,6 +109,7 @@ def open_image_set(images_dir: str | Path, cam_dir: str | Path | None = None) ->
             (BACKGROUND, CAM),
             "--cam-dir takes a `cam` --out folder",
             "delete them to score without CAM outputs, or pass a `cam` --out folder with --cam-dir",
+            stat_cache=stat_cache,
         )
     else:
         cam_folder = None
@@ -107,13 +122,22 @@ def open_image_set(images_dir: str | Path, cam_dir: str | Path | None = None) ->
             f"--images-dir {folder} and --cam-dir {cam_folder} were made from different image lists: "
             "run `embed images` and `cam` on the same --images"
         )
+    verified = {"embeddings": _sha256(manifest, EMBEDDINGS), "images": _sha256(manifest, IMAGES)}
+    if cam_manifest is not None:
+        verified.update(background=_sha256(cam_manifest, BACKGROUND), cam=_sha256(cam_manifest, CAM))
     return ImageSet(
         folder,
         cam_folder,
         next(iter(fingerprints), None),
         cam_manifest.get("inputs", {}) if cam_manifest is not None else None,
         (cam_manifest.get("sources") or {}).get("classes") if cam_manifest is not None else None,
+        verified,
     )
+
+
+def _sha256(manifest: dict, name: str) -> str:
+    """The sha256 a verified manifest records for ``name`` (the file was checked against it)."""
+    return str(manifest["outputs"][name]["sha256"])
 
 
 def check_cam_inputs(image_set: ImageSet, classes: WordList) -> str | None:
@@ -147,7 +171,13 @@ def check_cam_inputs(image_set: ImageSet, classes: WordList) -> str | None:
     return None
 
 
-def _verified(folder: Path, names: tuple[str, ...], hint: str, leftover: str | None = None) -> dict:
+def _verified(
+    folder: Path,
+    names: tuple[str, ...],
+    hint: str,
+    leftover: str | None = None,
+    stat_cache: StatCache | None = None,
+) -> dict:
     """The manifest of ``folder``, which must list ``names`` and match them byte for byte. Files
     the manifest does not list were left by an earlier command (``leftover`` says what to do)."""
     missing = [name for name in names if not (folder / name).is_file()]
@@ -161,7 +191,7 @@ def _verified(folder: Path, names: tuple[str, ...], hint: str, leftover: str | N
             f"{folder} holds {', '.join(unlisted)}, which its manifest.json (a `{stage}` output) does not "
             f"list: an earlier command left them there; {leftover or hint}"
         )
-    manifest, reason = verify_folder(folder, names)
+    manifest, reason = verify_folder(folder, names, stat_cache)
     if manifest is None:
         raise NegalignError(
             f"{folder} does not match its manifest.json ({reason}): it is truncated, edited or was "
@@ -226,7 +256,7 @@ def star_roles(config: ScoreConfig) -> tuple[str, ...]:
 
 
 def score_images(
-    model: LoadedModel,
+    model: AnyModel,
     image_set: ImageSet,
     classes: WordList,
     negatives: NegativeVocab,
@@ -313,7 +343,7 @@ def score_images(
 class TextEncoder:
     """Class, negative and "p and n" features through the per-word cache (noun templates)."""
 
-    model: LoadedModel
+    model: AnyModel
     workspace: Workspace
     batch_size: int
     reporter: Reporter

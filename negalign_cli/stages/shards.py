@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from negalign_cli.cache.statcache import StatCache
 from negalign_cli.cache.store import MANIFEST, StageResult, StageSpec, verify_folder
 from negalign_cli.cache.workspace import Workspace
 from negalign_cli.errors import NegalignError
@@ -352,8 +353,9 @@ class ShardOutcome:
     images: int  # images in this shard
 
 
-def shard_done(shards_dir: Path, plan: Plan, shard: Shard) -> bool:
-    """Whether ``shard`` finished under ``plan`` and its files still verify."""
+def shard_done(shards_dir: Path, plan: Plan, shard: Shard, stat_cache: StatCache | None = None) -> bool:
+    """Whether ``shard`` finished under ``plan`` and its files still verify (through ``stat_cache``:
+    a file unchanged since it was verified is not read again)."""
     folder = Path(shards_dir) / shard.name
     try:
         done = json.loads((folder / DONE).read_text(encoding="utf-8"))
@@ -363,7 +365,7 @@ def shard_done(shards_dir: Path, plan: Plan, shard: Shard) -> bool:
         return False
     if done.get("shard") != [shard.index, shard.count]:  # another shard's folder copied here
         return False
-    manifest, problem = verify_folder(folder / "artifact")
+    manifest, problem = verify_folder(folder / "artifact", stat_cache=stat_cache)
     return problem is None and manifest is not None and manifest.get("key") == done.get("key")
 
 
@@ -374,6 +376,7 @@ def run_shard(
     images: ImageList,
     run: Callable[[ImageList], StageResult],
     reporter: Reporter | None = None,
+    stat_cache: StatCache | None = None,
 ) -> ShardOutcome:
     """Freeze or check the plan, skip a finished shard, else run ``run`` on this shard's slice
     and publish its artifact and ``done.json``. ``spec`` is the stage's spec (its image key is
@@ -388,7 +391,7 @@ def run_shard(
     plan = freeze_plan(shards_dir, Plan.of(spec, images, shard.count), images)
     folder = Path(shards_dir) / shard.name
     start, stop = shard.bounds(len(images))
-    if shard_done(shards_dir, plan, shard):
+    if shard_done(shards_dir, plan, shard, stat_cache):
         reporter.info(f"shard {shard} is done already ({folder}); nothing to do")
         return ShardOutcome(shard, folder, True, None, stop - start)
     if start == stop:
@@ -406,9 +409,11 @@ def run_shard(
 
 
 # ----------------------------------------------------------------------------- merge
-def missing_shards(shards_dir: Path, plan: Plan) -> list[Shard]:
+def missing_shards(shards_dir: Path, plan: Plan, stat_cache: StatCache | None = None) -> list[Shard]:
     return [
-        s for s in (Shard(i, plan.shards) for i in range(plan.shards)) if not shard_done(shards_dir, plan, s)
+        s
+        for s in (Shard(i, plan.shards) for i in range(plan.shards))
+        if not shard_done(shards_dir, plan, s, stat_cache)
     ]
 
 
@@ -477,7 +482,7 @@ def merge_shards(
     if expected is not None:
         check_plan(shards_dir, expected, ignore)
     _foreign_folders(shards_dir, plan)
-    missing = missing_shards(shards_dir, plan)
+    missing = missing_shards(shards_dir, plan, workspace.store.stat_cache)
     if missing:
         shown = ", ".join(str(s.index) for s in missing[:10]) + (" …" if len(missing) > 10 else "")
         raise NegalignError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -12,9 +13,11 @@ from negalign_cli.cache.store import StageResult, StageSpec
 from negalign_cli.cache.workspace import Workspace
 from negalign_cli.compute.text import count_truncated, encode_texts, format_prompts
 from negalign_cli.inputs.words import TemplateSet, WordList
-from negalign_cli.models import LoadedModel
 from negalign_cli.reporting import NullReporter, Reporter
 from negalign_cli.stages import files
+
+if TYPE_CHECKING:  # a stage gets a modelref.LazyModel (built on first use) or a models.LoadedModel
+    from negalign_cli.modelref import AnyModel
 
 TEXT_ITEMS_VERSION = 2  # 2: raw prompt embeddings averaged (NegLabel recipe)
 EMBED_TEXTS_STAGE = "embed-texts"
@@ -29,7 +32,7 @@ class TextEmbeddings:
 
 
 def text_embeddings(
-    model: LoadedModel,
+    model: AnyModel,
     words: Sequence[str],
     templates: TemplateSet,
     workspace: Workspace,
@@ -52,7 +55,7 @@ def text_embeddings(
 
 
 def _fill_texts(
-    model: LoadedModel,
+    model: AnyModel,
     words: Sequence[str],
     templates: TemplateSet,
     namespace: Namespace,
@@ -91,7 +94,7 @@ def _fill_texts(
 
 
 def embed_texts(
-    model: LoadedModel,
+    model: AnyModel,
     classes: WordList,
     templates: TemplateSet,
     workspace: Workspace,

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
 
 from negalign_cli.assets import csp_suffixes
+from negalign_cli.cache.statcache import StatCache
 from negalign_cli.cache.store import MANIFEST, Artifact, StageResult, StageSpec, verify_folder
 from negalign_cli.cache.workspace import Workspace
 from negalign_cli.compute.text import count_truncated, format_prompts
@@ -28,10 +30,12 @@ from negalign_cli.defaults import DEFAULT_EXCLUDE, DEFAULT_TAU
 from negalign_cli.errors import NegalignError
 from negalign_cli.inputs.lexicon import Lexicon
 from negalign_cli.inputs.words import TemplateSet, WordList, load_templates
-from negalign_cli.models import LoadedModel
 from negalign_cli.reporting import NullReporter, Reporter
 from negalign_cli.stages import files
 from negalign_cli.stages.text import text_embeddings
+
+if TYPE_CHECKING:  # a stage gets a modelref.LazyModel (built on first use) or a models.LoadedModel
+    from negalign_cli.modelref import AnyModel
 
 MINE_STAGE, MINE_VERSION = "mine-negatives", 1
 SCORES_STAGE, SCORES_VERSION = "split-scores", 2  # 2: r_scores.parquet (was scores.parquet)
@@ -49,7 +53,7 @@ def _write_lines(path, lines: Sequence[str]) -> None:
 
 # ----------------------------------------------------------------------------- mining
 def mine_negatives(
-    model: LoadedModel,
+    model: AnyModel,
     classes: WordList,
     lexicon: Lexicon,
     workspace: Workspace,
@@ -176,7 +180,7 @@ class VocabEntry:
 
 
 def split_scores(
-    model: LoadedModel,
+    model: AnyModel,
     entries: Sequence[VocabEntry],
     workspace: Workspace,
     *,
@@ -308,10 +312,11 @@ class NegativeVocab:
         return np.flatnonzero(np.isin(np.array(self.roles), list(roles))).astype(np.int64)
 
 
-def negatives_from_split(folder) -> NegativeVocab:
+def negatives_from_split(folder, stat_cache: StatCache | None = None) -> NegativeVocab:
     """Read a ``split-vocab`` output folder (``split_scores.csv``) and, from its manifest.json, the
     model that scored it. A manifest that does not vouch for ``split_scores.csv`` is refused; a folder
-    without one (a hand-made split) has no recorded model."""
+    without one (a hand-made split) has no recorded model. ``stat_cache``: an unchanged file is not
+    read to be checked."""
     from pathlib import Path
 
     path = Path(folder).expanduser() / files.SPLIT_SCORES
@@ -319,7 +324,7 @@ def negatives_from_split(folder) -> NegativeVocab:
         raise NegalignError(f"{path} not found: --negatives-split takes a split-vocab --out folder")
     scored_by = None
     if (path.parent / MANIFEST).exists():
-        manifest, reason = verify_folder(path.parent, [files.SPLIT_SCORES])
+        manifest, reason = verify_folder(path.parent, [files.SPLIT_SCORES], stat_cache)
         if manifest is None:
             raise NegalignError(
                 f"{path.parent} does not match its manifest.json ({reason}): the split was edited, cut "
@@ -344,7 +349,7 @@ def negatives_from_split(folder) -> NegativeVocab:
     )
 
 
-def check_split_model(vocab: NegativeVocab, model: LoadedModel, reporter: Reporter | None = None) -> None:
+def check_split_model(vocab: NegativeVocab, model: AnyModel, reporter: Reporter | None = None) -> None:
     """Roles come from one model's r-scores: a split scored by another model is refused (its
     object/background roles would be another model's). With a ``reporter``, a split that records no
     model (hand-made, or made by an older negalign) is named in a warning."""
@@ -377,7 +382,7 @@ def negatives_from_lists(nouns: WordList | None, adjs: WordList | None) -> Negat
 
 
 def negative_features(
-    model: LoadedModel,
+    model: AnyModel,
     vocab: NegativeVocab,
     workspace: Workspace,
     *,

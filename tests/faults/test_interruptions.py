@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 
 from negalign_cli.stages import files
+from tests.faults.helpers import cli
 from tests.helpers import TINY
 from tests.helpers.images import make_image_folder
 
@@ -24,6 +25,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
 
 
 def negalign(*args: str) -> subprocess.CompletedProcess:
+    """A real `python -m negalign_cli` process (tests/test_launch.py uses it too)."""
     return subprocess.run(
         [sys.executable, "-m", "negalign_cli", *args], env=ENV, capture_output=True, text=True
     )
@@ -60,6 +62,36 @@ def data(tmp_path_factory):
     return root
 
 
+def command_args(data: Path, command: str, cam: Path) -> tuple[list[str], str]:
+    """The command line of one case (without cache and --out) and the file it is judged by."""
+    images = ["--images", str(data / "imgs"), "--workers", "0", "--batch-size", "4", *TINY]
+    if command == "embed":
+        return ["embed", "images", *images], files.IMAGE_EMBEDDINGS
+    if command == "cam":
+        return ["cam", "--classes", "waterbird", *images], files.BACKGROUND_EMBEDDINGS
+    score = ["score", "--images-dir", str(cam), "--classes", "waterbird", "--nouns", str(data / "nouns.txt")]
+    return [*score, "--groups", "4", "--batch-size", "16", *TINY], files.SCORES
+
+
+@pytest.fixture(scope="module")
+def clean(data, tmp_path_factory):
+    """Each command's uninterrupted run, in-process, on its own cache: computed once per command and
+    shared by its cases (read, never written); `score` scores the clean `cam` run's folder."""
+    root = tmp_path_factory.mktemp("clean")
+    done: dict[str, Path] = {}
+
+    def expected(command: str) -> Path:
+        if command not in done:
+            cam = expected("cam") if command == "score" else root / "unused"
+            args, _ = command_args(data, command, cam)
+            result = cli(*args, "--cache-dir", str(root / f"cache-{command}"), "--out", str(root / command))
+            assert result.exit_code == 0, result.output
+            done[command] = root / command
+        return done[command]
+
+    return expected
+
+
 # Every command meets a hard kill, every signal meets an image stage; the full cross product cost
 # two more minutes of CI for little more (the signal handling is shared by all commands).
 CASES = [
@@ -73,66 +105,33 @@ CASES = [
 
 @pytest.mark.slow
 @pytest.mark.parametrize("command,sig", CASES, ids=[f"{c}-{s.name}" for c, s in CASES])
-def test_an_interrupted_run_resumes_exactly(data, tmp_path, command, sig):
+def test_an_interrupted_run_resumes_exactly(data, clean, tmp_path, command, sig):
+    """The interrupted run is a real process (the signal is the point); the clean run it is compared
+    with and the resumed run are in-process."""
     rng = random.Random(f"{command}{sig}")
-    images = ["--images", str(data / "imgs"), "--workers", "0", "--batch-size", "4", *TINY]
-    if command == "embed":
-        args, out_file = ["embed", "images", *images], files.IMAGE_EMBEDDINGS
-    elif command == "cam":
-        args, out_file = ["cam", "--classes", "waterbird", *images], files.BACKGROUND_EMBEDDINGS
-    else:
-        clean_cam = negalign(
-            "cam",
-            "--classes",
-            "waterbird",
-            *images,
-            "--cache-dir",
-            str(tmp_path / "prep"),
-            "--out",
-            str(tmp_path / "cam"),
-        )
-        assert clean_cam.returncode == 0, clean_cam.stderr
-        args = [
-            "score",
-            "--images-dir",
-            str(tmp_path / "cam"),
-            "--classes",
-            "waterbird",
-            "--nouns",
-            str(data / "nouns.txt"),
-            "--groups",
-            "4",
-            "--batch-size",
-            "16",
-            *TINY,
-        ]
-        out_file = files.SCORES
-    clean = negalign(*args, "--cache-dir", str(tmp_path / "clean"), "--out", str(tmp_path / "expected"))
-    assert clean.returncode == 0, clean.stderr
+    expected = clean(command)
+    args, out_file = command_args(data, command, clean("cam") if command == "score" else expected)
     cache = ["--cache-dir", str(tmp_path / "c")]
     code = interrupt(tmp_path / "markers", rng.randint(2, 6), sig, *args, *cache)
     assert code != 0
     if sig == signal.SIGINT:
         assert code == 130
-    resumed = negalign(*args, *cache, "--out", str(tmp_path / "got"))
-    assert resumed.returncode == 0, resumed.stderr
+    resumed = cli(*args, *cache, "--out", str(tmp_path / "got"))
+    assert resumed.exit_code == 0, resumed.output
     if command != "score":
         assert (
             "from the cache" in resumed.stderr and ", 0 from the cache" not in resumed.stderr
         )  # resumed, not redone
         np.testing.assert_allclose(
-            np.load(tmp_path / "got" / out_file), np.load(tmp_path / "expected" / out_file), atol=1e-6
+            np.load(tmp_path / "got" / out_file), np.load(expected / out_file), atol=1e-6
         )
         for name in (files.IMAGE_TABLE,):
             pd.testing.assert_frame_equal(
-                pd.read_parquet(tmp_path / "got" / name), pd.read_parquet(tmp_path / "expected" / name)
+                pd.read_parquet(tmp_path / "got" / name), pd.read_parquet(expected / name)
             )
     else:
-        got, expected = (
-            pd.read_parquet(tmp_path / "got" / out_file),
-            pd.read_parquet(tmp_path / "expected" / out_file),
-        )
-        pd.testing.assert_frame_equal(got, expected, atol=1e-6)
+        got = pd.read_parquet(tmp_path / "got" / out_file)
+        pd.testing.assert_frame_equal(got, pd.read_parquet(expected / out_file), atol=1e-6)
 
 
 @pytest.mark.slow

@@ -188,9 +188,9 @@ def test_evaluate_refuses_mixed_score_settings(pipeline, tmp_path):
 
 # ----------------------------------------------------------------------------- hygiene
 @pytest.mark.slow
-def test_writes_stay_under_out_and_the_cache(pipeline, tmp_path):
+def test_writes_stay_under_out_and_the_cache(pipeline, tmp_path, monkeypatch):
     """No ./viz, no matplotlib cache in $HOME, no `pymp-*` or other temporary files in /tmp: real
-    processes, with DataLoader workers, in an empty working folder."""
+    processes, with DataLoader workers, in an empty working folder (the refusal runs in-process there)."""
     import subprocess
     import sys
 
@@ -208,19 +208,11 @@ def test_writes_stay_under_out_and_the_cache(pipeline, tmp_path):
         )
 
     cache = ["--cache-dir", str(tmp_path / "c")]
-    no_out = negalign(
-        "cam",
-        "--images",
-        str(pipeline / "imgs_id"),
-        "--classes",
-        "waterbird",
-        "--viz",
-        "2",
-        "--model",
-        "negalign-tiny-test",
-        *cache,
-    )
-    assert no_out.returncode == 2 and "--viz writes under --out" in no_out.stderr
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("HOME", str(home))
+    no_out = cli("cam", "--images", str(pipeline / "imgs_id"), "--classes", "waterbird", "--viz", "2", *cache)
+    assert no_out.exit_code == 2 and "--viz writes under --out" in no_out.stderr
+    one_line_error(no_out, "--viz writes under --out")
     viz = negalign(
         "cam",
         "--images",
