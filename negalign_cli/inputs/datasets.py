@@ -23,6 +23,9 @@ from negalign_cli.inputs.tars import Member
 
 if TYPE_CHECKING:
     import torch
+    from torch.utils.data import Dataset
+else:  # what DataLoader needs of a map-style dataset is __len__ and __getitem__, defined below
+    Dataset = object
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey patch
 
@@ -93,7 +96,7 @@ def _from_array(array: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(array))
 
 
-class ImageDataset:  # a map-style dataset (what DataLoader takes: __len__, __getitem__)
+class ImageDataset(Dataset):
     """Decodes and preprocesses the images at the given paths; failures come back as reasons.
     Images above ``max_pixels`` (PIL's decompression-bomb guard) are skipped, never decoded."""
 
@@ -152,7 +155,7 @@ def resolve_decoder(decoder: str, device: torch.device) -> str:
     return decoder
 
 
-class RawDataset:  # a map-style dataset, as ImageDataset
+class RawDataset(Dataset):
     """File bytes for the batched decoder (JPEGs); other files are decoded here with PIL. A JPEG's
     header is read first, so one above ``max_pixels`` is skipped, never decoded."""
 
