@@ -7,7 +7,9 @@
 # The host needs python3 with torch (CUDA) and torchvision. What else is missing is installed from
 # the wheels in benchmarks/wheels/ (no network needed): fill that folder where pip works with
 #   bash benchmarks/gpu_wheels.sh            (open_clip_torch, ftfy, wcwidth, diskcache, torchcodec, ...)
-# Figures go to OUT_DIR/*.json and OUT_DIR/gpu-check.log; copy the tables into docs/performance.md.
+# Figures go to OUT_DIR/*.json and OUT_DIR/gpu-check.log; the last section prints issue 23's targets
+# table (every figure beside its target and the figure before, benchmarks/gpu_table.py); copy the
+# tables into docs/performance.md. Budget: under 8 minutes on one H100/H200.
 set -uo pipefail  # a failed section is reported and the next one still runs
 failed=0
 here=$(cd "$(dirname "$0")" && pwd)
@@ -30,10 +32,10 @@ export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 "$py" -c "import torch, open_clip; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'open_clip', open_clip.__version__, torch.cuda.get_device_name())"
 
-echo "== 1. scoring on the GPU equals scoring on the CPU"
+echo "== 1. scoring on the GPU (multi-matching included) equals scoring on the CPU"
 "$py" - <<'PY'
 import numpy as np, torch
-from negalign_cli.compute.scores import ScoreConfig, ScoreInputs, compute_scores
+from negalign_cli.compute.scores import PairTable, ScoreConfig, ScoreInputs, compute_scores
 g = torch.Generator().manual_seed(0)
 unit = lambda n: torch.nn.functional.normalize(torch.randn(n, 512, generator=g), dim=-1)
 n, k, m = 5000, 1000, 10000
@@ -42,8 +44,9 @@ inputs = ScoreInputs(images=unit(n).numpy(), classes=unit(k), negatives=unit(m),
                      star_indices=torch.arange(m // 2), background=unit(n).numpy(),
                      background_valid=torch.ones(n, dtype=torch.bool), background_indices=torch.arange(m // 2, m))
 config = ScoreConfig(groups=100, role_aware=True)
-cpu = compute_scores(inputs, config)
-gpu = compute_scores(inputs, config, device="cuda")
+pairs = lambda p, q: torch.nn.functional.normalize(inputs.classes[p] + inputs.negatives[q], dim=-1)
+cpu = compute_scores(inputs, config, PairTable(pairs, m))  # multi-matching by index, as a warm cache
+gpu = compute_scores(inputs, config, PairTable(pairs, m), device="cuda")
 worst = 0.0
 for name, values in cpu.items():
     if name == "pred_class":
@@ -81,5 +84,8 @@ PY
 "$py" -m negalign_cli bench --device cuda --precision fp16 --batch-size 512 --batches 8 --repeats 3 \
   --per-image 8 --images "$jpegs" --workers "$(( $(nproc) - 1 ))" --json "$out/bench-files.json" || { echo "section 4 FAILED"; failed=1; }
 rm -rf "$jpegs"
+
+echo "== 5. the targets (issue 23): now, measured, target"
+"$py" "$here/gpu_table.py" "$out/bench-fp16.json" "$out/bench-files.json" || { echo "section 5 FAILED"; failed=1; }
 echo "figures in $out"
 exit "$failed"

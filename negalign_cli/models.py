@@ -415,10 +415,11 @@ def check_weights(name: str, pretrained: str | None = None) -> tuple[str, str | 
     return name, pretrained, resolve_weights(name, pretrained)
 
 
-def _build(name: str, source: WeightsSource) -> tuple[torch.nn.Module, bool]:
-    """The open_clip model with its weights on the CPU, and whether it uses QuickGELU."""
+def _build(name: str, source: WeightsSource, random_quick_gelu: bool = False) -> tuple[torch.nn.Module, bool]:
+    """The open_clip model with its weights on the CPU, and whether it uses QuickGELU (for random
+    weights: ``random_quick_gelu``)."""
     open_clip = _open_clip()
-    quick_gelu = False
+    quick_gelu = random_quick_gelu and source.random
     if source.tag is not None:
         quick_gelu = bool(open_clip.get_pretrained_cfg(name, source.tag).get("quick_gelu", False))
     if source.checkpoint is not None and is_torchscript_archive(source.checkpoint):
@@ -462,10 +463,13 @@ def load_model(
     pretrained: str | None = None,
     device: torch.device | str = "cpu",
     precision: str = "fp32",
+    random_quick_gelu: bool = False,
 ) -> LoadedModel:
     """Build ``name`` with weights from ``pretrained`` and put it in eval mode on ``device``.
     ``ViT-B-16`` without ``pretrained`` means OpenAI's weights (the field's standard); OpenAI's names
-    (``ViT-B/16``) are open_clip's with OpenAI's weights (:func:`check_weights`).
+    (``ViT-B/16``) are open_clip's with OpenAI's weights (:func:`check_weights`). Random weights
+    build open_clip's GELU config unless ``random_quick_gelu`` (the architecture OpenAI's weights
+    run: :func:`openai_quick_gelu`).
 
     Raises :class:`NegalignError` with a one-line explanation for anything the user can fix.
     """
@@ -473,7 +477,7 @@ def load_model(
 
     precision = check_precision(precision)
     name, pretrained, source = check_weights(name, pretrained)
-    model, quick_gelu = _build(name, source)
+    model, quick_gelu = _build(name, source, random_quick_gelu)
     open_clip = _open_clip()
     config = _resolved_config(open_clip, name, quick_gelu)
     preprocess_cfg = dict(open_clip.get_model_preprocess_cfg(model))
@@ -497,6 +501,18 @@ def load_model(
         precision=precision,
         random_weights=source.random,
     )
+
+
+def openai_quick_gelu(name: str) -> bool:
+    """Whether ``name``'s OpenAI weights (the default ``--pretrained`` of ViT-B-16) run QuickGELU:
+    the activation a speed test with random weights should use to time what users run."""
+    open_clip = _open_clip()
+    if (
+        name not in open_clip.list_models()
+        or DEFAULT_PRETRAINED not in open_clip.list_pretrained_tags_by_model(name)
+    ):
+        return False
+    return bool(open_clip.get_pretrained_cfg(name, DEFAULT_PRETRAINED).get("quick_gelu", False))
 
 
 def to_low_precision(model: torch.nn.Module, dtype: torch.dtype) -> None:

@@ -28,6 +28,15 @@ def bench(
         str,
         typer.Option("--pretrained", help="Weights: random (speed does not depend on them) or a file/tag."),
     ] = "random",
+    quick_gelu: Annotated[
+        bool | None,
+        typer.Option(
+            "--quick-gelu/--gelu",
+            help="Random weights in the QuickGELU or GELU architecture (default: as the model's OpenAI "
+            "weights, QuickGELU for ViT-B-16). Real weights decide for themselves.",
+            show_default=False,
+        ),
+    ] = None,
     device: o.Device = "auto",
     precision: o.PrecisionOpt = o.Precision.fp32,
     batch_size: Annotated[
@@ -50,6 +59,14 @@ def bench(
         typer.Option("--images", help="Also time embedding from these image files.", show_default=False),
     ] = None,
     workers: Annotated[int, typer.Option("--workers", min=0, help="DataLoader workers with --images.")] = 0,
+    embeddings: Annotated[
+        str,
+        typer.Option(
+            "--embeddings",
+            help="Embeddings scored: real-like (mixtures of related class and negative features, "
+            "real data's distinct-pair counts) or random (unit vectors: every pair distinct).",
+        ),
+    ] = "real-like",
     flows: Annotated[
         str,
         typer.Option(
@@ -80,9 +97,15 @@ def bench(
     value = precision.value if isinstance(precision, o.Precision) else precision
     rt = Runtime.create(cache_dir=None, device=device, precision=value, batch_size=batch_size)
     report = o.reporter(verbose, quiet)
-    from negalign_cli.models import load_model
+    from negalign_cli.models import load_model, openai_quick_gelu
+    from negalign_cli.stages.bench import EMBEDDINGS
 
-    loaded = load_model(model, pretrained, rt.device, rt.precision)  # random weights are the point here
+    if embeddings not in EMBEDDINGS:
+        raise NegalignError(f"unknown --embeddings {embeddings!r}: use {', '.join(EMBEDDINGS)}")
+    if quick_gelu is None:
+        quick_gelu = openai_quick_gelu(model)
+    # random weights are the point here, in the architecture users run
+    loaded = load_model(model, pretrained, rt.device, rt.precision, random_quick_gelu=quick_gelu)
     report.info(f"model {loaded.describe()}")
     config = BenchConfig(
         batch_size=batch_size,
@@ -94,6 +117,7 @@ def bench(
         per_image=per_image,
         images=images,
         workers=workers,
+        embeddings=embeddings,
         flows=tuple(part.strip() for part in flows.split(",") if part.strip()),
     )
     record = run_bench(loaded, config, report)

@@ -60,7 +60,8 @@ def render_bench(record: dict) -> Table:
     """The table of `negalign bench`: one row per flow, then the speed-up ratios."""
     env = record["environment"]
     table = Table(
-        title=f"negalign bench — {env['model']} ({env['image_size']} px, {env['precision']}) on "
+        title=f"negalign bench — {env['model']}{' (QuickGELU)' if env.get('quick_gelu') else ''} "
+        f"({env['image_size']} px, {env['precision']}) on "
         f"{env['device_name']} ({env['device']}, {env['cpu_threads']} CPU threads), "
         f"torch {env['versions']['torch']}",
         title_justify="left",
@@ -70,7 +71,11 @@ def render_bench(record: dict) -> Table:
     for row in record["results"]:
         rate = row["images_per_s"]
         shown = f"{rate:,.1f}" if rate >= 10 else f"{rate:.3g}"
-        table.add_row(row["flow"], shown, f"{row['peak_mb']:,.0f}", row["note"])
+        note = row["note"]
+        if row.get("distinct_pairs") is not None:
+            pairs = row["distinct_pairs"]
+            note += f"; {pairs:,} distinct pairs ({pairs / max(1, row['images']):.1f} per image)"
+        table.add_row(row["flow"], shown, f"{row['peak_mb']:,.0f}", note)
     table.add_section()
     for name, value in record["ratios"].items():
         table.add_row(name, f"{value:,.2f}×" if value >= 10 else f"{value:.3f}", "", "ratio in this run")

@@ -18,7 +18,13 @@ from negalign_cli.defaults import DEFAULT_INVALID_CAM
 
 LOGIT_SCALE = 100.0
 MEMORY_BUDGET_FLOATS = 1 << 25  # ~128 MiB of float32 per chunk of logits
-MULTIMATCH_CHUNK = 16384  # images whose distinct "p and n" pairs are encoded together
+PAIR_TABLE_FLOATS = 1 << 27  # ~512 MiB of float32: the pair table starts afresh beyond this
+# Multi-matching's working sets: pairs encoded per call of the encoder, and the gathered pair
+# features of a slice of images (16 MiB each at D = 512). Blocks this small are recycled by the
+# allocator; larger ones are fresh pages every time, and first touching them cost more than the
+# arithmetic (a CPU measurement).
+PAIR_ENCODE_ROWS = 8192
+PAIR_GATHER_FLOATS = 1 << 22
 
 
 def chunk_rows(n_columns: int, budget: int = MEMORY_BUDGET_FLOATS) -> int:
@@ -243,27 +249,144 @@ class NegativeLayout:
 
 @dataclass
 class _TopMatches:
-    """Per image, what multi-matching needs: its top classes and top negatives (with logits)."""
+    """One chunk's top classes and top negatives (with logits), on the scoring device: what
+    multi-matching reads."""
 
-    classes: np.ndarray  # (n, k_pos) class indices
-    negatives: np.ndarray  # (n, k_neg) negative indices
-    negative_logits: np.ndarray  # (n, k_neg)
+    classes: torch.Tensor  # (n, k_pos) class indices
+    negatives: torch.Tensor  # (n, k_neg) negative indices
+    negative_logits: torch.Tensor  # (n, k_neg)
+
+
+PairEncoder = Callable[[np.ndarray, np.ndarray], torch.Tensor]
+"""Features (n, D) of the "p and n" texts of n pairs given as (class indices, negative indices)."""
+
+
+class PairTable:
+    """NegRefine's pair features in a table on the scoring device, addressed by pair id
+    ``class · n_negatives + negative``: ``codes`` (sorted pair ids) and ``rows`` map an id to its row
+    of ``features``. Looking a chunk's ids up is a ``searchsorted`` on the device; only ids never
+    seen go to ``encode`` (once per chunk, batched), the one host round trip of a chunk. The table
+    outlives a chunk (and a call, if the caller keeps it), so a pair is encoded once; beyond
+    ``max_floats`` of features it starts afresh, keeping memory bounded."""
+
+    def __init__(self, encode: PairEncoder, n_negatives: int, max_floats: int = PAIR_TABLE_FLOATS) -> None:
+        self.encode = encode
+        self.n_negatives = n_negatives
+        self.max_floats = max_floats
+        self.encoded = 0  # pairs sent to ``encode`` so far
+        self.resets = 0  # times the table started afresh (memory bound)
+        self._codes: torch.Tensor | None = None  # (U,) sorted pair ids
+        self._rows: torch.Tensor | None = None  # (U,) their rows in _features
+        self._features: torch.Tensor | None = None  # (capacity, D) float32, the first U rows filled
+
+    def __len__(self) -> int:
+        return 0 if self._codes is None else int(self._codes.shape[0])
+
+    def pair_ids(self, classes: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+        """(n, k_pos·k_neg) pair ids, positive-major as NegRefine lists them (p0n0, p0n1, ...)."""
+        ids = classes.unsqueeze(-1) * self.n_negatives + negatives.unsqueeze(-2)
+        return ids.flatten(1)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The table rows (``ids.shape``) of every pair id, encoding the ids never seen (at once:
+        one host round trip); valid until the next call, read with :meth:`features`."""
+        flat = ids.reshape(-1)
+        rows, found = self._find(flat)
+        missing, unseen = self._unseen(flat, found)
+        if unseen.size:
+            if (
+                self._features is not None
+                and (len(self) + unseen.size) * self._features.shape[1] > self.max_floats
+            ):
+                self._codes = self._rows = self._features = None  # start afresh: the chunk's pairs alone
+                self.resets += 1
+                missing, unseen = self._unseen(flat, torch.zeros_like(found))
+            self._add(missing, unseen)
+            rows, found = self._find(flat)
+        assert rows is not None
+        return rows.view(ids.shape)
+
+    def features(self, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The features (``rows.shape`` × D, float32) of table rows from :meth:`rows`, gathered
+        into ``out`` (a flat buffer of at least ``rows.numel()`` × D) when given."""
+        assert self._features is not None
+        if out is None:
+            return self._features[rows]
+        flat = out[: rows.numel()]
+        torch.index_select(self._features, 0, rows.reshape(-1), out=flat)
+        return flat.view(*rows.shape, -1)
+
+    @staticmethod
+    def _unseen(flat: torch.Tensor, found: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+        """The distinct ids not ``found`` (sorted), on the device and on the host: the one host
+        round trip of a lookup (ids are ≥ 0, so −1 marks the found ones without a boolean mask)."""
+        missing = torch.unique(torch.where(found, -1, flat))
+        unseen = missing.cpu().numpy()
+        if unseen.size and unseen[0] == -1:
+            return missing[1:], unseen[1:]
+        return missing, unseen
+
+    def _find(self, flat: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        if self._codes is None or self._rows is None:
+            return None, torch.zeros_like(flat, dtype=torch.bool)
+        at = torch.searchsorted(self._codes, flat).clamp_(max=self._codes.shape[0] - 1)
+        return self._rows[at], self._codes[at] == flat
+
+    def _add(self, missing: torch.Tensor, unseen: np.ndarray) -> None:
+        used, count = len(self), int(unseen.size)
+        for start in range(0, count, PAIR_ENCODE_ROWS):  # batches of the encoder, written in place
+            part = unseen[start : start + PAIR_ENCODE_ROWS]
+            features = self.encode(part // self.n_negatives, part % self.n_negatives)
+            features = features.to(device=missing.device, dtype=torch.float32)
+            if self._features is None or used + count > self._features.shape[0]:
+                grown = torch.empty(max(2 * (used + count), 1024), features.shape[1], device=missing.device)
+                if self._features is not None:
+                    grown[:used] = self._features[:used]
+                self._features = grown
+            self._features[used + start : used + start + part.size] = features
+        self.encoded += count
+        new_rows = torch.arange(used, used + count, device=missing.device)
+        if self._codes is None or self._rows is None:
+            self._codes, self._rows = missing, new_rows
+            return
+        codes, order = torch.sort(torch.cat([self._codes, missing]))
+        self._codes, self._rows = codes, torch.cat([self._rows, new_rows])[order]
+
+
+def pairs_by_text(
+    encode_texts: Callable[[list[str]], torch.Tensor],
+    class_names: Sequence[str],
+    negative_names: Sequence[str],
+) -> PairEncoder:
+    """A :data:`PairEncoder` over a text encoder: the "p and n" texts are written only for the
+    pairs a :class:`PairTable` has never seen."""
+
+    def encode(classes: np.ndarray, negatives: np.ndarray) -> torch.Tensor:
+        texts = [
+            pair_text(class_names[c], negative_names[n])
+            for c, n in zip(classes.tolist(), negatives.tolist(), strict=True)
+        ]
+        return encode_texts(texts)
+
+    return encode
 
 
 def compute_scores(
     inputs: ScoreInputs,
     config: ScoreConfig,
-    encode_pairs: Callable[[list[str]], torch.Tensor] | None = None,
+    encode_pairs: Callable[[list[str]], torch.Tensor] | PairTable | None = None,
     on_chunk: Callable[[int], None] | None = None,
     device: torch.device | str | None = None,
 ) -> dict[str, np.ndarray]:
     """Every score column of the registry for every image, in chunks of images (no N×M matrix is
     ever whole; one matmul per chunk gives all negative logits, see :class:`NegativeLayout`).
 
-    ``encode_pairs`` turns NegRefine's "p and n" texts into features (noun templates); each
-    distinct pair is encoded once per chunk of images. Without it the multi-matching columns are
-    NaN; without background embeddings the P_align columns are NaN. With ``device`` (e.g. a GPU)
-    each chunk is scored there and only its per-image results come back.
+    ``encode_pairs`` gives NegRefine's "p and n" features: a text encoder (noun templates), whose
+    texts are written only for pairs never seen before in this call, or a :class:`PairTable` (kept
+    by the caller, addressed by class and negative index). Each distinct pair is encoded once.
+    Without it the multi-matching columns are NaN; without background embeddings the P_align
+    columns are NaN. With ``device`` (e.g. a GPU) each chunk is scored there and only its
+    per-image results come back.
     """
     device = torch.device(device or "cpu")
     classes = inputs.classes.float().to(device)
@@ -277,22 +400,28 @@ def compute_scores(
         background_negatives = negatives[inputs.background_indices]
     k_pos = min(config.multimatch_pos, classes.shape[0])
     k_neg = min(config.multimatch_neg, negatives.shape[0])
+    table = encode_pairs
+    if encode_pairs is not None and not isinstance(encode_pairs, PairTable):
+        names = pairs_by_text(encode_pairs, inputs.class_names, inputs.negative_names)
+        table = PairTable(names, negatives.shape[0])
     out: dict[str, np.ndarray] = {name: np.full(n_images, np.nan) for name in SCORE_COLUMNS}
     out["pred_class"] = np.empty(n_images, dtype=np.int64)
-    top = _TopMatches(
-        np.empty((n_images, k_pos), dtype=np.int64),
-        np.empty((n_images, k_neg), dtype=np.int64),
-        np.empty((n_images, k_neg), dtype=np.float32),
-    )
+    matched = torch.full((n_images,), float("nan"), dtype=torch.float64, device=device)
     step = min(chunk_rows(negatives.shape[0] + classes.shape[0]), max(1, n_images))
     buffer = torch.empty(step, negatives.shape[0], device=device)  # one chunk's negative logits, reused
+    columns_to_negatives = layout.layout.to(device)
     for start in range(0, n_images, step):
         rows = slice(start, min(start + step, n_images))
-        _score_chunk(inputs, config, classes, layout, background_negatives, rows, out, top, buffer)
+        x, top = _score_chunk(
+            inputs, config, classes, layout, background_negatives, rows, out, (k_pos, k_neg), buffer
+        )
+        if isinstance(table, PairTable):
+            negative_ids = columns_to_negatives[top.negatives]
+            _multimatch_chunk(x, top, negative_ids, table, matched[rows], classes.shape[1])
         if on_chunk is not None:
             on_chunk(rows.stop - rows.start)
-    if encode_pairs is not None:
-        out["s_multimatch"] = _multimatch_column(inputs, classes.shape[1], top, encode_pairs, device)
+    if table is not None:
+        out["s_multimatch"] = matched.cpu().numpy()
     if background_negatives is not None and inputs.background_valid is not None:
         apply_invalid_cam_policy(out, ~inputs.background_valid.cpu().numpy(), config.invalid_cam)
     out["s_negrefine"] = out["s_neglabel_plain"] + config.multimatch_weight * out["s_multimatch"]
@@ -307,12 +436,13 @@ def _score_chunk(
     background_negatives: torch.Tensor | None,
     rows: slice,
     out: dict[str, np.ndarray],
-    top: _TopMatches,
+    top_k: tuple[int, int],
     buffer: torch.Tensor,
-) -> None:
-    """The scores of one chunk of images, written into ``out`` (and ``top``) at ``rows``. The
-    negative logits go into ``buffer``; everything that reads them runs before the grouped
-    NegLabel, which uses the buffer as scratch space."""
+) -> tuple[torch.Tensor, _TopMatches]:
+    """The scores of one chunk of images, written into ``out`` at ``rows``; returns the chunk's
+    unit embeddings and its top ``top_k`` (classes, negatives) for multi-matching, on the device
+    (negatives as columns of the layout). The negative logits go into ``buffer``; everything that
+    reads them runs before the grouped NegLabel, which uses the buffer as scratch space."""
     x = unit_rows(inputs.images, rows.start, rows.stop).to(buffer.device, non_blocking=True)
     cos_pos = x @ classes.T
     pos_logits = LOGIT_SCALE * cos_pos
@@ -324,10 +454,8 @@ def _score_chunk(
     out["s_energy"][rows] = energy(pos_logits).cpu().numpy()
     out["s_maxlogit"][rows] = largest.double().cpu().numpy()  # = max_logit(): the max is exact in any dtype
     maxes = _blocks(logits[:, : layout.kept], config.groups).amax(dim=-1)  # one pass, used twice
-    values, columns = top_columns(logits, top.negatives.shape[1], layout.kept, config.groups, maxes)
-    top.negatives[rows] = layout.layout[columns.cpu()].numpy()
-    top.negative_logits[rows] = values.cpu().numpy()
-    top.classes[rows] = torch.topk(pos_logits, top.classes.shape[1], dim=-1).indices.cpu().numpy()
+    values, columns = top_columns(logits, top_k[1], layout.kept, config.groups, maxes)
+    top = _TopMatches(torch.topk(pos_logits, top_k[0], dim=-1).indices, columns, values)
     star = None
     if config.star_is_plain:
         pass
@@ -345,40 +473,30 @@ def _score_chunk(
         out["p_align"][rows] = aligned.cpu().numpy()
         out["s_bg_pos"][rows] = pos.cpu().numpy()
         out["s_bg_neg"][rows] = neg.cpu().numpy()
+    return x, top
 
 
-def _multimatch_column(
-    inputs: ScoreInputs,
-    dim: int,
+def _multimatch_chunk(
+    x: torch.Tensor,
     top: _TopMatches,
-    encode_pairs: Callable[[list[str]], torch.Tensor],
-    device: torch.device | None = None,
-) -> np.ndarray:
-    """NegRefine's multi-matching score of every image; the distinct "p and n" texts of a chunk of
-    images are encoded once (chunks keep the pair features' memory bounded)."""
-    n_images, k_pos = top.classes.shape
-    k_neg = top.negatives.shape[1]
-    # pairs are positive-major (p0n0, p0n1, ...): pair (i, j) meets negative j
-    pair_negative_logits = torch.from_numpy(np.tile(top.negative_logits, (1, k_pos)))
-    device = device or torch.device("cpu")
-    column = np.full(n_images, np.nan)
-    rows = min(MULTIMATCH_CHUNK, chunk_rows(k_pos * k_neg * dim))
-    for start in range(0, n_images, rows):
-        stop = min(start + rows, n_images)
-        pair_ids, pair_texts = distinct_pairs(
-            top.classes[start:stop], top.negatives[start:stop], inputs.class_names, inputs.negative_names
-        )
-        features = encode_pairs(pair_texts).float().to(device)[torch.from_numpy(pair_ids).to(device)]
-        column[start:stop] = (
-            multimatch(
-                unit_rows(inputs.images, start, stop).to(device),
-                features,
-                pair_negative_logits[start:stop].to(device),
-            )
-            .cpu()
-            .numpy()
-        )
-    return column
+    negative_ids: torch.Tensor,
+    table: PairTable,
+    out: torch.Tensor,
+    dim: int,
+) -> None:
+    """NegRefine's multi-matching score of one chunk's images into ``out`` (on the device): the
+    pair features come from ``table`` by index, gathered per image in slices that keep them within
+    the memory budget."""
+    k_pos, k_neg = top.classes.shape[1], top.negatives.shape[1]
+    ids = table.pair_ids(top.classes, negative_ids)  # (n, k_pos·k_neg), positive-major
+    # pair (i, j) meets negative j
+    pair_negative_logits = top.negative_logits.repeat(1, k_pos)
+    rows = table.rows(ids)
+    step = chunk_rows(k_pos * k_neg * dim, min(MEMORY_BUDGET_FLOATS, PAIR_GATHER_FLOATS))
+    gathered = torch.empty(min(step, x.shape[0]) * k_pos * k_neg, dim, device=x.device)  # reused
+    for start in range(0, x.shape[0], step):
+        part = slice(start, start + step)
+        out[part] = multimatch(x[part], table.features(rows[part], gathered), pair_negative_logits[part])
 
 
 def apply_invalid_cam_policy(columns: dict[str, np.ndarray], invalid: np.ndarray, policy: str) -> None:
@@ -393,15 +511,3 @@ def apply_invalid_cam_policy(columns: dict[str, np.ndarray], invalid: np.ndarray
     columns["p_align"][invalid] = 0.0 if policy == "zero" else np.nan
     columns["s_bg_pos"][invalid] = np.nan
     columns["s_bg_neg"][invalid] = np.nan
-
-
-def distinct_pairs(
-    top_pos: np.ndarray, top_neg: np.ndarray, class_names: Sequence[str], negative_names: Sequence[str]
-) -> tuple[np.ndarray, list[str]]:
-    """Pair ids per image ((n, k_pos·k_neg), positive-major as NegRefine lists them) into the list
-    of distinct "p and n" texts."""
-    n_neg = len(negative_names)
-    codes = (top_pos[:, :, None] * n_neg + top_neg[:, None, :]).reshape(top_pos.shape[0], -1)
-    unique, inverse = np.unique(codes, return_inverse=True)
-    texts = [pair_text(class_names[c // n_neg], negative_names[c % n_neg]) for c in unique.tolist()]
-    return inverse.reshape(codes.shape), texts

@@ -2,7 +2,11 @@
 
 Each flow runs once to warm up (allocations, kernels, caches), then ``repeats`` times; the median
 time gives images/s. Model flows run on decoded tensors already on the device (random pixels: speed
-does not depend on values) unless image files are given. The per-image reference flow is the
+does not depend on values) unless image files are given; random weights in the architecture of the
+model's OpenAI weights (QuickGELU for ViT-B-16, as users run it). Scoring does depend on values:
+how many distinct (class, negative) pairs multi-matching meets. Its embeddings are drawn with real
+data's pair statistics (:func:`real_like_embeddings`), and each multi-matching flow reports its
+distinct pairs. The per-image reference flow is the
 published research scripts' way: batch 1, the "p and n" texts of NegRefine's multi-matching encoded
 for every image, and Grad-CAM by a full backward pass (through every block, into the weights). The
 bare GEMM — images × (classes + negatives) × D, float32, the same chunks — is what scoring cannot
@@ -29,6 +33,7 @@ from negalign_cli import __version__
 from negalign_cli.compute.score_columns import pair_text
 from negalign_cli.compute.scores import (
     LOGIT_SCALE,
+    PairTable,
     ScoreConfig,
     ScoreInputs,
     chunk_rows,
@@ -72,6 +77,7 @@ class BenchConfig:
     images: Path | None = None  # real files instead of decoded tensors
     workers: int = 0
     flows: tuple[str, ...] = ("model", "score", "pipeline")  # which groups of flows (FLOW_GROUPS)
+    embeddings: str = "real-like"  # scoring's image embeddings: real-like (pair statistics) | random
 
 
 @dataclass
@@ -82,6 +88,7 @@ class Measurement:
     peak_mb: float
     repeats: int
     note: str = ""
+    distinct_pairs: int | None = None  # multi-matching: distinct (class, negative) pairs per repetition
 
     @property
     def images_per_s(self) -> float:
@@ -186,12 +193,48 @@ def _pixels(model: LoadedModel, n: int, generator: torch.Generator) -> torch.Ten
     return model.to_input(torch.randn(n, 3, size, size, generator=generator))  # normalised pixels ~N(0, 1)
 
 
-def _score_inputs(n: int, dim: int, config: BenchConfig, generator: torch.Generator) -> ScoreInputs:
+EMBEDDINGS = ("real-like", "random")
+
+
+def real_like_embeddings(
+    n: int, classes: torch.Tensor, negatives: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """Unit image embeddings with real data's (class, negative) pair statistics: each image is a
+    noisy mixture of its class's text feature, of some of that class's 8 related classes and of
+    some of its 16 related negatives (fixed per class, drawn once), with random weights. An image's
+    top-5 classes and negatives then vary among related words as a real image's do, rather than
+    being random (random unit vectors: every image meets 25 new pairs) or shared by every image
+    (random weights give near-identical embeddings: a handful of pairs in all)."""
+    n_classes, dim = classes.shape
+    related_classes = torch.randint(0, n_classes, (n_classes, 8), generator=generator)
+    related_negatives = torch.randint(0, negatives.shape[0], (n_classes, 16), generator=generator)
+    label = torch.randint(0, n_classes, (n,), generator=generator)
+    class_weights = torch.rand(n, 8, generator=generator) * 0.6
+    negative_weights = torch.rand(n, 16, generator=generator) * 0.6  # some of the 16 lead, varying
+    mixture = (
+        classes[label]
+        + torch.einsum("nk,nkd->nd", class_weights, classes[related_classes[label]])
+        + torch.einsum("nk,nkd->nd", negative_weights, negatives[related_negatives[label]])
+        + 0.9 * torch.randn(n, dim, generator=generator) / dim**0.5
+    )
+    return F.normalize(mixture, dim=-1)
+
+
+def _score_inputs(
+    n: int, dim: int, config: BenchConfig, generator: torch.Generator, embeddings: str = "random"
+) -> ScoreInputs:
     negatives = _unit(config.negatives, dim, generator)
+    classes = _unit(config.classes, dim, generator)
     half = config.negatives // 2
+    if embeddings == "real-like":
+        images = real_like_embeddings(n, classes, negatives, generator)
+    elif embeddings == "random":
+        images = _unit(n, dim, generator)
+    else:
+        raise NegalignError(f"unknown --embeddings {embeddings!r}: use {', '.join(EMBEDDINGS)}")
     return ScoreInputs(
-        images=_unit(n, dim, generator).numpy(),
-        classes=_unit(config.classes, dim, generator),
+        images=images.numpy(),
+        classes=classes,
         negatives=negatives,
         class_names=[f"class {i}" for i in range(config.classes)],
         negative_names=[f"negative {i}" for i in range(config.negatives)],
@@ -202,18 +245,36 @@ def _score_inputs(n: int, dim: int, config: BenchConfig, generator: torch.Genera
     )
 
 
-def _warm_pairs(inputs: ScoreInputs) -> Callable[[list[str]], torch.Tensor]:
-    """A warm pair cache: the features of "p and n" texts as a lookup (normalise(P[p] + N[n]))."""
-    class_index = {name: i for i, name in enumerate(inputs.class_names)}
-    negative_index = {name: i for i, name in enumerate(inputs.negative_names)}
+class _WarmPairs:
+    """NegRefine's pair features by index, from a warm text cache whose lookup costs next to
+    nothing: the features of "p and n" are normalise(P[p] + N[n]) (no strings, no encoder).
+    ``table()`` starts an empty :class:`PairTable` per run, as one ``score`` run does over the text
+    cache (every distinct pair is fetched once per run); ``warm()`` keeps one table across runs,
+    the pair features already on the device (what the warm target measures)."""
 
-    def lookup(texts: list[str]) -> torch.Tensor:
-        pairs = [text.split(" and ", 1) for text in texts]
-        p = torch.tensor([class_index[a] for a, _ in pairs])
-        n = torch.tensor([negative_index[b] for _, b in pairs])
-        return F.normalize(inputs.classes[p] + inputs.negatives[n], dim=-1)
+    def __init__(self, inputs: ScoreInputs) -> None:
+        self.classes, self.negatives = inputs.classes, inputs.negatives
+        self.last: PairTable | None = None
+        self.kept: PairTable | None = None
 
-    return lookup
+    def encode(self, classes: np.ndarray, negatives: np.ndarray) -> torch.Tensor:
+        p, n = torch.from_numpy(classes), torch.from_numpy(negatives)
+        features = self.classes[p].add_(self.negatives[n])  # F.normalize's operations, in place
+        return features.div_(torch.linalg.vector_norm(features, dim=-1, keepdim=True).clamp_min_(1e-12))
+
+    def table(self) -> PairTable:
+        self.last = PairTable(self.encode, self.negatives.shape[0])
+        return self.last
+
+    def warm(self) -> PairTable:
+        if self.kept is None:
+            self.kept = PairTable(self.encode, self.negatives.shape[0])
+        return self.kept
+
+    @staticmethod
+    def distinct(table: PairTable | None) -> int | None:
+        """Distinct pairs a table met (each is encoded once while the table holds them)."""
+        return None if table is None or table.resets else table.encoded
 
 
 def bare_gemm(images: np.ndarray, weights: torch.Tensor, device: torch.device | None = None) -> None:
@@ -314,6 +375,7 @@ def environment(model: LoadedModel) -> dict[str, Any]:
         "cpu_threads": torch.get_num_threads(),
         "model": model.name,
         "weights": model.weights,
+        "quick_gelu": bool(model.config.get("quick_gelu", False)),
         "precision": model.precision,
         "image_size": model.image_size,
         "embed_dim": model.embed_dim,
@@ -386,7 +448,7 @@ def run_bench(model: LoadedModel, config: BenchConfig, reporter: Reporter | None
     n_model = config.batch_size * config.batches
     batches = [_pixels(model, config.batch_size, generator) for _ in range(config.batches)]
     class_features = _unit(config.classes, dim, generator).to(device)
-    inputs = _score_inputs(config.score_images, dim, config, generator)
+    inputs = _score_inputs(config.score_images, dim, config, generator, config.embeddings)
     score_config = ScoreConfig(groups=100, role_aware=True)
     results: list[Measurement] = []
     unknown = set(config.flows) - set(FLOW_GROUPS)
@@ -394,9 +456,9 @@ def run_bench(model: LoadedModel, config: BenchConfig, reporter: Reporter | None
         raise NegalignError(
             f"unknown flow group(s) {', '.join(sorted(unknown))}: use {', '.join(FLOW_GROUPS)}"
         )
-    total = {"model": 3 + (config.images is not None), "score": 5, "pipeline": 2}
+    total = {"model": 3 + (config.images is not None), "score": 6, "pipeline": 2}
     with reporter.progress("benchmark flows", sum(total[g] for g in config.flows)) as advance:
-        pairs = _warm_pairs(inputs)
+        pairs = _WarmPairs(inputs)
         if "model" in config.flows:
 
             @torch.inference_mode()
@@ -478,12 +540,20 @@ def run_bench(model: LoadedModel, config: BenchConfig, reporter: Reporter | None
                 ),
                 Flow(
                     "score + multi-matching",
-                    lambda: compute_scores(inputs, score_config, pairs, device=device),
+                    lambda: compute_scores(inputs, score_config, pairs.warm(), device=device),
                     n,
-                    "NegRefine's pairs from a warm text cache",
+                    f"+ NegRefine's pairs, warm (features on the device; {config.embeddings} embeddings)",
+                ),
+                Flow(
+                    "score + multi-matching, pairs fetched",
+                    lambda: compute_scores(inputs, score_config, pairs.table(), device=device),
+                    n,
+                    "+ every distinct pair fetched once per run from an in-memory text cache",
                 ),
             ]
             results.extend(measure_together(scoring, device, repeats))  # interleaved: a fair ratio
+            results[-2].distinct_pairs = pairs.distinct(pairs.kept)
+            results[-1].distinct_pairs = pairs.distinct(pairs.last)
             advance(len(scoring))
 
         if "pipeline" in config.flows:
@@ -494,8 +564,9 @@ def run_bench(model: LoadedModel, config: BenchConfig, reporter: Reporter | None
                     out = cam_batch(model.model, batch, class_features, config.cam)
                     embeddings.append(out.embeddings.cpu())
                     backgrounds.append(out.background.cpu())
+                torch.cat(embeddings)  # random weights embed every image alike: score real-like rows
                 pipeline = ScoreInputs(
-                    images=torch.cat(embeddings).numpy(),
+                    images=pipeline_images,
                     classes=inputs.classes,
                     negatives=inputs.negatives,
                     class_names=inputs.class_names,
@@ -505,11 +576,27 @@ def run_bench(model: LoadedModel, config: BenchConfig, reporter: Reporter | None
                     background_valid=torch.ones(n_model, dtype=torch.bool),
                     background_indices=inputs.background_indices,
                 )
-                compute_scores(pipeline, score_config, pairs, device=device)
+                compute_scores(pipeline, score_config, pairs.table(), device=device)
 
+            pipeline_images = np.asarray(inputs.images[:n_model])
+            if pipeline_images.shape[0] < n_model:  # fewer --score-images than the model flows' images
+                more = (
+                    real_like_embeddings(n_model, inputs.classes, inputs.negatives, generator)
+                    if config.embeddings == "real-like"
+                    else _unit(n_model, dim, generator)
+                )
+                pipeline_images = more.numpy()
             results.append(
-                measure("full NegAlign pipeline", full, n_model, device, repeats, "embed + CAM + all scores")
+                measure(
+                    "full NegAlign pipeline",
+                    full,
+                    n_model,
+                    device,
+                    repeats,
+                    f"embed + CAM + all scores ({config.embeddings} embeddings scored)",
+                )
             )
+            results[-1].distinct_pairs = pairs.distinct(pairs.last)
             advance(1)
             grouping = group_order(config.negatives, score_config.groups, score_config.group_seed)
             singles = [b[i : i + 1] for b in batches for i in range(b.shape[0])][: config.per_image]
@@ -539,6 +626,11 @@ def run_bench(model: LoadedModel, config: BenchConfig, reporter: Reporter | None
         "embed / forward ceiling": ("embed", "image tower forward (ceiling)"),
         "score / bare GEMM": ("score from cache (embeddings)", "bare GEMM (fp32)"),
         "all columns / bare GEMMs": ("score from cache (all columns)", "bare GEMMs with background (fp32)"),
+        "multi-matching / all columns": ("score + multi-matching", "score from cache (all columns)"),
+        "multi-matching, pairs fetched / all columns": (
+            "score + multi-matching, pairs fetched",
+            "score from cache (all columns)",
+        ),
         "full pipeline / per-image flow": ("full NegAlign pipeline", "per-image reference flow"),
     }
     ratios = {name: rate[a] / rate[b] for name, (a, b) in wanted.items() if a in rate and b in rate}

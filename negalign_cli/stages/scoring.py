@@ -366,7 +366,9 @@ class TextEncoder:
         return torch.from_numpy(features)
 
     def pairs(self, texts: list[str]) -> torch.Tensor:
-        self.reporter.info(f"multi-matching: {len(texts)} distinct 'p and n' texts")
+        """Features of "p and n" texts: ``compute_scores`` keeps them in a table addressed by
+        (class, negative) index and asks, once per chunk of images, only for pairs not seen before."""
+        self.reporter.debug(f"multi-matching: {len(texts)} 'p and n' texts not seen before")
         return self.words(texts)
 
 
