@@ -275,7 +275,7 @@ def test_sha256_files_raises_what_sha256_file_raises(tmp_path):
 def test_an_empty_file_is_not_remembered_for_the_images_that_share_the_keys(tmp_path):
     """An empty output has the empty digest; the same path listed as an image is still "empty
     file" (the stat cache's image rows and file rows share one key space)."""
-    from negalign_cli.inputs.datasets import digest_all
+    from negalign_cli.inputs.listing import digest_all
 
     cache = statcache.StatCache(tmp_path / "stat.db")
     empty = _old_file(tmp_path / "empty", b"")

@@ -35,12 +35,12 @@ from negalign_cli.compute.evaluation import (
     statistics,
 )
 from negalign_cli.compute.metrics import CONVENTIONS, DEFINITIONS, RECALL_LEVEL, group_rejection
-from negalign_cli.compute.scores import SCORE_COLUMNS, method_columns, score_column
+from negalign_cli.compute.score_columns import SCORE_COLUMNS, method_columns, score_column
 from negalign_cli.defaults import DEFAULT_LAMBDAS, NEGALIGN
 from negalign_cli.errors import NegalignError
 from negalign_cli.reporting import NullReporter, RecordingReporter, Reporter
 from negalign_cli.stages import files
-from negalign_cli.stages.scoring import read_score_metadata
+from negalign_cli.stages.score_files import read_score_metadata
 
 FITTED = "fitted on the ID set"  # the source of M3 statistics fitted by evaluate itself
 # 2: ROC of every method, labelled histograms, --ood-group; 3: S_final overflows and reserved set
@@ -619,7 +619,7 @@ def _group_digest(path: Path, stat_cache: StatCache | None = None) -> str:
 def _group_paths(path: Path) -> list[str]:
     """The real paths a group lists (a manifest, relative to its folder, or a folder of images).
     Nothing is read but the list: a group may name images anywhere."""
-    from negalign_cli.inputs.datasets import list_images
+    from negalign_cli.inputs.listing import list_images
 
     return [os.path.realpath(p) for p in list_images(path, allow_outside_root=True).paths]
 

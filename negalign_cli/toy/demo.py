@@ -18,7 +18,7 @@ from negalign_cli.cache.workspace import Workspace
 from negalign_cli.compute.scores import ScoreConfig
 from negalign_cli.compute.vision import CamConfig
 from negalign_cli.defaults import DEFAULT_LAMBDAS, DEFAULT_TAU, NEGALIGN
-from negalign_cli.inputs.datasets import list_images
+from negalign_cli.inputs.listing import list_images
 from negalign_cli.inputs.words import load_classes, load_negatives
 from negalign_cli.models import LoadedModel
 from negalign_cli.reporting import NullReporter, Reporter

@@ -23,7 +23,7 @@ import pandas as pd
 import pytest
 
 from negalign_cli.errors import NegalignError
-from negalign_cli.inputs.datasets import list_images
+from negalign_cli.inputs.listing import list_images
 from negalign_cli.inputs.tars import count_braces, expand_braces, locate
 from negalign_cli.stages import files
 from tests.faults.helpers import cli, one_line_error
@@ -279,7 +279,8 @@ def test_a_fifo_in_a_waterbirds_list(tmp_path):
 def test_a_file_that_becomes_a_fifo_after_hashing(tmp_path, tiny_model):
     """Decoding reads a path again: a file swapped for a FIFO since it was hashed is skipped
     (a passing reason, retried by the next run), with either decoder."""
-    from negalign_cli.inputs.datasets import ImageDataset, RawDataset, is_transient
+    from negalign_cli.inputs.datasets import ImageDataset, RawDataset
+    from negalign_cli.inputs.listing import is_transient
 
     fifo = _fifo(tmp_path / "pipe.jpg")
     transform = tiny_model.image_transform()
