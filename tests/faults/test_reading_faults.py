@@ -27,6 +27,7 @@ from negalign_cli.inputs.listing import list_images
 from negalign_cli.inputs.tars import count_braces, expand_braces, locate
 from negalign_cli.stages import files
 from tests.faults.helpers import cli, one_line_error
+from tests.helpers import TINY
 from tests.helpers.images import rgb
 
 LIMIT_S = 120  # far above what any of these commands takes
@@ -332,7 +333,7 @@ def test_a_huge_brace_range_is_counted_not_expanded(tmp_path):
         resource.setrlimit(resource.RLIMIT_DATA, (3 << 30, 3 << 30))
 
     done = subprocess.run(
-        [str(negalign), "embed", "images", "--images", spec, "--cache-dir", str(tmp_path / "c")],
+        [str(negalign), "embed", "images", "--images", spec, *TINY, "--cache-dir", str(tmp_path / "c")],
         capture_output=True,
         text=True,
         timeout=300,
