@@ -23,7 +23,7 @@ import pandas as pd
 from negalign_cli.cache.workspace import Workspace
 from negalign_cli.compute.metrics import ood_metrics
 from negalign_cli.compute.scores import ScoreConfig
-from negalign_cli.inputs.datasets import list_images
+from negalign_cli.inputs.listing import list_images
 from negalign_cli.inputs.words import load_classes, load_negatives
 from negalign_cli.models import load_model
 from negalign_cli.stages.images import cam_images, digest_images

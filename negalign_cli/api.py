@@ -34,7 +34,8 @@ from PIL import Image
 from negalign_cli.cache.workspace import Workspace
 from negalign_cli.compute.evaluation import ALIGN, STAR, final_score, nonfinite_final
 from negalign_cli.compute.evaluation import fit_calibration as fit_statistics
-from negalign_cli.compute.scores import SCORE_COLUMNS, ScoreConfig, compute_scores
+from negalign_cli.compute.score_columns import SCORE_COLUMNS
+from negalign_cli.compute.scores import ScoreConfig, compute_scores
 from negalign_cli.compute.vision import CamConfig, cam_batch, encode_images
 from negalign_cli.defaults import DEFAULT_INVALID_CAM, DEFAULT_PRETRAINED, DEFAULT_TAU
 from negalign_cli.errors import NegalignError

@@ -12,7 +12,11 @@ import difflib
 import functools
 import importlib.util
 import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from negalign_cli.defaults import DEFAULT_PRETRAINED
 from negalign_cli.errors import NegalignError
@@ -101,3 +105,101 @@ def check_model_name(name: str) -> str:
     close = closest_model_names(name)
     hint = f"did you mean {' or '.join(close)}? " if close else ""
     raise NegalignError(f"unknown model architecture {name!r}: {hint}`negalign models` lists the known ones")
+
+
+# --------------------------------------------------------------------------- `negalign models`
+def _natural_key(name: str) -> list[int | str]:
+    """open_clip's order of architectures (``open_clip.factory._natural_key``): numbers by value."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name.lower())]
+
+
+def open_clip_architectures() -> list[str]:
+    """``open_clip.list_models()`` once the project's configs are registered (its architectures and
+    the project's, in open_clip's natural order), without importing open_clip."""
+    return sorted({*open_clip_model_names(), *project_model_names()}, key=_natural_key)
+
+
+# What open_clip's pretrained.py may import when it is read without open_clip (anything else: the
+# file has changed, and open_clip itself is imported instead).
+_PRETRAINED_IMPORTS = {"copy", "hashlib", "os", "urllib", "warnings", "functools", "typing", "tqdm", "json"}
+
+
+@functools.cache
+def open_clip_pretrained_tags() -> dict[str, tuple[str, ...]]:
+    """open_clip's weight tags by architecture, as ``open_clip.list_pretrained()`` lists them, read
+    without importing open_clip (which imports torch: seconds). Its ``pretrained.py`` runs in a
+    namespace of its own, its siblings ``constants`` and ``version`` read from their files and
+    safetensors' torch support reported absent; if the file wants anything else (a newer open_clip),
+    open_clip is imported and asked."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        return {}
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    try:
+        table = _read_pretrained_table(folder)
+    except Exception:  # the file changed beyond what it can be read without open_clip
+        import open_clip
+
+        listed: dict[str, list[str]] = {}
+        for arch, tag in open_clip.list_pretrained():
+            listed.setdefault(arch, []).append(tag)
+        return {arch: tuple(tags) for arch, tags in listed.items()}
+    return {arch: tuple(tags) for arch, tags in table.items()}
+
+
+class _Refused(ImportError):
+    pass
+
+
+def _read_pretrained_table(folder: Path) -> dict[str, dict[str, object]]:
+    import builtins
+    import types
+
+    real_import = builtins.__import__
+
+    def run(name: str, namespace: dict[str, object]) -> dict[str, object]:
+        path = folder / f"{name}.py"
+        exec(compile(path.read_text(encoding="utf-8"), str(path), "exec"), namespace)
+        return namespace
+
+    def guarded_import(name, globals=None, locals=None, fromlist=(), level=0):  # noqa: A002
+        if level == 1 and name in ("constants", "version"):  # from .constants import ...
+            return types.SimpleNamespace(**run(name, fresh(f"open_clip.{name}")))
+        if level == 0 and name == "safetensors.torch":  # optional in the file: "not installed"
+            raise ImportError(name)
+        if level != 0 or name.split(".")[0] not in _PRETRAINED_IMPORTS:
+            raise _Refused(name)
+        return real_import(name, globals, locals, fromlist, level)
+
+    def fresh(module: str) -> dict[str, object]:
+        return {"__name__": module, "__builtins__": {**vars(builtins), "__import__": guarded_import}}
+
+    table = run("pretrained", fresh("open_clip.pretrained"))["_PRETRAINED"]
+    if not isinstance(table, dict):
+        raise TypeError("open_clip's _PRETRAINED is not a dict")
+    return table
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A row of `negalign models`."""
+
+    name: str
+    source: str  # "negalign" or "open_clip"
+    needs_weights: bool
+    tags: tuple[str, ...]
+    description: str = ""
+
+
+def list_architectures(project: Mapping[str, Any]) -> list[Architecture]:
+    """The project's models first (``project``: name → ``models.ProjectModel``), then every open_clip
+    architecture with its weight tags; what ``models.list_architectures()`` lists, without torch."""
+    tags = open_clip_pretrained_tags()
+    infos = [
+        Architecture(m.name, "negalign", needs_weights=m.seed is None, tags=(), description=m.description)
+        for m in project.values()
+    ]
+    for arch in open_clip_architectures():
+        if arch not in project:
+            infos.append(Architecture(arch, "open_clip", needs_weights=True, tags=tags.get(arch, ())))
+    return infos

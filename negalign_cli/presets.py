@@ -27,8 +27,7 @@ from negalign_cli.errors import NegalignError
 
 Layout = Literal["folder", "imglist", "waterbirds"]
 GROUPS = ("near", "far", "spurious", "non-spurious")
-# The image suffixes negalign_cli.inputs.datasets reads (that module imports torch; a test keeps
-# the two equal).
+# The image suffixes negalign_cli.inputs.listing lists (a test keeps the two equal).
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 )

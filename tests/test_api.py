@@ -16,7 +16,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from negalign_cli.cli.app import app
-from negalign_cli.compute.scores import SCORE_COLUMNS
+from negalign_cli.compute.score_columns import SCORE_COLUMNS
 from negalign_cli.errors import NegalignError
 from negalign_cli.toy.demo import TOY_TAU
 from negalign_cli.toy.generate import ToySpec, generate_toy

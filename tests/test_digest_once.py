@@ -139,7 +139,11 @@ def test_merge_and_shards_hash_nothing_on_a_noop_rerun(tmp_path, reads, no_racy_
 
 def test_report_checks_score_files_without_reading_them_again(chain, reads):
     root, commands = chain
-    _run(commands["report"])
+    _run(commands["report"])  # draws the figures into the cache (`figure` artifacts)
+    reads.clear()
+    _run(commands["report"])  # a figure artifact's first hit verifies it, as any artifact's
+    figures = reads.under(root / "c" / "artifacts" / "figure")
+    assert reads.paths == figures, reads.paths  # the score files are not read again
     reads.clear()
     _run(commands["report"])
     assert reads.paths == [], reads.paths
@@ -271,7 +275,7 @@ def test_sha256_files_raises_what_sha256_file_raises(tmp_path):
 def test_an_empty_file_is_not_remembered_for_the_images_that_share_the_keys(tmp_path):
     """An empty output has the empty digest; the same path listed as an image is still "empty
     file" (the stat cache's image rows and file rows share one key space)."""
-    from negalign_cli.inputs.datasets import digest_all
+    from negalign_cli.inputs.listing import digest_all
 
     cache = statcache.StatCache(tmp_path / "stat.db")
     empty = _old_file(tmp_path / "empty", b"")

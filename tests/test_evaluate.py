@@ -12,7 +12,7 @@ from negalign_cli.compute.evaluation import final_score, fit_calibration
 from negalign_cli.compute.metrics import ood_metrics
 from negalign_cli.errors import NegalignError
 from negalign_cli.stages.evaluation import EvaluateRequest, evaluate, parse_lambdas, parse_ood
-from negalign_cli.stages.scoring import write_scores as write_parquet_with_metadata
+from negalign_cli.stages.score_files import write_scores as write_parquet_with_metadata
 from tests.helpers.synthetic import write_scores
 
 runner = CliRunner()

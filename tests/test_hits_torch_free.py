@@ -25,19 +25,6 @@ ROOT = Path(__file__).resolve().parents[1]
 # In this order: a command that imports torch hides whether the ones after it would.
 COMMANDS = ("embed texts", "mine-negatives", "split-vocab", "score", "cam", "embed images")
 HEAVY = ("torch", "open_clip", "sklearn", "matplotlib")
-# Torch-free planning names that still live in a torch module on this branch, and are moved into
-# torch-free modules by a parallel change (inputs/listing.py, compute/cam_layout.py,
-# compute/score_columns.py): (importing module, imported module) -> the move that unblocks it.
-BLOCKED = {
-    ("*", "/inputs/datasets.py"): "inputs/datasets.py imports torch at module level (listing and "
-    "digests move to the torch-free inputs/listing.py)",
-    ("/cli/cam_cmd.py", "/compute/vision.py"): "CamConfig lives in compute/vision.py (moves to the "
-    "torch-free compute/cam_layout.py)",
-    ("/stages/images.py", "/compute/vision.py"): "the CAM row width lives in compute/vision.py "
-    "(moves to the torch-free compute/cam_layout.py)",
-    ("/stages/scoring.py", "/compute/scores.py"): "the score registry (registry_key) lives in "
-    "compute/scores.py (moves to the torch-free compute/score_columns.py)",
-}
 
 _RERUN = textwrap.dedent(
     """
@@ -127,22 +114,5 @@ def test_a_hit_imports_no_torch(hits, command):
     assert "cache hit" in " ".join(seen["output"].split()), seen["output"]
     heavy = [m for m, imported in seen["imported"].items() if imported]
     where = {m: seen["first"].get(m) for m in heavy}
-    if heavy == ["torch"]:
-        blocked = _blocked(where["torch"])
-        culprit = seen["by"]["torch"]
-        if blocked and culprit != command:
-            pytest.xfail(f"not measured: the rerun of `{culprit}` before it imported torch ({blocked})")
-        if blocked:
-            pytest.xfail(f"torch imported on the hit only because {blocked}")
-    assert not heavy, f"`{command}` hit imported {heavy}; first imported from {where}"
-
-
-def _blocked(stack: list[str]) -> str | None:
-    """Why torch was imported, where the chain ends in a module a parallel change makes torch-free."""
-    files = [frame.rsplit(":", 1)[0] for frame in stack]
-    if len(files) < 2:
-        return None
-    for (importer, module), why in BLOCKED.items():
-        if files[-1] == module and importer in ("*", files[-2]):
-            return why
-    return None
+    by = {m: seen["by"].get(m) for m in heavy}  # the rerun that imported each first
+    assert not heavy, f"`{command}` hit imported {heavy} (first in the rerun of {by}, from {where})"

@@ -10,7 +10,8 @@ import negalign_cli.compute.vision as vision_module
 from negalign_cli.cli.app import app
 from negalign_cli.compute.vision import CamConfig, cam_batch, encode_images
 from negalign_cli.errors import NegalignError
-from negalign_cli.inputs.datasets import list_images, load_rgb
+from negalign_cli.inputs.datasets import load_rgb
+from negalign_cli.inputs.listing import list_images
 from negalign_cli.inputs.words import WordList
 from negalign_cli.reporting import RecordingReporter
 from negalign_cli.stages.images import cam_images, digest_images, embed_images

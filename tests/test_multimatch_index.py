@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import negalign_cli.compute.scores as scores_module
+from negalign_cli.compute.score_columns import pair_text
 from negalign_cli.compute.scores import (
     LOGIT_SCALE,
     NegativeLayout,
@@ -22,7 +23,6 @@ from negalign_cli.compute.scores import (
     chunk_rows,
     compute_scores,
     multimatch,
-    pair_text,
     top_columns,
     unit_rows,
 )

@@ -114,7 +114,7 @@ def test_the_published_counts_of_each_setting():
 
 
 def test_the_suffixes_counted_are_the_ones_negalign_reads():
-    from negalign_cli.inputs.datasets import IMAGE_SUFFIXES
+    from negalign_cli.inputs.listing import IMAGE_SUFFIXES
 
     assert presets.IMAGE_SUFFIXES == IMAGE_SUFFIXES
 
@@ -124,7 +124,7 @@ def test_the_suffixes_counted_are_the_ones_negalign_reads():
 
 @pytest.mark.parametrize("name", ["imagenet-mos", "openood-imagenet", "waterbirds"])
 def test_resolve_finds_every_set_and_negalign_reads_what_is_counted(tmp_path, name):
-    from negalign_cli.inputs.datasets import list_images
+    from negalign_cli.inputs.listing import list_images
 
     root = make_root(tmp_path / "data", name)
     resolved = presets.resolve_preset(name, root)

@@ -13,7 +13,8 @@ from negalign_cli.cli.app import app
 from negalign_cli.compute.scores import ScoreConfig
 from negalign_cli.errors import NegalignError
 from negalign_cli.inputs.words import WordList, load_templates
-from negalign_cli.stages.scoring import open_image_set, read_score_metadata, score_images
+from negalign_cli.stages.score_files import read_score_metadata
+from negalign_cli.stages.scoring import open_image_set, score_images
 from negalign_cli.stages.text import text_embeddings
 from negalign_cli.stages.vocab import (
     VocabEntry,

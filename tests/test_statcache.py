@@ -9,7 +9,7 @@ import sqlite3
 import pytest
 
 from negalign_cli.cache.statcache import StatCache
-from negalign_cli.inputs.datasets import digest_all
+from negalign_cli.inputs.listing import digest_all
 
 OLD_NS = 1_600_000_000 * 10**9  # a modification time long past: never "racy"
 

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from negalign_cli.errors import NegalignError
-from negalign_cli.inputs.datasets import list_images
+from negalign_cli.inputs.listing import list_images
 from negalign_cli.inputs.tars import expand_braces
 from negalign_cli.stages import files
 from negalign_cli.stages.images import digest_images, embed_images
@@ -158,7 +158,7 @@ def test_shard_images_decode_like_files(shards, tiny_model, workspace, decoder):
 def test_member_digests_come_from_the_stat_cache_until_the_shard_changes(shards, tmp_path, monkeypatch):
     import os
 
-    import negalign_cli.inputs.datasets as datasets
+    import negalign_cli.inputs.listing as listing
     from negalign_cli.cache.statcache import StatCache
 
     shard = shards["data"] / "00000.tar"
@@ -166,8 +166,8 @@ def test_member_digests_come_from_the_stat_cache_until_the_shard_changes(shards,
     os.utime(shard, ns=(old, old))  # not "racy": remembered
     first = digest_images(list_images(str(shard)), stat_cache=StatCache(tmp_path / "stat.db"))
     read = []
-    original = datasets.member_digest
-    monkeypatch.setattr(datasets, "member_digest", lambda m: read.append(m.name) or original(m))
+    original = listing.member_digest
+    monkeypatch.setattr(listing, "member_digest", lambda m: read.append(m.name) or original(m))
     again = digest_images(list_images(str(shard)), stat_cache=StatCache(tmp_path / "stat.db"))
     assert read == [] and again.digests == first.digests
     _shard(shard, [("a.jpg", shards["d"]), ("b.png", shards["b"])])  # rewritten: a.jpg changed
@@ -184,7 +184,7 @@ def test_the_cli_reads_shards_and_a_rerun_reads_no_image(shards, tmp_path, monke
     every digest from the stat cache (no file is hashed, no member read)."""
     import os
 
-    import negalign_cli.inputs.datasets as datasets
+    import negalign_cli.inputs.listing as listing
     from tests.faults.helpers import cli
 
     old = 1_600_000_000 * 10**9
@@ -196,7 +196,7 @@ def test_the_cli_reads_shards_and_a_rerun_reads_no_image(shards, tmp_path, monke
     assert first.exit_code == 0, first.output
     assert "4 of 7 images embedded, 2 skipped" in " ".join(first.output.split())
     assert (tmp_path / "c" / "stat.db").is_file()
-    monkeypatch.setattr(datasets, "file_digest", lambda *a: pytest.fail("hashed again"))
+    monkeypatch.setattr(listing, "file_digest", lambda *a: pytest.fail("hashed again"))
     again = cli(*args)
     assert again.exit_code == 0 and "cache hit" in again.output
     table = pd.read_parquet(tmp_path / "out" / files.IMAGE_TABLE)

@@ -122,7 +122,7 @@ def test_generate_toy(tmp_path):
     assert (meta["y"] == meta["label"].map({"star": 0, "heart": 1})).all()
     assert (meta["place"] == meta["background"].isin(["forest", "grass"]).astype(int)).all()
     assert meta["split"].value_counts().to_dict() == {2: 100, 0: 80, 1: 20}
-    from negalign_cli.inputs.datasets import list_images
+    from negalign_cli.inputs.listing import list_images
 
     test_split = list_images(root / "id" / "metadata.csv", split="test")
     assert len(test_split) == 100 and test_split.extra["place"] == [
@@ -162,7 +162,7 @@ def test_generate_toy(tmp_path):
         assert sum(p.suffix == ".png" for p in files) == counts[split]
         assert len(list((root / "masks" / split).rglob("*.png"))) == counts[split]
     # the ID test set and its minority group, both readable as manifests
-    from negalign_cli.inputs.datasets import list_images
+    from negalign_cli.inputs.listing import list_images
 
     test_set = list_images(root / "id_test.csv")
     assert len(test_set) == 240 and all(Path(p).is_file() for p in test_set.paths)
@@ -182,7 +182,7 @@ def test_generate_toy(tmp_path):
 
 
 def test_embedding_a_toy_split_folder_reads_its_images_only(tmp_path):
-    from negalign_cli.inputs.datasets import list_images
+    from negalign_cli.inputs.listing import list_images
 
     generate_toy(tmp_path / "toy", ToySpec(seed=1, n_id=30, n_ood=4))
     listed = list_images(tmp_path / "toy" / "id")

@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import importlib.util
 import json
 import os
 import platform
+import re
 import shutil
 import sqlite3
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -209,8 +212,25 @@ def library_versions() -> dict[str, str]:
     versions = {"negalign": __version__, "python": platform.python_version()}
     for module in ("torch", "open_clip", "numpy"):
         with contextlib.suppress(Exception):
-            versions[module] = __import__(module).__version__
+            versions[module] = _module_version(module)
     return versions
+
+
+def _module_version(module: str) -> str:
+    """``module.__version__`` without importing it where it is not loaded yet (torch takes seconds,
+    and `evaluate` or `merge` need none): the ``__version__ = '...'`` line of its ``version.py``,
+    which holds torch's build suffix (``+cu130``) that the package metadata lacks."""
+    loaded = sys.modules.get(module)
+    if loaded is None:
+        spec = importlib.util.find_spec(module)
+        for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+            with contextlib.suppress(OSError, UnicodeDecodeError):
+                text = Path(folder, "version.py").read_text(encoding="utf-8")
+                found = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", text, re.MULTILINE)
+                if found:
+                    return found.group(1)
+        loaded = __import__(module)
+    return str(loaded.__version__)
 
 
 def verify_folder(

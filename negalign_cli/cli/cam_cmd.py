@@ -66,8 +66,9 @@ def cam(
     image embedding. Writes background_embeddings.npy, cams.npy, cam.parquet, and
     image_embeddings.npy + images.parquet, so the folder is a complete `score` input."""
     from negalign_cli.cache.workspace import Workspace
-    from negalign_cli.compute.vision import CamConfig
-    from negalign_cli.inputs.datasets import list_images, resolve_decoder
+    from negalign_cli.compute.cam_layout import CamConfig
+    from negalign_cli.inputs.datasets import resolve_decoder
+    from negalign_cli.inputs.listing import list_images
     from negalign_cli.inputs.words import load_classes
     from negalign_cli.stages import files
     from negalign_cli.stages.images import cam_images, cam_spec, digest_images

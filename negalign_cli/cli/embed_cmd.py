@@ -146,7 +146,8 @@ def images(
     nothing, new files are all that is encoded). Writes image_embeddings.npy and images.parquet
     (row, path, label, digest, status, reason)."""
     from negalign_cli.cache.workspace import Workspace
-    from negalign_cli.inputs.datasets import list_images, resolve_decoder
+    from negalign_cli.inputs.datasets import resolve_decoder
+    from negalign_cli.inputs.listing import list_images
     from negalign_cli.stages.images import digest_images, embed_images, embed_images_spec
 
     chosen_shard, cache_dir = o.shard_setup(shard, shards_dir, out, cache_dir)

@@ -23,9 +23,14 @@ def models(
     open_clip weight tags each one knows."""
     from rich.table import Table
 
-    from negalign_cli.models import list_architectures
+    from negalign_cli.model_names import list_architectures  # open_clip's names and tags, read without torch
+    from negalign_cli.modelref import PROJECT_MODELS  # torch-free, as the names and tags
 
-    infos = [i for i in list_architectures() if not filter_text or filter_text.lower() in i.name.lower()]
+    infos = [
+        i
+        for i in list_architectures(PROJECT_MODELS)
+        if not filter_text or filter_text.lower() in i.name.lower()
+    ]
     if names_only:
         for info in infos:
             typer.echo(info.name)

@@ -47,15 +47,20 @@ def report(
     histograms, a grid of CAM overlays of the most and least ID-like images of every set (with the
     true mask on the toy world) and the provenance (model fingerprint, data digests, settings,
     library versions). The score files and `cam` folders are found through the manifests."""
-    from negalign_cli.cache.statcache import STAT_CACHE, StatCache
+    from negalign_cli.cache.store import ArtifactStore
     from negalign_cli.stages.report import build_report
 
     root = o.cache_root(cache_dir)  # side files (matplotlib's cache) go under the cache
-    result = build_report(
-        results_dir,
-        out,
-        cells=cells,
-        reporter=o.reporter(verbose, quiet),
-        stat_cache=StatCache(root / STAT_CACHE),  # unchanged score files are not read again
-    )
+    store = ArtifactStore(root)  # the figures are cached like any output
+    try:
+        result = build_report(
+            results_dir,
+            out,
+            cells=cells,
+            reporter=o.reporter(verbose, quiet),
+            stat_cache=store.stat_cache,  # unchanged score files are not read again
+            store=store,  # a figure drawn before from the same data is copied, not drawn
+        )
+    finally:
+        store.close()
     stdout().print(f"wrote {', '.join(p.name for p in result.written)} to {result.out}")

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from negalign_cli.compute.metrics import CONVENTIONS, ood_metrics
-from negalign_cli.compute.scores import SCORE_COLUMNS, zscore
+from negalign_cli.compute.score_columns import SCORE_COLUMNS
 
 STAR, ALIGN = "s_neglabel_star", "p_align"
 # Names results.json, metrics.csv and the tables give rows that are not an OOD set: the ID set and
@@ -195,3 +195,9 @@ def group_sets(groups: Sequence[tuple[str, Sequence[str]]], sets: Sequence[str])
         out[name] = list(members)
         taken[name.casefold()] = name
     return out
+
+
+# ----------------------------------------------------------------------------- M3
+def zscore(values: np.ndarray, mean: float, std: float) -> np.ndarray:
+    """NegLabel* M3: standardise with statistics fitted on the ID set (std 0 -> divide by 1)."""
+    return (values - mean) / (std if std > 0 else 1.0)

@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from sklearn import metrics as skm
 
 from negalign_cli.defaults import METRIC_CONVENTIONS
 
@@ -93,6 +92,8 @@ def fpr_at_recall_neglabel(
 def fpr_at_recall_openood(
     id_scores: np.ndarray, ood_scores: np.ndarray, recall: float = RECALL_LEVEL
 ) -> float:
+    from sklearn import metrics as skm  # here: an `evaluate` cache hit needs no sklearn
+
     scores, is_id = _labels(id_scores, ood_scores)
     fpr, tpr, _ = skm.roc_curve(~is_id, -scores)
     return float(fpr[np.argmax(tpr >= recall)])
@@ -100,6 +101,8 @@ def fpr_at_recall_openood(
 
 def ood_metrics(id_scores: np.ndarray, ood_scores: np.ndarray, convention: str = "neglabel") -> OodMetrics:
     """AUROC, FPR@95, AUPR-In, AUPR-Out (fractions) of ID scores against OOD scores."""
+    from sklearn import metrics as skm  # here: an `evaluate` cache hit needs no sklearn
+
     if convention not in CONVENTIONS:
         raise ValueError(f"unknown metric convention {convention!r}")
     id_scores = np.asarray(id_scores, dtype=np.float64)
@@ -128,6 +131,8 @@ def ood_metrics(id_scores: np.ndarray, ood_scores: np.ndarray, convention: str =
 def _area(recall: np.ndarray, precision: np.ndarray) -> float:
     """Trapezoid area under a precision-recall curve (OpenOOD's AUPR). The trapezoids' sum can
     exceed 1 by a rounding (1.0000000000000002 for a perfect curve); an area is at most 1."""
+    from sklearn import metrics as skm  # here: an `evaluate` cache hit needs no sklearn
+
     return min(1.0, float(skm.auc(recall, precision)))
 
 

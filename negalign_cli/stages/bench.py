@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from negalign_cli import __version__
+from negalign_cli.compute.score_columns import pair_text
 from negalign_cli.compute.scores import (
     LOGIT_SCALE,
     PairTable,
@@ -39,7 +40,6 @@ from negalign_cli.compute.scores import (
     compute_scores,
     group_order,
     neglabel_grouped,
-    pair_text,
 )
 from negalign_cli.compute.vision import (
     CamConfig,
@@ -399,9 +399,9 @@ def _image_file_flow(model: LoadedModel, config: BenchConfig) -> tuple[Callable[
         collate,
         collate_raw,
         decode_batch,
-        list_images,
         resolve_decoder,
     )
+    from negalign_cli.inputs.listing import list_images
 
     if config.images is None:
         raise ValueError("no image folder")

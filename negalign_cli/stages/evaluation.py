@@ -15,7 +15,7 @@ import pandas as pd
 
 from negalign_cli import __version__
 from negalign_cli.cache.statcache import StatCache, sha256_files
-from negalign_cli.cache.store import StageResult, StageSpec
+from negalign_cli.cache.store import ArtifactStore, StageResult, StageSpec
 from negalign_cli.cache.workspace import Workspace
 from negalign_cli.compute.evaluation import (
     ALIGN,
@@ -35,12 +35,12 @@ from negalign_cli.compute.evaluation import (
     statistics,
 )
 from negalign_cli.compute.metrics import CONVENTIONS, DEFINITIONS, RECALL_LEVEL, group_rejection
-from negalign_cli.compute.scores import SCORE_COLUMNS, method_columns, score_column
+from negalign_cli.compute.score_columns import SCORE_COLUMNS, method_columns, score_column
 from negalign_cli.defaults import DEFAULT_LAMBDAS, NEGALIGN
 from negalign_cli.errors import NegalignError
 from negalign_cli.reporting import NullReporter, RecordingReporter, Reporter
 from negalign_cli.stages import files
-from negalign_cli.stages.scoring import read_score_metadata
+from negalign_cli.stages.score_files import read_score_metadata
 
 FITTED = "fitted on the ID set"  # the source of M3 statistics fitted by evaluate itself
 # 2: ROC of every method, labelled histograms, --ood-group; 3: S_final overflows and reserved set
@@ -223,7 +223,8 @@ def evaluate(request: EvaluateRequest, workspace: Workspace, reporter: Reporter 
     for name, path in request.id_groups:
         inputs[f"id-group:{name}"] = _group_digest(path, stat_cache)
     spec = StageSpec(EVALUATE_STAGE, EVALUATE_VERSION, request.params(), inputs)
-    return workspace.store.run(spec, lambda folder: _evaluate(request, folder, reporter), reporter)
+    store = workspace.store
+    return store.run(spec, lambda folder: _evaluate(request, folder, reporter, store), reporter)
 
 
 def _warn_same_content(request: EvaluateRequest, inputs: dict[str, str], reporter: Reporter) -> None:
@@ -251,7 +252,9 @@ class _Selection:
     negalign: bool
 
 
-def _evaluate(request: EvaluateRequest, folder: Path, reporter: Reporter) -> dict:
+def _evaluate(
+    request: EvaluateRequest, folder: Path, reporter: Reporter, store: ArtifactStore | None = None
+) -> dict:
     frames = _read_frames(request)
     selection = _select(request, frames, reporter)
     cam_invalid, excluded = _exclude_invalid_cams(frames, selection, reporter)
@@ -316,7 +319,7 @@ def _evaluate(request: EvaluateRequest, folder: Path, reporter: Reporter) -> dic
     results["statistics"] = {"id": statistics(_stat_columns(id_frame))}
     for name, frame in ood_frames.items():
         results["statistics"][f"ood:{name}"] = statistics(_stat_columns(frame))
-    _write_outputs(folder, request, results, rows, id_frame, ood_frames)
+    _write_outputs(folder, request, results, rows, id_frame, ood_frames, store, reporter)
     return {"counts": {"id": len(id_frame), **{f"ood:{n}": len(f) for n, f in ood_frames.items()}}}
 
 
@@ -616,7 +619,7 @@ def _group_digest(path: Path, stat_cache: StatCache | None = None) -> str:
 def _group_paths(path: Path) -> list[str]:
     """The real paths a group lists (a manifest, relative to its folder, or a folder of images).
     Nothing is read but the list: a group may name images anywhere."""
-    from negalign_cli.inputs.datasets import list_images
+    from negalign_cli.inputs.listing import list_images
 
     return [os.path.realpath(p) for p in list_images(path, allow_outside_root=True).paths]
 
@@ -673,9 +676,15 @@ def _write_outputs(
     rows: list[dict],
     id_frame: pd.DataFrame,
     ood_frames: dict[str, pd.DataFrame],
+    store: ArtifactStore | None = None,
+    reporter: Reporter | None = None,
 ) -> None:
-    """results.json, metrics.csv (per set, per group and the mean), roc.png and score_hist.png."""
-    from negalign_cli.stages.plots import plot_histograms, plot_roc
+    """results.json, metrics.csv (per set, per group and the mean), roc.png and score_hist.png.
+    The figures are copied from the cache (``store``) when their data are unchanged: the
+    histograms of the stored columns whatever the λ grid, the ROC curves unless NegAlign's λ
+    changed."""
+    from negalign_cli.stages import plots
+    from negalign_cli.stages.figures import cached_figure
 
     (folder / files.RESULTS).write_text(json.dumps(results, indent=2, sort_keys=False), encoding="utf-8")
     mean_rows = [
@@ -684,14 +693,51 @@ def _write_outputs(
         for m, b in block["methods"].items()
     ]
     pd.DataFrame(rows + mean_rows).to_csv(folder / files.METRICS, index=False, float_format="%.4f")
-    plot_roc(folder / files.ROC_PLOT, roc_curves(results, id_frame, ood_frames))
+    curves = roc_curves(results, id_frame, ood_frames)
+    roc = folder / files.ROC_PLOT
+    cached_figure(store, "roc", curves, lambda path: plots.plot_roc(path, curves), roc, reporter)
     frames = {ID_SET: id_frame, **ood_frames}
     components = [
         c
         for c in (*METHODS.values(), ALIGN, request.score_column)
         if c and all(_usable(f, c) for f in frames.values())
     ]
-    plot_histograms(folder / files.HISTOGRAM_PLOT, id_frame, ood_frames, list(dict.fromkeys(components)))
+    histogram_figure(
+        store, folder / files.HISTOGRAM_PLOT, id_frame, ood_frames, list(dict.fromkeys(components)), reporter
+    )
+
+
+def histogram_figure(
+    store: ArtifactStore | None,
+    target: Path,
+    id_frame: pd.DataFrame,
+    ood_frames: dict[str, pd.DataFrame],
+    columns: list[str],
+    reporter: Reporter | None = None,
+) -> bool:
+    """score_hist.png (``plots.plot_histograms``) from the cache when the columns drawn, their
+    values and labels are unchanged, else drawn. Returns whether it came from the cache."""
+    from negalign_cli.stages import plots
+    from negalign_cli.stages.figures import cached_figure
+
+    def drawn(frame: pd.DataFrame) -> dict[str, np.ndarray]:  # the values the histograms bin
+        numeric = {c: pd.to_numeric(frame[c], errors="coerce") for c in columns}
+        return {c: values.to_numpy(dtype=np.float64, na_value=np.nan) for c, values in numeric.items()}
+
+    material = {
+        "columns": columns,
+        "labels": {c: (known.label if (known := score_column(c)) else c) for c in columns},
+        "id": drawn(id_frame),
+        "ood": {name: drawn(frame) for name, frame in ood_frames.items()},
+    }
+    return cached_figure(
+        store,
+        "histograms",
+        material,
+        lambda path: plots.plot_histograms(path, id_frame, ood_frames, columns),
+        target,
+        reporter,
+    )
 
 
 def method_label(method: str, entry: dict) -> str:

@@ -23,57 +23,38 @@ from negalign_cli.cache.store import Artifact, StageResult, StageSpec
 from negalign_cli.cache.workspace import Workspace
 from negalign_cli.defaults import CLASS_TEMPLATES, DEFAULT_MAX_PIXELS, DEFAULT_STORE_DTYPE, STORE_DTYPES
 from negalign_cli.errors import NegalignError
-from negalign_cli.hashing import printable_path, sha256_json
-from negalign_cli.inputs.datasets import (  # what planning needs: listing, digests, the decoder
-    ImageList,
+from negalign_cli.inputs.datasets import (  # the decoder, for the key
     default_workers,
-    digest_all,
-    is_transient,
     resolve_decoder,
 )
+from negalign_cli.inputs.listing import ImageList, digest_all, is_transient
 from negalign_cli.inputs.words import WordList, load_templates
 from negalign_cli.reporting import NullReporter, Reporter
 from negalign_cli.stages import files
+from negalign_cli.stages.image_rows import (  # what merge reads too, without torch
+    CAM_STAGE,
+    CAM_VERSION,
+    EMBED_IMAGES_STAGE,
+    EMBED_IMAGES_VERSION,
+    Listing,
+)
+from negalign_cli.stages.image_rows import image_table as _table
+from negalign_cli.stages.image_rows import row_order as _row_order
 from negalign_cli.stages.text import text_embeddings
 
 if TYPE_CHECKING:  # a stage gets a modelref.LazyModel (built on first use) or a models.LoadedModel
     import torch
 
-    from negalign_cli.compute.vision import CamConfig, CamRows
+    from negalign_cli.compute.cam_layout import CamConfig, CamRows
     from negalign_cli.modelref import AnyModel
 
 # torch, the encoders (compute/vision.py) and the decoding datasets are imported inside the
 # compute steps, which the store runs only on a miss: a cache hit imports no torch.
 
-EMBED_IMAGES_STAGE, EMBED_IMAGES_VERSION = "embed-images", 2  # 2: counts duplicate paths
-CAM_STAGE, CAM_VERSION = "cam", 2  # 2: exact foreground percentile, whole-image fallback background
 IMAGE_ITEMS_VERSION = 1
 CAM_ITEMS_VERSION = 2
 # A batch that no DataLoader worker delivers within this many seconds is an error, never a hang.
 WORKER_TIMEOUT = 600.0
-
-
-@dataclass
-class Listing:
-    """An image list with content digests: what the artifact key and the cache lookups use."""
-
-    images: ImageList
-    digests: list[str | None]
-    reasons: list[str]
-
-    @property
-    def key(self) -> str:
-        return sha256_json(
-            [self.images.paths, self.images.labels, self.images.extra, self.digests, self.reasons]
-        )
-
-    def unique_valid(self) -> dict[str, int]:
-        """digest -> index of the first image with that content."""
-        first: dict[str, int] = {}
-        for index, digest in enumerate(self.digests):
-            if digest is not None and digest not in first:
-                first[digest] = index
-        return first
 
 
 def digest_images(
@@ -223,32 +204,6 @@ def to_host(*tensors: torch.Tensor) -> Callable[[], list[np.ndarray]]:
     return ready
 
 
-def _table(listing: Listing, found: dict[str, int], failures: dict[str, str]) -> pd.DataFrame:
-    rows, status, reasons = [], [], []
-    for digest, reason in zip(listing.digests, listing.reasons, strict=True):
-        if digest is not None and digest in found:
-            rows.append(found[digest])
-            status.append("ok")
-            reasons.append("")
-        else:
-            rows.append(-1)
-            status.append("skipped")
-            reasons.append(reason or failures.get(digest or "", "not processed"))
-    frame = pd.DataFrame(
-        {
-            "row": np.array(rows, dtype=np.int64),
-            "path": [printable_path(p) for p in listing.images.paths],
-            "label": listing.images.labels,
-            "digest": [d or "" for d in listing.digests],
-            "status": status,
-            "reason": reasons,
-        }
-    )
-    for name, values in listing.images.extra.items():
-        frame[name] = values
-    return frame
-
-
 def _check_strict(table: pd.DataFrame, strict: bool, reporter: Reporter) -> None:
     skipped = table[table["status"] != "ok"]
     if skipped.empty:
@@ -277,15 +232,6 @@ def _strict_on_hit(result: StageResult, strict: bool, reporter: Reporter) -> Sta
     if result.hit and strict and result.artifact.manifest.get("counts", {}).get("skipped"):
         _check_strict(pd.read_parquet(result.artifact.file(files.IMAGE_TABLE)), strict, reporter)
     return result
-
-
-def _row_order(listing: Listing, ok: set[str]) -> dict[str, int]:
-    """Embedding row of each distinct, successfully processed digest, in list order."""
-    rows: dict[str, int] = {}
-    for digest in listing.digests:
-        if digest is not None and digest in ok and digest not in rows:
-            rows[digest] = len(rows)
-    return rows
 
 
 @dataclass
@@ -501,7 +447,7 @@ def _write_cam_outputs(
 def _cam_namespace(
     workspace: Workspace, model: AnyModel, config: CamConfig, classes: WordList, cells: int, decoder: str
 ):
-    from negalign_cli.compute.vision import cam_row_width  # planning: the row layout
+    from negalign_cli.compute.cam_layout import cam_row_width  # planning: the row layout, torch-free
 
     dim = cam_row_width(model.embed_dim, cells)
     params = {
@@ -544,20 +490,6 @@ def cam_spec(
         "class_templates": load_templates(CLASS_TEMPLATES).digest,  # `score` checks both against its own
     }
     return StageSpec(CAM_STAGE, CAM_VERSION, params, inputs)
-
-
-# The files of each image stage that hold one row per distinct image, in row order (what
-# `negalign merge` assembles from shards); ``images.parquet`` is rebuilt from the image list.
-ROW_FILES: dict[str, tuple[str, ...]] = {
-    EMBED_IMAGES_STAGE: (files.IMAGE_EMBEDDINGS,),
-    CAM_STAGE: (
-        files.IMAGE_EMBEDDINGS,
-        files.BACKGROUND_EMBEDDINGS,
-        files.CAMS,
-        files.FOREGROUND,
-        files.CAM_TABLE,
-    ),
-}
 
 
 def cam_images(

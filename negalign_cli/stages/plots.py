@@ -78,7 +78,7 @@ def plot_histograms(
 ) -> None:
     """ID against each OOD set for each score component, with axis labels: one row per component
     and one column per OOD set (a single set wraps its components four to a row)."""
-    from negalign_cli.compute.scores import score_column
+    from negalign_cli.compute.score_columns import score_column
 
     plt = _pyplot()
     panels = [(name, frame, column) for column in columns for name, frame in ood_frames.items()]

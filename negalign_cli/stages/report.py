@@ -6,8 +6,10 @@ recorded) and, beside each, the ``score`` manifest naming the ``cam`` folder it 
 ``report.html`` (inline CSS, figures as ``data:`` URIs: it needs no network and no other file),
 ``report.md`` and ``report.tex`` (the same method table; they include ``figures/*.png``) and
 ``figures/``. What cannot be found (a score file moved, no CAM outputs) leaves its figure out, and
-the report says so. Not cached: the report is a rendering of files that are themselves cached, and
-takes seconds; it is written into a temporary folder inside ``--out`` and renamed into place.
+the report says so. The text is rendered again each time (it is cheap); each figure is an artifact
+of the ``figure`` stage (:mod:`negalign_cli.stages.figures`), keyed by the data it is drawn from,
+so a second report of the same folder copies its PNGs from the cache instead of drawing them. It
+is written into a temporary folder inside ``--out`` and renamed into place.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import pandas as pd
 
 from negalign_cli import __version__
 from negalign_cli.cache.statcache import StatCache, sha256_files
-from negalign_cli.cache.store import MANIFEST, verify_folder
+from negalign_cli.cache.store import MANIFEST, ArtifactStore, verify_folder
 from negalign_cli.compute.metrics import CONVENTIONS
 from negalign_cli.defaults import DEFAULT_REPORT_CELLS, NEGALIGN
 from negalign_cli.errors import NegalignError
@@ -193,10 +195,24 @@ def _main_entry(results: dict, set_name: str | None) -> tuple[str, dict]:
     return method, methods[method]
 
 
-def _cam_rows(results: dict, sets: list[ScoreSet], cells: int, size: int) -> tuple[list, list[str]]:
+@dataclass
+class _CamPick:
+    """One cell of the CAM grid before it is drawn: the image and its mask are read only when the
+    grid is (a cached grid needs neither)."""
+
+    image: Path
+    mask_path: Path | None
+    cam: np.ndarray
+    caption: str
+
+
+def _cam_picks(
+    results: dict, sets: list[ScoreSet], cells: int
+) -> tuple[list[tuple[str, list[_CamPick]]], list[str]]:
+    """The CAM grid's rows (the most and least ID-like images of each set, by the score the
+    grid ranks by) without reading an image; notes on what was left out."""
     from negalign_cli.inputs.masks import find_mask
     from negalign_cli.stages.evaluation import method_label, method_scores
-    from negalign_cli.stages.plots import CamCell, centre_square
 
     rows, notes = [], []
     bases = _bases(Path.cwd())
@@ -222,8 +238,6 @@ def _cam_rows(results: dict, sets: list[ScoreSet], cells: int, size: int) -> tup
                     notes.append(f"{entry.name}: image {record['path']} not found; left out of the CAM grid")
                     continue
                 row = int(record["row"])
-                mask_path = find_mask(image)
-                mask = centre_square(mask_path, size, "L") > 127 if mask_path is not None else None
                 valid = bool(meta["cam_valid"].iloc[row])
                 caption = (
                     f"#{rank} {label}: {scores[index]:.4g}\n"
@@ -231,19 +245,80 @@ def _cam_rows(results: dict, sets: list[ScoreSet], cells: int, size: int) -> tup
                     f"cosine to it: {float(meta['pred_score'].iloc[row]):.3f}"
                     + ("" if valid else "\nCAM invalid")
                 )
-                row_cells.append(CamCell(centre_square(image, size), np.asarray(cams[row]), mask, caption))
+                row_cells.append(_CamPick(image, find_mask(image), np.asarray(cams[row]), caption))
             if row_cells:
                 rows.append((f"{entry.name}: {title}", row_cells))
     return rows, notes
 
 
+def _cam_cells(picks: list[tuple[str, list[_CamPick]]], size: int) -> list:
+    """The grid's cells drawn from ``picks``: each image's centre square, its mask where known."""
+    from negalign_cli.stages.plots import CamCell, centre_square
+
+    return [
+        (
+            title,
+            [
+                CamCell(
+                    centre_square(p.image, size),
+                    p.cam,
+                    centre_square(p.mask_path, size, "L") > 127 if p.mask_path is not None else None,
+                    p.caption,
+                )
+                for p in row
+            ],
+        )
+        for title, row in picks
+    ]
+
+
+def _cam_rows(results: dict, sets: list[ScoreSet], cells: int, size: int) -> tuple[list, list[str]]:
+    """The CAM grid's rows of :class:`CamCell` (images read); notes on what was left out."""
+    picks, notes = _cam_picks(results, sets, cells)
+    return _cam_cells(picks, size), notes
+
+
+def _cam_material(picks: list[tuple[str, list[_CamPick]]], size: int, stat_cache: StatCache | None) -> dict:
+    """What the CAM grid is drawn from, for its cache key: the titles, captions and CAMs, and the
+    bytes of each image and mask (their sha256, through the stat cache: not read when unchanged)."""
+    paths = [p for _, row in picks for pick in row for p in (pick.image, pick.mask_path) if p is not None]
+    digests = dict(zip(paths, sha256_files(paths, stat_cache), strict=True)) if paths else {}
+    return {
+        "size": size,
+        "rows": [
+            (
+                title,
+                [
+                    (
+                        digests[p.image],
+                        digests[p.mask_path] if p.mask_path is not None else None,
+                        p.cam,
+                        p.caption,
+                    )
+                    for p in row
+                ],
+            )
+            for title, row in picks
+        ],
+    }
+
+
 def _figures(
-    results: dict, sets: list[ScoreSet], folder: Path, cells: int, advance: Callable[[int], None]
+    results: dict,
+    sets: list[ScoreSet],
+    folder: Path,
+    cells: int,
+    advance: Callable[[int], None],
+    store: ArtifactStore | None = None,
+    stat_cache: StatCache | None = None,
+    reporter: Reporter | None = None,
 ) -> tuple[dict[str, dict], list[str]]:
-    """figure key → {file, title, caption}; notes on what was left out."""
+    """figure key → {file, title, caption}; notes on what was left out. Each figure is copied from
+    the cache (``store``) when one was drawn from the same data, else drawn."""
     from negalign_cli.compute.evaluation import ALIGN
-    from negalign_cli.stages.evaluation import roc_curves
-    from negalign_cli.stages.plots import plot_cam_grid, plot_histograms, plot_lambda_curve, plot_roc
+    from negalign_cli.stages import plots
+    from negalign_cli.stages.evaluation import histogram_figure, roc_curves
+    from negalign_cli.stages.figures import cached_figure
 
     convention = results["metrics_convention"]
     figures: dict[str, dict] = {}
@@ -254,7 +329,14 @@ def _figures(
         for name, block in [*results.get("groups", {}).items(), ("mean", results["mean"])]:
             if len(results["ood"]) > 1 or name != "mean":
                 sweeps[name], chosen[name] = _sweep(block), block["methods"][NEGALIGN].get("lambda")
-        plot_lambda_curve(folder / files.LAMBDA_PLOT, sweeps, chosen, convention)
+        cached_figure(
+            store,
+            "lambda",
+            {"sweeps": sweeps, "chosen": chosen, "convention": convention},
+            lambda path: plots.plot_lambda_curve(path, sweeps, chosen, convention),
+            folder / files.LAMBDA_PLOT,
+            reporter,
+        )
         advance(1)
         rule = results.get("lambda_selection", {}).get("rule", "")
         figures["lambda"] = {
@@ -268,7 +350,9 @@ def _figures(
     frames = {s.name: s.frame for s in sets if s.frame is not None}
     if len(frames) == len(sets):
         id_frame = frames.pop("ID")
-        plot_roc(folder / files.ROC_PLOT, roc_curves(results, id_frame, frames))
+        curves = roc_curves(results, id_frame, frames)
+        roc = folder / files.ROC_PLOT
+        cached_figure(store, "roc", curves, lambda path: plots.plot_roc(path, curves), roc, reporter)
         advance(1)
         figures["roc"] = {
             "file": files.ROC_PLOT,
@@ -284,7 +368,7 @@ def _figures(
             for c in dict.fromkeys(columns)
             if all(pd.to_numeric(f[c], errors="coerce").notna().any() for f in [id_frame, *frames.values()])
         ]
-        plot_histograms(folder / files.HISTOGRAM_PLOT, id_frame, frames, usable)
+        histogram_figure(store, folder / files.HISTOGRAM_PLOT, id_frame, frames, usable, reporter)
         advance(1)
         figures["histograms"] = {
             "file": files.HISTOGRAM_PLOT,
@@ -293,10 +377,18 @@ def _figures(
         }
     else:
         notes += [f"{s.name}: {s.problem}; ROC curves and histograms left out" for s in sets if s.problem]
-    rows, cam_notes = _cam_rows(results, sets, cells, size=128)
+    picks, cam_notes = _cam_picks(results, sets, cells)
     notes += cam_notes
-    if rows:
-        plot_cam_grid(folder / files.CAM_GRID_PLOT, rows)
+    if picks:
+        size = 128
+        cached_figure(
+            store,
+            "cam-grid",
+            _cam_material(picks, size, stat_cache) if store is not None else None,
+            lambda path: plots.plot_cam_grid(path, _cam_cells(picks, size)),
+            folder / files.CAM_GRID_PLOT,
+            reporter,
+        )
         advance(1)
         figures["cams"] = {
             "file": files.CAM_GRID_PLOT,
@@ -316,7 +408,8 @@ def _sweep(block: dict) -> dict[float, dict]:
 
 def _versions(*manifests: dict) -> dict[str, str]:
     import jinja2
-    import matplotlib
+
+    from negalign_cli.stages.figures import matplotlib_version
 
     versions: dict[str, str] = {}
     for manifest in manifests:
@@ -327,7 +420,7 @@ def _versions(*manifests: dict) -> dict[str, str]:
         "python (report)": platform.python_version(),
         "numpy": np.__version__,
         "pandas": pd.__version__,
-        "matplotlib": matplotlib.__version__,
+        "matplotlib": matplotlib_version(),  # read without importing it (the figures may be cached)
         "jinja2": jinja2.__version__,
     }
     for name, version in report.items():
@@ -475,9 +568,12 @@ def build_report(
     cells: int = DEFAULT_REPORT_CELLS,
     reporter: Reporter | None = None,
     stat_cache: StatCache | None = None,
+    store: ArtifactStore | None = None,
 ) -> ReportResult:
     """Write report.html, report.md, report.tex and figures/ for an ``evaluate`` folder
-    (``stat_cache``: the cache's, so that unchanged score files are not read to be checked)."""
+    (``stat_cache``: the cache's, so that unchanged score files are not read to be checked;
+    ``store``: the cache's artifact store, where the figures are kept: a figure drawn before from
+    the same data is copied, not drawn)."""
     reporter = reporter or NullReporter()
     results_dir = Path(results_dir).expanduser()
     if not (results_dir / files.RESULTS).is_file():
@@ -496,7 +592,7 @@ def build_report(
         figures_dir = staging / files.REPORT_FIGURES
         figures_dir.mkdir()
         with reporter.progress("report: drawing the figures", 4) as advance:
-            figures, notes = _figures(results, sets, figures_dir, cells, advance)
+            figures, notes = _figures(results, sets, figures_dir, cells, advance, store, stat_cache, reporter)
         for figure in figures.values():
             data = (figures_dir / figure["file"]).read_bytes()
             figure["data_uri"] = "data:image/png;base64," + base64.b64encode(data).decode("ascii")

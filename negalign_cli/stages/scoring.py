@@ -21,12 +21,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from negalign_cli.cache.statcache import StatCache, sha256_files
 from negalign_cli.cache.store import MANIFEST, StageResult, StageSpec, listed_outputs, verify_folder
 from negalign_cli.cache.workspace import Workspace
+from negalign_cli.compute.score_columns import cam_columns, registry_key  # torch-free
 from negalign_cli.compute.score_config import ScoreConfig
 from negalign_cli.defaults import (
     CLASS_TEMPLATES,
@@ -39,6 +38,7 @@ from negalign_cli.errors import NegalignError
 from negalign_cli.inputs.words import WordList, load_templates
 from negalign_cli.reporting import NullReporter, Reporter
 from negalign_cli.stages import files
+from negalign_cli.stages.score_files import write_scores  # torch-free: evaluate reads them
 from negalign_cli.stages.text import text_embeddings
 from negalign_cli.stages.vocab import NegativeVocab, check_split_model, negative_features
 
@@ -52,7 +52,6 @@ if TYPE_CHECKING:  # a stage gets a modelref.LazyModel (built on first use) or a
 # store runs only on a miss: a cache hit imports no torch.
 
 SCORE_STAGE, SCORE_VERSION = "score", 2  # 2: float64 aggregation, duplicate paths, --invalid-cam
-METADATA_KEY = b"negalign"
 EMBEDDINGS, IMAGES = files.IMAGE_EMBEDDINGS, files.IMAGE_TABLE
 BACKGROUND, CAM = files.BACKGROUND_EMBEDDINGS, files.CAM_TABLE
 
@@ -290,8 +289,6 @@ def score_images(
     if unchecked:
         reporter.warn(unchecked)
     check_split_model(negatives, model, reporter)
-    from negalign_cli.compute.scores import registry_key  # the score registry: planning needs it
-
     if not image_set.has_cam:
         reporter.info("no CAM outputs beside the embeddings: the background columns stay empty")
     params = {
@@ -442,22 +439,5 @@ def _scores_frame(
         }
     )
     if cam is None:
-        from negalign_cli.compute.scores import cam_columns
-
         frame[list(cam_columns())] = None
     return frame
-
-
-def write_scores(frame: pd.DataFrame, path: Path, metadata: dict) -> None:
-    table = pa.Table.from_pandas(frame, preserve_index=False)
-    merged = {**(table.schema.metadata or {}), METADATA_KEY: json.dumps(metadata).encode()}
-    pq.write_table(table.replace_schema_metadata(merged), path)
-
-
-def read_score_metadata(path: Path) -> dict:
-    try:
-        metadata = pq.read_schema(path).metadata or {}
-    except (OSError, pa.ArrowException):
-        return {}
-    raw = metadata.get(METADATA_KEY)
-    return json.loads(raw) if raw else {}

@@ -39,19 +39,19 @@ from negalign_cli.cache.store import MANIFEST, StageResult, StageSpec, verify_fo
 from negalign_cli.cache.workspace import Workspace
 from negalign_cli.errors import NegalignError
 from negalign_cli.hashing import canonical_json, printable_path, sha256_json, sha256_text
-from negalign_cli.inputs.datasets import ImageList
+from negalign_cli.inputs.listing import ImageList
 from negalign_cli.inputs.tars import Member
 from negalign_cli.reporting import NullReporter, Reporter
 from negalign_cli.stages import files
-from negalign_cli.stages.images import (
+from negalign_cli.stages.image_rows import (  # not stages/images.py: merge needs no torch
     CAM_STAGE,
     CAM_VERSION,
     EMBED_IMAGES_STAGE,
     EMBED_IMAGES_VERSION,
     ROW_FILES,
     Listing,
-    _row_order,
-    _table,
+    image_table,
+    row_order,
 )
 
 PLAN = "plan.json"
@@ -512,7 +512,7 @@ def merge_shards(
         ok = table[table["status"] == "ok"]
         for digest, row in zip(ok["digest"].astype(str), ok["row"].astype(int), strict=True):
             source.setdefault(digest, (number, row))
-    rows = _row_order(listing, set(source))
+    rows = row_order(listing, set(source))
     order = list(rows)  # distinct digests in output order
     from_shard = np.array([source[d][0] for d in order], dtype=np.int64)
     from_row = np.array([source[d][1] for d in order], dtype=np.int64)
@@ -537,7 +537,7 @@ def merge_shards(
                             out[mask] = part[from_row[mask]]
                     np.save(folder / name, out)
                 advance(1)
-        _table(listing, rows, failures).to_parquet(folder / files.IMAGE_TABLE, index=False)
+        image_table(listing, rows, failures).to_parquet(folder / files.IMAGE_TABLE, index=False)
         return _merged_manifest(plan, manifests, len(order), counts)
 
     spec = plan.spec(listing.key)

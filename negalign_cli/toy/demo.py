@@ -18,7 +18,7 @@ from negalign_cli.cache.workspace import Workspace
 from negalign_cli.compute.scores import ScoreConfig
 from negalign_cli.compute.vision import CamConfig
 from negalign_cli.defaults import DEFAULT_LAMBDAS, DEFAULT_TAU, NEGALIGN
-from negalign_cli.inputs.datasets import list_images
+from negalign_cli.inputs.listing import list_images
 from negalign_cli.inputs.words import load_classes, load_negatives
 from negalign_cli.models import LoadedModel
 from negalign_cli.reporting import NullReporter, Reporter
@@ -139,7 +139,13 @@ def run_demo(
         overlays += write_cam_overlays(
             out / "cam" / name, settings.viz, out / "viz" / name.removeprefix("ood_"), model.image_size
         )
-    report = build_report(out / "results", out / files.REPORT_DIR, reporter=reporter)
+    report = build_report(
+        out / "results",
+        out / files.REPORT_DIR,
+        reporter=reporter,
+        stat_cache=workspace.store.stat_cache,
+        store=workspace.store,  # a second demo copies the report's figures from the cache
+    )
     return DemoResult(results, steps, out, overlays, report.out / files.REPORT_HTML)
 
 

@@ -19,7 +19,7 @@ from negalign_cli.cache.workspace import Workspace
 from negalign_cli.compute.evaluation import final_score
 from negalign_cli.compute.scores import ScoreConfig
 from negalign_cli.errors import NegalignError
-from negalign_cli.inputs.datasets import list_images
+from negalign_cli.inputs.listing import list_images
 from negalign_cli.inputs.words import load_classes, load_negatives
 from negalign_cli.models import LoadedModel
 from negalign_cli.reporting import NullReporter, Reporter

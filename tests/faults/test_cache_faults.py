@@ -12,7 +12,7 @@ import pytest
 from negalign_cli.cache.items import _key
 from negalign_cli.cache.workspace import Workspace
 from negalign_cli.errors import NegalignError
-from negalign_cli.inputs.datasets import list_images
+from negalign_cli.inputs.listing import list_images
 from negalign_cli.inputs.words import WordList, load_templates
 from negalign_cli.reporting import RecordingReporter
 from negalign_cli.stages import files

@@ -19,10 +19,11 @@ import pandas as pd
 import pytest
 import torch
 
-import negalign_cli.compute.scores as scores_module
+import negalign_cli.compute.score_columns as scores_module
 import negalign_cli.inputs.words as words_module
 from negalign_cli.cache.store import MANIFEST, ArtifactStore, StageSpec
-from negalign_cli.compute.scores import SCORES, ScoreColumn, ScoreConfig
+from negalign_cli.compute.score_columns import SCORES, ScoreColumn
+from negalign_cli.compute.scores import ScoreConfig
 from negalign_cli.compute.vision import (
     BG_POOL_REGISTRY,
     CAM_METHOD_REGISTRY,

@@ -23,10 +23,11 @@ import pandas as pd
 import pytest
 
 from negalign_cli.errors import NegalignError
-from negalign_cli.inputs.datasets import list_images
+from negalign_cli.inputs.listing import list_images
 from negalign_cli.inputs.tars import count_braces, expand_braces, locate
 from negalign_cli.stages import files
 from tests.faults.helpers import cli, one_line_error
+from tests.helpers import TINY
 from tests.helpers.images import rgb
 
 LIMIT_S = 120  # far above what any of these commands takes
@@ -279,7 +280,8 @@ def test_a_fifo_in_a_waterbirds_list(tmp_path):
 def test_a_file_that_becomes_a_fifo_after_hashing(tmp_path, tiny_model):
     """Decoding reads a path again: a file swapped for a FIFO since it was hashed is skipped
     (a passing reason, retried by the next run), with either decoder."""
-    from negalign_cli.inputs.datasets import ImageDataset, RawDataset, is_transient
+    from negalign_cli.inputs.datasets import ImageDataset, RawDataset
+    from negalign_cli.inputs.listing import is_transient
 
     fifo = _fifo(tmp_path / "pipe.jpg")
     transform = tiny_model.image_transform()
@@ -331,7 +333,7 @@ def test_a_huge_brace_range_is_counted_not_expanded(tmp_path):
         resource.setrlimit(resource.RLIMIT_DATA, (3 << 30, 3 << 30))
 
     done = subprocess.run(
-        [str(negalign), "embed", "images", "--images", spec, "--cache-dir", str(tmp_path / "c")],
+        [str(negalign), "embed", "images", "--images", spec, *TINY, "--cache-dir", str(tmp_path / "c")],
         capture_output=True,
         text=True,
         timeout=300,

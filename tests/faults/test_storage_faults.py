@@ -22,7 +22,7 @@ from negalign_cli.cache.items import ItemStore
 from negalign_cli.cache.statcache import StatCache
 from negalign_cli.cache.store import ArtifactStore, StageSpec
 from negalign_cli.errors import NegalignError
-from negalign_cli.inputs.datasets import digest_all
+from negalign_cli.inputs.listing import digest_all
 from tests.faults.helpers import cli, one_line_error
 from tests.helpers.images import make_image_folder
 

@@ -1,0 +1,337 @@
+"""Image lists: folders, ImageFolder trees, CSV/TXT manifests, OpenOOD lists, Waterbirds metadata,
+tar shards; and the digests of the images they name. No torch: planning a stage (its image list, its
+digests, its cache key), `merge` and `launch` read this module; decoding is ``inputs/datasets.py``.
+
+Every image is identified by the sha256 of its bytes, so a renamed or moved file is not encoded
+again. Unreadable images are recorded with a reason, never fatal.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from negalign_cli.errors import NegalignError
+from negalign_cli.hashing import (
+    NotRegularFile,
+    file_kind,
+    open_regular,
+    printable_path,
+    sha256_file_sized,
+)
+from negalign_cli.inputs.tars import Member, is_tar_spec, list_shards, member_digest
+
+OUTSIDE_ROOT = "outside the data root"
+PATH_COLUMNS = ("path", "image", "image_path", "filename", "img_filename", "filepath")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+WATERBIRDS_SPLITS = {"train": 0, "val": 1, "valid": 1, "test": 2}
+
+
+@dataclass(frozen=True)
+class ImageList:
+    source: str
+    paths: list[str]  # absolute
+    labels: list[str]
+    extra: dict[str, list[str]]
+    problems: dict[int, str] = field(default_factory=dict)  # index -> why it is skipped unread
+    members: dict[int, Member] = field(default_factory=dict)  # index -> image inside a tar shard
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def location(self, index: int) -> str | Member:
+        """Where image ``index``'s bytes are: a file path, or a member of a tar shard."""
+        return self.members.get(index, self.paths[index])
+
+    @property
+    def refused(self) -> int:
+        return sum(reason.startswith(OUTSIDE_ROOT) for reason in self.problems.values())
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def list_images(
+    spec: str | Path,
+    data_root: str | Path | None = None,
+    split: str | None = None,
+    *,
+    allow_outside_root: bool = False,
+) -> ImageList:
+    """Resolve ``--images``: a folder, a manifest (``.csv``/``.txt``/``.lst``) or a Waterbirds
+    ``metadata.csv`` (with ``--split``). A path that leads outside the data root (the folder, the
+    manifest's folder or ``--data-root``) — through ``..``, an absolute path or a symlink — is
+    skipped with a reason unless ``allow_outside_root``."""
+    if is_tar_spec(str(spec)):
+        return _from_tars(str(spec))
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise NegalignError(f"--images {path} does not exist")
+    links: list[int] | None = None  # paths that may lead elsewhere (None: any of them)
+    if path.is_dir():
+        (images, links), root = _from_folder(path), path
+    elif not path.is_file():  # a FIFO would block the read forever, a device may never end
+        kind = file_kind(path.stat().st_mode)
+        raise NegalignError(f"--images {path} is a {kind}, not a file or folder: {IMAGES_TAKES}")
+    elif path.suffix.lower() in IMAGE_SUFFIXES:
+        raise NegalignError(_one_image(path))
+    elif path.name == "metadata.csv" or split is not None:
+        images, root = _from_waterbirds(path, data_root, split), _root(path, data_root)
+    else:
+        images, root = _from_manifest(path, data_root), _root(path, data_root)
+    if not images.paths:
+        raise NegalignError(f"--images {path} lists no images")
+    if not allow_outside_root:
+        _refuse_outside(images, root, links)
+    return images
+
+
+IMAGES_TAKES = (
+    "--images takes a folder, an ImageFolder tree, a CSV/TXT manifest, a Waterbirds metadata.csv "
+    "or tar shards ('data/{00000..00099}.tar')"
+)
+
+
+def _one_image(path: Path) -> str:
+    return (
+        f"--images {path} is one image: {IMAGES_TAKES}; for one image, try `negalign sanity --image {path}`"
+    )
+
+
+def _root(manifest: Path, data_root: str | Path | None) -> Path:
+    return Path(data_root).expanduser() if data_root is not None else manifest.parent
+
+
+def _refuse_outside(images: ImageList, root: Path, only: Iterable[int] | None = None) -> None:
+    """Mark every path whose real location (symlinks resolved) is not under ``root`` (``only``:
+    the indices that can lead elsewhere; by default all)."""
+    base = os.path.realpath(root)
+    folders: dict[str, str] = {}  # folder -> its real path: one resolution per folder, not per file
+    for index in range(len(images.paths)) if only is None else only:
+        if index in images.problems:
+            continue
+        path = images.paths[index]
+        folder, name = os.path.split(path)
+        real_folder = folders.get(folder)
+        if real_folder is None:
+            real_folder = folders[folder] = os.path.realpath(folder)
+        real = os.path.join(real_folder, name)
+        if name in ("", ".", "..") or os.path.islink(real):
+            real = os.path.realpath(path)
+        if os.path.commonpath([base, real]) != base:
+            images.problems[index] = f"{OUTSIDE_ROOT} {printable_path(base)} (--allow-outside-root reads it)"
+
+
+def _walk(root: str, prefix: tuple[str, ...], found: list[tuple[tuple[str, ...], bool, str]]) -> None:
+    """Image files under ``root`` as (relative parts, is a symlink, "" or what the entry is when it
+    is no regular file: ``fifo``, ``socket``, a device); like ``Path.rglob('*')``, the walk does not
+    descend into symlinked folders. A FIFO or a device named like an image is listed (and skipped
+    with its reason, never opened); a folder named like one is not."""
+    with os.scandir(root) as entries:
+        for entry in entries:
+            name = entry.name
+            try:
+                if entry.is_dir() and not entry.is_symlink():
+                    _walk(entry.path, (*prefix, name), found)
+                    continue
+                dot = name.rfind(".")
+                # os.path.splitext's rule: the leading dots of a name start no extension
+                if dot > 0 and name[dot:].lower() in IMAGE_SUFFIXES and name[:dot].strip("."):
+                    if entry.is_file():
+                        found.append(((*prefix, name), entry.is_symlink(), ""))
+                    elif not entry.is_dir():  # a FIFO, socket or device (a broken link raises)
+                        kind = file_kind(entry.stat().st_mode)
+                        found.append(((*prefix, name), entry.is_symlink(), kind))
+            except OSError:
+                continue
+
+
+def _from_folder(root: Path) -> tuple[ImageList, list[int]]:
+    """The images under ``root``, sorted as paths (by their parts); and the indices of symlinks."""
+    found: list[tuple[tuple[str, ...], bool, str]] = []
+    _walk(str(root), (), found)
+    found.sort(key=lambda item: item[0])
+    image_folder = bool(found) and all(len(parts) >= 2 for parts, _, _ in found)
+    labels = [parts[0] if image_folder else "" for parts, _, _ in found]
+    base = str(root.resolve()).rstrip(os.sep)  # "" for the file system's root: the join adds it back
+    paths = [os.sep.join((base, *parts)) for parts, _, _ in found]
+    links = [i for i, (_, link, _) in enumerate(found) if link]
+    problems = {i: str(NotRegularFile(paths[i], kind)) for i, (_, _, kind) in enumerate(found) if kind}
+    return ImageList(str(root), paths, labels, {}, problems), links
+
+
+def _from_tars(spec: str) -> ImageList:
+    """webdataset shards: one entry per image member, and one per shard or member that could not
+    be read (with its reason, as for a broken file)."""
+    shards = list_shards(spec, IMAGE_SUFFIXES)
+    paths = [m.id for m in shards.members]
+    members = dict(enumerate(shards.members))
+    labels = list(shards.labels)
+    captions = list(shards.captions)
+    problems: dict[int, str] = {}
+    for entry, reason in shards.problems:
+        problems[len(paths)] = reason
+        paths.append(entry)
+        labels.append("")
+        captions.append("")
+    if not paths:
+        raise NegalignError(f"--images {spec}: the tar shards hold no images")
+    extra = {"caption": captions} if any(captions) else {}
+    return ImageList(spec, paths, labels, extra, problems, members)
+
+
+def _open_list(path: Path) -> io.BufferedReader:
+    """A list file (a manifest, a metadata.csv), opened only if it is a regular file."""
+    try:
+        return open_regular(path)
+    except NotRegularFile as exc:
+        raise NegalignError(f"--images {path} is a {exc.kind}, not a file or folder: {IMAGES_TAKES}") from exc
+    except OSError as exc:
+        raise NegalignError(f"cannot read --images {path}: {exc.strerror or exc}") from exc
+
+
+def _read_text(path: Path) -> str:
+    with _open_list(path) as handle:
+        data = handle.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        if _is_picture(data):
+            raise NegalignError(_one_image(path)) from exc
+        raise NegalignError(f"manifest {path} is not UTF-8 text: {IMAGES_TAKES}") from exc
+
+
+def _is_picture(data: bytes) -> bool:
+    """Bytes PIL recognises as an image (by their header; nothing is decoded)."""
+    try:
+        with Image.open(io.BytesIO(data)):
+            return True
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return False
+
+
+def _from_manifest(path: Path, data_root: str | Path | None) -> ImageList:
+    """``path[,label]`` CSV (a header row naming ``path`` is skipped) or OpenOOD's
+    ``relative/path label`` lines. Paths are relative to the manifest unless ``--data-root``."""
+    root = Path(data_root).expanduser() if data_root is not None else path.parent
+    paths: list[str] = []
+    labels: list[str] = []
+    lines = [
+        line for line in _read_text(path).splitlines() if line.strip() and not line.lstrip().startswith("#")
+    ]
+    if not lines:
+        raise NegalignError(f"manifest {path} is empty")
+    comma = "," in lines[0]
+    rows = (
+        list(csv.reader(lines))
+        if comma
+        else [line.rsplit(None, 1) if " " in line.strip() else [line] for line in lines]
+    )
+    path_column, label_column = 0, 1
+    if _is_header(rows[0]):
+        header = [cell.strip().lower() for cell in rows[0]]
+        named = [c for c in header if c in PATH_COLUMNS]
+        if not named:
+            raise NegalignError(
+                f"manifest {path}: its header ({', '.join(header)}) has no path column; name it one of "
+                f"{', '.join(PATH_COLUMNS)} (a label column is optional: label, class, y)"
+            )
+        path_column = header.index(named[0])
+        label_column = next((header.index(c) for c in ("label", "class", "y") if c in header), -1)
+        rows = rows[1:]
+    problems: dict[int, str] = {}
+    for number, row in enumerate(rows, start=1):
+        name = row[path_column].strip() if len(row) > path_column else ""
+        if not name:
+            problems[len(paths)] = f"manifest entry {number} has no path"
+        full = Path(name) if Path(name).is_absolute() else root / name
+        paths.append(str(full))
+        labels.append(row[label_column].strip() if 0 <= label_column < len(row) else "")
+    return ImageList(str(path), paths, labels, {}, problems)
+
+
+_HEADER_CELL = re.compile(r"[A-Za-z_][A-Za-z0-9_ ]*")
+
+
+def _is_header(row: list[str]) -> bool:
+    """A first row of bare names (no extension, no folder) is a header, not a path."""
+    return bool(row) and all(_HEADER_CELL.fullmatch(cell.strip()) for cell in row if cell.strip())
+
+
+def _from_waterbirds(path: Path, data_root: str | Path | None, split: str | None) -> ImageList:
+    import pandas as pd
+
+    root = Path(data_root).expanduser() if data_root is not None else path.parent
+    with _open_list(path) as handle:  # labels stay as written; blanks stay ""
+        frame = pd.read_csv(handle, dtype=str, keep_default_na=False)
+    frame.columns = [str(c).strip() for c in frame.columns]
+    missing = {"img_filename", "y"} - set(frame.columns)
+    if missing:
+        raise NegalignError(f"{path} lacks Waterbirds column(s) {', '.join(sorted(missing))}")
+    if split is not None:
+        if "split" not in frame.columns:
+            raise NegalignError(f"{path} has no 'split' column for --split")
+        wanted = WATERBIRDS_SPLITS.get(split.lower())
+        if wanted is None:
+            try:
+                wanted = int(split)
+            except ValueError as exc:
+                raise NegalignError(f"--split {split!r}: use train, val, test or 0, 1, 2") from exc
+        frame = frame[pd.to_numeric(frame["split"], errors="coerce") == wanted]
+    extra = {"place": frame["place"].astype(str).tolist()} if "place" in frame.columns else {}
+    names = [str(name).strip() for name in frame["img_filename"]]
+    problems = {
+        i: f"metadata row {row + 2} has an empty img_filename"
+        for i, (row, name) in enumerate(zip(frame.index, names, strict=True))
+        if not name
+    }
+    return ImageList(
+        f"{path} (split {split})" if split is not None else str(path),
+        [str(root / name) for name in names],
+        frame["y"].str.strip().tolist(),
+        extra,
+        problems,
+    )
+
+
+def file_digest(path: str | Member) -> tuple[str | None, str]:
+    """(sha256 of the file's bytes, "") or (None, reason)."""
+    if isinstance(path, Member):
+        return member_digest(path)
+    try:
+        digest, size = sha256_file_sized(path)
+    except FileNotFoundError:
+        return None, "file not found"
+    except NotRegularFile as exc:  # a FIFO or a device: never opened
+        return None, str(exc)
+    except OSError as exc:
+        return None, f"cannot read: {exc.strerror or exc}"
+    if size == 0:
+        return None, "empty file"
+    return digest, ""
+
+
+def digest_all(paths: Sequence[str | Member], workers: int = 8) -> list[tuple[str | None, str]]:
+    """Digests of many files in parallel threads (hashlib releases the GIL)."""
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        return list(pool.map(file_digest, paths, chunksize=64))
+
+
+# Why an image was skipped: a transient reason is retried by the next run; any other depends on the
+# file's content (which its digest pins), so it is final for that content.
+VANISHED = "file vanished before it was read"
+# A file that was hashed and then became a FIFO or a device ("not a regular file") was replaced: retried.
+TRANSIENT_PREFIXES = (VANISHED, "file not found", "cannot read", "not processed", "not a regular file")
+
+
+def is_transient(reason: str) -> bool:
+    return reason.startswith(TRANSIENT_PREFIXES)
