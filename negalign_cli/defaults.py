@@ -43,6 +43,9 @@ METRIC_CONVENTIONS = ("neglabel", "openood")
 DEFAULT_EXCLUDE = ("noun.person", "noun.quantity", "noun.group", "adj.pert")
 DEFAULT_TOP_P = 0.15
 DEFAULT_TAU = 0.05
+# The roles a split gives each negative (compute/vocab.py assigns them; here for torch-free readers).
+ROLE_OBJECT, ROLE_BACKGROUND, ROLE_AMBIGUOUS = "obj", "bg", "ambiguous"
+ROLES = (ROLE_OBJECT, ROLE_BACKGROUND, ROLE_AMBIGUOUS)
 
 # Images with more pixels than this are skipped, never decoded (PIL's decompression-bomb limit).
 DEFAULT_MAX_PIXELS = 89_478_485

@@ -6,7 +6,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import negalign_cli.stages.images as images_module
+import negalign_cli.compute.vision as vision_module
 from negalign_cli.cli.app import app
 from negalign_cli.compute.vision import CamConfig, cam_batch, encode_images
 from negalign_cli.errors import NegalignError
@@ -119,7 +119,7 @@ def test_new_files_renames_and_resume(tiny_model, workspace, tmp_path, monkeypat
     for i in range(6):
         rgb(200 + i).save(folder / "boats" / f"late{i}.png")
     calls = {"n": 0}
-    original = images_module.encode_images
+    original = vision_module.encode_images  # the stage imports it inside its compute step
 
     def flaky(model, batch):
         calls["n"] += 1
@@ -127,10 +127,10 @@ def test_new_files_renames_and_resume(tiny_model, workspace, tmp_path, monkeypat
             raise KeyboardInterrupt
         return original(model, batch)
 
-    monkeypatch.setattr(images_module, "encode_images", flaky)
+    monkeypatch.setattr(vision_module, "encode_images", flaky)
     with pytest.raises(KeyboardInterrupt):
         embed_images(tiny_model, listing_of(folder), workspace, workers=0, batch_size=3)
-    monkeypatch.setattr(images_module, "encode_images", original)
+    monkeypatch.setattr(vision_module, "encode_images", original)
     resumed = embed_images(tiny_model, listing_of(folder), workspace, workers=0, batch_size=3)
     assert resumed.artifact.manifest["counts"]["encoded"] == 3
     assert not list(workspace.store.tmp_dir.iterdir())

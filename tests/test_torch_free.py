@@ -187,9 +187,9 @@ def test_the_launch_driver_runs_its_plan_check_and_skips_done_shards(world):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="launch's plan-only check runs `embed images` up to its plan in this process: "
-    "cli/embed_cmd.py imports stages/images.py (torch at module level) before it plans, and shard "
-    "0's cache, with no fingerprint row for the model yet, builds the model once to make one",
+    reason="launch's plan-only check runs `embed images` up to its plan in this process, and shard "
+    "0's cache, with no fingerprint row for the model yet, builds the model once to make one "
+    "(stages/images.py no longer imports torch at module level)",
 )
 def test_the_launch_driver_imports_no_torch(world):
     assert "torch" not in world["launch"]["heavy"]

@@ -95,7 +95,7 @@ def score(
     happens in `evaluate` (--scale-stabilize), where the ID set is known."""
     from negalign_cli.cache.statcache import STAT_CACHE, StatCache
     from negalign_cli.cache.workspace import Workspace
-    from negalign_cli.compute.scores import ScoreConfig
+    from negalign_cli.compute.score_config import ScoreConfig
     from negalign_cli.inputs.words import load_classes, load_negatives
     from negalign_cli.stages.scoring import (
         check_cam_inputs,

@@ -178,7 +178,7 @@ def split(
 def _render_summary(summary, tau: float) -> None:
     from rich.table import Table
 
-    from negalign_cli.compute.vocab import ROLES
+    from negalign_cli.defaults import ROLES
 
     table = Table(title=f"roles at tau = {tau:g}", title_justify="left")
     table.add_column("source")

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from negalign_cli.compute.score_columns import SCORE_COLUMNS, pair_text  # the registry, torch-free
-from negalign_cli.defaults import DEFAULT_INVALID_CAM
+from negalign_cli.compute.score_config import ScoreConfig as ScoreConfig  # torch-free: planning reads it
 
 LOGIT_SCALE = 100.0
 MEMORY_BUDGET_FLOATS = 1 << 25  # ~128 MiB of float32 per chunk of logits
@@ -168,25 +168,6 @@ def p_align(
 
 
 # ----------------------------------------------------------------------------- all at once
-@dataclass(frozen=True)
-class ScoreConfig:
-    groups: int = 100
-    group_seed: int = 0
-    mcm_temperature: float = 1.0
-    neg_topk: int | None = None  # M1
-    role_aware: bool = False  # M2
-    include_ambiguous: bool = False  # M2 + ambiguous words
-    multimatch_pos: int = 5
-    multimatch_neg: int = 5
-    multimatch_weight: float = 2.0
-    align_topk: int = 5
-    invalid_cam: str = DEFAULT_INVALID_CAM  # fallback | zero | exclude: P_align where the CAM is invalid
-
-    @property
-    def star_is_plain(self) -> bool:
-        return self.neg_topk is None and not self.role_aware
-
-
 Rows = torch.Tensor | np.ndarray  # numpy arrays may be memory-mapped: rows are read chunk by chunk
 
 

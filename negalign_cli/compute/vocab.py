@@ -10,9 +10,10 @@ import numpy as np
 import torch
 
 from negalign_cli.compute.quantile import quantile as exact_quantile
-
-ROLE_OBJECT, ROLE_BACKGROUND, ROLE_AMBIGUOUS = "obj", "bg", "ambiguous"
-ROLES = (ROLE_OBJECT, ROLE_BACKGROUND, ROLE_AMBIGUOUS)
+from negalign_cli.defaults import ROLE_AMBIGUOUS as ROLE_AMBIGUOUS
+from negalign_cli.defaults import ROLE_BACKGROUND as ROLE_BACKGROUND
+from negalign_cli.defaults import ROLE_OBJECT as ROLE_OBJECT
+from negalign_cli.defaults import ROLES as ROLES
 
 
 # ----------------------------------------------------------------------------- mining

@@ -16,30 +16,14 @@ from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import pandas as pd
-import torch
 
 from negalign_cli.cache.items import Namespace
 from negalign_cli.cache.statcache import StatCache
 from negalign_cli.cache.store import Artifact, StageResult, StageSpec
 from negalign_cli.cache.workspace import Workspace
-from negalign_cli.compute.vision import (
-    CamConfig,
-    CamRows,
-    cam_batch,
-    cam_row_width,
-    encode_images,
-    pack_cam_rows,
-    unpack_cam_rows,
-)
-from negalign_cli.defaults import CLASS_TEMPLATES, DEFAULT_STORE_DTYPE, STORE_DTYPES
+from negalign_cli.defaults import CLASS_TEMPLATES, DEFAULT_MAX_PIXELS, DEFAULT_STORE_DTYPE, STORE_DTYPES
 from negalign_cli.errors import NegalignError
-from negalign_cli.inputs.datasets import (
-    DEFAULT_MAX_PIXELS,
-    ImageDataset,
-    RawDataset,
-    collate,
-    collate_raw,
-    decode_batch,
+from negalign_cli.inputs.datasets import (  # the decoder, for the key
     default_workers,
     resolve_decoder,
 )
@@ -59,7 +43,13 @@ from negalign_cli.stages.image_rows import row_order as _row_order
 from negalign_cli.stages.text import text_embeddings
 
 if TYPE_CHECKING:  # a stage gets a modelref.LazyModel (built on first use) or a models.LoadedModel
+    import torch
+
+    from negalign_cli.compute.cam_layout import CamConfig, CamRows
     from negalign_cli.modelref import AnyModel
+
+# torch, the encoders (compute/vision.py) and the decoding datasets are imported inside the
+# compute steps, which the store runs only on a miss: a cache hit imports no torch.
 
 IMAGE_ITEMS_VERSION = 1
 CAM_ITEMS_VERSION = 2
@@ -136,6 +126,10 @@ def _run_missing(
     failures: dict[str, str] = {}
     if not missing:
         return failures
+    import torch
+
+    from negalign_cli.inputs.datasets import ImageDataset, RawDataset, collate, collate_raw, decode_batch
+
     paths = [listing.images.location(first[d]) for d in missing]  # a file, or a member of a tar shard
     batches: Iterable[tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]]
     if decoder == "torch":
@@ -197,6 +191,8 @@ def to_host(*tensors: torch.Tensor) -> Callable[[], list[np.ndarray]]:
     if not tensors or tensors[0].device.type != "cuda":
         arrays = [t.detach().cpu().numpy() for t in tensors]
         return lambda: arrays
+    import torch
+
     copies = [t.detach().to("cpu", non_blocking=True) for t in tensors]
     event = torch.cuda.Event()
     event.record()
@@ -381,6 +377,8 @@ def embed_images(
     namespace = image_namespace(workspace, model, decoder)
 
     def compute(folder):
+        from negalign_cli.compute.vision import encode_images
+
         def process(batch, batch_digests):
             ready = to_host(encode_images(model.model, batch))
             return lambda: namespace.put_many(batch_digests, ready()[0])
@@ -449,6 +447,8 @@ def _write_cam_outputs(
 def _cam_namespace(
     workspace: Workspace, model: AnyModel, config: CamConfig, classes: WordList, cells: int, decoder: str
 ):
+    from negalign_cli.compute.cam_layout import cam_row_width  # planning: the row layout, torch-free
+
     dim = cam_row_width(model.embed_dim, cells)
     params = {
         **asdict(config),
@@ -522,6 +522,10 @@ def cam_images(
     images_ns = image_namespace(workspace, model, decoder)
 
     def compute(folder):
+        import torch
+
+        from negalign_cli.compute.vision import cam_batch, pack_cam_rows, unpack_cam_rows
+
         class_features = torch.from_numpy(
             text_embeddings(
                 model, classes.words, load_templates(CLASS_TEMPLATES), workspace, reporter=reporter

@@ -21,15 +21,19 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import torch
 
 from negalign_cli.cache.statcache import StatCache, sha256_files
 from negalign_cli.cache.store import MANIFEST, StageResult, StageSpec, listed_outputs, verify_folder
 from negalign_cli.cache.workspace import Workspace
-from negalign_cli.compute.score_columns import cam_columns, registry_key
-from negalign_cli.compute.scores import ScoreConfig, ScoreInputs, compute_scores
-from negalign_cli.compute.vocab import ROLE_AMBIGUOUS, ROLE_BACKGROUND, ROLE_OBJECT
-from negalign_cli.defaults import CLASS_TEMPLATES, INVALID_CAM_POLICIES
+from negalign_cli.compute.score_columns import cam_columns, registry_key  # torch-free
+from negalign_cli.compute.score_config import ScoreConfig
+from negalign_cli.defaults import (
+    CLASS_TEMPLATES,
+    INVALID_CAM_POLICIES,
+    ROLE_AMBIGUOUS,
+    ROLE_BACKGROUND,
+    ROLE_OBJECT,
+)
 from negalign_cli.errors import NegalignError
 from negalign_cli.inputs.words import WordList, load_templates
 from negalign_cli.reporting import NullReporter, Reporter
@@ -39,7 +43,13 @@ from negalign_cli.stages.text import text_embeddings
 from negalign_cli.stages.vocab import NegativeVocab, check_split_model, negative_features
 
 if TYPE_CHECKING:  # a stage gets a modelref.LazyModel (built on first use) or a models.LoadedModel
+    import torch
+
+    from negalign_cli.compute.scores import ScoreInputs
     from negalign_cli.modelref import AnyModel
+
+# torch and the score maths (compute/scores.py) are imported inside the compute step, which the
+# store runs only on a miss: a cache hit imports no torch.
 
 SCORE_STAGE, SCORE_VERSION = "score", 2  # 2: float64 aggregation, duplicate paths, --invalid-cam
 EMBEDDINGS, IMAGES = files.IMAGE_EMBEDDINGS, files.IMAGE_TABLE
@@ -299,6 +309,8 @@ def score_images(
     spec = StageSpec(SCORE_STAGE, SCORE_VERSION, params, inputs)
 
     def compute(folder):
+        from negalign_cli.compute.scores import compute_scores
+
         table, embeddings, background, cam = _load_images(image_set)
         if background is not None and negatives.roles is None:
             reporter.warn(
@@ -349,6 +361,8 @@ class TextEncoder:
     reporter: Reporter
 
     def words(self, words: Sequence[str]) -> torch.Tensor:
+        import torch
+
         vectors = text_embeddings(
             self.model,
             list(words),
@@ -360,6 +374,8 @@ class TextEncoder:
         return torch.from_numpy(vectors)
 
     def negatives(self, negatives: NegativeVocab) -> torch.Tensor:
+        import torch
+
         features = negative_features(
             self.model, negatives, self.workspace, batch_size=self.batch_size, reporter=self.reporter
         )
@@ -383,6 +399,10 @@ def score_inputs(
 ) -> ScoreInputs:
     """Everything ``compute_scores`` reads: the image rows (memory-mapped), the text features, and
     which negatives form N_obj (M2) and N_bg (P_align)."""
+    import torch
+
+    from negalign_cli.compute.scores import ScoreInputs
+
     star = torch.from_numpy(negatives.indices(*star_roles(config))) if config.role_aware else None
     valid = background_indices = None
     if background is not None and cam is not None:

@@ -11,7 +11,6 @@ import numpy as np
 from negalign_cli.cache.items import Namespace
 from negalign_cli.cache.store import StageResult, StageSpec
 from negalign_cli.cache.workspace import Workspace
-from negalign_cli.compute.text import count_truncated, encode_texts, format_prompts
 from negalign_cli.inputs.words import TemplateSet, WordList
 from negalign_cli.reporting import NullReporter, Reporter
 from negalign_cli.stages import files
@@ -68,7 +67,9 @@ def _fill_texts(
     missing_rows = np.flatnonzero(~found)
     missing = list(dict.fromkeys(words[int(i)] for i in missing_rows))
     truncated = 0
-    if missing:
+    if missing:  # the torch side only when something is encoded: a hit imports no torch
+        from negalign_cli.compute.text import count_truncated, encode_texts, format_prompts
+
         truncated = count_truncated(
             model.tokenizer, format_prompts(missing, templates.templates), model.context_length
         )

@@ -8,25 +8,19 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import torch
 
 from negalign_cli.assets import csp_suffixes
 from negalign_cli.cache.statcache import StatCache
 from negalign_cli.cache.store import MANIFEST, Artifact, StageResult, StageSpec, verify_folder
 from negalign_cli.cache.workspace import Workspace
-from negalign_cli.compute.text import count_truncated, format_prompts
-from negalign_cli.compute.vocab import (
+from negalign_cli.defaults import (
+    DEFAULT_EXCLUDE,
+    DEFAULT_TAU,
     ROLE_AMBIGUOUS,
     ROLE_BACKGROUND,
     ROLE_OBJECT,
     ROLES,
-    assign_roles,
-    build_candidates,
-    class_similarity,
-    least_similar,
-    role_scores,
 )
-from negalign_cli.defaults import DEFAULT_EXCLUDE, DEFAULT_TAU
 from negalign_cli.errors import NegalignError
 from negalign_cli.inputs.lexicon import Lexicon
 from negalign_cli.inputs.words import TemplateSet, WordList, load_templates
@@ -35,7 +29,12 @@ from negalign_cli.stages import files
 from negalign_cli.stages.text import text_embeddings
 
 if TYPE_CHECKING:  # a stage gets a modelref.LazyModel (built on first use) or a models.LoadedModel
+    import torch
+
     from negalign_cli.modelref import AnyModel
+
+# torch and the torch-side compute modules (compute/text.py, compute/vocab.py) are imported inside
+# the compute steps, which the store runs only on a miss: a cache hit imports no torch.
 
 MINE_STAGE, MINE_VERSION = "mine-negatives", 1
 SCORES_STAGE, SCORES_VERSION = "split-scores", 2  # 2: r_scores.parquet (was scores.parquet)
@@ -97,6 +96,10 @@ def mine_negatives(
     spec = StageSpec(MINE_STAGE, MINE_VERSION, params, inputs)
 
     def compute(folder):
+        import torch
+
+        from negalign_cli.compute.vocab import build_candidates
+
         candidates = build_candidates(lexicon.files, classes.words, exclude, suffixes, seed)
         if not candidates.nouns and not candidates.phrases:
             raise NegalignError("the lexicon leaves no candidate words after exclusions")
@@ -156,6 +159,8 @@ def _rank_candidates(
     it is kept (the ``top_p`` least similar) and its rank among the kept."""
     if not words:
         return pd.DataFrame(columns=["word", "kind", "source", "similarity", "kept", "rank"])
+    from negalign_cli.compute.vocab import class_similarity, least_similar
+
     similarity = class_similarity(embed(list(words), templates), class_features, quantile, saturate_above)
     keep = least_similar(similarity, top_p).numpy()
     rank = np.full(len(words), -1)
@@ -207,6 +212,9 @@ def split_scores(
     spec = StageSpec(SCORES_STAGE, SCORES_VERSION, params, inputs)
 
     def compute(folder):
+        from negalign_cli.compute.text import count_truncated, format_prompts
+        from negalign_cli.compute.vocab import role_scores
+
         words = [w for e in entries for w in e.words.words]
         sources = [e.source for e in entries for _ in e.words.words]
         vectors = [
@@ -248,6 +256,8 @@ def split_vocab(
     spec = StageSpec(SPLIT_STAGE, SPLIT_VERSION, {"tau": tau}, inputs)
 
     def compute(folder):
+        from negalign_cli.compute.vocab import assign_roles
+
         frame = pd.read_parquet(scores.file(files.R_SCORES))
         frame["role"] = assign_roles(frame["r_score"].to_numpy(), tau)
         frame.to_csv(folder / files.SPLIT_SCORES, index=False, float_format="%.8f")
