@@ -57,3 +57,14 @@ def toy_demo(tmp_path_factory):
     env.update(COLUMNS="160", NEGALIGN_CACHE=str(out.parent / "cache"))  # never a user's cache
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     return out, done
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _module_process_state():
+    """Module fixtures that run the CLI in-process do so before the per-test isolation above is set
+    up; what their commands change for the process (TMPDIR, MPLCONFIGDIR, tempfile's folder) is
+    undone when the module ends, so no later test file inherits it."""
+    from tests.helpers import in_process
+
+    with in_process():
+        yield
