@@ -113,6 +113,7 @@ def test_benchmark_adds_published_rows(tmp_path, mos):
     tex = (out / "report" / "report.tex").read_text()
     for rule in ("\\toprule", "\\midrule", "\\bottomrule"):
         assert rule in tex
+    assert "$\\uparrow$" in tex and "↑" not in tex and "—" not in tex  # inputenc's utf8 has no arrows
     for name in ("report.md", "report.html", "report.tex"):
         text = (out / "report" / name).read_text()
         assert "Negative Label Guided OOD Detection" in text, name
