@@ -116,8 +116,8 @@ def paper_table(results: dict) -> PaperTable:
                 rows.append(Row(entry["method"], PUBLISHED, cells, entry["citation"], entry.get("note", "")))
             notes.append(
                 f"published rows: {benchmark['backbone']}, as printed in their sources "
-                f"({benchmark['published_convention']} convention); group means are the mean of the "
-                "published per-set figures"
+                f"({benchmark['published_convention']} convention); their group means, and a mean "
+                "the source does not print, are the mean of the published per-set figures"
             )
     definition = results["metric_definitions"][convention]["fpr95"]
     return PaperTable(convention, definition, sets, groups, rows, notes)
