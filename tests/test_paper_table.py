@@ -44,7 +44,7 @@ def test_table_csv_equals_results_and_sklearn(tmp_path, mos):
     columns = ["method", "source"]
     for column in ["inaturalist", "SUN", "places", "dtd", "near", "far", "mean"]:
         columns += [f"{column} AUROC", f"{column} FPR@95"]
-    assert list(table.columns) == [*columns, "convention", "citation"]
+    assert list(table.columns) == [*columns, "ID top-1", "convention", "citation"]
     assert set(table["convention"]) == {"neglabel"}
     assert set(table["source"]) == {"this run"}
     assert len(table) == len(results["mean"]["methods"])
@@ -142,3 +142,51 @@ def test_unknown_benchmark_is_one_line(tmp_path, mos):
 def test_help_shows_an_example():
     result = cli("evaluate", "--help")
     assert "--benchmark imagenet-mos" in result.output
+
+
+CLASSES = np.array(["tench", "goldfish", "great white shark"], dtype=object)
+
+
+def _labelled(tmp_path, labels, predicted):
+    """ID scores with the label and prediction columns `negalign score` writes."""
+    files = {
+        "id": write_scores(
+            tmp_path / "id.parquet",
+            len(labels),
+            0,
+            shift=0.3,
+            label=labels,
+            pred_class=predicted,
+            pred_name=CLASSES[predicted],
+        ),
+        "ood": write_scores(tmp_path / "ood.parquet", 100, 1, shift=0.0),
+    }
+    return _evaluate(tmp_path, files)
+
+
+@pytest.mark.parametrize("kind", ["indices", "names"])
+def test_id_accuracy(tmp_path, kind):
+    rng = np.random.default_rng(5)
+    truth = rng.integers(0, 3, 240)
+    predicted = np.where(rng.uniform(size=240) < 0.7, truth, rng.integers(0, 3, 240))
+    # names as ImageFolder folders spell them: other case, underscores for spaces
+    labels = truth.astype(str) if kind == "indices" else [CLASSES[t].upper().replace(" ", "_") for t in truth]
+    result, out = _labelled(tmp_path, labels, predicted)
+    accuracy = json.loads((out / "results.json").read_text())["id"]["accuracy"]
+    expected = float(np.mean(truth == predicted))
+    assert 0.6 < expected < 0.9
+    assert accuracy["top1"] == pytest.approx(expected)
+    assert accuracy["labels"] == ("class indices" if kind == "indices" else "class names")
+    assert "ID accuracy (zero-shot top-1, 240 ID images" in result.stdout
+    assert f"{100 * expected:.2f}%" in result.stdout
+    table = pd.read_csv(out / "table.csv")
+    assert table["ID top-1"].to_numpy() == pytest.approx(np.full(len(table), 100 * expected), abs=1e-3)
+
+
+def test_id_accuracy_not_from_wordnet_ids(tmp_path):
+    """ImageNet's class folders are WordNet ids, not class names: no accuracy, and a note why."""
+    labels = [f"n0{1440764 + i % 3}" for i in range(120)]
+    result, out = _labelled(tmp_path, labels, np.arange(120) % 3)
+    accuracy = json.loads((out / "results.json").read_text())["id"]["accuracy"]
+    assert accuracy["top1"] is None and "are not class names" in accuracy["note"]
+    assert "ID accuracy not computed: the ID labels (e.g. 'n01440764') are not class names" in result.stdout

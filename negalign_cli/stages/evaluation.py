@@ -359,6 +359,7 @@ def _evaluate(
         },
         "ood": {},
     }
+    results["id"]["accuracy"] = id_accuracy(id_frame)
     results["columns"] = _column_descriptions(selection)
     if calibration is not None:
         results["calibration"] = calibration
@@ -394,6 +395,49 @@ def _evaluate(
         results["statistics"][f"ood:{name}"] = statistics(_stat_columns(frame))
     _write_outputs(folder, request, results, rows, id_frame, ood_frames, store, reporter)
     return {"counts": {"id": len(id_frame), **{f"ood:{n}": len(f) for n, f in ood_frames.items()}}}
+
+
+def _label_key(values: pd.Series) -> np.ndarray:
+    """Class names compared loosely: lower case, ``_``/``-`` as spaces, outer spaces dropped."""
+    text = values.astype(str).str.strip().str.lower().str.replace(r"[_\-\s]+", " ", regex=True)
+    return text.to_numpy(dtype=object)
+
+
+def id_accuracy(frame: pd.DataFrame) -> dict[str, Any]:
+    """Zero-shot top-1 accuracy on the ID set, where the score file's ``label`` column (the
+    ImageFolder class folder, or a manifest's label) says what each image is: labels that are all
+    integers are class indices (OpenOOD's image lists), compared with ``pred_class``; otherwise
+    they are class names, compared with ``pred_name`` (case, ``_`` and ``-`` ignored), and only
+    when at least half the distinct labels name a class some image was predicted as (else they are
+    not class names, e.g. ImageNet's WordNet ids). Returns ``{"top1", "n", "labels"}``, or
+    ``{"top1": None, "note"}`` saying what is missing."""
+    if "label" not in frame.columns or "pred_class" not in frame.columns:
+        return {"top1": None, "note": "the ID score file has no label or pred_class column"}
+    labels = frame["label"]
+    known = labels.notna() & (labels.astype(str).str.strip() != "")
+    if not known.all():
+        return {
+            "top1": None,
+            "note": f"{int((~known).sum())} of {len(frame)} ID rows have no label (list the ID images "
+            "as an ImageFolder tree or a manifest with labels)",
+        }
+    numbers = pd.to_numeric(labels, errors="coerce")
+    if numbers.notna().all() and (numbers == numbers.round()).all():
+        hits = numbers.to_numpy(dtype=np.int64) == pd.to_numeric(frame["pred_class"]).to_numpy(dtype=np.int64)
+        return {"top1": float(hits.mean()), "n": len(frame), "labels": "class indices"}
+    if "pred_name" not in frame.columns:
+        return {"top1": None, "note": "the ID labels are names and the score file has no pred_name column"}
+    wanted, predicted = _label_key(labels), _label_key(frame["pred_name"])
+    distinct = set(wanted)
+    named = distinct & set(predicted)
+    if 2 * len(named) < len(distinct):
+        example = sorted(distinct - named)[0]
+        return {
+            "top1": None,
+            "note": f"the ID labels (e.g. {example!r}) are not class names: only {len(named)} of "
+            f"{len(distinct)} name a predicted class",
+        }
+    return {"top1": float((wanted == predicted).mean()), "n": len(frame), "labels": "class names"}
 
 
 def _column_descriptions(selection: _Selection) -> dict[str, dict[str, str]]:

@@ -40,6 +40,7 @@ class PaperTable:
     groups: dict[str, list[str]]  # group column -> its member sets
     rows: list[Row]
     notes: list[str] = field(default_factory=list)
+    id_top1: float | None = None  # zero-shot top-1 on the ID set (0-1), where the labels allow
 
     @property
     def columns(self) -> list[str]:
@@ -90,6 +91,15 @@ def paper_table(results: dict) -> PaperTable:
         cells[MEAN_COLUMN] = _cell(results["mean"]["methods"][method]["metrics"], convention)
         rows.append(Row(_run_label(method, results), RUN, cells))
     notes = []
+    accuracy = results["id"].get("accuracy") or {}
+    top1 = accuracy.get("top1")
+    if top1 is not None:
+        notes.append(
+            f"ID accuracy (zero-shot top-1, {accuracy['n']} ID images, labels read as "
+            f"{accuracy['labels']}): {100 * top1:.2f}%"
+        )
+    elif accuracy.get("note"):
+        notes.append(f"ID accuracy not computed: {accuracy['note']}")
     benchmark = results.get("benchmark")
     if benchmark:
         published = benchmark.get("published", [])
@@ -120,7 +130,7 @@ def paper_table(results: dict) -> PaperTable:
                 "the source does not print, are the mean of the published per-set figures"
             )
     definition = results["metric_definitions"][convention]["fpr95"]
-    return PaperTable(convention, definition, sets, groups, rows, notes)
+    return PaperTable(convention, definition, sets, groups, rows, notes, top1)
 
 
 def csv_rows(table: PaperTable) -> list[dict[str, Any]]:
@@ -133,6 +143,9 @@ def csv_rows(table: PaperTable) -> list[dict[str, Any]]:
             cell = row.cells.get(column)
             record[f"{column} AUROC"] = round(cell.auroc, 4) if cell else None
             record[f"{column} FPR@95"] = round(cell.fpr95, 4) if cell else None
+        record["ID top-1"] = (
+            round(100 * table.id_top1, 4) if row.source == RUN and table.id_top1 is not None else None
+        )
         record["convention"] = table.convention
         record["citation"] = row.citation
         out.append(record)
