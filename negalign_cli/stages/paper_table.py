@@ -91,7 +91,7 @@ def paper_table(results: dict) -> PaperTable:
         cells[MEAN_COLUMN] = _cell(results["mean"]["methods"][method]["metrics"], convention)
         rows.append(Row(_run_label(method, results), RUN, cells))
     notes = []
-    accuracy = results["id"].get("accuracy") or {}
+    accuracy = results.get("id", {}).get("accuracy") or {}
     top1 = accuracy.get("top1")
     if top1 is not None:
         notes.append(
