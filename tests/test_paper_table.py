@@ -190,3 +190,30 @@ def test_id_accuracy_not_from_wordnet_ids(tmp_path):
     accuracy = json.loads((out / "results.json").read_text())["id"]["accuracy"]
     assert accuracy["top1"] is None and "are not class names" in accuracy["note"]
     assert "ID accuracy not computed: the ID labels (e.g. 'n01440764') are not class names" in result.stdout
+
+
+def test_ood_names_match_preset_sets():
+    from negalign_cli.presets import match_sets
+
+    names = ["ssb_hard", "NINCO", "inat", "DTD", "openimage_o", "mnist"]
+    assert match_sets("openood-imagenet", names) == {
+        "ssb_hard": "SSB-hard",
+        "NINCO": "NINCO",
+        "inat": "iNaturalist",
+        "DTD": "Textures",
+        "openimage_o": "OpenImage-O",
+    }
+
+
+def test_openood_benchmark_groups_near_and_far(tmp_path):
+    files = {"id": write_scores(tmp_path / "id.parquet", 200, 0, shift=0.3)}
+    for i, name in enumerate(("ssb_hard", "ninco", "inaturalist", "textures", "openimage_o")):
+        files[name] = write_scores(tmp_path / f"{name}.parquet", 100, i + 1, shift=0.05 * i)
+    result, out = _evaluate(tmp_path, files, "--benchmark", "openood-imagenet")
+    results = json.loads((out / "results.json").read_text())
+    assert {name: block["sets"] for name, block in results["groups"].items()} == {
+        "near": ["ssb_hard", "ninco"],
+        "far": ["inaturalist", "textures", "openimage_o"],
+    }
+    assert "warning" not in result.output
+    assert set(pd.read_csv(out / "table.csv")["source"]) == {"this run"}  # no published rows recorded
