@@ -543,3 +543,30 @@ def citation(source_key: str) -> str:
 def set_names(preset: Preset | str) -> Sequence[str]:
     preset = get_preset(preset) if isinstance(preset, str) else preset
     return [spec.name for spec in preset.ood_sets]
+
+
+# Other names a set goes by (after normalising: lower case, letters and digits only).
+ALIASES = {
+    "dtd": "textures",
+    "texture": "textures",
+    "inat": "inaturalist",
+    "places365": "places",
+    "ssb": "ssbhard",
+    "openimageo": "openimageo",
+    "openimage": "openimageo",
+}
+
+
+def _normal(name: str) -> str:
+    key = "".join(ch for ch in name.lower() if ch.isalnum())
+    return ALIASES.get(key, key)
+
+
+def match_sets(preset: Preset | str, names: Sequence[str]) -> dict[str, str]:
+    """The preset's OOD set each of ``names`` (the ``--ood`` names) is: matched case-insensitively,
+    ignoring anything but letters and digits (``ssb_hard`` is SSB-hard, ``openimage_o`` is
+    OpenImage-O), and through ``ALIASES`` (``dtd`` is Textures, ``inat`` iNaturalist). Names that
+    match no set of the preset are left out."""
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    specs = {_normal(spec.name): spec.name for spec in preset.ood_sets}
+    return {name: specs[_normal(name)] for name in names if _normal(name) in specs}

@@ -211,7 +211,14 @@ def test_evaluate_cli_round_trip(files, tmp_path):
         assert method in result.output
     assert "λ sweep (mean AUROC %)" in result.output
     written = sorted(p.name for p in (tmp_path / "r").iterdir())
-    assert written == ["manifest.json", "metrics.csv", "results.json", "roc.png", "score_hist.png"]
+    assert written == [
+        "manifest.json",
+        "metrics.csv",
+        "results.json",
+        "roc.png",
+        "score_hist.png",
+        "table.csv",
+    ]
     assert "cache hit: evaluate" in runner.invoke(app, args).output
     single = runner.invoke(app, ["evaluate", "--id", str(files["id"]), "--cache-dir", str(tmp_path / "c")])
     assert single.exit_code != 0 and "--ood" in single.output

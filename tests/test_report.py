@@ -252,7 +252,9 @@ def test_report_from_an_evaluate_folder(score_files, tmp_path):
     assert "no CAM outputs found" in markdown and "no CAM outputs found" in html
     tex = (out / "report.tex").read_text()
     auroc = results["groups"]["near"]["methods"]["NegLabel"]["metrics"]["openood"]["auroc"]
-    assert f"{100 * auroc:.2f}" in tex and tex.count(r"\begin{tabular}") == 2
+    assert (
+        f"{100 * auroc:.2f}" in tex and tex.count(r"\begin{tabular}") == 3
+    )  # the results table, then the method table in each convention
     assert r"\textbf{" in tex and "NegLabel*" in tex and r"$\lambda$" in tex
     # provenance: digests of the evaluated files, the settings, both conventions' definitions
     manifest = json.loads((tmp_path / "results" / "manifest.json").read_text())

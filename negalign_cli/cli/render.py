@@ -5,37 +5,42 @@ from __future__ import annotations
 from rich.table import Table
 
 from negalign_cli.cli.console import stdout
-from negalign_cli.defaults import NEGALIGN
 
 
 def render_results(results: dict) -> None:
-    convention = results["metrics_convention"]
-    sets = list(results["ood"])
-    definition = results["metric_definitions"][convention]["fpr95"]
-    table = Table(
-        title=f"AUROC ↑ / FPR@95 ↓ in % ({convention} convention: {definition})", title_justify="left"
-    )
-    table.add_column("method")
-    groups = results.get("groups", {})
-    for name in [*sets, *groups, "mean"] if len(sets) > 1 else sets:
-        table.add_column(f"{name} (mean)" if name in groups else name, justify="right")
-    blocks = [results["ood"][n] for n in sets]
-    if len(sets) > 1:
-        blocks += [*groups.values(), results["mean"]]
-    for method in results["mean"]["methods"]:
-        label = method
-        if method == NEGALIGN:
-            lambdas = {b["methods"][method].get("lambda") for b in results["ood"].values()}
-            label += f" (λ={lambdas.pop():g})" if len(lambdas) == 1 else " (λ per set)"
-        cells = []
-        for block in blocks:
-            m = block["methods"][method]["metrics"][convention]
-            cells.append(f"{100 * m['auroc']:.2f} / {100 * m['fpr95']:.2f}")
-        table.add_row(label, *cells)
-    stdout().print(table)
+    """The paper-style table (``paper_table``): methods as rows, sets, groups and the mean as
+    columns, split into several tables when it would be wider than the terminal."""
+    from negalign_cli.stages.paper_table import column_title, footnotes, heading, paper_table
+
+    paper = paper_table(results)
+    console = stdout()
+    labels = [paper.label(row) for row in paper.rows]
+    first = max(len("method"), *(len(label) for label in labels)) + 3
+    chunks: list[list[str]] = [[]]
+    used = first + 1
+    for column in paper.columns:
+        width = max(len("AUROC↑ / FPR↓"), *(len(part) for part in column_title(paper, column).split())) + 3
+        if chunks[-1] and used + width > console.width:
+            chunks.append([])
+            used = first + 1
+        chunks[-1].append(column)
+        used += width
+    for number, columns in enumerate(chunks):
+        title = heading(paper) if number == 0 else None
+        table = Table(title=title, title_justify="left")
+        table.add_column("method")
+        for column in columns:
+            table.add_column(f"{column_title(paper, column)}\nAUROC↑ / FPR↓", justify="right")
+        for row, label in zip(paper.rows, labels, strict=True):
+            cells = [row.cells[c].text() if row.cells.get(c) else "—" for c in columns]
+            table.add_row(label, *cells)
+        console.print(table)
+    for note in footnotes(paper):
+        console.print(note)
     if "lambda_selection" in results:
         stdout().print(f"λ chosen by: {results['lambda_selection']['rule']}")
     if "lambda_sweep" in results:
+        convention = results["metrics_convention"]
         sweep = " ".join(
             f"{float(k):g}:{100 * v['metrics'][convention]['auroc']:.2f}"
             for k, v in results["lambda_sweep"].items()

@@ -171,6 +171,16 @@ def evaluate_command(
             show_default=False,
         ),
     ] = None,
+    benchmark: Annotated[
+        str | None,
+        typer.Option(
+            "--benchmark",
+            help="A preset (`negalign benchmarks`): groups the --ood sets as it does (near/far), warns "
+            "for a set it expects that is missing, and adds its published rows beside this run's "
+            "(--metrics neglabel). --ood names match its sets case-insensitively (dtd = Textures).",
+            show_default=False,
+        ),
+    ] = None,
     score_column: Annotated[
         str | None,
         typer.Option("--score", help="Evaluate this one column (any method, any tool).", show_default=False),
@@ -236,8 +246,14 @@ def evaluate_command(
 ) -> None:
     """Metrics (AUROC, FPR@95, AUPR-In, AUPR-Out) of ID against each OOD set for the chosen score
     (--score; else NegAlign = S* + λ·P_align with a λ sweep from the stored components; else
-    NegLabel*), or the method table with --compare. Writes results.json, metrics.csv, roc.png and
-    score_hist.png."""
+    NegLabel*), or the method table with --compare. Writes results.json, metrics.csv, table.csv
+    (the paper-style table), roc.png and score_hist.png.
+
+    Example (the MOS suite beside the published MCM/NegLabel/NegRefine rows):
+
+    negalign evaluate --id imagenet.parquet --ood iNaturalist=inat.parquet --ood SUN=sun.parquet
+    --ood Places=places.parquet --ood Textures=dtd.parquet --benchmark imagenet-mos --compare
+    --out results/mos"""
     from negalign_cli.cache.workspace import Workspace
     from negalign_cli.stages import files
     from negalign_cli.stages.evaluation import (
@@ -263,6 +279,7 @@ def evaluate_command(
         allow_mixed_settings=allow_mixed_settings,
         groups=parse_ood_groups(ood_groups),
         id_groups=parse_ood(id_group or [], "--id-group", required=False),
+        benchmark=benchmark,
     )
     result = evaluate(request, Workspace.open(o.cache_root(cache_dir)), report)
     results = json.loads(result.artifact.file(files.RESULTS).read_text(encoding="utf-8"))

@@ -44,8 +44,9 @@ from negalign_cli.stages.score_files import read_score_metadata
 
 FITTED = "fitted on the ID set"  # the source of M3 statistics fitted by evaluate itself
 # 2: ROC of every method, labelled histograms, --ood-group; 3: S_final overflows and reserved set
-# names refused (an evaluation cached before would still serve them)
-EVALUATE_STAGE, EVALUATE_VERSION = "evaluate", 3
+# names refused (an evaluation cached before would still serve them); 4: table.csv (the paper-style
+# table) and --benchmark
+EVALUATE_STAGE, EVALUATE_VERSION = "evaluate", 4
 METHODS = method_columns()
 
 
@@ -129,6 +130,7 @@ class EvaluateRequest:
     allow_mixed_settings: bool = False
     groups: list[tuple[str, list[str]]] = field(default_factory=list)
     id_groups: list[tuple[str, Path]] = field(default_factory=list)
+    benchmark: str | None = None  # a preset (negalign_cli.presets): its groups and published rows
     extra: dict = field(default_factory=dict)
 
     def params(self) -> dict[str, Any]:
@@ -145,6 +147,7 @@ class EvaluateRequest:
             "allow_mixed_settings": self.allow_mixed_settings,
             # only when given, so that the keys of earlier evaluations stay valid
             **({"ood_groups": {name: sets for name, sets in self.groups}} if self.groups else {}),
+            **({"benchmark": self.benchmark} if self.benchmark else {}),
         }
 
 
@@ -207,6 +210,8 @@ def evaluate(request: EvaluateRequest, workspace: Workspace, reporter: Reporter 
         check_set_names(names)
     except ValueError as exc:
         raise NegalignError(f"--ood: {exc}") from exc
+    if request.benchmark:
+        apply_benchmark(request, reporter)
     try:
         group_sets(request.groups, names)
     except ValueError as exc:
@@ -225,6 +230,72 @@ def evaluate(request: EvaluateRequest, workspace: Workspace, reporter: Reporter 
     spec = StageSpec(EVALUATE_STAGE, EVALUATE_VERSION, request.params(), inputs)
     store = workspace.store
     return store.run(spec, lambda folder: _evaluate(request, folder, reporter, store), reporter)
+
+
+def apply_benchmark(request: EvaluateRequest, reporter: Reporter) -> None:
+    """``--benchmark NAME``: group the ``--ood`` sets by the preset's groups (unless --ood-group
+    gives groups), and warn for each set the preset expects that no ``--ood`` name matches (names
+    match case-insensitively, see ``presets.match_sets``)."""
+    from negalign_cli.presets import get_preset, match_sets
+
+    preset = get_preset(request.benchmark or "")
+    request.benchmark = preset.name
+    matched = match_sets(preset, [name for name, _ in request.oods])
+    for spec in preset.ood_sets:
+        if spec.name not in matched.values() and not spec.optional:
+            reporter.warn(
+                f"--benchmark {preset.name} expects the OOD set {spec.name}, and no --ood name matches it: "
+                "the mean is not the benchmark's"
+            )
+    for name, _ in request.oods:
+        if name not in matched:
+            reporter.warn(
+                f"--ood {name} is not a set of the {preset.name} benchmark "
+                f"({', '.join(s.name for s in preset.ood_sets)}): it is in no group"
+            )
+    if not request.groups:
+        groups: dict[str, list[str]] = {}
+        group_of = {spec.name: spec.group for spec in preset.ood_sets}
+        for name, set_name in matched.items():
+            if group_of.get(set_name):
+                groups.setdefault(str(group_of[set_name]), []).append(name)
+        request.groups = list(groups.items())
+
+
+def benchmark_block(request: EvaluateRequest) -> dict[str, Any]:
+    """results.json's ``benchmark``: the preset, its set each --ood name is, and its published rows
+    (figures in %, keyed by the --ood names; the ``neglabel`` convention) where it has some."""
+    from negalign_cli.presets import citation, get_preset, match_sets, published_data, published_rows
+
+    preset = get_preset(request.benchmark or "")
+    matched = match_sets(preset, [name for name, _ in request.oods])
+    block: dict[str, Any] = {"name": preset.name, "sets": matched, "published": []}
+    if not preset.published:
+        return block
+    setting = published_data()["settings"][preset.published]
+    block["backbone"] = setting["backbone"]
+    block["published_convention"] = published_data()["metric_convention"]["name"]
+    for row in published_rows(preset):
+        per_set = {
+            name: {"auroc": row.per_set[set_name].auroc, "fpr95": row.per_set[set_name].fpr95}
+            for name, set_name in matched.items()
+            if set_name in row.per_set
+        }
+        sources = [f.source for f in row.per_set.values()] + ([row.average.source] if row.average else [])
+        block["published"].append(
+            {
+                "method": row.method,
+                "citation": "; ".join(citation(key) for key in dict.fromkeys(sources)),
+                "method_citation": row.method_citation,
+                "note": row.note,
+                "per_set": per_set,
+                "average": {"auroc": row.average.auroc, "fpr95": row.average.fpr95} if row.average else None,
+                # the published average is the run's mean only when the run has all its sets
+                "covers_all_sets": set(row.per_set) <= set(matched.values())
+                and len(matched) == len(request.oods),
+            }
+        )
+    return block
 
 
 def _warn_same_content(request: EvaluateRequest, inputs: dict[str, str], reporter: Reporter) -> None:
@@ -288,6 +359,7 @@ def _evaluate(
         },
         "ood": {},
     }
+    results["id"]["accuracy"] = id_accuracy(id_frame)
     results["columns"] = _column_descriptions(selection)
     if calibration is not None:
         results["calibration"] = calibration
@@ -311,6 +383,8 @@ def _evaluate(
             for name, sets in groups.items()
         }
     results["mean"] = _mean_block(results["ood"], request.convention)
+    if request.benchmark:
+        results["benchmark"] = benchmark_block(request)
     if "lambda_sweep" in results["mean"]:  # the method's published top-level keys
         for key in ("best_lambda", "best_auroc", "lambda_sweep"):
             results[key] = results["mean"][key]
@@ -321,6 +395,49 @@ def _evaluate(
         results["statistics"][f"ood:{name}"] = statistics(_stat_columns(frame))
     _write_outputs(folder, request, results, rows, id_frame, ood_frames, store, reporter)
     return {"counts": {"id": len(id_frame), **{f"ood:{n}": len(f) for n, f in ood_frames.items()}}}
+
+
+def _label_key(values: pd.Series) -> np.ndarray:
+    """Class names compared loosely: lower case, ``_``/``-`` as spaces, outer spaces dropped."""
+    text = values.astype(str).str.strip().str.lower().str.replace(r"[_\-\s]+", " ", regex=True)
+    return text.to_numpy(dtype=object)
+
+
+def id_accuracy(frame: pd.DataFrame) -> dict[str, Any]:
+    """Zero-shot top-1 accuracy on the ID set, where the score file's ``label`` column (the
+    ImageFolder class folder, or a manifest's label) says what each image is: labels that are all
+    integers are class indices (OpenOOD's image lists), compared with ``pred_class``; otherwise
+    they are class names, compared with ``pred_name`` (case, ``_`` and ``-`` ignored), and only
+    when at least half the distinct labels name a class some image was predicted as (else they are
+    not class names, e.g. ImageNet's WordNet ids). Returns ``{"top1", "n", "labels"}``, or
+    ``{"top1": None, "note"}`` saying what is missing."""
+    if "label" not in frame.columns or "pred_class" not in frame.columns:
+        return {"top1": None, "note": "the ID score file has no label or pred_class column"}
+    labels = frame["label"]
+    known = labels.notna() & (labels.astype(str).str.strip() != "")
+    if not known.all():
+        return {
+            "top1": None,
+            "note": f"{int((~known).sum())} of {len(frame)} ID rows have no label (list the ID images "
+            "as an ImageFolder tree or a manifest with labels)",
+        }
+    numbers = pd.to_numeric(labels, errors="coerce")
+    if numbers.notna().all() and (numbers == numbers.round()).all():
+        hits = numbers.to_numpy(dtype=np.int64) == pd.to_numeric(frame["pred_class"]).to_numpy(dtype=np.int64)
+        return {"top1": float(hits.mean()), "n": len(frame), "labels": "class indices"}
+    if "pred_name" not in frame.columns:
+        return {"top1": None, "note": "the ID labels are names and the score file has no pred_name column"}
+    wanted, predicted = _label_key(labels), _label_key(frame["pred_name"])
+    distinct = set(wanted)
+    named = distinct & set(predicted)
+    if 2 * len(named) < len(distinct):
+        example = sorted(distinct - named)[0]
+        return {
+            "top1": None,
+            "note": f"the ID labels (e.g. {example!r}) are not class names: only {len(named)} of "
+            f"{len(distinct)} name a predicted class",
+        }
+    return {"top1": float((wanted == predicted).mean()), "n": len(frame), "labels": "class names"}
 
 
 def _column_descriptions(selection: _Selection) -> dict[str, dict[str, str]]:
@@ -679,7 +796,8 @@ def _write_outputs(
     store: ArtifactStore | None = None,
     reporter: Reporter | None = None,
 ) -> None:
-    """results.json, metrics.csv (per set, per group and the mean), roc.png and score_hist.png.
+    """results.json, metrics.csv (per set, per group and the mean), table.csv (the paper-style
+    table, ``paper_table``), roc.png and score_hist.png.
     The figures are copied from the cache (``store``) when their data are unchanged: the
     histograms of the stored columns whatever the λ grid, the ROC curves unless NegAlign's λ
     changed."""
@@ -693,6 +811,9 @@ def _write_outputs(
         for m, b in block["methods"].items()
     ]
     pd.DataFrame(rows + mean_rows).to_csv(folder / files.METRICS, index=False, float_format="%.4f")
+    from negalign_cli.stages.paper_table import csv_rows, paper_table
+
+    pd.DataFrame(csv_rows(paper_table(results))).to_csv(folder / files.TABLE, index=False)
     curves = roc_curves(results, id_frame, ood_frames)
     roc = folder / files.ROC_PLOT
     cached_figure(store, "roc", curves, lambda path: plots.plot_roc(path, curves), roc, reporter)

@@ -38,6 +38,7 @@ SCORES = "scores.parquet"
 # evaluate
 RESULTS = "results.json"
 METRICS = "metrics.csv"
+TABLE = "table.csv"  # the paper-style table: one row per method, "<set> AUROC", "<set> FPR@95", ...
 ROC_PLOT = "roc.png"
 HISTOGRAM_PLOT = "score_hist.png"
 
@@ -81,6 +82,7 @@ ARTIFACT_FILES = frozenset(
         SCORES,
         RESULTS,
         METRICS,
+        TABLE,
         ROC_PLOT,
         HISTOGRAM_PLOT,
     }

@@ -178,6 +178,26 @@ def method_table(results: dict, convention: str) -> list[dict[str, Any]]:
     return table
 
 
+def paper_context(results: dict) -> dict[str, Any]:
+    """The paper-style table (``paper_table``) as the templates show it: text only."""
+    from negalign_cli.stages.paper_table import column_title, footnotes, heading, paper_table
+
+    paper = paper_table(results)
+    return {
+        "heading": heading(paper),
+        "columns": [column_title(paper, c) for c in paper.columns],
+        "rows": [
+            {
+                "label": paper.label(row),
+                "source": row.source,
+                "cells": [row.cells[c].text() if row.cells.get(c) else "—" for c in paper.columns],
+            }
+            for row in paper.rows
+        ],
+        "footnotes": footnotes(paper),
+    }
+
+
 # --- figures ----------------------------------------------------------------------------------
 
 
@@ -512,6 +532,9 @@ def _tex(text: Any) -> str:
         "·": r"$\cdot$",
         "≥": r"$\geq$",
         "→": r"$\to$",
+        "↑": r"$\uparrow$",
+        "↓": r"$\downarrow$",
+        "—": "---",
     }
     return "".join(replacements.get(ch, ch) for ch in str(text))
 
@@ -602,6 +625,7 @@ def build_report(
             "results": results,
             "conventions": sorted(CONVENTIONS, key=lambda c: c != results["metrics_convention"]),
             "tables": {c: method_table(results, c) for c in CONVENTIONS},
+            "paper": paper_context(results),
             "metrics": METRICS,
             "figures": figures,
             "notes": notes,
