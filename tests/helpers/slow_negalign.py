@@ -14,8 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-import negalign_cli.stages.images as images
-import negalign_cli.stages.text as text
+import negalign_cli.compute.text as text
+import negalign_cli.compute.vision as vision
 
 MARKERS = Path(sys.argv[1])
 COUNTER = itertools.count(1)
@@ -32,8 +32,9 @@ def slow(function):
     return wrapper
 
 
-images.encode_images = slow(images.encode_images)
-images.cam_batch = slow(images.cam_batch)
+# the stages import these from their compute modules when a batch runs (never at planning time)
+vision.encode_images = slow(vision.encode_images)
+vision.cam_batch = slow(vision.cam_batch)
 text.encode_texts = slow(text.encode_texts)
 
 if __name__ == "__main__":

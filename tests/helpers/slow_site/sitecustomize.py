@@ -19,7 +19,7 @@ if MARKERS:
     import time
     from pathlib import Path
 
-    TARGET = "negalign_cli.stages.images"
+    TARGET = "negalign_cli.compute.vision"  # the stages import its functions when a batch runs
     DELAY = float(os.environ.get("NEGALIGN_TEST_BATCH_DELAY", "1"))
     COUNTER = itertools.count(1)
 
