@@ -93,3 +93,17 @@ def test_e2e_and_decode_flows(tmp_path):
     )
     assert ratio == expected and ratio > 0
     assert "MOS-sized benchmark (e2e), warm" in result.output and "JPEG path / bare PIL loop" in result.output
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "gpu_table", Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_table.py"
+    )
+    assert spec is not None and spec.loader is not None
+    gpu_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_table)
+    printed = gpu_table.table([record])
+    line = next(row for row in printed.splitlines() if row.startswith("MOS-sized benchmark"))
+    assert f"{e2e['warm']['seconds']:.1f} / {e2e['cold']['seconds']:.1f} s" in line
+    assert "scale 0.001 of the MOS size" in line  # a scaled-down run says so
+    assert f"{ratio:.3f}" in next(row for row in printed.splitlines() if row.startswith("JPEG path"))

@@ -217,6 +217,7 @@ def _pipeline(model: Any, config: E2EConfig, data: Path, cache: Path, out: Path)
                 CamConfig(),
                 batch_size=config.batch_size,
                 workers=config.workers,
+                decoder="auto",  # as `negalign cam`: batched nvJPEG on CUDA, PIL on a CPU
             ),
         )
         hits[f"cam {name}"] = cam.hit
