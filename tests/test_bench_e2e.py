@@ -87,6 +87,7 @@ def test_e2e_and_decode_flows(tmp_path):
     flows = {row["flow"]: row for row in record["results"]}
     assert {"decode: embed images' path", "decode: bare PIL loop"} <= set(flows)
     assert flows["decode: bare PIL loop"]["images"] == 16
+    assert len(list((tmp_path / "e2e" / "decode" / "decode").glob("*.jpg"))) == 16  # its own files
     ratio = record["ratios"]["JPEG path / bare PIL loop"]
     expected = (
         flows["decode: embed images' path"]["images_per_s"] / flows["decode: bare PIL loop"]["images_per_s"]

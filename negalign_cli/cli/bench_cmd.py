@@ -101,8 +101,8 @@ def bench(
         Path | None,
         typer.Option(
             "--e2e-dir",
-            help="Where --e2e keeps its JPEG files (written once) and its cache "
-            "(default: negalign-bench-e2e in the temporary folder).",
+            help="Where --e2e keeps its JPEG files (written once) and its cache, and the decode flow "
+            "its files (default: negalign-bench-e2e and negalign-bench-jpegs in the temporary folder).",
             show_default=False,
         ),
     ] = None,
@@ -151,6 +151,7 @@ def bench(
         embeddings=embeddings,
         flows=tuple(part.strip() for part in flows.split(",") if part.strip() not in ("", "none")),
         decode_workers=decode_workers,
+        scratch=e2e_dir / "decode" if e2e_dir else None,
     )
     record = run_bench(loaded, config, report)
     if e2e:
