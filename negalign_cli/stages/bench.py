@@ -694,7 +694,11 @@ def run_bench(model: LoadedModel, config: BenchConfig, reporter: Reporter | None
     ratios = {name: rate[a] / rate[b] for name, (a, b) in wanted.items() if a in rate and b in rate}
     return {
         "environment": environment(model),
-        "config": {**asdict(config), "images": str(config.images) if config.images else None},
+        "config": {
+            **asdict(config),
+            "images": str(config.images) if config.images else None,
+            "scratch": str(config.scratch) if config.scratch else None,
+        },
         "results": [{**asdict(m), "images_per_s": m.images_per_s} for m in results],
         "ratios": ratios,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -140,7 +140,7 @@ class E2EConfig:
     write_workers: int = 0
 
 
-def _vocabulary(config: E2EConfig):
+def _vocabulary(config: E2EConfig, model: Any):
     from negalign_cli.compute.vocab import ROLE_AMBIGUOUS, ROLE_BACKGROUND, ROLE_OBJECT
     from negalign_cli.inputs.words import WordList
     from negalign_cli.stages.vocab import NegativeVocab
@@ -153,6 +153,7 @@ def _vocabulary(config: E2EConfig):
         sources=("noun",) * len(words),
         roles=tuple(cycle[i % 3] for i in range(len(words))),
         origin="bench e2e negatives",
+        model=model.fingerprint,  # roles assigned for this run's model (a third each, not r-scores)
     )
     return classes, negatives
 
@@ -188,7 +189,7 @@ def _pipeline(model: Any, config: E2EConfig, data: Path, cache: Path, out: Path)
 
     started = time.perf_counter()
     workspace = Workspace.open(cache)
-    classes, negatives = _vocabulary(config)
+    classes, negatives = _vocabulary(config, model)
     templates = load_templates(CLASS_TEMPLATES)
     text = timed(
         "embed texts",
