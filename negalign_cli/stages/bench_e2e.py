@@ -207,7 +207,12 @@ def _pipeline(model: Any, config: E2EConfig, data: Path, cache: Path, out: Path)
     score_config = ScoreConfig(groups=groups, role_aware=True, include_ambiguous=True)
     score_files: dict[str, Path] = {}
     for name, _ in MOS_SETS:
-        listing = timed("list + digest", lambda name=name: digest_images(list_images(data / name)))
+        listing = timed(
+            "list + digest",
+            lambda name=name: digest_images(  # as `negalign cam`: unchanged files are not hashed again
+                list_images(data / name), stat_cache=workspace.stat_cache
+            ),
+        )
         cam = timed(
             "cam",
             lambda listing=listing: cam_images(
