@@ -27,6 +27,10 @@ def test_synthetic_jpegs_are_imagenet_sized(tmp_path):
     stamp = paths[0].stat().st_mtime_ns
     assert write_jpegs(tmp_path / "jpegs", {"a": 6, "b": 3})["files"] == 9  # written once
     assert paths[0].stat().st_mtime_ns == stamp
+    pooled = write_jpegs(tmp_path / "pooled", {"a": 6, "b": 3}, workers=2)  # gpu_check's way
+    assert pooled["mean_bytes"] == spec["mean_bytes"]
+    for path in paths:  # the same files, whoever writes them
+        assert (tmp_path / "pooled" / path.relative_to(tmp_path / "jpegs")).read_bytes() == path.read_bytes()
 
 
 def test_mos_sized_benchmark_scales():

@@ -116,7 +116,7 @@ def write_jpegs(
     if workers > 0:
         from multiprocessing import get_context
 
-        with get_context("fork").Pool(workers) as pool:
+        with get_context("spawn").Pool(workers) as pool:  # no fork of a process holding CUDA
             written_sizes = pool.map(_write_one, jobs, chunksize=64)
     else:
         written_sizes = [_write_one(job) for job in jobs]
