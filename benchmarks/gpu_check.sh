@@ -89,7 +89,7 @@ rm -rf "$jpegs"
 echo "== 5. MOS-sized benchmark end to end (bench --e2e): JPEG files → method table, cold and warm"
 # 50,000 ID + 35,640 OOD synthetic 500x375 JPEGs (~110 KB, written once with every core), then the
 # real stages (embed texts, cam, score, evaluate --compare) with a fresh cache, then with it warm;
-# also the decode flow over 512 of those files (embed images' DataLoader path beside a bare PIL
+# also the decode flow over 512 files of its own (embed images' DataLoader path beside a bare PIL
 # loop; one repeat: ~30 s). Estimated ~3 minutes in all (not yet measured on a GPU); its own limit
 # keeps the script within 8 minutes; if it runs out, set NEGALIGN_E2E_SCALE (e.g. 0.5): the table
 # then names the scale.
