@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU figures of negalign in one run: GPU scoring checked against CPU scoring, then
-# `negalign bench` (fp16 and bf16, per-image reference flow included) and embedding from JPEG files.
+# `negalign bench` (fp16 and bf16, per-image reference flow included), embedding from JPEG files and
+# the MOS-sized benchmark end to end (files → method table, cold and warm).
 #
 # usage: bash benchmarks/gpu_check.sh [OUT_DIR]        (default: $OUT, else ./gpu-check)
 #
@@ -85,7 +86,21 @@ PY
   --per-image 8 --images "$jpegs" --workers "$(( $(nproc) - 1 ))" --json "$out/bench-files.json" || { echo "section 4 FAILED"; failed=1; }
 rm -rf "$jpegs"
 
-echo "== 5. the targets (issue 23): now, measured, target"
-"$py" "$here/gpu_table.py" "$out/bench-fp16.json" "$out/bench-files.json" || { echo "section 5 FAILED"; failed=1; }
+echo "== 5. MOS-sized benchmark end to end (bench --e2e): JPEG files → method table, cold and warm"
+# 50,000 ID + 35,640 OOD synthetic 500x375 JPEGs (~110 KB, written once with every core), then the
+# real stages (embed texts, cam, score, evaluate --compare) with a fresh cache, then with it warm;
+# also the decode flow over 512 files of its own (embed images' DataLoader path beside a bare PIL
+# loop; one repeat: ~30 s). Estimated ~3 minutes in all (not yet measured on a GPU); its own limit
+# keeps the script within 8 minutes; if it runs out, set NEGALIGN_E2E_SCALE (e.g. 0.5): the table
+# then names the scale.
+e2e_scale=${NEGALIGN_E2E_SCALE:-1.0}
+e2e_dir=$(mktemp -d)
+timeout "${NEGALIGN_E2E_TIMEOUT:-270}" "$py" -m negalign_cli bench --device cuda --precision fp16 \
+  --batch-size 512 --batches 1 --repeats 1 --flows decode --e2e --e2e-scale "$e2e_scale" --e2e-dir "$e2e_dir" \
+  --json "$out/bench-e2e.json" || { echo "section 5 FAILED (or ran past its time limit)"; failed=1; }
+rm -rf "$e2e_dir"
+
+echo "== 6. the targets (issue 23): now, measured, target"
+"$py" "$here/gpu_table.py" "$out/bench-fp16.json" "$out/bench-files.json" "$out/bench-e2e.json" || { echo "section 6 FAILED"; failed=1; }
 echo "figures in $out"
 exit "$failed"

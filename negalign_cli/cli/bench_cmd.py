@@ -72,9 +72,40 @@ def bench(
         typer.Option(
             "--flows",
             help="Comma-separated groups: model (forward, embed, CAM), score (GEMM, scoring), "
-            "pipeline (full pipeline, per-image flow).",
+            "pipeline (full pipeline, per-image flow), decode (embed images' decoding path beside a "
+            "bare PIL loop over the same JPEG files); none: only --e2e.",
         ),
     ] = "model,score,pipeline",
+    decode_workers: Annotated[
+        int | None,
+        typer.Option(
+            "--decode-workers",
+            min=0,
+            help="DataLoader workers of the decode flow and of --e2e (default: as embed images).",
+            show_default=False,
+        ),
+    ] = None,
+    e2e: Annotated[
+        bool,
+        typer.Option(
+            "--e2e",
+            help="Also time the real pipeline (embed texts, cam, score, evaluate) from synthetic "
+            "ImageNet-sized JPEG files to the method table, cold and warm, on a MOS-sized benchmark "
+            "(50,000 ID + 35,640 OOD images) times --e2e-scale.",
+        ),
+    ] = False,
+    e2e_scale: Annotated[
+        float, typer.Option("--e2e-scale", min=0.0, help="Fraction of the MOS-sized benchmark's images.")
+    ] = 1.0,
+    e2e_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--e2e-dir",
+            help="Where --e2e keeps its JPEG files (written once) and its cache, and the decode flow "
+            "its files (default: negalign-bench-e2e and negalign-bench-jpegs in the temporary folder).",
+            show_default=False,
+        ),
+    ] = None,
     json_out: Annotated[
         Path | None,
         typer.Option("--json", help="Write every figure and the environment here.", show_default=False),
@@ -118,9 +149,28 @@ def bench(
         images=images,
         workers=workers,
         embeddings=embeddings,
-        flows=tuple(part.strip() for part in flows.split(",") if part.strip()),
+        flows=tuple(part.strip() for part in flows.split(",") if part.strip() not in ("", "none")),
+        decode_workers=decode_workers,
+        scratch=e2e_dir / "decode" if e2e_dir else None,
     )
     record = run_bench(loaded, config, report)
+    if e2e:
+        import os
+        import tempfile
+
+        from negalign_cli.stages.bench_e2e import E2EConfig, run_e2e
+
+        folder = e2e_dir or Path(tempfile.gettempdir()) / "negalign-bench-e2e"
+        e2e_config = E2EConfig(
+            folder,
+            scale=e2e_scale,
+            classes=classes,
+            negatives=negatives,
+            batch_size=batch_size,
+            workers=decode_workers,
+            write_workers=(os.cpu_count() or 1) if e2e_scale >= 0.05 else 0,  # tiny runs: no pool
+        )
+        record["e2e"] = run_e2e(loaded, e2e_config, report)
     from negalign_cli.cli.render import render_bench
 
     stdout().print(render_bench(record))

@@ -81,6 +81,20 @@ def render_bench(record: dict) -> Table:
             pairs = row["distinct_pairs"]
             note += f"; {pairs:,} distinct pairs ({pairs / max(1, row['images']):.1f} per image)"
         table.add_row(row["flow"], shown, f"{row['peak_mb']:,.0f}", note)
+    e2e = record.get("e2e")
+    if e2e:
+        table.add_section()
+        files = e2e["files"]
+        for phase in ("cold", "warm"):
+            run = e2e[phase]
+            stages = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in run["stages"].items())
+            table.add_row(
+                f"MOS-sized benchmark (e2e), {phase}",
+                f"{e2e['total_images'] / run['seconds']:,.1f}",
+                "",
+                f"{run['seconds']:.2f} s files → method table ({stages}); {e2e['total_images']:,} JPEGs "
+                f"(scale {e2e['scale']:g}, {files.get('mean_bytes', 0) / 1e3:.0f} KB each)",
+            )
     table.add_section()
     for name, value in record["ratios"].items():
         table.add_row(name, f"{value:,.2f}×" if value >= 10 else f"{value:.3f}", "", "ratio in this run")

@@ -60,6 +60,7 @@ FLOW_GROUPS = {
     "model": "image tower forward, embed, embed from files, embed + CAM + background",
     "score": "bare GEMMs, scoring from cache (embeddings; all columns), scoring with multi-matching",
     "pipeline": "full NegAlign pipeline, per-image reference flow",
+    "decode": "embed images' decoding path (DataLoader, ImageDataset) beside a bare PIL loop",
 }
 
 
@@ -78,6 +79,8 @@ class BenchConfig:
     workers: int = 0
     flows: tuple[str, ...] = ("model", "score", "pipeline")  # which groups of flows (FLOW_GROUPS)
     embeddings: str = "real-like"  # scoring's image embeddings: real-like (pair statistics) | random
+    decode_workers: int | None = None  # the decode flow's DataLoader workers (None: as the CLI's default)
+    scratch: Path | None = None  # where the decode flow writes its JPEG files without --images
 
 
 @dataclass
@@ -439,6 +442,56 @@ def _image_file_flow(model: LoadedModel, config: BenchConfig) -> tuple[Callable[
     return run_pil, len(paths), f"{config.workers} workers, PIL decoding"
 
 
+DECODE_PATH = "decode: embed images' path"
+DECODE_PATH_0 = "decode: embed images' path, no workers"
+BARE_PIL = "decode: bare PIL loop"
+
+
+def _decode_flows(model: LoadedModel, config: BenchConfig, reporter: Reporter) -> list[Flow]:
+    """``embed images``' decoding (DataLoader over ImageDataset, the model's transform, the CLI's
+    workers) and the same without workers, beside a bare PIL loop in this process, over the same
+    files: --images, else batch-size × batches synthetic ImageNet-sized JPEGs (500×375, ~110 KB)."""
+    import tempfile
+
+    from negalign_cli.inputs.datasets import default_workers
+    from negalign_cli.stages.bench_e2e import bare_pil_loop, dataset_loop, write_jpegs
+
+    n = config.batch_size * config.batches
+    if config.images is not None:
+        from negalign_cli.inputs.listing import list_images
+
+        listed = list_images(config.images)
+        paths = [str(listed.location(i)) for i in range(min(len(listed), n))]
+        what = f"{len(paths)} files of {config.images}"
+    else:
+        folder = config.scratch or Path(tempfile.gettempdir()) / "negalign-bench-jpegs"
+        spec = write_jpegs(folder, {"decode": n}, reporter=reporter)
+        paths = sorted(str(p) for p in (folder / "decode").glob("*.jpg"))
+        what = f"{len(paths)} synthetic 500×375 JPEGs, {spec['mean_bytes'] / 1e3:.0f} KB each"
+    workers = default_workers() if config.decode_workers is None else config.decode_workers
+    transform = model.image_transform()
+    return [
+        Flow(
+            DECODE_PATH,
+            dataset_loop(paths, transform, config.batch_size, workers),
+            len(paths),
+            f"DataLoader over ImageDataset, {workers} workers; {what}",
+        ),
+        Flow(
+            DECODE_PATH_0,
+            dataset_loop(paths, transform, config.batch_size, 0),
+            len(paths),
+            "the same in this process",
+        ),
+        Flow(
+            BARE_PIL,
+            bare_pil_loop(paths, model.preprocess_cfg),
+            len(paths),
+            "Image.open → RGB → resize → centre crop → normalise, one file after another",
+        ),
+    ]
+
+
 def run_bench(model: LoadedModel, config: BenchConfig, reporter: Reporter | None = None) -> dict[str, Any]:
     """Measure every flow; returns the record ``--json`` writes (the table reads it too)."""
     reporter = reporter or NullReporter()
@@ -456,7 +509,7 @@ def run_bench(model: LoadedModel, config: BenchConfig, reporter: Reporter | None
         raise NegalignError(
             f"unknown flow group(s) {', '.join(sorted(unknown))}: use {', '.join(FLOW_GROUPS)}"
         )
-    total = {"model": 3 + (config.images is not None), "score": 6, "pipeline": 2}
+    total = {"model": 3 + (config.images is not None), "score": 6, "pipeline": 2, "decode": 3}
     with reporter.progress("benchmark flows", sum(total[g] for g in config.flows)) as advance:
         pairs = _WarmPairs(inputs)
         if "model" in config.flows:
@@ -620,6 +673,9 @@ def run_bench(model: LoadedModel, config: BenchConfig, reporter: Reporter | None
                 )
             )
             advance(1)
+        if "decode" in config.flows:
+            results.extend(measure_together(_decode_flows(model, config, reporter), device, repeats))
+            advance(total["decode"])
     model.model.zero_grad(set_to_none=True)
     rate = {m.flow: m.images_per_s for m in results}
     wanted = {
@@ -632,11 +688,17 @@ def run_bench(model: LoadedModel, config: BenchConfig, reporter: Reporter | None
             "score from cache (all columns)",
         ),
         "full pipeline / per-image flow": ("full NegAlign pipeline", "per-image reference flow"),
+        "JPEG path / bare PIL loop": (DECODE_PATH, BARE_PIL),
+        "JPEG path, in process / bare PIL loop": (DECODE_PATH_0, BARE_PIL),
     }
     ratios = {name: rate[a] / rate[b] for name, (a, b) in wanted.items() if a in rate and b in rate}
     return {
         "environment": environment(model),
-        "config": {**asdict(config), "images": str(config.images) if config.images else None},
+        "config": {
+            **asdict(config),
+            "images": str(config.images) if config.images else None,
+            "scratch": str(config.scratch) if config.scratch else None,
+        },
         "results": [{**asdict(m), "images_per_s": m.images_per_s} for m in results],
         "ratios": ratios,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
