@@ -10,7 +10,7 @@ from negalign_cli.cli.console import stdout
 def render_results(results: dict) -> None:
     """The paper-style table (``paper_table``): methods as rows, sets, groups and the mean as
     columns, split into several tables when it would be wider than the terminal."""
-    from negalign_cli.stages.paper_table import column_title, footnotes, heading, paper_table
+    from negalign_cli.stages.paper_table import cell_text, column_title, footnotes, heading, paper_table
 
     paper = paper_table(results)
     console = stdout()
@@ -32,7 +32,7 @@ def render_results(results: dict) -> None:
         for column in columns:
             table.add_column(f"{column_title(paper, column)}\nAUROC↑ / FPR↓", justify="right")
         for row, label in zip(paper.rows, labels, strict=True):
-            cells = [row.cells[c].text() if row.cells.get(c) else "—" for c in columns]
+            cells = [cell_text(row.cells.get(c)) for c in columns]
             table.add_row(label, *cells)
         console.print(table)
     for note in footnotes(paper):

@@ -96,7 +96,13 @@ def write_jpegs(
     matches is reused. Returns the spec (counts, mean file size, the seconds writing took)."""
     reporter = reporter or NullReporter()
     folder = Path(folder)
-    spec = {"version": FILES_VERSION, "sizes": sizes, "width": WIDTH, "height": HEIGHT, "quality": QUALITY}
+    spec: dict[str, Any] = {
+        "version": FILES_VERSION,
+        "sizes": sizes,
+        "width": WIDTH,
+        "height": HEIGHT,
+        "quality": QUALITY,
+    }
     marker = folder / SPEC_FILE
     if marker.is_file():
         written = json.loads(marker.read_text(encoding="utf-8"))
@@ -181,7 +187,7 @@ def _pipeline(model: Any, config: E2EConfig, data: Path, cache: Path, out: Path)
     }
     hits: dict[str, bool] = {}
 
-    def timed(stage: str, run: Callable[[], Any]) -> Any:
+    def timed(stage: str, run: Callable[..., Any]) -> Any:
         started = time.perf_counter()
         result = run()
         stages[stage] += time.perf_counter() - started

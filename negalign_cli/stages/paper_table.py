@@ -23,6 +23,11 @@ class Cell:
         return f"{self.auroc:.2f} / {self.fpr95:.2f}"
 
 
+def cell_text(cell: Cell | None) -> str:
+    """A cell as every renderer shows it: "AUROC / FPR@95", or a dash where there is no figure."""
+    return cell.text() if cell is not None else "—"
+
+
 @dataclass(frozen=True)
 class Row:
     method: str

@@ -180,7 +180,7 @@ def method_table(results: dict, convention: str) -> list[dict[str, Any]]:
 
 def paper_context(results: dict) -> dict[str, Any]:
     """The paper-style table (``paper_table``) as the templates show it: text only."""
-    from negalign_cli.stages.paper_table import column_title, footnotes, heading, paper_table
+    from negalign_cli.stages.paper_table import cell_text, column_title, footnotes, heading, paper_table
 
     paper = paper_table(results)
     return {
@@ -190,7 +190,7 @@ def paper_context(results: dict) -> dict[str, Any]:
             {
                 "label": paper.label(row),
                 "source": row.source,
-                "cells": [row.cells[c].text() if row.cells.get(c) else "—" for c in paper.columns],
+                "cells": [cell_text(row.cells.get(c)) for c in paper.columns],
             }
             for row in paper.rows
         ],
