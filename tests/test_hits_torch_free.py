@@ -19,7 +19,7 @@ import pytest
 
 from tests.faults.helpers import cli
 from tests.helpers import TINY
-from tests.helpers.images import make_image_folder
+from tests.helpers.chain import model_chain
 
 ROOT = Path(__file__).resolve().parents[1]
 # In this order: a command that imports torch hides whether the ones after it would.
@@ -65,32 +65,7 @@ def hits(tmp_path_factory):
     """Every command run once here (the model built, everything cached), then rerun in one fresh
     process: {command: what that process saw after its rerun}."""
     root = tmp_path_factory.mktemp("hits")
-    make_image_folder(root / "imgs", per_class=2)
-    (root / "classes.txt").write_text("birds\nboats\n")
-    (root / "nouns.txt").write_text("ocean\nforest\nsand\nteapot\nlamp\ncup\nkettle\nsky\n")
-    (root / "lexicon").mkdir()
-    (root / "lexicon" / "noun.artifact.txt").write_text("teapot\nlamp\ncup\nkettle\nbicycle\nladder\n")
-    (root / "lexicon" / "adj.all.txt").write_text("red\nwooden\nshiny\n")
-    cache = ("--cache-dir", str(root / "c"), *TINY)
-    runs = {
-        "embed texts": ("embed", "texts", "--classes", str(root / "classes.txt"), *cache),
-        "embed images": ("embed", "images", "--images", str(root / "imgs"), "--workers", "0", *cache),
-        "cam": (
-            "cam", "--images", str(root / "imgs"), "--classes", str(root / "classes.txt"), "--workers", "0",
-            "--out", str(root / "cam"), *cache,
-        ),
-        "mine-negatives": (
-            "mine-negatives", "--classes", str(root / "classes.txt"), "--lexicon", str(root / "lexicon"),
-            "--exclude", "", *cache,
-        ),
-        "split-vocab": (
-            "split-vocab", "--nouns", str(root / "nouns.txt"), "--tau", "0", "--out", str(root / "split"), *cache
-        ),
-        "score": (
-            "score", "--images-dir", str(root / "cam"), "--classes", str(root / "classes.txt"), "--groups", "2",
-            "--negatives-split", str(root / "split"), "--out", str(root / "scores"), *cache,
-        ),
-    }  # fmt: skip
+    runs = model_chain(root, *TINY)
     for name in runs:  # in the order their inputs need
         done = cli(*runs[name])
         assert done.exit_code == 0, f"{name}:\n{done.output}"

@@ -18,7 +18,7 @@ from negalign_cli import models, settings
 from negalign_cli.errors import NegalignError
 from negalign_cli.modelref import TABLE_FILE, FingerprintTable, plan_model, resolve_ref
 from tests.faults.helpers import cli, one_line_error
-from tests.helpers.images import make_image_folder
+from tests.helpers.chain import model_chain
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -143,32 +143,7 @@ def test_a_stale_row_is_caught_when_the_model_is_built(tmp_path):
 def chain(tmp_path_factory):
     """A cam → split-vocab → score chain and embed texts/images, run once (the model built)."""
     root = tmp_path_factory.mktemp("modelref")
-    make_image_folder(root / "imgs", per_class=2)
-    (root / "classes.txt").write_text("birds\nboats\n")
-    (root / "nouns.txt").write_text("ocean\nforest\nsand\nteapot\nlamp\ncup\nkettle\nsky\n")
-    (root / "lexicon").mkdir()
-    (root / "lexicon" / "noun.artifact.txt").write_text("teapot\nlamp\ncup\nkettle\nbicycle\nladder\n")
-    (root / "lexicon" / "adj.all.txt").write_text("red\nwooden\nshiny\n")
-    cache = ("--cache-dir", str(root / "c"))
-    runs = {
-        "embed texts": ("embed", "texts", "--classes", str(root / "classes.txt"), *cache),
-        "embed images": ("embed", "images", "--images", str(root / "imgs"), "--workers", "0", *cache),
-        "cam": (
-            "cam", "--images", str(root / "imgs"), "--classes", str(root / "classes.txt"), "--workers", "0",
-            "--out", str(root / "cam"), *cache,
-        ),
-        "mine-negatives": (
-            "mine-negatives", "--classes", str(root / "classes.txt"), "--lexicon", str(root / "lexicon"),
-            "--exclude", "", *cache,
-        ),
-        "split-vocab": (
-            "split-vocab", "--nouns", str(root / "nouns.txt"), "--tau", "0", "--out", str(root / "split"), *cache
-        ),
-        "score": (
-            "score", "--images-dir", str(root / "cam"), "--classes", str(root / "classes.txt"), "--groups", "2",
-            "--negatives-split", str(root / "split"), *cache,
-        ),
-    }  # fmt: skip
+    runs = model_chain(root)
     for args in runs.values():
         done = cli(*args)
         assert done.exit_code == 0, done.output
