@@ -19,7 +19,9 @@ def render_results(results: dict) -> None:
     chunks: list[list[str]] = [[]]
     used = first + 1
     for column in paper.columns:
-        width = max(len("AUROC↑ / FPR↓"), *(len(part) for part in column_title(paper, column).split())) + 3
+        texts = [cell_text(row.cells.get(column)) for row in paper.rows]  # mean±std over seeds is wider
+        width = max(len("AUROC↑ / FPR↓"), *(len(part) for part in column_title(paper, column).split()))
+        width = max(width, *(len(text) for text in texts)) + 3
         if chunks[-1] and used + width > console.width:
             chunks.append([])
             used = first + 1
