@@ -59,7 +59,9 @@ def seeded(tmp_path_factory):
     }
     for seed in SEEDS:  # each seed on its own: the per-seed artifact the seeds run stored
         for name, images in (("id", "cam"), ("ood", "cam-ood")):
-            outputs[f"{name}{seed}"] = scored(str(root / images), f"s-{name}{seed}", "--group-seed", str(seed))
+            outputs[f"{name}{seed}"] = scored(
+                str(root / images), f"s-{name}{seed}", "--group-seed", str(seed)
+            )
     cache = ("--cache-dir", str(root / "c"))
 
     def evaluate(folder: str, id_file, ood_file, *extra: str):
@@ -67,17 +69,29 @@ def seeded(tmp_path_factory):
         return _ok(cli(*argv, "--out", str(root / folder), *extra))
 
     both = (root / "s-id" / "scores.parquet", root / "s-ood" / "scores.parquet")
-    evaluations = {"seeds": evaluate("e-seeds", *both)}
-    for seed in SEEDS:
-        evaluations[seed] = evaluate(
-            f"e-{seed}", root / f"s-id{seed}" / "scores.parquet", root / f"s-ood{seed}" / "scores.parquet"
-        )
-    return {"root": root, "score": outputs, "evaluate": evaluations, "files": both, "cache": cache}
+    evaluate("e-seeds", *both)
+    return {"root": root, "score": outputs, "files": both, "cache": cache}
 
 
-def _results(seeded, name) -> dict:
-    folder = "e-seeds" if name == "seeds" else f"e-{name}"
-    return json.loads((seeded["root"] / folder / "results.json").read_text())
+def _results(seeded) -> dict:
+    return json.loads((seeded["root"] / "e-seeds" / "results.json").read_text())
+
+
+def _alone(seeded, seed: int) -> dict[str, dict]:
+    """Each method's metrics on seed ``seed``'s own score files (`score --group-seed S`), computed
+    here from the columns: NegAlign at the λ of the published sweep with the best AUROC."""
+    from negalign_cli.compute.evaluation import all_metrics, best_lambda, lambda_sweep
+    from negalign_cli.defaults import DEFAULT_LAMBDAS
+
+    id_, ood = (pd.read_parquet(seeded["root"] / f"s-{n}{seed}" / "scores.parquet") for n in ("id", "ood"))
+    columns = {"MCM": "s_mcm", "Energy": "s_energy", "MaxLogit": "s_maxlogit", "NegLabel": "s_neglabel_plain"}
+    columns |= {"NegRefine": "s_negrefine", "NegLabel*": "s_neglabel_star"}
+    out = {m: all_metrics(id_[c].to_numpy(float), ood[c].to_numpy(float)) for m, c in columns.items()}
+    star, align = "s_neglabel_star", "p_align"
+    sweep = lambda_sweep(*(f[c].to_numpy(float) for f in (id_, ood) for c in (star, align)), DEFAULT_LAMBDAS)
+    lam = best_lambda(sweep)
+    out["NegAlign"] = {"lambda": lam, **sweep[lam]}
+    return out
 
 
 def test_each_seed_is_its_own_cached_score(seeded):
@@ -100,33 +114,28 @@ def test_each_seed_is_its_own_cached_score(seeded):
 
 
 def test_results_json_is_mean_and_sample_std_of_the_seeds(seeded):
-    results = _results(seeded, "seeds")
-    alone = {seed: _results(seeded, seed) for seed in SEEDS}
+    results = _results(seeded)
+    alone = {seed: _alone(seeded, seed) for seed in SEEDS}
     assert results["group_seeds"]["seeds"] == list(SEEDS) and results["group_seeds"]["ddof"] == 1
     assert set(results["group_seeds"]["methods"]) == {*GROUPED, "NegAlign"}
     spread = False
-    for block in (("ood", "far"), ("mean",)):
-
-        def entry(r, method, block=block):
-            for key in block:
-                r = r[key]
-            return r["methods"][method]
-
+    for block in (results["ood"]["far"], results["mean"]):  # one OOD set: the mean is that set
         for method in (*GROUPED, "NegAlign"):
-            got = entry(results, method)
+            got = block["methods"][method]
             for convention in ("neglabel", "openood"):
                 for metric in ("auroc", "fpr95", "aupr_in", "aupr_out"):
-                    values = [entry(alone[s], method)["metrics"][convention][metric] for s in SEEDS]
+                    values = [alone[s][method][convention][metric] for s in SEEDS]
                     assert got["metrics"][convention][metric] == pytest.approx(np.mean(values), abs=1e-12)
                     assert got["std"][convention][metric] == pytest.approx(np.std(values, ddof=1), abs=1e-12)
-                    spread |= np.std(values) > 0
+                    spread |= bool(np.std(values) > 0)
         for method in SEED_FREE:  # one value, no spread: the same as any seed alone
-            got = entry(results, method)
-            assert "std" not in got
-            assert got["metrics"] == entry(alone[1], method)["metrics"]
+            assert "std" not in block["methods"][method]
+            assert block["methods"][method]["metrics"] == alone[1][method]
     assert spread, "the seeds gave the same metrics: the test would not see a wrong std"
     negalign = results["ood"]["far"]["methods"]["NegAlign"]
-    assert negalign["lambda_by_seed"] == {str(s): alone[s]["ood"]["far"]["methods"]["NegAlign"]["lambda"] for s in SEEDS}
+    assert negalign["lambda_by_seed"] == {str(s): alone[s]["NegAlign"]["lambda"] for s in SEEDS}
+    per_seed = results["group_seeds"]["per_seed"]
+    assert per_seed["1"]["ood/far"]["NegLabel"]["neglabel"] == alone[1]["NegLabel"]["neglabel"]
 
 
 def _cell(mean: float, std: float | None) -> str:
@@ -135,7 +144,7 @@ def _cell(mean: float, std: float | None) -> str:
 
 def test_every_output_shows_mean_and_std(seeded):
     root = seeded["root"]
-    results = _results(seeded, "seeds")
+    results = _results(seeded)
     entry = results["ood"]["far"]["methods"]["NegLabel"]
     auroc = _cell(entry["metrics"]["neglabel"]["auroc"], entry["std"]["neglabel"]["auroc"])
     fpr = _cell(entry["metrics"]["neglabel"]["fpr95"], entry["std"]["neglabel"]["fpr95"])
@@ -144,16 +153,29 @@ def test_every_output_shows_mean_and_std(seeded):
     plain = f"{_cell(mcm['auroc'], None)} / {_cell(mcm['fpr95'], None)}"
     # table.csv: the mean and the std in separate columns; none for the seed-free methods
     table = pd.read_csv(root / "e-seeds" / "table.csv").set_index("method")
-    assert table.loc["NegLabel", "far AUROC"] == pytest.approx(100 * entry["metrics"]["neglabel"]["auroc"], abs=1e-4)
-    assert table.loc["NegLabel", "far AUROC std"] == pytest.approx(100 * entry["std"]["neglabel"]["auroc"], abs=1e-4)
-    assert table.loc["NegLabel", "far FPR@95 std"] == pytest.approx(100 * entry["std"]["neglabel"]["fpr95"], abs=1e-4)
+    assert table.loc["NegLabel", "far AUROC"] == pytest.approx(
+        100 * entry["metrics"]["neglabel"]["auroc"], abs=1e-4
+    )
+    assert table.loc["NegLabel", "far AUROC std"] == pytest.approx(
+        100 * entry["std"]["neglabel"]["auroc"], abs=1e-4
+    )
+    assert table.loc["NegLabel", "far FPR@95 std"] == pytest.approx(
+        100 * entry["std"]["neglabel"]["fpr95"], abs=1e-4
+    )
     assert np.isnan(table.loc["MCM", "far AUROC std"]) and not np.isnan(table.loc["MCM", "far AUROC"])
     # the console, at 80 columns
     from negalign_cli.cli.console import stdout
 
     stdout.cache_clear()  # the console reads COLUMNS when it is made
     try:
-        argv = ["evaluate", "--id", str(seeded["files"][0]), "--ood", f"far={seeded['files'][1]}", "--compare"]
+        argv = [
+            "evaluate",
+            "--id",
+            str(seeded["files"][0]),
+            "--ood",
+            f"far={seeded['files'][1]}",
+            "--compare",
+        ]
         shown = _ok(cli(*argv, *seeded["cache"], env={"COLUMNS": "80"})).stdout
     finally:
         stdout.cache_clear()
@@ -162,7 +184,7 @@ def test_every_output_shows_mean_and_std(seeded):
     assert neglabel in lines["NegLabel"] and plain in lines["MCM"] and "±" not in lines["MCM"], shown
     assert "ddof = 1" in shown
     # the reports
-    _ok(cli("report", str(root / "e-seeds")))
+    _ok(cli("report", str(root / "e-seeds"), "--cams", "1", *seeded["cache"]))
     for name in ("report.md", "report.html"):
         text = (root / "e-seeds" / "report" / name).read_text()
         assert neglabel in text and plain in text and "ddof = 1" in text, name
@@ -175,7 +197,7 @@ def test_mean_column_is_over_seeds_of_the_mean_over_sets(seeded):
     """With one OOD set the mean column is the set; the paper table reads results.json's std."""
     from negalign_cli.stages.paper_table import paper_table
 
-    paper = paper_table(_results(seeded, "seeds"))
+    paper = paper_table(_results(seeded))
     assert paper.columns == ["far"] and MEAN_COLUMN not in paper.columns
     rows = {row.method.split(" (")[0]: row for row in paper.rows}
     assert rows["NegLabel"].cells["far"].auroc_std is not None

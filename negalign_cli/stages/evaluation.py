@@ -409,7 +409,9 @@ def summarise_seeds(per_seed: list[dict], seeds: Sequence[int], seeded: set[str]
 
     results = copy.deepcopy(per_seed[0])
     convention = results["metrics_convention"]
-    paths = [("ood", name) for name in results["ood"]] + [("groups", name) for name in results.get("groups", {})]
+    paths = [("ood", name) for name in results["ood"]] + [
+        ("groups", name) for name in results.get("groups", {})
+    ]
     paths.append(("mean",))
 
     def at(block: dict, path: tuple[str, ...]) -> dict:
@@ -428,12 +430,16 @@ def summarise_seeds(per_seed: list[dict], seeds: Sequence[int], seeded: set[str]
                 entry["lambda_by_seed"] = {str(s): e["lambda"] for s, e in zip(seeds, entries, strict=True)}
         if "lambda_sweep" in block and NEGALIGN in seeded:
             for key, point in block["lambda_sweep"].items():
-                point["metrics"], point["std"] = seed_spread([b["lambda_sweep"][key]["metrics"] for b in blocks])
+                point["metrics"], point["std"] = seed_spread(
+                    [b["lambda_sweep"][key]["metrics"] for b in blocks]
+                )
             sweep = block["lambda_sweep"]
             best = max(sorted(sweep, key=float), key=lambda k: sweep[k]["metrics"][convention]["auroc"])
             block["best_lambda"] = sweep[best]["lambda"]
             block["best_auroc"] = sweep[best]["metrics"][convention]["auroc"]
-            block["best_lambda_by_seed"] = {str(s): b["best_lambda"] for s, b in zip(seeds, blocks, strict=True)}
+            block["best_lambda_by_seed"] = {
+                str(s): b["best_lambda"] for s, b in zip(seeds, blocks, strict=True)
+            }
     if "lambda_sweep" in results["mean"]:
         for key in ("best_lambda", "best_auroc", "lambda_sweep"):
             results[key] = results["mean"][key]
@@ -442,7 +448,9 @@ def summarise_seeds(per_seed: list[dict], seeds: Sequence[int], seeded: set[str]
             str(s): r["lambda_selection"]["lambda"] for s, r in zip(seeds, per_seed, strict=True)
         }
     if "calibration" in results:
-        results["calibration_by_seed"] = {str(s): r["calibration"] for s, r in zip(seeds, per_seed, strict=True)}
+        results["calibration_by_seed"] = {
+            str(s): r["calibration"] for s, r in zip(seeds, per_seed, strict=True)
+        }
     for name, group in results.get("id_groups", {}).items():
         shares = [r["id_groups"][name] for r in per_seed]
         group["rejected_std"] = {}
@@ -494,14 +502,16 @@ def _evaluate(
         ]
         run = runs[0]  # the figures and statistics: the first seed's (its columns are the plain ones)
         results = summarise_seeds([r.results for r in runs], seeds.seeds, seeds.methods(run.selection))
-        metric_rows = [{"group_seed": seed, **row} for seed, r in zip(seeds.seeds, runs) for row in _metric_rows(r)]
+        metric_rows = [
+            {"group_seed": seed, **row}
+            for seed, r in zip(seeds.seeds, runs, strict=True)
+            for row in _metric_rows(r)
+        ]
         figures = run.results
     _write_outputs(
         folder, request, results, metric_rows, run.id_frame, run.ood_frames, store, reporter, figures
     )
-    return {
-        "counts": {"id": len(run.id_frame), **{f"ood:{n}": len(f) for n, f in run.ood_frames.items()}}
-    }
+    return {"counts": {"id": len(run.id_frame), **{f"ood:{n}": len(f) for n, f in run.ood_frames.items()}}}
 
 
 @dataclass

@@ -23,7 +23,7 @@ class Cell:
     fpr95_std: float | None = None
 
     def text(self) -> str:
-        """"AUROC / FPR@95", each "mean±std" where the cell is a mean over group seeds."""
+        """ "AUROC / FPR@95", each "mean±std" where the cell is a mean over group seeds."""
         return f"{_value(self.auroc, self.auroc_std)} / {_value(self.fpr95, self.fpr95_std)}"
 
 
