@@ -20,6 +20,7 @@ from tests.helpers.images import make_image_folder, rgb
 SEEDS = (0, 1, 2)
 GROUPED = ("NegLabel", "NegRefine", "NegLabel*")  # the methods whose columns depend on the seed
 SEED_FREE = ("MCM", "Energy", "MaxLogit")
+LAMBDAS = (0.0, 0.05, 0.2)  # small λ: S* still matters, so NegAlign varies with the seed (and its λ)
 
 
 def _ok(result):
@@ -66,11 +67,12 @@ def seeded(tmp_path_factory):
 
     def evaluate(folder: str, id_file, ood_file, *extra: str):
         argv = ["evaluate", "--id", str(id_file), "--ood", f"far={ood_file}", "--compare", *cache]
-        return _ok(cli(*argv, "--out", str(root / folder), *extra))
+        argv += ["--lambda", ",".join(map(str, LAMBDAS))]
+        return argv, _ok(cli(*argv, "--out", str(root / folder), *extra))
 
     both = (root / "s-id" / "scores.parquet", root / "s-ood" / "scores.parquet")
-    evaluate("e-seeds", *both)
-    return {"root": root, "score": outputs, "files": both, "cache": cache}
+    argv, _ = evaluate("e-seeds", *both)
+    return {"root": root, "score": outputs, "files": both, "cache": cache, "evaluate": argv}
 
 
 def _results(seeded) -> dict:
@@ -79,16 +81,15 @@ def _results(seeded) -> dict:
 
 def _alone(seeded, seed: int) -> dict[str, dict]:
     """Each method's metrics on seed ``seed``'s own score files (`score --group-seed S`), computed
-    here from the columns: NegAlign at the λ of the published sweep with the best AUROC."""
+    here from the columns: NegAlign at the λ of ``LAMBDAS`` with the best AUROC."""
     from negalign_cli.compute.evaluation import all_metrics, best_lambda, lambda_sweep
-    from negalign_cli.defaults import DEFAULT_LAMBDAS
 
     id_, ood = (pd.read_parquet(seeded["root"] / f"s-{n}{seed}" / "scores.parquet") for n in ("id", "ood"))
     columns = {"MCM": "s_mcm", "Energy": "s_energy", "MaxLogit": "s_maxlogit", "NegLabel": "s_neglabel_plain"}
     columns |= {"NegRefine": "s_negrefine", "NegLabel*": "s_neglabel_star"}
     out = {m: all_metrics(id_[c].to_numpy(float), ood[c].to_numpy(float)) for m, c in columns.items()}
     star, align = "s_neglabel_star", "p_align"
-    sweep = lambda_sweep(*(f[c].to_numpy(float) for f in (id_, ood) for c in (star, align)), DEFAULT_LAMBDAS)
+    sweep = lambda_sweep(*(f[c].to_numpy(float) for f in (id_, ood) for c in (star, align)), LAMBDAS)
     lam = best_lambda(sweep)
     out["NegAlign"] = {"lambda": lam, **sweep[lam]}
     return out
@@ -118,7 +119,7 @@ def test_results_json_is_mean_and_sample_std_of_the_seeds(seeded):
     alone = {seed: _alone(seeded, seed) for seed in SEEDS}
     assert results["group_seeds"]["seeds"] == list(SEEDS) and results["group_seeds"]["ddof"] == 1
     assert set(results["group_seeds"]["methods"]) == {*GROUPED, "NegAlign"}
-    spread = False
+    spread = set()
     for block in (results["ood"]["far"], results["mean"]):  # one OOD set: the mean is that set
         for method in (*GROUPED, "NegAlign"):
             got = block["methods"][method]
@@ -127,11 +128,12 @@ def test_results_json_is_mean_and_sample_std_of_the_seeds(seeded):
                     values = [alone[s][method][convention][metric] for s in SEEDS]
                     assert got["metrics"][convention][metric] == pytest.approx(np.mean(values), abs=1e-12)
                     assert got["std"][convention][metric] == pytest.approx(np.std(values, ddof=1), abs=1e-12)
-                    spread |= bool(np.std(values) > 0)
+                    if np.std(values) > 0:
+                        spread.add(method)
         for method in SEED_FREE:  # one value, no spread: the same as any seed alone
             assert "std" not in block["methods"][method]
             assert block["methods"][method]["metrics"] == alone[1][method]
-    assert spread, "the seeds gave the same metrics: the test would not see a wrong std"
+    assert spread == {*GROUPED, "NegAlign"}, "a method the same for every seed: a wrong std would pass"
     negalign = results["ood"]["far"]["methods"]["NegAlign"]
     assert negalign["lambda_by_seed"] == {str(s): alone[s]["NegAlign"]["lambda"] for s in SEEDS}
     per_seed = results["group_seeds"]["per_seed"]
@@ -168,20 +170,15 @@ def test_every_output_shows_mean_and_std(seeded):
 
     stdout.cache_clear()  # the console reads COLUMNS when it is made
     try:
-        argv = [
-            "evaluate",
-            "--id",
-            str(seeded["files"][0]),
-            "--ood",
-            f"far={seeded['files'][1]}",
-            "--compare",
-        ]
-        shown = _ok(cli(*argv, *seeded["cache"], env={"COLUMNS": "80"})).stdout
+        shown = _ok(cli(*seeded["evaluate"], env={"COLUMNS": "80"})).stdout  # a cache hit
     finally:
         stdout.cache_clear()
     assert max(len(line) for line in shown.splitlines()) <= 80, shown
     lines = {line.split("│")[1].strip(): line for line in shown.splitlines() if line.count("│") > 2}
     assert neglabel in lines["NegLabel"] and plain in lines["MCM"] and "±" not in lines["MCM"], shown
+    chosen = results["mean"]["methods"]["NegAlign"]["lambda_by_seed"]
+    label = "NegAlign (λ per seed)" if len(set(chosen.values())) > 1 else f"NegAlign (λ={chosen['0']:g})"
+    assert label in lines, shown
     assert "ddof = 1" in shown
     # the reports
     _ok(cli("report", str(root / "e-seeds"), "--cams", "1", *seeded["cache"]))
