@@ -168,6 +168,10 @@ def method_table(results: dict, convention: str) -> list[dict[str, Any]]:
             for row, value in zip(rows, shown, strict=True):
                 if len(rows) > 1 and value == target:
                     row["best"].add(key)
+        for row, entry in zip(rows, block["methods"].values(), strict=True):  # mean±std over group seeds
+            std = (entry.get("std") or {}).get(convention)
+            if std is not None:
+                row["values"] = {key: f"{value}±{_fmt(std[key])}" for key, value in row["values"].items()}
         label = name
         if kind == "group":
             label = f"{name} (mean of {', '.join(block['sets'])})"
@@ -528,6 +532,7 @@ def _tex(text: Any) -> str:
         "~": r"\textasciitilde{}",
         "^": r"\textasciicircum{}",
         "λ": r"$\lambda$",
+        "±": r"$\pm$",
         "★": r"$\star$",
         "·": r"$\cdot$",
         "≥": r"$\geq$",
