@@ -3,7 +3,13 @@ API docs' snippets run, the API's errors name its arguments, the demo's "Next:" 
 
 from __future__ import annotations
 
+import shlex
+import subprocess
+import sys
+import sysconfig
 from pathlib import Path
+
+import pytest
 
 from tests.faults.helpers import cli
 from tests.helpers.images import make_image_folder
@@ -54,3 +60,62 @@ def test_progress_bars_name_the_image_set(tmp_path):
     assert scored.exit_code == 0, scored.output
     # the folder is called x: the name comes from the images the cam run read
     assert "scoring images: iNaturalist" in scored.stderr, scored.stderr
+
+
+# --- e. the demo's "Next:" lines work as printed ----------------------------------------------
+
+
+def _make_demo_command() -> list[str]:
+    """What `make demo` runs (real GNU make, dry run; STAMP= skips the set-up prerequisite)."""
+    done = subprocess.run(
+        ["make", "-n", "demo", "STAMP="], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    lines = [shlex.split(line) for line in done.stdout.splitlines() if "scripts/demo.sh" in line]
+    assert len(lines) == 1, done.stdout
+    return lines[0]
+
+
+def test_make_demo_names_the_venv_executable_that_pip_installs():
+    """`make demo` hands scripts/demo.sh `.venv/bin/negalign` (what its Next: lines print): the venv
+    layout puts the console script there, and this venv has it."""
+    command = _make_demo_command()
+    assert command[:2] == ["bash", "scripts/demo.sh"], command
+    negalign = Path(command[2])
+    assert not negalign.is_absolute() and negalign.parts[-2:] == ("bin", "negalign"), negalign
+    assert Path(sysconfig.get_path("scripts")) == Path(sys.prefix) / negalign.parts[-2]
+    assert (Path(sys.prefix) / "bin" / "negalign").is_file()
+
+
+def _next_lines(stdout: str) -> list[str]:
+    assert "\nNext:\n" in stdout, stdout[-2000:]
+    return stdout.split("\nNext:\n", 1)[1].splitlines()
+
+
+@pytest.mark.slow
+def test_the_demo_next_lines_run_as_printed(toy_demo):
+    """Every path the demo's Next: lines name exists, and every command line runs: `make demo` (a
+    real make dry run), the negalign ones in-process after checking the printed executable."""
+    out, done = toy_demo
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = _next_lines(done.stdout)
+    commands = [shlex.split(line.split("$", 1)[1].split("#", 1)[0]) for line in lines if "$ " in line]
+    assert len(commands) == 3, lines
+    paths = [
+        word.rstrip(";,") for line in lines if "$ " not in line for word in line.split() if str(out) in word
+    ]
+    assert len(paths) == 3, lines
+    for path in paths:
+        if "<set>" in path:
+            for name in ("id", "spurious", "spurious_object", "nonspurious"):
+                assert list(Path(path.replace("<set>", name)).glob("*.png")), path
+        else:
+            assert Path(path).exists(), path
+    negalign = str(Path(sys.executable).with_name("negalign"))  # what the fixture handed demo.sh
+    for argv in commands:
+        if argv[:2] == ["make", "demo"]:
+            assert _make_demo_command()[1] == "scripts/demo.sh"
+            continue
+        assert argv[0] == negalign and Path(argv[0]).is_file(), argv
+        result = cli(*argv[1:])
+        assert result.exit_code == 0, (argv, result.output[-2000:])

@@ -369,6 +369,9 @@ class TextEncoder:
     reporter: Reporter
 
     def words(self, words: Sequence[str]) -> torch.Tensor:
+        return self._encode(words, "classes")
+
+    def _encode(self, words: Sequence[str], label: str) -> torch.Tensor:
         import torch
 
         vectors = text_embeddings(
@@ -378,7 +381,7 @@ class TextEncoder:
             self.workspace,
             batch_size=self.batch_size,
             reporter=self.reporter,
-            label="classes",
+            label=label,
         ).vectors
         return torch.from_numpy(vectors)
 
@@ -394,7 +397,7 @@ class TextEncoder:
         """Features of "p and n" texts: ``compute_scores`` keeps them in a table addressed by
         (class, negative) index and asks, once per chunk of images, only for pairs not seen before."""
         self.reporter.debug(f"multi-matching: {len(texts)} 'p and n' texts not seen before")
-        return self.words(texts)
+        return self._encode(texts, "'p and n' texts")
 
 
 def score_inputs(
