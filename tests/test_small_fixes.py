@@ -3,6 +3,7 @@ API docs' snippets run, the API's errors name its arguments, the demo's "Next:" 
 
 from __future__ import annotations
 
+import re
 import shlex
 import subprocess
 import sys
@@ -60,6 +61,88 @@ def test_progress_bars_name_the_image_set(tmp_path):
     assert scored.exit_code == 0, scored.output
     # the folder is called x: the name comes from the images the cam run read
     assert "scoring images: iNaturalist" in scored.stderr, scored.stderr
+
+
+# --- b. the README's demo paragraph is the demo's -------------------------------------------
+
+CARD = ROOT / "negalign_cli" / "assets" / "models" / "negalign-toy.md"
+
+
+def _readme_demo_paragraph() -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = text.index("What the demo does and what to expect:")
+    return " ".join(text[start : text.index("\n## ", start)].split())
+
+
+def _readme_neglabel(paragraph: str) -> dict[str, float]:
+    """The NegLabel AUROC the paragraph quotes per set (and ``mean``), in %."""
+    found = dict((name, float(value)) for value, name in re.findall(r"(\d+\.\d+)% on `(\w+)`", paragraph))
+    found["mean"] = float(re.search(r"(\d+\.\d+)% on average", paragraph).group(1))
+    return found
+
+
+def _card_auroc(method: str) -> dict[str, float]:
+    """A row of the model card's OOD table: the full `negalign demo`'s AUROC per set, in %."""
+    lines = CARD.read_text(encoding="utf-8").splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("| method | spurious"))
+    names = [c.strip() for c in lines[header].strip("|").split("|")][1:]
+    row = next(line for line in lines[header:] if line.startswith(f"| {method} |"))
+    cells = [float(c.strip(" *")) for c in row.strip().strip("|").split("|")[1:]]
+    return dict(zip(names, cells, strict=True))
+
+
+def test_the_readme_demo_paragraph_matches_the_demo_settings():
+    """Image counts and set names against the demo's own constants and `negalign demo`'s defaults."""
+    import inspect
+
+    from negalign_cli.cli.toy_cmd import demo
+    from negalign_cli.toy.demo import OOD_SETS
+    from negalign_cli.toy.generate import ToySpec
+
+    defaults = inspect.signature(demo).parameters
+    n_id, n_ood = defaults["n_id"].default, defaults["n_ood"].default
+    assert (n_id, n_ood) == (ToySpec().n_id, ToySpec().n_ood)
+    paragraph = _readme_demo_paragraph()
+    # the ID test set is the id split (n_id) and id_minority (n_ood): demo.ID_SET reads id_test.csv
+    assert int(re.search(r"\((\d+) ID images", paragraph).group(1)) == n_id + n_ood
+    assert int(re.search(r"(\d+) on \"their\" backgrounds", paragraph).group(1)) == n_id
+    assert f"{ToySpec().correlation:.0%} of the time" in paragraph
+    assert int(re.search(r"(\d+) on the other class's backgrounds", paragraph).group(1)) == n_ood
+    count, size = map(int, re.search(r"(\d+) OOD sets of (\d+) images", paragraph).groups())
+    assert (count, size) == (len(OOD_SETS), n_ood)
+    quoted = re.findall(r"`(\w+)`, (?:background-only|other shapes)", paragraph)
+    assert quoted == [name.removeprefix("ood_") for name in OOD_SETS]
+
+
+def test_the_readme_demo_figures_are_the_recorded_demo_output():
+    """The README quotes the model card's table of the full demo (which the ci test below re-measures)."""
+    card = _card_auroc("NegLabel")
+    quoted = _readme_neglabel(_readme_demo_paragraph())
+    assert set(quoted) == {*card, "mean"}
+    for name, value in card.items():
+        assert quoted[name] == value, name
+    assert quoted["mean"] == pytest.approx(sum(card.values()) / len(card), abs=0.005)
+
+
+@pytest.mark.ci
+def test_the_full_demo_prints_what_the_readme_and_the_model_card_say(tmp_path):
+    """The long real run: `negalign demo` at its defaults; the README's and the model card's
+    figures are what it measures (to the printed two decimals), and its best λ is 0 on every set."""
+    import json
+
+    result = cli("demo", "--out", str(tmp_path / "demo"))
+    assert result.exit_code == 0, result.output[-3000:]
+    results = json.loads((tmp_path / "demo" / "results" / "results.json").read_text())
+    assert results["id"]["n"] == int(re.search(r"\((\d+) ID images", _readme_demo_paragraph()).group(1))
+    measured = {
+        name: 100 * block["methods"]["NegLabel"]["metrics"]["neglabel"]["auroc"]
+        for name, block in results["ood"].items()
+    }
+    quoted = _readme_neglabel(_readme_demo_paragraph())
+    for name, value in measured.items():
+        assert round(value, 2) == quoted[name] == _card_auroc("NegLabel")[name], name
+    assert round(sum(measured.values()) / len(measured), 2) == quoted["mean"]
+    assert all(float(block["best_lambda"]) == 0 for block in results["ood"].values())
 
 
 # --- e. the demo's "Next:" lines work as printed ----------------------------------------------
