@@ -202,3 +202,73 @@ def test_the_demo_next_lines_run_as_printed(toy_demo):
         assert argv[0] == negalign and Path(argv[0]).is_file(), argv
         result = cli(*argv[1:])
         assert result.exit_code == 0, (argv, result.output[-2000:])
+
+
+# --- d. the Python API's errors name its own arguments ----------------------------------------
+
+
+def test_api_message_spells_the_api_arguments():
+    from negalign_cli.api import api_message
+
+    assert api_message("CUDA is not available here: use --device cpu") == (
+        "CUDA is not available here: use device='cpu'"
+    )
+    assert api_message("--groups 100 and --neg-topk K; lower --groups") == (
+        "groups=100 and neg_topk=K; lower groups="
+    )
+    assert api_message("--role-aware keeps 0 negatives") == "use_role_aware_negatives=True keeps 0 negatives"
+    assert api_message("--pretrained /w/x.pt is a folder") == "pretrained='/w/x.pt' is a folder"
+    # a command to run stays as the CLI spells it, and so do options the API does not take
+    assert api_message("run `negalign score --groups 2` with --shards-dir") == (
+        "run `negalign score --groups 2` with --shards-dir"
+    )
+
+
+API_BASE = {
+    "train_dataset": ["star", "heart"],
+    "arch": "negalign-tiny-test",
+    "neg_nouns": ["sky", "cup", "lamp", "sand"],
+    "groups": 1,
+    "device": "cpu",
+}
+
+
+@pytest.mark.parametrize(
+    "arguments,expected",
+    [
+        ({"precision": "fp16"}, "precision='fp16' needs a CUDA device"),
+        ({"cam_method": "nope"}, "unknown cam_method='nope'"),
+        ({"bg_pool": "nope"}, "unknown bg_pool='nope'"),
+        ({"cam_fg_percentile": 150}, "cam_fg_percentile= must be in [0, 100]"),
+        ({"cam_dilate_px": -1}, "cam_dilate_px= must be ≥ 0"),
+        ({"invalid_cam": "nope"}, "unknown invalid_cam='nope'"),
+        ({"tau": -1}, "tau= must be ≥ 0"),
+        ({"groups": 100}, "cannot fill groups=100"),
+        ({"negatives_split": "/nonexistent-split"}, "negatives_split= takes"),
+    ],
+    ids=lambda value: next(iter(value)) if isinstance(value, dict) else "",
+)
+def test_api_errors_name_the_api_argument(tmp_path, arguments, expected):
+    """The checks the API shares with the CLI, through the API: the message names the argument."""
+    from negalign_cli import CLIPNegAlign
+    from negalign_cli.errors import NegalignError
+
+    with pytest.raises(NegalignError) as caught:
+        CLIPNegAlign(**{**API_BASE, **arguments}, cache_dir=tmp_path / "c").close()
+    message = str(caught.value)
+    assert expected in message and "--" + next(iter(arguments)).split("_")[-1] not in message, message
+
+
+def test_api_device_error_names_device_and_the_cli_keeps_its_option(tmp_path):
+    import torch
+
+    from negalign_cli import CLIPNegAlign
+    from negalign_cli.errors import NegalignError
+    from tests.faults.helpers import one_line_error
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(NegalignError, match=r"use device='cpu'$"):
+        CLIPNegAlign(**{**API_BASE, "device": "cuda"}, cache_dir=tmp_path / "c")
+    # the same check from the command line names the option
+    one_line_error(cli("embed", "texts", "--classes", "cifar10", "--device", "cuda"), "use --device cpu")
