@@ -3,6 +3,9 @@ API docs' snippets run, the API's errors name its arguments, the demo's "Next:" 
 
 from __future__ import annotations
 
+import ast
+import contextlib
+import io
 import re
 import shlex
 import subprocess
@@ -202,6 +205,95 @@ def test_the_demo_next_lines_run_as_printed(toy_demo):
         assert argv[0] == negalign and Path(argv[0]).is_file(), argv
         result = cli(*argv[1:])
         assert result.exit_code == 0, (argv, result.output[-2000:])
+
+
+# --- c. the Python snippets of docs/api.md and the README run ------------------------------
+
+
+def _python_blocks(text: str) -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
+
+
+def _readme_python_sections() -> str:
+    """The README's sections "## Python" and "## Python API: ..." (up to the next section)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    sections = re.split(r"^(?=## )", text, flags=re.M)
+    return "".join(s for s in sections if s.startswith("## Python"))
+
+
+SNIPPETS = {
+    "docs/api.md": [_python_blocks((ROOT / "docs" / "api.md").read_text(encoding="utf-8"))],
+    "README.md": [[block] for block in _python_blocks(_readme_python_sections())],
+}
+
+
+@pytest.fixture(scope="module")
+def snippet_world(tmp_path_factory):
+    """A tiny toy folder (the toy generator's own layout: the names docs/api.md uses)."""
+    from negalign_cli.toy.generate import ToySpec, generate_toy
+
+    toy = tmp_path_factory.mktemp("snippets") / "toy"
+    generate_toy(toy, ToySpec(n_id=8, n_ood=8))
+    return toy
+
+
+def _names(toy: Path, tmp_path: Path) -> dict:
+    """What the test puts in place of the names the snippets set at their top (docs/api.md)."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "neg_labels_noun.txt").write_text((toy / "vocab.txt").read_text())  # saved labels: no mining
+    return {
+        "ARCH": "negalign-tiny-test",
+        "CLASSES": toy / "classes.txt",
+        "NEGATIVES": toy / "vocab.txt",
+        "ID_IMAGES": sorted((toy / "id" / "images").rglob("*.png")),
+        "IMAGES": sorted((toy / "ood_spurious" / "images").rglob("*.png")),
+        "RUNS": runs,
+        "OPTIONS": {"groups": 1, "tau": 0.0},  # the tiny model's random r-scores: every word has a role
+        "CACHE": tmp_path / "cache",
+    }
+
+
+def _run_snippet(code: str, namespace: dict, provided: set[str], name: str) -> str:
+    """Run ``code`` in ``namespace`` with the top-level assignments of the provided names left out;
+    returns what it printed."""
+    tree = ast.parse(code)
+    tree.body = [
+        node
+        for node in tree.body
+        if not (
+            isinstance(node, ast.Assign)
+            and len(node.targets) == 1
+            and isinstance(node.targets[0], ast.Name)
+            and node.targets[0].id in provided
+        )
+    ]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(tree, name, "exec"), namespace)  # noqa: S102 - the documentation's own code
+    return printed.getvalue()
+
+
+@pytest.mark.parametrize(
+    "source,blocks",
+    [(source, blocks) for source, groups in SNIPPETS.items() for blocks in groups],
+    ids=[f"{source}-{i}" for source, groups in SNIPPETS.items() for i in range(len(groups))],
+)
+def test_the_documented_python_snippets_run(snippet_world, tmp_path, monkeypatch, source, blocks):
+    """Every ```python block of docs/api.md (one session, in order) and of the README's Python
+    sections runs in-process on the tiny test model and a tiny toy folder, and prints what each
+    ``print(...)  # ...`` line says it prints."""
+    assert blocks, source
+    monkeypatch.chdir(tmp_path)  # a relative path a snippet writes to lands here
+    namespace = _names(snippet_world, tmp_path)
+    provided = set(namespace)
+    # a reader copies the session as printed: its first block sets every provided name it uses
+    used = {n for n in provided if re.search(rf"\b{n}\b", "".join(blocks))}
+    assert used and used <= {n for n in provided if re.search(rf"^{n} = ", blocks[0], flags=re.M)}, used
+    for index, code in enumerate(blocks):
+        printed = _run_snippet(code, namespace, provided, f"{source}[{index}]")
+        for expected in re.findall(r"^\s*print\(.*\)\s+#\s*(.+)$", code, flags=re.M):
+            assert expected.strip() in printed, (source, index, expected, printed)
 
 
 # --- d. the Python API's errors name its own arguments ----------------------------------------
