@@ -325,21 +325,20 @@ API_BASE = {
 }
 
 
-@pytest.mark.parametrize(
-    "arguments,expected",
-    [
-        ({"precision": "fp16"}, "precision='fp16' needs a CUDA device"),
-        ({"cam_method": "nope"}, "unknown cam_method='nope'"),
-        ({"bg_pool": "nope"}, "unknown bg_pool='nope'"),
-        ({"cam_fg_percentile": 150}, "cam_fg_percentile= must be in [0, 100]"),
-        ({"cam_dilate_px": -1}, "cam_dilate_px= must be ≥ 0"),
-        ({"invalid_cam": "nope"}, "unknown invalid_cam='nope'"),
-        ({"tau": -1}, "tau= must be ≥ 0"),
-        ({"groups": 100}, "cannot fill groups=100"),
-        ({"negatives_split": "/nonexistent-split"}, "negatives_split= takes"),
-    ],
-    ids=lambda value: next(iter(value)) if isinstance(value, dict) else "",
-)
+API_ERRORS = [
+    ({"precision": "fp16"}, "precision='fp16' needs a CUDA device"),
+    ({"cam_method": "nope"}, "unknown cam_method='nope'"),
+    ({"bg_pool": "nope"}, "unknown bg_pool='nope'"),
+    ({"cam_fg_percentile": 150}, "cam_fg_percentile= must be in [0, 100]"),
+    ({"cam_dilate_px": -1}, "cam_dilate_px= must be ≥ 0"),
+    ({"invalid_cam": "nope"}, "unknown invalid_cam='nope'"),
+    ({"tau": -1}, "tau= must be ≥ 0"),
+    ({"groups": 100}, "cannot fill groups=100"),
+    ({"negatives_split": "/nonexistent-split"}, "negatives_split= takes"),
+]
+
+
+@pytest.mark.parametrize("arguments,expected", API_ERRORS, ids=[next(iter(a)) for a, _ in API_ERRORS])
 def test_api_errors_name_the_api_argument(tmp_path, arguments, expected):
     """The checks the API shares with the CLI, through the API: the message names the argument."""
     from negalign_cli import CLIPNegAlign
