@@ -151,10 +151,10 @@ def test_the_full_demo_prints_what_the_readme_and_the_model_card_say(tmp_path):
 # --- e. the demo's "Next:" lines work as printed ----------------------------------------------
 
 
-def _make_demo_command() -> list[str]:
-    """What `make demo` runs (real GNU make, dry run; STAMP= skips the set-up prerequisite)."""
+def _make_demo_command(*variables: str) -> list[str]:
+    """What `make demo [VAR=value...]` runs (real GNU make, dry run; STAMP= skips the set-up)."""
     done = subprocess.run(
-        ["make", "-n", "demo", "STAMP="], cwd=ROOT, capture_output=True, text=True, timeout=60
+        ["make", "-n", "demo", *variables, "STAMP="], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr
     lines = [shlex.split(line) for line in done.stdout.splitlines() if "scripts/demo.sh" in line]
@@ -199,8 +199,8 @@ def test_the_demo_next_lines_run_as_printed(toy_demo):
             assert Path(path).exists(), path
     negalign = str(Path(sys.executable).with_name("negalign"))  # what the fixture handed demo.sh
     for argv in commands:
-        if argv[:2] == ["make", "demo"]:
-            assert _make_demo_command()[1] == "scripts/demo.sh"
+        if argv[:2] == ["make", "demo"]:  # the same demo again: same script, same folder
+            assert _make_demo_command(*argv[2:])[1:4:2] == ["scripts/demo.sh", str(out)], argv
             continue
         assert argv[0] == negalign and Path(argv[0]).is_file(), argv
         result = cli(*argv[1:])
