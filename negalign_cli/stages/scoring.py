@@ -35,6 +35,7 @@ from negalign_cli.defaults import (
     ROLE_OBJECT,
 )
 from negalign_cli.errors import NegalignError
+from negalign_cli.inputs.listing import set_name
 from negalign_cli.inputs.words import WordList, load_templates
 from negalign_cli.reporting import NullReporter, Reporter
 from negalign_cli.stages import files
@@ -68,6 +69,12 @@ class ImageSet:
     cam_classes: str | None = None  # where its classes came from, when recorded
     # the files' sha256 as verified against their manifests: the stage key reads no file again
     verified: dict[str, str] | None = None
+    source: str | None = None  # the --images the folder was made from, when its manifest records it
+
+    @property
+    def name(self) -> str:
+        """The set's short name (progress bars): its images' source, else the folder's name."""
+        return set_name(self.source) if self.source else self.folder.name
 
     @property
     def has_cam(self) -> bool:
@@ -143,6 +150,7 @@ def open_image_set(
         cam_manifest.get("inputs", {}) if cam_manifest is not None else None,
         (cam_manifest.get("sources") or {}).get("classes") if cam_manifest is not None else None,
         verified,
+        manifest.get("images_source"),
     )
 
 
@@ -320,8 +328,8 @@ def score_images(
             background = cam = None
         texts = TextEncoder(model, workspace, batch_size, reporter)
         inputs_ = score_inputs(embeddings, background, cam, classes, negatives, config, texts)
-        label = f"scoring {len(embeddings)} distinct images" + (
-            f" ({len(table)} paths)" if len(table) != len(embeddings) else ""
+        label = f"scoring images: {image_set.name} ({len(embeddings)} distinct" + (
+            f", {len(table)} paths)" if len(table) != len(embeddings) else ")"
         )
         with reporter.progress(label, len(embeddings)) as advance:
             columns = compute_scores(
@@ -468,6 +476,9 @@ class TextEncoder:
     reporter: Reporter
 
     def words(self, words: Sequence[str]) -> torch.Tensor:
+        return self._encode(words, "classes")
+
+    def _encode(self, words: Sequence[str], label: str) -> torch.Tensor:
         import torch
 
         vectors = text_embeddings(
@@ -477,6 +488,7 @@ class TextEncoder:
             self.workspace,
             batch_size=self.batch_size,
             reporter=self.reporter,
+            label=label,
         ).vectors
         return torch.from_numpy(vectors)
 
@@ -492,7 +504,7 @@ class TextEncoder:
         """Features of "p and n" texts: ``compute_scores`` keeps them in a table addressed by
         (class, negative) index and asks, once per chunk of images, only for pairs not seen before."""
         self.reporter.debug(f"multi-matching: {len(texts)} 'p and n' texts not seen before")
-        return self.words(texts)
+        return self._encode(texts, "'p and n' texts")
 
 
 def score_inputs(
