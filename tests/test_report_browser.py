@@ -352,6 +352,6 @@ def screenshot(page: Path, target: Path, width: int, height: int) -> None:
         window=(max(width, 520), height),
     )
     with Image.open(shot) as full:
-        full.convert("RGB").crop((0, 0, width, height)).quantize(64).save(target, optimize=True)
+        full.convert("RGB").crop((0, 0, width, height)).quantize(256).save(target, optimize=True)
     shot.unlink()
     shutil.rmtree(target.parent / f".frame-{width}")
