@@ -215,7 +215,7 @@ def display_scale(values: list[np.ndarray]) -> tuple[list[np.ndarray], str]:
         tiny = np.finfo(np.float64).tiny  # a score of exactly 0 stays below every positive one
         odds = [np.log(np.clip(v, tiny, None)) - np.log(np.clip(1 - v, below_one, None)) for v in values]
         if not _crushed(np.concatenate(odds)):
-            return odds, "log-odds ln(s/(1−s)) of the score"
+            return odds, "log-odds ln(s/(1−s))"
     ranks = pd.Series(both).rank(method="average", pct=True).to_numpy() * 100
     edges = np.cumsum([0, *(len(v) for v in values)])
     return [ranks[a:b] for a, b in zip(edges[:-1], edges[1:], strict=True)], "percentile rank of the score"
