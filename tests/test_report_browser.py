@@ -339,10 +339,21 @@ def test_demo_report_at_1280_px_in_chromium(toy_demo, tmp_path):
     measured = measure(demo / "report" / "report.html", tmp_path, 1280)
     check_layout(measured, 1280)
     assert not any(i["scrolls"] for i in measured["images"]), measured["images"]
+    # the screenshots README.md shows (docs/images/report-*.png) are taken this way
+    from PIL import Image
+
+    for width in (1280, 390):
+        screenshot(demo / "report" / "report.html", tmp_path / f"report-{width}.png", width, 1400)
+        pixels = np.asarray(Image.open(tmp_path / f"report-{width}.png").convert("L"), dtype=np.float32)
+        assert pixels.shape == (1400, width)
+        assert (pixels < 100).mean() > 0.005 and pixels.std() > 10  # text and tables drawn
 
 
 def screenshot(page: Path, target: Path, width: int, height: int) -> None:
-    """A PNG of the top ``height`` px of ``page`` laid out ``width`` px wide (a palette PNG: small)."""
+    """A PNG of the top ``height`` px of ``page`` laid out ``width`` px wide (a palette PNG: small).
+    README.md's docs/images/report-1280.png and report-390.png: ``screenshot(page, target, 1280,
+    2200)`` and ``screenshot(page, target, 390, 2200)`` of a `negalign demo --n-id 80 --n-ood 40`
+    report."""
     from PIL import Image
 
     shot = target.with_suffix(".full.png")

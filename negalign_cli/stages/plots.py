@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -147,7 +148,7 @@ def plot_roc(path: Path, curves: dict[str, dict[str, tuple[np.ndarray, np.ndarra
 
     plt = _pyplot()
     rows, columns = _grid(len(curves))
-    styles = ("-", "--", "-.", ":")
+    styles: tuple[Literal["-", "--", "-.", ":"], ...] = ("-", "--", "-.", ":")
     labels: dict[int, list[str]] = {}  # line index -> its label in each panel (NegAlign's λ may differ)
     methods_drawn = max((len(m) for m in curves.values()), default=1)
     legend_in = 0.25 * -(-methods_drawn // 4) + 0.15
