@@ -385,7 +385,7 @@ class _SeedReporter:
     def warn(self, message: str) -> None:
         self.inner.warn(f"group seed {self.seed}: {message}")
 
-    def progress(self, description: str, total: int | None):  # type: ignore[no-untyped-def]
+    def progress(self, description: str, total: int | None):
         return self.inner.progress(description, total)
 
 
@@ -409,7 +409,7 @@ def summarise_seeds(per_seed: list[dict], seeds: Sequence[int], seeded: set[str]
 
     results = copy.deepcopy(per_seed[0])
     convention = results["metrics_convention"]
-    paths = [("ood", name) for name in results["ood"]] + [
+    paths: list[tuple[str, ...]] = [("ood", name) for name in results["ood"]] + [
         ("groups", name) for name in results.get("groups", {})
     ]
     paths.append(("mean",))

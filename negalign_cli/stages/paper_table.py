@@ -172,10 +172,11 @@ def csv_rows(table: PaperTable) -> list[dict[str, Any]]:
         record: dict[str, Any] = {"method": row.method, "source": row.source}
         for column in table.columns:
             cell = row.cells.get(column)
-            for name, value, std in (
-                ("AUROC", cell and cell.auroc, cell and cell.auroc_std),
-                ("FPR@95", cell and cell.fpr95, cell and cell.fpr95_std),
-            ):
+            pairs: tuple[tuple[str, float | None, float | None], ...] = (
+                ("AUROC", cell.auroc if cell else None, cell.auroc_std if cell else None),
+                ("FPR@95", cell.fpr95 if cell else None, cell.fpr95_std if cell else None),
+            )
+            for name, value, std in pairs:
                 record[f"{column} {name}"] = round(value, 4) if value is not None else None
                 if table.seeds:
                     record[f"{column} {name} std"] = round(std, 4) if std is not None else None
