@@ -549,6 +549,25 @@ def run_bench(model: LoadedModel, config: BenchConfig, reporter: Reporter | None
                 )
             )
             advance(1)
+            tower = model.tower
+            if tower.requested:  # --compile on, or auto on CUDA: the same flows compiled, beside eager
+
+                def embed_compiled() -> None:
+                    for batch in batches:
+                        tower.encode(batch, reporter)
+
+                def embed_cam_compiled() -> None:
+                    for batch in batches:
+                        tower.cam(batch, class_features, config.cam, reporter)
+
+                for name, run in (
+                    ("embed", embed_compiled),
+                    ("embed + CAM + background", embed_cam_compiled),
+                ):
+                    measured = measure(f"{name}, compiled", run, n_model, device, repeats, "torch.compile")
+                    if not tower.compiled:  # the compile failed: what ran is eager
+                        measured.note = f"compile failed, eager: {tower.failure}"
+                    results.append(measured)
 
         if "score" in config.flows:
             weights = torch.cat([inputs.classes, inputs.negatives])
