@@ -707,6 +707,12 @@ def run_bench(model: LoadedModel, config: BenchConfig, reporter: Reporter | None
             "score from cache (all columns)",
         ),
         "full pipeline / per-image flow": ("full NegAlign pipeline", "per-image reference flow"),
+        "embed compiled / eager": ("embed, compiled", "embed"),
+        "CAM compiled / eager": ("embed + CAM + background, compiled", "embed + CAM + background"),
+        "CAM compiled / forward ceiling": (
+            "embed + CAM + background, compiled",
+            "image tower forward (ceiling)",
+        ),
         "JPEG path / bare PIL loop": (DECODE_PATH, BARE_PIL),
         "JPEG path, in process / bare PIL loop": (DECODE_PATH_0, BARE_PIL),
     }
