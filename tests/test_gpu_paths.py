@@ -404,3 +404,23 @@ def test_compiled_tower_matches_eager_on_the_cpu(setup, monkeypatch, tmp_path):
         near = (expected.cams.flatten(1).double() - threshold).abs() <= 1e-4 * threshold.abs()
         assert not (differ.flatten(1) & ~near).any()
     assert any((tmp_path / "compiled").rglob("*")), "nothing was written to the compile cache"
+
+
+def test_bench_times_the_compiled_flows_beside_eager(tiny_model, monkeypatch):
+    """`bench --compile on`: the embed and CAM flows again, compiled, with the ratios; a compile
+    that fails says so in the row's note (what ran was eager) and warns once. (`auto` on the CPU
+    adds no rows: test_compile_modes.)"""
+    import dataclasses
+
+    from negalign_cli.stages.bench import BenchConfig, run_bench
+
+    model = dataclasses.replace(tiny_model, compile="on")  # its own ImageTower, the same weights
+    config = BenchConfig(batch_size=2, batches=1, repeats=1, classes=20, negatives=300, score_images=1)
+    reporter = RecordingReporter()
+    with broken_compiler(monkeypatch):
+        record = run_bench(model, dataclasses.replace(config, flows=("model",)), reporter)
+    assert [kind for kind, m in reporter.messages if "torch.compile" in m] == ["warn"]
+    rows = {r["flow"]: r for r in record["results"]}
+    for flow in ("embed", "embed + CAM + background"):
+        assert flow in rows and rows[f"{flow}, compiled"]["note"].startswith("compile failed, eager: ")
+    assert {"embed compiled / eager", "CAM compiled / eager"} <= set(record["ratios"])
