@@ -91,6 +91,30 @@ def test_two_passes_equal_the_hooked_forward_bit_for_bit(setup):
         assert got.cams.abs().sum() > 0 and got.foreground.any()
 
 
+def test_two_passes_with_open_clips_custom_blocks(setup):
+    """Towers built from ``CustomResidualAttentionBlock`` (qk-norm, scaled attention) take the
+    same two passes, bit for bit."""
+    import open_clip
+
+    _, images, classes = setup
+    torch.manual_seed(0)
+    vision_cfg = {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8}
+    custom = open_clip.model.CLIP(
+        64,
+        {**vision_cfg, "qk_norm": True, "scale_attn": True},
+        {"context_length": 8, "vocab_size": 50, "width": 32, "heads": 2, "layers": 1},
+    ).eval()
+    custom.requires_grad_(False)
+    assert type(custom.visual.transformer.resblocks[0]).__name__ == "CustomResidualAttentionBlock"
+    for block in (-1, 0):
+        config = CamConfig(block=block, bg_pool="tokens")
+        got = cam_batch(custom, images, classes, config)
+        expected = hooked_cam_batch(custom, images, classes, config)
+        for name in ("embeddings", "cams", "foreground", "background"):
+            assert torch.equal(getattr(got, name), getattr(expected, name)), (block, name)
+        assert got.cams.abs().sum() > 0
+
+
 def test_blocks_before_the_cam_block_run_without_autograd(setup):
     """Autograd is off in every block before the CAM block and on from its attention on (before
     the two passes, the whole forward ran with autograd on)."""
