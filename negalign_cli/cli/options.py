@@ -143,12 +143,13 @@ def load(
     rt: Runtime,
     report: RichReporter,
     detail: str = "",
-    compile: CompileMode | str = CompileMode.auto,
+    compile: CompileMode | str = CompileMode.off,
 ):
     """The command's model (``modelref.LazyModel``): its identity from the cache's fingerprint
     table, the network built only when a stage computes something (a miss), or now when the table
     does not know it yet. Says which model, and warns loudly when its weights are random.
-    ``compile`` is ``--compile`` (the image tower's torch.compile)."""
+    ``compile`` is ``--compile`` (the image tower's torch.compile) of the commands that take it;
+    the others run the tower eagerly (the toy demo's few images would wait for a compile)."""
     from negalign_cli.modelref import plan_model
 
     started = time.perf_counter()
