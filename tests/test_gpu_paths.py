@@ -115,6 +115,13 @@ def test_two_passes_with_open_clips_custom_blocks(setup):
         assert got.cams.abs().sum() > 0
 
 
+def test_a_block_out_of_range_is_refused_not_wrapped(setup):
+    model, images, classes = setup
+    for block in (2, -3):  # the tiny model has blocks 0, 1 (-2, -1)
+        with pytest.raises(NegalignError, match=f"--block {block} is out of range for a tower of 2 blocks"):
+            cam_batch(model, images, classes, CamConfig(block=block))
+
+
 def test_blocks_before_the_cam_block_run_without_autograd(setup):
     """Autograd is off in every block before the CAM block and on from its attention on (before
     the two passes, the whole forward ran with autograd on)."""

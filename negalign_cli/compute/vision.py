@@ -421,6 +421,7 @@ def cam_batch(
     """Embeddings, CAMs, foreground masks and background embeddings for one batch: the blocks
     before the CAM block without autograd, the rest with it (:class:`TowerPasses`)."""
     tower = vision_tower(model)
+    config.validate(len(tower.blocks))  # an out-of-range block is an error, never wrapped around
     block = config.block % len(tower.blocks)
     class_features = class_features.to(images.device, torch.float32)
     with torch.no_grad():
