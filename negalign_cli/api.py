@@ -38,8 +38,14 @@ from negalign_cli.compute.evaluation import ALIGN, STAR, final_score, nonfinite_
 from negalign_cli.compute.evaluation import fit_calibration as fit_statistics
 from negalign_cli.compute.score_columns import SCORE_COLUMNS
 from negalign_cli.compute.scores import ScoreConfig, compute_scores
-from negalign_cli.compute.vision import CamConfig, cam_batch, encode_images
-from negalign_cli.defaults import DEFAULT_INVALID_CAM, DEFAULT_PRETRAINED, DEFAULT_TAU
+from negalign_cli.compute.vision import CamConfig
+from negalign_cli.defaults import (
+    COMPILE_MODES,
+    DEFAULT_COMPILE,
+    DEFAULT_INVALID_CAM,
+    DEFAULT_PRETRAINED,
+    DEFAULT_TAU,
+)
 from negalign_cli.errors import NegalignError
 from negalign_cli.hashing import sha256_lines
 from negalign_cli.inputs.datasets import PIXEL_ARRAYS, TooLarge, load_rgb, to_rgb
@@ -231,6 +237,7 @@ class CLIPNegAlign:
         batch_size: int = 128,
         cache_dir: str | Path | None = None,
         reporter: Reporter | None = None,
+        compile: str = DEFAULT_COMPILE,
     ) -> None:
         self.reporter = reporter or NullReporter()
         self.use_neglabel_star = use_neglabel_star
@@ -271,8 +278,16 @@ class CLIPNegAlign:
         cache_root = resolve_cache_dir(cache_dir)
         # built when something is computed (texts or images the caches lack), else known from the
         # cache's fingerprint table (modelref)
+        if str(compile).strip().lower() not in COMPILE_MODES:
+            raise NegalignError(f"unknown compile={compile!r}: use {', '.join(COMPILE_MODES)}")
         self.model: LazyModel = plan_model(
-            name, weights, cache_root, str(torch_device), precision, self.reporter
+            name,
+            weights,
+            cache_root,
+            str(torch_device),
+            precision,
+            self.reporter,
+            compile=str(compile).strip().lower(),
         )
         if self.model.random_weights:
             self.reporter.warn(f"{self.model.name} has random weights: its scores mean nothing")
@@ -515,7 +530,7 @@ class CLIPNegAlign:
             for start in range(0, batch.shape[0], self.batch_size):
                 chunk = self.model.to_input(batch[start : start + self.batch_size])
                 if self.use_p_align:
-                    out = cam_batch(self.model.model, chunk, self.class_features, self.cam_config)
+                    out = self.model.tower.cam(chunk, self.class_features, self.cam_config, self.reporter)
                     embeddings.append(out.embeddings.cpu())
                     background.append(out.background.cpu())
                     meta.append(
@@ -532,7 +547,7 @@ class CLIPNegAlign:
                         cams.append(out.cams.cpu().numpy())
                         masks.append(out.foreground.cpu().numpy())
                 else:
-                    x = encode_images(self.model.model, chunk).cpu()
+                    x = self.model.tower.encode(chunk, self.reporter).cpu()
                     embeddings.append(x)
                     meta.append(
                         torch.stack(

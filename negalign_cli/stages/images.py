@@ -377,10 +377,10 @@ def embed_images(
     namespace = image_namespace(workspace, model, decoder)
 
     def compute(folder):
-        from negalign_cli.compute.vision import encode_images
+        tower = model.tower  # compiled or eager, as --compile says (models.ImageTower)
 
         def process(batch, batch_digests):
-            ready = to_host(encode_images(model.model, batch))
+            ready = to_host(tower.encode(batch, reporter))
             return lambda: namespace.put_many(batch_digests, ready()[0])
 
         filled = _fill(
@@ -524,7 +524,7 @@ def cam_images(
     def compute(folder):
         import torch
 
-        from negalign_cli.compute.vision import cam_batch, pack_cam_rows, unpack_cam_rows
+        from negalign_cli.compute.vision import pack_cam_rows, unpack_cam_rows
 
         class_features = torch.from_numpy(
             text_embeddings(
@@ -537,8 +537,10 @@ def cam_images(
             ).vectors
         )
 
+        tower = model.tower  # compiled or eager, as --compile says (models.ImageTower)
+
         def process(batch, batch_digests):
-            out = cam_batch(model.model, batch, class_features, config)
+            out = tower.cam(batch, class_features, config, reporter)
             ready = to_host(out.embeddings)
 
             def finish():
