@@ -103,10 +103,11 @@ knob = $(if $(PIPELINE_GOALS),$(if $(DRY_RUN),$(if $(call knob_differs,$(1),$(2)
 # alone (the check runs again at the next make: a sha256 of one small file). Under `make -n`
 # nothing is written: FILE is marked out of date when the step is planned (its KNOB changed, or its
 # MANIFEST is missing or older than KNOB), so the plan shows what may follow; otherwise its recipe
-# is empty under -n and run (`+`), and make, finding FILE unchanged, plans nothing after it.
+# is empty under -n and run (`+`), and make, finding FILE unchanged, plans nothing after it. `make -t`
+# touches FILE like any target.
 dry_remade = $(or $(filter $(3),$(CHANGED_KNOBS)),$(shell test $(2) -nt $(3) || echo yes))
 content = $(if $(PIPELINE_GOALS),$(if $(DRY_RUN),$(if $(call dry_remade,$(1),$(2),$(3)),$(eval .PHONY: $(1)))))
-content_recipe = +@$(if $(DRY_RUN),,mkdir -p $(dir $(1)) && sha256sum < $(2) > $(1).new && \
+content_recipe = $(if $(DRY_RUN),+@,@mkdir -p $(dir $(1)) && sha256sum < $(2) > $(1).new && \
     if cmp -s $(1).new $(1); then rm -f $(1).new; else mv -f $(1).new $(1); fi)
 
 need = $(if $($(1)),,$(error make $(2) needs $(1)=$(3)))
