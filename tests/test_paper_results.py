@@ -234,13 +234,16 @@ def test_published_rows_beside_seeded_rows(mos):
             assert np.isnan(line[f"{typed[set_name]} AUROC std"])  # a published figure has no std
         if row["average"]:
             assert line["mean AUROC"] == row["average"]["auroc"]
-    for name in ("report.html", "report.md", "report.tex"):
-        body = (run["out"] / "report" / name).read_text(encoding="utf-8")
+    assert "NegLabel (published [1])" in run["console"]
+    bodies = {
+        n: (run["out"] / "report" / n).read_text(encoding="utf-8")
+        for n in ("report.html", "report.md", "report.tex")
+    }
+    for name, body in {**bodies, "console": run["console"]}.items():
         assert "Negative Label Guided OOD Detection" in body, name
         for row in recorded:
-            assert f"{row['per_set']['SUN']['auroc']:.2f} / {row['per_set']['SUN']['fpr95']:.2f}" in body, (
-                name
-            )
+            sun = row["per_set"]["SUN"]
+            assert f"{sun['auroc']:.2f} / {sun['fpr95']:.2f}" in body, (name, row["method"])
 
 
 def test_id_labels_read_as_wordnet_ids_or_indices(world):
