@@ -138,6 +138,7 @@ def _cell(value: float, std: float | None) -> str:
     return f"{value:.2f}" if std is None else f"{value:.2f}±{std:.2f}"
 
 
+@pytest.mark.slow
 def test_benchmark_fills_sets_and_groups(world):
     run = world
     name, preset = run["name"], presets.get_preset(run["name"])
@@ -154,6 +155,7 @@ def test_benchmark_fills_sets_and_groups(world):
     assert "warning" not in run["console"]
 
 
+@pytest.mark.slow
 def test_the_wide_table_agrees_in_all_five_outputs(world):
     """Each run row's cells (sets, groups, mean) in table.csv equal results.json, with a std where
     the method depends on the grouping; the same "mean±std" text is in the console and the three
@@ -217,6 +219,7 @@ def test_the_wide_table_agrees_in_all_five_outputs(world):
     assert ours["ID top-1"].to_numpy() == pytest.approx(np.full(len(ours), 100 * expected))
 
 
+@pytest.mark.slow
 def test_published_rows_beside_seeded_rows(mos):
     """imagenet-mos: the published rows (plain, as printed) follow the run's mean±std rows; their
     figures are assets/published.json's, in table.csv and each report."""
@@ -246,6 +249,7 @@ def test_published_rows_beside_seeded_rows(mos):
             assert f"{sun['auroc']:.2f} / {sun['fpr95']:.2f}" in body, (name, row["method"])
 
 
+@pytest.mark.slow
 def test_id_labels_read_as_wordnet_ids_or_indices(world):
     """imagenet-mos's ID folder is ImageNet's WordNet-id class folders; OpenOOD's ID list gives
     integer class indices: both give an accuracy, each saying how its labels were read."""
