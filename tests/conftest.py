@@ -79,3 +79,15 @@ def pytest_collection_modifyitems(config, items):
         fixtures = getattr(item, "fixturenames", ())
         group = "toy_demo" if "toy_demo" in fixtures or "toy_run" in fixtures else item.nodeid.split("::")[0]
         item.add_marker(pytest.mark.xdist_group(group))
+
+
+@pytest.fixture()
+def placeholder_figures(request, monkeypatch):
+    """evaluate's roc.png and score_hist.png (and the report's) as small blank PNGs, for the test
+    files that check numbers, tables and errors: drawing them is most of an evaluate on small score
+    files, and tests/test_figures_cached.py, test_report*.py and test_evaluate.py check the real
+    figures. A test marked ``real_figures`` draws them anyway."""
+    if request.node.get_closest_marker("real_figures") is None:
+        from tests.helpers import placeholder_figures as patch_figures
+
+        patch_figures(monkeypatch)

@@ -14,6 +14,7 @@ import pytest
 
 from negalign_cli.stages.paper_table import MEAN_COLUMN
 from tests.faults.helpers import cli, one_line_error
+from tests.helpers import placeholder_figures
 from tests.helpers.chain import model_chain
 from tests.helpers.images import make_image_folder, rgb
 
@@ -32,6 +33,12 @@ def _ok(result):
 def seeded(tmp_path_factory):
     """The model chain on 8 ID and 8 OOD images, scored with --group-seeds 0,1,2 and evaluated;
     each seed also scored (`score --group-seed S`) and evaluated on its own."""
+    with pytest.MonkeyPatch.context() as patch:
+        placeholder_figures(patch)  # numbers and tables are checked here; figures elsewhere
+        return _seeded(tmp_path_factory)
+
+
+def _seeded(tmp_path_factory):
     root = tmp_path_factory.mktemp("seeds")
     runs = model_chain(root)
     make_image_folder(root / "imgs", per_class=4)

@@ -22,7 +22,7 @@ from PIL import Image
 from negalign_cli import presets
 from negalign_cli.stages.paper_table import MEAN_COLUMN
 from tests.faults.helpers import cli
-from tests.helpers import in_process
+from tests.helpers import in_process, placeholder_figures
 from tests.helpers.images import rgb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,24 +74,17 @@ def _layout(root: Path, name: str) -> Path:
     return root
 
 
-def _placeholder_png(path: Path, *_args) -> None:
-    Image.new("RGB", (16, 12), (255, 255, 255)).save(path)
-
-
 def _paper_run(base: Path, name: str, figures: bool) -> dict:
     """Preset ``name``'s sets laid out under ``base``, resolved, each embedded and scored over
     three group seeds; `evaluate --benchmark` on them (console output kept) and `report`. Without
     ``figures`` roc.png and score_hist.png are blank PNGs: drawing them is most of evaluate's time
     here, and other tests check them (the ci run of this chain draws them)."""
-    from negalign_cli.stages import plots
-
     (base / "classes.txt").write_text("\n".join(CLASSES) + "\n")
     (base / "nouns.txt").write_text("ocean\nforest\nsand\nteapot\nlamp\ncup\nkettle\nsky\n")
     cache = ("--cache-dir", str(base / "c"))
     with in_process(), pytest.MonkeyPatch.context() as patch:
         if not figures:
-            patch.setattr(plots, "plot_roc", _placeholder_png)
-            patch.setattr(plots, "plot_histograms", _placeholder_png)
+            placeholder_figures(patch)
         resolved = presets.resolve_preset(name, _layout(base / "data", name))
         files = {}
         for item in resolved.sets:

@@ -14,6 +14,9 @@ from negalign_cli.presets import published_data
 from tests.faults.helpers import cli, one_line_error
 from tests.helpers.synthetic import write_scores
 
+# numbers, tables and errors: evaluate writes blank figures here (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("placeholder_figures")
+
 MOS = ("iNaturalist", "SUN", "Places", "Textures")
 
 

@@ -18,6 +18,9 @@ from negalign_cli.stages.evaluation import EvaluateRequest, evaluate
 from tests.faults.helpers import cli, one_line_error
 from tests.helpers.synthetic import write_scores
 
+# numbers, tables and errors: evaluate writes blank figures here (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("placeholder_figures")
+
 
 @pytest.fixture()
 def scores(tmp_path):
@@ -251,6 +254,7 @@ def test_calibration_files_that_cannot_standardise(scores, tmp_path, std, messag
     assert message in line and "s_neglabel_star std" in line
 
 
+@pytest.mark.real_figures
 def test_huge_but_finite_scores_of_other_methods_are_evaluated_and_drawn(scores, tmp_path):
     """±1e308 in a method's column (not combined): metrics, statistics and histograms stay finite
     (the histogram's range overflowed: "unexpected ValueError: `bins` must increase")."""

@@ -5,6 +5,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 # The CLI defaults to ViT-B-16 with OpenAI weights, which tests cannot download: they name the tiny model.
 TINY = ["--model", "negalign-tiny-test"]
 
@@ -30,3 +32,18 @@ def in_process(cwd: Path | None = None, **env: str) -> Iterator[None]:
         if cwd is not None:
             patch.chdir(cwd)
         yield
+
+
+def _placeholder_png(path: Path, *_args: object, **_kwargs: object) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (16, 12), (255, 255, 255)).save(path)
+
+
+def placeholder_figures(patch: pytest.MonkeyPatch) -> None:
+    """ROC curves and score histograms written as a small blank PNG instead of drawn (see the
+    ``placeholder_figures`` fixture in tests/conftest.py)."""
+    from negalign_cli.stages import plots
+
+    patch.setattr(plots, "plot_roc", _placeholder_png)
+    patch.setattr(plots, "plot_histograms", _placeholder_png)
