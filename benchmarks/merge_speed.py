@@ -45,8 +45,13 @@ def build(root: Path, shards: int, per_shard: int, dim: int, dtype: str) -> Path
     from negalign_cli.hashing import sha256_text
     from negalign_cli.inputs.listing import ImageList
     from negalign_cli.stages import files
-    from negalign_cli.stages.image_rows import EMBED_IMAGES_STAGE, EMBED_IMAGES_VERSION, Listing
-    from negalign_cli.stages.image_rows import image_table, row_order
+    from negalign_cli.stages.image_rows import (
+        EMBED_IMAGES_STAGE,
+        EMBED_IMAGES_VERSION,
+        Listing,
+        image_table,
+        row_order,
+    )
     from negalign_cli.stages.shards import Shard, run_shard
 
     folder = root / f"shards-{shards}x{per_shard}-{dim}-{dtype}"
@@ -66,7 +71,6 @@ def build(root: Path, shards: int, per_shard: int, dim: int, dtype: str) -> Path
     params = {"store_dtype": dtype, "precision": "fp32", "items_version": 1, "max_pixels": 89_478_485}
     spec = StageSpec(EMBED_IMAGES_STAGE, EMBED_IMAGES_VERSION, params, {"model": "bench-model"})
     rng = np.random.default_rng(0)
-    offset = 0
     for index in range(shards):
         shard = Shard(index, shards)
         start, stop = shard.bounds(n)
@@ -94,17 +98,18 @@ def build(root: Path, shards: int, per_shard: int, dim: int, dtype: str) -> Path
                     "images_source": part.source,
                 }
 
-            return ws.store.run(StageSpec(spec.stage, spec.version, params, {**spec.inputs, "images": listing.key}), compute)
+            whole = StageSpec(spec.stage, spec.version, params, {**spec.inputs, "images": listing.key})
+            return ws.store.run(whole, compute)
 
         run_shard(folder, shard, spec, images, run)
-        offset = stop
-    assert offset == n
     (folder / ".complete").touch()
     return folder
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--images-per-shard", type=int, default=100_000)
     parser.add_argument("--dim", type=int, default=512, help="embedding width (ViT-B-16: 512)")

@@ -30,7 +30,9 @@ from negalign_cli.cache import statcache
 from negalign_cli.cache.statcache import StatCache
 from negalign_cli.inputs import listing
 from negalign_cli.inputs.listing import digest_all, list_images
+from tests.faults.helpers import cli
 from tests.faults.test_storage_faults import tmpfs
+from tests.helpers import TINY
 
 OLD_NS = 1_600_000_000 * 10**9
 TICK = 0.05  # past the file system's timestamp tick
@@ -341,3 +343,78 @@ def test_a_stat_db_made_before_batches_gains_the_table(tmp_path):
     assert _digests(db, paths)[1] == []
     _forget_rows(db)
     assert _digests(db, paths)[1] == []  # the batch table was made again and filled
+
+
+# ----------------------------------------------------------------------------- the commands
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory):
+    """`embed images` and `cam` run once on a small folder (the tiny model)."""
+    from tests.helpers.chain import model_chain
+
+    root = tmp_path_factory.mktemp("noop")
+    runs = model_chain(root, *TINY)
+    for name in ("embed images", "cam"):
+        done = cli(*runs[name])
+        assert done.exit_code == 0, f"{name}:\n{done.output}"
+    return root, runs
+
+
+def test_a_noop_embed_walks_nothing_and_looks_up_one_batch_row(embedded, walks, monkeypatch):
+    """The rerun of `embed images` on an unchanged folder: no walk, no file hashed, and no per-file
+    stat-cache row needed (before: a walk and a row per image on every rerun). An added image is
+    listed, and it alone is hashed and encoded."""
+    from negalign_cli import hashing
+    from tests.helpers.images import rgb
+
+    root, runs = embedded
+    monkeypatch.setattr(statcache, "BATCH_MIN", 1)  # the folder's few images make a batch too
+    monkeypatch.setattr(statcache, "RACY_SECONDS", 0.0)
+    opened: list[str] = []
+    original = hashing.open_regular
+    monkeypatch.setattr(hashing, "open_regular", lambda path: opened.append(str(path)) or original(path))
+    assert cli(*runs["embed images"]).exit_code == 0  # remembers the listing and the batch
+    time.sleep(TICK)
+    added = root / "imgs" / "birds" / "added.png"
+    rgb(77).save(added)
+    walked, opened[:] = len(walks), []
+    done = cli(*runs["embed images"])
+    assert done.exit_code == 0 and "encoded 1," in " ".join(done.output.split()), done.output
+    assert len(walks) == walked + 1 and [Path(p).name for p in opened if "imgs" in p] == ["added.png"]
+    added.unlink()
+    time.sleep(TICK)
+    assert cli(*runs["embed images"]).exit_code == 0  # the folder as it was: walked, remembered
+    _forget_rows(root / "c" / statcache.STAT_CACHE)
+    walked, opened[:] = len(walks), []
+    done = cli(*runs["embed images"])
+    assert done.exit_code == 0 and "cache hit" in " ".join(done.output.split()), done.output
+    assert len(walks) == walked and opened == []
+
+
+_HIT = """
+import json, sys
+from typer.testing import CliRunner
+from negalign_cli.cli.app import app
+seen = {}
+for name, argv in json.loads(sys.argv[1]):
+    done = CliRunner().invoke(app, argv)
+    assert done.exit_code == 0 and "cache hit" in " ".join(done.output.split()), done.output
+    seen[name] = [m for m in ("torch", "pandas", "pyarrow", "matplotlib") if m in sys.modules]
+print(json.dumps(seen))
+"""
+
+
+def test_embed_and_cam_hits_import_no_pandas(embedded):
+    """Imports are the rest of a hit's cost: `embed images` and `cam` hits import neither torch nor
+    pandas/pyarrow (before: pandas and pyarrow, ~0.5 s, imported by the stage modules)."""
+    import json
+    import subprocess
+    import sys
+
+    root, runs = embedded
+    argv = [(name, [*runs[name], "--device", "cpu"]) for name in ("embed images", "cam")]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", _HIT, json.dumps(argv)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.splitlines()[-1]) == {"embed images": [], "cam": []}
