@@ -418,3 +418,59 @@ def test_embed_and_cam_hits_import_no_pandas(embedded):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.splitlines()[-1]) == {"embed images": [], "cam": []}
+
+
+# ----------------------------------------------------------------------------- merge
+@pytest.mark.parametrize(
+    ("shape", "dtype"), [((6,), "float32"), ((4, 3), "float16"), ((), "bool"), ((5,), "int64")]
+)
+def test_merged_rows_are_np_save_bytes_written_run_by_run(tmp_path, shape, dtype):
+    """`merge` writes each row file run by run from the shards' memory maps (no gathered copy of
+    the whole array) and hashes it as it writes: the bytes must be np.save's of the gathered rows."""
+    import numpy as np
+
+    from negalign_cli.stages.shards import _save_rows
+
+    rng = np.random.default_rng(0)
+    parts = []
+    for index, rows in enumerate((40, 0, 25)):
+        path = tmp_path / f"part{index}.npy"
+        np.save(path, (rng.standard_normal((rows, *shape)) * 10).astype(dtype))
+        parts.append(np.load(path, mmap_mode="r"))
+    # runs of consecutive rows, a jump inside a shard, shards interleaved, a row used twice
+    from_shard = np.array([0] * 10 + [2] * 5 + [0] * 3 + [2] * 20 + [0], dtype=np.int64)
+    from_row = np.array([*range(10), *range(5), 12, 11, 30, *range(5, 25), 3], dtype=np.int64)
+    for count in (len(from_shard), 1, 0):
+        out = tmp_path / f"merged{count}.npy"
+        digest = _save_rows(out, parts, from_shard[:count], from_row[:count])
+        expected = tmp_path / f"expected{count}.npy"
+        gathered = [parts[s][r] for s, r in zip(from_shard[:count], from_row[:count], strict=True)]
+        np.save(expected, np.array(gathered, dtype=dtype).reshape(count, *shape))
+        assert out.read_bytes() == expected.read_bytes()
+        assert digest == hashlib.sha256(expected.read_bytes()).hexdigest()
+
+
+def test_merge_reads_no_merged_row_file_back(embedded, tmp_path, monkeypatch):
+    """The merged image_embeddings.npy is hashed while it is written: the store does not open it
+    again to digest it (before: the whole array gathered in memory, saved, then read back)."""
+    from negalign_cli import hashing
+
+    root, runs = embedded
+    argv = list(runs["embed images"])
+    at = argv.index("--cache-dir")
+    base = argv[:at] + argv[at + 2 :]  # without --cache-dir: each shard keeps its own cache
+    monkeypatch.delenv("NEGALIGN_CACHE", raising=False)
+    for i in (0, 1):
+        done = cli(*base, "--shard", f"{i}/2", "--shards-dir", str(tmp_path / "runs"))
+        assert done.exit_code == 0, done.output
+    opened: list[str] = []
+    original = hashing.open_regular
+    monkeypatch.setattr(hashing, "open_regular", lambda path: opened.append(str(path)) or original(path))
+    merged = cli(
+        "merge", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "c"), "--out", str(tmp_path / "m")
+    )
+    assert merged.exit_code == 0, merged.output
+    names = [Path(p).name for p in opened if str(tmp_path / "c") in p]
+    assert "images.parquet" in names and "image_embeddings.npy" not in names, names
+    # the bytes equal an unsharded run's: tests/test_shards.py (the same batches on both sides)
+    assert merged.exit_code == 0 and (tmp_path / "m" / "image_embeddings.npy").is_file()

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from negalign_cli.hashing import printable_path, sha256_json
+from negalign_cli.hashing import printable_paths, sha256_json
 from negalign_cli.inputs.listing import ImageList
 from negalign_cli.stages import files
 
@@ -61,7 +61,7 @@ def image_table(listing: Listing, found: dict[str, int], failures: dict[str, str
     frame = pd.DataFrame(
         {
             "row": np.array(rows, dtype=np.int64),
-            "path": [printable_path(p) for p in listing.images.paths],
+            "path": printable_paths(listing.images.paths),
             "label": listing.images.labels,
             "digest": [d or "" for d in listing.digests],
             "status": status,
