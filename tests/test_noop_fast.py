@@ -474,3 +474,22 @@ def test_merge_reads_no_merged_row_file_back(embedded, tmp_path, monkeypatch):
     assert "images.parquet" in names and "image_embeddings.npy" not in names, names
     # the bytes equal an unsharded run's: tests/test_shards.py (the same batches on both sides)
     assert merged.exit_code == 0 and (tmp_path / "m" / "image_embeddings.npy").is_file()
+
+
+def test_no_room_for_a_batch_row_is_no_error(tmp_path):
+    """A batch row only ever saves work: on a disk with no room for it, a request that needs no
+    per-file row written still answers (before batches, such a no-op wrote nothing at all)."""
+    from tests.faults.test_storage_faults import fill
+
+    paths = _files(tmp_path / "data", 2000)  # a 144 kB batch row
+    disk = tmp_path / "disk"
+    with tmpfs(disk, "2m"):
+        db = disk / "stat.db"
+        first, _ = _digests(db, paths)
+        with sqlite3.connect(db) as connection:
+            connection.execute("DELETE FROM batch")
+        fill(disk, leave=48 << 10)
+        got, read = _digests(db, paths)  # the per-file rows serve; the new batch row has no room
+        assert got == first and read == []
+        with sqlite3.connect(db) as connection:
+            assert connection.execute("SELECT count(*) FROM batch").fetchone() == (0,)

@@ -275,7 +275,8 @@ class StatCache:
                     db.executemany("INSERT OR REPLACE INTO stat VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
                     db.execute("COMMIT")
                 if batched:
-                    self._to_batch(db, batch_key, now, matched, result, racy)
+                    with contextlib.suppress(sqlite3.Error):  # only ever saves work: never an error
+                        self._to_batch(db, batch_key, now, matched, result, racy)
             except sqlite3.Error as exc:
                 if is_disk_full(exc, self.path):
                     raise disk_full(self.path) from exc
