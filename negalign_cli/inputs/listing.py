@@ -183,7 +183,14 @@ def _walk(
 # cache. Guards: a walk during which a folder was modified less than RACY_SECONDS before it was read
 # is not remembered (a change in the same timestamp tick would not move its mtime); nor is a folder
 # holding a symlink named like an image (its target can change while its folder does not).
-_WALK_FORMAT = 1
+_WALK_FORMAT = 1  # what a remembered walk holds; bump it when the walk's rules change
+
+
+def _walk_name(base: str) -> str:
+    """The name a folder's listing is remembered by: the folder and what the walk looks for."""
+    return f"walk {_WALK_FORMAT} {','.join(sorted(IMAGE_SUFFIXES))} {base}"
+
+
 RACY_SECONDS = 2.0
 
 
@@ -219,7 +226,7 @@ def _listed(found: Found) -> _Listed:
 
 def _remembered(base: str, memory: Memory) -> _Listed | None:
     """The remembered listing of ``base`` if none of its folders changed since, else None."""
-    data = memory.recall(f"walk {_WALK_FORMAT} {base}")
+    data = memory.recall(_walk_name(base))
     if data is None:
         return None
     try:
@@ -250,7 +257,7 @@ def _remember(base: str, memory: Memory, listed: _Listed, folders: Folders, star
         "kinds": sorted(listed.kinds.items()),
         "folders": [[list(parts), *stat] for parts, *stat in folders],
     }
-    memory.remember(f"walk {_WALK_FORMAT} {base}", json.dumps(record).encode())
+    memory.remember(_walk_name(base), json.dumps(record).encode())
 
 
 def _from_folder(root: Path, memory: Memory | None = None) -> tuple[ImageList, list[int]]:
