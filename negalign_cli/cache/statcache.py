@@ -92,13 +92,14 @@ def _checksum(path: bytes, digest: str) -> bytes:
     return hashlib.blake2b(path + digest.encode(), digest_size=8).digest()
 
 
-def _batch_key(keys: Sequence[bytes], stat_paths: Sequence[str] | None) -> bytes:
-    """What identifies a request: its entries in order, and the files that vouch for them."""
-    digest = hashlib.blake2b(b"negalign stat batch 1\0%d\0" % len(keys), digest_size=20)
-    digest.update(b"\0".join(keys))
+def _batch_key(joined: bytes, count: int, stat_paths: Sequence[str] | None) -> bytes:
+    """What identifies a request: its entries in order (``joined``: their keys joined by NUL),
+    and the files that vouch for them."""
+    digest = hashlib.blake2b(b"negalign stat batch 1\0%d\0" % count, digest_size=20)
+    digest.update(joined)
     if stat_paths is not None:
         digest.update(b"\1")
-        digest.update(b"\0".join(p.encode("utf-8", "surrogateescape") for p in stat_paths))
+        digest.update("\0".join(stat_paths).encode("utf-8", "surrogateescape"))
     return digest.digest()
 
 
@@ -215,7 +216,8 @@ class StatCache:
         db = self._connect()
         keys = [p.encode("utf-8", "surrogateescape") for p in paths]  # os.fsencode, on POSIX
         batched = len(paths) >= BATCH_MIN and db is not None
-        batch_key = _batch_key(keys, stat_paths) if batched else b""
+        joined = b"\0".join(keys) if batched else b""
+        batch_key = _batch_key(joined, len(paths), stat_paths) if batched else b""
         now = np.array([s if s is not None else _UNUSABLE for s in stats], dtype=_STAT_DTYPE)
         matched = np.zeros(len(paths), dtype=bool)
         if batched and db is not None:
@@ -229,7 +231,7 @@ class StatCache:
                 self._set_aside()
         # path -> (path, size, mtime_ns, ctime_ns, inode, device, digest, checksum)
         known: dict[bytes, tuple[Any, ...]] = {}
-        if db is not None:
+        if db is not None and not matched.all():
             try:
                 left = (~matched).tolist()
                 wanted = [k for k, s, m in zip(keys, stats, left, strict=True) if s is not None and m]
@@ -299,8 +301,11 @@ class StatCache:
         stored, raw = unpacked
         matched = (stored == now) & (stored["size"] >= 0) & (now["size"] >= 0)
         hexed = raw.hex()
-        for i in np.flatnonzero(matched).tolist():
-            result[i] = (hexed[64 * i : 64 * i + 64], "")
+        if matched.all():  # the usual no-op: every entry, in one pass
+            result[:] = [(hexed[j : j + 64], "") for j in range(0, 64 * len(now), 64)]
+        else:
+            for i in np.flatnonzero(matched).tolist():
+                result[i] = (hexed[64 * i : 64 * i + 64], "")
         return matched
 
     def _to_batch(
