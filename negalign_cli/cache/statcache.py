@@ -332,7 +332,10 @@ class StatCache:
         zero = "0" * 64
         try:
             raw = bytes.fromhex(
-                "".join(d if ok else zero for d, ok in zip(digests, usable.tolist(), strict=True))
+                "".join(
+                    d if ok and d is not None else zero
+                    for d, ok in zip(digests, usable.tolist(), strict=True)
+                )
             )
         except ValueError:  # a digest that is not hex: remember no batch
             return
