@@ -493,3 +493,52 @@ def test_no_room_for_a_batch_row_is_no_error(tmp_path):
         assert got == first and read == []
         with sqlite3.connect(db) as connection:
             assert connection.execute("SELECT count(*) FROM batch").fetchone() == (0,)
+
+
+def _merged_key(output: str) -> str:
+    import re
+
+    found = re.search(r"embed-images ([0-9a-f]{12}): merged", " ".join(output.split()))
+    assert found, output
+    return found.group(1)
+
+
+def test_a_second_merge_of_the_same_shards_reads_no_table(embedded, tmp_path, monkeypatch):
+    """A merge remembers its inputs (the plan, the sha256 of the image list and of each verified
+    shard manifest) with the merged key: merging the same shards again is a hit that reads no
+    table (before: every table read, every row checked, the key rebuilt, on every merge). A shard
+    run again on changed content is another input: merged afresh."""
+    import pandas as pd
+
+    from tests.helpers.images import rgb
+
+    root, runs = embedded
+    argv = list(runs["embed images"])
+    at = argv.index("--cache-dir")
+    base = [*argv[:at], *argv[at + 2 :], "--batch-size", "1"]
+    monkeypatch.delenv("NEGALIGN_CACHE", raising=False)
+    runs_dir, cache = tmp_path / "runs", tmp_path / "c"
+    for i in (0, 1):
+        assert cli(*base, "--shard", f"{i}/2", "--shards-dir", str(runs_dir)).exit_code == 0
+    first = cli("merge", str(runs_dir), "--cache-dir", str(cache))
+    assert first.exit_code == 0 and "(cache hit)" not in first.output, first.output
+    read: list[str] = []
+    original = pd.read_parquet
+    monkeypatch.setattr(
+        pd, "read_parquet", lambda path, *a, **k: read.append(str(path)) or original(path, *a, **k)
+    )
+    again = cli("merge", str(runs_dir), "--cache-dir", str(cache))
+    assert again.exit_code == 0 and "(cache hit)" in again.output, again.output
+    assert read == [] and _merged_key(again.output) == _merged_key(first.output)
+    # shard 1 again, on other bytes for one of its images: its manifest differs, the merge too
+    images = sorted((root / "imgs").rglob("*.png"))
+    saved = images[-1].read_bytes()
+    try:
+        rgb(201).save(images[-1])
+        shutil.rmtree(runs_dir / "shard-00001-of-00002")
+        assert cli(*base, "--shard", "1/2", "--shards-dir", str(runs_dir)).exit_code == 0
+        changed = cli("merge", str(runs_dir), "--cache-dir", str(cache))
+        assert changed.exit_code == 0 and "(cache hit)" not in changed.output, changed.output
+        assert read and _merged_key(changed.output) != _merged_key(first.output)
+    finally:
+        images[-1].write_bytes(saved)

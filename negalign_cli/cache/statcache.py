@@ -381,7 +381,10 @@ class StatCache:
         evicted, damaged (it fails its checksum) or unreadable."""
         if not self.path.is_file():  # nothing kept yet: create nothing
             return None
-        db = self._connect()
+        try:
+            db = self._connect()
+        except NegalignError:  # a full disk: nothing recalled, nothing lost
+            return None
         if db is None:
             return None
         try:
@@ -394,7 +397,10 @@ class StatCache:
     def remember(self, name: str, data: bytes) -> None:
         """Keep ``data`` under ``name`` beside the batches (checksummed, evicted with them). A cache
         that cannot be written remembers nothing: this only ever saves work."""
-        db = self._connect()
+        try:
+            db = self._connect()
+        except NegalignError:  # a full disk
+            return
         if db is None:
             return
         try:

@@ -31,12 +31,11 @@ from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
-from negalign_cli.cache.statcache import StatCache
+from negalign_cli.cache.statcache import StatCache, sha256_files
 from negalign_cli.cache.store import MANIFEST, WRITTEN_DIGESTS, StageResult, StageSpec, verify_folder
 from negalign_cli.cache.workspace import Workspace
 from negalign_cli.errors import NegalignError
@@ -45,6 +44,10 @@ from negalign_cli.inputs.listing import ImageList
 from negalign_cli.inputs.tars import Member
 from negalign_cli.reporting import NullReporter, Reporter
 from negalign_cli.stages import files
+
+if TYPE_CHECKING:
+    import pandas as pd
+
 from negalign_cli.stages.image_rows import (  # not stages/images.py: merge needs no torch
     CAM_STAGE,
     CAM_VERSION,
@@ -420,6 +423,8 @@ def missing_shards(shards_dir: Path, plan: Plan, stat_cache: StatCache | None = 
 
 
 def _load_rows(path: Path) -> np.ndarray | pd.DataFrame:
+    import pandas as pd
+
     return pd.read_parquet(path) if path.suffix == ".parquet" else np.load(path, mmap_mode="r")
 
 
@@ -491,11 +496,21 @@ def merge_shards(
             f"{len(missing)} of {plan.shards} shard(s) are not done (shard {shown}): rerun them "
             "(finished shards are skipped), then merge"
         )
+    stat_cache = workspace.store.stat_cache
+    folders = [shards_dir / Shard(i, plan.shards).name / "artifact" for i in range(plan.shards)]
+    inputs = _merge_inputs(shards_dir, plan, folders, stat_cache)
+    remembered = stat_cache.recall(inputs)
+    if remembered is not None:  # these exact inputs were merged before: that artifact, if intact
+        artifact = workspace.store.get(remembered.decode("ascii", "replace"))
+        if artifact is not None and artifact.stage == plan.stage:
+            reporter.info(f"cache hit: {plan.stage} {artifact.key[:12]} (the merge of these shards)")
+            return StageResult(artifact, hit=True)
     images = _read_images(shards_dir / PLAN_IMAGES)
     if images_digest(images) != plan.images or len(images) != plan.count:
         raise NegalignError(f"{shards_dir / PLAN_IMAGES} does not match {PLAN}: the shard folder is damaged")
-    folders = [shards_dir / Shard(i, plan.shards).name / "artifact" for i in range(plan.shards)]
     manifests = [json.loads((f / MANIFEST).read_text(encoding="utf-8")) for f in folders]
+    import pandas as pd  # here: a merge served by its remembered key reads no table
+
     tables = [pd.read_parquet(f / files.IMAGE_TABLE) for f in folders]
     _check_slices(shards_dir, plan, images, tables)
     if sum(len(t) for t in tables) != len(images):
@@ -540,7 +555,21 @@ def merge_shards(
         return {**_merged_manifest(plan, manifests, len(rows), counts), WRITTEN_DIGESTS: hashed}
 
     spec = plan.spec(listing.key)
-    return workspace.store.run(spec, compute, reporter)
+    result = workspace.store.run(spec, compute, reporter)
+    stat_cache.remember(inputs, result.artifact.key.encode("ascii"))
+    return result
+
+
+_MERGE_INPUTS = 1  # what _merge_inputs covers; bump it when the merge reads anything else
+
+
+def _merge_inputs(shards_dir: Path, plan: Plan, folders: list[Path], stat_cache: StatCache) -> str:
+    """A name for everything a merge reads: the plan, the sha256 of the image list file and of
+    every shard's manifest.json (whose outputs were just verified against their files, through
+    ``stat_cache``: an unchanged file is not read again). Equal names, equal merged artifacts."""
+    named = [shards_dir / PLAN_IMAGES, *(folder / MANIFEST for folder in folders)]
+    digests = sha256_files(named, stat_cache)
+    return f"merge {_MERGE_INPUTS} {sha256_json([plan.stage, plan.version, plan.digest, digests])}"
 
 
 def _column(tables: list[pd.DataFrame], name: str) -> list[Any]:
@@ -581,6 +610,8 @@ def _save_rows(path: Path, parts: list[np.ndarray], from_shard: np.ndarray, from
 
 def _interleave_frames(frames: list[pd.DataFrame], from_shard: np.ndarray) -> pd.DataFrame:
     """Rows taken shard by shard put back in output order (``from_shard`` names each row's shard)."""
+    import pandas as pd
+
     merged = pd.concat(frames, ignore_index=True)
     position = np.concatenate([np.flatnonzero(from_shard == i) for i in range(len(frames))])
     return merged.iloc[np.argsort(position, kind="stable")].reset_index(drop=True)
