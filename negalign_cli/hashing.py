@@ -61,6 +61,15 @@ def printable_path(path: str) -> str:
     return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
+def printable_paths(paths: list[str]) -> list[str]:
+    """:func:`printable_path` of each; one encode of them all when every name is valid UTF-8."""
+    try:
+        "\0".join(paths).encode("utf-8")
+    except UnicodeEncodeError:  # some name holds bytes that are not UTF-8 (lone surrogates)
+        return [printable_path(p) for p in paths]
+    return list(paths)
+
+
 def sha256_json(obj: Any) -> str:
     return sha256_text(canonical_json(obj))
 

@@ -21,6 +21,16 @@ same-size rewrite with the mtime set back made within one kernel timestamp tick 
 file's previous change and of the hash (the first guard above looks at the mtime only). Delete
 ``<cache>/stat.db`` to hash everything again.
 
+Batches: a request of many entries (an image folder's listing: 10⁵ paths) also keeps one row of the
+``batch`` table, keyed by the exact list of entries (and the files that vouch for them), holding every
+entry's stat and digest in two packed arrays, with one BLAKE2b checksum over the whole row. The next
+request of the same list reads that one row and compares every entry's stat with it in one
+vectorised step, instead of 10⁵ row lookups; the rule per entry is the one above (all five stat
+fields equal, the racy guard), so it serves no digest a per-file row would not. Entries that do not
+match (a changed or new file) fall back to the per-file rows, then to hashing; a list that changed
+(a file added, removed or renamed) is another key, so its first request takes the per-file path
+and writes its own batch. Rows are evicted oldest first past ``BATCH_BUDGET`` bytes.
+
 The database is a cache of a cache: if it cannot be read it is set aside and every file is hashed.
 A full disk is not damage: it is an error naming stat.db (the database is left as it is).
 Schema 2 added ``ctime_ns``; rows of schema 1 are dropped when the database is opened.
@@ -37,6 +47,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from negalign_cli import hashing
 from negalign_cli.cache.diskfull import disk_full, is_disk_full
 from negalign_cli.errors import NegalignError
@@ -51,8 +63,24 @@ CREATE TABLE stat (
     path BLOB PRIMARY KEY, size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER, inode INTEGER,
     device INTEGER, digest TEXT, checksum BLOB
 ) WITHOUT ROWID;
+{{BATCH_TABLE}}
 PRAGMA user_version = {SCHEMA_VERSION};
 """
+# One row per (long) list of entries: their stats and digests, packed (see ``_pack``). Created
+# where missing, so a stat.db of schema 2 keeps its per-file rows.
+_BATCH_TABLE = """
+CREATE TABLE IF NOT EXISTS batch (
+    key BLOB PRIMARY KEY, written INTEGER, bytes INTEGER, data BLOB, checksum BLOB
+) WITHOUT ROWID
+"""
+_SCHEMA = _SCHEMA.replace("{BATCH_TABLE}", _BATCH_TABLE + ";")
+BATCH_MIN = 64  # fewer entries than this: per-file rows only (a few queries cost nothing)
+BATCH_BUDGET = 256 << 20  # bytes of batch rows kept (the newest is always kept)
+BATCH_ROWS = 64  # at most this many batch rows
+_BATCH_MAGIC = b"NSB1"
+# size, mtime_ns, ctime_ns, inode, device of each entry; size -1: not usable (no digest remembered)
+_STAT_DTYPE = np.dtype([("size", "<i8"), ("mtime", "<i8"), ("ctime", "<i8"), ("ino", "<u8"), ("dev", "<u8")])
+_UNUSABLE = (-1, 0, 0, 0, 0)
 
 Digest = tuple[str | None, str]  # (sha256 hex, "") or (None, why not)
 Stat = tuple[int, int, int, int, int]  # size, mtime_ns, ctime_ns, inode, device
@@ -62,6 +90,46 @@ def _checksum(path: bytes, digest: str) -> bytes:
     """A row's checksum covers the path and the digest; the stat fields need none: a damaged one
     no longer matches the file's stat, so the file is hashed again."""
     return hashlib.blake2b(path + digest.encode(), digest_size=8).digest()
+
+
+def _batch_key(joined: bytes, count: int, stat_paths: Sequence[str] | None) -> bytes:
+    """What identifies a request: its entries in order (``joined``: their keys joined by NUL),
+    and the files that vouch for them."""
+    digest = hashlib.blake2b(b"negalign stat batch 1\0%d\0" % count, digest_size=20)
+    digest.update(joined)
+    if stat_paths is not None:
+        digest.update(b"\1")
+        digest.update("\0".join(stat_paths).encode("utf-8", "surrogateescape"))
+    return digest.digest()
+
+
+def _named_key(name: str) -> bytes:
+    """The key of a blob kept by name (never equal to a batch's: another prefix)."""
+    text = b"negalign stat named 1\0" + name.encode("utf-8", "surrogateescape")
+    return hashlib.blake2b(text, digest_size=20).digest()
+
+
+def _pack(stats: np.ndarray, digests: bytes) -> bytes:
+    """A batch row's data: magic, entry count, the stat array, then 32 raw digest bytes per entry."""
+    return _BATCH_MAGIC + len(stats).to_bytes(8, "little") + stats.tobytes() + digests
+
+
+def _unpack(data: bytes, count: int) -> tuple[np.ndarray, bytes] | None:
+    """(stats, raw digests) of a batch row of ``count`` entries, or None if it is not one."""
+    head = len(_BATCH_MAGIC) + 8
+    width = _STAT_DTYPE.itemsize
+    if (
+        len(data) != head + count * (width + 32)
+        or data[: len(_BATCH_MAGIC)] != _BATCH_MAGIC
+        or int.from_bytes(data[len(_BATCH_MAGIC) : head], "little") != count
+    ):
+        return None
+    stats = np.frombuffer(data, dtype=_STAT_DTYPE, count=count, offset=head)
+    return stats, data[head + count * width :]
+
+
+def _batch_checksum(key: bytes, data: bytes) -> bytes:
+    return hashlib.blake2b(key + data, digest_size=16).digest()
 
 
 def _upgrade(db: sqlite3.Connection) -> None:
@@ -128,6 +196,8 @@ class StatCache:
         ``hash_many`` (which gets the indices of the entries to read, and returns (digest, reason)
         for each). An entry is a file (``paths[i]``), or a part of the file ``stat_paths[i]``
         (a member of a tar shard, keyed ``paths[i]``), vouched for by that file's stat."""
+        if not paths:
+            return []
         started_ns = time.time_ns()
         result: list[Digest | None] = [None] * len(paths)
         stats: list[Stat | None] = [None] * len(paths)
@@ -144,12 +214,27 @@ class StatCache:
                 continue
             stats[i] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
         db = self._connect()
+        keys = [p.encode("utf-8", "surrogateescape") for p in paths]  # os.fsencode, on POSIX
+        batched = len(paths) >= BATCH_MIN and db is not None
+        joined = b"\0".join(keys) if batched else b""
+        batch_key = _batch_key(joined, len(paths), stat_paths) if batched else b""
+        now = np.array([s if s is not None else _UNUSABLE for s in stats], dtype=_STAT_DTYPE)
+        matched = np.zeros(len(paths), dtype=bool)
+        if batched and db is not None:
+            try:
+                matched = self._from_batch(db, batch_key, now, result)
+            except sqlite3.DatabaseError as exc:
+                db.close()
+                db = None
+                if is_disk_full(exc, self.path):
+                    raise disk_full(self.path) from exc
+                self._set_aside()
         # path -> (path, size, mtime_ns, ctime_ns, inode, device, digest, checksum)
         known: dict[bytes, tuple[Any, ...]] = {}
-        keys = [p.encode("utf-8", "surrogateescape") for p in paths]  # os.fsencode, on POSIX
-        if db is not None:
+        if db is not None and not matched.all():
             try:
-                wanted = [k for k, s in zip(keys, stats, strict=True) if s is not None]
+                left = (~matched).tolist()
+                wanted = [k for k, s, m in zip(keys, stats, left, strict=True) if s is not None and m]
                 for start in range(0, len(wanted), _CHUNK):
                     chunk = wanted[start : start + _CHUNK]
                     query = (
@@ -165,11 +250,13 @@ class StatCache:
                     raise disk_full(self.path) from exc
                 self._set_aside()
         todo: list[int] = []
-        for i, (key, now) in enumerate(zip(keys, stats, strict=True)):
-            if now is None:
+        for i in np.flatnonzero(~matched).tolist():
+            seen = stats[i]
+            if seen is None:
                 continue
+            key = keys[i]
             entry = known.get(key)
-            if entry is not None and entry[1:6] == now and _checksum(key, entry[6]) == entry[7]:
+            if entry is not None and entry[1:6] == seen and _checksum(key, entry[6]) == entry[7]:
                 result[i] = (entry[6], "")
             else:
                 todo.append(i)
@@ -189,12 +276,139 @@ class StatCache:
                     db.execute("BEGIN IMMEDIATE")
                     db.executemany("INSERT OR REPLACE INTO stat VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
                     db.execute("COMMIT")
+                if batched:
+                    with contextlib.suppress(sqlite3.Error):  # only ever saves work: never an error
+                        self._to_batch(db, batch_key, now, matched, result, racy)
             except sqlite3.Error as exc:
                 if is_disk_full(exc, self.path):
                     raise disk_full(self.path) from exc
             finally:
                 db.close()
         return [r if r is not None else (None, "not processed") for r in result]
+
+    def _from_batch(
+        self, db: sqlite3.Connection, key: bytes, now: np.ndarray, result: list[Digest | None]
+    ) -> np.ndarray:
+        """Fill ``result`` from the batch row of this request where an entry's stat equals the one
+        remembered; which entries were filled. A row that fails its checksum is not used."""
+        matched = np.zeros(len(now), dtype=bool)
+        data = self._get_batch(db, key)
+        if data is None:
+            return matched
+        unpacked = _unpack(data, len(now))
+        if unpacked is None:
+            return matched
+        stored, raw = unpacked
+        matched = (stored == now) & (stored["size"] >= 0) & (now["size"] >= 0)
+        hexed = raw.hex()
+        if matched.all():  # the usual no-op: every entry, in one pass
+            result[:] = [(hexed[j : j + 64], "") for j in range(0, 64 * len(now), 64)]
+        else:
+            for i in np.flatnonzero(matched).tolist():
+                result[i] = (hexed[64 * i : 64 * i + 64], "")
+        return matched
+
+    def _to_batch(
+        self,
+        db: sqlite3.Connection,
+        key: bytes,
+        now: np.ndarray,
+        matched: np.ndarray,
+        result: list[Digest | None],
+        racy: int,
+    ) -> None:
+        """Write this request's batch row when it would serve an entry the stored row did not (a
+        file hashed or found in a per-file row now); evict the oldest rows past the budget. An
+        entry is remembered on the per-file rule: a digest, a stat, modified before ``racy``."""
+        usable = (now["size"] >= 0) & (now["mtime"] < racy)
+        if not (usable & ~matched).any():
+            return  # every entry is served by the stored row, or none can be remembered
+        digests = [r[0] if r is not None else None for r in result]
+        usable &= np.array([d is not None and len(d) == 64 for d in digests], dtype=bool)
+        if not (usable & ~matched).any():
+            return  # the stored row already serves every entry that can be served
+        stats = now.copy()
+        stats[~usable] = _UNUSABLE
+        zero = "0" * 64
+        try:
+            raw = bytes.fromhex(
+                "".join(
+                    d if ok and d is not None else zero
+                    for d, ok in zip(digests, usable.tolist(), strict=True)
+                )
+            )
+        except ValueError:  # a digest that is not hex: remember no batch
+            return
+        self._put_batch(db, key, _pack(stats, raw))
+
+    def _put_batch(self, db: sqlite3.Connection, key: bytes, data: bytes) -> None:
+        """Store one batch row (checksummed); evict the oldest rows past the budget."""
+        db.execute(_BATCH_TABLE)
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute(
+                "INSERT OR REPLACE INTO batch VALUES (?, ?, ?, ?, ?)",
+                (key, time.time_ns(), len(data), data, _batch_checksum(key, data)),
+            )
+            total, stale = 0, []
+            for number, (old, size) in enumerate(
+                db.execute("SELECT key, bytes FROM batch ORDER BY written DESC, key")
+            ):
+                total += size
+                if number > 0 and (total > BATCH_BUDGET or number >= BATCH_ROWS):
+                    stale.append((old,))
+            db.executemany("DELETE FROM batch WHERE key = ?", stale)
+            db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise
+
+    def _get_batch(self, db: sqlite3.Connection, key: bytes) -> bytes | None:
+        """A batch row's data, or None (no such row, or one that fails its checksum)."""
+        try:
+            row = db.execute("SELECT data, checksum FROM batch WHERE key = ?", (key,)).fetchone()
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):  # a stat.db made before batches: none yet
+                return None
+            raise
+        if row is None or _batch_checksum(key, row[0]) != row[1]:
+            return None
+        return bytes(row[0])
+
+    def recall(self, name: str) -> bytes | None:
+        """What :meth:`remember` kept under ``name`` (a folder's listing), or None: never kept,
+        evicted, damaged (it fails its checksum) or unreadable."""
+        if not self.path.is_file():  # nothing kept yet: create nothing
+            return None
+        try:
+            db = self._connect()
+        except NegalignError:  # a full disk: nothing recalled, nothing lost
+            return None
+        if db is None:
+            return None
+        try:
+            return self._get_batch(db, _named_key(name))
+        except sqlite3.DatabaseError:
+            return None
+        finally:
+            db.close()
+
+    def remember(self, name: str, data: bytes) -> None:
+        """Keep ``data`` under ``name`` beside the batches (checksummed, evicted with them). A cache
+        that cannot be written remembers nothing: this only ever saves work."""
+        try:
+            db = self._connect()
+        except NegalignError:  # a full disk
+            return
+        if db is None:
+            return
+        try:
+            self._put_batch(db, _named_key(name), data)
+        except sqlite3.Error:
+            pass
+        finally:
+            db.close()
 
     def file_digests(self, paths: Sequence[str]) -> list[Digest]:
         """The sha256 of whole files (artifact outputs, ``--out`` exports, score files) by their

@@ -46,6 +46,9 @@ from negalign_cli.hashing import canonical_json, sha256_text
 from negalign_cli.reporting import NullReporter, Reporter
 
 MANIFEST = "manifest.json"
+# A key a stage's compute may return: {output name: sha256 of the bytes it wrote there}, for files it
+# hashed while writing them; the store then does not read those files back to digest them.
+WRITTEN_DIGESTS = "written_digests"
 LOCK_POLL_SECONDS = 0.5
 
 ComputeFn = Callable[[Path], Mapping[str, Any] | None]
@@ -467,13 +470,18 @@ class ArtifactStore:
         started = time.perf_counter()
         extra = dict(compute(tmp) or {})
         seconds = time.perf_counter() - started
+        # sha256 of files the stage hashed as it wrote them (their bytes were all in memory then)
+        hashed: Mapping[str, str] = extra.pop(WRITTEN_DIGESTS, {})
         written = sorted(p for p in tmp.rglob("*") if p.is_file())
         if any(path.relative_to(tmp).as_posix() == MANIFEST for path in written):
             raise RuntimeError(f"stage {spec.stage} must not write {MANIFEST} itself")
+        names = [path.relative_to(tmp).as_posix() for path in written]
         # no stat cache: these paths are renamed away next (and their files were just written)
+        read = sha256_files([path for path, name in zip(written, names, strict=True) if name not in hashed])
+        digests = iter(read)
         outputs = {
-            path.relative_to(tmp).as_posix(): {"sha256": digest, "bytes": path.stat().st_size}
-            for path, digest in zip(written, sha256_files(written), strict=True)
+            name: {"sha256": hashed[name] if name in hashed else next(digests), "bytes": path.stat().st_size}
+            for path, name in zip(written, names, strict=True)
         }
         manifest = {
             "key": key,

@@ -66,6 +66,7 @@ def cam(
     (dilated), background embedding pooled from the rest. One forward per batch also gives the
     image embedding. Writes background_embeddings.npy, cams.npy, cam.parquet, and
     image_embeddings.npy + images.parquet, so the folder is a complete `score` input."""
+    from negalign_cli.cache.statcache import STAT_CACHE, StatCache
     from negalign_cli.cache.workspace import Workspace
     from negalign_cli.compute.cam_layout import CamConfig
     from negalign_cli.inputs.datasets import resolve_decoder
@@ -73,7 +74,6 @@ def cam(
     from negalign_cli.inputs.words import load_classes
     from negalign_cli.stages import files
     from negalign_cli.stages.images import cam_images, cam_spec, digest_images
-    from negalign_cli.stages.plots import write_cam_overlays
 
     if viz and out is None and viz_dir is None:
         raise NegalignError("--viz writes under --out (or --viz-dir): give one of them")
@@ -90,8 +90,11 @@ def cam(
     config.validate(10**6)  # names and ranges; the block is checked against the model below
     class_list = load_classes(classes, report)
     o.check_weights(model, pretrained, rt)  # before any image is hashed: missing weights fail at once
-    image_list = list_images(images, data_root, split, allow_outside_root=allow_outside_root)
-    stat_cache = Workspace.open(rt.cache_dir).stat_cache  # unchanged files are not hashed again
+    # unchanged files are not hashed again, an unchanged folder not walked again
+    stat_cache = StatCache(Path(rt.cache_dir) / STAT_CACHE)
+    image_list = list_images(
+        images, data_root, split, allow_outside_root=allow_outside_root, memory=stat_cache
+    )
     listing = digest_images(image_list, report, stat_cache=stat_cache) if chosen_shard is None else None
     loaded = o.load(model, pretrained, rt, report, compile=compile)
 
@@ -132,6 +135,8 @@ def cam(
     )
     o.finish(result, out, "cam", report, redraws=(files.VIZ_DIR,) if viz and viz_dir is None else ())
     if viz:
+        from negalign_cli.stages.plots import write_cam_overlays  # pandas, matplotlib: only to draw
+
         folder = viz_dir if viz_dir is not None else Path(str(out)) / files.VIZ_DIR
         written = write_cam_overlays(result.artifact.path, viz, folder, loaded.image_size)
         stdout().print(f"wrote {len(written)} overlay(s) to {folder}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -146,6 +147,7 @@ def images(
     """Encode images once (per-image cache by content digest: renamed files and reruns cost
     nothing, new files are all that is encoded). Writes image_embeddings.npy and images.parquet
     (row, path, label, digest, status, reason)."""
+    from negalign_cli.cache.statcache import STAT_CACHE, StatCache
     from negalign_cli.cache.workspace import Workspace
     from negalign_cli.inputs.datasets import resolve_decoder
     from negalign_cli.inputs.listing import list_images
@@ -155,8 +157,11 @@ def images(
     rt = o.runtime(cache_dir, device, precision, batch_size)
     report = o.reporter(verbose, quiet)
     o.check_weights(model, pretrained, rt)  # before any image is hashed: missing weights fail at once
-    image_list = list_images(images, data_root, split, allow_outside_root=allow_outside_root)
-    stat_cache = Workspace.open(rt.cache_dir).stat_cache  # unchanged files are not hashed again
+    # unchanged files are not hashed again, an unchanged folder not walked again
+    stat_cache = StatCache(Path(rt.cache_dir) / STAT_CACHE)
+    image_list = list_images(
+        images, data_root, split, allow_outside_root=allow_outside_root, memory=stat_cache
+    )
     listing = digest_images(image_list, report, stat_cache=stat_cache) if chosen_shard is None else None
     loaded = o.load(model, pretrained, rt, report, compile=compile)
 

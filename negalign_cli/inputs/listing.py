@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import re
+import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from PIL import Image
 
@@ -101,11 +104,13 @@ def list_images(
     split: str | None = None,
     *,
     allow_outside_root: bool = False,
+    memory: Memory | None = None,
 ) -> ImageList:
     """Resolve ``--images``: a folder, a manifest (``.csv``/``.txt``/``.lst``) or a Waterbirds
     ``metadata.csv`` (with ``--split``). A path that leads outside the data root (the folder, the
     manifest's folder or ``--data-root``) — through ``..``, an absolute path or a symlink — is
-    skipped with a reason unless ``allow_outside_root``."""
+    skipped with a reason unless ``allow_outside_root``. With ``memory`` (the stat cache), a
+    folder's walk is remembered and reused while none of its folders changed."""
     if is_tar_spec(str(spec)):
         return _from_tars(str(spec))
     path = Path(spec).expanduser()
@@ -113,7 +118,7 @@ def list_images(
         raise NegalignError(f"--images {path} does not exist")
     links: list[int] | None = None  # paths that may lead elsewhere (None: any of them)
     if path.is_dir():
-        (images, links), root = _from_folder(path), path
+        (images, links), root = _from_folder(path, memory), path
     elif not path.is_file():  # a FIFO would block the read forever, a device may never end
         kind = file_kind(path.stat().st_mode)
         raise NegalignError(f"--images {path} is a {kind}, not a file or folder: {IMAGES_TAKES}")
@@ -166,17 +171,32 @@ def _refuse_outside(images: ImageList, root: Path, only: Iterable[int] | None = 
             images.problems[index] = f"{OUTSIDE_ROOT} {printable_path(base)} (--allow-outside-root reads it)"
 
 
-def _walk(root: str, prefix: tuple[str, ...], found: list[tuple[tuple[str, ...], bool, str]]) -> None:
+# A walk's result: (relative parts, is a symlink, "" or what the entry is when it is no regular file)
+Found = list[tuple[tuple[str, ...], bool, str]]
+# Each folder a walk read, before it read it: (relative parts, mtime_ns, ctime_ns, inode, device)
+Folders = list[tuple[tuple[str, ...], int, int, int, int]]
+
+
+def _walk(
+    root: str,
+    prefix: tuple[str, ...],
+    found: Found,
+    folders: Folders | None = None,
+) -> None:
     """Image files under ``root`` as (relative parts, is a symlink, "" or what the entry is when it
     is no regular file: ``fifo``, ``socket``, a device); like ``Path.rglob('*')``, the walk does not
     descend into symlinked folders. A FIFO or a device named like an image is listed (and skipped
-    with its reason, never opened); a folder named like one is not."""
+    with its reason, never opened); a folder named like one is not. With ``folders``, each folder's
+    stat is taken before it is read."""
+    if folders is not None:
+        st = os.stat(root)
+        folders.append((prefix, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev))
     with os.scandir(root) as entries:
         for entry in entries:
             name = entry.name
             try:
                 if entry.is_dir() and not entry.is_symlink():
-                    _walk(entry.path, (*prefix, name), found)
+                    _walk(entry.path, (*prefix, name), found, folders)
                     continue
                 dot = name.rfind(".")
                 # os.path.splitext's rule: the leading dots of a name start no extension
@@ -190,18 +210,113 @@ def _walk(root: str, prefix: tuple[str, ...], found: list[tuple[tuple[str, ...],
                 continue
 
 
-def _from_folder(root: Path) -> tuple[ImageList, list[int]]:
-    """The images under ``root``, sorted as paths (by their parts); and the indices of symlinks."""
-    found: list[tuple[tuple[str, ...], bool, str]] = []
-    _walk(str(root), (), found)
+# The listing of a folder is remembered (``<cache>/stat.db``) with the stat of every folder its walk
+# read, and reused while each of those folders still has the same mtime, ctime, inode and device: a
+# file added, removed or renamed (in or out), a subfolder made or removed, changes its folder's
+# mtime and ctime; a folder replaced, re-created or mounted over has another inode, device or ctime.
+# What a file holds is not the listing's business: every file's own stat is checked by the stat
+# cache. Guards: a walk during which a folder was modified less than RACY_SECONDS before it was read
+# is not remembered (a change in the same timestamp tick would not move its mtime); nor is a folder
+# holding a symlink named like an image (its target can change while its folder does not).
+_WALK_FORMAT = 1  # what a remembered walk holds; bump it when the walk's rules change
+
+
+def _walk_name(base: str) -> str:
+    """The name a folder's listing is remembered by: the folder and what the walk looks for."""
+    return f"walk {_WALK_FORMAT} {','.join(sorted(IMAGE_SUFFIXES))} {base}"
+
+
+RACY_SECONDS = 2.0
+
+
+class Memory(Protocol):
+    """Where listings are remembered (:class:`negalign_cli.cache.statcache.StatCache`)."""
+
+    def recall(self, name: str) -> bytes | None: ...
+
+    def remember(self, name: str, data: bytes) -> None: ...
+
+
+@dataclass
+class _Listed:
+    """A folder's listing: image paths relative to it (sorted by their parts), labels, and the
+    entries that are no regular file (index -> what they are)."""
+
+    names: list[str]
+    labels: list[str]
+    kinds: dict[int, str]
+    links: list[int]
+
+
+def _listed(found: Found) -> _Listed:
     found.sort(key=lambda item: item[0])
     image_folder = bool(found) and all(len(parts) >= 2 for parts, _, _ in found)
-    labels = [parts[0] if image_folder else "" for parts, _, _ in found]
+    return _Listed(
+        [os.sep.join(parts) for parts, _, _ in found],
+        [parts[0] if image_folder else "" for parts, _, _ in found],
+        {i: kind for i, (_, _, kind) in enumerate(found) if kind},
+        [i for i, (_, link, _) in enumerate(found) if link],
+    )
+
+
+def _remembered(base: str, memory: Memory) -> _Listed | None:
+    """The remembered listing of ``base`` if none of its folders changed since, else None."""
+    data = memory.recall(_walk_name(base))
+    if data is None:
+        return None
+    try:
+        record = json.loads(data)
+        for parts, *stat in record["folders"]:
+            st = os.stat(os.path.join(base, *parts))
+            if [st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev] != stat:
+                return None
+        count = int(record["count"])
+        names = record["names"].split("\0") if count else []
+        labels = record["labels"].split("\0") if count else []
+        kinds = {int(i): str(kind) for i, kind in record["kinds"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if len(names) != count or len(labels) != count:
+        return None
+    return _Listed(names, labels, kinds, [])
+
+
+def _remember(base: str, memory: Memory, listed: _Listed, folders: Folders, started: int) -> None:
+    racy = started - int(RACY_SECONDS * 1e9)
+    if listed.links or any(mtime >= racy or ctime >= racy for _, mtime, ctime, _, _ in folders):
+        return
+    record = {
+        "count": len(listed.names),
+        "names": "\0".join(listed.names),
+        "labels": "\0".join(listed.labels),
+        "kinds": sorted(listed.kinds.items()),
+        "folders": [[list(parts), *stat] for parts, *stat in folders],
+    }
+    memory.remember(_walk_name(base), json.dumps(record).encode())
+
+
+def _from_folder(root: Path, memory: Memory | None = None) -> tuple[ImageList, list[int]]:
+    """The images under ``root``, sorted as paths (by their parts); and the indices of symlinks.
+    With ``memory``, the listing is remembered there and reused while no folder in it changed."""
     base = str(root.resolve()).rstrip(os.sep)  # "" for the file system's root: the join adds it back
-    paths = [os.sep.join((base, *parts)) for parts, _, _ in found]
-    links = [i for i, (_, link, _) in enumerate(found) if link]
-    problems = {i: str(NotRegularFile(paths[i], kind)) for i, (_, _, kind) in enumerate(found) if kind}
-    return ImageList(str(root), paths, labels, {}, problems), links
+    top = base or os.sep
+    listed = _remembered(top, memory) if memory is not None else None
+    if listed is None:
+        found: Found = []
+        if memory is None:
+            _walk(str(root), (), found)
+            listed = _listed(found)
+        else:
+            started = time.time_ns()
+            folders: Folders = []
+            _walk(top, (), found, folders)
+            listed = _listed(found)
+            _remember(top, memory, listed, folders, started)
+    prefix = base + os.sep
+    # one join and one split rather than a string per path in Python
+    paths = (prefix + ("\0" + prefix).join(listed.names)).split("\0") if listed.names else []
+    problems = {i: str(NotRegularFile(paths[i], kind)) for i, kind in listed.kinds.items()}
+    return ImageList(str(root), paths, listed.labels, {}, problems), listed.links
 
 
 def _from_tars(spec: str) -> ImageList:

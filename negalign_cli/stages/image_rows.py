@@ -7,13 +7,16 @@ the rows; ``negalign merge`` (``stages/shards.py``) assembles shards' rows with 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
-from negalign_cli.hashing import printable_path, sha256_json
+from negalign_cli.hashing import printable_paths, sha256_json
 from negalign_cli.inputs.listing import ImageList
 from negalign_cli.stages import files
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 EMBED_IMAGES_STAGE, EMBED_IMAGES_VERSION = "embed-images", 2  # 2: counts duplicate paths
 CAM_STAGE, CAM_VERSION = "cam", 2  # 2: exact foreground percentile, whole-image fallback background
@@ -43,6 +46,8 @@ class Listing:
 
 
 def image_table(listing: Listing, found: dict[str, int], failures: dict[str, str]) -> pd.DataFrame:
+    import pandas as pd  # here: a cache hit writes no table and needs no pandas
+
     rows, status, reasons = [], [], []
     for digest, reason in zip(listing.digests, listing.reasons, strict=True):
         if digest is not None and digest in found:
@@ -56,7 +61,7 @@ def image_table(listing: Listing, found: dict[str, int], failures: dict[str, str
     frame = pd.DataFrame(
         {
             "row": np.array(rows, dtype=np.int64),
-            "path": [printable_path(p) for p in listing.images.paths],
+            "path": printable_paths(listing.images.paths),
             "label": listing.images.labels,
             "digest": [d or "" for d in listing.digests],
             "status": status,

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 import numpy as np
-import pandas as pd
 
 from negalign_cli.cache.items import Namespace
 from negalign_cli.cache.statcache import StatCache
@@ -43,13 +42,16 @@ from negalign_cli.stages.image_rows import row_order as _row_order
 from negalign_cli.stages.text import list_name, text_embeddings
 
 if TYPE_CHECKING:  # a stage gets a modelref.LazyModel (built on first use) or a models.LoadedModel
+    import pandas as pd
     import torch
 
     from negalign_cli.compute.cam_layout import CamConfig, CamRows
+    from negalign_cli.inputs.tars import Member
     from negalign_cli.modelref import AnyModel
 
 # torch, the encoders (compute/vision.py) and the decoding datasets are imported inside the
-# compute steps, which the store runs only on a miss: a cache hit imports no torch.
+# compute steps, which the store runs only on a miss: a cache hit imports no torch. pandas (and
+# pyarrow) is imported where a table is read or written: not on a hit without skipped images.
 
 IMAGE_ITEMS_VERSION = 1
 CAM_ITEMS_VERSION = 2
@@ -67,12 +69,18 @@ def digest_images(
     entry) is recorded as the image's reason and the file is never opened. With a ``stat_cache``,
     a file whose size, mtime, inode and device are unchanged since it was hashed is not read."""
     reporter = reporter or NullReporter()
-    readable = [i for i in range(len(images)) if i not in images.problems]
     digests: list[str | None] = [None] * len(images)
-    reasons = [images.problems.get(i, "") for i in range(len(images))]
-    files = [i for i in readable if i not in images.members]
-    members = [images.members[i] for i in readable if i in images.members]  # in tar shards
-    paths = [images.paths[i] for i in files]
+    if not images.problems and not images.members:  # a plain folder: every path is a file to read
+        readable = files = list(range(len(images)))
+        reasons = [""] * len(images)
+        members: list[Member] = []
+        paths = images.paths
+    else:
+        readable = [i for i in range(len(images)) if i not in images.problems]
+        reasons = [images.problems.get(i, "") for i in range(len(images))]
+        files = [i for i in readable if i not in images.members]
+        members = [images.members[i] for i in readable if i in images.members]  # in tar shards
+        paths = [images.paths[i] for i in files]
     with reporter.progress(f"hashing images: {images.name}", len(readable)) as advance:
         if stat_cache is None:
             found = digest_all([*paths, *members], workers)
@@ -83,9 +91,13 @@ def digest_images(
                 lambda todo: digest_all([members[i] for i in todo], workers),
                 [m.tar for m in members],
             )
-        order = files + [i for i in readable if i in images.members]
-        for index, (digest, reason) in zip(order, found, strict=True):
-            digests[index], reasons[index] = digest, reason
+        if len(files) == len(images) or len(members) == len(images):  # `found` is in list order
+            digests = [digest for digest, _ in found]
+            reasons = [reason for _, reason in found]
+        else:
+            order = files + [i for i in readable if i in images.members]
+            for index, (digest, reason) in zip(order, found, strict=True):
+                digests[index], reasons[index] = digest, reason
         advance(len(readable))
     if stat_cache is not None and stat_cache.hits:
         reporter.debug(f"{stat_cache.hits} digest(s) from the stat cache, {stat_cache.hashed} file(s) hashed")
@@ -220,6 +232,8 @@ def _transient_skips(artifact: Artifact) -> str | None:
     disk) is not final: the next run retries those images (the rest come from the cache)."""
     if not artifact.manifest.get("counts", {}).get("skipped"):
         return None
+    import pandas as pd
+
     table = pd.read_parquet(artifact.file(files.IMAGE_TABLE), columns=["status", "reason", "digest"])
     # only failures while decoding (the file had a digest): a hashing failure is part of the key
     skipped = table[(table["status"] != "ok") & (table["digest"] != "")]
@@ -230,6 +244,8 @@ def _transient_skips(artifact: Artifact) -> str | None:
 def _strict_on_hit(result: StageResult, strict: bool, reporter: Reporter) -> StageResult:
     """``--strict`` holds on a cache hit too: the stored list of skipped images is checked again."""
     if result.hit and strict and result.artifact.manifest.get("counts", {}).get("skipped"):
+        import pandas as pd
+
         _check_strict(pd.read_parquet(result.artifact.file(files.IMAGE_TABLE)), strict, reporter)
     return result
 
@@ -426,6 +442,8 @@ def _write_cam_outputs(
     store_dtype: str,
 ) -> None:
     """The files of a ``cam`` artifact; every array has one row per distinct embedded image."""
+    import pandas as pd
+
     np.save(folder / files.IMAGE_EMBEDDINGS, embeddings.astype(store_dtype))
     table.to_parquet(folder / files.IMAGE_TABLE, index=False)
     np.save(folder / files.BACKGROUND_EMBEDDINGS, rows.background.astype(store_dtype))

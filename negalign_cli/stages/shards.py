@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
+import io
 import json
 import os
 import tempfile
@@ -29,20 +31,23 @@ from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
-from negalign_cli.cache.statcache import StatCache
-from negalign_cli.cache.store import MANIFEST, StageResult, StageSpec, verify_folder
+from negalign_cli.cache.statcache import StatCache, sha256_files
+from negalign_cli.cache.store import MANIFEST, WRITTEN_DIGESTS, StageResult, StageSpec, verify_folder
 from negalign_cli.cache.workspace import Workspace
 from negalign_cli.errors import NegalignError
-from negalign_cli.hashing import canonical_json, printable_path, sha256_json, sha256_text
+from negalign_cli.hashing import canonical_json, printable_paths, sha256_json, sha256_text
 from negalign_cli.inputs.listing import ImageList
 from negalign_cli.inputs.tars import Member
 from negalign_cli.reporting import NullReporter, Reporter
 from negalign_cli.stages import files
+
+if TYPE_CHECKING:
+    import pandas as pd
+
 from negalign_cli.stages.image_rows import (  # not stages/images.py: merge needs no torch
     CAM_STAGE,
     CAM_VERSION,
@@ -418,6 +423,8 @@ def missing_shards(shards_dir: Path, plan: Plan, stat_cache: StatCache | None = 
 
 
 def _load_rows(path: Path) -> np.ndarray | pd.DataFrame:
+    import pandas as pd
+
     return pd.read_parquet(path) if path.suffix == ".parquet" else np.load(path, mmap_mode="r")
 
 
@@ -446,8 +453,8 @@ def _check_slices(shards_dir: Path, plan: Plan, images: ImageList, tables: list[
     for index, table in enumerate(tables):
         shard = Shard(index, plan.shards)
         start, stop = shard.bounds(len(images))
-        wanted = [printable_path(p) for p in images.paths[start:stop]]
-        got = [str(p) for p in table["path"]]
+        wanted = printable_paths(images.paths[start:stop])
+        got = [str(p) for p in table["path"].tolist()]
         if got != wanted:
             where = next((i for i, (a, b) in enumerate(zip(got, wanted, strict=False)) if a != b), None)
             detail = (
@@ -489,36 +496,49 @@ def merge_shards(
             f"{len(missing)} of {plan.shards} shard(s) are not done (shard {shown}): rerun them "
             "(finished shards are skipped), then merge"
         )
+    stat_cache = workspace.store.stat_cache
+    folders = [shards_dir / Shard(i, plan.shards).name / "artifact" for i in range(plan.shards)]
+    inputs = _merge_inputs(shards_dir, plan, folders, stat_cache)
+    remembered = stat_cache.recall(inputs)
+    if remembered is not None:  # these exact inputs were merged before: that artifact, if intact
+        artifact = workspace.store.get(remembered.decode("ascii", "replace"))
+        if artifact is not None and artifact.stage == plan.stage:
+            reporter.info(f"cache hit: {plan.stage} {artifact.key[:12]} (the merge of these shards)")
+            return StageResult(artifact, hit=True)
     images = _read_images(shards_dir / PLAN_IMAGES)
     if images_digest(images) != plan.images or len(images) != plan.count:
         raise NegalignError(f"{shards_dir / PLAN_IMAGES} does not match {PLAN}: the shard folder is damaged")
-    folders = [shards_dir / Shard(i, plan.shards).name / "artifact" for i in range(plan.shards)]
     manifests = [json.loads((f / MANIFEST).read_text(encoding="utf-8")) for f in folders]
+    import pandas as pd  # here: a merge served by its remembered key reads no table
+
     tables = [pd.read_parquet(f / files.IMAGE_TABLE) for f in folders]
     _check_slices(shards_dir, plan, images, tables)
     if sum(len(t) for t in tables) != len(images):
         raise NegalignError(
             f"the shards in {shards_dir} list {sum(len(t) for t in tables)} images, the plan {len(images)}"
         )
-    whole = pd.concat(tables, ignore_index=True)
-    digests = [d if d else None for d in whole["digest"].astype(str)]
-    reasons = ["" if d else str(r) for d, r in zip(digests, whole["reason"], strict=True)]
+    # columns as Python lists at once (iterating an Arrow-backed column is per element)
+    digests = [str(d) if d else None for d in _column(tables, "digest")]
+    recorded = [str(r) for r in _column(tables, "reason")]
+    reasons = ["" if d else r for d, r in zip(digests, recorded, strict=True)]
     listing = Listing(images, digests, reasons)
-    skipped = whole[(whole["status"] != "ok") & (whole["digest"] != "")]
-    failures = dict(zip(skipped["digest"].astype(str), skipped["reason"].astype(str), strict=True))
+    failures = {  # why a content that was hashed could not be processed
+        d: r for d, s, r in zip(digests, _column(tables, "status"), recorded, strict=True) if d and s != "ok"
+    }
     # where each distinct digest's row lives: the first shard (in list order) that has it
     source: dict[str, tuple[int, int]] = {}
     for number, table in enumerate(tables):
         ok = table[table["status"] == "ok"]
-        for digest, row in zip(ok["digest"].astype(str), ok["row"].astype(int), strict=True):
-            source.setdefault(digest, (number, row))
+        for digest, row in zip(ok["digest"].tolist(), ok["row"].tolist(), strict=True):
+            source.setdefault(str(digest), (number, int(row)))
     rows = row_order(listing, set(source))
-    order = list(rows)  # distinct digests in output order
-    from_shard = np.array([source[d][0] for d in order], dtype=np.int64)
-    from_row = np.array([source[d][1] for d in order], dtype=np.int64)
+    located = [source[d] for d in rows]  # distinct digests in output order: (shard, row)
+    from_shard = np.array([shard for shard, _ in located], dtype=np.int64)
+    from_row = np.array([row for _, row in located], dtype=np.int64)
 
     def compute(folder: Path) -> dict[str, Any]:
         counts: dict[str, int] = {}
+        hashed: dict[str, str] = {}
         with reporter.progress(f"merging {plan.shards} shards", len(ROW_FILES[plan.stage])) as advance:
             for name in ROW_FILES[plan.stage]:
                 parts = [_load_rows(f / name) for f in folders]
@@ -529,23 +549,69 @@ def merge_shards(
                     if "cam_valid" in merged:
                         counts["cam_valid"] = int(merged["cam_valid"].sum())
                 else:
-                    first = parts[0]
-                    out = np.empty((len(order), *first.shape[1:]), dtype=first.dtype)
-                    for i, part in enumerate(parts):
-                        mask = from_shard == i
-                        if mask.any():
-                            out[mask] = part[from_row[mask]]
-                    np.save(folder / name, out)
+                    hashed[name] = _save_rows(folder / name, parts, from_shard, from_row)  # type: ignore[arg-type]
                 advance(1)
         image_table(listing, rows, failures).to_parquet(folder / files.IMAGE_TABLE, index=False)
-        return _merged_manifest(plan, manifests, len(order), counts)
+        return {**_merged_manifest(plan, manifests, len(rows), counts), WRITTEN_DIGESTS: hashed}
 
     spec = plan.spec(listing.key)
-    return workspace.store.run(spec, compute, reporter)
+    result = workspace.store.run(spec, compute, reporter)
+    stat_cache.remember(inputs, result.artifact.key.encode("ascii"))
+    return result
+
+
+_MERGE_INPUTS = 1  # what _merge_inputs covers; bump it when the merge reads anything else
+
+
+def _merge_inputs(shards_dir: Path, plan: Plan, folders: list[Path], stat_cache: StatCache) -> str:
+    """A name for everything a merge reads: the plan, the sha256 of the image list file and of
+    every shard's manifest.json (whose outputs were just verified against their files, through
+    ``stat_cache``: an unchanged file is not read again). Equal names, equal merged artifacts."""
+    named = [shards_dir / PLAN_IMAGES, *(folder / MANIFEST for folder in folders)]
+    digests = sha256_files(named, stat_cache)
+    return f"merge {_MERGE_INPUTS} {sha256_json([plan.stage, plan.version, plan.digest, digests])}"
+
+
+def _column(tables: list[pd.DataFrame], name: str) -> list[Any]:
+    """A column of every shard's table, in order, as one Python list."""
+    return [value for table in tables for value in table[name].tolist()]
+
+
+def _save_rows(path: Path, parts: list[np.ndarray], from_shard: np.ndarray, from_row: np.ndarray) -> str:
+    """``np.save`` of the rows ``parts[from_shard[k]][from_row[k]]`` (k in order), the same bytes,
+    written run by run: each stretch of consecutive rows of one shard is one write from its
+    memory map, never gathered into a copy of the whole array first. Returns the sha256 of the
+    bytes written (taken as they are written: the store need not read the file back)."""
+    first = parts[0]
+    if any(p.dtype != first.dtype or p.shape[1:] != first.shape[1:] for p in parts):
+        raise NegalignError(f"the shards' {path.name} files differ in shape or type: rerun the shards")
+    count = len(from_shard)
+    header = {
+        "descr": np.lib.format.dtype_to_descr(first.dtype),
+        "fortran_order": False,
+        "shape": (count, *first.shape[1:]),
+    }
+    # a new run where the shard changes or the next row is not the one after
+    breaks = np.flatnonzero((np.diff(from_shard) != 0) | (np.diff(from_row) != 1)) + 1
+    starts = np.concatenate([[0], breaks]).tolist() if count else []
+    stops = np.concatenate([breaks, [count]]).tolist() if count else []
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, header)
+    digest = hashlib.sha256(head.getvalue())
+    with open(path, "wb") as handle:
+        handle.write(head.getvalue())
+        for start, stop in zip(starts, stops, strict=True):
+            part, row = parts[int(from_shard[start])], int(from_row[start])
+            rows = np.ascontiguousarray(part[row : row + stop - start]).data
+            digest.update(rows)
+            handle.write(rows)
+    return digest.hexdigest()
 
 
 def _interleave_frames(frames: list[pd.DataFrame], from_shard: np.ndarray) -> pd.DataFrame:
     """Rows taken shard by shard put back in output order (``from_shard`` names each row's shard)."""
+    import pandas as pd
+
     merged = pd.concat(frames, ignore_index=True)
     position = np.concatenate([np.flatnonzero(from_shard == i) for i in range(len(frames))])
     return merged.iloc[np.argsort(position, kind="stable")].reset_index(drop=True)
