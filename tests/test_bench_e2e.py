@@ -69,7 +69,7 @@ def test_e2e_and_decode_flows(tmp_path):
         "0",
         "--e2e",
         "--e2e-scale",
-        "0.001",
+        "0.0004",
         "--e2e-dir",
         str(tmp_path / "e2e"),
         "--json",
@@ -78,7 +78,7 @@ def test_e2e_and_decode_flows(tmp_path):
     assert result.exit_code == 0, result.output
     record = json.loads(out.read_text())
     e2e = record["e2e"]
-    assert e2e["total_images"] == 86 and e2e["files"]["files"] == 86
+    assert e2e["total_images"] == 34 and e2e["files"]["files"] == 34  # 20 ID, 4 + 4 + 4 + 2 OOD
     assert e2e["files"]["width"] == 500 and e2e["files"]["height"] == 375
     for phase in ("cold", "warm"):
         run = e2e[phase]
@@ -110,5 +110,5 @@ def test_e2e_and_decode_flows(tmp_path):
     printed = gpu_table.table([record])
     line = next(row for row in printed.splitlines() if row.startswith("MOS-sized benchmark"))
     assert f"{e2e['warm']['seconds']:.1f} / {e2e['cold']['seconds']:.1f} s" in line
-    assert "scale 0.001 of the MOS size" in line  # a scaled-down run says so
+    assert "scale 0.0004 of the MOS size" in line  # a scaled-down run says so
     assert f"{ratio:.3f}" in next(row for row in printed.splitlines() if row.startswith("JPEG path"))
