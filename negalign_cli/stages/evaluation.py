@@ -30,7 +30,7 @@ from negalign_cli.compute.evaluation import (
     final_score,
     fit_calibration,
     group_sets,
-    lambda_sweep,
+    lambda_sweeps,
     nonfinite_final,
     statistics,
 )
@@ -663,14 +663,9 @@ def _sweeps(
     ood_frames: dict[str, pd.DataFrame],
     calibration: dict | None,
 ) -> dict[str, dict[float, dict]]:
-    lambdas = _lambdas(request)
+    oods = {name: (_values(frame, STAR), _values(frame, ALIGN)) for name, frame in ood_frames.items()}
     id_star, id_align = _values(id_frame, STAR), _values(id_frame, ALIGN)
-    return {
-        name: lambda_sweep(
-            id_star, id_align, _values(frame, STAR), _values(frame, ALIGN), lambdas, calibration
-        )
-        for name, frame in ood_frames.items()
-    }
+    return lambda_sweeps(id_star, id_align, oods, _lambdas(request), calibration)
 
 
 def _choose_lambdas(request: EvaluateRequest, sweeps: dict[str, dict]) -> tuple[dict[str, float], str | None]:
