@@ -8,7 +8,15 @@ scikit-learn called directly, on data with heavy ties, saturated scores, tiny se
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import numpy as np
+import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -22,6 +30,9 @@ from negalign_cli.compute.metrics import (
     fpr_at_recall_openood,
     ood_metrics,
 )
+from tests.faults.helpers import cli
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CONVENTIONS = ("neglabel", "openood")
 
@@ -228,3 +239,94 @@ def test_sweeps_do_not_go_through_sklearn(monkeypatch):
         [0, 1],
     )
     assert set(sweeps["a"]) == {0.0, 1.0}
+
+
+@pytest.mark.parametrize("case", ["hand-worked ties", "saturated 0/1", "diagonal runs", "one and one tied"])
+def test_roc_points_are_sklearns(case):
+    """The ROC figure's points (``roc_points``, no scikit-learn) are ``roc_curve``'s."""
+    from negalign_cli.compute.metrics import roc_points
+
+    id_scores, ood_scores = (np.asarray(v, dtype=np.float64) for v in CASES[case])
+    scores, is_id = _labels(id_scores, ood_scores)
+    fpr, tpr, _ = skm.roc_curve(is_id, scores)
+    ours = roc_points(id_scores, ood_scores)
+    np.testing.assert_array_equal(ours[0], fpr)
+    np.testing.assert_array_equal(ours[1], tpr)
+
+
+# ----------------------------------------------------------------------------- a hit imports little
+HEAVY = ("numpy", "pandas", "pyarrow", "sklearn", "scipy", "matplotlib", "torch")
+
+_HIT = textwrap.dedent(
+    """
+    import json, sys, traceback
+    from importlib.abc import MetaPathFinder
+
+    first = {}
+
+    class Spy(MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name in HEAVY and name not in first:
+                stack = [f for f in traceback.extract_stack() if "negalign_cli" in f.filename]
+                first[name] = [f"{f.filename.split('negalign_cli')[-1]}:{f.lineno}" for f in stack]
+            return None
+
+    HEAVY = tuple(json.loads(sys.argv[2]))
+    sys.meta_path.insert(0, Spy())
+    from typer.testing import CliRunner
+    from negalign_cli.cli.app import app
+
+    done = CliRunner().invoke(app, json.loads(sys.argv[1]), env={"COLUMNS": "200"})
+    print(json.dumps({"code": done.exit_code, "output": done.output, "first": first,
+                      "imported": [m for m in HEAVY if m in sys.modules]}))
+    """
+)
+
+
+def _score_file(path: Path, n: int, seed: int, shift: float) -> None:
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame(
+        {
+            "s_mcm": rng.uniform(0, 1, n) + 0.1 * shift,
+            "s_energy": rng.normal(30 + 5 * shift, 2, n),
+            "s_maxlogit": rng.normal(28 + 5 * shift, 2, n),
+            "s_neglabel_plain": rng.normal(0.5 + shift, 0.3, n),
+            "s_neglabel_star": rng.normal(0.5 + shift, 0.3, n),
+            "s_multimatch": rng.uniform(0, 1, n),
+            "p_align": rng.normal(shift, 0.2, n),
+            "cam_valid": rng.uniform(size=n) > 0.1,
+        }
+    )
+    frame["s_negrefine"] = frame["s_neglabel_plain"] + 2 * frame["s_multimatch"]
+    frame.to_parquet(path, index=False)
+
+
+def test_a_hit_imports_no_pandas_pyarrow_sklearn_nor_numpy(tmp_path):
+    """`evaluate` computed here, then rerun in ONE fresh process: the hit (keys from the stat cache,
+    a lookup, the rendering, the copy to --out) imports none of HEAVY, and writes what the first run
+    wrote. An import hook records where the first heavy import came from."""
+    for name, seed, shift in (("id", 0, 1.0), ("a", 1, 0.0), ("b", 2, 0.4)):
+        _score_file(tmp_path / f"{name}.parquet", 60, seed, shift)
+    calibration = tmp_path / "m3.json"
+    calibration.write_text(json.dumps({n: {"mean": 0.5, "std": 0.5} for n in ("s_neglabel_star", "p_align")}))
+    argv = [
+        "evaluate", "--id", str(tmp_path / "id.parquet"),
+        "--ood", f"a={tmp_path / 'a.parquet'}", "--ood", f"b={tmp_path / 'b.parquet'}",
+        "--ood-group", "both=a,b", "--compare", "--lambda", "0,0.5,2", "--calibration", str(calibration),
+        "--cache-dir", str(tmp_path / "cache"),
+    ]  # fmt: skip
+    first = cli(*argv, "--out", str(tmp_path / "first"))
+    assert first.exit_code == 0, first.output
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", _HIT, json.dumps([*argv, "--out", str(tmp_path / "hit")]), json.dumps(HEAVY)],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["code"] == 0, seen["output"]
+    assert "cache hit" in " ".join(seen["output"].split()), seen["output"]
+    where = {m: seen["first"].get(m) for m in seen["imported"]}
+    assert not seen["imported"], f"an evaluate hit imported {seen['imported']}, first from {where}"
+    for name in ("results.json", "metrics.csv", "table.csv", "roc.png", "score_hist.png"):
+        assert (tmp_path / "hit" / name).read_bytes() == (tmp_path / "first" / name).read_bytes(), name

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from negalign_cli.compute.metrics import both_conventions, sorted_metrics
 from negalign_cli.compute.score_columns import SCORE_COLUMNS
+from negalign_cli.lazy import lazy_module
+
+if TYPE_CHECKING:
+    import numpy as np
+else:  # imported when something is computed: an `evaluate` cache hit imports no numpy
+    np = lazy_module("numpy")
 
 STAR, ALIGN = "s_neglabel_star", "p_align"
 # Names results.json, metrics.csv and the tables give rows that are not an OOD set: the ID set and

@@ -15,10 +15,15 @@ AUROC is the same in both. Every value is a fraction in [0, 1]; tables show perc
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from negalign_cli.defaults import METRIC_CONVENTIONS
+from negalign_cli.lazy import lazy_module
+
+if TYPE_CHECKING:
+    import numpy as np
+else:  # imported when a metric is computed: an `evaluate` cache hit imports no numpy
+    np = lazy_module("numpy")
 
 CONVENTIONS = METRIC_CONVENTIONS
 RECALL_LEVEL = 0.95
@@ -179,6 +184,14 @@ def _fpr_openood(tps: np.ndarray, fps: np.ndarray, recall: float = RECALL_LEVEL)
     ``tps``/``fps`` counted on negated scores) whose tpr reaches ``recall``."""
     fpr, tpr = _roc(tps, fps)
     return float(fpr[np.argmax(tpr >= recall)])
+
+
+def roc_points(id_scores: np.ndarray, ood_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(fpr, tpr) of the ROC curve, ID positive: scikit-learn's ``roc_curve`` points (the figure's)."""
+    id_le, ood_le = _counts(np.sort(_checked(id_scores)), np.sort(_checked(ood_scores)))
+    tps = (id_le[-1] - np.r_[0, id_le[:-1]][::-1]).astype(np.float64)
+    fps = (ood_le[-1] - np.r_[0, ood_le[:-1]][::-1]).astype(np.float64)
+    return _roc(tps, fps)
 
 
 def fpr_at_recall_neglabel(

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from negalign_cli import __version__
 from negalign_cli.cache.statcache import StatCache, sha256_files
@@ -38,9 +36,15 @@ from negalign_cli.compute.metrics import CONVENTIONS, DEFINITIONS, RECALL_LEVEL,
 from negalign_cli.compute.score_columns import SCORE_COLUMNS, method_columns, score_column
 from negalign_cli.defaults import DEFAULT_LAMBDAS, NEGALIGN
 from negalign_cli.errors import NegalignError
+from negalign_cli.lazy import lazy_module
 from negalign_cli.reporting import NullReporter, RecordingReporter, Reporter
 from negalign_cli.stages import files
-from negalign_cli.stages.score_files import read_score_metadata
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+else:  # a cache hit (a key, a lookup, a copy) imports neither: they load when the stage computes
+    np, pd = lazy_module("numpy"), lazy_module("pandas")
 
 FITTED = "fitted on the ID set"  # the source of M3 statistics fitted by evaluate itself
 # 2: ROC of every method, labelled histograms, --ood-group; 3: S_final overflows and reserved set
@@ -62,7 +66,7 @@ def parse_lambdas(text: str | None) -> list[float] | None:
         raise NegalignError(
             f"cannot read --lambda {text!r}: use sweep, a value, or values like 0,0.5,1"
         ) from exc
-    if not values or not all(np.isfinite(values)):
+    if not values or not all(math.isfinite(v) for v in values):
         raise NegalignError(f"cannot read --lambda {text!r}: use sweep, a value, or values like 0,0.5,1")
     return sorted(set(values))
 
@@ -455,6 +459,8 @@ def _column_descriptions(selection: _Selection) -> dict[str, dict[str, str]]:
 def _read_frames(request: EvaluateRequest) -> dict[str, pd.DataFrame]:
     """The ID and OOD score files (ID first), refusing files made by different models, and files
     made with different score settings, classes or negatives unless --allow-mixed-settings."""
+    from negalign_cli.stages.score_files import read_score_metadata  # pyarrow: not on a hit
+
     frames = {ID_SET: read_score_file(request.id_path)}
     frames.update({name: read_score_file(path) for name, path in request.oods})
     metadata = {name: read_score_metadata(path) for name, path in [(ID_SET, request.id_path), *request.oods]}
@@ -959,6 +965,8 @@ def _mean_block(blocks: dict[str, dict], convention: str) -> dict:
 
 
 def _score_configs(request: EvaluateRequest) -> dict[str, Any]:
+    from negalign_cli.stages.score_files import read_score_metadata
+
     configs = {ID_SET: read_score_metadata(request.id_path).get("config")}
     for name, path in request.oods:
         configs[name] = read_score_metadata(path).get("config")
