@@ -39,9 +39,7 @@ def plot_roc(path: Path, curves: dict[str, dict[str, tuple[np.ndarray, np.ndarra
     """ROC curves of every method on one plot per OOD set: ``curves[set][method label]`` holds
     that method's (ID scores, OOD scores); ID is the positive class. The labels carry what was
     plotted (NegAlign's λ among them), so the figure says which score each curve is."""
-    from sklearn.metrics import roc_curve
-
-    from negalign_cli.compute.metrics import ood_metrics
+    from negalign_cli.compute.metrics import ood_metrics, roc_points
 
     plt = _pyplot()
     panels = max(1, len(curves))
@@ -49,8 +47,7 @@ def plot_roc(path: Path, curves: dict[str, dict[str, tuple[np.ndarray, np.ndarra
     styles = ("-", "--", "-.", ":")
     for axis, (name, methods) in zip(axes[0], curves.items(), strict=False):
         for index, (label, (id_scores, ood_scores)) in enumerate(methods.items()):
-            truth = np.r_[np.ones(len(id_scores)), np.zeros(len(ood_scores))]
-            fpr, tpr, _ = roc_curve(truth, np.r_[id_scores, ood_scores])
+            fpr, tpr = roc_points(id_scores, ood_scores)
             auroc = 100 * ood_metrics(id_scores, ood_scores).auroc
             style = styles[index % len(styles)]  # equal curves (NegLabel*, NegAlign at λ=0) stay visible
             axis.plot(fpr, tpr, linewidth=1.3, linestyle=style, label=f"{label} (AUROC {auroc:.2f})")
