@@ -91,31 +91,83 @@ def sorted_metrics(id_sorted: np.ndarray, ood_sorted: np.ndarray) -> dict[str, O
     ``roc_curve``/``precision_recall_curve`` sort the scores and take, at each distinct score, the
     counts of positives and negatives at or above it; those integer counts are computed here once
     (``_counts``) and every curve is built from them with the floating-point operations
-    scikit-learn uses (``tests/test_evaluate_fast.py`` checks equality, ties included)."""
-    id_le, ood_le = _counts(id_sorted, ood_sorted)
-    # ID positive, thresholds from the highest score down: counts at or above each distinct score
-    id_ge = id_sorted.size - np.r_[0, id_le[:-1]][::-1]
-    ood_ge = ood_sorted.size - np.r_[0, ood_le[:-1]][::-1]
-    tps, fps = id_ge.astype(np.float64), ood_ge.astype(np.float64)
-    # OOD positive, scores negated: thresholds from the lowest score up, counts at or below
-    tps_out, fps_out = ood_le.astype(np.float64), id_le.astype(np.float64)
-    auroc = _auc(*_roc(tps, fps))
-    precision_in, recall_in = _precision_recall(tps, fps)
-    precision_out, recall_out = _precision_recall(tps_out, fps_out)
+    scikit-learn uses, element by element and summed in the same order (``tests/test_evaluate_fast.py``
+    checks equality, ties included). Few full-length arrays are made: the hot loop of a λ sweep."""
+    n_id, n_ood = id_sorted.size, ood_sorted.size
+    id_le, ood_le = _counts(id_sorted, ood_sorted)  # at or below each distinct score, ascending
+    m = id_le.size
+    # ID positive: counts at or above each distinct score (ascending scores = scikit-learn's
+    # flipped precision-recall order; reversed, its ROC order)
+    id_ge, ood_ge = np.empty(m), np.empty(m)
+    id_ge[0], ood_ge[0] = n_id, n_ood
+    np.subtract(n_id, id_le[:-1], out=id_ge[1:])
+    np.subtract(n_ood, ood_le[:-1], out=ood_ge[1:])
+    # roc_curve's drop_intermediate keeps an inner point where the step to the next differs from
+    # the step before: where the ID or OOD count of one distinct score differs from the next's
+    group_id, group_ood = np.diff(id_le, prepend=0), np.diff(ood_le, prepend=0)
+    change = group_id[1:] != group_id[:-1]
+    change |= group_ood[1:] != group_ood[:-1]
+    keep_in = np.ones(m, dtype=bool)  # thresholds decreasing (ID positive)
+    keep_in[1:-1] = change[: m - 2][::-1]
+    keep_out = np.ones(m, dtype=bool)  # thresholds increasing (OOD positive, negated scores)
+    keep_out[1:-1] = change[1 : m - 1]
+    auroc = _trapezoid(
+        _curve(id_ge[::-1], keep_in, n_id), _curve(ood_ge[::-1], keep_in, n_ood)
+    )  # tpr against fpr
+    id_le_f, ood_le_f = id_le.astype(np.float64), ood_le.astype(np.float64)
+    fpr_out, tpr_out = _curve(id_le_f, keep_out, n_id), _curve(ood_le_f, keep_out, n_ood)
+    # precision-recall, lowest threshold first, ending at (recall 0, precision 1)
+    recall_in, precision_in = _pr_arrays(id_ge, ood_ge, n_id)
+    recall_out, precision_out = _pr_arrays(ood_le_f[::-1], id_le_f[::-1], n_ood)
+    step_in, step_out = np.diff(recall_in), np.diff(recall_out)
     return {
         "neglabel": OodMetrics(
             auroc=auroc,
-            fpr95=_fpr_neglabel(id_ge, ood_ge),
-            aupr_in=_average_precision(precision_in, recall_in),
-            aupr_out=_average_precision(precision_out, recall_out),
+            fpr95=_fpr_neglabel(id_ge[::-1], ood_ge[::-1]),
+            aupr_in=_step_sum(step_in, precision_in),
+            aupr_out=_step_sum(step_out, precision_out),
         ),
         "openood": OodMetrics(
             auroc=auroc,
-            fpr95=_fpr_openood(tps_out, fps_out),
-            aupr_in=min(1.0, -_trapezoid(precision_in, recall_in)),
-            aupr_out=min(1.0, -_trapezoid(precision_out, recall_out)),
+            fpr95=float(fpr_out[np.argmax(tpr_out >= RECALL_LEVEL)]),
+            aupr_in=min(1.0, -_trapezoid_steps(precision_in, step_in)),
+            aupr_out=min(1.0, -_trapezoid_steps(precision_out, step_out)),
         ),
     }
+
+
+def _curve(counts: np.ndarray, keep: np.ndarray, total: int) -> np.ndarray:
+    """One axis of roc_curve: the kept counts after a leading 0, divided by the last (``total``)."""
+    out = np.empty(int(np.count_nonzero(keep)) + 1)
+    out[0] = 0.0
+    np.compress(keep, counts, out=out[1:])
+    out /= total
+    return out
+
+
+def _pr_arrays(true_pos: np.ndarray, false_pos: np.ndarray, total: int) -> tuple[np.ndarray, np.ndarray]:
+    """precision_recall_curve's recall and precision, in its (flipped) order, (0, 1) appended."""
+    recall, precision = np.empty(true_pos.size + 1), np.empty(true_pos.size + 1)
+    np.divide(true_pos, total, out=recall[:-1])
+    recall[-1] = 0.0
+    np.add(true_pos, false_pos, out=precision[:-1])
+    np.divide(true_pos, precision[:-1], out=precision[:-1])
+    precision[-1] = 1.0
+    return recall, precision
+
+
+def _step_sum(step: np.ndarray, precision: np.ndarray) -> float:
+    """average_precision_score: -Σ Δrecall · precision, -0.0 clipped to 0 (``step`` = Δrecall)."""
+    step = step * precision[:-1]
+    return float(max(0.0, -np.sum(step)))
+
+
+def _trapezoid_steps(y: np.ndarray, step: np.ndarray) -> float:
+    """scipy's trapezoid(y, x) given ``step`` = x[1:] - x[:-1]: Σ step · (y[1:] + y[:-1]) / 2.0."""
+    total = np.add(y[1:], y[:-1])
+    total *= step
+    total /= 2.0
+    return float(np.sum(total, dtype=np.float64))
 
 
 def _counts(id_sorted: np.ndarray, ood_sorted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -370,9 +370,11 @@ def _evaluate(
     if rule is not None:
         results["lambda_selection"] = {"rule": rule, "lambda": chosen}
     rows: list[dict] = []
+    # each file's statistics once (they were computed per OOD block and again below)
+    stats = {name: statistics(_stat_columns(frame)) for name, frame in frames.items()}
     for name, frame in ood_frames.items():
         block = _ood_block(
-            request, name, id_frame, frame, selection, sweeps.get(name), chosen.get(name), rows
+            request, name, id_frame, frame, selection, sweeps.get(name), chosen.get(name), rows, stats
         )
         block.update(
             dropped_nonfinite=dropped[name],
@@ -394,9 +396,9 @@ def _evaluate(
             results[key] = results["mean"][key]
     if request.id_groups:
         results["id_groups"] = _id_groups(request, id_frame, selection, sweeps, results["mean"], calibration)
-    results["statistics"] = {"id": statistics(_stat_columns(id_frame))}
-    for name, frame in ood_frames.items():
-        results["statistics"][f"ood:{name}"] = statistics(_stat_columns(frame))
+    results["statistics"] = {"id": stats[ID_SET]}
+    for name in ood_frames:
+        results["statistics"][f"ood:{name}"] = stats[name]
     _write_outputs(folder, request, results, rows, id_frame, ood_frames, store, reporter)
     return {"counts": {"id": len(id_frame), **{f"ood:{n}": len(f) for n, f in ood_frames.items()}}}
 
@@ -697,12 +699,16 @@ def _ood_block(
     sweep: dict[float, dict] | None,
     lam: float | None,
     rows: list[dict],
+    stats: Mapping[str, dict] | None = None,
 ) -> dict[str, Any]:
-    """One OOD set's results (and its rows of metrics.csv, appended to ``rows``)."""
+    """One OOD set's results (and its rows of metrics.csv, appended to ``rows``); ``stats``: each
+    file's ``statistics`` by set name, when already computed."""
+    if stats is None:
+        stats = {ID_SET: statistics(_stat_columns(id_frame)), name: statistics(_stat_columns(frame))}
     block: dict[str, Any] = {
         "file": str(dict(request.oods)[name]),
         "n": len(frame),
-        "statistics": {"id": statistics(_stat_columns(id_frame)), "ood": statistics(_stat_columns(frame))},
+        "statistics": {"id": stats[ID_SET], "ood": stats[name]},
         "methods": {},
     }
     for method, column in selection.columns.items():
