@@ -123,7 +123,7 @@ def sorted_metrics(id_sorted: np.ndarray, ood_sorted: np.ndarray) -> dict[str, O
     return {
         "neglabel": OodMetrics(
             auroc=auroc,
-            fpr95=_fpr_neglabel(id_ge[::-1], ood_ge[::-1]),
+            fpr95=_fpr_neglabel(id_ge, ood_ge),
             aupr_in=_step_sum(step_in, precision_in),
             aupr_out=_step_sum(step_out, precision_out),
         ),
@@ -215,20 +215,23 @@ def _auc(fpr: np.ndarray, tpr: np.ndarray) -> float:
     return _trapezoid(tpr, fpr)
 
 
-def _fpr_neglabel(true_pos: np.ndarray, false_pos: np.ndarray, recall: float = RECALL_LEVEL) -> float:
-    """The ``neglabel`` FPR@95 from the integer counts at each distinct score, thresholds
-    decreasing. Follows ``fpr_and_fdr_at_recall``: one point per distinct score from the highest
-    down to the first that reaches full recall, scanned from low to high threshold; the first point
-    with the smallest |recall − 0.95| wins, so within a run of equal recall the lowest threshold
-    (most false positives) is taken, and of two equally close recalls the higher one. A final
-    (recall 1, FP 0) point is appended, as that code does."""
-    negatives = false_pos[-1]
-    recalls = true_pos / true_pos[-1]
-    last = int(np.searchsorted(true_pos, true_pos[-1]))
-    recalls = np.r_[recalls[last::-1], 1.0]
-    false_pos = np.r_[false_pos[last::-1], 0]
-    cutoff = int(np.argmin(np.abs(recalls - recall)))
-    return float(false_pos[cutoff] / negatives)
+def _fpr_neglabel(id_above: np.ndarray, ood_above: np.ndarray, recall: float = RECALL_LEVEL) -> float:
+    """The ``neglabel`` FPR@95 from the counts of ID and OOD scores at or above each distinct score
+    (scores ascending). Follows ``fpr_and_fdr_at_recall``: one point per distinct score from the
+    highest threshold that keeps every ID score upwards; the first point with the smallest
+    |recall − 0.95| wins, so within a run of equal recall the lowest threshold (most false
+    positives) is taken, and of two equally close recalls the higher one. A final (recall 1, FP 0)
+    point closes the scan, as that code appends it."""
+    total, negatives = id_above[0], ood_above[0]
+    below = id_above < total
+    start = (int(np.argmax(below)) if below.any() else id_above.size) - 1  # keeps every ID score
+    distance = id_above[start:] / total
+    distance -= recall
+    np.abs(distance, out=distance)
+    best = int(np.argmin(distance))
+    if distance[best] > abs(1.0 - recall):  # the closing point is strictly closer
+        return 0.0
+    return float(ood_above[start + best] / negatives)
 
 
 def _fpr_openood(tps: np.ndarray, fps: np.ndarray, recall: float = RECALL_LEVEL) -> float:
@@ -251,8 +254,8 @@ def fpr_at_recall_neglabel(
 ) -> float:
     """FPR at the ROC point whose ID recall is closest to ``recall`` (ID positive; ``_fpr_neglabel``)."""
     id_le, ood_le = _counts(np.sort(_checked(id_scores)), np.sort(_checked(ood_scores)))
-    id_ge = id_le[-1] - np.r_[0, id_le[:-1]][::-1]
-    ood_ge = ood_le[-1] - np.r_[0, ood_le[:-1]][::-1]
+    id_ge = id_le[-1] - np.r_[0, id_le[:-1]]
+    ood_ge = ood_le[-1] - np.r_[0, ood_le[:-1]]
     return _fpr_neglabel(id_ge, ood_ge, recall)
 
 
