@@ -20,11 +20,13 @@ within a batch (a batch of one has no spread).
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -36,8 +38,14 @@ from negalign_cli.compute.evaluation import ALIGN, STAR, final_score, nonfinite_
 from negalign_cli.compute.evaluation import fit_calibration as fit_statistics
 from negalign_cli.compute.score_columns import SCORE_COLUMNS
 from negalign_cli.compute.scores import ScoreConfig, compute_scores
-from negalign_cli.compute.vision import CamConfig, cam_batch, encode_images
-from negalign_cli.defaults import DEFAULT_INVALID_CAM, DEFAULT_PRETRAINED, DEFAULT_TAU
+from negalign_cli.compute.vision import CamConfig
+from negalign_cli.defaults import (
+    COMPILE_MODES,
+    DEFAULT_COMPILE,
+    DEFAULT_INVALID_CAM,
+    DEFAULT_PRETRAINED,
+    DEFAULT_TAU,
+)
 from negalign_cli.errors import NegalignError
 from negalign_cli.hashing import sha256_lines
 from negalign_cli.inputs.datasets import PIXEL_ARRAYS, TooLarge, load_rgb, to_rgb
@@ -60,6 +68,86 @@ from negalign_cli.stages.vocab import (
 
 # What a single image's details hold besides the score columns of ``scores.parquet``.
 DETAIL_EXTRAS = ("s_final", "pred_class", "pred_name", "pred_score", "cam_valid", "fg_fraction")
+
+
+# The CLI options whose checks the API shares, and the API's own argument for each: an error raised
+# by a shared check names the argument the caller passed (``device='cpu'``, not ``--device cpu``).
+API_ARGUMENTS = {
+    "--model": "arch",
+    "--pretrained": "pretrained",
+    "--device": "device",
+    "--precision": "precision",
+    "--cache-dir": "cache_dir",
+    "--batch-size": "batch_size",
+    "--classes": "train_dataset",
+    "--cam-method": "cam_method",
+    "--block": "cam_block",
+    "--bg-pool": "bg_pool",
+    "--fg-percentile": "cam_fg_percentile",
+    "--dilate": "cam_dilate_px",
+    "--tau": "tau",
+    "--groups": "groups",
+    "--group-seed": "group_seed",
+    "--neg-topk": "neg_topk",
+    "--role-aware": "use_role_aware_negatives",
+    "--role-aware-include-ambiguous": "role_aware_include_ambiguous",
+    "--invalid-cam": "invalid_cam",
+    "--negatives-split": "negatives_split",
+    "--nouns": "neg_nouns",
+    "--adjs": "neg_adjs",
+    "--lexicon": "lexicon",
+    "--calibration": "calibration",
+    "--lambda": "lambda_bg",
+    "--scale-stabilize": "use_scale_stabilization",
+}
+_SWITCHES = {"--role-aware", "--role-aware-include-ambiguous", "--scale-stabilize"}  # True in the API
+_CHOICES = (  # option values the messages spell bare (``--device cpu``): an option's value, not prose
+    r"auto|cpu|cuda(?::\w+)?|fp32|fp16|bf16|gradcam|gradxact|tokens|maskclip|clearclip|mask|fallback|zero|exclude"
+)
+_FLAG = re.compile(
+    r"(?<![\w-])(?P<flag>--[a-z][a-z-]*[a-z])"
+    r"(?: (?P<value>'[^']*'|\"[^\"]*\"|-?\d[\w.]*|[KN]\b|[/~][^\s,;)]*|(?:" + _CHOICES + r")\b))?"
+)
+
+
+def api_message(message: str) -> str:
+    """A shared check's message as the Python API's caller reads it: each CLI option the API
+    also takes becomes its argument (``--device cpu`` -> ``device='cpu'``, ``--groups`` ->
+    ``groups=``, ``--role-aware`` -> ``use_role_aware_negatives=True``); options inside a quoted
+    command (`` `negalign merge --shards-dir` ``) and options of other commands stay."""
+
+    def spell(match: re.Match[str]) -> str:
+        flag, value = match.group("flag"), match.group("value")
+        name = API_ARGUMENTS.get(flag)
+        if name is None:
+            return match.group(0)
+        if flag in _SWITCHES:
+            return f"{name}=True" + (f" {value}" if value else "")
+        if value is None:
+            return f"{name}="
+        if value[0] in "'\"" or value[0].isdigit() or value[0] == "-" or value in ("K", "N"):
+            return f"{name}={value}"
+        return f"{name}={value!r}"
+
+    parts = message.split("`")
+    return "`".join(_FLAG.sub(spell, part) if i % 2 == 0 else part for i, part in enumerate(parts))
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _api_names(method: F) -> F:
+    """Errors leave ``method`` naming the API's arguments (:func:`api_message`), not the CLI's options."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except NegalignError as exc:
+            exc.args = (api_message(str(exc)),)
+            raise
+
+    return wrapper  # type: ignore[return-value]
 
 
 def resolve_arch(arch: str, pretrained: str | None = None) -> tuple[str, str | None]:
@@ -113,6 +201,7 @@ class CLIPNegAlign:
     S_final starts from S_NegLabel plain.
     """
 
+    @_api_names
     def __init__(
         self,
         train_dataset: str | Path | Sequence[str] = "imagenet",
@@ -148,6 +237,7 @@ class CLIPNegAlign:
         batch_size: int = 128,
         cache_dir: str | Path | None = None,
         reporter: Reporter | None = None,
+        compile: str = DEFAULT_COMPILE,
     ) -> None:
         self.reporter = reporter or NullReporter()
         self.use_neglabel_star = use_neglabel_star
@@ -188,8 +278,16 @@ class CLIPNegAlign:
         cache_root = resolve_cache_dir(cache_dir)
         # built when something is computed (texts or images the caches lack), else known from the
         # cache's fingerprint table (modelref)
+        if str(compile).strip().lower() not in COMPILE_MODES:
+            raise NegalignError(f"unknown compile={compile!r}: use {', '.join(COMPILE_MODES)}")
         self.model: LazyModel = plan_model(
-            name, weights, cache_root, str(torch_device), precision, self.reporter
+            name,
+            weights,
+            cache_root,
+            str(torch_device),
+            precision,
+            self.reporter,
+            compile=str(compile).strip().lower(),
         )
         if self.model.random_weights:
             self.reporter.warn(f"{self.model.name} has random weights: its scores mean nothing")
@@ -277,6 +375,7 @@ class CLIPNegAlign:
         """Whether S_final z-scores S* and P_align (M3 is part of S*, so it needs use_neglabel_star)."""
         return self.use_scale_stabilization and self.use_neglabel_star
 
+    @_api_names
     def fit_calibration(self, id_images: Any) -> dict[str, dict[str, float]]:
         """M3: fit the mean and standard deviation of S* and P_align on ID images (a batch tensor,
         PIL images, or an iterable of batches such as a DataLoader yielding ``(images, labels)``)
@@ -294,6 +393,7 @@ class CLIPNegAlign:
         return self.calibration
 
     # ------------------------------------------------------------------ scoring
+    @_api_names
     def detection_score(
         self, img_tensor: Any, orig_image: Any = None, return_details: bool = False
     ) -> float | dict[str, Any]:
@@ -331,6 +431,7 @@ class CLIPNegAlign:
         )
         return details
 
+    @_api_names
     def detection_scores(self, batch: Any, return_details: bool = False) -> np.ndarray | pd.DataFrame:
         """S_final of every image of ``batch`` (a ``(B, 3, H, W)`` tensor, a list of tensors or of
         PIL images, or an iterable of batches), processed ``batch_size`` images at a time. With
@@ -429,7 +530,7 @@ class CLIPNegAlign:
             for start in range(0, batch.shape[0], self.batch_size):
                 chunk = self.model.to_input(batch[start : start + self.batch_size])
                 if self.use_p_align:
-                    out = cam_batch(self.model.model, chunk, self.class_features, self.cam_config)
+                    out = self.model.tower.cam(chunk, self.class_features, self.cam_config, self.reporter)
                     embeddings.append(out.embeddings.cpu())
                     background.append(out.background.cpu())
                     meta.append(
@@ -446,7 +547,7 @@ class CLIPNegAlign:
                         cams.append(out.cams.cpu().numpy())
                         masks.append(out.foreground.cpu().numpy())
                 else:
-                    x = encode_images(self.model.model, chunk).cpu()
+                    x = self.model.tower.encode(chunk, self.reporter).cpu()
                     embeddings.append(x)
                     meta.append(
                         torch.stack(
@@ -578,6 +679,7 @@ class _Preprocess:
     def __init__(self, transform: Any) -> None:
         self.transform = transform
 
+    @_api_names
     def __call__(self, image: Any, argument: str = "image") -> torch.Tensor:
         if isinstance(image, (str, Path)):
             try:

@@ -13,6 +13,10 @@ DEFAULT_CACHE_DIR = ".negalign-cache"
 
 # Model precisions (fp16 needs CUDA).
 PRECISIONS = ("fp32", "fp16", "bf16")
+# `--compile`: torch.compile of the image tower; auto = on for CUDA only (models.ImageTower)
+COMPILE_MODES = ("auto", "on", "off")
+DEFAULT_COMPILE = "auto"
+COMPILED_DIR = "compiled"  # the folder of compiled artifacts in the cache (torch inductor's cache)
 
 # The field's standard model: OpenAI's ViT-B/16, what MCM, NegLabel, CSP and NegRefine report first.
 DEFAULT_MODEL = "ViT-B-16"

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-from negalign_cli.defaults import DEFAULT_MODEL, DEFAULT_PRETRAINED
+from negalign_cli.defaults import COMPILED_DIR, DEFAULT_COMPILE, DEFAULT_MODEL, DEFAULT_PRETRAINED
 from negalign_cli.errors import NegalignError
 from negalign_cli.hashing import canonical_json, sha256_json
 from negalign_cli.model_names import LOCAL_DIR, check_model_name, project_model_names, resolve_model_name
@@ -401,10 +401,14 @@ class LazyModel:
         *,
         loaded: Any = None,
         reporter: Reporter | None = None,
+        compile: str = DEFAULT_COMPILE,
+        compile_cache: Path | None = None,
     ) -> None:
         from negalign_cli.settings import DeviceName
 
         self.ref = ref
+        self.compile = compile  # `--compile` of the model built on first use (models.ImageTower)
+        self.compile_cache = compile_cache
         self._entry = entry
         self._table = table
         self._loaded = loaded
@@ -491,7 +495,14 @@ class LazyModel:
         if self._loaded is None:
             from negalign_cli.models import load_model
 
-            loaded = load_model(self.ref.name, self.ref.pretrained, self.ref.device, self.ref.precision)
+            loaded = load_model(
+                self.ref.name,
+                self.ref.pretrained,
+                self.ref.device,
+                self.ref.precision,
+                compile=self.compile,
+                compile_cache=self.compile_cache,
+            )
             entry = table_entry(self.ref, loaded)
             if entry["fingerprint"] != self.fingerprint:
                 if self._table is not None:
@@ -508,7 +519,15 @@ class LazyModel:
         return self._loaded
 
     def __getattr__(self, attribute: str) -> Any:
-        if attribute.startswith("_") or attribute in ("ref", "name", "pretrained", "device", "precision"):
+        if attribute.startswith("_") or attribute in (
+            "ref",
+            "name",
+            "pretrained",
+            "device",
+            "precision",
+            "compile",
+            "compile_cache",
+        ):
             raise AttributeError(attribute)
         return getattr(self.loaded, attribute)
 
@@ -520,21 +539,28 @@ def plan_model(
     device: str = "cpu",
     precision: str = "fp32",
     reporter: Reporter | None = None,
+    compile: str = DEFAULT_COMPILE,
 ) -> LazyModel:
     """The model of a command, for planning: from the fingerprint table when it has a row for it
     (nothing built, nothing imported), else built now and its row written (a first run, a changed
-    checkpoint, a ``local-dir:`` model)."""
+    checkpoint, a ``local-dir:`` model). ``compile`` is ``--compile``; compiled artifacts go to
+    the cache's ``compiled`` folder."""
     ref = resolve_ref(name, pretrained, device, precision)
+    compile_cache = Path(cache_dir) / COMPILED_DIR
     table = FingerprintTable(cache_dir)
     entry = table.get(ref)
     if entry is not None:
-        return LazyModel(ref, entry, table, reporter=reporter)
+        return LazyModel(ref, entry, table, reporter=reporter, compile=compile, compile_cache=compile_cache)
     from negalign_cli.models import load_model
 
-    loaded = load_model(ref.name, ref.pretrained, ref.device, ref.precision)
+    loaded = load_model(
+        ref.name, ref.pretrained, ref.device, ref.precision, compile=compile, compile_cache=compile_cache
+    )
     entry = table_entry(ref, loaded)
     table.put(ref, entry)
-    return LazyModel(ref, entry, table, loaded=loaded, reporter=reporter)
+    return LazyModel(
+        ref, entry, table, loaded=loaded, reporter=reporter, compile=compile, compile_cache=compile_cache
+    )
 
 
 if TYPE_CHECKING:

@@ -20,14 +20,14 @@ import os
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
 from negalign_cli.assets import model_config_dir
-from negalign_cli.defaults import DEFAULT_MODEL, DEFAULT_PRETRAINED
+from negalign_cli.defaults import COMPILE_MODES, DEFAULT_COMPILE, DEFAULT_MODEL, DEFAULT_PRETRAINED
 from negalign_cli.errors import NegalignError
 from negalign_cli.hashing import canonical_json
 from negalign_cli.model_names import resolve_model_name  # names, checked without torch
@@ -43,6 +43,12 @@ from negalign_cli.modelref import (  # noqa: F401  (re-exported: the torch-free 
     resolve_source,
     weights_hint,
 )
+from negalign_cli.reporting import NullReporter, Reporter
+
+if TYPE_CHECKING:
+    from negalign_cli.compute.vision import CamBatch, CamConfig, TowerPasses
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,19 @@ class LoadedModel:
     device: torch.device
     precision: str
     random_weights: bool = False  # a seeded random init: numbers mean nothing (tests, speed)
+    compile: str = DEFAULT_COMPILE  # `--compile`: auto (on for CUDA), on, off (see ImageTower)
+    compile_cache: Path | None = None  # where torch inductor keeps compiled artifacts (the cache's)
+    _tower: ImageTower | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def tower(self) -> ImageTower:
+        """The image tower's passes, compiled or eager as ``compile`` and the device say (made once,
+        so compiled code is reused for every batch)."""
+        if self._tower is None:
+            self._tower = ImageTower(
+                self.model, compile_wanted(self.compile, self.device), self.compile_cache
+            )
+        return self._tower
 
     @property
     def embed_dim(self) -> int:
@@ -127,6 +146,117 @@ class LoadedModel:
     def describe(self) -> str:
         where = f"{self.device}, {self.precision}"
         return f"{self.name} ({self.weights}; fingerprint {self.short_fingerprint}; {where})"
+
+
+# --------------------------------------------------------------------------- torch.compile
+def check_compile(mode: str) -> str:
+    """The normalised ``--compile`` value, or a one-line error naming the valid ones."""
+    key = str(mode).strip().lower()
+    if key not in COMPILE_MODES:
+        raise NegalignError(f"unknown --compile {mode!r}: use {', '.join(COMPILE_MODES)}")
+    return key
+
+
+def compile_wanted(mode: str, device: torch.device | str) -> bool:
+    """Whether the image tower is compiled: ``on``, or ``auto`` on a CUDA device."""
+    key = check_compile(mode)
+    return key == "on" or (key == "auto" and torch.device(str(device)).type == "cuda")
+
+
+_OUR_INDUCTOR_CACHES: set[str] = set()
+
+
+def use_compile_cache(folder: Path | None) -> None:
+    """torch inductor's cache (FX and autograd graphs, generated kernels; Triton's kernels go below
+    it) in ``folder``, so a compiled tower is reused by the next process; a
+    ``TORCHINDUCTOR_CACHE_DIR`` the user set is kept."""
+    if folder is None:
+        return
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    theirs = current is not None and current not in _OUR_INDUCTOR_CACHES
+    if theirs and os.path.abspath(str(current)) != os.path.abspath(default_cache_dir()):
+        return  # the user's choice (inductor itself writes its default there once it has run)
+    folder = folder.expanduser().absolute()
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    _OUR_INDUCTOR_CACHES.add(str(folder))
+
+
+class ImageTower:
+    """The image tower of one model, run as :class:`compute.vision.TowerPasses`: each pass
+    compiled with ``torch.compile`` (on first use, kept in the inductor cache under ``cache``) when
+    ``compiled``, eager otherwise. A compile that fails (no C compiler, no Triton, a graph dynamo
+    cannot trace) falls back to the eager passes for the rest of the process, with one warning.
+    Compiled and eager outputs agree within float rounding (docs/performance.md), so the setting is
+    not part of any cache key."""
+
+    def __init__(self, module: torch.nn.Module, compiled: bool, cache: Path | None = None) -> None:
+        self.module = module
+        self.requested = compiled
+        self.failure: str | None = None  # why compiling failed, once it has
+        self._cache = cache
+        self._compiled: TowerPasses | None = None
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the compiled passes are in use (asked for, and not failed)."""
+        return self.requested and self.failure is None
+
+    def passes(self) -> TowerPasses:
+        from negalign_cli.compute.vision import EAGER_PASSES, TowerPasses, back_pass, encode_pass, front_pass
+
+        if not self.compiled:
+            return EAGER_PASSES
+        if self._compiled is None:
+            use_compile_cache(self._cache)
+            self._compiled = TowerPasses(
+                encode=torch.compile(encode_pass),
+                front=torch.compile(front_pass),
+                back=torch.compile(back_pass),
+            )
+        return self._compiled
+
+    def run(self, step: Callable[[TowerPasses], _T], reporter: Reporter | None = None) -> _T:
+        """``step`` with the compiled passes, or with the eager ones where compiling is off or fails
+        (then once more with them: the passes are pure)."""
+        from negalign_cli.compute.vision import EAGER_PASSES
+
+        passes = self.passes()
+        if passes is EAGER_PASSES:
+            return step(passes)
+        try:
+            return step(passes)
+        except (NegalignError, torch.OutOfMemoryError):
+            raise  # not the compiler's: the eager passes would fail alike
+        except Exception as exc:
+            self.failure = f"{type(exc).__name__}: {_first_line(exc, 160)}"
+            (reporter or NullReporter()).warn(
+                f"torch.compile of the image tower failed ({self.failure}); running it eagerly from now "
+                "on (--compile off skips compiling)"
+            )
+            return step(EAGER_PASSES)
+
+    def encode(self, images: torch.Tensor, reporter: Reporter | None = None) -> torch.Tensor:
+        """:func:`compute.vision.encode_images` through these passes."""
+        from negalign_cli.compute.vision import encode_images
+
+        return self.run(lambda passes: encode_images(self.module, images, passes), reporter)
+
+    def cam(
+        self,
+        images: torch.Tensor,
+        class_features: torch.Tensor,
+        config: CamConfig,
+        reporter: Reporter | None = None,
+    ) -> CamBatch:
+        """:func:`compute.vision.cam_batch` through these passes."""
+        from negalign_cli.compute.vision import cam_batch
+
+        return self.run(
+            lambda passes: cam_batch(self.module, images, class_features, config, passes), reporter
+        )
 
 
 def preprocess_transform(cfg: dict[str, Any]):
@@ -464,18 +594,23 @@ def load_model(
     device: torch.device | str = "cpu",
     precision: str = "fp32",
     random_quick_gelu: bool = False,
+    compile: str = DEFAULT_COMPILE,
+    compile_cache: Path | None = None,
 ) -> LoadedModel:
     """Build ``name`` with weights from ``pretrained`` and put it in eval mode on ``device``.
     ``ViT-B-16`` without ``pretrained`` means OpenAI's weights (the field's standard); OpenAI's names
     (``ViT-B/16``) are open_clip's with OpenAI's weights (:func:`check_weights`). Random weights
     build open_clip's GELU config unless ``random_quick_gelu`` (the architecture OpenAI's weights
-    run: :func:`openai_quick_gelu`).
+    run: :func:`openai_quick_gelu`). ``compile`` (auto, on, off) says whether ``tower`` runs the
+    image tower through ``torch.compile`` (auto: on CUDA only), keeping its artifacts in
+    ``compile_cache``.
 
     Raises :class:`NegalignError` with a one-line explanation for anything the user can fix.
     """
     from negalign_cli.settings import check_precision, torch_dtype
 
     precision = check_precision(precision)
+    compile = check_compile(compile)
     name, pretrained, source = check_weights(name, pretrained)
     model, quick_gelu = _build(name, source, random_quick_gelu)
     open_clip = _open_clip()
@@ -500,6 +635,8 @@ def load_model(
         device=device,
         precision=precision,
         random_weights=source.random,
+        compile=compile,
+        compile_cache=compile_cache,
     )
 
 

@@ -44,15 +44,16 @@ def _isolated_cache(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def toy_demo(tmp_path_factory):
-    """One small `negalign demo` run (the bundled toy CLIP; 80 ID images, 40 per OOD set), shared
-    by the tests that read its output: (its --out folder, the finished process)."""
+    """One small `make demo` run (scripts/demo.sh with the bundled toy CLIP; 80 ID images, 40 per
+    OOD set), shared by the tests that read its output: (its --out folder, the finished process)."""
     import subprocess
     import sys
     from pathlib import Path
 
     out = tmp_path_factory.mktemp("toy-demo") / "demo"
     negalign = Path(sys.executable).with_name("negalign")
-    command = [str(negalign), "demo", "--out", str(out), "--n-id", "80", "--n-ood", "40"]
+    script = Path(__file__).resolve().parents[1] / "scripts" / "demo.sh"
+    command = ["bash", str(script), str(negalign), str(out), "--n-id", "80", "--n-ood", "40"]
     env = {k: v for k, v in os.environ.items() if k not in ("NEGALIGN_DEVICE", "NEGALIGN_DEBUG")}
     env.update(COLUMNS="160", NEGALIGN_CACHE=str(out.parent / "cache"))  # never a user's cache
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
@@ -68,3 +69,13 @@ def _module_process_state():
 
     with in_process():
         yield
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`make test` runs two workers), a test file stays on one worker, so its
+    module fixtures are built once; the tests that read the shared demo run (``toy_demo``) go to one
+    worker together, so the demo runs once."""
+    for item in items:
+        fixtures = getattr(item, "fixturenames", ())
+        group = "toy_demo" if "toy_demo" in fixtures or "toy_run" in fixtures else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))

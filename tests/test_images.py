@@ -121,11 +121,11 @@ def test_new_files_renames_and_resume(tiny_model, workspace, tmp_path, monkeypat
     calls = {"n": 0}
     original = vision_module.encode_images  # the stage imports it inside its compute step
 
-    def flaky(model, batch):
+    def flaky(model, batch, *passes):
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt
-        return original(model, batch)
+        return original(model, batch, *passes)
 
     monkeypatch.setattr(vision_module, "encode_images", flaky)
     with pytest.raises(KeyboardInterrupt):

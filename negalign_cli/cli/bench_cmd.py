@@ -39,6 +39,7 @@ def bench(
     ] = None,
     device: o.Device = "auto",
     precision: o.PrecisionOpt = o.Precision.fp32,
+    compile: o.Compile = o.CompileMode.auto,
     batch_size: Annotated[
         int, typer.Option("--batch-size", "-b", min=1, help="Images per batch of the model flows.")
     ] = 16,
@@ -136,7 +137,10 @@ def bench(
     if quick_gelu is None:
         quick_gelu = openai_quick_gelu(model)
     # random weights are the point here, in the architecture users run
-    loaded = load_model(model, pretrained, rt.device, rt.precision, random_quick_gelu=quick_gelu)
+    mode = compile.value if isinstance(compile, o.CompileMode) else compile
+    loaded = load_model(
+        model, pretrained, rt.device, rt.precision, random_quick_gelu=quick_gelu, compile=mode
+    )
     report.info(f"model {loaded.describe()}")
     config = BenchConfig(
         batch_size=batch_size,

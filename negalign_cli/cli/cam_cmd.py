@@ -57,6 +57,7 @@ def cam(
     cache_dir: o.CacheDir = None,
     device: o.Device = "auto",
     precision: o.PrecisionOpt = o.Precision.fp32,
+    compile: o.Compile = o.CompileMode.auto,
     batch_size: o.BatchSize = 128,
     verbose: o.Verbose = 0,
     quiet: o.Quiet = False,
@@ -92,7 +93,7 @@ def cam(
     image_list = list_images(images, data_root, split, allow_outside_root=allow_outside_root)
     stat_cache = Workspace.open(rt.cache_dir).stat_cache  # unchanged files are not hashed again
     listing = digest_images(image_list, report, stat_cache=stat_cache) if chosen_shard is None else None
-    loaded = o.load(model, pretrained, rt, report)
+    loaded = o.load(model, pretrained, rt, report, compile=compile)
 
     def run(listing):
         return cam_images(

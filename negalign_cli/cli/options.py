@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from negalign_cli.cli.console import RichReporter, debug_enabled, fail
-from negalign_cli.defaults import DEFAULT_MODEL, DEFAULT_PRETRAINED, PRECISIONS, STORE_DTYPES
+from negalign_cli.defaults import COMPILE_MODES, DEFAULT_MODEL, DEFAULT_PRETRAINED, PRECISIONS, STORE_DTYPES
 from negalign_cli.settings import CACHE_ENV, DEVICE_ENV, Runtime, contain_writes, resolve_cache_dir
 
 
@@ -22,6 +22,15 @@ class Precision(str, Enum):
 
 
 assert tuple(p.value for p in Precision) == PRECISIONS  # the names live in defaults.py
+
+
+class CompileMode(str, Enum):
+    auto = "auto"
+    on = "on"
+    off = "off"
+
+
+assert tuple(c.value for c in CompileMode) == COMPILE_MODES
 
 
 CacheDir = Annotated[
@@ -37,6 +46,14 @@ Device = Annotated[
     str, typer.Option("--device", envvar=DEVICE_ENV, help=f"auto, cpu, cuda or cuda:N (else ${DEVICE_ENV}).")
 ]
 PrecisionOpt = Annotated[Precision, typer.Option("--precision", help="Model precision (fp16 needs CUDA).")]
+Compile = Annotated[
+    CompileMode,
+    typer.Option(
+        "--compile",
+        help="torch.compile the image tower: auto (on CUDA only), on, off. Compiled code is kept in the "
+        "cache's compiled/ folder; a compile that fails falls back to eager with one warning.",
+    ),
+]
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Items per forward pass.")]
 Verbose = Annotated[int, typer.Option("-v", "--verbose", count=True, help="More detail (repeatable).")]
 Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="Only warnings, errors and results.")]
@@ -120,14 +137,24 @@ def check_weights(model: str, pretrained: str | None, rt: Runtime | None = None)
     check_weights(model, pretrained)
 
 
-def load(model: str, pretrained: str | None, rt: Runtime, report: RichReporter, detail: str = ""):
+def load(
+    model: str,
+    pretrained: str | None,
+    rt: Runtime,
+    report: RichReporter,
+    detail: str = "",
+    compile: CompileMode | str = CompileMode.off,
+):
     """The command's model (``modelref.LazyModel``): its identity from the cache's fingerprint
     table, the network built only when a stage computes something (a miss), or now when the table
-    does not know it yet. Says which model, and warns loudly when its weights are random."""
+    does not know it yet. Says which model, and warns loudly when its weights are random.
+    ``compile`` is ``--compile`` (the image tower's torch.compile) of the commands that take it;
+    the others run the tower eagerly (the toy demo's few images would wait for a compile)."""
     from negalign_cli.modelref import plan_model
 
     started = time.perf_counter()
-    loaded = plan_model(model, pretrained, rt.cache_dir, rt.device, rt.precision, report)
+    mode = compile.value if isinstance(compile, CompileMode) else compile
+    loaded = plan_model(model, pretrained, rt.cache_dir, rt.device, rt.precision, report, compile=mode)
     report.info(f"model {loaded.describe()}{detail}")
     how = "built" if loaded.built else "from the fingerprint table (not built)"
     report.debug(

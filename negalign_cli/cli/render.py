@@ -19,7 +19,9 @@ def render_results(results: dict) -> None:
     chunks: list[list[str]] = [[]]
     used = first + 1
     for column in paper.columns:
-        width = max(len("AUROC↑ / FPR↓"), *(len(part) for part in column_title(paper, column).split())) + 3
+        texts = [cell_text(row.cells.get(column)) for row in paper.rows]  # mean±std over seeds is wider
+        width = max(len("AUROC↑ / FPR↓"), *(len(part) for part in column_title(paper, column).split()))
+        width = max(width, *(len(text) for text in texts)) + 3
         if chunks[-1] and used + width > console.width:
             chunks.append([])
             used = first + 1
@@ -54,7 +56,11 @@ def render_id_groups(results: dict) -> None:
     """Per ID subgroup (``evaluate --id-group``): the share each method rejects at the threshold
     that keeps 95% of all ID images."""
     for name, group in results.get("id_groups", {}).items():
-        shares = ", ".join(f"{method} {100 * share:.1f}%" for method, share in group["rejected"].items())
+        spread = group.get("rejected_std", {})  # over group seeds
+        shares = ", ".join(
+            f"{method} {100 * share:.1f}" + (f"±{100 * spread[method]:.1f}%" if method in spread else "%")
+            for method, share in group["rejected"].items()
+        )
         stdout().print(
             f"ID group {name} ({group['n']} images): share rejected at the threshold keeping "
             f"{100 * group['keep']:g}% of ID: {shares}"

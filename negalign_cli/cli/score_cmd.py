@@ -57,7 +57,19 @@ def score(
     model: o.Model = defaults.DEFAULT_MODEL,
     pretrained: o.Pretrained = None,
     groups: Annotated[int, typer.Option("--groups", min=1, help="NegLabel groups G.")] = 100,
-    group_seed: Annotated[int, typer.Option("--group-seed", help="Seed of the group permutation.")] = 0,
+    group_seed: Annotated[
+        int | None,
+        typer.Option("--group-seed", help="Seed of the group permutation [default: 0].", show_default=False),
+    ] = None,
+    group_seeds: Annotated[
+        str | None,
+        typer.Option(
+            "--group-seeds",
+            help="Score once per seed, e.g. 0,1,2 (each seed cached on its own) into one scores.parquet: "
+            "`evaluate` then shows the grouped methods as mean ± std over the seeds.",
+            show_default=False,
+        ),
+    ] = None,
     neg_topk: Annotated[
         int | None,
         typer.Option("--neg-topk", min=1, help="M1: the K largest negative logits only.", show_default=False),
@@ -100,14 +112,20 @@ def score(
     from negalign_cli.stages.scoring import (
         check_cam_inputs,
         check_request,
+        check_seeds,
         open_image_set,
+        parse_group_seeds,
         resolve_folder,
         score_images,
+        score_seeds,
     )
     from negalign_cli.stages.vocab import negatives_from_lists, negatives_from_split
 
     rt = o.runtime(cache_dir, device, precision, batch_size)
     report = o.reporter(verbose, quiet)
+    seeds = parse_group_seeds(group_seeds) if group_seeds is not None else None
+    if seeds is not None and group_seed is not None:
+        raise NegalignError("give either --group-seed or --group-seeds, not both")
     if negatives_split is not None and (nouns or adjs):
         raise NegalignError("give either --negatives-split or --nouns/--adjs, not both")
     vocab = (
@@ -119,7 +137,7 @@ def score(
     )
     config = ScoreConfig(
         groups=groups,
-        group_seed=group_seed,
+        group_seed=seeds[0] if seeds else (group_seed or 0),
         mcm_temperature=mcm_temperature,
         neg_topk=neg_topk,
         role_aware=role_aware or include_ambiguous,
@@ -133,20 +151,26 @@ def score(
         workspace.stat_cache,  # each file hashed once, or not at all when unchanged
     )
     check_request(vocab, config, has_cam=image_set.has_cam)  # before any weight is loaded
+    if seeds is not None:
+        check_seeds(config)
     class_list = load_classes(classes, report)
     check_cam_inputs(image_set, class_list)  # the CAM's classes and prompts are these (warnings: below)
     loaded = o.load(model, pretrained, rt, report, f"; {len(vocab.words)} negatives from {vocab.origin}")
-    result = score_images(
-        loaded,
-        image_set,
-        class_list,
-        vocab,
-        workspace,
-        config,
-        multimatch=multimatch,
-        batch_size=rt.batch_size,
-        reporter=report,
-    )
+    scored = ""
+    if seeds is None:
+        result = score_images(
+            loaded, image_set, class_list, vocab, workspace, config,
+            multimatch=multimatch, batch_size=rt.batch_size, reporter=report,
+        )  # fmt: skip
+    else:
+        both = score_seeds(
+            loaded, image_set, class_list, vocab, workspace, config, seeds,
+            multimatch=multimatch, batch_size=rt.batch_size, reporter=report,
+        )  # fmt: skip
+        result = both.combined
+        scored = ", group seeds " + ", ".join(
+            f"{seed} ({r.artifact.key[:12]}{' hit' if r.hit else ''})" for seed, r in both.seeds.items()
+        )
     counts = result.artifact.manifest["counts"]
     hit = " (cache hit)" if result.hit else ""
     invalid = (
@@ -154,7 +178,9 @@ def score(
         if counts.get("cam_invalid")
         else ""
     )
-    stdout().print(f"score {result.artifact.key[:12]}{hit}: {counts['images']} images scored{invalid}")
+    stdout().print(
+        f"score {result.artifact.key[:12]}{hit}: {counts['images']} images scored{invalid}{scored}"
+    )
     o.finish(result, out, "score", report)
 
 

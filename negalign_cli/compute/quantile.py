@@ -19,13 +19,19 @@ import torch
 
 def _at_position(values: torch.Tensor, position: float, dim: int, keepdim: bool) -> torch.Tensor:
     """Linear interpolation between the order statistics at floor(position) and the next one."""
-    n = values.shape[dim]
+    return _interpolate(torch.sort(values, dim=dim).values, position, dim, keepdim)
+
+
+def _interpolate(ordered: torch.Tensor, position: float, dim: int, keepdim: bool) -> torch.Tensor:
+    """Linear interpolation in float64 between two order statistics of ``ordered`` (sorted along
+    ``dim``, in any floating dtype: sorting is exact in every precision and widening to float64
+    is exact, so only the two neighbours are widened)."""
+    n = ordered.shape[dim]
     low = min(int(math.floor(position)), n - 1)
     high = min(low + 1, n - 1)
     gamma = position - low
-    ordered = torch.sort(values.to(torch.float64), dim=dim).values
-    a = ordered.narrow(dim, low, 1)
-    b = ordered.narrow(dim, high, 1)
+    a = ordered.narrow(dim, low, 1).to(torch.float64)
+    b = ordered.narrow(dim, high, 1).to(torch.float64)
     diff = b - a
     # numpy's _lerp: a + (b − a)·t, or b − (b − a)·(1 − t) for t ≥ 0.5 (exact at both ends)
     result = a + diff * gamma if gamma < 0.5 else b - diff * (1.0 - gamma)
@@ -39,6 +45,17 @@ def percentile(values: torch.Tensor, percent: float, dim: int = -1, keepdim: boo
         raise ValueError(f"percentile must be in [0, 100], got {percent}")
     n = _length(values, dim)
     return _at_position(values, float(percent) * (n - 1) / 100.0, dim, keepdim)
+
+
+def percentile_of_sorted(
+    ordered: torch.Tensor, percent: float, dim: int = -1, keepdim: bool = False
+) -> torch.Tensor:
+    """:func:`percentile` of values already sorted along ``dim`` (ascending, any floating dtype):
+    the same float64 result, for callers that need the order statistics themselves too."""
+    if not 0.0 <= percent <= 100.0:
+        raise ValueError(f"percentile must be in [0, 100], got {percent}")
+    n = _length(ordered, dim)
+    return _interpolate(ordered, float(percent) * (n - 1) / 100.0, dim, keepdim)
 
 
 def quantile(values: torch.Tensor, q: float, dim: int = -1, keepdim: bool = False) -> torch.Tensor:

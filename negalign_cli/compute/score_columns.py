@@ -25,6 +25,7 @@ class ScoreColumn:
     method: bool = False  # a row of `evaluate --compare`'s table
     reference: str = ""  # where the score was published
     version: int = 1  # bump when the column's formula changes: the `score` stage's cache key follows it
+    grouped: bool = False  # depends on NegLabel's random grouping (`score --group-seed`)
 
 
 SCORES: tuple[ScoreColumn, ...] = (
@@ -48,6 +49,7 @@ SCORES: tuple[ScoreColumn, ...] = (
         "NegLabel",
         "mean over groups of the ID share of softmax([pos, neg_g])",
         method=True,
+        grouped=True,
         reference="Jiang et al., ICLR 2024",
     ),
     ScoreColumn("s_multimatch", "multi-matching", "NegRefine's best 'p and n' pair", needs_pairs=True),
@@ -57,9 +59,16 @@ SCORES: tuple[ScoreColumn, ...] = (
         "S_NegLabel + 2·s_multimatch",
         needs_pairs=True,
         method=True,
+        grouped=True,
         reference="Ansari et al., ICCV 2025",
     ),
-    ScoreColumn("s_neglabel_star", "NegLabel*", "NegLabel with M1 (top-k) and M2 (role-aware)", method=True),
+    ScoreColumn(
+        "s_neglabel_star",
+        "NegLabel*",
+        "NegLabel with M1 (top-k) and M2 (role-aware)",
+        method=True,
+        grouped=True,  # unless M1 (top-k) replaces the groups: ScoreConfig.seeded_columns
+    ),
     ScoreColumn("s_bg_pos", "s_bg_pos", "b·P_ĉ", needs_cam=True),
     ScoreColumn("s_bg_neg", "s_bg_neg", "mean of the 5 largest b·N_bg", needs_cam=True),
     ScoreColumn("p_align", "P_align", "s_bg_pos − s_bg_neg", needs_cam=True),
@@ -77,6 +86,11 @@ def registry_key() -> list[tuple[str, int]]:
 def method_columns() -> dict[str, str]:
     """Method label → column, in table order (NegAlign, S* + λ·P_align, is added by `evaluate`)."""
     return {column.label: column.name for column in SCORES if column.method}
+
+
+def seed_column(name: str, seed: int) -> str:
+    """The column of ``name`` scored with group seed ``seed`` in a file of ``score --group-seeds``."""
+    return f"{name}@seed{seed}"
 
 
 def cam_columns() -> tuple[str, ...]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from negalign_cli.compute.score_columns import SCORES
 from negalign_cli.defaults import DEFAULT_INVALID_CAM
 
 
@@ -25,3 +26,15 @@ class ScoreConfig:
     @property
     def star_is_plain(self) -> bool:
         return self.neg_topk is None and not self.role_aware
+
+    def seeded_columns(self) -> tuple[str, ...]:
+        """The score columns whose values depend on ``group_seed``: the grouped ones of the
+        registry, NegLabel* only while it is grouped (M1's top-k takes no groups), and none with
+        one group (every seed gives the same single group)."""
+        if self.groups == 1:
+            return ()
+        return tuple(
+            column.name
+            for column in SCORES
+            if column.grouped and not (column.name == "s_neglabel_star" and self.neg_topk is not None)
+        )

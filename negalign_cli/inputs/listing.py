@@ -55,6 +55,41 @@ class ImageList:
     def refused(self) -> int:
         return sum(reason.startswith(OUTSIDE_ROOT) for reason in self.problems.values())
 
+    @property
+    def name(self) -> str:
+        """The set's short name, for progress bars and messages (:func:`set_name`)."""
+        return set_name(self.source)
+
+
+# list files whose name says nothing about the set: their folder names it
+_GENERIC_LISTS = {"manifest", "metadata", "images", "image_list", "list", "files", "filelist", "index"}
+_SPLIT_SUFFIX = re.compile(r" \(split (?P<split>[^)]*)\)$")
+
+
+def set_name(source: str) -> str:
+    """A short name of an image set from its ``--images`` source: a folder's name
+    (``/data/iNaturalist`` -> ``iNaturalist``), a list's stem or, for a generic list name
+    (``manifest.csv``, ``metadata.csv``), its folder's (``toy/ood_spurious/manifest.csv`` ->
+    ``ood_spurious``); a Waterbirds split keeps its split (``waterbirds test``); tar shards are named
+    by their folder (``/data/inat/{000..009}.tar`` -> ``inat``)."""
+    text = str(source)
+    split = _SPLIT_SUFFIX.search(text)
+    if split is not None:
+        text = text[: split.start()]
+    if is_tar_spec(text):
+        head = text.split("{", 1)[0]
+        folder, stem = os.path.split(head)
+        stem = stem.removesuffix(".tar").rstrip("-_.")
+        name = Path(folder).name if folder and (not stem or "{" in text) else stem or text
+    else:
+        path = Path(text.rstrip("/\\") or text)
+        name = path.name or str(path)
+        if path.suffix and path.stem.lower() in _GENERIC_LISTS and path.parent.name:
+            name = path.parent.name
+        elif path.suffix.lower() in {".csv", ".txt", ".lst", ".tsv"}:
+            name = path.stem
+    return f"{name} {split.group('split')}" if split is not None else name
+
 
 def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES

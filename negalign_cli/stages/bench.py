@@ -520,35 +520,53 @@ def run_bench(model: LoadedModel, config: BenchConfig, reporter: Reporter | None
                 for batch in batches:
                     visual(batch)
 
-            results.append(measure("image tower forward (ceiling)", forward, n_model, device, repeats))
-            advance(1)
-
             def embed() -> None:
                 for batch in batches:
                     encode_images(model.model, batch)
-
-            results.append(measure("embed", embed, n_model, device, repeats, "normalised float32 embeddings"))
-            advance(1)
-            if config.images is not None:
-                run, count, how = _image_file_flow(model, config)
-                results.append(measure("embed from image files", run, count, device, repeats, how))
-                advance(1)
 
             def embed_cam() -> None:
                 for batch in batches:
                     cam_batch(model.model, batch, class_features, config.cam)
 
-            results.append(
-                measure(
-                    "embed + CAM + background",
-                    embed_cam,
-                    n_model,
-                    device,
-                    repeats,
-                    f"{config.cam.method}, block {config.cam.block}, single-block backward",
-                )
-            )
-            advance(1)
+            cam_note = f"{config.cam.method}, block {config.cam.block}, single-block backward"
+            ceiling = Flow("image tower forward (ceiling)", forward, n_model)
+            eager = [
+                Flow("embed", embed, n_model, "normalised float32 embeddings"),
+                Flow("embed + CAM + background", embed_cam, n_model, cam_note),
+            ]
+            tower = model.tower
+            if not tower.requested:
+                for flow in (ceiling, eager[0]):
+                    results.append(measure(flow.name, flow.run, flow.images, device, repeats, flow.note))
+                    advance(1)
+            if config.images is not None:
+                run, count, how = _image_file_flow(model, config)
+                results.append(measure("embed from image files", run, count, device, repeats, how))
+                advance(1)
+            if not tower.requested:
+                flow = eager[1]
+                results.append(measure(flow.name, flow.run, flow.images, device, repeats, flow.note))
+                advance(1)
+            else:  # --compile on, or auto on CUDA: compiled beside eager, interleaved (their ratios hold)
+
+                def embed_compiled() -> None:
+                    for batch in batches:
+                        tower.encode(batch, reporter)
+
+                def embed_cam_compiled() -> None:
+                    for batch in batches:
+                        tower.cam(batch, class_features, config.cam, reporter)
+
+                compiled = [
+                    Flow("embed, compiled", embed_compiled, n_model, "torch.compile"),
+                    Flow("embed + CAM + background, compiled", embed_cam_compiled, n_model, "torch.compile"),
+                ]
+                flows = [ceiling, eager[0], compiled[0], eager[1], compiled[1]]
+                for measured in measure_together(flows, device, repeats):
+                    if measured.note == "torch.compile" and not tower.compiled:  # what ran was eager
+                        measured.note = f"compile failed, eager: {tower.failure}"
+                    results.append(measured)
+                advance(3)
 
         if "score" in config.flows:
             weights = torch.cat([inputs.classes, inputs.negatives])
@@ -688,6 +706,12 @@ def run_bench(model: LoadedModel, config: BenchConfig, reporter: Reporter | None
             "score from cache (all columns)",
         ),
         "full pipeline / per-image flow": ("full NegAlign pipeline", "per-image reference flow"),
+        "embed compiled / eager": ("embed, compiled", "embed"),
+        "CAM compiled / eager": ("embed + CAM + background, compiled", "embed + CAM + background"),
+        "CAM compiled / forward ceiling": (
+            "embed + CAM + background, compiled",
+            "image tower forward (ceiling)",
+        ),
         "JPEG path / bare PIL loop": (DECODE_PATH, BARE_PIL),
         "JPEG path, in process / bare PIL loop": (DECODE_PATH_0, BARE_PIL),
     }

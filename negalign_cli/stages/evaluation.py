@@ -33,7 +33,7 @@ from negalign_cli.compute.evaluation import (
     statistics,
 )
 from negalign_cli.compute.metrics import CONVENTIONS, DEFINITIONS, RECALL_LEVEL, group_rejection
-from negalign_cli.compute.score_columns import SCORE_COLUMNS, method_columns, score_column
+from negalign_cli.compute.score_columns import SCORE_COLUMNS, method_columns, score_column, seed_column
 from negalign_cli.defaults import DEFAULT_LAMBDAS, NEGALIGN
 from negalign_cli.errors import NegalignError
 from negalign_cli.lazy import lazy_module
@@ -43,8 +43,9 @@ from negalign_cli.stages import files
 if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
-else:  # a cache hit (a key, a lookup, a copy) imports neither: they load when the stage computes
-    np, pd = lazy_module("numpy"), lazy_module("pandas")
+    import pyarrow.parquet as pq
+else:  # a cache hit (a key, a lookup, a copy) imports none: they load when the stage computes
+    np, pd, pq = lazy_module("numpy"), lazy_module("pandas"), lazy_module("pyarrow.parquet")
 
 FITTED = "fitted on the ID set"  # the source of M3 statistics fitted by evaluate itself
 # 2: ROC of every method, labelled histograms, --ood-group; 3: S_final overflows and reserved set
@@ -319,6 +320,171 @@ def _warn_same_content(request: EvaluateRequest, inputs: dict[str, str], reporte
             seen[digest] = f"--ood {name}"
 
 
+# ----------------------------------------------------------------------------- group seeds
+SEED_DDOF = 1  # the std over group seeds is the sample standard deviation, as papers report it
+SEED_STD = "sample standard deviation over the group seeds (ddof = 1, numpy.std(..., ddof=1))"
+
+
+@dataclass(frozen=True)
+class _Seeds:
+    """The group seeds of score files made by ``score --group-seeds`` and their grouped columns."""
+
+    seeds: list[int]
+    columns: list[str]
+
+    def frames(self, frames: dict[str, pd.DataFrame], seed: int) -> dict[str, pd.DataFrame]:
+        """The score files as group seed ``seed`` scored them: its columns in the plain names."""
+        return {
+            name: frame.assign(**{c: frame[seed_column(c, seed)] for c in self.columns})
+            for name, frame in frames.items()
+        }
+
+    def methods(self, selection: _Selection) -> set[str]:
+        """The evaluated methods whose scores depend on the seed (NegAlign through S*)."""
+        grouped = {m for m, column in selection.columns.items() if column in self.columns}
+        return grouped | ({NEGALIGN} if selection.negalign and STAR in self.columns else set())
+
+
+def _group_seeds(request: EvaluateRequest) -> _Seeds | None:
+    """The group seeds the score files were made with (``score --group-seeds``), the same in
+    every file, or None when none has several."""
+    from negalign_cli.stages.score_files import read_score_metadata  # pyarrow: not on a hit
+
+    paths = [(ID_SET, request.id_path), *request.oods]
+    metadata = {name: read_score_metadata(path) for name, path in paths}
+    recorded = {name: (meta.get("config") or {}).get("group_seeds") for name, meta in metadata.items()}
+    if not any(recorded.values()):
+        return None
+    if len({json.dumps(seeds) for seeds in recorded.values()}) > 1:
+        shown = "; ".join(f"{n}: {','.join(map(str, s)) if s else 'one seed'}" for n, s in recorded.items())
+        raise NegalignError(
+            f"the score files were made with different --group-seeds ({shown}): score every set with "
+            "the same `score --group-seeds`"
+        )
+    columns = metadata[ID_SET].get("seeded_columns") or []
+    seeds = [int(seed) for seed in recorded[ID_SET] or []]
+    for name, path in paths:
+        header = set(pq.read_schema(path).names)
+        missing = [seed_column(c, s) for s in seeds for c in columns if seed_column(c, s) not in header]
+        if missing or metadata[name].get("seeded_columns") != columns:
+            raise NegalignError(
+                f"{name} score file {path} lacks the per-seed column(s) {', '.join(missing) or columns}: "
+                "it was not written by `score --group-seeds`; score it again"
+            )
+    return _Seeds(seeds, list(columns))
+
+
+@dataclass
+class _SeedReporter:
+    """What evaluating a later group seed says: its warnings (marked with the seed); the rest was
+    said for the first seed already."""
+
+    inner: Reporter
+    seed: int
+
+    def info(self, message: str) -> None:
+        self.inner.debug(f"group seed {self.seed}: {message}")
+
+    def debug(self, message: str) -> None:
+        self.inner.debug(f"group seed {self.seed}: {message}")
+
+    def warn(self, message: str) -> None:
+        self.inner.warn(f"group seed {self.seed}: {message}")
+
+    def progress(self, description: str, total: int | None):
+        return self.inner.progress(description, total)
+
+
+def seed_spread(metric_dicts: Sequence[Mapping[str, Mapping[str, float]]]) -> tuple[dict, dict]:
+    """The mean and the sample std (ddof = 1) over group seeds of each metric in each convention."""
+    first = metric_dicts[0]
+    values = {c: {n: [m[c][n] for m in metric_dicts] for n in first[c]} for c in first}
+    mean = {c: {n: float(np.mean(v)) for n, v in by.items()} for c, by in values.items()}
+    std = {c: {n: float(np.std(v, ddof=SEED_DDOF)) for n, v in by.items()} for c, by in values.items()}
+    return mean, std
+
+
+def summarise_seeds(per_seed: list[dict], seeds: Sequence[int], seeded: set[str]) -> dict:
+    """One results.json from the evaluations of several group seeds: the first seed's, where every
+    metric of a method that depends on the seed is the mean over the seeds, with its sample std
+    beside it (``std``, same layout), and the λ each seed chose (``lambda_by_seed``); NegAlign's
+    λ sweep likewise (its best λ is the best of the mean sweep). Methods that do not depend on the
+    seed keep their one value and have no ``std``. ``group_seeds`` says how, and holds each seed's
+    metrics."""
+    import copy
+
+    results = copy.deepcopy(per_seed[0])
+    convention = results["metrics_convention"]
+    paths: list[tuple[str, ...]] = [("ood", name) for name in results["ood"]] + [
+        ("groups", name) for name in results.get("groups", {})
+    ]
+    paths.append(("mean",))
+
+    def at(block: dict, path: tuple[str, ...]) -> dict:
+        for key in path:
+            block = block[key]
+        return block
+
+    for path in paths:
+        block, blocks = at(results, path), [at(r, path) for r in per_seed]
+        for method, entry in block["methods"].items():
+            if method not in seeded:
+                continue
+            entries = [b["methods"][method] for b in blocks]
+            entry["metrics"], entry["std"] = seed_spread([e["metrics"] for e in entries])
+            if "lambda" in entry:
+                entry["lambda_by_seed"] = {str(s): e["lambda"] for s, e in zip(seeds, entries, strict=True)}
+        if "lambda_sweep" in block and NEGALIGN in seeded:
+            for key, point in block["lambda_sweep"].items():
+                point["metrics"], point["std"] = seed_spread(
+                    [b["lambda_sweep"][key]["metrics"] for b in blocks]
+                )
+            sweep = block["lambda_sweep"]
+            best = max(sorted(sweep, key=float), key=lambda k: sweep[k]["metrics"][convention]["auroc"])
+            block["best_lambda"] = sweep[best]["lambda"]
+            block["best_auroc"] = sweep[best]["metrics"][convention]["auroc"]
+            block["best_lambda_by_seed"] = {
+                str(s): b["best_lambda"] for s, b in zip(seeds, blocks, strict=True)
+            }
+    if "lambda_sweep" in results["mean"]:
+        for key in ("best_lambda", "best_auroc", "lambda_sweep"):
+            results[key] = results["mean"][key]
+    if "lambda_selection" in results:
+        results["lambda_selection"]["lambda_by_seed"] = {
+            str(s): r["lambda_selection"]["lambda"] for s, r in zip(seeds, per_seed, strict=True)
+        }
+    if "calibration" in results:
+        results["calibration_by_seed"] = {
+            str(s): r["calibration"] for s, r in zip(seeds, per_seed, strict=True)
+        }
+    for name, group in results.get("id_groups", {}).items():
+        shares = [r["id_groups"][name] for r in per_seed]
+        group["rejected_std"] = {}
+        for method in group["rejected"]:
+            if method in seeded:
+                values = [g["rejected"][method] for g in shares]
+                group["rejected"][method] = float(np.mean(values))
+                group["rejected_std"][method] = float(np.std(values, ddof=SEED_DDOF))
+        if NEGALIGN in seeded:
+            for key in group["negalign_sweep"]:
+                group["negalign_sweep"][key] = float(np.mean([g["negalign_sweep"][key] for g in shares]))
+    results["group_seeds"] = {
+        "seeds": list(seeds),
+        "std": SEED_STD,
+        "ddof": SEED_DDOF,
+        "methods": [m for m in results["mean"]["methods"] if m in seeded],
+        "first_seed": f"statistics, calibration, roc.png and score_hist.png are group seed {seeds[0]}'s",
+        "per_seed": {
+            str(s): {
+                "/".join(path): {m: e["metrics"] for m, e in at(r, path)["methods"].items() if m in seeded}
+                for path in paths
+            }
+            for s, r in zip(seeds, per_seed, strict=True)
+        },
+    }
+    return results
+
+
 @dataclass
 class _Selection:
     """What one evaluation computes: plain columns by method label, and whether NegAlign is in."""
@@ -331,6 +497,43 @@ def _evaluate(
     request: EvaluateRequest, folder: Path, reporter: Reporter, store: ArtifactStore | None = None
 ) -> dict:
     frames = _read_frames(request)
+    seeds = _group_seeds(request)
+    if seeds is None:
+        run = _run(request, frames, reporter)
+        results, metric_rows, figures = run.results, _metric_rows(run), None
+    else:  # every seed evaluated as its own score file would be, then mean ± std over the seeds
+        runs = [
+            _run(request, seeds.frames(frames, seed), reporter if i == 0 else _SeedReporter(reporter, seed))
+            for i, seed in enumerate(seeds.seeds)
+        ]
+        run = runs[0]  # the figures and statistics: the first seed's (its columns are the plain ones)
+        results = summarise_seeds([r.results for r in runs], seeds.seeds, seeds.methods(run.selection))
+        metric_rows = [
+            {"group_seed": seed, **row}
+            for seed, r in zip(seeds.seeds, runs, strict=True)
+            for row in _metric_rows(r)
+        ]
+        figures = run.results
+    _write_outputs(
+        folder, request, results, metric_rows, run.id_frame, run.ood_frames, store, reporter, figures
+    )
+    return {"counts": {"id": len(run.id_frame), **{f"ood:{n}": len(f) for n, f in run.ood_frames.items()}}}
+
+
+@dataclass
+class _Run:
+    """One evaluation of the score files (of one group seed)."""
+
+    results: dict
+    rows: list[dict]  # metrics.csv's rows per OOD set
+    id_frame: pd.DataFrame
+    ood_frames: dict[str, pd.DataFrame]
+    selection: _Selection
+
+
+def _run(request: EvaluateRequest, frames: dict[str, pd.DataFrame], reporter: Reporter) -> _Run:
+    """results.json's content (and metrics.csv's rows) for the score files ``frames``."""
+    frames = dict(frames)
     selection = _select(request, frames, reporter)
     cam_invalid, excluded = _exclude_invalid_cams(frames, selection, reporter)
     paths = {ID_SET: request.id_path, **dict(request.oods)}
@@ -399,8 +602,7 @@ def _evaluate(
     results["statistics"] = {"id": stats[ID_SET]}
     for name in ood_frames:
         results["statistics"][f"ood:{name}"] = stats[name]
-    _write_outputs(folder, request, results, rows, id_frame, ood_frames, store, reporter)
-    return {"counts": {"id": len(id_frame), **{f"ood:{n}": len(f) for n, f in ood_frames.items()}}}
+    return _Run(results, rows, id_frame, ood_frames, selection)
 
 
 def _label_key(values: pd.Series) -> np.ndarray:
@@ -793,18 +995,30 @@ def _id_groups(
     return out
 
 
+def _metric_rows(run: _Run) -> list[dict]:
+    """metrics.csv's rows: per set, per group and the mean."""
+    results, convention = run.results, run.results["metrics_convention"]
+    return run.rows + [
+        _row(name, m, b.get("lambda"), b["metrics"], convention)
+        for name, block in [*results.get("groups", {}).items(), (MEAN, results["mean"])]
+        for m, b in block["methods"].items()
+    ]
+
+
 def _write_outputs(
     folder: Path,
     request: EvaluateRequest,
     results: dict,
-    rows: list[dict],
+    metric_rows: list[dict],
     id_frame: pd.DataFrame,
     ood_frames: dict[str, pd.DataFrame],
     store: ArtifactStore | None = None,
     reporter: Reporter | None = None,
+    figures: dict | None = None,
 ) -> None:
-    """results.json, metrics.csv (per set, per group and the mean), table.csv (the paper-style
-    table, ``paper_table``), roc.png and score_hist.png.
+    """results.json, metrics.csv (``metric_rows``: per set, per group and the mean), table.csv (the
+    paper-style table, ``paper_table``), roc.png and score_hist.png (of ``figures``, the results the
+    frames were evaluated to, when ``results`` summarise several group seeds).
     The figures are copied from the cache (``store``) when their data are unchanged: the
     histograms of the stored columns whatever the λ grid, the ROC curves unless NegAlign's λ
     changed."""
@@ -812,16 +1026,11 @@ def _write_outputs(
     from negalign_cli.stages.figures import cached_figure
 
     (folder / files.RESULTS).write_text(json.dumps(results, indent=2, sort_keys=False), encoding="utf-8")
-    mean_rows = [
-        _row(name, m, b.get("lambda"), b["metrics"], request.convention)
-        for name, block in [*results.get("groups", {}).items(), (MEAN, results["mean"])]
-        for m, b in block["methods"].items()
-    ]
-    pd.DataFrame(rows + mean_rows).to_csv(folder / files.METRICS, index=False, float_format="%.4f")
+    pd.DataFrame(metric_rows).to_csv(folder / files.METRICS, index=False, float_format="%.4f")
     from negalign_cli.stages.paper_table import csv_rows, paper_table
 
     pd.DataFrame(csv_rows(paper_table(results))).to_csv(folder / files.TABLE, index=False)
-    curves = roc_curves(results, id_frame, ood_frames)
+    curves = roc_curves(figures or results, id_frame, ood_frames)
     roc = folder / files.ROC_PLOT
     cached_figure(store, "roc", curves, lambda path: plots.plot_roc(path, curves), roc, reporter)
     frames = {ID_SET: id_frame, **ood_frames}
@@ -872,7 +1081,10 @@ def method_label(method: str, entry: dict) -> str:
     """A method's name as tables and figures show it: NegAlign with the λ it used."""
     lam = entry.get("lambda")
     if method == NEGALIGN:
-        return f"{method} (λ={lam:g})" if lam is not None else f"{method} (λ per set)"
+        chosen = set((entry.get("lambda_by_seed") or {}).values()) | {lam}  # each group seed's λ
+        if None in chosen:
+            return f"{method} (λ per set)"
+        return f"{method} (λ={lam:g})" if len(chosen) == 1 else f"{method} (λ per seed)"
     return method
 
 

@@ -28,7 +28,9 @@ if TYPE_CHECKING:
     from negalign_cli.cache.store import ArtifactStore
 
 # 1: ROC curves, score histograms, the λ curve and the CAM grid of `evaluate` and `report`
-FIGURE_STAGE, FIGURE_VERSION = "figure", 1
+# 2: drawn for the report's column (text ≥ 11 px), ROC on a log FPR axis, saturated scores on a
+#    log-odds or rank scale, CAMs in a perceptual colormap over the image in grey
+FIGURE_STAGE, FIGURE_VERSION = "figure", 2
 
 
 def data_digest(material: Any) -> str:

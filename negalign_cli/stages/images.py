@@ -40,7 +40,7 @@ from negalign_cli.stages.image_rows import (  # what merge reads too, without to
 )
 from negalign_cli.stages.image_rows import image_table as _table
 from negalign_cli.stages.image_rows import row_order as _row_order
-from negalign_cli.stages.text import text_embeddings
+from negalign_cli.stages.text import list_name, text_embeddings
 
 if TYPE_CHECKING:  # a stage gets a modelref.LazyModel (built on first use) or a models.LoadedModel
     import torch
@@ -73,7 +73,7 @@ def digest_images(
     files = [i for i in readable if i not in images.members]
     members = [images.members[i] for i in readable if i in images.members]  # in tar shards
     paths = [images.paths[i] for i in files]
-    with reporter.progress(f"hashing {len(readable)} images", len(readable)) as advance:
+    with reporter.progress(f"hashing images: {images.name}", len(readable)) as advance:
         if stat_cache is None:
             found = digest_all([*paths, *members], workers)
         else:
@@ -155,7 +155,7 @@ def _run_missing(
         )
     pending: Callable[[], None] | None = None
     overlap = model.device.type == "cuda"
-    with reporter.progress(f"{what} {len(paths)} images", len(paths)) as advance:
+    with reporter.progress(f"{what} images: {listing.images.name}", len(paths)) as advance:
         waited = time.perf_counter()
         try:
             for number, (indices, batch, failed) in enumerate(batches, start=1):
@@ -279,7 +279,7 @@ def _fill(
         reporter.warn(f"{corrupt} cached vector(s) failed their checksum; recomputing them")
     missing = [d for d, hit in zip(digests, found, strict=True) if not hit]
     cached = int(found.sum())
-    reporter.info(f"{what} {len(missing)} image(s), {cached} from the cache")
+    reporter.info(f"{what} images: {listing.images.name}: {len(missing)} to compute, {cached} from the cache")
     failures = _run_missing(
         listing,
         missing,
@@ -377,10 +377,10 @@ def embed_images(
     namespace = image_namespace(workspace, model, decoder)
 
     def compute(folder):
-        from negalign_cli.compute.vision import encode_images
+        tower = model.tower  # compiled or eager, as --compile says (models.ImageTower)
 
         def process(batch, batch_digests):
-            ready = to_host(encode_images(model.model, batch))
+            ready = to_host(tower.encode(batch, reporter))
             return lambda: namespace.put_many(batch_digests, ready()[0])
 
         filled = _fill(
@@ -393,7 +393,7 @@ def embed_images(
             decoder=decoder,
             strict=strict,
             reporter=reporter,
-            what="encoding",
+            what="embedding",
             max_pixels=max_pixels,
         )
         np.save(folder / files.IMAGE_EMBEDDINGS, filled.values.astype(store_dtype))
@@ -524,16 +524,23 @@ def cam_images(
     def compute(folder):
         import torch
 
-        from negalign_cli.compute.vision import cam_batch, pack_cam_rows, unpack_cam_rows
+        from negalign_cli.compute.vision import pack_cam_rows, unpack_cam_rows
 
         class_features = torch.from_numpy(
             text_embeddings(
-                model, classes.words, load_templates(CLASS_TEMPLATES), workspace, reporter=reporter
+                model,
+                classes.words,
+                load_templates(CLASS_TEMPLATES),
+                workspace,
+                reporter=reporter,
+                label=f"classes {list_name(classes.source)}",
             ).vectors
         )
 
+        tower = model.tower  # compiled or eager, as --compile says (models.ImageTower)
+
         def process(batch, batch_digests):
-            out = cam_batch(model.model, batch, class_features, config)
+            out = tower.cam(batch, class_features, config, reporter)
             ready = to_host(out.embeddings)
 
             def finish():

@@ -23,9 +23,17 @@ RUN, PUBLISHED = "this run", "published"
 class Cell:
     auroc: float  # in %
     fpr95: float  # in %
+    # the sample std (ddof = 1) over group seeds, in %, of a method that depends on the seed
+    auroc_std: float | None = None
+    fpr95_std: float | None = None
 
     def text(self) -> str:
-        return f"{self.auroc:.2f} / {self.fpr95:.2f}"
+        """ "AUROC / FPR@95", each "mean±std" where the cell is a mean over group seeds."""
+        return f"{_value(self.auroc, self.auroc_std)} / {_value(self.fpr95, self.fpr95_std)}"
+
+
+def _value(mean: float, std: float | None) -> str:
+    return f"{mean:.2f}" if std is None else f"{mean:.2f}±{std:.2f}"
 
 
 def cell_text(cell: Cell | None) -> str:
@@ -51,6 +59,7 @@ class PaperTable:
     rows: list[Row]
     notes: list[str] = field(default_factory=list)
     id_top1: float | None = None  # zero-shot top-1 on the ID set (0-1), where the labels allow
+    seeds: bool = False  # the run's cells are mean ± std over group seeds (table.csv: std columns)
 
     @property
     def columns(self) -> list[str]:
@@ -68,9 +77,17 @@ class PaperTable:
         return f"{row.method} (published [{self.citations().index(row.citation) + 1}])"
 
 
-def _cell(metrics: dict, convention: str) -> Cell:
-    chosen = metrics[convention]
-    return Cell(100 * float(chosen["auroc"]), 100 * float(chosen["fpr95"]))
+def _cell(entry: dict, convention: str) -> Cell:
+    """A method entry's cell: its metrics, with their std over group seeds where it has one."""
+    chosen, std = entry["metrics"][convention], (entry.get("std") or {}).get(convention)
+    if std is None:
+        return Cell(100 * float(chosen["auroc"]), 100 * float(chosen["fpr95"]))
+    return Cell(
+        100 * float(chosen["auroc"]),
+        100 * float(chosen["fpr95"]),
+        100 * float(std["auroc"]),
+        100 * float(std["fpr95"]),
+    )
 
 
 def _run_label(method: str, results: dict) -> str:
@@ -94,13 +111,20 @@ def paper_table(results: dict) -> PaperTable:
     rows = []
     for method in results["mean"]["methods"]:
         cells: dict[str, Cell | None] = {
-            name: _cell(results["ood"][name]["methods"][method]["metrics"], convention) for name in sets
+            name: _cell(results["ood"][name]["methods"][method], convention) for name in sets
         }
         for name, block in results.get("groups", {}).items():
-            cells[name] = _cell(block["methods"][method]["metrics"], convention)
-        cells[MEAN_COLUMN] = _cell(results["mean"]["methods"][method]["metrics"], convention)
+            cells[name] = _cell(block["methods"][method], convention)
+        cells[MEAN_COLUMN] = _cell(results["mean"]["methods"][method], convention)
         rows.append(Row(_run_label(method, results), RUN, cells))
     notes = []
+    seeds = results.get("group_seeds")
+    if seeds:
+        notes.append(
+            f"mean±std over the NegLabel group seeds {', '.join(map(str, seeds['seeds']))} "
+            f"(`score --group-seeds`; std: the sample standard deviation, ddof = {seeds['ddof']}); "
+            "a cell without ± is a method that does not depend on the grouping (one value)"
+        )
     accuracy = results.get("id", {}).get("accuracy") or {}
     top1 = accuracy.get("top1")
     if top1 is not None:
@@ -140,19 +164,27 @@ def paper_table(results: dict) -> PaperTable:
                 "the source does not print, are the mean of the published per-set figures"
             )
     definition = results["metric_definitions"][convention]["fpr95"]
-    return PaperTable(convention, definition, sets, groups, rows, notes, top1)
+    return PaperTable(convention, definition, sets, groups, rows, notes, top1, bool(seeds))
 
 
 def csv_rows(table: PaperTable) -> list[dict[str, Any]]:
     """table.csv: one row per method, ``<column> AUROC`` and ``<column> FPR@95`` (in %) for each
-    set, group and the mean, with the convention, the source and the citation."""
+    set, group and the mean, with the convention, the source and the citation. Over group seeds
+    each is the mean, beside ``<column> AUROC std`` and ``<column> FPR@95 std`` (the sample std;
+    empty for a method that does not depend on the seed, and for published rows)."""
     out = []
     for row in table.rows:
         record: dict[str, Any] = {"method": row.method, "source": row.source}
         for column in table.columns:
             cell = row.cells.get(column)
-            record[f"{column} AUROC"] = round(cell.auroc, 4) if cell else None
-            record[f"{column} FPR@95"] = round(cell.fpr95, 4) if cell else None
+            pairs: tuple[tuple[str, float | None, float | None], ...] = (
+                ("AUROC", cell.auroc if cell else None, cell.auroc_std if cell else None),
+                ("FPR@95", cell.fpr95 if cell else None, cell.fpr95_std if cell else None),
+            )
+            for name, value, std in pairs:
+                record[f"{column} {name}"] = round(value, 4) if value is not None else None
+                if table.seeds:
+                    record[f"{column} {name} std"] = round(std, 4) if std is not None else None
         record["ID top-1"] = (
             round(100 * table.id_top1, 4) if row.source == RUN and table.id_top1 is not None else None
         )

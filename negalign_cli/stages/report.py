@@ -168,6 +168,10 @@ def method_table(results: dict, convention: str) -> list[dict[str, Any]]:
             for row, value in zip(rows, shown, strict=True):
                 if len(rows) > 1 and value == target:
                     row["best"].add(key)
+        for row, entry in zip(rows, block["methods"].values(), strict=True):  # mean±std over group seeds
+            std = (entry.get("std") or {}).get(convention)
+            if std is not None:
+                row["values"] = {key: f"{value}±{_fmt(std[key])}" for key, value in row["values"].items()}
         label = name
         if kind == "group":
             label = f"{name} (mean of {', '.join(block['sets'])})"
@@ -198,7 +202,66 @@ def paper_context(results: dict) -> dict[str, Any]:
     }
 
 
+def id_group_context(results: dict) -> dict[str, Any] | None:
+    """``evaluate --id-group``'s table: per method (rows) and ID subgroup (columns), the share of
+    the subgroup each method rejects at the threshold that keeps 95% of all ID images (so 5% of
+    all ID: the first row); then NegAlign's share at each λ of the sweep. None without groups."""
+    groups = results.get("id_groups") or {}
+    if not groups:
+        return None
+    from negalign_cli.stages.evaluation import method_label
+
+    names = list(groups)
+    first = groups[names[0]]
+    keep = float(first["keep"])
+    mean_methods = results.get("mean", {}).get("methods", {})
+    methods = list(dict.fromkeys(m for g in groups.values() for m in g["rejected"]))
+    rows = [
+        {
+            "label": method_label(m, mean_methods.get(m, {})),
+            "cells": [_share(groups[n]["rejected"].get(m)) for n in names],
+        }
+        for m in methods
+    ]
+    lambdas = list(dict.fromkeys(k for g in groups.values() for k in g.get("negalign_sweep", {})))
+    sweep = [
+        {
+            "label": f"NegAlign at λ={float(k):g} (sweep)",
+            "cells": [_share(groups[n].get("negalign_sweep", {}).get(k)) for n in names],
+        }
+        for k in lambdas
+    ]
+    return {
+        "heading": f"Share of each ID subgroup rejected (in %) at the threshold that keeps "
+        f"{100 * keep:g}% of all ID images (so {100 * (1 - keep):g}% of all ID is rejected): a share "
+        "above that marks the subgroup a score treats as OOD",
+        "columns": [f"{n} ({groups[n]['n']} images)" for n in names],
+        "all_id": f"{100 * (1 - keep):.1f}",
+        "rows": rows,
+        "sweep": sweep,
+        "notes": [
+            f"{n}: {g['listed_not_in_id']} listed image(s) are not rows of the ID score file"
+            for n, g in groups.items()
+            if g.get("listed_not_in_id")
+        ],
+    }
+
+
+def _share(value: float | None) -> str:
+    return "—" if value is None else f"{100 * float(value):.1f}"
+
+
 # --- figures ----------------------------------------------------------------------------------
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """(width, height) in pixels of a PNG, from its header: report.html shows each figure at its
+    own width (one PNG pixel per CSS pixel), so that its text keeps the size it was drawn at."""
+    with open(path, "rb") as handle:
+        header = handle.read(24)
+    if header[:8] != b"\x89PNG\r\n\x1a\n" or header[12:16] != b"IHDR":
+        raise NegalignError(f"{path} is not a PNG file")
+    return int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
 
 
 def _main_entry(results: dict, set_name: str | None) -> tuple[str, dict]:
@@ -377,7 +440,9 @@ def _figures(
         figures["roc"] = {
             "file": files.ROC_PLOT,
             "title": "ROC curves of every method",
-            "caption": "ID is the positive class; the dashed line is 95% of ID kept (where FPR@95 is read).",
+            "caption": "ID is the positive class; the false positive rate is on a log scale (the low-FPR "
+            "end, where good detectors differ, gets most of the width; an FPR of 0 is drawn at "
+            "1/(2·n_OOD)); the dashed line is 95% of ID kept (where FPR@95 is read), the dotted one chance.",
         }
         columns = [
             e["column"] for m, e in next(iter(results["ood"].values()))["methods"].items() if m != NEGALIGN
@@ -393,7 +458,10 @@ def _figures(
         figures["histograms"] = {
             "file": files.HISTOGRAM_PLOT,
             "title": "Score histograms",
-            "caption": "Each score of ID against each OOD set (densities: each set's area is 1).",
+            "caption": "Each score of ID against each OOD set (densities: each set's area is 1). A score "
+            "that saturates (over half its values in 2 of 200 equal bins, e.g. NegLabel's near 0 and 1) "
+            "is binned as log-odds ln(s/(1-s)) when it lies in [0, 1] (a score of exactly 1 in float64 "
+            "at ln(2^53), about 36.7), else as its percentile rank within the panel; each axis says which.",
         }
     else:
         notes += [f"{s.name}: {s.problem}; ROC curves and histograms left out" for s in sets if s.problem]
@@ -414,7 +482,8 @@ def _figures(
             "file": files.CAM_GRID_PLOT,
             "title": "CAM overlays of the most and least ID-like images",
             "caption": "Ranked by the score named in each caption; under each image: the class the model "
-            "predicts and the cosine between the image and that class's text embedding.",
+            "predicts and the cosine between the image and that class's text embedding. The image is "
+            "shown in dimmed grey under the CAM, so the heat reads the same over any object colour.",
         }
     return figures, notes
 
@@ -528,6 +597,7 @@ def _tex(text: Any) -> str:
         "~": r"\textasciitilde{}",
         "^": r"\textasciicircum{}",
         "λ": r"$\lambda$",
+        "±": r"$\pm$",
         "★": r"$\star$",
         "·": r"$\cdot$",
         "≥": r"$\geq$",
@@ -620,12 +690,14 @@ def build_report(
             data = (figures_dir / figure["file"]).read_bytes()
             figure["data_uri"] = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
             figure["path"] = f"{files.REPORT_FIGURES}/{figure['file']}"
+            figure["width"], figure["height"] = png_size(figures_dir / figure["file"])
         context = {
             "title": f"negalign report: {', '.join(results['ood'])}",
             "results": results,
             "conventions": sorted(CONVENTIONS, key=lambda c: c != results["metrics_convention"]),
             "tables": {c: method_table(results, c) for c in CONVENTIONS},
             "paper": paper_context(results),
+            "id_groups": id_group_context(results),
             "metrics": METRICS,
             "figures": figures,
             "notes": notes,

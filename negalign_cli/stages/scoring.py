@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,7 +25,7 @@ import pandas as pd
 from negalign_cli.cache.statcache import StatCache, sha256_files
 from negalign_cli.cache.store import MANIFEST, StageResult, StageSpec, listed_outputs, verify_folder
 from negalign_cli.cache.workspace import Workspace
-from negalign_cli.compute.score_columns import cam_columns, registry_key  # torch-free
+from negalign_cli.compute.score_columns import cam_columns, registry_key, seed_column  # torch-free
 from negalign_cli.compute.score_config import ScoreConfig
 from negalign_cli.defaults import (
     CLASS_TEMPLATES,
@@ -35,10 +35,11 @@ from negalign_cli.defaults import (
     ROLE_OBJECT,
 )
 from negalign_cli.errors import NegalignError
+from negalign_cli.inputs.listing import set_name
 from negalign_cli.inputs.words import WordList, load_templates
 from negalign_cli.reporting import NullReporter, Reporter
 from negalign_cli.stages import files
-from negalign_cli.stages.score_files import write_scores  # torch-free: evaluate reads them
+from negalign_cli.stages.score_files import read_score_metadata, write_scores  # torch-free
 from negalign_cli.stages.text import text_embeddings
 from negalign_cli.stages.vocab import NegativeVocab, check_split_model, negative_features
 
@@ -52,6 +53,7 @@ if TYPE_CHECKING:  # a stage gets a modelref.LazyModel (built on first use) or a
 # store runs only on a miss: a cache hit imports no torch.
 
 SCORE_STAGE, SCORE_VERSION = "score", 2  # 2: float64 aggregation, duplicate paths, --invalid-cam
+SEEDS_STAGE, SEEDS_VERSION = "score-seeds", 1  # one file of the per-seed score artifacts
 EMBEDDINGS, IMAGES = files.IMAGE_EMBEDDINGS, files.IMAGE_TABLE
 BACKGROUND, CAM = files.BACKGROUND_EMBEDDINGS, files.CAM_TABLE
 
@@ -67,6 +69,12 @@ class ImageSet:
     cam_classes: str | None = None  # where its classes came from, when recorded
     # the files' sha256 as verified against their manifests: the stage key reads no file again
     verified: dict[str, str] | None = None
+    source: str | None = None  # the --images the folder was made from, when its manifest records it
+
+    @property
+    def name(self) -> str:
+        """The set's short name (progress bars): its images' source, else the folder's name."""
+        return set_name(self.source) if self.source else self.folder.name
 
     @property
     def has_cam(self) -> bool:
@@ -142,6 +150,7 @@ def open_image_set(
         cam_manifest.get("inputs", {}) if cam_manifest is not None else None,
         (cam_manifest.get("sources") or {}).get("classes") if cam_manifest is not None else None,
         verified,
+        manifest.get("images_source"),
     )
 
 
@@ -319,8 +328,8 @@ def score_images(
             background = cam = None
         texts = TextEncoder(model, workspace, batch_size, reporter)
         inputs_ = score_inputs(embeddings, background, cam, classes, negatives, config, texts)
-        label = f"scoring {len(embeddings)} distinct images" + (
-            f" ({len(table)} paths)" if len(table) != len(embeddings) else ""
+        label = f"scoring images: {image_set.name} ({len(embeddings)} distinct" + (
+            f", {len(table)} paths)" if len(table) != len(embeddings) else ")"
         )
         with reporter.progress(label, len(embeddings)) as advance:
             columns = compute_scores(
@@ -351,6 +360,112 @@ def score_images(
     return workspace.store.run(spec, compute, reporter)
 
 
+def parse_group_seeds(text: str) -> tuple[int, ...]:
+    """``--group-seeds 0,1,2``: two or more distinct integer seeds, in the order given."""
+    usage = "give two or more distinct integer seeds, e.g. --group-seeds 0,1,2"
+    parts = [part.strip() for part in text.split(",")]
+    if not any(parts):
+        raise NegalignError(f"--group-seeds is empty: {usage}")
+    try:
+        seeds = tuple(int(part) for part in parts)
+    except ValueError:
+        raise NegalignError(f"cannot read --group-seeds {text!r}: {usage}") from None
+    duplicated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
+    if duplicated:
+        raise NegalignError(
+            f"--group-seeds gives seed(s) {', '.join(map(str, duplicated))} more than once: {usage}"
+        )
+    if len(seeds) < 2:
+        raise NegalignError(
+            f"--group-seeds {text!r} holds one seed, and a standard deviation needs two: {usage} "
+            "(or --group-seed S for one)"
+        )
+    return seeds
+
+
+def check_seeds(config: ScoreConfig) -> None:
+    """``--group-seeds`` needs a score that depends on the grouping."""
+    if not config.seeded_columns():
+        raise NegalignError(
+            f"--group-seeds changes nothing with --groups {config.groups}: every seed gives the same "
+            "single group; use --groups 2 or more, or drop --group-seeds"
+        )
+
+
+@dataclass(frozen=True)
+class SeedsResult:
+    """``score --group-seeds``: the file of every seed (``combined``) and each seed's own score
+    artifact (the one ``score --group-seed S`` makes: cached per seed)."""
+
+    combined: StageResult
+    seeds: dict[int, StageResult]
+
+
+def score_seeds(
+    model: AnyModel,
+    image_set: ImageSet,
+    classes: WordList,
+    negatives: NegativeVocab,
+    workspace: Workspace,
+    config: ScoreConfig,
+    seeds: Sequence[int],
+    *,
+    multimatch: bool = True,
+    batch_size: int = 1024,
+    reporter: Reporter | None = None,
+) -> SeedsResult:
+    """Score one image set once per NegLabel group seed (each run is the ``score`` artifact of that
+    seed, cached on its own: adding a seed later scores only that seed; the texts come from the
+    item cache), then put them in one ``scores.parquet`` (its own small artifact, keyed by the
+    per-seed files): every column as the first seed scored it, and each grouped column once per
+    seed as ``<column>@seed<S>`` (``evaluate`` reports mean ± std over them)."""
+    reporter = reporter or NullReporter()
+    check_seeds(config)
+    per_seed = {}
+    for seed in seeds:
+        reporter.info(f"group seed {seed}")
+        per_seed[seed] = score_images(
+            model,
+            image_set,
+            classes,
+            negatives,
+            workspace,
+            replace(config, group_seed=seed),
+            multimatch=multimatch,
+            batch_size=batch_size,
+            reporter=reporter,
+        )
+    seeded = list(config.seeded_columns())
+    params = {"seeds": list(seeds), "columns": seeded}
+    inputs = {
+        f"seed {seed}": result.artifact.manifest["outputs"][files.SCORES]["sha256"]
+        for seed, result in per_seed.items()
+    }
+    spec = StageSpec(SEEDS_STAGE, SEEDS_VERSION, params, inputs)
+    first = per_seed[seeds[0]].artifact
+
+    def compute(folder):
+        frame = pd.read_parquet(first.file(files.SCORES))
+        for seed, result in per_seed.items():
+            other = frame if seed == seeds[0] else pd.read_parquet(result.artifact.file(files.SCORES))
+            if not other["path"].equals(frame["path"]):
+                raise NegalignError(f"the score files of group seeds {seeds[0]} and {seed} list other images")
+            for column in seeded:
+                frame[seed_column(column, seed)] = other[column].to_numpy()
+        metadata = read_score_metadata(first.file(files.SCORES))
+        metadata["config"] = {**metadata.get("config", {}), "group_seeds": list(seeds)}
+        metadata["seeded_columns"] = seeded
+        write_scores(frame, folder / files.SCORES, metadata)
+        return {
+            "counts": first.manifest.get("counts", {}),
+            "model": first.manifest.get("model"),
+            "images_dir": first.manifest.get("images_dir"),
+            "group_seeds": {str(seed): result.artifact.key for seed, result in per_seed.items()},
+        }
+
+    return SeedsResult(workspace.store.run(spec, compute, reporter), per_seed)
+
+
 @dataclass
 class TextEncoder:
     """Class, negative and "p and n" features through the per-word cache (noun templates)."""
@@ -361,6 +476,9 @@ class TextEncoder:
     reporter: Reporter
 
     def words(self, words: Sequence[str]) -> torch.Tensor:
+        return self._encode(words, "classes")
+
+    def _encode(self, words: Sequence[str], label: str) -> torch.Tensor:
         import torch
 
         vectors = text_embeddings(
@@ -370,6 +488,7 @@ class TextEncoder:
             self.workspace,
             batch_size=self.batch_size,
             reporter=self.reporter,
+            label=label,
         ).vectors
         return torch.from_numpy(vectors)
 
@@ -385,7 +504,7 @@ class TextEncoder:
         """Features of "p and n" texts: ``compute_scores`` keeps them in a table addressed by
         (class, negative) index and asks, once per chunk of images, only for pairs not seen before."""
         self.reporter.debug(f"multi-matching: {len(texts)} 'p and n' texts not seen before")
-        return self.words(texts)
+        return self._encode(texts, "'p and n' texts")
 
 
 def score_inputs(

@@ -38,9 +38,11 @@ def text_embeddings(
     *,
     batch_size: int = 1024,
     reporter: Reporter | None = None,
+    label: str = "words",
 ) -> TextEmbeddings:
     """Embeddings of ``words`` under ``templates``; only words not cached for this model,
-    precision and template set are encoded."""
+    precision and template set are encoded. ``label`` names the words in the progress bar
+    (``classes imagenet``, ``negatives``)."""
     reporter = reporter or NullReporter()
     namespace = workspace.items.namespace(
         "text",
@@ -50,7 +52,7 @@ def text_embeddings(
         dtype="float32",
     )
     with workspace.items.lease(namespace):
-        return _fill_texts(model, words, templates, namespace, batch_size, reporter)
+        return _fill_texts(model, words, templates, namespace, batch_size, reporter, label)
 
 
 def _fill_texts(
@@ -60,6 +62,7 @@ def _fill_texts(
     namespace: Namespace,
     batch_size: int,
     reporter: Reporter,
+    label: str = "words",
 ) -> TextEmbeddings:
     vectors, found = namespace.get_many(words)
     if namespace.corrupt:
@@ -78,7 +81,9 @@ def _fill_texts(
         step = max(1, batch_size // max(1, len(templates.templates)))
         parts = []
         with reporter.progress(
-            f"encoding {len(missing)} texts × {len(templates.templates)} templates", len(missing)
+            f"embedding texts: {label} "
+            f"({len(missing)} × {len(templates.templates)} {templates.name} templates)",
+            len(missing),
         ) as advance:
             for start in range(0, len(missing), step):
                 chunk = missing[start : start + step]
@@ -128,7 +133,13 @@ def embed_texts(
             groups.append(("negative", negatives, negative_templates))
         for name, words, group_templates in groups:
             result = text_embeddings(
-                model, words.words, group_templates, workspace, batch_size=batch_size, reporter=reporter
+                model,
+                words.words,
+                group_templates,
+                workspace,
+                batch_size=batch_size,
+                reporter=reporter,
+                label=f"{'classes' if name == 'class' else 'negatives'} {list_name(words.source)}",
             )
             vectors, listing = (
                 (files.CLASS_EMBEDDINGS, files.CLASS_LIST)
@@ -147,6 +158,11 @@ def embed_texts(
         return {"counts": counts, "model": model.describe(), "sources": _sources(classes, negatives)}
 
     return workspace.store.run(spec, compute, reporter)
+
+
+def list_name(source: str) -> str:
+    """A word list's short name: ``preset:imagenet`` -> ``imagenet``, ``/x/cls.txt`` -> ``cls.txt``."""
+    return source.removeprefix("preset:").rstrip("/").rsplit("/", 1)[-1] or source
 
 
 def _sources(classes: WordList, negatives: WordList | None) -> dict[str, str]:

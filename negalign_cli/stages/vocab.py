@@ -104,14 +104,14 @@ def mine_negatives(
         if not candidates.nouns and not candidates.phrases:
             raise NegalignError("the lexicon leaves no candidate words after exclusions")
 
-        def embed(words, templates):
+        def embed(words, templates, label="words"):
             return torch.from_numpy(
                 text_embeddings(
-                    model, words, templates, workspace, batch_size=batch_size, reporter=reporter
+                    model, words, templates, workspace, batch_size=batch_size, reporter=reporter, label=label
                 ).vectors
             )
 
-        class_features = embed(list(classes.words), noun_templates)
+        class_features = embed(list(classes.words), noun_templates, "classes")
         frames, kept_lists = [], {}
         for kind, words, sources, templates in (
             ("noun", candidates.nouns, candidates.noun_sources, noun_templates),
@@ -161,7 +161,10 @@ def _rank_candidates(
         return pd.DataFrame(columns=["word", "kind", "source", "similarity", "kept", "rank"])
     from negalign_cli.compute.vocab import class_similarity, least_similar
 
-    similarity = class_similarity(embed(list(words), templates), class_features, quantile, saturate_above)
+    label = f"candidate {'nouns' if kind == 'noun' else 'adjectives'}"
+    similarity = class_similarity(
+        embed(list(words), templates, label), class_features, quantile, saturate_above
+    )
     keep = least_similar(similarity, top_p).numpy()
     rank = np.full(len(words), -1)
     rank[keep] = np.arange(len(keep))
@@ -218,7 +221,9 @@ def split_scores(
         words = [w for e in entries for w in e.words.words]
         sources = [e.source for e in entries for _ in e.words.words]
         vectors = [
-            text_embeddings(model, words, t, workspace, batch_size=batch_size, reporter=reporter).vectors
+            text_embeddings(
+                model, words, t, workspace, batch_size=batch_size, reporter=reporter, label="vocabulary"
+            ).vectors
             for t in (bare, object_templates, background_templates)
         ]
         r, obj, bg = role_scores(*vectors)
@@ -413,6 +418,12 @@ def negative_features(
         if rows.size:
             words = [vocab.words[i] for i in rows]
             features[rows] = text_embeddings(
-                model, words, templates, workspace, batch_size=batch_size, reporter=reporter
+                model,
+                words,
+                templates,
+                workspace,
+                batch_size=batch_size,
+                reporter=reporter,
+                label="negatives",
             ).vectors
     return features

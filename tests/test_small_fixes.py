@@ -1,0 +1,365 @@
+"""Issue 22 item 6: progress bars name their set, the README's demo paragraph matches the demo, the
+API docs' snippets run, the API's errors name its arguments, the demo's "Next:" lines work."""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import io
+import re
+import shlex
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from tests.faults.helpers import cli
+from tests.helpers.images import make_image_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- a. progress bars name the set they work on ----------------------------------------------
+
+
+def test_set_names_from_every_kind_of_images_source():
+    from negalign_cli.inputs.listing import set_name
+
+    assert set_name("/data/iNaturalist") == "iNaturalist"
+    assert set_name("/data/iNaturalist/") == "iNaturalist"
+    assert set_name("toy/ood_spurious/manifest.csv") == "ood_spurious"  # a generic list: its folder
+    assert set_name("benchmark_imglist/test_inaturalist.txt") == "test_inaturalist"
+    assert set_name("/wb/waterbird_complete95/metadata.csv (split test)") == "waterbird_complete95 test"
+    assert set_name("/data/inat/{00000..00009}.tar") == "inat"
+    assert set_name("/data/places.tar") == "places"
+
+
+def test_progress_bars_name_the_image_set(tmp_path):
+    """The real rich reporter through the CLI: every image bar (hashing, embedding, Grad-CAM,
+    scoring) and the text bars say which set or list they work on."""
+    make_image_folder(tmp_path / "iNaturalist", per_class=2)
+    (tmp_path / "classes.txt").write_text("birds\nboats\n")
+    (tmp_path / "nouns.txt").write_text("ocean\nforest\nteapot\nlamp\n")
+    cache = ("--cache-dir", str(tmp_path / "c"))
+    images = ("--images", str(tmp_path / "iNaturalist"), "--workers", "0")
+    embedded = cli("embed", "images", *images, *cache)
+    assert embedded.exit_code == 0, embedded.output
+    assert "hashing images: iNaturalist" in embedded.stderr, embedded.stderr
+    assert "embedding images: iNaturalist" in embedded.stderr, embedded.stderr
+    classes = ("--classes", str(tmp_path / "classes.txt"))
+    cam = cli("cam", *images, *classes, "--out", str(tmp_path / "cam" / "x"), *cache)
+    assert cam.exit_code == 0, cam.output
+    assert "Grad-CAM on images: iNaturalist" in cam.stderr, cam.stderr
+    assert "embedding texts: classes classes.txt" in cam.stderr, cam.stderr
+    split = cli(
+        "split-vocab", "--nouns", str(tmp_path / "nouns.txt"), "--tau", "0", "--out", str(tmp_path / "s")
+    )
+    assert split.exit_code == 0, split.output
+    scored = cli(
+        "score", "--images-dir", str(tmp_path / "cam" / "x"), *classes, "--groups", "2",
+        "--negatives-split", str(tmp_path / "s"), "--out", str(tmp_path / "scores"), *cache,
+    )  # fmt: skip
+    assert scored.exit_code == 0, scored.output
+    # the folder is called x: the name comes from the images the cam run read
+    assert "scoring images: iNaturalist" in scored.stderr, scored.stderr
+
+
+# --- b. the README's demo paragraph is the demo's -------------------------------------------
+
+CARD = ROOT / "negalign_cli" / "assets" / "models" / "negalign-toy.md"
+
+
+def _readme_demo_paragraph() -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = text.index("What the demo does and what to expect:")
+    return " ".join(text[start : text.index("\n## ", start)].split())
+
+
+def _readme_neglabel(paragraph: str) -> dict[str, float]:
+    """The NegLabel AUROC the paragraph quotes per set (and ``mean``), in %."""
+    found = dict((name, float(value)) for value, name in re.findall(r"(\d+\.\d+)% on `(\w+)`", paragraph))
+    found["mean"] = float(re.search(r"(\d+\.\d+)% on average", paragraph).group(1))
+    return found
+
+
+def _card_auroc(method: str) -> dict[str, float]:
+    """A row of the model card's OOD table: the full `negalign demo`'s AUROC per set, in %."""
+    lines = CARD.read_text(encoding="utf-8").splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("| method | spurious"))
+    names = [c.strip() for c in lines[header].strip("|").split("|")][1:]
+    row = next(line for line in lines[header:] if line.startswith(f"| {method} |"))
+    cells = [float(c.strip(" *")) for c in row.strip().strip("|").split("|")[1:]]
+    return dict(zip(names, cells, strict=True))
+
+
+def test_the_readme_demo_paragraph_matches_the_demo_settings():
+    """Image counts and set names against the demo's own constants and `negalign demo`'s defaults."""
+    import inspect
+
+    from negalign_cli.cli.toy_cmd import demo
+    from negalign_cli.toy.demo import OOD_SETS
+    from negalign_cli.toy.generate import ToySpec
+
+    defaults = inspect.signature(demo).parameters
+    n_id, n_ood = defaults["n_id"].default, defaults["n_ood"].default
+    assert (n_id, n_ood) == (ToySpec().n_id, ToySpec().n_ood)
+    paragraph = _readme_demo_paragraph()
+    # the ID test set is the id split (n_id) and id_minority (n_ood): demo.ID_SET reads id_test.csv
+    assert int(re.search(r"\((\d+) ID images", paragraph).group(1)) == n_id + n_ood
+    assert int(re.search(r"(\d+) on \"their\" backgrounds", paragraph).group(1)) == n_id
+    assert f"{ToySpec().correlation:.0%} of the time" in paragraph
+    assert int(re.search(r"(\d+) on the other class's backgrounds", paragraph).group(1)) == n_ood
+    count, size = map(int, re.search(r"(\d+) OOD sets of (\d+) images", paragraph).groups())
+    assert (count, size) == (len(OOD_SETS), n_ood)
+    quoted = re.findall(r"`(\w+)`, (?:background-only|other shapes)", paragraph)
+    assert quoted == [name.removeprefix("ood_") for name in OOD_SETS]
+
+
+def test_the_readme_demo_figures_are_the_recorded_demo_output():
+    """The README quotes the model card's table of the full demo (which the ci test below re-measures)."""
+    card = _card_auroc("NegLabel")
+    quoted = _readme_neglabel(_readme_demo_paragraph())
+    assert set(quoted) == {*card, "mean"}
+    for name, value in card.items():
+        assert quoted[name] == value, name
+    assert quoted["mean"] == pytest.approx(sum(card.values()) / len(card), abs=0.005)
+
+
+@pytest.mark.ci
+def test_the_full_demo_prints_what_the_readme_and_the_model_card_say(tmp_path):
+    """The long real run: `negalign demo` at its defaults; the README's and the model card's
+    figures are what it measures (to the printed two decimals), and its best λ is 0 on every set."""
+    import json
+
+    result = cli("demo", "--out", str(tmp_path / "demo"))
+    assert result.exit_code == 0, result.output[-3000:]
+    results = json.loads((tmp_path / "demo" / "results" / "results.json").read_text())
+    assert results["id"]["n"] == int(re.search(r"\((\d+) ID images", _readme_demo_paragraph()).group(1))
+    measured = {
+        name: 100 * block["methods"]["NegLabel"]["metrics"]["neglabel"]["auroc"]
+        for name, block in results["ood"].items()
+    }
+    quoted = _readme_neglabel(_readme_demo_paragraph())
+    for name, value in measured.items():
+        assert round(value, 2) == quoted[name] == _card_auroc("NegLabel")[name], name
+    assert round(sum(measured.values()) / len(measured), 2) == quoted["mean"]
+    assert all(float(block["best_lambda"]) == 0 for block in results["ood"].values())
+
+
+# --- e. the demo's "Next:" lines work as printed ----------------------------------------------
+
+
+def _make_demo_command(*variables: str) -> list[str]:
+    """What `make demo [VAR=value...]` runs (real GNU make, dry run; STAMP= skips the set-up)."""
+    done = subprocess.run(
+        ["make", "-n", "demo", *variables, "STAMP="], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    lines = [shlex.split(line) for line in done.stdout.splitlines() if "scripts/demo.sh" in line]
+    assert len(lines) == 1, done.stdout
+    return lines[0]
+
+
+def test_make_demo_names_the_venv_executable_that_pip_installs():
+    """`make demo` hands scripts/demo.sh `.venv/bin/negalign` (what its Next: lines print): the venv
+    layout puts the console script there, and this venv has it."""
+    command = _make_demo_command()
+    assert command[:2] == ["bash", "scripts/demo.sh"], command
+    negalign = Path(command[2])
+    assert not negalign.is_absolute() and negalign.parts[-2:] == ("bin", "negalign"), negalign
+    assert Path(sysconfig.get_path("scripts")) == Path(sys.prefix) / negalign.parts[-2]
+    assert (Path(sys.prefix) / "bin" / "negalign").is_file()
+
+
+def _next_lines(stdout: str) -> list[str]:
+    assert "\nNext:\n" in stdout, stdout[-2000:]
+    return stdout.split("\nNext:\n", 1)[1].splitlines()
+
+
+@pytest.mark.slow
+def test_the_demo_next_lines_run_as_printed(toy_demo):
+    """Every path the demo's Next: lines name exists, and every command line runs: `make demo` (a
+    real make dry run), the negalign ones in-process after checking the printed executable."""
+    out, done = toy_demo
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = _next_lines(done.stdout)
+    commands = [shlex.split(line.split("$", 1)[1].split("#", 1)[0]) for line in lines if "$ " in line]
+    assert len(commands) == 3, lines
+    paths = [
+        word.rstrip(";,") for line in lines if "$ " not in line for word in line.split() if str(out) in word
+    ]
+    assert len(paths) == 3, lines
+    for path in paths:
+        if "<set>" in path:
+            for name in ("id", "spurious", "spurious_object", "nonspurious"):
+                assert list(Path(path.replace("<set>", name)).glob("*.png")), path
+        else:
+            assert Path(path).exists(), path
+    negalign = str(Path(sys.executable).with_name("negalign"))  # what the fixture handed demo.sh
+    for argv in commands:
+        if argv[:2] == ["make", "demo"]:  # the same demo again: same script, same folder
+            assert _make_demo_command(*argv[2:])[1:4:2] == ["scripts/demo.sh", str(out)], argv
+            continue
+        assert argv[0] == negalign and Path(argv[0]).is_file(), argv
+        result = cli(*argv[1:])
+        assert result.exit_code == 0, (argv, result.output[-2000:])
+
+
+# --- c. the Python snippets of docs/api.md and the README run ------------------------------
+
+
+def _python_blocks(text: str) -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
+
+
+def _readme_python_sections() -> str:
+    """The README's sections "## Python" and "## Python API: ..." (up to the next section)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    sections = re.split(r"^(?=## )", text, flags=re.M)
+    return "".join(s for s in sections if s.startswith("## Python"))
+
+
+SNIPPETS = {
+    "docs/api.md": [_python_blocks((ROOT / "docs" / "api.md").read_text(encoding="utf-8"))],
+    "README.md": [[block] for block in _python_blocks(_readme_python_sections())],
+}
+
+
+@pytest.fixture(scope="module")
+def snippet_world(tmp_path_factory):
+    """A tiny toy folder (the toy generator's own layout: the names docs/api.md uses)."""
+    from negalign_cli.toy.generate import ToySpec, generate_toy
+
+    toy = tmp_path_factory.mktemp("snippets") / "toy"
+    generate_toy(toy, ToySpec(n_id=8, n_ood=8))
+    return toy
+
+
+def _names(toy: Path, tmp_path: Path) -> dict:
+    """What the test puts in place of the names the snippets set at their top (docs/api.md)."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "neg_labels_noun.txt").write_text((toy / "vocab.txt").read_text())  # saved labels: no mining
+    return {
+        "ARCH": "negalign-tiny-test",
+        "CLASSES": toy / "classes.txt",
+        "NEGATIVES": toy / "vocab.txt",
+        "ID_IMAGES": sorted((toy / "id" / "images").rglob("*.png")),
+        "IMAGES": sorted((toy / "ood_spurious" / "images").rglob("*.png")),
+        "RUNS": runs,
+        "OPTIONS": {"groups": 1, "tau": 0.0},  # the tiny model's random r-scores: every word has a role
+        "CACHE": tmp_path / "cache",
+    }
+
+
+def _run_snippet(code: str, namespace: dict, provided: set[str], name: str) -> str:
+    """Run ``code`` in ``namespace`` with the top-level assignments of the provided names left out;
+    returns what it printed."""
+    tree = ast.parse(code)
+    tree.body = [
+        node
+        for node in tree.body
+        if not (
+            isinstance(node, ast.Assign)
+            and len(node.targets) == 1
+            and isinstance(node.targets[0], ast.Name)
+            and node.targets[0].id in provided
+        )
+    ]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(tree, name, "exec"), namespace)  # noqa: S102 - the documentation's own code
+    return printed.getvalue()
+
+
+@pytest.mark.parametrize(
+    "source,blocks",
+    [(source, blocks) for source, groups in SNIPPETS.items() for blocks in groups],
+    ids=[f"{source}-{i}" for source, groups in SNIPPETS.items() for i in range(len(groups))],
+)
+def test_the_documented_python_snippets_run(snippet_world, tmp_path, monkeypatch, source, blocks):
+    """Every ```python block of docs/api.md (one session, in order) and of the README's Python
+    sections runs in-process on the tiny test model and a tiny toy folder, and prints what each
+    ``print(...)  # ...`` line says it prints."""
+    assert blocks, source
+    monkeypatch.chdir(tmp_path)  # a relative path a snippet writes to lands here
+    namespace = _names(snippet_world, tmp_path)
+    provided = set(namespace)
+    # a reader copies the session as printed: its first block sets every provided name it uses
+    used = {n for n in provided if re.search(rf"\b{n}\b", "".join(blocks))}
+    assert used and used <= {n for n in provided if re.search(rf"^{n} = ", blocks[0], flags=re.M)}, used
+    for index, code in enumerate(blocks):
+        printed = _run_snippet(code, namespace, provided, f"{source}[{index}]")
+        for expected in re.findall(r"^\s*print\(.*\)\s+#\s*(.+)$", code, flags=re.M):
+            assert expected.strip() in printed, (source, index, expected, printed)
+
+
+# --- d. the Python API's errors name its own arguments ----------------------------------------
+
+
+def test_api_message_spells_the_api_arguments():
+    from negalign_cli.api import api_message
+
+    assert api_message("CUDA is not available here: use --device cpu") == (
+        "CUDA is not available here: use device='cpu'"
+    )
+    assert api_message("--groups 100 and --neg-topk K; lower --groups") == (
+        "groups=100 and neg_topk=K; lower groups="
+    )
+    assert api_message("--role-aware keeps 0 negatives") == "use_role_aware_negatives=True keeps 0 negatives"
+    assert api_message("--pretrained /w/x.pt is a folder") == "pretrained='/w/x.pt' is a folder"
+    # a command to run stays as the CLI spells it, and so do options the API does not take
+    assert api_message("run `negalign score --groups 2` with --shards-dir") == (
+        "run `negalign score --groups 2` with --shards-dir"
+    )
+
+
+API_BASE = {
+    "train_dataset": ["star", "heart"],
+    "arch": "negalign-tiny-test",
+    "neg_nouns": ["sky", "cup", "lamp", "sand"],
+    "groups": 1,
+    "device": "cpu",
+}
+
+
+API_ERRORS = [
+    ({"precision": "fp16"}, "precision='fp16' needs a CUDA device"),
+    ({"cam_method": "nope"}, "unknown cam_method='nope'"),
+    ({"bg_pool": "nope"}, "unknown bg_pool='nope'"),
+    ({"cam_fg_percentile": 150}, "cam_fg_percentile= must be in [0, 100]"),
+    ({"cam_dilate_px": -1}, "cam_dilate_px= must be ≥ 0"),
+    ({"invalid_cam": "nope"}, "unknown invalid_cam='nope'"),
+    ({"tau": -1}, "tau= must be ≥ 0"),
+    ({"groups": 100}, "cannot fill groups=100"),
+    ({"negatives_split": "/nonexistent-split"}, "negatives_split= takes"),
+]
+
+
+@pytest.mark.parametrize("arguments,expected", API_ERRORS, ids=[next(iter(a)) for a, _ in API_ERRORS])
+def test_api_errors_name_the_api_argument(tmp_path, arguments, expected):
+    """The checks the API shares with the CLI, through the API: the message names the argument."""
+    from negalign_cli import CLIPNegAlign
+    from negalign_cli.errors import NegalignError
+
+    with pytest.raises(NegalignError) as caught:
+        CLIPNegAlign(**{**API_BASE, **arguments}, cache_dir=tmp_path / "c").close()
+    message = str(caught.value)
+    assert expected in message and "--" + next(iter(arguments)).split("_")[-1] not in message, message
+
+
+def test_api_device_error_names_device_and_the_cli_keeps_its_option(tmp_path):
+    import torch
+
+    from negalign_cli import CLIPNegAlign
+    from negalign_cli.errors import NegalignError
+    from tests.faults.helpers import one_line_error
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(NegalignError, match=r"use device='cpu'$"):
+        CLIPNegAlign(**{**API_BASE, "device": "cuda"}, cache_dir=tmp_path / "c")
+    # the same check from the command line names the option
+    one_line_error(cli("embed", "texts", "--classes", "cifar10", "--device", "cuda"), "use --device cpu")
