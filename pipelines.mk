@@ -8,7 +8,9 @@
 # Every step is a file target (the --out folder's manifest.json, scores.parquet, results.json), so
 # `make -n waterbirds` prints the plan and a second `make` runs only what is out of date. Each
 # step also records its settings in $(OUT)/<experiment>/.knobs/<step>; a step whose settings
-# changed (TAU=0.1) reruns with everything after it, and nothing before it. Underneath, negalign's
+# changed reruns with everything after it, and nothing before it; a step whose output, as the next
+# step reads it, came out unchanged stops there (TAU=0.1 moving no word between the split's roles
+# reruns split-vocab alone: see .content below). Underneath, negalign's
 # content cache keeps every encoded image and word: a rerun after `make -B` only hashes files.
 # Make does not watch the image folders (only Waterbirds' metadata.csv): after changing images,
 # run with -B (cheap: unchanged images come from the cache).
@@ -88,11 +90,25 @@ pipelines-help:
 # evaluated while make reads this file, and only for a pipeline goal. Under `make -n` nothing is
 # written: a FILE whose settings differ is marked out of date instead, so the plan is the real one.
 PIPELINE_GOALS := $(filter waterbirds waterbirds-results imagenet imagenet-results $(WB)/% $(IN)/%,$(MAKECMDGOALS))
-DRY_RUN := $(findstring n,$(firstword -$(MAKEFLAGS)))
+DRY_RUN := $(findstring n,$(firstword -$(MAKEFLAGS)))$(findstring q,$(firstword -$(MAKEFLAGS)))
 knob_differs = $(shell printf '%s\n' '$(strip $(2))' | cmp -s - $(1) 2>/dev/null || echo differs)
 knob_write = $(shell mkdir -p $(dir $(1)) && { printf '%s\n' '$(strip $(2))' | cmp -s - $(1) 2>/dev/null \
     || printf '%s\n' '$(strip $(2))' > $(1); })
-knob = $(if $(PIPELINE_GOALS),$(if $(DRY_RUN),$(if $(call knob_differs,$(1),$(2)),$(eval .PHONY: $(1))),$(call knob_write,$(1),$(2))))
+knob = $(if $(PIPELINE_GOALS),$(if $(DRY_RUN),$(if $(call knob_differs,$(1),$(2)),$(eval .PHONY: $(1))$(eval CHANGED_KNOBS += $(1))),$(call knob_write,$(1),$(2))))
+
+# $(call content,FILE,MANIFEST,KNOB) and a rule `FILE: MANIFEST` with $(call content_recipe,FILE,OUTPUT):
+# FILE holds the sha256 of OUTPUT (what the next step reads of a step whose MANIFEST records more,
+# e.g. split-vocab's TAU), rewritten only when it changes; the next step depends on FILE. GNU make
+# reads a target's time again after its recipe ran, so an unchanged FILE leaves the steps after it
+# alone (the check runs again at the next make: a sha256 of one small file). Under `make -n`
+# nothing is written: FILE is marked out of date when the step is planned (its KNOB changed, or its
+# MANIFEST is missing or older than KNOB), so the plan shows what may follow; otherwise its recipe
+# is empty under -n and run (`+`), and make, finding FILE unchanged, plans nothing after it. `make -t`
+# touches FILE like any target.
+dry_remade = $(or $(filter $(3),$(CHANGED_KNOBS)),$(shell test $(2) -nt $(3) || echo yes))
+content = $(if $(PIPELINE_GOALS),$(if $(DRY_RUN),$(if $(call dry_remade,$(1),$(2),$(3)),$(eval .PHONY: $(1)))))
+content_recipe = $(if $(DRY_RUN),+@,@mkdir -p $(dir $(1)) && sha256sum < $(2) > $(1).new && \
+    if cmp -s $(1).new $(1); then rm -f $(1).new; else mv -f $(1).new $(1); fi)
 
 need = $(if $($(1)),,$(error make $(2) needs $(1)=$(3)))
 
@@ -122,7 +138,12 @@ $(WB)/cam/id/manifest.json: $(WB)/.knobs/cam $(if $(WATERBIRDS),$(WATERBIRDS)/me
 $(WB)/cam/placesbg/manifest.json: $(WB)/.knobs/cam | $(PIPELINE_SETUP)
 	$(NEGALIGN) cam --images $(PLACESBG) --classes $(WATERBIRDS_CLASSES) $(CAM_ARGS) $(RUNTIME_ARGS) --out $(@D)
 
-$(WB_SCORES): $(WB)/scores/%/scores.parquet: $(WB)/cam/%/manifest.json $(WB)/split/manifest.json $(WB)/.knobs/score
+# score reads the split's split_scores.csv (words, sources, roles), not the TAU its manifest records
+$(call content,$(WB)/.content/split,$(WB)/split/manifest.json,$(WB)/.knobs/split)
+$(WB)/.content/split: $(WB)/split/manifest.json
+	$(call content_recipe,$@,$(WB)/split/split_scores.csv)
+
+$(WB_SCORES): $(WB)/scores/%/scores.parquet: $(WB)/cam/%/manifest.json $(WB)/.content/split $(WB)/.knobs/score
 	$(NEGALIGN) score --images-dir $(WB)/cam/$* --classes $(WATERBIRDS_CLASSES) --negatives-split $(WB)/split \
 	    $(SCORE_ARGS) $(RUNTIME_ARGS) --out $(@D)
 
@@ -162,7 +183,11 @@ $(IN)/cam/id/manifest.json: $(IN)/.knobs/cam | $(PIPELINE_SETUP)
 $(IN_OOD_CAMS): $(IN)/cam/ood-%/manifest.json: $(IN)/.knobs/cam | $(PIPELINE_SETUP)
 	$(NEGALIGN) cam --images $(call ood_path,$*) --classes $(IMAGENET_CLASSES) $(CAM_ARGS) $(RUNTIME_ARGS) --out $(@D)
 
-$(IN)/scores/id/scores.parquet $(IN_OOD_SCORES): $(IN)/scores/%/scores.parquet: $(IN)/cam/%/manifest.json $(IN)/split/manifest.json $(IN)/.knobs/score
+$(call content,$(IN)/.content/split,$(IN)/split/manifest.json,$(IN)/.knobs/split)
+$(IN)/.content/split: $(IN)/split/manifest.json
+	$(call content_recipe,$@,$(IN)/split/split_scores.csv)
+
+$(IN)/scores/id/scores.parquet $(IN_OOD_SCORES): $(IN)/scores/%/scores.parquet: $(IN)/cam/%/manifest.json $(IN)/.content/split $(IN)/.knobs/score
 	$(NEGALIGN) score --images-dir $(IN)/cam/$* --classes $(IMAGENET_CLASSES) --negatives-split $(IN)/split \
 	    $(SCORE_ARGS) $(RUNTIME_ARGS) --out $(@D)
 

@@ -56,7 +56,7 @@ from negalign_cli.modelref import CHECKPOINT_SUFFIXES, PROJECT_MODELS, LazyModel
 from negalign_cli.reporting import NullReporter, Reporter
 from negalign_cli.settings import resolve_cache_dir, resolve_device, resolve_precision
 from negalign_cli.stages import files
-from negalign_cli.stages.scoring import TextEncoder, check_request, score_inputs
+from negalign_cli.stages.scoring import TextEncoder, check_config, check_request, score_inputs
 from negalign_cli.stages.vocab import (
     NegativeVocab,
     VocabEntry,
@@ -265,6 +265,7 @@ class CLIPNegAlign:
             include_ambiguous=star and role_aware_include_ambiguous,
             invalid_cam=invalid_cam,
         )
+        check_config(self.config)  # groups=0 fails here, not at the first image
         self.calibration = self._read_calibration(calibration)
         if batch_size < 1:
             raise NegalignError(f"batch_size must be at least 1 (got {batch_size})")

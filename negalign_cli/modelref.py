@@ -16,6 +16,10 @@ fingerprint, precision, embed_dim and the description from the table and builds 
 when something asks for the network itself, which stages do only inside their compute step (run
 by the artifact store on a miss). The entry is checked then: a fingerprint that differs means the
 entry was stale; it is rewritten and the run stops before storing anything under the stale key.
+
+A process that only plans (the ``launch`` driver) plans under :func:`fingerprint_elsewhere`: a
+model the table does not know is built in a child process, which writes its row, so the planning
+process itself never imports torch or open_clip.
 """
 
 from __future__ import annotations
@@ -26,6 +30,11 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -483,6 +492,10 @@ class LazyModel:
 
         return preprocess_transform(self.preprocess_cfg)
 
+    def row(self) -> dict[str, Any]:
+        """The fingerprint table's row of this model."""
+        return dict(self._entry)
+
     @property
     def built(self) -> bool:
         return self._loaded is not None
@@ -532,6 +545,69 @@ class LazyModel:
         return getattr(self.loaded, attribute)
 
 
+# rows built by a child process in this planning process, by (name, pretrained, precision): a
+# `local-dir:` model has no table row to keep them
+_ELSEWHERE: ContextVar[dict[tuple[str, str | None, str], dict[str, Any]] | None] = ContextVar(
+    "negalign_fingerprint_elsewhere", default=None
+)
+
+# the child: plan_model as usual (builds the model on the CPU, writes its row), prints the row
+_CHILD = """
+import json, sys
+from pathlib import Path
+from negalign_cli.errors import NegalignError
+from negalign_cli.modelref import plan_model
+name, pretrained, cache_dir, precision = json.loads(sys.argv[1])
+try:
+    row = plan_model(name, pretrained, Path(cache_dir), "cpu", precision).row()
+except NegalignError as exc:
+    sys.stderr.write(f"error: {exc}\\n")
+    sys.exit(2)
+print(json.dumps(row))
+"""
+
+
+@contextmanager
+def fingerprint_elsewhere() -> Iterator[None]:
+    """Within this block, :func:`plan_model` builds a model the fingerprint table does not know in a
+    child process (which writes the row, as a first run would) instead of in this one: planning
+    imports no torch. For the ``launch`` driver, which only plans before it queues the shards."""
+    token = _ELSEWHERE.set({})
+    try:
+        yield
+    finally:
+        _ELSEWHERE.reset(token)
+
+
+def planning_elsewhere() -> bool:
+    return _ELSEWHERE.get() is not None
+
+
+def _row_from_child(name: str, pretrained: str | None, cache_dir: Path, precision: str) -> dict[str, Any]:
+    """The table row of a model built by a child process (a user-fixable failure there, e.g.
+    weights that cannot be found, is the same one-line error here)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD, json.dumps([name, pretrained, str(cache_dir), precision])],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode == 0:
+        lines = done.stdout.strip().splitlines()
+        try:
+            row = json.loads(lines[-1]) if lines else None
+        except ValueError:
+            row = None
+        if isinstance(row, dict) and isinstance(row.get("fingerprint"), str):
+            return row
+    told = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    if told:
+        raise NegalignError(told[-1].removeprefix("error:").strip())
+    last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+    raise NegalignError(
+        f"building {name} to fingerprint it failed in its own process (exit {done.returncode}): {last}"
+    )
+
+
 def plan_model(
     name: str,
     pretrained: str | None,
@@ -543,14 +619,22 @@ def plan_model(
 ) -> LazyModel:
     """The model of a command, for planning: from the fingerprint table when it has a row for it
     (nothing built, nothing imported), else built now and its row written (a first run, a changed
-    checkpoint, a ``local-dir:`` model). ``compile`` is ``--compile``; compiled artifacts go to
-    the cache's ``compiled`` folder."""
+    checkpoint, a ``local-dir:`` model); under :func:`fingerprint_elsewhere`, built by a child
+    process instead. ``compile`` is ``--compile``; compiled artifacts go to the cache's ``compiled``
+    folder."""
     ref = resolve_ref(name, pretrained, device, precision)
     compile_cache = Path(cache_dir) / COMPILED_DIR
     table = FingerprintTable(cache_dir)
     entry = table.get(ref)
     if entry is not None:
         return LazyModel(ref, entry, table, reporter=reporter, compile=compile, compile_cache=compile_cache)
+    built_elsewhere = _ELSEWHERE.get()
+    if built_elsewhere is not None:
+        known = (ref.name, ref.pretrained, ref.precision)
+        if known not in built_elsewhere:
+            built_elsewhere[known] = _row_from_child(name, pretrained, Path(cache_dir), ref.precision)
+        row = built_elsewhere[known]
+        return LazyModel(ref, row, table, reporter=reporter, compile=compile, compile_cache=compile_cache)
     from negalign_cli.models import load_model
 
     loaded = load_model(

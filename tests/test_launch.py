@@ -15,6 +15,7 @@ from tests.helpers.images import make_image_folder
 
 
 @pytest.mark.slow
+@pytest.mark.ci  # three shard processes, one killed and rerun: make test-ci (CI runs it)
 def test_launch_local_reruns_only_the_killed_shard(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("NEGALIGN_CACHE")

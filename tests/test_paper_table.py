@@ -183,13 +183,26 @@ def test_id_accuracy(tmp_path, kind):
     assert table["ID top-1"].to_numpy() == pytest.approx(np.full(len(table), 100 * expected), abs=1e-3)
 
 
-def test_id_accuracy_not_from_wordnet_ids(tmp_path):
-    """ImageNet's class folders are WordNet ids, not class names: no accuracy, and a note why."""
+def test_id_accuracy_from_wordnet_ids(tmp_path):
+    """ImageNet's class folders are WordNet ids: each is its ImageNet-1K class index (the sorted
+    id list), compared with pred_class (CLASSES are the `imagenet` preset's first three)."""
+    wnids = np.array(["n01440764", "n01443537", "n01484850"])
+    truth, predicted = np.arange(120) % 3, (np.arange(120) * 7 // 5) % 3
+    result, out = _labelled(tmp_path, list(wnids[truth]), predicted)
+    accuracy = json.loads((out / "results.json").read_text())["id"]["accuracy"]
+    expected = float(np.mean(truth == predicted))
+    assert 0 < expected < 1 and accuracy["top1"] == pytest.approx(expected)
+    assert accuracy["labels"] == "ImageNet-1K WordNet ids"
+    assert f"labels read as ImageNet-1K WordNet ids): {100 * expected:.2f}%" in result.stdout
+
+
+def test_id_accuracy_not_from_other_wordnet_ids(tmp_path):
+    """WordNet ids outside ImageNet-1K (n01440765 is none of its classes): no accuracy, a note why."""
     labels = [f"n0{1440764 + i % 3}" for i in range(120)]
     result, out = _labelled(tmp_path, labels, np.arange(120) % 3)
     accuracy = json.loads((out / "results.json").read_text())["id"]["accuracy"]
-    assert accuracy["top1"] is None and "are not class names" in accuracy["note"]
-    assert "ID accuracy not computed: the ID labels (e.g. 'n01440764') are not class names" in result.stdout
+    assert accuracy["top1"] is None and "outside ImageNet-1K's 1,000 classes" in accuracy["note"]
+    assert "ID accuracy not computed: 80 of 120 ID labels are WordNet ids outside" in result.stdout
 
 
 def test_ood_names_match_preset_sets():

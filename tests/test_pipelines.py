@@ -107,7 +107,7 @@ def check_methods(results: dict, runs: Path, sets: dict[str, str]) -> None:
 
 
 @pytest.mark.slow
-def test_make_waterbirds_and_imagenet_on_the_toy_world(toy):
+def test_make_waterbirds_on_the_toy_world(toy):
     data = toy / "toy"
     classes = str(data / "classes.txt")
     waterbirds = [
@@ -146,12 +146,32 @@ def test_make_waterbirds_and_imagenet_on_the_toy_world(toy):
     assert commands(report_plan) == ["report"]
     assert f"report {runs / 'results'} --out {runs / 'report'}" in report_plan
 
-    imagenet = [
+
+def imagenet_knobs(toy: Path) -> list[str]:
+    data = toy / "toy"
+    return [
         *toy_knobs(toy),
         f"IMAGENET={data / 'id' / 'manifest.csv'}",
         f"OOD=spurious={data / 'ood_spurious' / 'images'} nonspurious={data / 'ood_nonspurious' / 'images'}",
-        f"IMAGENET_CLASSES={classes}",
+        f"IMAGENET_CLASSES={data / 'classes.txt'}",
     ]
+
+
+def test_make_imagenet_plans_every_step_once(tmp_path_factory):
+    """The plan GNU make reads from pipelines.mk on a fresh run: one split, a cam and a score per
+    set (a pattern rule for the OOD sets), one evaluate (its real run: the ci test below)."""
+    toy = tmp_path_factory.mktemp("pipelines-plan")
+    generate_toy(toy / "toy", ToySpec(n_id=10, n_ood=6))
+    plan = make("imagenet-results", *imagenet_knobs(toy), dry=True)
+    assert commands(plan) == sorted(["split-vocab", *["cam", "score"] * 3, "evaluate"])
+    assert len(out_folders(plan)) == 8
+    assert not (toy / "runs").exists()  # a dry run writes nothing
+
+
+@pytest.mark.slow
+@pytest.mark.ci  # eight negalign processes: make test-ci (CI runs it); make test runs waterbirds for real
+def test_make_imagenet_on_the_toy_world(toy):
+    imagenet = imagenet_knobs(toy)
     plan = make("imagenet-results", *imagenet, dry=True)
     assert commands(plan) == sorted(["split-vocab", *["cam", "score"] * 3, "evaluate"])
     make("imagenet-results", *imagenet)

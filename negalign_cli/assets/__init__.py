@@ -29,6 +29,15 @@ def csp_suffixes() -> tuple[str, ...]:
     return tuple(json.loads(asset_path("csp_suffixes.json").read_text(encoding="utf-8")))
 
 
+@functools.cache
+def imagenet_wnids() -> tuple[str, ...]:
+    """ImageNet-1K's 1,000 WordNet ids (``n01440764``, ...) in sorted order: position = the class
+    index of ImageNet-1K (ImageFolder's sorted class folders, OpenOOD's image-list labels) and of
+    the ``imagenet`` class-name preset (``tench`` is ``n01440764``, index 0)."""
+    lines = asset_path("imagenet_wnids.txt").read_text(encoding="utf-8").split()
+    return tuple(lines)
+
+
 def model_config_dir() -> Path:
     return asset_path("model_configs")
 

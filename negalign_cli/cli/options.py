@@ -128,9 +128,12 @@ def check_weights(model: str, pretrained: str | None, rt: Runtime | None = None)
     open_clip tag that is cached or can be downloaded now). A model the cache's fingerprint table
     knows (``modelref``) was checked when it was built: nothing is imported for it."""
     if rt is not None:
-        from negalign_cli.modelref import FingerprintTable, resolve_ref
+        from negalign_cli.modelref import FingerprintTable, plan_model, planning_elsewhere, resolve_ref
 
         if FingerprintTable(rt.cache_dir).get(resolve_ref(model, pretrained, rt.device, rt.precision)):
+            return
+        if planning_elsewhere():  # the launch driver: a child process builds it, checking the weights
+            plan_model(model, pretrained, rt.cache_dir, rt.device, rt.precision)
             return
     from negalign_cli.models import check_weights
 

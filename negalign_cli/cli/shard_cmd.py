@@ -289,18 +289,20 @@ def _passed_value(args: list[str], name: str) -> str | None:
 
 def _check_locally(argv: list[str], shards_dir: Path, count: int):
     """Run the shards' command here as shard 0, on the CPU, up to its plan: its options, its image
-    list and its model are checked before anything is submitted. Returns the plan."""
+    list and its model are checked before anything is submitted. Returns the plan. Imports no
+    torch: a model shard 0's fingerprint table lacks is built (and its row written) by a child."""
     from typer.main import get_command
 
     from negalign_cli.cli.app import app
     from negalign_cli.errors import NegalignError
+    from negalign_cli.modelref import fingerprint_elsewhere
     from negalign_cli.stages.shards import Planned, Shard, plan_only, shard_cache
 
     cache = shard_cache(shards_dir, Shard(0, count))
     args = [*argv, "--shard", f"0/{count}", "--shards-dir", str(shards_dir), "--cache-dir", str(cache)]
     command = get_command(app)
-    try:
-        with plan_only():
+    try:  # a model shard 0's cache does not know yet is built in a child process: no torch here
+        with plan_only(), fingerprint_elsewhere():
             code = command.main([*args, "--device", "cpu"], prog_name="negalign", standalone_mode=False)
     except Planned as planned:
         return planned.plan

@@ -5,15 +5,21 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from negalign_cli.compute.quantile import quantile as exact_quantile
 from negalign_cli.defaults import ROLE_AMBIGUOUS as ROLE_AMBIGUOUS
 from negalign_cli.defaults import ROLE_BACKGROUND as ROLE_BACKGROUND
 from negalign_cli.defaults import ROLE_OBJECT as ROLE_OBJECT
 from negalign_cli.defaults import ROLES as ROLES
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported by the two functions on tensors (mining), not here: thresholding r-scores
+# (`assign_roles`, what `split-vocab` computes when only --tau changed) and the r-scores themselves
+# are numpy, so a process that only re-splits never imports torch.
 
 
 # ----------------------------------------------------------------------------- mining
@@ -82,6 +88,10 @@ def class_similarity(
 ) -> torch.Tensor:
     """Per word: the ``quantile`` of its cosines to the ID classes; 1.0 where the max cosine
     exceeds ``saturate_above`` (NegLabel's rule for near-synonyms of a class). Chunked."""
+    import torch
+
+    from negalign_cli.compute.quantile import quantile as exact_quantile
+
     out = []
     for start in range(0, word_features.shape[0], chunk_size):
         cos = word_features[start : start + chunk_size].float() @ class_features.float().T
@@ -95,6 +105,8 @@ def class_similarity(
 
 def least_similar(similarity: torch.Tensor, top_p: float) -> torch.Tensor:
     """Indices of the ``floor(top_p · n)`` least similar words, least similar first (stable)."""
+    import torch
+
     keep = int(similarity.shape[0] * top_p)
     return torch.argsort(similarity, stable=True)[:keep]
 

@@ -50,8 +50,8 @@ else:  # a cache hit (a key, a lookup, a copy) imports none: they load when the 
 FITTED = "fitted on the ID set"  # the source of M3 statistics fitted by evaluate itself
 # 2: ROC of every method, labelled histograms, --ood-group; 3: S_final overflows and reserved set
 # names refused (an evaluation cached before would still serve them); 4: table.csv (the paper-style
-# table) and --benchmark
-EVALUATE_STAGE, EVALUATE_VERSION = "evaluate", 4
+# table) and --benchmark; 5: ID accuracy from ImageNet-1K WordNet-id labels
+EVALUATE_STAGE, EVALUATE_VERSION = "evaluate", 5
 METHODS = method_columns()
 
 
@@ -617,7 +617,8 @@ def id_accuracy(frame: pd.DataFrame) -> dict[str, Any]:
     integers are class indices (OpenOOD's image lists), compared with ``pred_class``; otherwise
     they are class names, compared with ``pred_name`` (case, ``_`` and ``-`` ignored), and only
     when at least half the distinct labels name a class some image was predicted as (else they are
-    not class names, e.g. ImageNet's WordNet ids). Returns ``{"top1", "n", "labels"}``, or
+    not class names). ImageNet-1K's WordNet ids (``n01440764``) are class indices by their sorted
+    order (:func:`_wnid_accuracy`). Returns ``{"top1", "n", "labels"}``, or
     ``{"top1": None, "note"}`` saying what is missing."""
     if "label" not in frame.columns or "pred_class" not in frame.columns:
         return {"top1": None, "note": "the ID score file has no label or pred_class column"}
@@ -633,6 +634,9 @@ def id_accuracy(frame: pd.DataFrame) -> dict[str, Any]:
     if numbers.notna().all() and (numbers == numbers.round()).all():
         hits = numbers.to_numpy(dtype=np.int64) == pd.to_numeric(frame["pred_class"]).to_numpy(dtype=np.int64)
         return {"top1": float(hits.mean()), "n": len(frame), "labels": "class indices"}
+    text = labels.astype(str).str.strip()
+    if text.str.fullmatch(r"n\d{8}").all():
+        return _wnid_accuracy(frame, text)
     if "pred_name" not in frame.columns:
         return {"top1": None, "note": "the ID labels are names and the score file has no pred_name column"}
     wanted, predicted = _label_key(labels), _label_key(frame["pred_name"])
@@ -646,6 +650,54 @@ def id_accuracy(frame: pd.DataFrame) -> dict[str, Any]:
             f"{len(distinct)} name a predicted class",
         }
     return {"top1": float((wanted == predicted).mean()), "n": len(frame), "labels": "class names"}
+
+
+def _wnid_accuracy(frame: pd.DataFrame, wnids: pd.Series) -> dict[str, Any]:
+    """Top-1 where the ID labels are ImageNet-1K WordNet ids (ImageNet's class folders): each id's
+    position in the sorted list of the 1,000 (``assets/imagenet_wnids.txt``) is its class index.
+    Compared with ``pred_class`` when the score file's classes are the ``imagenet`` preset in its
+    order (every ``pred_name`` is the preset's name at its ``pred_class``); else the id's class name
+    is compared with ``pred_name``, as class names are; else a note says what is missing."""
+    from negalign_cli.assets import class_presets, imagenet_wnids
+
+    order = pd.Series(np.arange(len(imagenet_wnids())), index=list(imagenet_wnids()))
+    index = wnids.map(order)
+    if index.isna().any():
+        outside = wnids[index.isna()]
+        return {
+            "top1": None,
+            "note": f"{len(outside)} of {len(frame)} ID labels are WordNet ids outside ImageNet-1K's "
+            f"1,000 classes (e.g. {outside.iloc[0]!r}): no class to compare the prediction with",
+        }
+    truth = index.to_numpy(dtype=np.int64)
+    names = np.array(class_presets()["imagenet"], dtype=object)
+    if "pred_name" not in frame.columns:
+        return {
+            "top1": None,
+            "note": "the ID labels are WordNet ids and the score file has no pred_name column",
+        }
+    predicted = pd.to_numeric(frame["pred_class"]).to_numpy(dtype=np.int64)
+    inside = (predicted >= 0) & (predicted < len(names))
+    if inside.all() and (frame["pred_name"].astype(str).to_numpy() == names[predicted]).all():
+        return {
+            "top1": float((truth == predicted).mean()),
+            "n": len(frame),
+            "labels": "ImageNet-1K WordNet ids",
+        }
+    wanted, guessed = _label_key(pd.Series(names[truth])), _label_key(frame["pred_name"])
+    distinct = set(wanted)
+    if 2 * len(distinct & set(guessed)) < len(distinct):
+        return {
+            "top1": None,
+            "note": "the ID labels are ImageNet-1K WordNet ids and the score file's classes are not "
+            f"ImageNet-1K's (e.g. predicted {str(frame['pred_name'].iloc[0])!r}): "
+            "score with --classes imagenet",
+        }
+    return {
+        "top1": float((wanted == guessed).mean()),
+        "n": len(frame),
+        "labels": "ImageNet-1K WordNet ids, as class names",
+    }
 
 
 def _column_descriptions(selection: _Selection) -> dict[str, dict[str, str]]:

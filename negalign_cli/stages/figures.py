@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 # 1: ROC curves, score histograms, the λ curve and the CAM grid of `evaluate` and `report`
 # 2: drawn for the report's column (text ≥ 11 px), ROC on a log FPR axis, saturated scores on a
 #    log-odds or rank scale, CAMs in a perceptual colormap over the image in grey
-FIGURE_STAGE, FIGURE_VERSION = "figure", 2
+FIGURE_STAGE, FIGURE_VERSION = "figure", 3
 
 
 def data_digest(material: Any) -> str:

@@ -274,8 +274,9 @@ def plot_histograms(
             (id_values, ood_values), scale = display_scale([id_values, ood_values])
             both = np.r_[id_values, ood_values]
             bins = np.linspace(both.min(), both.max(), 40) if both.size and both.max() > both.min() else 20
-            axis.hist(id_values, bins=bins, alpha=0.55, density=True, label="ID")
-            axis.hist(ood_values, bins=bins, alpha=0.55, density=True, label=name)
+            # one filled outline per histogram, not a patch per bar: the same picture, drawn faster
+            axis.hist(id_values, bins=bins, alpha=0.55, density=True, label="ID", histtype="stepfilled")
+            axis.hist(ood_values, bins=bins, alpha=0.55, density=True, label=name, histtype="stepfilled")
             axis.set_xlabel(f"{scale} ({column})" if label == column else f"{label}: {scale}")
             axis.set_ylabel("density")
             # over the axes, under the title: never over the bars ("best" is slow on large sets)

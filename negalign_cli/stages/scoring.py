@@ -246,8 +246,18 @@ def _load_images(
     return table.reset_index(drop=True), embeddings, background, cam
 
 
+def check_config(config: ScoreConfig) -> None:
+    """The settings' own ranges (the CLI's options check them too; the Python API only here)."""
+    for option, value in (("--groups", config.groups), ("--neg-topk", config.neg_topk)):
+        if value is None and option == "--neg-topk":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise NegalignError(f"{option} must be a whole number of at least 1 (got {value!r})")
+
+
 def check_request(negatives: NegativeVocab, config: ScoreConfig, *, has_cam: bool = False) -> None:
     """The checks that need no model: run them before loading weights or encoding any text."""
+    check_config(config)
     if config.groups > len(negatives.words):
         raise NegalignError(f"{len(negatives.words)} negatives cannot fill --groups {config.groups}")
     if config.invalid_cam not in INVALID_CAM_POLICIES:
