@@ -45,16 +45,21 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import diskcache
-import numpy as np
 from filelock import FileLock, Timeout
 
 from negalign_cli.cache.diskfull import disk_full, is_disk_full, writing
 from negalign_cli.cache.store import damaged
 from negalign_cli.errors import NegalignError
 from negalign_cli.hashing import canonical_json, sha256_text
+from negalign_cli.lazy import lazy_module
+
+if TYPE_CHECKING:
+    import numpy as np
+else:  # loaded by the first vector read or written: opening a Workspace (a cache hit) needs none
+    np = lazy_module("numpy")
 
 ITEM_FORMAT = 3
 LEGACY_FORMAT = 2  # diskcache rows in <cache>/items: no longer read, removed by `cache gc`

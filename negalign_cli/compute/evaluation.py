@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
-import numpy as np
-
-from negalign_cli.compute.metrics import CONVENTIONS, ood_metrics
+from negalign_cli.compute.metrics import both_conventions, sorted_metrics
 from negalign_cli.compute.score_columns import SCORE_COLUMNS
+from negalign_cli.lazy import lazy_module
+
+if TYPE_CHECKING:
+    import numpy as np
+else:  # imported when something is computed: an `evaluate` cache hit imports no numpy
+    np = lazy_module("numpy")
 
 STAR, ALIGN = "s_neglabel_star", "p_align"
 # Names results.json, metrics.csv and the tables give rows that are not an OOD set: the ID set and
@@ -51,7 +56,7 @@ def calibration_problem(calibration: Mapping[str, Mapping[str, float]]) -> str |
 def final_score(
     star: np.ndarray,
     align: np.ndarray,
-    lam: float,
+    lam: float | np.ndarray,
     calibration: Mapping[str, Mapping[str, float]] | None = None,
 ) -> np.ndarray:
     """S_final = S* + λ·P_align, both z-scored with the ID statistics when ``calibration`` is given."""
@@ -78,7 +83,7 @@ def nonfinite_final(
 
 def all_metrics(id_scores: np.ndarray, ood_scores: np.ndarray) -> dict[str, dict[str, float]]:
     """Both conventions, as fractions."""
-    return {c: ood_metrics(id_scores, ood_scores, c).as_dict() for c in CONVENTIONS}
+    return {c: m.as_dict() for c, m in both_conventions(id_scores, ood_scores).items()}
 
 
 def lambda_sweep(
@@ -90,13 +95,57 @@ def lambda_sweep(
     calibration: Mapping[str, Mapping[str, float]] | None = None,
 ) -> dict[float, dict[str, dict[str, float]]]:
     """Metrics (both conventions) of S_final for each λ, from the stored components only."""
-    return {
-        float(lam): all_metrics(
-            final_score(id_star, id_align, lam, calibration),
-            final_score(ood_star, ood_align, lam, calibration),
-        )
-        for lam in lambdas
-    }
+    return lambda_sweeps(id_star, id_align, {"ood": (ood_star, ood_align)}, lambdas, calibration)["ood"]
+
+
+# S_final of a batch of λ is one (λ, rows) matrix; batches stay below this many values (64 MB)
+SWEEP_BATCH_VALUES = 1 << 23
+
+
+def lambda_sweeps(
+    id_star: np.ndarray,
+    id_align: np.ndarray,
+    oods: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    lambdas: Sequence[float],
+    calibration: Mapping[str, Mapping[str, float]] | None = None,
+) -> dict[str, dict[float, dict[str, dict[str, float]]]]:
+    """``lambda_sweep`` of every OOD set (name → (S*, P_align)) against one ID set. S_final of a
+    batch of λ is computed as one matrix and sorted row by row in one call; the ID rows are sorted
+    once per λ for all sets, and each metric comes from those sorts (``sorted_metrics``), with the
+    values ``final_score`` and scikit-learn give one λ at a time."""
+    values = [float(lam) for lam in lambdas]
+    rows = max([len(id_star), *(len(star) for star, _ in oods.values())])
+    batch = max(1, SWEEP_BATCH_VALUES // max(1, rows))
+    out: dict[str, dict[float, dict[str, dict[str, float]]]] = {name: {} for name in oods}
+    for start in range(0, len(values), batch):  # batches of λ, each vectorised over every row
+        chunk = values[start : start + batch]
+        column = np.asarray(chunk, dtype=np.float64)[:, None]
+        id_sorted = _sorted_final(id_star, id_align, column, calibration)
+        for name, (star, align) in oods.items():
+            ood_sorted = _sorted_final(star, align, column, calibration)
+            for row, lam in enumerate(chunk):
+                metrics = sorted_metrics(id_sorted[row], ood_sorted[row])
+                out[name][lam] = {c: m.as_dict() for c, m in metrics.items()}
+    return out
+
+
+def _sorted_final(
+    star: np.ndarray,
+    align: np.ndarray,
+    lambdas: np.ndarray,
+    calibration: Mapping[str, Mapping[str, float]] | None,
+) -> np.ndarray:
+    """S_final at each λ of the column ``lambdas`` (one row per λ), each row sorted ascending.
+    Element by element the same operations as ``final_score`` at one λ (no value differs)."""
+    star = np.asarray(star, dtype=np.float64)
+    align = np.asarray(align, dtype=np.float64)
+    if star.size == 0:
+        raise ValueError("metrics need at least one ID and one OOD score")
+    final = final_score(star[None, :], align[None, :], lambdas, calibration)
+    if not np.isfinite(final).all():
+        raise ValueError("metrics need finite scores (NaN or inf found)")
+    final.sort(axis=1)
+    return final
 
 
 def best_lambda(

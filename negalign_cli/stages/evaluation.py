@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import pandas as pd
-import pyarrow.parquet as pq
+from typing import TYPE_CHECKING, Any
 
 from negalign_cli import __version__
 from negalign_cli.cache.statcache import StatCache, sha256_files
@@ -31,7 +28,7 @@ from negalign_cli.compute.evaluation import (
     final_score,
     fit_calibration,
     group_sets,
-    lambda_sweep,
+    lambda_sweeps,
     nonfinite_final,
     statistics,
 )
@@ -39,9 +36,16 @@ from negalign_cli.compute.metrics import CONVENTIONS, DEFINITIONS, RECALL_LEVEL,
 from negalign_cli.compute.score_columns import SCORE_COLUMNS, method_columns, score_column, seed_column
 from negalign_cli.defaults import DEFAULT_LAMBDAS, NEGALIGN
 from negalign_cli.errors import NegalignError
+from negalign_cli.lazy import lazy_module
 from negalign_cli.reporting import NullReporter, RecordingReporter, Reporter
 from negalign_cli.stages import files
-from negalign_cli.stages.score_files import read_score_metadata
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+    import pyarrow.parquet as pq
+else:  # a cache hit (a key, a lookup, a copy) imports none: they load when the stage computes
+    np, pd, pq = lazy_module("numpy"), lazy_module("pandas"), lazy_module("pyarrow.parquet")
 
 FITTED = "fitted on the ID set"  # the source of M3 statistics fitted by evaluate itself
 # 2: ROC of every method, labelled histograms, --ood-group; 3: S_final overflows and reserved set
@@ -63,7 +67,7 @@ def parse_lambdas(text: str | None) -> list[float] | None:
         raise NegalignError(
             f"cannot read --lambda {text!r}: use sweep, a value, or values like 0,0.5,1"
         ) from exc
-    if not values or not all(np.isfinite(values)):
+    if not values or not all(math.isfinite(v) for v in values):
         raise NegalignError(f"cannot read --lambda {text!r}: use sweep, a value, or values like 0,0.5,1")
     return sorted(set(values))
 
@@ -344,6 +348,8 @@ class _Seeds:
 def _group_seeds(request: EvaluateRequest) -> _Seeds | None:
     """The group seeds the score files were made with (``score --group-seeds``), the same in
     every file, or None when none has several."""
+    from negalign_cli.stages.score_files import read_score_metadata  # pyarrow: not on a hit
+
     paths = [(ID_SET, request.id_path), *request.oods]
     metadata = {name: read_score_metadata(path) for name, path in paths}
     recorded = {name: (meta.get("config") or {}).get("group_seeds") for name, meta in metadata.items()}
@@ -567,9 +573,11 @@ def _run(request: EvaluateRequest, frames: dict[str, pd.DataFrame], reporter: Re
     if rule is not None:
         results["lambda_selection"] = {"rule": rule, "lambda": chosen}
     rows: list[dict] = []
+    # each file's statistics once (they were computed per OOD block and again below)
+    stats = {name: statistics(_stat_columns(frame)) for name, frame in frames.items()}
     for name, frame in ood_frames.items():
         block = _ood_block(
-            request, name, id_frame, frame, selection, sweeps.get(name), chosen.get(name), rows
+            request, name, id_frame, frame, selection, sweeps.get(name), chosen.get(name), rows, stats
         )
         block.update(
             dropped_nonfinite=dropped[name],
@@ -591,9 +599,9 @@ def _run(request: EvaluateRequest, frames: dict[str, pd.DataFrame], reporter: Re
             results[key] = results["mean"][key]
     if request.id_groups:
         results["id_groups"] = _id_groups(request, id_frame, selection, sweeps, results["mean"], calibration)
-    results["statistics"] = {"id": statistics(_stat_columns(id_frame))}
-    for name, frame in ood_frames.items():
-        results["statistics"][f"ood:{name}"] = statistics(_stat_columns(frame))
+    results["statistics"] = {"id": stats[ID_SET]}
+    for name in ood_frames:
+        results["statistics"][f"ood:{name}"] = stats[name]
     return _Run(results, rows, id_frame, ood_frames, selection)
 
 
@@ -707,6 +715,8 @@ def _column_descriptions(selection: _Selection) -> dict[str, dict[str, str]]:
 def _read_frames(request: EvaluateRequest) -> dict[str, pd.DataFrame]:
     """The ID and OOD score files (ID first), refusing files made by different models, and files
     made with different score settings, classes or negatives unless --allow-mixed-settings."""
+    from negalign_cli.stages.score_files import read_score_metadata  # pyarrow: not on a hit
+
     frames = {ID_SET: read_score_file(request.id_path)}
     frames.update({name: read_score_file(path) for name, path in request.oods})
     metadata = {name: read_score_metadata(path) for name, path in [(ID_SET, request.id_path), *request.oods]}
@@ -915,14 +925,9 @@ def _sweeps(
     ood_frames: dict[str, pd.DataFrame],
     calibration: dict | None,
 ) -> dict[str, dict[float, dict]]:
-    lambdas = _lambdas(request)
+    oods = {name: (_values(frame, STAR), _values(frame, ALIGN)) for name, frame in ood_frames.items()}
     id_star, id_align = _values(id_frame, STAR), _values(id_frame, ALIGN)
-    return {
-        name: lambda_sweep(
-            id_star, id_align, _values(frame, STAR), _values(frame, ALIGN), lambdas, calibration
-        )
-        for name, frame in ood_frames.items()
-    }
+    return lambda_sweeps(id_star, id_align, oods, _lambdas(request), calibration)
 
 
 def _choose_lambdas(request: EvaluateRequest, sweeps: dict[str, dict]) -> tuple[dict[str, float], str | None]:
@@ -948,12 +953,16 @@ def _ood_block(
     sweep: dict[float, dict] | None,
     lam: float | None,
     rows: list[dict],
+    stats: Mapping[str, dict] | None = None,
 ) -> dict[str, Any]:
-    """One OOD set's results (and its rows of metrics.csv, appended to ``rows``)."""
+    """One OOD set's results (and its rows of metrics.csv, appended to ``rows``); ``stats``: each
+    file's ``statistics`` by set name, when already computed."""
+    if stats is None:
+        stats = {ID_SET: statistics(_stat_columns(id_frame)), name: statistics(_stat_columns(frame))}
     block: dict[str, Any] = {
         "file": str(dict(request.oods)[name]),
         "n": len(frame),
-        "statistics": {"id": statistics(_stat_columns(id_frame)), "ood": statistics(_stat_columns(frame))},
+        "statistics": {"id": stats[ID_SET], "ood": stats[name]},
         "methods": {},
     }
     for method, column in selection.columns.items():
@@ -1226,6 +1235,8 @@ def _mean_block(blocks: dict[str, dict], convention: str) -> dict:
 
 
 def _score_configs(request: EvaluateRequest) -> dict[str, Any]:
+    from negalign_cli.stages.score_files import read_score_metadata
+
     configs = {ID_SET: read_score_metadata(request.id_path).get("config")}
     for name, path in request.oods:
         configs[name] = read_score_metadata(path).get("config")

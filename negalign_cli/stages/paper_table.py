@@ -6,9 +6,14 @@ rows from results.json; the console, table.csv and the report only format them."
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+from negalign_cli.lazy import lazy_module
+
+if TYPE_CHECKING:
+    import numpy as np
+else:  # only a published row's mean needs it: `evaluate` renders a cache hit without numpy
+    np = lazy_module("numpy")
 
 MEAN_COLUMN = "mean"
 RUN, PUBLISHED = "this run", "published"

@@ -144,7 +144,7 @@ def plot_roc(path: Path, curves: dict[str, dict[str, tuple[np.ndarray, np.ndarra
     0 is drawn at 1/(2·n_OOD), half the smallest one the set can show, and the TPR axis starts a
     little under the lowest TPR drawn. One legend under the panels names what each line plots
     (NegAlign's λ among it); the AUROCs are the table's."""
-    from sklearn.metrics import roc_curve
+    from negalign_cli.compute.metrics import roc_points  # scikit-learn's roc_curve points
 
     plt = _pyplot()
     rows, columns = _grid(len(curves))
@@ -165,8 +165,7 @@ def plot_roc(path: Path, curves: dict[str, dict[str, tuple[np.ndarray, np.ndarra
         for axis, (name, methods) in zip(axes.flat, curves.items(), strict=False):
             floor, lowest = 1.0, 1.0
             for index, (label, (id_scores, ood_scores)) in enumerate(methods.items()):
-                truth = np.r_[np.ones(len(id_scores)), np.zeros(len(ood_scores))]
-                fpr, tpr, _ = roc_curve(truth, np.r_[id_scores, ood_scores])
+                fpr, tpr = roc_points(id_scores, ood_scores)
                 keep = fpr > 0
                 keep[np.flatnonzero(fpr == 0)[-1:]] = True  # at FPR 0: only the highest TPR reached
                 fpr, tpr = fpr[keep], tpr[keep]
