@@ -266,3 +266,23 @@ def test_the_bare_gemm_has_the_shapes_of_scorings_matmuls():
     bare = matmuls(lambda: bare_gemm(images.numpy(), [classes.T, negatives.T.contiguous()]))
     assert len(scoring) == 2 * 3  # two matmuls per chunk of 25 images
     assert bare == scoring
+
+
+def test_bench_measures_the_full_pipeline_from_image_files(tmp_path):
+    """Issue 23's "full NegAlign from JPEG files" row needs a flow: with --images the pipeline
+    group decodes the files as `embed images` does, then CAM and every score."""
+    import json
+
+    from tests.faults.helpers import cli
+    from tests.helpers.images import make_image_folder
+
+    folder = make_image_folder(tmp_path / "imgs", per_class=2)
+    out = tmp_path / "bench.json"
+    args = ["--model", "negalign-tiny-test", "--device", "cpu", "--flows", "pipeline", "--repeats", "1"]
+    sizes = ["--batch-size", "2", "--batches", "2", "--classes", "10", "--negatives", "200"]
+    more = ["--score-images", "50", "--per-image", "1", "--images", str(folder), "--json", str(out)]
+    result = cli("bench", *args, *sizes, *more)
+    assert result.exit_code == 0, result.output
+    flows = {row["flow"]: row for row in json.loads(out.read_text())["results"]}
+    row = flows["full NegAlign from image files"]
+    assert row["images"] == 4 and row["seconds"] > 0 and "PIL decoding" in row["note"]
