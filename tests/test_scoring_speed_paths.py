@@ -18,12 +18,12 @@ from negalign_cli.compute.scores import (
     ScoreConfig,
     ScoreInputs,
     compute_scores,
+    energy,
     group_logsumexp,
     group_order,
     log_of_block_sums,
     mcm,
     mcm_and_energy,
-    energy,
     one_thread,
 )
 
@@ -32,7 +32,9 @@ D = 16
 
 def unit(rows: int, seed: int, dim: int = D) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.nn.functional.normalize(torch.randn(rows, dim, generator=g, dtype=torch.float64), dim=1).float()
+    return torch.nn.functional.normalize(
+        torch.randn(rows, dim, generator=g, dtype=torch.float64), dim=1
+    ).float()
 
 
 def extreme_inputs(n: int = 60, k: int = 7, m: int = 90) -> ScoreInputs:
@@ -41,7 +43,9 @@ def extreme_inputs(n: int = 60, k: int = 7, m: int = 90) -> ScoreInputs:
     images, classes, negatives = unit(n, 1), unit(k, 2), unit(m, 3)
     negatives[:10] = images[0]  # image 0: ten logits of 100 → exp overflows
     images[1] = negatives[20]
-    negatives[30:] = torch.nn.functional.normalize(-images[2] + 0.05 * negatives[30:], dim=1)  # image 2: ≈ −100
+    negatives[30:] = torch.nn.functional.normalize(
+        -images[2] + 0.05 * negatives[30:], dim=1
+    )  # image 2: ≈ −100
     images[3] = classes[0]  # a class logit of 100 (Energy's exp must not overflow either)
     return ScoreInputs(
         images=images.numpy(),
@@ -83,7 +87,9 @@ def brute_force(inputs: ScoreInputs, config: ScoreConfig) -> dict[str, np.ndarra
         out["plain"].append(neglabel(i, plain_columns))
         if star is not None:
             kept = len(star) - len(star) % config.groups
-            out["star"].append(neglabel(i, star[group_order(len(star), config.groups, config.group_seed).numpy()][:kept]))
+            out["star"].append(
+                neglabel(i, star[group_order(len(star), config.groups, config.group_seed).numpy()][:kept])
+            )
     return {k: np.array(v) for k, v in out.items()}
 
 
@@ -209,7 +215,9 @@ def test_a_chunk_reads_its_negative_logits_three_times():
 
 
 def test_m2_sums_its_columns_from_the_same_exp():
-    passes, _, chunks = census_per_chunk(ScoreConfig(groups=10, role_aware=True), lambda rows, k, m: rows * m // 2)
+    passes, _, chunks = census_per_chunk(
+        ScoreConfig(groups=10, role_aware=True), lambda rows, k, m: rows * m // 2
+    )
     assert passes.count("exp_") == chunks  # one exp for the plain and the M2 groups
     assert "sub_" not in passes and "sub" not in passes and "logsumexp" not in passes
 

@@ -573,22 +573,25 @@ def _score_chunk(
     def exact(columns: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
         def recompute(bad: torch.Tensor) -> torch.Tensor:  # rows outside exp's safe range (rare)
             again = torch.matmul(scaled[bad], layout.weights)
-            return group_logsumexp(again[:, : layout.kept] if columns is None else again[:, columns], config.groups)
+            grouped = again[:, : layout.kept] if columns is None else again[:, columns]
+            return group_logsumexp(grouped, config.groups)
 
         return recompute
 
     exps = logits.exp_()  # the logits are not read after this
     sums = torch.sum(_blocks(exps[:, : layout.kept], config.groups), dim=-1, out=work.sums[:n])
     star_sums = None
-    if star is None and work.star is not None and work.star_sums is not None and work.star_columns is not None:
+    if star is None and work.star is not None and work.star_sums is not None:
+        assert work.star_columns is not None
         # M2's columns, gathered in their own group order
         gathered = torch.index_select(exps, 1, work.star_columns, out=work.star[:n])
         star_sums = torch.sum(_blocks(gathered, config.groups), dim=-1, out=work.star_sums[:n])
+    classes_lse = pos_lse.unsqueeze(-1)
     with one_thread(device):
-        plain = sigmoid_of_difference(pos_lse.unsqueeze(-1), log_of_block_sums(sums, exact(None))).mean(dim=-1)
+        plain = sigmoid_of_difference(classes_lse, log_of_block_sums(sums, exact(None))).mean(dim=-1)
         if star_sums is not None:
             star_lse = log_of_block_sums(star_sums, exact(work.star_columns))
-            star = sigmoid_of_difference(pos_lse.unsqueeze(-1), star_lse).mean(dim=-1)
+            star = sigmoid_of_difference(classes_lse, star_lse).mean(dim=-1)
     out["s_neglabel_plain"][rows] = plain.cpu().numpy()
     out["s_neglabel_star"][rows] = (plain if star is None else star).cpu().numpy()
     if background_negatives is not None and inputs.background is not None:
