@@ -282,8 +282,9 @@ class PairTable:
         """The table rows (``ids.shape``) of every pair id, encoding the ids never seen (at once:
         one host round trip); valid until the next call, read with :meth:`features`."""
         flat = ids.reshape(-1)
-        rows, found = self._find(flat)
-        missing, unseen = self._unseen(flat, found)
+        with one_thread(flat.device):  # n·k² ids: small operations (the encoder keeps every thread)
+            rows, found = self._find(flat)
+            missing, unseen = self._unseen(flat, found)
         if unseen.size:
             if (
                 self._features is not None
@@ -293,7 +294,8 @@ class PairTable:
                 self.resets += 1
                 missing, unseen = self._unseen(flat, torch.zeros_like(found))
             self._add(missing, unseen)
-            rows, found = self._find(flat)
+            with one_thread(flat.device):
+                rows, found = self._find(flat)
         assert rows is not None
         return rows.view(ids.shape)
 
@@ -408,7 +410,7 @@ def compute_scores(
         )
         if isinstance(table, PairTable):
             negative_ids = columns_to_negatives[top.negatives]
-            _multimatch_chunk(x, top, negative_ids, table, matched[rows], classes.shape[1])
+            _multimatch_chunk(x, top, negative_ids, table, matched[rows], classes.shape[1], work)
         if on_chunk is not None:
             on_chunk(rows.stop - rows.start)
     if table is not None:
@@ -436,6 +438,7 @@ class _Workspace:
     star_sums: torch.Tensor | None  # (step, G)
     background: torch.Tensor | None  # (step, D) unit background rows
     background_logits: torch.Tensor | None  # (step, |N_bg|) b·N_bg
+    gathered: torch.Tensor | None = None  # multi-matching's pair features of a slice of images
 
     @classmethod
     def allocate(
@@ -614,6 +617,7 @@ def _multimatch_chunk(
     table: PairTable,
     out: torch.Tensor,
     dim: int,
+    work: _Workspace,
 ) -> None:
     """NegRefine's multi-matching score of one chunk's images into ``out`` (on the device): the
     pair features come from ``table`` by index, gathered per image in slices that keep them within
@@ -624,7 +628,10 @@ def _multimatch_chunk(
     pair_negative_logits = top.negative_logits.repeat(1, k_pos)
     rows = table.rows(ids)
     step = chunk_rows(k_pos * k_neg * dim, min(MEMORY_BUDGET_FLOATS, PAIR_GATHER_FLOATS))
-    gathered = torch.empty(min(step, x.shape[0]) * k_pos * k_neg, dim, device=x.device)  # reused
+    size = min(step, x.shape[0]) * k_pos * k_neg
+    if work.gathered is None or work.gathered.shape[0] < size:  # one buffer per call, reused
+        work.gathered = torch.empty(size, dim, device=x.device)
+    gathered = work.gathered
     for start in range(0, x.shape[0], step):
         part = slice(start, start + step)
         out[part] = multimatch(x[part], table.features(rows[part], gathered), pair_negative_logits[part])
