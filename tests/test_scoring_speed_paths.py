@@ -278,19 +278,24 @@ def test_the_bare_gemm_has_the_shapes_of_scorings_matmuls():
 
 def test_bench_measures_the_full_pipeline_from_image_files(tmp_path):
     """Issue 23's "full NegAlign from JPEG files" row needs a flow: with --images the pipeline
-    group decodes the files as `embed images` does, then CAM and every score."""
-    import json
-
-    from tests.faults.helpers import cli
+    group decodes the files as `embed images` does, then CAM and every score (here the flow alone;
+    `negalign bench --images` adds it to the pipeline group)."""
+    from negalign_cli.models import load_model
+    from negalign_cli.stages.bench import (
+        FULL_FROM_FILES,
+        BenchConfig,
+        _full_from_files,
+        _score_inputs,
+        _WarmPairs,
+    )
     from tests.helpers.images import make_image_folder
 
     folder = make_image_folder(tmp_path / "imgs", per_class=2)
-    out = tmp_path / "bench.json"
-    args = ["--model", "negalign-tiny-test", "--device", "cpu", "--flows", "pipeline", "--repeats", "1"]
-    sizes = ["--batch-size", "2", "--batches", "2", "--classes", "10", "--negatives", "200"]
-    more = ["--score-images", "50", "--per-image", "1", "--images", str(folder), "--json", str(out)]
-    result = cli("bench", *args, *sizes, *more)
-    assert result.exit_code == 0, result.output
-    flows = {row["flow"]: row for row in json.loads(out.read_text())["results"]}
-    row = flows["full NegAlign from image files"]
-    assert row["images"] == 4 and row["seconds"] > 0 and "PIL decoding" in row["note"]
+    model = load_model("negalign-tiny-test", "random")
+    config = BenchConfig(batch_size=2, batches=2, repeats=1, classes=10, negatives=200, images=folder)
+    inputs = _score_inputs(3, model.embed_dim, config, torch.Generator().manual_seed(0), "real-like")
+    classes = inputs.classes.to(model.device)
+    pairs = _WarmPairs(inputs)
+    row = _full_from_files(model, config, inputs, classes, pairs, ScoreConfig(groups=100, role_aware=True))
+    assert row.flow == FULL_FROM_FILES and row.images == 4 and row.seconds > 0
+    assert "PIL decoding" in row.note and pairs.last is not None and pairs.last.encoded > 0
