@@ -72,7 +72,7 @@ echo "== 3. negalign bench, bf16 weights"
 "$py" -m negalign_cli bench --device cuda --precision bf16 --batch-size 512 --batches 8 --repeats 3 \
   --per-image 32 --compile off --json "$out/bench-bf16.json" || { echo "section 3 FAILED"; failed=1; }
 
-echo "== 4. embedding from JPEG files (ImageNet-like 500x375), batched GPU decoding"
+echo "== 4. embedding and the full NegAlign pipeline from JPEG files (ImageNet-like 500x375), batched GPU decoding"
 jpegs=$(mktemp -d)
 "$py" - "$jpegs" <<'PY'
 import sys, numpy as np
@@ -87,8 +87,11 @@ def write(i):  # smooth-ish content so the files are ~100 KB like photos, not no
 with Pool() as pool:
     pool.map(write, range(4096), chunksize=64)
 PY
+# model flows (forward, embed, embed from files, CAM) and pipeline flows (full NegAlign decoded and
+# from these files: the table's "full NegAlign from JPEG files" row; per-image reference)
 "$py" -m negalign_cli bench --device cuda --precision fp16 --batch-size 512 --batches 8 --repeats 3 \
-  --per-image 8 --images "$jpegs" --workers "$(( $(nproc) - 1 ))" --compile off --json "$out/bench-files.json" || { echo "section 4 FAILED"; failed=1; }
+  --flows model,pipeline --per-image 8 --images "$jpegs" --workers "$(( $(nproc) - 1 ))" \
+  --compile off --json "$out/bench-files.json" || { echo "section 4 FAILED"; failed=1; }
 rm -rf "$jpegs"
 
 echo "== 5. MOS-sized benchmark end to end (bench --e2e): JPEG files → method table, cold and warm"

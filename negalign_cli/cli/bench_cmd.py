@@ -73,8 +73,8 @@ def bench(
         typer.Option(
             "--flows",
             help="Comma-separated groups: model (forward, embed, CAM), score (GEMM, scoring), "
-            "pipeline (full pipeline, per-image flow), decode (embed images' decoding path beside a "
-            "bare PIL loop over the same JPEG files); none: only --e2e.",
+            "pipeline (full pipeline, also from --images files; per-image flow), decode (embed "
+            "images' decoding path beside a bare PIL loop over the same JPEG files); none: only --e2e.",
         ),
     ] = "model,score,pipeline",
     decode_workers: Annotated[

@@ -7,7 +7,9 @@ N = negative features (M×D); logits are 100·cos.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,7 +70,7 @@ def sigmoid_of_difference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """sigmoid(a − b) in float64. With logits at 100·cos, |a − b| stays below ~250, far from
     float64's underflow (~745), while float32 returns exactly 0 below −104 (or 1 above 17): distinct
     images would tie, and ties change AUROC and FPR@95."""
-    return torch.sigmoid(a.double() - b.double())
+    return torch.sub(a.double(), b).sigmoid_()  # b in float32 is promoted exactly
 
 
 def _blocks(columns: torch.Tensor, groups: int) -> torch.Tensor:
@@ -106,14 +108,12 @@ def top_columns(
     width = blocks.shape[-1]
     best_blocks = (blocks.amax(dim=-1) if maxes is None else maxes).topk(k, dim=-1).indices  # (n, k)
     candidates = torch.gather(blocks, 1, best_blocks.unsqueeze(-1).expand(-1, -1, width)).flatten(1)
-    columns = (best_blocks.unsqueeze(-1) * width + torch.arange(width, device=logits.device)).flatten(1)
     if kept < logits.shape[1]:
-        rest = logits[:, kept:]
-        candidates = torch.cat([candidates, rest], dim=1)
-        tail = torch.arange(kept, logits.shape[1], device=logits.device)
-        columns = torch.cat([columns, tail.expand(rest.shape[0], -1)], dim=1)
+        candidates = torch.cat([candidates, logits[:, kept:]], dim=1)
     values, order = torch.topk(candidates, k, dim=-1)
-    return values, torch.gather(columns, 1, order)
+    # candidate j is column best_blocks[j // width]·width + j % width, or kept + j − k·width after them
+    from_block = torch.gather(best_blocks, 1, (order // width).clamp_(max=k - 1)) * width + order % width
+    return values, torch.where(order < k * width, from_block, order + (kept - k * width))
 
 
 def neglabel_grouped(
@@ -133,11 +133,15 @@ def neglabel_grouped(
     return sigmoid_of_difference(pos_lse, neg_lse).mean(dim=-1)
 
 
-def neglabel_topk(pos_logits: torch.Tensor, neg_logits: torch.Tensor, k: int) -> torch.Tensor:
-    """NegLabel* M1: only the k largest negative logits of each image enter the softmax."""
+def neglabel_topk(
+    pos_logits: torch.Tensor, neg_logits: torch.Tensor, k: int, pos_lse: torch.Tensor | None = None
+) -> torch.Tensor:
+    """NegLabel* M1: only the k largest negative logits of each image enter the softmax.
+    ``pos_lse``: the classes' log-sum-exp (n,) if the caller has it (Energy, in float64)."""
     k = min(k, neg_logits.shape[-1])
     top = torch.topk(neg_logits, k, dim=-1).values
-    return sigmoid_of_difference(torch.logsumexp(pos_logits, dim=-1), torch.logsumexp(top, dim=-1))
+    lse = torch.logsumexp(pos_logits, dim=-1) if pos_lse is None else pos_lse
+    return sigmoid_of_difference(lse, torch.logsumexp(top, dim=-1))
 
 
 # ----------------------------------------------------------------------------- NegRefine
@@ -159,11 +163,14 @@ def p_align(
     predicted_class_features: torch.Tensor,
     background_negatives: torch.Tensor,
     k: int = 5,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """P_align = b·P_{c_hat} − mean(top-k of b·N_bg); returns (p_align, s_bg_pos, s_bg_neg)."""
+    """P_align = b·P_{c_hat} − mean(top-k of b·N_bg); returns (p_align, s_bg_pos, s_bg_neg).
+    ``out``: a buffer for b·N_bg (n × |N_bg|)."""
     s_bg_pos = (background * predicted_class_features).sum(dim=-1)
     k = min(k, background_negatives.shape[0])
-    s_bg_neg = torch.topk(background @ background_negatives.T, k, dim=-1).values.mean(dim=-1)
+    similarities = torch.matmul(background, background_negatives.T, out=out)
+    s_bg_neg = torch.topk(similarities, k, dim=-1).values.mean(dim=-1)
     return s_bg_pos - s_bg_neg, s_bg_pos, s_bg_neg
 
 
@@ -171,15 +178,18 @@ def p_align(
 Rows = torch.Tensor | np.ndarray  # numpy arrays may be memory-mapped: rows are read chunk by chunk
 
 
-def unit_rows(array: Rows, start: int, stop: int) -> torch.Tensor:
-    """Rows ``start:stop`` as L2-normalised float32 (reads only those rows of a memory map)."""
+def unit_rows(array: Rows, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows ``start:stop`` as L2-normalised float32 (reads only those rows of a memory map), into
+    ``out`` (a CPU buffer of at least ``stop − start`` rows) when given."""
     block = array[start:stop]
     if isinstance(block, np.ndarray):
         rows = np.asarray(block, dtype=np.float32)
         tensor = torch.from_numpy(rows if rows.flags.writeable else rows.copy())  # a read-only memory map
     else:
         tensor = block.float()
-    return torch.nn.functional.normalize(tensor, dim=-1)
+    if out is None or tensor.device != out.device:
+        return torch.nn.functional.normalize(tensor, dim=-1)
+    return torch.nn.functional.normalize(tensor, dim=-1, out=out[: tensor.shape[0]])
 
 
 @dataclass
@@ -272,8 +282,9 @@ class PairTable:
         """The table rows (``ids.shape``) of every pair id, encoding the ids never seen (at once:
         one host round trip); valid until the next call, read with :meth:`features`."""
         flat = ids.reshape(-1)
-        rows, found = self._find(flat)
-        missing, unseen = self._unseen(flat, found)
+        with one_thread(flat.device):  # n·k² ids: small operations (the encoder keeps every thread)
+            rows, found = self._find(flat)
+            missing, unseen = self._unseen(flat, found)
         if unseen.size:
             if (
                 self._features is not None
@@ -283,7 +294,8 @@ class PairTable:
                 self.resets += 1
                 missing, unseen = self._unseen(flat, torch.zeros_like(found))
             self._add(missing, unseen)
-            rows, found = self._find(flat)
+            with one_thread(flat.device):
+                rows, found = self._find(flat)
         assert rows is not None
         return rows.view(ids.shape)
 
@@ -389,16 +401,16 @@ def compute_scores(
     out["pred_class"] = np.empty(n_images, dtype=np.int64)
     matched = torch.full((n_images,), float("nan"), dtype=torch.float64, device=device)
     step = min(chunk_rows(negatives.shape[0] + classes.shape[0]), max(1, n_images))
-    buffer = torch.empty(step, negatives.shape[0], device=device)  # one chunk's negative logits, reused
+    work = _Workspace.allocate(step, classes, layout, config, background_negatives)
     columns_to_negatives = layout.layout.to(device)
     for start in range(0, n_images, step):
         rows = slice(start, min(start + step, n_images))
         x, top = _score_chunk(
-            inputs, config, classes, layout, background_negatives, rows, out, (k_pos, k_neg), buffer
+            inputs, config, classes, layout, background_negatives, rows, out, (k_pos, k_neg), work
         )
         if isinstance(table, PairTable):
             negative_ids = columns_to_negatives[top.negatives]
-            _multimatch_chunk(x, top, negative_ids, table, matched[rows], classes.shape[1])
+            _multimatch_chunk(x, top, negative_ids, table, matched[rows], classes.shape[1], work)
         if on_chunk is not None:
             on_chunk(rows.stop - rows.start)
     if table is not None:
@@ -407,6 +419,116 @@ def compute_scores(
         apply_invalid_cam_policy(out, ~inputs.background_valid.cpu().numpy(), config.invalid_cam)
     out["s_negrefine"] = out["s_neglabel_plain"] + config.multimatch_weight * out["s_multimatch"]
     return out
+
+
+@dataclass
+class _Workspace:
+    """The buffers every chunk reuses: large fresh blocks are fresh pages every time, and touching
+    them first cost more than the arithmetic on them (a CPU measurement)."""
+
+    x: torch.Tensor  # (step, D) unit image rows
+    scaled: torch.Tensor  # (step, D) 100·x
+    classes: torch.Tensor  # (step, 2, K) float32: cosines x·P, logits 100·cos
+    classes64: torch.Tensor  # (step, 2, K) float64: MCM's and Energy's exp, one pass for both
+    negatives: torch.Tensor  # (step, M) negative logits, then their exp
+    maxes: torch.Tensor  # (step, G) block maxima of the grouped columns
+    sums: torch.Tensor  # (step, G) block sums of exp
+    star_columns: torch.Tensor | None  # M2's columns, on the device
+    star: torch.Tensor | None  # (step, |M2 columns|) their exp, gathered
+    star_sums: torch.Tensor | None  # (step, G)
+    background: torch.Tensor | None  # (step, D) unit background rows
+    background_logits: torch.Tensor | None  # (step, |N_bg|) b·N_bg
+    gathered: torch.Tensor | None = None  # multi-matching's pair features of a slice of images
+
+    @classmethod
+    def allocate(
+        cls,
+        step: int,
+        classes: torch.Tensor,
+        layout: NegativeLayout,
+        config: ScoreConfig,
+        background_negatives: torch.Tensor | None,
+    ) -> _Workspace:
+        device, (n_classes, dim) = classes.device, classes.shape
+        grouped_star = layout.star_columns is not None and config.neg_topk is None
+
+        def empty(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+            return torch.empty(*shape, dtype=dtype, device=device)
+
+        star_columns = layout.star_columns.to(device) if layout.star_columns is not None else None
+        return cls(
+            x=empty(step, dim),
+            scaled=empty(step, dim),
+            classes=empty(step, 2, n_classes),
+            classes64=empty(step, 2, n_classes, dtype=torch.float64),
+            negatives=empty(step, layout.weights.shape[1]),
+            maxes=empty(step, config.groups),
+            sums=empty(step, config.groups),
+            star_columns=star_columns,
+            star=empty(step, star_columns.shape[0]) if grouped_star and star_columns is not None else None,
+            star_sums=empty(step, config.groups) if grouped_star else None,
+            background=None if background_negatives is None else empty(step, dim),
+            background_logits=None
+            if background_negatives is None
+            else empty(step, background_negatives.shape[0]),
+        )
+
+
+# A block's log Σ exp(logit) is taken without subtracting the block's maximum (one pass fewer over
+# the n×M logits) where that is as exact: the sum is finite (no term or sum overflowed) and at least
+# e^-60, so its largest term is ≥ e^-60 / width and terms lost to underflow (< e^-87) weigh less
+# than 1e-8 of the sum. Other rows take the shifted log-sum-exp (torch.logsumexp's operations).
+EXP_SUM_MIN = math.exp(-60.0)
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def log_of_block_sums(sums: torch.Tensor, exact: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """log of each block's Σ exp(logit), in place on ``sums`` (n, G); the rows where a sum left the
+    safe range (see ``EXP_SUM_MIN``; NaN included) are replaced by ``exact(rows)`` (their
+    log-sum-exps with the maximum subtracted)."""
+    low, high = torch.aminmax(sums)  # one pass for the common case: every row safe
+    if float(low) >= EXP_SUM_MIN and float(high) <= FLOAT32_MAX:
+        return sums.log_()
+    safe = ((sums >= EXP_SUM_MIN) & (sums <= FLOAT32_MAX)).all(dim=-1)
+    lse = sums.log_()
+    rows = (~safe).nonzero().squeeze(1)
+    lse[rows] = exact(rows).to(lse.dtype)
+    return lse
+
+
+@contextmanager
+def one_thread(device: torch.device) -> Iterator[None]:
+    """CPU operations on per-image or per-group results (n × G and smaller) on one thread: each
+    parallel operation is a rendezvous of every thread, and on a busy machine waiting for a
+    descheduled thread costs more than such an operation (a measurement: the mean time of a log
+    over 3,000 × 100 values was 4× lower on one of 2 threads, at a load of 9 on 2 cores). Matmuls
+    and the passes over n×K and n×M keep every thread."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def mcm_and_energy(
+    cosines_and_logits: torch.Tensor, scratch: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MCM and Energy of (n, 2, K) [cosines, logits] in float64, with one conversion, one
+    subtraction, one exp and one sum for both (into ``scratch``, the same shape in float64):
+    max_k softmax(c / T)_k = 1 / Σ_k exp((c_k − max c) / T) and LSE(l) = max l + log Σ exp(l_k − max l),
+    :func:`mcm` and :func:`energy` up to the order of the float64 sums."""
+    top = cosines_and_logits.amax(dim=-1, keepdim=True).double()  # the max is exact in any dtype
+    both = torch.sub(cosines_and_logits, top, out=scratch)  # float32 promoted exactly, then subtracted
+    if temperature != 1.0:
+        both[:, 0].div_(temperature)
+    sums = both.exp_().sum(dim=-1)  # (n, 2)
+    s_mcm = sums[:, 0].reciprocal()
+    s_energy = sums[:, 1].log().add_(top[:, 1, 0])
+    return s_mcm, s_energy
 
 
 def _score_chunk(
@@ -418,42 +540,73 @@ def _score_chunk(
     rows: slice,
     out: dict[str, np.ndarray],
     top_k: tuple[int, int],
-    buffer: torch.Tensor,
+    work: _Workspace,
 ) -> tuple[torch.Tensor, _TopMatches]:
     """The scores of one chunk of images, written into ``out`` at ``rows``; returns the chunk's
     unit embeddings and its top ``top_k`` (classes, negatives) for multi-matching, on the device
-    (negatives as columns of the layout). The negative logits go into ``buffer``; everything that
-    reads them runs before the grouped NegLabel, which uses the buffer as scratch space."""
-    x = unit_rows(inputs.images, rows.start, rows.stop).to(buffer.device, non_blocking=True)
-    cos_pos = x @ classes.T
-    pos_logits = LOGIT_SCALE * cos_pos
-    logits = buffer[: x.shape[0]]
-    torch.matmul(LOGIT_SCALE * x, layout.weights, out=logits)  # scaling the rows first saves a pass over n×M
+    (negatives as columns of the layout). Two matmuls (classes, negatives) into ``work``'s buffers;
+    everything that reads the negative logits runs before they are replaced by their exp, from
+    which every grouped log-sum-exp (plain and M2) is summed."""
+    n = rows.stop - rows.start
+    device = work.negatives.device
+    x = unit_rows(inputs.images, rows.start, rows.stop, work.x).to(device, non_blocking=True)
+    pair = work.classes[:n]
+    cos_pos, pos_logits = pair[:, 0], pair[:, 1]
+    torch.matmul(x, classes.T, out=cos_pos)
+    torch.mul(cos_pos, LOGIT_SCALE, out=pos_logits)
+    logits = work.negatives[:n]
+    scaled = torch.mul(x, LOGIT_SCALE, out=work.scaled[:n])  # scaling the rows first saves a pass over n×M
+    torch.matmul(scaled, layout.weights, out=logits)
     largest, predicted = pos_logits.max(dim=-1)  # the first of tied maxima, as argmax
     out["pred_class"][rows] = predicted.cpu().numpy()
-    out["s_mcm"][rows] = mcm(cos_pos, config.mcm_temperature).cpu().numpy()
-    out["s_energy"][rows] = energy(pos_logits).cpu().numpy()
+    s_mcm, pos_lse = mcm_and_energy(pair, work.classes64[:n], config.mcm_temperature)
+    out["s_mcm"][rows] = s_mcm.cpu().numpy()
+    out["s_energy"][rows] = pos_lse.cpu().numpy()  # Energy is the classes' log-sum-exp NegLabel needs
     out["s_maxlogit"][rows] = largest.double().cpu().numpy()  # = max_logit(): the max is exact in any dtype
-    maxes = _blocks(logits[:, : layout.kept], config.groups).amax(dim=-1)  # one pass, used twice
-    values, columns = top_columns(logits, top_k[1], layout.kept, config.groups, maxes)
-    top = _TopMatches(torch.topk(pos_logits, top_k[0], dim=-1).indices, columns, values)
+    maxes = torch.amax(_blocks(logits[:, : layout.kept], config.groups), dim=-1, out=work.maxes[:n])
+    top_classes = torch.topk(pos_logits, top_k[0], dim=-1).indices
+    with one_thread(device):
+        values, columns = top_columns(logits, top_k[1], layout.kept, config.groups, maxes)
+    top = _TopMatches(top_classes, columns, values)
     star = None
-    if config.star_is_plain:
-        pass
-    elif config.neg_topk is not None:
+    if config.neg_topk is not None and not config.star_is_plain:  # M1 reads the logits themselves
         star_logits = logits if layout.star_columns is None else logits[:, layout.star_columns]
-        star = neglabel_topk(pos_logits, star_logits, config.neg_topk)
-    else:  # M2's columns, gathered (a copy) in their own group order
-        star = neglabel_grouped(pos_logits, logits[:, layout.star_columns], config.groups, overwrite=True)
-    plain = neglabel_grouped(pos_logits, logits[:, : layout.kept], config.groups, overwrite=True, maxes=maxes)
+        star = neglabel_topk(pos_logits, star_logits, config.neg_topk, pos_lse)
+
+    def exact(columns: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+        def recompute(bad: torch.Tensor) -> torch.Tensor:  # rows outside exp's safe range (rare)
+            again = torch.matmul(scaled[bad], layout.weights)
+            grouped = again[:, : layout.kept] if columns is None else again[:, columns]
+            return group_logsumexp(grouped, config.groups)
+
+        return recompute
+
+    exps = logits.exp_()  # the logits are not read after this
+    sums = torch.sum(_blocks(exps[:, : layout.kept], config.groups), dim=-1, out=work.sums[:n])
+    star_sums = None
+    if star is None and work.star is not None and work.star_sums is not None:
+        assert work.star_columns is not None
+        # M2's columns, gathered in their own group order
+        gathered = torch.index_select(exps, 1, work.star_columns, out=work.star[:n])
+        star_sums = torch.sum(_blocks(gathered, config.groups), dim=-1, out=work.star_sums[:n])
+    classes_lse = pos_lse.unsqueeze(-1)
+    with one_thread(device):
+        plain = sigmoid_of_difference(classes_lse, log_of_block_sums(sums, exact(None))).mean(dim=-1)
+        if star_sums is not None:
+            star_lse = log_of_block_sums(star_sums, exact(work.star_columns))
+            star = sigmoid_of_difference(classes_lse, star_lse).mean(dim=-1)
     out["s_neglabel_plain"][rows] = plain.cpu().numpy()
     out["s_neglabel_star"][rows] = (plain if star is None else star).cpu().numpy()
     if background_negatives is not None and inputs.background is not None:
-        background = unit_rows(inputs.background, rows.start, rows.stop).to(buffer.device, non_blocking=True)
-        aligned, pos, neg = p_align(background, classes[predicted], background_negatives, config.align_topk)
+        background = unit_rows(inputs.background, rows.start, rows.stop, work.background)
+        background = background.to(device, non_blocking=True)
+        bg_out = None if work.background_logits is None else work.background_logits[:n]
+        aligned, s_pos, s_neg = p_align(
+            background, classes[predicted], background_negatives, config.align_topk, bg_out
+        )
         out["p_align"][rows] = aligned.cpu().numpy()
-        out["s_bg_pos"][rows] = pos.cpu().numpy()
-        out["s_bg_neg"][rows] = neg.cpu().numpy()
+        out["s_bg_pos"][rows] = s_pos.cpu().numpy()
+        out["s_bg_neg"][rows] = s_neg.cpu().numpy()
     return x, top
 
 
@@ -464,6 +617,7 @@ def _multimatch_chunk(
     table: PairTable,
     out: torch.Tensor,
     dim: int,
+    work: _Workspace,
 ) -> None:
     """NegRefine's multi-matching score of one chunk's images into ``out`` (on the device): the
     pair features come from ``table`` by index, gathered per image in slices that keep them within
@@ -474,7 +628,10 @@ def _multimatch_chunk(
     pair_negative_logits = top.negative_logits.repeat(1, k_pos)
     rows = table.rows(ids)
     step = chunk_rows(k_pos * k_neg * dim, min(MEMORY_BUDGET_FLOATS, PAIR_GATHER_FLOATS))
-    gathered = torch.empty(min(step, x.shape[0]) * k_pos * k_neg, dim, device=x.device)  # reused
+    size = min(step, x.shape[0]) * k_pos * k_neg
+    if work.gathered is None or work.gathered.shape[0] < size:  # one buffer per call, reused
+        work.gathered = torch.empty(size, dim, device=x.device)
+    gathered = work.gathered
     for start in range(0, x.shape[0], step):
         part = slice(start, start + step)
         out[part] = multimatch(x[part], table.features(rows[part], gathered), pair_negative_logits[part])

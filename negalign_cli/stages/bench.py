@@ -9,8 +9,8 @@ data's pair statistics (:func:`real_like_embeddings`), and each multi-matching f
 distinct pairs. The per-image reference flow is the
 published research scripts' way: batch 1, the "p and n" texts of NegRefine's multi-matching encoded
 for every image, and Grad-CAM by a full backward pass (through every block, into the weights). The
-bare GEMM — images × (classes + negatives) × D, float32, the same chunks — is what scoring cannot
-beat; scoring is reported as a fraction of it.
+bare GEMM — scoring's own matmuls, images × D × classes and images × D × negatives, float32, the same
+chunks, shapes and strides — is what scoring cannot beat; scoring is reported as a fraction of it.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import platform
 import statistics
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -59,7 +59,7 @@ from negalign_cli.reporting import NullReporter, Reporter
 FLOW_GROUPS = {
     "model": "image tower forward, embed, embed from files, embed + CAM + background",
     "score": "bare GEMMs, scoring from cache (embeddings; all columns), scoring with multi-matching",
-    "pipeline": "full NegAlign pipeline, per-image reference flow",
+    "pipeline": "full NegAlign pipeline (and from --images files), per-image reference flow",
     "decode": "embed images' decoding path (DataLoader, ImageDataset) beside a bare PIL loop",
 }
 
@@ -280,16 +280,25 @@ class _WarmPairs:
         return None if table is None or table.resets else table.encoded
 
 
-def bare_gemm(images: np.ndarray, weights: torch.Tensor, device: torch.device | None = None) -> None:
-    """images × weightsᵀ in float32, in the chunks scoring uses (copied to ``device`` as scoring
-    copies them), into one reused buffer."""
+def bare_gemm(
+    images: np.ndarray,
+    weights: torch.Tensor | Sequence[torch.Tensor],
+    device: torch.device | None = None,
+) -> None:
+    """images × each of ``weights`` (D × columns, laid out as scoring passes them: the classes as a
+    transposed view, the negatives contiguous) in float32, in the chunks scoring uses (copied to
+    ``device`` as scoring copies them), each into one reused buffer: scoring's matmuls, same shapes,
+    strides and dtype, and nothing else. A single (columns × D) tensor is one matmul with its
+    transpose."""
     device = device or torch.device("cpu")
-    rows = chunk_rows(weights.shape[0])
-    out = torch.empty(min(rows, images.shape[0]), weights.shape[0], device=device)
-    transposed = weights.T.contiguous().to(device)
+    rights = [weights.T.contiguous()] if isinstance(weights, torch.Tensor) else list(weights)
+    rights = [w.to(device) for w in rights]
+    rows = chunk_rows(sum(w.shape[1] for w in rights))
+    outs = [torch.empty(min(rows, images.shape[0]), w.shape[1], device=device) for w in rights]
     for start in range(0, images.shape[0], rows):
         block = torch.from_numpy(images[start : start + rows]).to(device, non_blocking=True)
-        torch.matmul(block, transposed, out=out[: block.shape[0]])
+        for right, out in zip(rights, outs, strict=True):
+            torch.matmul(block, right, out=out[: block.shape[0]])
 
 
 # ----------------------------------------------------------------------------- the reference flow
@@ -393,9 +402,17 @@ def environment(model: LoadedModel) -> dict[str, Any]:
     }
 
 
-def _image_file_flow(model: LoadedModel, config: BenchConfig) -> tuple[Callable[[], Any], int, str]:
+def _image_file_flow(
+    model: LoadedModel, config: BenchConfig, step: Callable[[torch.Tensor], Any] | None = None
+) -> tuple[Callable[[], Any], int, str]:
     """Embedding from image files the way `embed images` reads them: PIL in DataLoader workers on a
-    CPU; on a GPU the JPEG bytes are decoded there in batches (nvJPEG), as ``--decode auto`` does."""
+    CPU; on a GPU the JPEG bytes are decoded there in batches (nvJPEG), as ``--decode auto`` does.
+    ``step``: what each decoded batch (model input, on the device) goes through (default: embed)."""
+    if step is None:
+
+        def step(batch: torch.Tensor) -> Any:
+            return encode_images(model.model, batch)
+
     from negalign_cli.inputs.datasets import (
         ImageDataset,
         RawDataset,
@@ -422,7 +439,7 @@ def _image_file_flow(model: LoadedModel, config: BenchConfig) -> tuple[Callable[
             for items in loader:
                 _, batch, _ = decode_batch(items, model.preprocess_cfg, model.device, raw.pil.__getitem__)
                 if batch is not None:
-                    encode_images(model.model, model.to_input(batch))
+                    step(model.to_input(batch))
 
         return run, len(paths), f"{config.workers} workers, batched GPU JPEG decoding"
     dataset = ImageDataset(paths, model.image_transform())
@@ -437,11 +454,66 @@ def _image_file_flow(model: LoadedModel, config: BenchConfig) -> tuple[Callable[
         )
         for _, batch, _ in loader:
             if batch is not None:
-                encode_images(model.model, model.to_input(batch, non_blocking=True))
+                step(model.to_input(batch, non_blocking=True))
 
     return run_pil, len(paths), f"{config.workers} workers, PIL decoding"
 
 
+def _full_from_files(
+    model: LoadedModel,
+    config: BenchConfig,
+    inputs: ScoreInputs,
+    class_features: torch.Tensor,
+    pairs: _WarmPairs,
+    score_config: ScoreConfig,
+) -> Measurement:
+    """The full NegAlign pipeline from image files: each batch decoded as `embed images` decodes it
+    (:func:`_image_file_flow`), embedded with CAM and background, then every score with
+    multi-matching (pairs fetched per run), as the decoded-tensor pipeline flow scores."""
+    kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def cam_step(batch: torch.Tensor) -> None:
+        out = cam_batch(model.model, batch, class_features, config.cam)
+        kept.append((out.embeddings.cpu(), out.background.cpu()))
+
+    decode, count, how = _image_file_flow(model, config, cam_step)
+
+    def run() -> None:
+        kept.clear()
+        decode()
+        background = torch.cat([b for _, b in kept])
+        n = background.shape[0]
+        # random weights embed every image alike: score real-like rows, as the pipeline flow does
+        generator = torch.Generator().manual_seed(1)
+        images = (
+            np.asarray(inputs.images[:n])
+            if inputs.images.shape[0] >= n
+            else real_like_embeddings(n, inputs.classes, inputs.negatives, generator).numpy()
+        )
+        scored = ScoreInputs(
+            images=images,
+            classes=inputs.classes,
+            negatives=inputs.negatives,
+            class_names=inputs.class_names,
+            negative_names=inputs.negative_names,
+            star_indices=inputs.star_indices,
+            background=background.numpy(),
+            background_valid=torch.ones(n, dtype=torch.bool),
+            background_indices=inputs.background_indices,
+        )
+        compute_scores(scored, score_config, pairs.table(), device=model.device)
+
+    return measure(
+        FULL_FROM_FILES,
+        run,
+        count,
+        model.device,
+        config.repeats,
+        f"{how}; embed + CAM + all scores ({config.embeddings} embeddings scored)",
+    )
+
+
+FULL_FROM_FILES = "full NegAlign from image files"
 DECODE_PATH = "decode: embed images' path"
 DECODE_PATH_0 = "decode: embed images' path, no workers"
 BARE_PIL = "decode: bare PIL loop"
@@ -509,7 +581,8 @@ def run_bench(model: LoadedModel, config: BenchConfig, reporter: Reporter | None
         raise NegalignError(
             f"unknown flow group(s) {', '.join(sorted(unknown))}: use {', '.join(FLOW_GROUPS)}"
         )
-    total = {"model": 3 + (config.images is not None), "score": 6, "pipeline": 2, "decode": 3}
+    files = config.images is not None
+    total = {"model": 3 + files, "score": 6, "pipeline": 2 + files, "decode": 3}
     with reporter.progress("benchmark flows", sum(total[g] for g in config.flows)) as advance:
         pairs = _WarmPairs(inputs)
         if "model" in config.flows:
@@ -569,7 +642,8 @@ def run_bench(model: LoadedModel, config: BenchConfig, reporter: Reporter | None
                 advance(3)
 
         if "score" in config.flows:
-            weights = torch.cat([inputs.classes, inputs.negatives])
+            # scoring's matmuls: x·Pᵀ (a transposed view), 100x·N (the negatives in group order, contiguous)
+            weights = [inputs.classes.T, inputs.negatives.T.contiguous()]
             background_weights = inputs.negatives[inputs.background_indices]
             plain = ScoreInputs(
                 images=inputs.images,
@@ -581,7 +655,7 @@ def run_bench(model: LoadedModel, config: BenchConfig, reporter: Reporter | None
 
             def gemms_with_background() -> None:
                 bare_gemm(inputs.images, weights, device)  # type: ignore[arg-type]
-                bare_gemm(inputs.background, background_weights, device)  # type: ignore[arg-type]
+                bare_gemm(inputs.background, [background_weights.T], device)  # type: ignore[arg-type]
 
             n, c, m = config.score_images, config.classes, config.negatives
             scoring = [
@@ -589,7 +663,7 @@ def run_bench(model: LoadedModel, config: BenchConfig, reporter: Reporter | None
                     "bare GEMM (fp32)",
                     lambda: bare_gemm(inputs.images, weights, device),  # type: ignore[arg-type]
                     n,
-                    f"{n} × ({c} + {m}) × {dim}",
+                    f"{n} × {dim} × ({c} + {m}): x·Pᵀ and x·Nᵀ, scoring's two matmuls per chunk",
                 ),
                 Flow(
                     "score from cache (embeddings)",
@@ -669,6 +743,10 @@ def run_bench(model: LoadedModel, config: BenchConfig, reporter: Reporter | None
             )
             results[-1].distinct_pairs = pairs.distinct(pairs.last)
             advance(1)
+            if config.images is not None:
+                results.append(_full_from_files(model, config, inputs, class_features, pairs, score_config))
+                results[-1].distinct_pairs = pairs.distinct(pairs.last)
+                advance(1)
             grouping = group_order(config.negatives, score_config.groups, score_config.group_seed)
             singles = [b[i : i + 1] for b in batches for i in range(b.shape[0])][: config.per_image]
 

@@ -52,7 +52,9 @@ if TYPE_CHECKING:  # a stage gets a modelref.LazyModel (built on first use) or a
 # torch and the score maths (compute/scores.py) are imported inside the compute step, which the
 # store runs only on a miss: a cache hit imports no torch.
 
-SCORE_STAGE, SCORE_VERSION = "score", 2  # 2: float64 aggregation, duplicate paths, --invalid-cam
+# 2: float64 aggregation, duplicate paths, --invalid-cam; 3: the fused scoring path (NegLabel takes
+# the classes' log-sum-exp from Energy, in float64: values move by ~1e-9)
+SCORE_STAGE, SCORE_VERSION = "score", 3
 SEEDS_STAGE, SEEDS_VERSION = "score-seeds", 1  # one file of the per-seed score artifacts
 EMBEDDINGS, IMAGES = files.IMAGE_EMBEDDINGS, files.IMAGE_TABLE
 BACKGROUND, CAM = files.BACKGROUND_EMBEDDINGS, files.CAM_TABLE
