@@ -80,6 +80,26 @@ def contain_writes(cache_dir: Path) -> None:
     tempfile.tempdir = str(scratch.resolve())
 
 
+# …/pymp-xxxxxxxx/listener-xxxxxxxx adds 32 bytes to the temporary folder; a socket path holds 107
+UNIX_SOCKET_PATH_MAX, LISTENER_SUFFIX = 107, 32
+
+
+def loader_sharing(workers: int) -> None:
+    """Before DataLoader workers start: when the temporary folder (``TMPDIR``, or the cache's
+    scratch folder) is too long a path for the Unix socket through which workers pass tensors'
+    file descriptors, they share tensors through named shared memory instead (torch's
+    ``file_system`` strategy) — with the socket, every worker's first batch was lost and the
+    command waited for the loader's timeout (10 minutes) before failing."""
+    if workers <= 0:
+        return
+    import tempfile
+
+    if len(os.fsencode(tempfile.gettempdir())) + LISTENER_SUFFIX > UNIX_SOCKET_PATH_MAX:
+        import torch.multiprocessing
+
+        torch.multiprocessing.set_sharing_strategy("file_system")
+
+
 def resolve_device(device: str | None = None) -> torch.device:
     """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:i``. Under torchrun
     (``LOCAL_RANK`` set) ``auto`` and ``cuda`` mean this process's own GPU, ``cuda:LOCAL_RANK``."""

@@ -143,6 +143,7 @@ def _run_missing(
     from negalign_cli.inputs.datasets import ImageDataset, RawDataset, collate, collate_raw, decode_batch
 
     paths = [listing.images.location(first[d]) for d in missing]  # a file, or a member of a tar shard
+    settings.loader_sharing(workers)
     batches: Iterable[tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]]
     if decoder == "torch":
         dataset = RawDataset(paths, model.image_transform(), max_pixels)
