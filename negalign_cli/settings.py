@@ -82,22 +82,39 @@ def contain_writes(cache_dir: Path) -> None:
 
 # …/pymp-xxxxxxxx/listener-xxxxxxxx adds 32 bytes to the temporary folder; a socket path holds 107
 UNIX_SOCKET_PATH_MAX, LISTENER_SUFFIX = 107, 32
+SHORT_TEMP_ROOTS = ("/tmp", "/var/tmp", "/dev/shm")
 
 
 def loader_sharing(workers: int) -> None:
-    """Before DataLoader workers start: when the temporary folder (``TMPDIR``, or the cache's
-    scratch folder) is too long a path for the Unix socket through which workers pass tensors'
-    file descriptors, they share tensors through named shared memory instead (torch's
-    ``file_system`` strategy) — with the socket, every worker's first batch was lost and the
-    command waited for the loader's timeout (10 minutes) before failing."""
+    """Before DataLoader workers start: they pass tensors through a Unix socket under the
+    temporary folder, and with a ``TMPDIR`` too long a path for one, every worker's first batch was
+    lost and the command waited for the loader's timeout (10 minutes). Then this process's
+    temporary files go to a private folder under the first writable of ``SHORT_TEMP_ROOTS``
+    (removed at exit); with none, one clear error."""
     if workers <= 0:
         return
     import tempfile
 
-    if len(os.fsencode(tempfile.gettempdir())) + LISTENER_SUFFIX > UNIX_SOCKET_PATH_MAX:
-        import torch.multiprocessing
-
-        torch.multiprocessing.set_sharing_strategy("file_system")
+    longest = UNIX_SOCKET_PATH_MAX - LISTENER_SUFFIX
+    current = tempfile.gettempdir()
+    if len(os.fsencode(current)) <= longest:
+        return
+    for root in SHORT_TEMP_ROOTS:
+        if len(os.fsencode(root)) + 20 > longest or not os.access(root, os.W_OK | os.X_OK):
+            continue
+        try:
+            folder = tempfile.mkdtemp(prefix="negalign-", dir=root)
+        except OSError:
+            continue
+        atexit.register(shutil.rmtree, folder, True)
+        os.environ["TMPDIR"] = folder
+        tempfile.tempdir = folder
+        return
+    raise NegalignError(
+        f"the temporary folder {current} is too long a path for DataLoader workers' socket "
+        f"({len(os.fsencode(current))} bytes, at most {longest}): set TMPDIR to a shorter folder, "
+        "or use --workers 0"
+    )
 
 
 def resolve_device(device: str | None = None) -> torch.device:

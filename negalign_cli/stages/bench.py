@@ -55,6 +55,7 @@ from negalign_cli.compute.vision import _project as project_tokens
 from negalign_cli.errors import NegalignError
 from negalign_cli.models import LoadedModel
 from negalign_cli.reporting import NullReporter, Reporter
+from negalign_cli.settings import loader_sharing
 
 FLOW_GROUPS = {
     "model": "image tower forward, embed, embed from files, embed + CAM + background",
@@ -429,6 +430,7 @@ def _image_file_flow(
     paths = [listed.location(i) for i in range(min(len(listed), config.batch_size * config.batches))]
     decoder = resolve_decoder("auto", model.device)
     pin = model.device.type == "cuda"
+    loader_sharing(config.workers)
     if decoder == "torch":
         raw = RawDataset(paths, model.image_transform())
 

@@ -327,7 +327,9 @@ def dataset_loop(paths: list[str], transform: Any, batch_size: int, workers: int
     import torch
 
     from negalign_cli.inputs.datasets import ImageDataset, collate
+    from negalign_cli.settings import loader_sharing
 
+    loader_sharing(workers)
     dataset = ImageDataset(paths, transform)
 
     def run() -> None:

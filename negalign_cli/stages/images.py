@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
+from negalign_cli import settings
 from negalign_cli.cache.items import Namespace
 from negalign_cli.cache.statcache import StatCache
 from negalign_cli.cache.store import Artifact, StageResult, StageSpec

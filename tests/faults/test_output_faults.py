@@ -247,6 +247,35 @@ def test_writes_stay_under_out_and_the_cache(pipeline, tmp_path, monkeypatch):
     )
 
 
+@pytest.mark.slow
+def test_workers_under_a_temporary_folder_too_long_for_a_socket(pipeline, tmp_path):
+    """DataLoader workers pass tensors through a Unix socket under the temporary folder; with a
+    TMPDIR (and a cache) whose paths are too long for one, the first batch was lost and `embed
+    images` waited 10 minutes for the loader's timeout. A real process with real workers."""
+    import subprocess
+    import sys
+
+    deep = tmp_path / ("t" * 40) / ("u" * 40)
+    deep.mkdir(parents=True)
+    assert len(os.fsencode(deep)) + 32 > 107  # …/pymp-xxxxxxxx/listener-xxxxxxxx cannot be bound
+    env = {**os.environ, "TMPDIR": str(deep), "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    args = ["embed", "images", "--images", str(pipeline / "imgs_id"), "--model", "negalign-tiny-test"]
+    done = subprocess.run(
+        [sys.executable, "-m", "negalign_cli", *args, "--workers", "2", "--cache-dir", str(deep / "c"),
+         "--out", str(tmp_path / "workers")],
+        env=env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    alone = cli(
+        *args, "--workers", "0", "--cache-dir", str(tmp_path / "c0"), "--out", str(tmp_path / "alone")
+    )
+    assert alone.exit_code == 0, alone.output
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "workers" / files.IMAGE_EMBEDDINGS),
+        np.load(tmp_path / "alone" / files.IMAGE_EMBEDDINGS),
+    )
+
+
 # ----------------------------------------------------------------------------- messages
 def test_clear_messages(pipeline, tmp_path):
     junk = tmp_path / "junk.pt"
