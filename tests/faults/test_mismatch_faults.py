@@ -182,7 +182,7 @@ def test_unknown_cam_methods_and_pools_are_refused_at_every_entry_point(world, t
         cam_batch(tiny_model.model, images, classes, config)  # was: clearclip, silently
     from negalign_cli.api import CLIPNegAlign
 
-    with pytest.raises(NegalignError, match="unknown --bg-pool"):
+    with pytest.raises(NegalignError, match="unknown bg_pool='tokenz'"):  # the API names its argument
         CLIPNegAlign(train_dataset=["a"], arch="negalign-tiny-test", bg_pool="tokenz", cache_dir=tmp_path)
     done = cli("cam", "--images", str(world / "imgs"), "--classes", "waterbird", "--cam-method", "gradxcat")
     one_line_error(done, "unknown --cam-method 'gradxcat': use gradcam, gradxact")
