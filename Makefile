@@ -34,7 +34,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadgroup -m "not ci" $(PYTEST_ARGS)
 
 test-ci: $(STAMP)
-	$(BIN)/python -m pytest -q -m ci $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadgroup -m ci $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadgroup -m "not slow and not ci" $(PYTEST_ARGS)
