@@ -8,6 +8,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # an open_clip tag must fail at on
 os.environ["COLUMNS"] = "200"  # rich tables must not wrap differently per terminal
 
 
+def _share_the_cores() -> None:
+    """Under pytest-xdist, each worker (and the processes it starts) gets its share of the cores
+    for torch's threads, instead of every worker running as many threads as there are cores."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+
+
+_share_the_cores()
+
+
 def _build_the_cli_once() -> None:
     """Typer's test runner builds the click commands of the whole app (57 of them, ~70 ms) on every
     in-process invocation; a process builds them once, and so does the suite: the same commands,
