@@ -104,3 +104,54 @@ def test_merge_builds_no_table_from_lists(tmp_path, monkeypatch):
         assert (tmp_path / "merged" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
     whole, got = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("whole", "merged"))
     assert whole["key"] == got["key"] and whole["counts"]["skipped"] == got["counts"]["skipped"] == 1
+
+
+def test_a_shard_file_rewritten_in_place_is_hashed_again(tmp_path, monkeypatch):
+    """The merge trusts a shard file's digest from the stat cache only while its stat is unchanged
+    (size, mtime, ctime, inode, device): on a real tmpfs, a same-size rewrite with the old mtime
+    put back keeps all but the ctime, and is still hashed again and refused."""
+    import os
+
+    from negalign_cli import hashing
+    from tests.faults.helpers import one_line_error
+    from tests.faults.test_storage_faults import tmpfs
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("NEGALIGN_CACHE", raising=False)
+    folder = make_image_folder(tmp_path / "data", per_class=3)
+    base = ["embed", "images", "--images", str(folder), "--batch-size", "2", "--workers", "0"]
+    runs = tmp_path / "runs"
+    with tmpfs(runs, "8m"):
+        for i in (0, 1):
+            done = cli(*base, "--shard", f"{i}/2", "--shards-dir", str(runs), "--cache-dir", "c-shards")
+            assert done.exit_code == 0, done.output
+        old = 1_600_000_000 * 10**9  # past the racy guard: the stat cache may remember these files
+        shard_files = sorted(p for p in runs.glob("shard-*/artifact/*") if p.is_file())
+        for path in shard_files:
+            os.utime(path, ns=(old, old))
+        assert cli("merge", str(runs), "--cache-dir", "c").exit_code == 0
+        hashed: list[str] = []
+        original = hashing.sha256_file_sized
+        monkeypatch.setattr(
+            hashing, "sha256_file_sized", lambda p, *a, **k: hashed.append(str(p)) or original(p, *a, **k)
+        )
+        again = cli("merge", str(runs), "--cache-dir", "c")
+        assert again.exit_code == 0 and "(cache hit)" in again.output, again.output
+        assert not [p for p in hashed if p.startswith(str(runs))]  # every shard file from the stat cache
+        target = runs / "shard-00001-of-00002" / "artifact" / "image_embeddings.npy"
+        before = os.stat(target)
+        with open(target, "r+b") as handle:  # same size, other bytes, same inode
+            handle.seek(-4, os.SEEK_END)
+            last = handle.read(4)
+            handle.seek(-4, os.SEEK_END)
+            handle.write(bytes(b ^ 0xFF for b in last))
+        os.utime(target, ns=(old, old))
+        after = os.stat(target)
+        assert (after.st_size, after.st_mtime_ns, after.st_ino, after.st_dev) == (
+            before.st_size,
+            before.st_mtime_ns,
+            before.st_ino,
+            before.st_dev,
+        )
+        one_line_error(cli("merge", str(runs), "--cache-dir", "c"), "1 of 2 shard(s) are not done (shard 1)")
+        assert str(target) in hashed
