@@ -514,9 +514,7 @@ def merge_shards(
     if images_digest(images) != plan.images or len(images) != plan.count:
         raise NegalignError(f"{shards_dir / PLAN_IMAGES} does not match {PLAN}: the shard folder is damaged")
     manifests = [json.loads((f / MANIFEST).read_text(encoding="utf-8")) for f in folders]
-    import pyarrow.parquet as pq  # here: a merge served by its remembered key reads no table
-
-    tables = [pq.read_table(f / files.IMAGE_TABLE) for f in folders]
+    tables = [read_table(f / files.IMAGE_TABLE) for f in folders]
     _check_slices(shards_dir, plan, images, tables)
     if sum(len(t) for t in tables) != len(images):
         raise NegalignError(
@@ -551,6 +549,15 @@ def merge_shards(
     result = workspace.store.run(spec, compute, reporter)
     stat_cache.remember(inputs, result.artifact.key.encode("ascii"))
     return result
+
+
+def read_table(path: Path) -> pa.Table:
+    """A parquet file as an Arrow table (with its schema's metadata), through the file reader:
+    ``pq.read_table`` goes through ``pyarrow.dataset``, which imports pandas (half a second)."""
+    import pyarrow.parquet as pq  # here: a merge served by its remembered key reads no table
+
+    with pq.ParquetFile(path) as handle:
+        return handle.read()
 
 
 @dataclass
