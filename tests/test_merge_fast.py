@@ -154,3 +154,16 @@ def test_a_shard_file_rewritten_in_place_is_hashed_again(tmp_path, monkeypatch):
         )
         one_line_error(cli("merge", str(runs), "--cache-dir", "c"), "1 of 2 shard(s) are not done (shard 1)")
         assert str(target) in hashed
+
+
+def test_the_merged_labels_are_the_plans(tmp_path):
+    """As before (the table was built from the plan's list), a shard table's labels are not copied:
+    the merged table carries the plan's, whatever a shard folder says."""
+    import pyarrow as pa
+
+    tables, listing, expected, _ = _random_run(4, 50, 2, False)
+    at = tables[0].schema.get_field_index("label")
+    wrong = pa.array(["elsewhere"] * len(tables[0]), type=tables[0].schema.field("label").type)
+    tables[0] = tables[0].set_column(at, tables[0].schema.field("label"), wrong)
+    _merge_tables(tables).write(tmp_path / "images.parquet", listing)
+    assert (tmp_path / "images.parquet").read_bytes() == expected

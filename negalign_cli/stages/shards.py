@@ -601,9 +601,11 @@ class _MergedTable:
             }
             image_table(listing, rows, failures).to_parquet(path, index=False)
             return
+        # the labels are the plan's, as in a one-process run (the paths were checked against it)
+        columns = {**self.columns, "label": pa.array(listing.images.labels, type=schema.field("label").type)}
         arrays = [
-            self.columns[field.name]
-            if field.name in self.columns
+            columns[field.name]
+            if field.name in columns
             else pa.concat_arrays([t.column(field.name).combine_chunks() for t in self.tables])
             for field in schema
         ]
