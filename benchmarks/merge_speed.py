@@ -18,7 +18,10 @@ fastest of ``--repeats``), on a fresh cache each time (the merge is computed: ev
 verified, the rows assembled and stored) and again on that cache (a hit), beside
 ``python -c "import torch"`` timed in the same run; wall and CPU (user + sys) time.
 
-``--profile FILE`` writes a cProfile of one fresh merge run in this process.
+``--profile FILE`` writes a cProfile of one fresh merge run in this process. ``--compare TREE``
+then times fresh merges of another checkout's code (``PYTHONPATH=TREE``, e.g. the code before a
+change) and of this one, alternately ``--repeats`` times, with user and system time apart (the
+system time of writing the merged rows swings with the machine; the user time is the code's).
 """
 
 from __future__ import annotations
@@ -118,6 +121,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--profile", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--compare", type=Path, default=None, help="another checkout to time beside")
     args = parser.parse_args()
     root = args.dir or Path(tempfile.mkdtemp(prefix="negalign-merge-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -186,6 +190,27 @@ def main() -> None:
         if result.exit_code != 0:
             raise SystemExit(result.output)
         profiler.dump_stats(str(args.profile))
+    if args.compare:
+        here = Path(__file__).resolve().parent.parent
+        split: dict[str, list[list[float]]] = {"compare": [], "this": []}
+        for _ in range(max(1, args.repeats)):
+            for name, tree in (("compare", args.compare.resolve()), ("this", here)):
+                shutil.rmtree(cache, ignore_errors=True)
+                usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+                started = time.perf_counter()
+                subprocess.run(
+                    [sys.executable, *merge],
+                    env={**env, "PYTHONPATH": str(tree)},
+                    cwd=tree,
+                    check=True,
+                    capture_output=True,
+                )
+                wall = time.perf_counter() - started
+                after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                user, system = after.ru_utime - usage.ru_utime, after.ru_stime - usage.ru_stime
+                split[name].append([round(wall, 2), round(user, 2), round(system, 2)])
+                print(f"{name} ({tree}): {wall:.2f} s wall, {user:.2f} s user, {system:.2f} s system")
+        figures["compare"] = {"tree": str(args.compare), **split}
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
 

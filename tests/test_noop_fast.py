@@ -527,6 +527,10 @@ def test_a_second_merge_of_the_same_shards_reads_no_table(embedded, tmp_path, mo
     monkeypatch.setattr(
         pd, "read_parquet", lambda path, *a, **k: read.append(str(path)) or original(path, *a, **k)
     )
+    from negalign_cli.stages import shards  # the merge reads the shards' images.parquet with pyarrow
+
+    read_table = shards.read_table
+    monkeypatch.setattr(shards, "read_table", lambda path: read.append(str(path)) or read_table(path))
     again = cli("merge", str(runs_dir), "--cache-dir", str(cache))
     assert again.exit_code == 0 and "(cache hit)" in again.output, again.output
     assert read == [] and _merged_key(again.output) == _merged_key(first.output)

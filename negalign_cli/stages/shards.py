@@ -47,6 +47,7 @@ from negalign_cli.stages import files
 
 if TYPE_CHECKING:
     import pandas as pd
+    import pyarrow as pa
 
 from negalign_cli.stages.image_rows import (  # not stages/images.py: merge needs no torch
     CAM_STAGE,
@@ -56,7 +57,6 @@ from negalign_cli.stages.image_rows import (  # not stages/images.py: merge need
     ROW_FILES,
     Listing,
     image_table,
-    row_order,
 )
 
 PLAN = "plan.json"
@@ -422,12 +422,6 @@ def missing_shards(shards_dir: Path, plan: Plan, stat_cache: StatCache | None = 
     ]
 
 
-def _load_rows(path: Path) -> np.ndarray | pd.DataFrame:
-    import pandas as pd
-
-    return pd.read_parquet(path) if path.suffix == ".parquet" else np.load(path, mmap_mode="r")
-
-
 def _foreign_folders(shards_dir: Path, plan: Plan) -> None:
     """Refuse a shard folder whose ``done.json`` names another shard (a folder copied or moved into
     the wrong place), before it could be merged as this shard's slice."""
@@ -448,13 +442,24 @@ def _foreign_folders(shards_dir: Path, plan: Plan) -> None:
             )
 
 
-def _check_slices(shards_dir: Path, plan: Plan, images: ImageList, tables: list[pd.DataFrame]) -> None:
+def _check_slices(shards_dir: Path, plan: Plan, images: ImageList, tables: list[pa.Table]) -> None:
     """Each shard's rows must list exactly the images of its slice of the plan, in order."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     for index, table in enumerate(tables):
         shard = Shard(index, plan.shards)
         start, stop = shard.bounds(len(images))
         wanted = printable_paths(images.paths[start:stop])
-        got = [str(p) for p in table["path"].tolist()]
+        paths = table.column("path").combine_chunks()
+        if (
+            len(paths) == len(wanted)
+            and pa.types.is_string(paths.type)
+            and paths.null_count == 0
+            and pc.all(pc.equal(paths, pa.array(wanted, type=paths.type))).as_py() is not False
+        ):
+            continue  # equal, compared in one pass
+        got = [str(p) for p in paths.to_pylist()]
         if got != wanted:
             where = next((i for i, (a, b) in enumerate(zip(got, wanted, strict=False)) if a != b), None)
             detail = (
@@ -509,55 +514,157 @@ def merge_shards(
     if images_digest(images) != plan.images or len(images) != plan.count:
         raise NegalignError(f"{shards_dir / PLAN_IMAGES} does not match {PLAN}: the shard folder is damaged")
     manifests = [json.loads((f / MANIFEST).read_text(encoding="utf-8")) for f in folders]
-    import pandas as pd  # here: a merge served by its remembered key reads no table
-
-    tables = [pd.read_parquet(f / files.IMAGE_TABLE) for f in folders]
+    tables = [read_table(f / files.IMAGE_TABLE) for f in folders]
     _check_slices(shards_dir, plan, images, tables)
     if sum(len(t) for t in tables) != len(images):
         raise NegalignError(
             f"the shards in {shards_dir} list {sum(len(t) for t in tables)} images, the plan {len(images)}"
         )
-    # columns as Python lists at once (iterating an Arrow-backed column is per element)
-    digests = [str(d) if d else None for d in _column(tables, "digest")]
-    recorded = [str(r) for r in _column(tables, "reason")]
-    reasons = ["" if d else r for d, r in zip(digests, recorded, strict=True)]
-    listing = Listing(images, digests, reasons)
-    failures = {  # why a content that was hashed could not be processed
-        d: r for d, s, r in zip(digests, _column(tables, "status"), recorded, strict=True) if d and s != "ok"
-    }
-    # where each distinct digest's row lives: the first shard (in list order) that has it
-    source: dict[str, tuple[int, int]] = {}
-    for number, table in enumerate(tables):
-        ok = table[table["status"] == "ok"]
-        for digest, row in zip(ok["digest"].tolist(), ok["row"].tolist(), strict=True):
-            source.setdefault(str(digest), (number, int(row)))
-    rows = row_order(listing, set(source))
-    located = [source[d] for d in rows]  # distinct digests in output order: (shard, row)
-    from_shard = np.array([shard for shard, _ in located], dtype=np.int64)
-    from_row = np.array([row for _, row in located], dtype=np.int64)
+    merged = _merge_tables(tables)
+    listing = Listing(images, merged.digests, merged.reasons)
+    from_shard, from_row = merged.from_shard, merged.from_row
 
     def compute(folder: Path) -> dict[str, Any]:
         counts: dict[str, int] = {}
         hashed: dict[str, str] = {}
         with reporter.progress(f"merging {plan.shards} shards", len(ROW_FILES[plan.stage])) as advance:
             for name in ROW_FILES[plan.stage]:
-                parts = [_load_rows(f / name) for f in folders]
-                if isinstance(parts[0], pd.DataFrame):
-                    frames = [p.iloc[from_row[from_shard == i]] for i, p in enumerate(parts)]  # type: ignore[union-attr]
-                    merged = _interleave_frames(frames, from_shard)
-                    merged.to_parquet(folder / name, index=False)
-                    if "cam_valid" in merged:
-                        counts["cam_valid"] = int(merged["cam_valid"].sum())
+                if name.endswith(".parquet"):
+                    import pandas as pd  # the cam table only
+
+                    frames = [pd.read_parquet(f / name) for f in folders]
+                    picked = [p.iloc[from_row[from_shard == i]] for i, p in enumerate(frames)]
+                    rows_table = _interleave_frames(picked, from_shard)
+                    rows_table.to_parquet(folder / name, index=False)
+                    if "cam_valid" in rows_table:
+                        counts["cam_valid"] = int(rows_table["cam_valid"].sum())
                 else:
-                    hashed[name] = _save_rows(folder / name, parts, from_shard, from_row)  # type: ignore[arg-type]
+                    parts = [np.load(f / name, mmap_mode="r") for f in folders]
+                    hashed[name] = _save_rows(folder / name, parts, from_shard, from_row)
                 advance(1)
-        image_table(listing, rows, failures).to_parquet(folder / files.IMAGE_TABLE, index=False)
-        return {**_merged_manifest(plan, manifests, len(rows), counts), WRITTEN_DIGESTS: hashed}
+        merged.write(folder / files.IMAGE_TABLE, listing)
+        return {**_merged_manifest(plan, manifests, merged.count, counts), WRITTEN_DIGESTS: hashed}
 
     spec = plan.spec(listing.key)
     result = workspace.store.run(spec, compute, reporter)
     stat_cache.remember(inputs, result.artifact.key.encode("ascii"))
     return result
+
+
+def read_table(path: Path) -> pa.Table:
+    """A parquet file as an Arrow table (with its schema's metadata), through the file reader:
+    ``pq.read_table`` goes through ``pyarrow.dataset``, which imports pandas (half a second)."""
+    import pyarrow.parquet as pq  # here: a merge served by its remembered key reads no table
+
+    with pq.ParquetFile(path) as handle:
+        return handle.read()
+
+
+@dataclass
+class _MergedTable:
+    """The shards' ``images.parquet`` tables merged (``_merge_tables``): the image list's digests
+    and reasons (for the key), where each output row comes from, and the merged table itself."""
+
+    tables: list[pa.Table]
+    digests: list[str | None]
+    reasons: list[str]
+    from_shard: np.ndarray  # per output row: the shard its row comes from
+    from_row: np.ndarray  # and its row there
+    columns: dict[str, pa.Array]  # the columns that differ from the shards' (row, status, reason)
+
+    @property
+    def count(self) -> int:
+        return len(self.from_shard)
+
+    def write(self, path: Path, listing: Listing) -> None:
+        """``images.parquet``: the bytes ``image_table(...).to_parquet`` gives for the whole list,
+        from the shards' own Arrow columns. Where the shards' schemas differ or the list has extra
+        columns (pandas infers their types from the whole column, which a shard's schema cannot
+        say), the table is built from lists as the unsharded run builds it."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        schema = self.tables[0].schema
+        if listing.images.extra or any(not t.schema.equals(schema, check_metadata=True) for t in self.tables):
+            rows = {
+                d: int(r) for d, r in zip(self.digests, self.columns["row"].to_numpy(), strict=True) if r >= 0
+            }
+            failures = {
+                d: r
+                for d, r, s in zip(
+                    self.digests,
+                    self.columns["reason"].to_pylist(),
+                    self.columns["status"].to_pylist(),
+                    strict=True,
+                )
+                if d and s != "ok"
+            }
+            image_table(listing, rows, failures).to_parquet(path, index=False)
+            return
+        # the labels are the plan's, as in a one-process run (the paths were checked against it)
+        columns = {**self.columns, "label": pa.array(listing.images.labels, type=schema.field("label").type)}
+        arrays = [
+            columns[field.name]
+            if field.name in columns
+            else pa.concat_arrays([t.column(field.name).combine_chunks() for t in self.tables])
+            for field in schema
+        ]
+        pq.write_table(pa.Table.from_arrays(arrays, schema=schema), path, compression="snappy")
+
+
+def _merge_tables(tables: list[pa.Table]) -> _MergedTable:
+    """Merge the shards' ``images.parquet`` tables as one run over the whole list would have
+    written it, with array operations only: an image is "ok" where its digest was processed by
+    some shard; the output rows are the distinct ok digests in order of first appearance, each
+    read from the first shard (in list order) that holds it; a failed image keeps the reason
+    recorded for its digest (the last one in list order), an image without digest its own."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    def column(name: str) -> pa.Array:
+        return pa.concat_arrays([t.column(name).combine_chunks() for t in tables])
+
+    digest = pc.fill_null(column("digest").cast(pa.string()), "")
+    recorded = pc.fill_null(column("reason").cast(pa.string()), "")
+    ok = pc.fill_null(pc.equal(column("status").cast(pa.string()), "ok"), False).to_numpy(
+        zero_copy_only=False
+    )
+    local = column("row").to_numpy(zero_copy_only=False).astype(np.int64)
+    shard_of = np.repeat(np.arange(len(tables)), [len(t) for t in tables])
+    has = pc.not_equal(digest, "").to_numpy(zero_copy_only=False)
+    encoded = digest.dictionary_encode()  # codes in order of first appearance
+    codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    kinds = len(encoded.dictionary)
+    done = np.zeros(kinds, dtype=bool)
+    done[codes[ok & has]] = True  # digests some shard processed
+    rank = np.cumsum(done) - 1  # their output row: order of first appearance
+    is_row = has & done[codes]
+    row = np.where(is_row, rank[codes], -1).astype(np.int64)
+    # each output row's source: the first ok row of its digest
+    ok_rows = np.flatnonzero(ok & has)
+    _, first = np.unique(codes[ok_rows], return_index=True)
+    source = ok_rows[first]
+    # a digest that failed: the reason of its last failed row (what a dict built in order keeps)
+    failed = np.flatnonzero(has & ~ok)
+    last = np.full(kinds, -1, dtype=np.int64)
+    np.maximum.at(last, codes[failed], failed)
+    taken = np.arange(len(codes), dtype=np.int64)
+    lost = has & ~is_row
+    taken[lost] = last[codes[lost]]
+    reason = recorded.take(pa.array(taken))
+    reason = pc.if_else(pa.array(~has), pc.if_else(pc.equal(reason, ""), "not processed", reason), reason)
+    reason = pc.if_else(pa.array(is_row), "", reason)
+    status = pc.if_else(pa.array(is_row), "ok", "skipped")
+    schema = tables[0].schema
+    columns = {
+        "row": pa.array(row, type=schema.field("row").type),
+        "status": status.cast(schema.field("status").type),
+        "reason": reason.cast(schema.field("reason").type),
+    }
+    digests = digest.to_pylist()
+    listed = [d if d else None for d in digests]
+    reasons = [r if not d else "" for d, r in zip(digests, recorded.to_pylist(), strict=True)]
+    return _MergedTable(tables, listed, reasons, shard_of[source], local[source], columns)
 
 
 _MERGE_INPUTS = 1  # what _merge_inputs covers; bump it when the merge reads anything else
@@ -570,11 +677,6 @@ def _merge_inputs(shards_dir: Path, plan: Plan, folders: list[Path], stat_cache:
     named = [shards_dir / PLAN_IMAGES, *(folder / MANIFEST for folder in folders)]
     digests = sha256_files(named, stat_cache)
     return f"merge {_MERGE_INPUTS} {sha256_json([plan.stage, plan.version, plan.digest, digests])}"
-
-
-def _column(tables: list[pd.DataFrame], name: str) -> list[Any]:
-    """A column of every shard's table, in order, as one Python list."""
-    return [value for table in tables for value in table[name].tolist()]
 
 
 def _save_rows(path: Path, parts: list[np.ndarray], from_shard: np.ndarray, from_row: np.ndarray) -> str:
