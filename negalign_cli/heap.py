@@ -7,8 +7,9 @@ metrics of a λ sweep: ~20 arrays of n_ID + n_OOD values per set and λ) therefo
 pages every time, one page fault per 4 KiB: at 4 × 10⁵ rows a third of the metrics' time.
 
 ``reused_heap()`` raises both thresholds for the duration of a ``with`` block, so a freed array's
-memory stays in the heap and serves the next one; on leaving, glibc's defaults are put back and
-the heap's free top is returned to the system (``malloc_trim``). No value computed changes: only
+memory stays in the heap and serves the next one; on leaving, the thresholds are set where glibc's
+own adjustment would take them (32 MiB, trim at 64 MiB) and the heap's free memory is returned to
+the system (``malloc_trim``). No value computed changes: only
 where the memory comes from. Elsewhere than glibc (musl, macOS) it does nothing.
 """
 
@@ -22,7 +23,10 @@ from contextlib import contextmanager
 
 # mallopt parameters (glibc's malloc.h)
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
-DEFAULT_MMAP_THRESHOLD = DEFAULT_TRIM_THRESHOLD = 128 * 1024  # glibc's values at start
+# after the block: where glibc's own adjustment ends once it has freed a large mapped array (its
+# DEFAULT_MMAP_THRESHOLD_MAX on 64-bit systems, the trim threshold twice that); setting a threshold
+# turns that adjustment off for the process, so the block leaves them at its upper end
+AFTER_MMAP_THRESHOLD, AFTER_TRIM_THRESHOLD = 32 << 20, 64 << 20
 DEFAULT_TOP_PAD = 128 * 1024  # glibc's DEFAULT_TOP_PAD on 64-bit systems
 REUSE_THRESHOLD = 1 << 30  # no allocation below 1 GiB is mmapped; the heap is not trimmed
 REUSE_TOP_PAD = 64 << 20  # the heap grows 64 MiB at a time
@@ -63,7 +67,7 @@ def reused_heap() -> Iterator[bool]:
         with _lock:
             _depth -= 1
             if _depth == 0:
-                libc.mallopt(M_MMAP_THRESHOLD, DEFAULT_MMAP_THRESHOLD)
-                libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
+                libc.mallopt(M_MMAP_THRESHOLD, AFTER_MMAP_THRESHOLD)
+                libc.mallopt(M_TRIM_THRESHOLD, AFTER_TRIM_THRESHOLD)
                 libc.mallopt(M_TOP_PAD, DEFAULT_TOP_PAD)
                 libc.malloc_trim(0)
