@@ -12,14 +12,18 @@ random but separable), runs `evaluate` once to fill the cache, then times as who
   depend on λ come from the figure cache);
 * `python -c "import torch"`.
 
-Each figure is the median of ``--repeats`` runs, taken in turn (hit, new grid, torch, hit, …).
+Each figure is the median of ``--repeats`` runs, taken in turn (hit, new grid, torch, hit, …); the
+CPU time (user + sys) of each process is printed beside the wall time (steadier on a shared machine).
+The package's bytecode is compiled first (``compileall``), as an installed package has it.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -49,10 +53,21 @@ def write_scores(path: Path, n: int, seed: int, shift: float) -> None:
     frame.to_parquet(path, index=False)
 
 
+CPU: list[float] = []  # each timed command's CPU seconds (user + sys), in order
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def timed(command: list[str], env: dict[str, str]) -> float:
+    """The command's wall seconds (its CPU seconds are appended to ``CPU``)."""
+    cpu = _children_cpu()
     started = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - started
+    CPU.append(_children_cpu() - cpu)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
     return seconds
@@ -71,6 +86,13 @@ def main() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     negalign = [sys.executable, "-m", "negalign_cli"]
     torch = [sys.executable, "-c", "import torch"]
+    # bytecode for the package, as an installed one has (with PYTHONDONTWRITEBYTECODE set, every
+    # process would otherwise compile its ~40 modules from source: ~0.3 s that torch, installed
+    # with its bytecode, does not pay)
+    package = importlib.util.find_spec("negalign_cli")
+    if package is not None and package.submodule_search_locations:
+        folder = package.submodule_search_locations[0]
+        subprocess.run([sys.executable, "-m", "compileall", "-q", folder], check=True, env=env)
     figures: dict[str, dict[str, float]] = {}
     for rows in args.rows:
         folder = root / f"rows-{rows}"
@@ -95,23 +117,34 @@ def main() -> None:
         ]
         timed([*base, "--lambda", "0,0.5,1"], env)  # fills the cache
         hit, grid, imports = [], [], []
+        cpu: dict[str, list[float]] = {"hit": [], "grid": [], "torch": []}
         for repeat in range(args.repeats):
             hit.append(timed([*base, "--lambda", "0,0.5,1"], env))
-            new_grid = f"0,{0.1 + 0.01 * repeat + rows % 7 * 0.001:.3f},2"  # never seen before
+            cpu["hit"].append(CPU[-1])
+            # never seen before, even by an earlier run on the same --dir (else it is a hit)
+            new_grid = f"0,{0.1 + 0.01 * repeat + time.time_ns() % 10**9 * 1e-12:.12f},2"
             grid.append(timed([*base, "--lambda", new_grid], env))
+            cpu["grid"].append(CPU[-1])
             imports.append(timed(torch, env))
+            cpu["torch"].append(CPU[-1])
         row = {
             "evaluate_hit_s": statistics.median(hit),
             "evaluate_new_lambda_grid_s": statistics.median(grid),
             "import_torch_s": statistics.median(imports),
+            "evaluate_hit_cpu_s": statistics.median(cpu["hit"]),
+            "evaluate_new_lambda_grid_cpu_s": statistics.median(cpu["grid"]),
+            "import_torch_cpu_s": statistics.median(cpu["torch"]),
         }
         row["hit_ratio"] = row["evaluate_hit_s"] / row["import_torch_s"]
         row["new_grid_ratio"] = row["evaluate_new_lambda_grid_s"] / row["import_torch_s"]
+        row["new_grid_cpu_ratio"] = row["evaluate_new_lambda_grid_cpu_s"] / row["import_torch_cpu_s"]
         figures[str(rows)] = {k: round(v, 3) for k, v in row.items()}
         print(
             f"{rows:>8,} rows: evaluate hit {row['evaluate_hit_s']:.2f} s "
             f"({row['hit_ratio']:.2f}× import torch), new λ grid {row['evaluate_new_lambda_grid_s']:.2f} s "
-            f"({row['new_grid_ratio']:.2f}×), import torch {row['import_torch_s']:.2f} s"
+            f"({row['new_grid_ratio']:.2f}×), import torch {row['import_torch_s']:.2f} s; CPU (user + sys): "
+            f"new λ grid {row['evaluate_new_lambda_grid_cpu_s']:.2f} s, import torch "
+            f"{row['import_torch_cpu_s']:.2f} s ({row['new_grid_cpu_ratio']:.2f}×)"
         )
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")

@@ -496,6 +496,15 @@ class _Selection:
 def _evaluate(
     request: EvaluateRequest, folder: Path, reporter: Reporter, store: ArtifactStore | None = None
 ) -> dict:
+    from negalign_cli.heap import reused_heap
+
+    with reused_heap():  # the sweep's full-length temporaries reuse freed memory: no page faults
+        return _evaluate_files(request, folder, reporter, store)
+
+
+def _evaluate_files(
+    request: EvaluateRequest, folder: Path, reporter: Reporter, store: ArtifactStore | None = None
+) -> dict:
     frames = _read_frames(request)
     seeds = _group_seeds(request)
     if seeds is None:
