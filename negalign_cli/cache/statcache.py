@@ -39,19 +39,24 @@ Schema 2 added ``ctime_ns``; rows of schema 1 are dropped when the database is o
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from negalign_cli import hashing
 from negalign_cli.cache.diskfull import disk_full, is_disk_full
 from negalign_cli.errors import NegalignError
+from negalign_cli.lazy import lazy_module
+
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    np = lazy_module("numpy")  # a cache hit that needs no batched row imports no numpy
 
 STAT_CACHE = "stat.db"  # its name under the cache root
 RACY_SECONDS = 2.0
@@ -78,8 +83,14 @@ BATCH_MIN = 64  # fewer entries than this: per-file rows only (a few queries cos
 BATCH_BUDGET = 256 << 20  # bytes of batch rows kept (the newest is always kept)
 BATCH_ROWS = 64  # at most this many batch rows
 _BATCH_MAGIC = b"NSB1"
+
+
 # size, mtime_ns, ctime_ns, inode, device of each entry; size -1: not usable (no digest remembered)
-_STAT_DTYPE = np.dtype([("size", "<i8"), ("mtime", "<i8"), ("ctime", "<i8"), ("ino", "<u8"), ("dev", "<u8")])
+@functools.cache
+def _stat_dtype() -> np.dtype:
+    return np.dtype([("size", "<i8"), ("mtime", "<i8"), ("ctime", "<i8"), ("ino", "<u8"), ("dev", "<u8")])
+
+
 _UNUSABLE = (-1, 0, 0, 0, 0)
 
 Digest = tuple[str | None, str]  # (sha256 hex, "") or (None, why not)
@@ -117,14 +128,14 @@ def _pack(stats: np.ndarray, digests: bytes) -> bytes:
 def _unpack(data: bytes, count: int) -> tuple[np.ndarray, bytes] | None:
     """(stats, raw digests) of a batch row of ``count`` entries, or None if it is not one."""
     head = len(_BATCH_MAGIC) + 8
-    width = _STAT_DTYPE.itemsize
+    width = _stat_dtype().itemsize
     if (
         len(data) != head + count * (width + 32)
         or data[: len(_BATCH_MAGIC)] != _BATCH_MAGIC
         or int.from_bytes(data[len(_BATCH_MAGIC) : head], "little") != count
     ):
         return None
-    stats = np.frombuffer(data, dtype=_STAT_DTYPE, count=count, offset=head)
+    stats = np.frombuffer(data, dtype=_stat_dtype(), count=count, offset=head)
     return stats, data[head + count * width :]
 
 
@@ -218,11 +229,13 @@ class StatCache:
         batched = len(paths) >= BATCH_MIN and db is not None
         joined = b"\0".join(keys) if batched else b""
         batch_key = _batch_key(joined, len(paths), stat_paths) if batched else b""
-        now = np.array([s if s is not None else _UNUSABLE for s in stats], dtype=_STAT_DTYPE)
-        matched = np.zeros(len(paths), dtype=bool)
+        left = [True] * len(paths)  # entries not served by the batch row (numpy only for a batch)
         if batched and db is not None:
+            now = np.array([s if s is not None else _UNUSABLE for s in stats], dtype=_stat_dtype())
+            matched = np.zeros(len(paths), dtype=bool)
             try:
                 matched = self._from_batch(db, batch_key, now, result)
+                left = (~matched).tolist()
             except sqlite3.DatabaseError as exc:
                 db.close()
                 db = None
@@ -231,9 +244,8 @@ class StatCache:
                 self._set_aside()
         # path -> (path, size, mtime_ns, ctime_ns, inode, device, digest, checksum)
         known: dict[bytes, tuple[Any, ...]] = {}
-        if db is not None and not matched.all():
+        if db is not None and any(left):
             try:
-                left = (~matched).tolist()
                 wanted = [k for k, s, m in zip(keys, stats, left, strict=True) if s is not None and m]
                 for start in range(0, len(wanted), _CHUNK):
                     chunk = wanted[start : start + _CHUNK]
@@ -250,7 +262,7 @@ class StatCache:
                     raise disk_full(self.path) from exc
                 self._set_aside()
         todo: list[int] = []
-        for i in np.flatnonzero(~matched).tolist():
+        for i in [i for i, unserved in enumerate(left) if unserved]:
             seen = stats[i]
             if seen is None:
                 continue

@@ -587,7 +587,9 @@ class _MergedTable:
         schema = self.tables[0].schema
         if listing.images.extra or any(not t.schema.equals(schema, check_metadata=True) for t in self.tables):
             rows = {
-                d: int(r) for d, r in zip(self.digests, self.columns["row"].to_numpy(), strict=True) if r >= 0
+                d: int(r)
+                for d, r in zip(self.digests, self.columns["row"].to_numpy(), strict=True)
+                if r >= 0 and d is not None  # a row was stored only for an image with a digest
             }
             failures = {
                 d: r
