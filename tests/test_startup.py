@@ -183,3 +183,84 @@ def test_a_command_imports_only_its_own_module():
 
     assert imported("models", "--names") == ["negalign_cli.cli.models_cmd"]
     assert imported("--help") == sorted({f"negalign_cli.cli.{c.module}" for c in COMMANDS.values()})
+
+
+SAMPLES = [
+    "3",
+    "-1",
+    "0",
+    "007",
+    "1.5",
+    "-0.25",
+    "abc",
+    "",
+    " 4",
+    "fp16",
+    "FP16",
+    "bf16",
+    "auto",
+    "on",
+    "/tmp",
+]
+
+
+def _outcome(coercion, param, value, ctx):
+    try:
+        result = coercion.coerce(value, param=param, ctx=ctx)
+    except Exception as exc:  # noqa: BLE001 - the error itself is compared
+        return ("error", type(exc).__name__, getattr(exc, "message", str(exc)))
+    return ("value", type(result), result)
+
+
+def test_quick_coercion_equals_typers_for_every_parameter(tmp_path):
+    """Every parameter of every command, its default and a spread of command-line strings: the
+    value (and its type) or the error is the one Typer's pydantic coercion gives."""
+    import typer._click
+    from typer._coercion import build_runtime_param
+
+    from negalign_cli.cli.quickparams import QuickCoercion
+
+    unreadable = tmp_path / "locked"
+    unreadable.write_text("x")
+    unreadable.chmod(0)
+    compared = quick = 0
+    for path, command in _commands(typer.main.get_command(app)):
+        ctx = typer._click.Context(command, info_name="negalign")
+        for param in command.params:
+            values = [param.default, None, *SAMPLES, str(tmp_path), str(unreadable)]
+            if param.multiple:
+                values += [("a", "b"), (), ["x"], ("a", 1)]
+            for value in values:
+                if type(value) is bool:
+                    continue  # a flag's bool never reaches the coercion
+                full = build_runtime_param(param.type_descriptor)
+                want = _outcome(full, param, value, ctx)
+                got = _outcome(QuickCoercion(param), param, value, ctx)
+                assert got == want, (path, param.name, value)
+                compared += 1
+                from negalign_cli.cli import quickparams
+
+                if value is not None and quickparams.quick_value(param, value, ctx) is not quickparams._PASS:
+                    quick += 1
+    assert compared > 1000 and quick > 300  # most defaults and plain strings take the quick path
+
+
+def test_a_command_run_imports_no_pydantic(tmp_path):
+    """A fresh `negalign toy generate` (ints with bounds, a float, a Path, a count, flags) parses
+    every parameter without pydantic, and writes what it writes with Typer's coercion."""
+    probe = (
+        "import sys\n"
+        "from negalign_cli.cli.app import main\n"
+        "sys.argv = ['negalign', *sys.argv[1:]]\n"
+        "try:\n    main()\nexcept SystemExit as exc:\n    print('EXIT', exc.code)\n"
+        "print('PYDANTIC' if 'pydantic' in sys.modules else 'NO-PYDANTIC')\n"
+    )
+    argv = ["toy", "generate", "--out", str(tmp_path / "toy"), "--n-id", "2", "--n-ood", "1", "-q"]
+    done = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=120)
+    assert "EXIT 0" in done.stdout and done.stdout.split()[-1] == "NO-PYDANTIC", done.stdout + done.stderr
+    assert (tmp_path / "toy" / "classes.txt").exists()
+    # a bad value still gets Typer's own message (through pydantic), exit 2
+    bad = subprocess.run(
+        [sys.executable, "-c", probe, *argv[:4], "--n-id", "1"], capture_output=True, text=True, timeout=120
+    )
+    assert "EXIT 2" in bad.stdout and "--n-id" in bad.stderr and "greater than or equal to 2" in bad.stderr

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NamedTuple
 import typer
 
 from negalign_cli import __version__
+from negalign_cli.cli.quickparams import QuickGroup
 from negalign_cli.defaults import DEBUG_ENV
 
 if TYPE_CHECKING:
@@ -98,6 +99,7 @@ def build_app(names: list[str] | None = None) -> typer.Typer:
         add_completion=False,
         rich_markup_mode="markdown",
         context_settings={"help_option_names": ["-h", "--help"]},
+        cls=QuickGroup,
     )
     built.callback()(root)
     for name, entry in COMMANDS.items():
