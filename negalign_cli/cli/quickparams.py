@@ -60,7 +60,7 @@ def quick_value(param: Any, value: Any, ctx: Any) -> Any:
     if annotation is float:
         if info.clamp:
             return _PASS
-        if type(value) is str and _FLOAT.fullmatch(value):
+        if (type(value) is str and _FLOAT.fullmatch(value)) or (type(value) is int and abs(value) < 2**53):
             value = float(value)
         return value if type(value) is float and _in_range(value, info) else _PASS
     if isinstance(annotation, type) and issubclass(annotation, Enum):
@@ -86,6 +86,8 @@ def quick_value(param: Any, value: Any, ctx: Any) -> Any:
             os.stat(value)
         except OSError:
             return value
+        except ValueError:  # a NUL byte: Typer's message
+            return _PASS
         return value if not info.readable or os.access(value, os.R_OK) else _PASS
     return _PASS
 
