@@ -7,33 +7,39 @@ import errno
 import functools
 import os
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 import typer.exceptions
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from negalign_cli.defaults import DEBUG_ENV
 from negalign_cli.errors import NegalignError
 from negalign_cli.reporting import Advance, _ignore
 
+if TYPE_CHECKING:
+    from rich.console import Console
+
+# rich is imported where output is drawn, not when a command module is: every run is a process
+
+
+def escape(text: str) -> str:
+    """rich's markup escape (``rich.markup.escape``), imported on first use."""
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
+
 
 @functools.cache
 def stdout() -> Console:
+    from rich.console import Console
+
     return Console(highlight=False)
 
 
 @functools.cache
 def stderr() -> Console:
+    from rich.console import Console
+
     return Console(stderr=True, highlight=False)
 
 
@@ -59,6 +65,15 @@ class RichReporter:
         if self.verbosity < 0:
             yield _ignore
             return
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
         if total:
             columns.append(TimeRemainingColumn())
