@@ -94,11 +94,11 @@ def quick_value(param: Any, value: Any, ctx: Any) -> Any:
 
 def _install(param: Any) -> None:
     if (
-        isinstance(param, typer.core._TyperParameter)  # type: ignore[attr-defined]
+        isinstance(param, typer.core._TyperParameter)
         and getattr(param, "_runtime_param", False) is None
         and hasattr(param, "type_descriptor")
     ):
-        param._runtime_param = QuickCoercion(param)
+        param._runtime_param = QuickCoercion(param)  # type: ignore[assignment]  # duck-typed
 
 
 class QuickCoercion:
