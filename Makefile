@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.negalign-installed
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 DEMO_OUT ?= demo-output
 PYTEST_ARGS ?=
-# make test runs the suite on every core (pytest-xdist; a test file stays on one worker): TEST_JOBS=0 runs it in one process
+# make test runs the suite on every core (pytest-xdist, --dist loadfile: a test file stays on one worker, so its module fixtures are built once): TEST_JOBS=0 runs it in one process
 TEST_JOBS ?= logical
 
 .PHONY: install test test-ci test-fast lint format demo clean help
@@ -31,13 +31,13 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadgroup -m "not ci" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadfile -m "not ci" $(PYTEST_ARGS)
 
 test-ci: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadgroup -m ci $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadfile -m ci $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadgroup -m "not slow and not ci" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadfile -m "not slow and not ci" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

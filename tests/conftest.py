@@ -102,16 +102,6 @@ def _module_process_state():
         yield
 
 
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`make test` runs two workers), a test file stays on one worker, so its
-    module fixtures are built once; the tests that read the shared demo run (``toy_demo``) go to one
-    worker together, so the demo runs once."""
-    for item in items:
-        fixtures = getattr(item, "fixturenames", ())
-        group = "toy_demo" if "toy_demo" in fixtures or "toy_run" in fixtures else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
-
-
 @pytest.fixture()
 def placeholder_figures(request, monkeypatch):
     """evaluate's roc.png and score_hist.png (and the report's) as small blank PNGs, for the test
