@@ -16,7 +16,6 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -31,6 +30,8 @@ from negalign_cli.compute.metrics import (
     ood_metrics,
 )
 from tests.faults.helpers import cli
+from tests.helpers import IMPORT_SPY
+from tests.helpers.synthetic import write_scores
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -257,24 +258,8 @@ def test_roc_points_are_sklearns(case):
 # ----------------------------------------------------------------------------- a hit imports little
 HEAVY = ("numpy", "pandas", "pyarrow", "sklearn", "scipy", "matplotlib", "torch")
 
-_HIT = textwrap.dedent(
+_HIT = IMPORT_SPY + textwrap.dedent(
     """
-    import json, sys, traceback
-    from importlib.abc import MetaPathFinder
-
-    first = {}
-
-    class Spy(MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name in HEAVY and name not in first:
-                stack = [f for f in traceback.extract_stack() if "negalign_cli" in f.filename]
-                first[name] = [f"{f.filename.split('negalign_cli')[-1]}:{f.lineno}" for f in stack]
-            return None
-
-    HEAVY = tuple(json.loads(sys.argv[2]))
-    sys.meta_path.insert(0, Spy())
-    from typer.testing import CliRunner
-    from negalign_cli.cli.app import app
 
     done = CliRunner().invoke(app, json.loads(sys.argv[1]), env={"COLUMNS": "200"})
     print(json.dumps({"code": done.exit_code, "output": done.output, "first": first,
@@ -283,30 +268,12 @@ _HIT = textwrap.dedent(
 )
 
 
-def _score_file(path: Path, n: int, seed: int, shift: float) -> None:
-    rng = np.random.default_rng(seed)
-    frame = pd.DataFrame(
-        {
-            "s_mcm": rng.uniform(0, 1, n) + 0.1 * shift,
-            "s_energy": rng.normal(30 + 5 * shift, 2, n),
-            "s_maxlogit": rng.normal(28 + 5 * shift, 2, n),
-            "s_neglabel_plain": rng.normal(0.5 + shift, 0.3, n),
-            "s_neglabel_star": rng.normal(0.5 + shift, 0.3, n),
-            "s_multimatch": rng.uniform(0, 1, n),
-            "p_align": rng.normal(shift, 0.2, n),
-            "cam_valid": rng.uniform(size=n) > 0.1,
-        }
-    )
-    frame["s_negrefine"] = frame["s_neglabel_plain"] + 2 * frame["s_multimatch"]
-    frame.to_parquet(path, index=False)
-
-
 def test_a_hit_imports_no_pandas_pyarrow_sklearn_nor_numpy(tmp_path):
     """`evaluate` computed here, then rerun in ONE fresh process: the hit (keys from the stat cache,
     a lookup, the rendering, the copy to --out) imports none of HEAVY, and writes what the first run
     wrote. An import hook records where the first heavy import came from."""
     for name, seed, shift in (("id", 0, 1.0), ("a", 1, 0.0), ("b", 2, 0.4)):
-        _score_file(tmp_path / f"{name}.parquet", 60, seed, shift)
+        write_scores(tmp_path / f"{name}.parquet", 60, seed, shift)
     calibration = tmp_path / "m3.json"
     calibration.write_text(json.dumps({n: {"mean": 0.5, "std": 0.5} for n in ("s_neglabel_star", "p_align")}))
     argv = [

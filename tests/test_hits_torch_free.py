@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.faults.helpers import cli
-from tests.helpers import TINY
+from tests.helpers import IMPORT_SPY, TINY
 from tests.helpers.chain import model_chain
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,24 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ("embed texts", "mine-negatives", "split-vocab", "score", "cam", "embed images")
 HEAVY = ("torch", "open_clip", "sklearn", "matplotlib")
 
-_RERUN = textwrap.dedent(
+_RERUN = IMPORT_SPY + textwrap.dedent(
     """
-    import json, sys, traceback
-    from importlib.abc import MetaPathFinder
-
-    first = {}
-
-    class Spy(MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name in HEAVY and name not in first:
-                stack = [f for f in traceback.extract_stack() if "negalign_cli" in f.filename]
-                first[name] = [f"{f.filename.split('negalign_cli')[-1]}:{f.lineno}" for f in stack]
-            return None
-
-    HEAVY = tuple(json.loads(sys.argv[2]))
-    sys.meta_path.insert(0, Spy())
-    from typer.testing import CliRunner
-    from negalign_cli.cli.app import app
 
     runs = json.loads(sys.argv[1])
     by = {}  # module -> the command whose rerun imported it

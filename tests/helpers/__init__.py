@@ -7,6 +7,28 @@ from pathlib import Path
 
 import pytest
 
+# The start of a script a test runs in a fresh process (argv: a JSON payload, then the JSON list of
+# module names HEAVY): an import hook records, for each module of HEAVY, the negalign_cli frames of
+# its first import in ``first``; then the CLI's app and a runner are imported.
+IMPORT_SPY = """
+import json, sys, traceback
+from importlib.abc import MetaPathFinder
+
+first = {}
+
+class Spy(MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name in HEAVY and name not in first:
+            stack = [f for f in traceback.extract_stack() if "negalign_cli" in f.filename]
+            first[name] = [f"{f.filename.split('negalign_cli')[-1]}:{f.lineno}" for f in stack]
+        return None
+
+HEAVY = tuple(json.loads(sys.argv[2]))
+sys.meta_path.insert(0, Spy())
+from typer.testing import CliRunner
+from negalign_cli.cli.app import app
+"""
+
 # The CLI defaults to ViT-B-16 with OpenAI weights, which tests cannot download: they name the tiny model.
 TINY = ["--model", "negalign-tiny-test"]
 
