@@ -486,8 +486,9 @@ def log_of_block_sums(sums: torch.Tensor, exact: Callable[[torch.Tensor], torch.
     """log of each block's Σ exp(logit), in place on ``sums`` (n, G); the rows where a sum left the
     safe range (see ``EXP_SUM_MIN``; NaN included) are replaced by ``exact(rows)`` (their
     log-sum-exps with the maximum subtracted)."""
-    low, high = torch.aminmax(sums)  # one pass for the common case: every row safe
-    if float(low) >= EXP_SUM_MIN and float(high) <= FLOAT32_MAX:
+    # one pass and one host sync for the common case: every row safe
+    low, high = torch.stack(torch.aminmax(sums)).tolist()
+    if low >= EXP_SUM_MIN and high <= FLOAT32_MAX:
         return sums.log_()
     safe = ((sums >= EXP_SUM_MIN) & (sums <= FLOAT32_MAX)).all(dim=-1)
     lse = sums.log_()
