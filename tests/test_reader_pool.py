@@ -321,3 +321,22 @@ def test_embed_images_decode_torch_through_the_cli(tiny_model, tmp_path):
     rows = table.set_index(pd.Series(names))["row"]
     assert np.array_equal(stored[[rows[n] for n in ok]], direct)
     assert embed_images_spec(tiny_model, "k", decoder="torch").params["decoder"] == "torch/2"
+
+
+def test_bench_times_the_reader_pool_beside_the_pil_loop(tmp_path):
+    """`negalign bench --flows decode` times --decode torch's path over the same files as the bare
+    PIL loop and reports its ratio (gpu_check.sh reads it on a GPU)."""
+    import json
+
+    out = tmp_path / "bench.json"
+    result = cli(
+        "bench", "--model", "negalign-tiny-test", "--device", "cpu", "--flows", "decode", "--batch-size", "4",
+        "--batches", "1", "--repeats", "1", "--decode-workers", "0", "--e2e-dir", str(tmp_path / "e2e"),
+        "--json", str(out),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    record = json.loads(out.read_text())
+    flows = {row["flow"]: row for row in record["results"]}
+    pool, pil = flows["decode: reader pool, batched decoding"], flows["decode: bare PIL loop"]
+    assert pool["images"] == pil["images"] == 4 and pool["images_per_s"] > 0
+    assert record["ratios"]["reader pool / bare PIL loop"] == pool["images_per_s"] / pil["images_per_s"]
