@@ -340,3 +340,19 @@ def test_bench_times_the_reader_pool_beside_the_pil_loop(tmp_path):
     pool, pil = flows["decode: reader pool, batched decoding"], flows["decode: bare PIL loop"]
     assert pool["images"] == pil["images"] == 4 and pool["images_per_s"] > 0
     assert record["ratios"]["reader pool / bare PIL loop"] == pool["images_per_s"] / pil["images_per_s"]
+
+
+def test_the_gpu_checks_reader_script_passes_on_the_cpu(tmp_path, capsys):
+    """benchmarks/reader_check.py (gpu_check.sh runs it on CUDA, side stream against current
+    stream, pool against the per-image path) runs here with the CPU's streams, so it cannot break
+    unseen."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "reader_check.py"
+    spec = importlib.util.spec_from_file_location("reader_check", path)
+    assert spec is not None and spec.loader is not None
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    assert check.main([str(tmp_path / "mixed"), "--write", "4", "--device", "cpu", "--batch-size", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "8 of 9 files decoded (4 by the batched decoder, 1 skipped: ['truncated.jpg'])" in printed
