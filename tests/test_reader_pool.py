@@ -356,3 +356,20 @@ def test_the_gpu_checks_reader_script_passes_on_the_cpu(tmp_path, capsys):
     assert check.main([str(tmp_path / "mixed"), "--write", "4", "--device", "cpu", "--batch-size", "4"]) == 0
     printed = capsys.readouterr().out
     assert "8 of 9 files decoded (4 by the batched decoder, 1 skipped: ['truncated.jpg'])" in printed
+
+
+def test_benchs_files_flow_reads_through_the_pool_where_auto_means_torch(tiny_model, tmp_path, monkeypatch):
+    """On CUDA `auto` means torch: `bench --images` then embeds through the reader pool, as
+    `embed images` does (forced here on the CPU, where `auto` means PIL)."""
+    import negalign_cli.inputs.datasets as datasets
+    from negalign_cli.stages.bench import BenchConfig, _image_file_flow
+
+    monkeypatch.setattr(datasets, "resolve_decoder", lambda decoder, device: "torch")
+    make_odd_folder(tmp_path / "odd")
+    seen: list[torch.Tensor] = []
+    run, count, how = _image_file_flow(
+        tiny_model, BenchConfig(images=tmp_path / "odd", batch_size=4, batches=3), seen.append
+    )
+    run()
+    assert count == 10 and "reader pool" in how
+    assert [b.shape[0] for b in seen] == [4, 4, 1]  # the truncated file (last by name) skipped
