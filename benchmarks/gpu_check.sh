@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU figures of negalign in one run: GPU scoring checked against CPU scoring, then
-# `negalign bench` (fp16 and bf16, per-image reference flow included), embedding from JPEG files,
+# `negalign bench` (fp16 and bf16, per-image reference flow included), embedding from JPEG files
+# (and --decode torch's reader pool checked bit for bit and timed alone),
 # the MOS-sized benchmark end to end (files → method table, cold and warm), and the image tower
 # through torch.compile: compiled beside eager throughput, and compiled outputs checked against eager.
 # Sections 2-5 run eager (--compile off: their figures compare with earlier runs); section 6 is the
@@ -92,6 +93,20 @@ PY
 "$py" -m negalign_cli bench --device cuda --precision fp16 --batch-size 512 --batches 8 --repeats 3 \
   --flows model,pipeline --per-image 8 --images "$jpegs" --workers "$(( $(nproc) - 1 ))" \
   --compile off --json "$out/bench-files.json" || { echo "section 4 FAILED"; failed=1; }
+
+echo "== 4b. --decode torch's reader pool on the GPU: its pixels checked, then timed beside PIL's paths"
+# 128 + 5 files of mixed sizes and kinds (progressive, CMYK, grayscale, truncated, PNG): the pool
+# with its side stream (two batches in flight) against every step on the current stream, and against
+# the per-image path (one decode, one resize per file), both bit for bit; then `bench --flows decode`
+# over 512 of section 4's files: the reader pool up to the model's input (no model) beside embed
+# images' PIL DataLoader and a bare PIL loop (under a minute in all, estimated: not yet run)
+mixed=$(mktemp -d)
+"$py" "$here/reader_check.py" "$mixed" --write 128 --device cuda --workers "$(( $(nproc) - 1 ))" \
+  --batch-size 32 || { echo "section 4b (check) FAILED"; failed=1; }
+rm -rf "$mixed"
+"$py" -m negalign_cli bench --device cuda --precision fp16 --batch-size 512 --batches 1 --repeats 2 \
+  --flows decode --images "$jpegs" --decode-workers "$(( $(nproc) - 1 ))" --compile off \
+  --json "$out/bench-decode.json" || { echo "section 4b (bench) FAILED"; failed=1; }
 rm -rf "$jpegs"
 
 echo "== 5. MOS-sized benchmark end to end (bench --e2e): JPEG files → method table, cold and warm"
@@ -159,6 +174,7 @@ PY
 [ $? -eq 0 ] || { echo "section 6 (equality) FAILED"; failed=1; }
 
 echo "== 7. the targets (issue 23): now, measured, target"
-"$py" "$here/gpu_table.py" "$out/bench-fp16.json" "$out/bench-files.json" "$out/bench-e2e.json" || { echo "section 7 FAILED"; failed=1; }
+"$py" "$here/gpu_table.py" "$out/bench-fp16.json" "$out/bench-files.json" "$out/bench-e2e.json" \
+  "$out/bench-decode.json" || { echo "section 7 FAILED"; failed=1; }
 echo "figures in $out"
 exit "$failed"

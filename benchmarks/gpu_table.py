@@ -18,6 +18,7 @@ ROWS = (
     ("full NegAlign (decoded, real-like pairs)", "full NegAlign pipeline", 7154, 12000, 14500),
     ("full NegAlign from JPEG files (16 CPU cores)", "full NegAlign from image files", None, 8000, 11000),
     ("  embed alone from JPEG files (bounds the above)", "embed from image files", 1492, None, None),
+    ("  decode alone, reader pool (no model)", "decode: reader pool, batched decoding", None, None, None),
     ("score + multi-matching, warm", "score + multi-matching", 9040, 200000, None),
     (
         "MOS-sized benchmark, files → table, warm / cold",

@@ -74,7 +74,8 @@ def bench(
             "--flows",
             help="Comma-separated groups: model (forward, embed, CAM), score (GEMM, scoring), "
             "pipeline (full pipeline, also from --images files; per-image flow), decode (embed "
-            "images' decoding path beside a bare PIL loop over the same JPEG files); none: only --e2e.",
+            "images' decoding path beside a bare PIL loop over the same JPEG files, and --decode "
+            "torch's reader pool on the device); none: only --e2e.",
         ),
     ] = "model,score,pipeline",
     decode_workers: Annotated[

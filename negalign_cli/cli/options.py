@@ -343,6 +343,8 @@ def _manifest_key(path: Path) -> str | None:
 Decode = Annotated[
     str,
     typer.Option(
-        "--decode", help="JPEG decoding: auto (batched torchvision/nvJPEG on CUDA, PIL on CPU), pil, torch."
+        "--decode",
+        help="JPEG decoding: auto (torch on CUDA, pil on CPU), pil (PIL in DataLoader workers), torch "
+        "(readers send bytes; batched TorchCodec/torchvision decoding and resize on the device).",
     ),
 ]

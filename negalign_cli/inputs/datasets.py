@@ -111,20 +111,24 @@ class ImageDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        path = self.paths[index]
-        try:
-            tensor = self.transform(load_rgb(path, self.max_pixels))
-        except FileNotFoundError:
-            return index, None, VANISHED
-        except NotRegularFile as exc:  # it was a file when it was hashed
-            return index, None, str(exc)
-        except UnidentifiedImageError:
-            return index, None, "not an image PIL can decode"
-        except TooLarge as exc:
-            return index, None, str(exc)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            return index, None, f"cannot decode: {str(exc).splitlines()[0][:120]}"
-        return index, tensor, ""
+        tensor, reason = pil_item(self.paths[index], self.transform, self.max_pixels)
+        return index, tensor, reason
+
+
+def pil_item(path: str | Member, transform, max_pixels: int = DEFAULT_MAX_PIXELS):
+    """``(tensor, "")`` of one image decoded by PIL and preprocessed, or ``(None, reason)``."""
+    try:
+        return transform(load_rgb(path, max_pixels)), ""
+    except FileNotFoundError:
+        return None, VANISHED
+    except NotRegularFile as exc:  # it was a file when it was hashed
+        return None, str(exc)
+    except UnidentifiedImageError:
+        return None, "not an image PIL can decode"
+    except TooLarge as exc:
+        return None, str(exc)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        return None, f"cannot decode: {str(exc).splitlines()[0][:120]}"
 
 
 def collate(batch):
@@ -155,9 +159,62 @@ def resolve_decoder(decoder: str, device: torch.device) -> str:
     return decoder
 
 
+# The value a resolved decoder gives the cache keys (PIL's path adds none). "torch/2": the reader
+# pool's path (inputs/reader.py), whose files reach the batched decoder by their own header; the
+# former "torch" path sent every file named .jpg to it and decoded a whole batch with PIL when one
+# file failed, so its pixels differed for progressive, CMYK and grayscale JPEGs and their batch-mates.
+DECODER_KEYS = {"torch": "torch/2"}
+
+
+def decoder_key(decoder: str) -> str:
+    return DECODER_KEYS.get(decoder, decoder)
+
+
+# What the batched decoder is given: baseline JPEGs in YCbCr colour (PIL's mode "RGB"). Progressive,
+# CMYK/YCCK, grayscale and other JPEGs are decoded by PIL in the reader, decided from the file's own
+# header, so a file's pixels never depend on the device's decoder or on the other files of its batch.
+BATCHED_MODES = frozenset({"RGB"})
+
+
+def read_jpeg(path: str | Member, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[str, bytes | None, str]:
+    """Read a file named as a JPEG for the batched decoder: ``("bytes", data, "")`` for a baseline
+    colour JPEG, ``("pil", None, "")`` for a file PIL must decode (another kind of JPEG, another
+    format under a JPEG name, a header PIL rejects: PIL then gives the reason), or
+    ``("failed", None, reason)``. A header above ``max_pixels`` is refused before decoding."""
+    try:
+        if isinstance(path, Member):
+            data = path.read()
+        else:
+            with open_regular(path) as handle:
+                data = handle.read()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as header:
+                (width, height), mode, kind = header.size, header.mode, header.format
+                progressive = bool(header.info.get("progressive") or header.info.get("progression"))
+        if width * height > max_pixels:
+            return "failed", None, f"image too large: {width}×{height} pixels, above --max-pixels"
+    except FileNotFoundError:
+        return "failed", None, VANISHED
+    except NotRegularFile as exc:
+        return "failed", None, str(exc)
+    except (UnidentifiedImageError, Image.DecompressionBombError, SyntaxError, ValueError):
+        return "pil", None, ""  # PIL gives the reason
+    except OSError as exc:
+        return "failed", None, f"cannot read: {exc.strerror or exc}"
+    if kind != "JPEG" or mode not in BATCHED_MODES or progressive:
+        return "pil", None, ""
+    return "bytes", data, ""
+
+
+def is_jpeg_name(path: str | Member) -> bool:
+    suffix = path.suffix if isinstance(path, Member) else Path(path).suffix.lower()
+    return suffix in JPEG_SUFFIXES
+
+
 class RawDataset(Dataset):
-    """File bytes for the batched decoder (JPEGs); other files are decoded here with PIL. A JPEG's
-    header is read first, so one above ``max_pixels`` is skipped, never decoded."""
+    """One file at a time as :mod:`negalign_cli.inputs.reader` reads it: the bytes of a JPEG for
+    the batched decoder (:func:`read_jpeg`), any other file decoded here with PIL."""
 
     def __init__(
         self, paths: Sequence[str | Member], transform, max_pixels: int = DEFAULT_MAX_PIXELS
@@ -171,36 +228,14 @@ class RawDataset(Dataset):
 
     def __getitem__(self, index: int):
         path = self.paths[index]
-        suffix = path.suffix if isinstance(path, Member) else Path(path).suffix.lower()
-        if suffix not in JPEG_SUFFIXES:
+        kind, data, reason = read_jpeg(path, self.max_pixels) if is_jpeg_name(path) else ("pil", None, "")
+        if kind == "pil":
             return self.pil[index] + ("decoded",)
-        try:
-            if isinstance(path, Member):
-                data = path.read()
-            else:
-                with open_regular(path) as handle:
-                    data = handle.read()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                with Image.open(io.BytesIO(data)) as header:
-                    width, height = header.size
-            if width * height > self.max_pixels:
-                return index, None, f"image too large: {width}×{height} pixels, above --max-pixels", "raw"
-        except FileNotFoundError:
-            return index, None, VANISHED, "raw"
-        except NotRegularFile as exc:
-            return index, None, str(exc), "raw"
-        except (UnidentifiedImageError, Image.DecompressionBombError, SyntaxError, ValueError):
-            return self.pil[index] + ("decoded",)  # PIL gives the reason
-        except OSError as exc:
-            return index, None, f"cannot read: {exc.strerror or exc}", "raw"
+        if data is None:
+            return index, None, reason, "raw"
         import torch
 
         return index, torch.frombuffer(bytearray(data), dtype=torch.uint8), "", "raw"
-
-
-def collate_raw(batch):
-    return batch
 
 
 def jpeg_decoder():
@@ -221,53 +256,3 @@ def jpeg_decoder():
             return vision_decode(list(data), mode=ImageReadMode.RGB, device=device)
 
     return decode
-
-
-def decode_batch(
-    items, preprocess_cfg: dict, device: torch.device, fallback
-) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
-    """Decode the JPEG bytes of a batch in one call on ``device`` and apply open_clip's evaluation
-    preprocessing there (bicubic resize of the shorter side with antialiasing, centre crop,
-    normalisation). A JPEG the batched decoder rejects is retried with PIL (``fallback(index)``)."""
-    import torch
-    from torchvision.transforms.v2 import functional as TF
-
-    size = preprocess_cfg["size"]
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    mean = torch.tensor(preprocess_cfg["mean"], device=device).view(3, 1, 1)
-    std = torch.tensor(preprocess_cfg["std"], device=device).view(3, 1, 1)
-    indices, tensors, failures = [], [], []
-    raw = [(i, data) for i, data, reason, kind in items if kind == "raw" and data is not None]
-    for i, data, reason, kind in items:
-        if data is None:
-            failures.append((i, reason))
-        elif kind == "decoded":
-            indices.append(i)
-            tensors.append(data.to(device))
-    decoded: list = []
-    if raw:
-        try:
-            decoded = jpeg_decoder()([d for _, d in raw], device)
-        except RuntimeError:
-            decoded = [None] * len(raw)
-    for (i, _), image in zip(raw, decoded, strict=True):
-        if image is None:
-            index, tensor, reason = fallback(i)
-            if tensor is None:
-                failures.append((i, reason))
-                continue
-            indices.append(i)
-            tensors.append(tensor.to(device))
-            continue
-        h, w = image.shape[-2:]
-        scale = max(size[0] / h, size[1] / w)
-        resized = TF.resize(
-            image,
-            [max(size[0], round(h * scale)), max(size[1], round(w * scale))],
-            interpolation=TF.InterpolationMode.BICUBIC,
-            antialias=True,
-        )
-        cropped = TF.center_crop(resized, list(size))
-        indices.append(i)
-        tensors.append((cropped.float() / 255.0 - mean) / std)
-    return indices, (torch.stack(tensors) if tensors else None), failures

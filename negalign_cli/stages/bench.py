@@ -61,7 +61,7 @@ FLOW_GROUPS = {
     "model": "image tower forward, embed, embed from files, embed + CAM + background",
     "score": "bare GEMMs, scoring from cache (embeddings; all columns), scoring with multi-matching",
     "pipeline": "full NegAlign pipeline (and from --images files), per-image reference flow",
-    "decode": "embed images' decoding path (DataLoader, ImageDataset) beside a bare PIL loop",
+    "decode": "embed images' decoding (DataLoader, ImageDataset) beside a bare PIL loop; the reader pool",
 }
 
 
@@ -414,14 +414,7 @@ def _image_file_flow(
         def step(batch: torch.Tensor) -> Any:
             return encode_images(model.model, batch)
 
-    from negalign_cli.inputs.datasets import (
-        ImageDataset,
-        RawDataset,
-        collate,
-        collate_raw,
-        decode_batch,
-        resolve_decoder,
-    )
+    from negalign_cli.inputs.datasets import ImageDataset, collate, resolve_decoder
     from negalign_cli.inputs.listing import list_images
 
     if config.images is None:
@@ -432,18 +425,21 @@ def _image_file_flow(
     pin = model.device.type == "cuda"
     loader_sharing(config.workers)
     if decoder == "torch":
-        raw = RawDataset(paths, model.image_transform())
+        from negalign_cli.inputs.reader import decoded_batches
 
         def run() -> None:
-            loader = torch.utils.data.DataLoader(
-                raw, batch_size=config.batch_size, num_workers=config.workers, collate_fn=collate_raw
-            )
-            for items in loader:
-                _, batch, _ = decode_batch(items, model.preprocess_cfg, model.device, raw.pil.__getitem__)
+            for _, batch, _ in decoded_batches(
+                paths,
+                model.preprocess_cfg,
+                model.image_transform(),
+                model.device,
+                batch_size=config.batch_size,
+                workers=config.workers,
+            ):
                 if batch is not None:
                     step(model.to_input(batch))
 
-        return run, len(paths), f"{config.workers} workers, batched GPU JPEG decoding"
+        return run, len(paths), f"{config.workers} workers, reader pool, batched GPU JPEG decoding"
     dataset = ImageDataset(paths, model.image_transform())
 
     def run_pil() -> None:
@@ -519,12 +515,14 @@ FULL_FROM_FILES = "full NegAlign from image files"
 DECODE_PATH = "decode: embed images' path"
 DECODE_PATH_0 = "decode: embed images' path, no workers"
 BARE_PIL = "decode: bare PIL loop"
+READER_POOL = "decode: reader pool, batched decoding"
 
 
 def _decode_flows(model: LoadedModel, config: BenchConfig, reporter: Reporter) -> list[Flow]:
     """``embed images``' decoding (DataLoader over ImageDataset, the model's transform, the CLI's
-    workers) and the same without workers, beside a bare PIL loop in this process, over the same
-    files: --images, else batch-size × batches synthetic ImageNet-sized JPEGs (500×375, ~110 KB)."""
+    workers) and the same without workers, beside a bare PIL loop in this process, and
+    ``--decode torch``'s reader pool (the path ``auto`` takes on CUDA) on the model's device, over
+    the same files: --images, else batch-size × batches synthetic ImageNet-sized JPEGs (500×375, ~110 KB)."""
     import tempfile
 
     from negalign_cli.inputs.datasets import default_workers
@@ -563,7 +561,34 @@ def _decode_flows(model: LoadedModel, config: BenchConfig, reporter: Reporter) -
             len(paths),
             "Image.open → RGB → resize → centre crop → normalise, one file after another",
         ),
+        Flow(
+            READER_POOL,
+            reader_pool_loop(paths, model, config.batch_size, workers),
+            len(paths),
+            f"--decode torch's path to model input on {model.device} (no model): reader pool, "
+            f"{workers} workers, batched decoding and resize, two batches in flight",
+        ),
     ]
+
+
+def reader_pool_loop(
+    paths: list[str], model: LoadedModel, batch_size: int, workers: int
+) -> Callable[[], None]:
+    """``--decode torch``'s path (``auto`` on CUDA) up to the model's input, without the model."""
+    from negalign_cli.inputs.reader import decoded_batches
+
+    def run() -> None:
+        for _ in decoded_batches(
+            paths,
+            model.preprocess_cfg,
+            model.image_transform(),
+            model.device,
+            batch_size=batch_size,
+            workers=workers,
+        ):
+            pass
+
+    return run
 
 
 def run_bench(model: LoadedModel, config: BenchConfig, reporter: Reporter | None = None) -> dict[str, Any]:
@@ -584,7 +609,7 @@ def run_bench(model: LoadedModel, config: BenchConfig, reporter: Reporter | None
             f"unknown flow group(s) {', '.join(sorted(unknown))}: use {', '.join(FLOW_GROUPS)}"
         )
     files = config.images is not None
-    total = {"model": 3 + files, "score": 6, "pipeline": 2 + files, "decode": 3}
+    total = {"model": 3 + files, "score": 6, "pipeline": 2 + files, "decode": 4}
     with reporter.progress("benchmark flows", sum(total[g] for g in config.flows)) as advance:
         pairs = _WarmPairs(inputs)
         if "model" in config.flows:
@@ -794,6 +819,7 @@ def run_bench(model: LoadedModel, config: BenchConfig, reporter: Reporter | None
         ),
         "JPEG path / bare PIL loop": (DECODE_PATH, BARE_PIL),
         "JPEG path, in process / bare PIL loop": (DECODE_PATH_0, BARE_PIL),
+        "reader pool / bare PIL loop": (READER_POOL, BARE_PIL),
     }
     ratios = {name: rate[a] / rate[b] for name, (a, b) in wanted.items() if a in rate and b in rate}
     return {

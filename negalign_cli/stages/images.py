@@ -24,6 +24,7 @@ from negalign_cli.cache.workspace import Workspace
 from negalign_cli.defaults import CLASS_TEMPLATES, DEFAULT_MAX_PIXELS, DEFAULT_STORE_DTYPE, STORE_DTYPES
 from negalign_cli.errors import NegalignError
 from negalign_cli.inputs.datasets import (  # the decoder, for the key
+    decoder_key,
     default_workers,
     resolve_decoder,
 )
@@ -113,7 +114,7 @@ def digest_images(
 def image_namespace(workspace: Workspace, model: AnyModel, decoder: str = "pil") -> Namespace:
     params = {"precision": model.precision, "version": IMAGE_ITEMS_VERSION}
     if decoder != "pil":  # the batched decoder's resize differs slightly from PIL's: keep them apart
-        params["decoder"] = decoder
+        params["decoder"] = decoder_key(decoder)
     return workspace.items.namespace("image", model.fingerprint, params, model.embed_dim)
 
 
@@ -141,23 +142,24 @@ def _run_missing(
         return failures
     import torch
 
-    from negalign_cli.inputs.datasets import ImageDataset, RawDataset, collate, collate_raw, decode_batch
+    from negalign_cli.inputs.datasets import ImageDataset, collate
 
     paths = [listing.images.location(first[d]) for d in missing]  # a file, or a member of a tar shard
     settings.loader_sharing(workers)
     batches: Iterable[tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]]
-    if decoder == "torch":
-        dataset = RawDataset(paths, model.image_transform(), max_pixels)
-        raw = torch.utils.data.DataLoader(
-            dataset,
+    if decoder == "torch":  # the reader pool: batched decoding on the device, two batches in flight
+        from negalign_cli.inputs.reader import decoded_batches
+
+        batches = decoded_batches(
+            paths,
+            model.preprocess_cfg,
+            model.image_transform(),
+            torch.device(model.device),  # a LazyModel's is a settings.DeviceName (a str)
             batch_size=batch_size,
-            num_workers=workers,
-            collate_fn=collate_raw,
-            timeout=WORKER_TIMEOUT if workers else 0,
+            workers=workers,
+            max_pixels=max_pixels,
+            timeout=WORKER_TIMEOUT,
         )
-        fallback = dataset.pil.__getitem__
-        device = torch.device(model.device)  # a LazyModel's is a settings.DeviceName (a str)
-        batches = (decode_batch(items, model.preprocess_cfg, device, fallback) for items in raw)
     else:
         batches = torch.utils.data.DataLoader(
             ImageDataset(paths, model.image_transform(), max_pixels),
@@ -365,7 +367,7 @@ def embed_images_spec(
         "max_pixels": max_pixels,
     }
     if decoder != "pil":
-        params["decoder"] = decoder
+        params["decoder"] = decoder_key(decoder)
     return StageSpec(
         EMBED_IMAGES_STAGE, EMBED_IMAGES_VERSION, params, {"model": model.fingerprint, "images": images_key}
     )
@@ -478,7 +480,7 @@ def _cam_namespace(
         "version": CAM_ITEMS_VERSION,
     }
     if decoder != "pil":
-        params["decoder"] = decoder
+        params["decoder"] = decoder_key(decoder)
     return workspace.items.namespace("cam", model.fingerprint, params, dim)
 
 
@@ -502,7 +504,7 @@ def cam_spec(
         "max_pixels": max_pixels,
     }
     if decoder != "pil":
-        params["decoder"] = decoder
+        params["decoder"] = decoder_key(decoder)
     inputs = {
         "model": model.fingerprint,
         "images": images_key,
