@@ -96,9 +96,10 @@ SlurmctldTimeout=30
 SlurmdTimeout=30
 MinJobAge=300
 # scontrol requeue and preemption requeue a job under the same id; a requeued job may start again
-# once its old credential has expired (cred_expire + 1 s; SLURM's default is 120 s)
+# once its old credential has expired (cred_expire + 1 s; SLURM's default is 120 s; 10 s here keeps
+# the requeue test short, and a one-node cluster launches a step well within it)
 JobRequeue=1
-AuthInfo=cred_expire=30
+AuthInfo=cred_expire=10
 NodeName=$host CPUs=$cpus RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP DefMemPerCPU=1000
 EOF

@@ -73,22 +73,51 @@ def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)
 
 
-@pytest.fixture(scope="session")
-def toy_demo(tmp_path_factory):
-    """One small `make demo` run (scripts/demo.sh with the bundled toy CLIP; 80 ID images, 40 per
-    OOD set), shared by the tests that read its output: (its --out folder, the finished process)."""
+def _run_toy_demo(out):
+    """scripts/demo.sh with the bundled toy CLIP (80 ID images, 40 per OOD set) into ``out``."""
     import subprocess
     import sys
     from pathlib import Path
 
-    out = tmp_path_factory.mktemp("toy-demo") / "demo"
     negalign = Path(sys.executable).with_name("negalign")
     script = Path(__file__).resolve().parents[1] / "scripts" / "demo.sh"
     command = ["bash", str(script), str(negalign), str(out), "--n-id", "80", "--n-ood", "40"]
     env = {k: v for k, v in os.environ.items() if k not in ("NEGALIGN_DEVICE", "NEGALIGN_DEBUG")}
     env.update(COLUMNS="160", NEGALIGN_CACHE=str(out.parent / "cache"))  # never a user's cache
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-    return out, done
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def toy_demo(tmp_path_factory):
+    """One small `make demo` run (scripts/demo.sh with the bundled toy CLIP; 80 ID images, 40 per
+    OOD set), shared by the tests that read its output: (its --out folder, the finished process).
+
+    Under pytest-xdist the run is shared by every worker of the session (the first one to ask runs
+    it under a file lock in the session's common temporary folder; the others wait and read its
+    recorded result), so the suite pays for it once. Its readers only read, or rerun the demo as a
+    cache hit, whose exports replace files atomically."""
+    import json
+    import subprocess
+
+    from filelock import FileLock
+
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        out = tmp_path_factory.mktemp("toy-demo") / "demo"
+        return out, _run_toy_demo(out)
+    shared = tmp_path_factory.getbasetemp().parent / "toy-demo-shared"  # common to the session's workers
+    record = shared / "done.json"
+    with FileLock(str(shared) + ".lock"):
+        if not record.is_file():
+            shared.mkdir(exist_ok=True)
+            done = _run_toy_demo(shared / "demo")
+            fields = {
+                "args": done.args,
+                "returncode": done.returncode,
+                "stdout": done.stdout,
+                "stderr": done.stderr,
+            }
+            record.write_text(json.dumps(fields))
+    return shared / "demo", subprocess.CompletedProcess(**json.loads(record.read_text()))
 
 
 @pytest.fixture(autouse=True, scope="module")

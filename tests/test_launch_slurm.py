@@ -127,7 +127,7 @@ def test_embed_k2_requeued_task_resumes_and_a_changed_list_is_refused(slurm):
     array = _array(runs)
     names = subprocess.run(["squeue", "-h", "-j", array, "-o", "%j"], capture_output=True, text=True)
     assert set(names.stdout.split()) == {"negalign-embed-images"}  # not submitit's default name
-    _scontrol("requeue", f"{array}_1")  # it starts again once its credential expired (30 s here)
+    _scontrol("requeue", f"{array}_1")  # it starts again once its credential expired (10 s here)
     _until(lambda: _state(f"{array}_1") == "PENDING", "the requeued task to be pending", timeout=120)
     out, err = running.communicate(timeout=WAIT)
     assert running.returncode == 0, out + err

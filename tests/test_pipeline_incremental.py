@@ -23,6 +23,7 @@ import pytest
 
 from tests.faults.helpers import cli, one_line_error
 from tests.helpers.images import make_image_folder
+from tests.helpers.pipelines import check_methods
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
@@ -160,8 +161,10 @@ def test_launch_refuses_weights_its_child_process_cannot_build_in_one_line(tmp_p
 @pytest.mark.ci
 @pytest.mark.slow
 def test_make_imagenet_then_a_new_tau_on_the_toy_world(tmp_path):
-    """The real pipeline on the toy world, then TAU=0.1 (the toy's roles do not move: |r| ≥ 0.33),
-    timed as a whole process beside `python -c "import torch"`; then a τ that moves words."""
+    """The real pipeline on the toy world (the suite's one real `make imagenet`: its numbers against
+    scikit-learn, then the plans `make -n` prints), then TAU=0.1 (the toy's roles do not move:
+    |r| ≥ 0.33), timed as a whole process beside `python -c "import torch"`; then a τ that moves
+    words."""
     from negalign_cli.toy.demo import TOY_TAU
     from negalign_cli.toy.generate import ToySpec, generate_toy
 
@@ -189,6 +192,40 @@ def test_make_imagenet_then_a_new_tau_on_the_toy_world(tmp_path):
     runs = tmp_path / "runs" / "imagenet"
     results = (runs / "results" / "results.json").read_bytes()
     before = mtimes(runs)
+
+    # the numbers: every method's AUROC against scikit-learn on the score files, the mean column
+    recorded = json.loads(results)
+    assert recorded["id"]["n"] == 30 and set(recorded["ood"]) == {"spurious", "nonspurious"}
+    check_methods(recorded, runs, {"spurious": "ood-spurious", "nonspurious": "ood-nonspurious"})
+    for method in ("MCM", "NegLabel", "NegRefine", "NegLabel*"):
+        per_set = [
+            recorded["ood"][s]["methods"][method]["metrics"]["neglabel"]["auroc"] for s in recorded["ood"]
+        ]
+        mean = recorded["mean"]["methods"][method]["metrics"]["neglabel"]["auroc"]
+        assert mean == pytest.approx(statistics.fmean(per_set))
+    # every step's artifact is still there (make deleted none as intermediate), the OOD sets' cam
+    # folders too (a pattern rule made them)
+    steps = [
+        runs / "split",
+        *(
+            runs / kind / name
+            for kind in ("cam", "scores")
+            for name in ("id", "ood-spurious", "ood-nonspurious")
+        ),
+    ]
+    assert all((folder / "manifest.json").is_file() for folder in steps), sorted(
+        map(str, runs.rglob("manifest.json"))
+    )
+    # make's plans after the run: nothing to do, then only what a knob touches, never cam for τ
+    assert ran(make("imagenet-results", *knobs, f"TAU={TOY_TAU}", dry=True)) == []
+    assert ran(make("imagenet-results", *knobs, "TAU=0.002", dry=True)) == sorted(
+        ["split-vocab", "score", "score", "score", "evaluate"]
+    )
+    assert ran(make("imagenet-results", *knobs, f"TAU={TOY_TAU}", "BLOCK=-2", dry=True)) == sorted(
+        ["cam", "score"] * 3 + ["evaluate"]
+    )
+    assert ran(make("imagenet-results", *knobs, f"TAU={TOY_TAU}", "LAMBDAS=0,1", dry=True)) == ["evaluate"]
+    assert mtimes(runs) == before  # dry runs write nothing
 
     started = time.perf_counter()
     rerun = make("imagenet", *knobs, "TAU=0.1")

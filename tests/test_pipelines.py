@@ -11,13 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
-from sklearn.metrics import roc_auc_score
 
 from negalign_cli.toy.demo import TOY_TAU
 from negalign_cli.toy.generate import ToySpec, generate_toy
+from tests.helpers.pipelines import check_methods
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
@@ -78,34 +77,6 @@ def toy_knobs(toy: Path) -> list[str]:
     ]
 
 
-def auroc(id_scores, ood_scores) -> float:
-    labels = np.r_[np.ones(len(id_scores)), np.zeros(len(ood_scores))]
-    return float(roc_auc_score(labels, np.r_[id_scores, ood_scores]))
-
-
-def check_methods(results: dict, runs: Path, sets: dict[str, str]) -> None:
-    """Every method's AUROC in results.json against scikit-learn on the score files."""
-    id_frame = pd.read_parquet(runs / "scores" / "id" / "scores.parquet")
-    for name, folder in sets.items():
-        ood_frame = pd.read_parquet(runs / "scores" / folder / "scores.parquet")
-        methods = results["ood"][name]["methods"]
-        assert {"MCM", "NegLabel", "NegRefine", "NegLabel*", "NegAlign"} <= set(methods)
-        for method in ("MCM", "NegLabel", "NegRefine", "NegLabel*"):
-            column = methods[method]["column"]
-            expected = auroc(id_frame[column], ood_frame[column])
-            assert methods[method]["metrics"]["neglabel"]["auroc"] == pytest.approx(expected, abs=1e-9), (
-                method
-            )
-        lam = methods["NegAlign"]["lambda"]
-
-        def final(frame, lam=lam):
-            return frame["s_neglabel_star"] + lam * frame["p_align"]
-
-        expected = auroc(final(id_frame), final(ood_frame))
-        assert methods["NegAlign"]["metrics"]["neglabel"]["auroc"] == pytest.approx(expected, abs=1e-9)
-        assert set(results["ood"][name]["lambda_sweep"]) == {"0.0", "0.5", "1.0", "2.0", "5.0", "10.0"}
-
-
 @pytest.mark.slow
 def test_make_waterbirds_on_the_toy_world(toy):
     data = toy / "toy"
@@ -159,44 +130,14 @@ def imagenet_knobs(toy: Path) -> list[str]:
 
 def test_make_imagenet_plans_every_step_once(tmp_path_factory):
     """The plan GNU make reads from pipelines.mk on a fresh run: one split, a cam and a score per
-    set (a pattern rule for the OOD sets), one evaluate (its real run: the ci test below)."""
+    set (a pattern rule for the OOD sets), one evaluate (its one real run, with the numbers checked:
+    tests/test_pipeline_incremental.py, marked ci)."""
     toy = tmp_path_factory.mktemp("pipelines-plan")
     generate_toy(toy / "toy", ToySpec(n_id=10, n_ood=6))
     plan = make("imagenet-results", *imagenet_knobs(toy), dry=True)
     assert commands(plan) == sorted(["split-vocab", *["cam", "score"] * 3, "evaluate"])
     assert len(out_folders(plan)) == 8
     assert not (toy / "runs").exists()  # a dry run writes nothing
-
-
-@pytest.mark.slow
-@pytest.mark.ci  # eight negalign processes: make test-ci (CI runs it); make test runs waterbirds for real
-def test_make_imagenet_on_the_toy_world(toy):
-    imagenet = imagenet_knobs(toy)
-    plan = make("imagenet-results", *imagenet, dry=True)
-    assert commands(plan) == sorted(["split-vocab", *["cam", "score"] * 3, "evaluate"])
-    make("imagenet-results", *imagenet)
-    runs = toy / "runs" / "imagenet"
-    assert len(out_folders(plan)) == 8
-    assert_every_manifest(out_folders(plan))  # the OOD sets' cam folders too (a pattern rule made them)
-    results = json.loads((runs / "results" / "results.json").read_text())
-    assert results["id"]["n"] == 30 and set(results["ood"]) == {"spurious", "nonspurious"}
-    check_methods(results, runs, {"spurious": "ood-spurious", "nonspurious": "ood-nonspurious"})
-    for method in ("MCM", "NegLabel", "NegRefine", "NegLabel*"):
-        per_set = [
-            results["ood"][s]["methods"][method]["metrics"]["neglabel"]["auroc"] for s in results["ood"]
-        ]
-        assert results["mean"]["methods"][method]["metrics"]["neglabel"]["auroc"] == pytest.approx(
-            np.mean(per_set)
-        )
-    assert commands(make("imagenet-results", *imagenet, dry=True)) == []
-    # a changed knob plans its step and what follows, on every OOD set: never cam again
-    assert commands(make("imagenet-results", *imagenet, "TAU=0.002", dry=True)) == sorted(
-        ["split-vocab", "score", "score", "score", "evaluate"]
-    )
-    assert commands(make("imagenet-results", *imagenet, "BLOCK=-2", dry=True)) == sorted(
-        ["cam", "score"] * 3 + ["evaluate"]
-    )
-    assert commands(make("imagenet-results", *imagenet, "LAMBDAS=0,1", dry=True)) == ["evaluate"]
 
 
 @pytest.mark.slow
