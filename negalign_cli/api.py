@@ -26,19 +26,18 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import pandas as pd
-import torch
 from PIL import Image
 
 from negalign_cli.cache.workspace import Workspace
+from negalign_cli.compute.cam_layout import CamConfig
 from negalign_cli.compute.evaluation import ALIGN, STAR, final_score, nonfinite_final
 from negalign_cli.compute.evaluation import fit_calibration as fit_statistics
 from negalign_cli.compute.score_columns import SCORE_COLUMNS
-from negalign_cli.compute.scores import ScoreConfig, compute_scores
-from negalign_cli.compute.vision import CamConfig
+from negalign_cli.compute.score_config import ScoreConfig
 from negalign_cli.defaults import (
     COMPILE_MODES,
     DEFAULT_COMPILE,
@@ -51,6 +50,7 @@ from negalign_cli.hashing import sha256_lines
 from negalign_cli.inputs.datasets import PIXEL_ARRAYS, TooLarge, load_rgb, to_rgb
 from negalign_cli.inputs.lexicon import load_lexicon
 from negalign_cli.inputs.words import WordList, load_classes, load_negatives
+from negalign_cli.lazy import lazy_module
 from negalign_cli.model_names import OPENAI_ARCHS  # OpenAI's names, the same map the CLI reads
 from negalign_cli.modelref import CHECKPOINT_SUFFIXES, PROJECT_MODELS, LazyModel, plan_model
 from negalign_cli.reporting import NullReporter, Reporter
@@ -65,6 +65,11 @@ from negalign_cli.stages.vocab import (
     split_scores,
     split_vocab,
 )
+
+if TYPE_CHECKING:
+    import torch
+else:  # imported when a model is built or something is computed: `import negalign_cli.api` stays light
+    torch = lazy_module("torch")
 
 # What a single image's details hold besides the score columns of ``scores.parquet``.
 DETAIL_EXTRAS = ("s_final", "pred_class", "pred_name", "pred_score", "cam_valid", "fg_fraction")
@@ -574,6 +579,8 @@ class CLIPNegAlign:
             self.config,
             self._texts,
         )
+        from negalign_cli.compute.scores import compute_scores  # torch
+
         columns = compute_scores(inputs, self.config, self._texts.pairs if self.multimatch else None)
         frame = pd.DataFrame({name: columns[name] for name in SCORE_COLUMNS})
         frame.insert(0, "pred_class", columns["pred_class"])

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.faults.helpers import cli
+from tests.helpers import IMPORT_SPY
 from tests.helpers.images import make_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -363,3 +364,38 @@ def test_api_device_error_names_device_and_the_cli_keeps_its_option(tmp_path):
         CLIPNegAlign(**{**API_BASE, "device": "cuda"}, cache_dir=tmp_path / "c")
     # the same check from the command line names the option
     one_line_error(cli("embed", "texts", "--classes", "cifar10", "--device", "cuda"), "use --device cpu")
+
+
+# ==============================================================================================
+# Defects from earlier reviews (one section each; every test here failed on the code before its fix)
+# ==============================================================================================
+
+# --- 2. importing the Python API imports no torch ---------------------------------------------
+
+_API_IMPORT = (
+    IMPORT_SPY
+    + """
+import negalign_cli.api, negalign_cli.models
+before = {m: m in sys.modules for m in HEAVY}
+api = negalign_cli.api
+hints = __import__("typing").get_type_hints(api.CLIPNegAlign._pixels)  # the hints still resolve
+print(json.dumps({"before": before, "first": first, "hints": sorted(hints),
+                  "after": "torch" in sys.modules}))
+"""
+)
+
+
+def test_importing_the_api_and_models_imports_no_torch():
+    """A fresh process (the import is the point): `import negalign_cli.api` (and `negalign_cli.models`)
+    import neither torch nor open_clip; resolving the type hints imports torch, as using it does."""
+    import json
+
+    heavy = ["torch", "open_clip"]
+    done = subprocess.run(
+        [sys.executable, "-c", _API_IMPORT, "{}", json.dumps(heavy)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.splitlines()[-1])
+    assert seen["before"] == {"torch": False, "open_clip": False}, seen["first"]
+    assert seen["hints"] == ["argument", "batch", "return"] and seen["after"], seen
