@@ -399,3 +399,71 @@ def test_importing_the_api_and_models_imports_no_torch():
     seen = json.loads(done.stdout.splitlines()[-1])
     assert seen["before"] == {"torch": False, "open_clip": False}, seen["first"]
     assert seen["hints"] == ["argument", "batch", "return"] and seen["after"], seen
+
+
+# --- 1. the Python API's group_seeds= is `score --group-seeds` ----------------------------------
+
+SEEDS = (0, 1, 2)
+
+
+def test_api_group_seeds_equal_the_cli_score_group_seeds(tmp_path):
+    """`score --group-seeds 0,1,2` and `CLIPNegAlign(group_seeds=[0, 1, 2])` on the same images
+    and settings: the same columns (the first seed's) and the same `<column>@seed<S>` per seed;
+    the API adds S_final per seed, from that seed's S*."""
+    import numpy as np
+    import pandas as pd
+
+    from negalign_cli import CLIPNegAlign
+    from negalign_cli.compute.score_columns import SCORE_COLUMNS
+    from tests.helpers.chain import model_chain
+
+    runs = model_chain(tmp_path)
+    for name in ("cam", "split-vocab"):
+        assert cli(*runs[name]).exit_code == 0, name
+    scored = cli(*runs["score"], "--group-seeds", ",".join(map(str, SEEDS)))
+    assert scored.exit_code == 0, scored.output
+    expected = pd.read_parquet(tmp_path / "scores" / "scores.parquet")
+    seeded = [c for c in expected.columns if "@seed" in c]
+    assert seeded, expected.columns  # the CLI wrote per-seed columns: this compares something
+    images = [p if Path(p).is_absolute() else tmp_path / "imgs" / p for p in expected["path"]]
+    with CLIPNegAlign(
+        train_dataset=tmp_path / "classes.txt", arch="negalign-tiny-test", device="cpu",
+        negatives_split=tmp_path / "split", groups=2, group_seeds=list(SEEDS),
+        use_role_aware_negatives=False, lambda_bg=0.5, cache_dir=tmp_path / "c",
+    ) as model:  # fmt: skip
+        table = model.detection_scores(images, return_details=True)
+        one = model.detection_score(None, orig_image=images[1], return_details=True)
+        assert model.settings()["group_seeds"] == list(SEEDS)
+    assert [c for c in table.columns if "@seed" in c and not c.startswith("s_final")] == seeded
+    for column in (*SCORE_COLUMNS, *seeded):
+        got, want = table[column].to_numpy(np.float64), expected[column].to_numpy(np.float64)
+        np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6, err_msg=column)
+    assert {c.split("@")[0] for c in seeded} >= {"s_neglabel_plain", "s_neglabel_star"}
+    assert not np.allclose(table["s_neglabel_plain@seed0"], table["s_neglabel_plain@seed1"])  # seeds differ
+    for seed in SEEDS:  # S_final of each seed: that seed's S* + λ·P_align
+        final = expected[f"s_neglabel_star@seed{seed}"] + 0.5 * expected["p_align"]
+        np.testing.assert_allclose(table[f"s_final@seed{seed}"], final, rtol=2e-6, atol=2e-6)
+    np.testing.assert_allclose(table["s_final"], table["s_final@seed0"])
+    assert one["s_neglabel_plain@seed2"] == pytest.approx(table["s_neglabel_plain@seed2"][1], rel=2e-6)
+
+
+@pytest.mark.parametrize(
+    "arguments,expected",
+    [
+        ({"group_seeds": [0, 1], "groups": 1}, "group_seeds= changes nothing with groups=1"),
+        ({"group_seeds": [0, 1], "group_seed": 3}, "give either group_seed= or group_seeds=, not both"),
+        ({"group_seeds": [4]}, "holds one seed"),
+        ({"group_seeds": [1, 1]}, "gives seed(s) 1 more than once"),
+        ({"group_seeds": [0, 1.5]}, "is not a list of integers"),
+    ],
+    ids=["one-group", "both", "one-seed", "twice", "not-whole"],
+)
+def test_api_group_seeds_errors_name_the_argument(tmp_path, arguments, expected):
+    """Refused before any model is built, as `score --group-seeds` refuses them."""
+    from negalign_cli import CLIPNegAlign
+    from negalign_cli.errors import NegalignError
+
+    with pytest.raises(NegalignError) as caught:
+        CLIPNegAlign(**{**API_BASE, "groups": 2, **arguments}, cache_dir=tmp_path / "c").close()
+    assert expected in str(caught.value) and "--group" not in str(caught.value), str(caught.value)
+
