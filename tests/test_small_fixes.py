@@ -467,3 +467,60 @@ def test_api_group_seeds_errors_name_the_argument(tmp_path, arguments, expected)
         CLIPNegAlign(**{**API_BASE, "groups": 2, **arguments}, cache_dir=tmp_path / "c").close()
     assert expected in str(caught.value) and "--group" not in str(caught.value), str(caught.value)
 
+
+# --- 3. `toy generate` into an earlier run's folder writes exactly the new set -----------------
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+def _toy(out: Path, n_id: int, n_ood: int):
+    return cli("toy", "generate", "--out", str(out), "--n-id", str(n_id), "--n-ood", str(n_ood), "-q")
+
+
+def test_toy_generate_again_removes_only_its_own_earlier_files(tmp_path):
+    """A second, smaller run into the same folder: the folder then holds what a run into an empty
+    folder writes (no stale image of the first run is listed), plus a user's own file, untouched;
+    ``toy_files.txt`` lists exactly the toy's files."""
+    from negalign_cli.inputs.listing import list_images
+
+    out, fresh = tmp_path / "toy", tmp_path / "fresh"
+    assert _toy(out, 6, 3).exit_code == 0
+    (out / "notes.md").write_text("my notes\n")  # the user's: not in toy_files.txt
+    (out / "id" / "images" / "mine").mkdir()
+    (out / "id" / "images" / "mine" / "keep.png").write_bytes(b"user")  # inside a toy folder, not the toy's
+    assert _toy(out, 2, 1).exit_code == 0
+    assert _toy(fresh, 2, 1).exit_code == 0
+    assert _files(out) == sorted([*_files(fresh), "notes.md", "id/images/mine/keep.png"])
+    listed = (out / "toy_files.txt").read_text().splitlines()
+    assert sorted(listed) == [f for f in _files(fresh) if f != "toy_files.txt"]
+    assert len(list_images(out / "ood_spurious" / "images").paths) == 1
+    assert (out / "notes.md").read_text() == "my notes\n"
+    folders = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_dir()}  # none left empty
+    assert folders == {p.relative_to(fresh).as_posix() for p in fresh.rglob("*") if p.is_dir()} | {
+        "id/images/mine"
+    }
+
+
+def test_toy_generate_refuses_a_folder_it_did_not_write(tmp_path):
+    """A non-empty folder without toy_files.txt is refused (one error line), nothing removed; a
+    toy_files.txt naming files outside the folder removes none of them; --help says so."""
+    from tests.faults.helpers import one_line_error
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("x")
+    one_line_error(_toy(mine, 2, 1), "is not empty and holds no toy_files.txt")
+    assert _files(mine) == ["thesis.tex"]
+    out = tmp_path / "toy"
+    assert _toy(out, 2, 1).exit_code == 0
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep")
+    with (out / "toy_files.txt").open("a") as listing:
+        listing.write(f"../outside.txt\n{outside}\n")
+    assert _toy(out, 2, 1).exit_code == 0
+    assert outside.read_text() == "keep"
+    help_text = " ".join(cli("toy", "generate", "--help").output.split())
+    assert "toy_files.txt" in help_text and "refused" in help_text, help_text
+
