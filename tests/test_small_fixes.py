@@ -524,3 +524,58 @@ def test_toy_generate_refuses_a_folder_it_did_not_write(tmp_path):
     help_text = " ".join(cli("toy", "generate", "--help").output.split())
     assert "toy_files.txt" in help_text and "refused" in help_text, help_text
 
+
+# --- 4. results.json is standard JSON ----------------------------------------------------------
+
+
+def _no_constants(name: str):
+    raise ValueError(f"results.json holds {name}, which standard JSON does not have")
+
+
+def test_results_json_is_standard_json_with_nonfinite_values_noted(tmp_path, placeholder_figures):
+    """A score column `evaluate` does not rank by (s_energy without --compare) holding inf: its
+    statistics were written as `Infinity`/`NaN`; now null, listed under `nonfinite` with their
+    value, which the project's readers (the hit's rendering, `report`, `--calibration`) put back."""
+    import json
+    import math
+
+    import numpy as np
+    import pandas as pd
+
+    from negalign_cli.stages.results_json import loads_results
+    from tests.helpers.synthetic import write_scores
+
+    ood = write_scores(tmp_path / "ood.parquet", 20, 1, shift=0.1)
+    frame = pd.read_parquet(ood)
+    frame.loc[3, "s_energy"] = np.inf
+    frame.to_parquet(ood, index=False)
+    ids = write_scores(tmp_path / "id.parquet", 20, 0, shift=0.3)
+    argv = [
+        "evaluate",
+        "--id",
+        str(ids),
+        "--ood",
+        f"far={ood}",
+        "--scale-stabilize",
+        "--cache-dir",
+        str(tmp_path / "c"),
+    ]
+    done = cli(*argv, "--out", str(tmp_path / "r"))
+    assert done.exit_code == 0, done.output
+    text = (tmp_path / "r" / "results.json").read_text()
+    results = json.loads(text, parse_constant=_no_constants)  # browsers' JSON.parse and jq read it
+    noted = {tuple(entry["path"]): entry["value"] for entry in results["nonfinite"]["values"]}
+    assert noted[("statistics", "ood:far", "s_energy_mean")] == "Infinity", noted
+    assert noted[("statistics", "ood:far", "s_energy_std")] == "NaN", noted
+    assert results["statistics"]["ood:far"]["s_energy_mean"] is None
+    restored = loads_results(text)
+    assert "nonfinite" not in restored and restored["statistics"]["ood:far"]["s_energy_mean"] == math.inf
+    assert math.isnan(restored["statistics"]["ood:far"]["s_energy_std"])
+    assert restored["statistics"]["id"] == results["statistics"]["id"]  # finite values as written
+    hit = cli(*argv, "--out", str(tmp_path / "r2"))  # the hit renders the stored results.json
+    assert hit.exit_code == 0 and "cache hit" in hit.output, hit.output
+    assert cli("report", str(tmp_path / "r"), "-q").exit_code == 0
+    again = cli(
+        *argv[:-2], "--calibration", str(tmp_path / "r" / "results.json"), "--cache-dir", str(tmp_path / "c")
+    )
+    assert again.exit_code == 0, again.output
