@@ -579,3 +579,40 @@ def test_results_json_is_standard_json_with_nonfinite_values_noted(tmp_path, pla
         *argv[:-2], "--calibration", str(tmp_path / "r" / "results.json"), "--cache-dir", str(tmp_path / "c")
     )
     assert again.exit_code == 0, again.output
+
+
+# --- 5. a cache hit leaves an unchanged --out export as it is ----------------------------------
+
+
+def _stats(folder: Path) -> dict[str, tuple[int, int, int]]:
+    return {
+        p.relative_to(folder).as_posix(): (p.stat().st_ino, p.stat().st_mtime_ns, p.stat().st_ctime_ns)
+        for p in folder.rglob("*")
+        if p.is_file()
+    }
+
+
+def test_a_cam_hit_does_not_copy_an_unchanged_export_again(tmp_path):
+    """`cam --out` on a hit used to replace every exported file (new inodes, new times); now an
+    exported file with the artifact's content is left alone (same inode, mtime and ctime), one that
+    was changed is restored, and a file the export no longer has is still removed."""
+    from tests.helpers.chain import model_chain
+
+    argv = model_chain(tmp_path)["cam"]
+    out = tmp_path / "cam"
+    assert cli(*argv).exit_code == 0
+    before = _stats(out)
+    assert "manifest.json" in before and len(before) > 2, before
+    (out / "scores.parquet").write_bytes(b"another stage's output, left by an earlier run")
+    hit = cli(*argv)
+    assert hit.exit_code == 0 and "cache hit" in hit.output, hit.output
+    assert _stats(out) == before  # scores.parquet removed, nothing else touched
+    changed = next(name for name in before if name.endswith(".npy"))
+    original = (out / changed).read_bytes()
+    (out / changed).write_bytes(original[:-1] + bytes([original[-1] ^ 1]))  # same size, other bytes
+    assert cli(*argv).exit_code == 0
+    assert (out / changed).read_bytes() == original
+    after = _stats(out)
+    assert {n: s for n, s in after.items() if n not in (changed, "manifest.json")} == {
+        n: s for n, s in before.items() if n not in (changed, "manifest.json")
+    }
