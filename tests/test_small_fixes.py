@@ -616,3 +616,51 @@ def test_a_cam_hit_does_not_copy_an_unchanged_export_again(tmp_path):
     assert {n: s for n, s in after.items() if n not in (changed, "manifest.json")} == {
         n: s for n, s in before.items() if n not in (changed, "manifest.json")
     }
+
+
+# --- 6. the stat cache keeps inodes (and devices) of 2**63 and more -----------------------------
+
+
+def test_stat_rows_round_trip_unsigned_64_bit_inodes():
+    """SQLite's INTEGER is signed: an inode ≥ 2**63 (NFS, overlayfs, FUSE) made the row insert raise
+    OverflowError; the row packing stores it as its two's complement and reads the same stat back."""
+    from negalign_cli.cache.statcache import _row_stat, _stat_row
+
+    for inode in (0, 2**63 - 1, 2**63, 2**63 + 7, 2**64 - 1):
+        seen = (10, -5, 7, inode, 2**64 - 2)
+        row = _stat_row(b"/x", seen, "ab" * 32)
+        assert all(-(2**63) <= v < 2**63 for v in row[1:6]), row
+        assert _row_stat(row) == seen
+
+
+def test_a_file_with_an_inode_beyond_int64_is_remembered(tmp_path, monkeypatch):
+    """Through the real stat.db: a file whose stat reports an inode ≥ 2**63 is hashed once,
+    recorded, and served from its row the next time; another inode is hashed again."""
+    import os
+
+    from negalign_cli.cache.statcache import StatCache
+
+    path = tmp_path / "a.bin"
+    path.write_bytes(b"x" * 100)
+    os.utime(path, ns=(10**18, 10**18))  # older than the racy window: it may be recorded
+    inode = {"value": 2**63 + 7}
+    real_stat = os.stat
+
+    class Stat:  # os.stat's answer for this file, with the inode a large file system gives
+        def __init__(self, result):
+            self.result = result
+
+        def __getattr__(self, name):
+            return inode["value"] if name == "st_ino" else getattr(self.result, name)
+
+    def stat(target, *args, **kwargs):
+        result = real_stat(target, *args, **kwargs)
+        return Stat(result) if os.fspath(target) == str(path) else result
+
+    monkeypatch.setattr(os, "stat", stat)
+    cache = StatCache(tmp_path / "stat.db")
+    first = cache.file_digests([str(path)])
+    assert first[0][0] is not None and cache.hashed == 1, first
+    assert cache.file_digests([str(path)]) == first and cache.hits == 1 and cache.hashed == 1
+    inode["value"] = 2**64 - 1  # another file at the same path: not served from the row
+    assert cache.file_digests([str(path)]) == first and cache.hashed == 2
