@@ -664,3 +664,44 @@ def test_a_file_with_an_inode_beyond_int64_is_remembered(tmp_path, monkeypatch):
     assert cache.file_digests([str(path)]) == first and cache.hits == 1 and cache.hashed == 1
     inode["value"] = 2**64 - 1  # another file at the same path: not served from the row
     assert cache.file_digests([str(path)]) == first and cache.hashed == 2
+
+
+# --- 7. scikit-learn is a test dependency, not a runtime one -----------------------------------
+
+# The import names of the dev extra's packages that a runtime module could import by mistake.
+DEV_IMPORTS = {
+    "scikit-learn": "sklearn",
+    "pytest": "pytest",
+    "hypothesis": "hypothesis",
+    "grad-cam": "pytorch_grad_cam",
+}
+
+
+def _imported_roots(folder: Path) -> dict[str, str]:
+    """Top-level module name -> the first file under ``folder`` that imports it (any import statement)."""
+    found: dict[str, str] = {}
+    for path in sorted(folder.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            for name in names:
+                found.setdefault(name.split(".")[0], str(path.relative_to(ROOT)))
+    return found
+
+
+def test_scikit_learn_is_a_dev_dependency_that_no_runtime_module_imports():
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+
+    def names(requirements: list[str]) -> set[str]:
+        return {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower() for r in requirements}
+
+    runtime, dev = names(project["dependencies"]), names(project["optional-dependencies"]["dev"])
+    assert "scikit-learn" not in runtime and "scikit-learn" in dev
+    imported = _imported_roots(ROOT / "negalign_cli")  # what `pip install negalign` must provide
+    for package, module in DEV_IMPORTS.items():
+        if package not in runtime:
+            assert module not in imported, f"{imported[module]} imports {module} ({package}: a dev extra)"
