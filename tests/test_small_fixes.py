@@ -705,3 +705,24 @@ def test_scikit_learn_is_a_dev_dependency_that_no_runtime_module_imports():
     for package, module in DEV_IMPORTS.items():
         if package not in runtime:
             assert module not in imported, f"{imported[module]} imports {module} ({package}: a dev extra)"
+
+
+# --- 8. a fixture is written once (conftest), not copied into each test file ---------------------
+
+
+def test_no_two_test_modules_define_the_same_fixture():
+    """tests/test_gpu_paths.py copied test_vision.py's `setup` fixture (and two fault files their
+    `folder`): a fixture defined with the same name and the same body in two files is shared from a
+    conftest.py (or tests/helpers) instead."""
+    from collections import defaultdict
+
+    defined = defaultdict(list)
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.FunctionDef) and any(
+                "fixture" in ast.dump(d) for d in node.decorator_list
+            ):
+                body = ast.dump(ast.Module(body=node.body, type_ignores=[]))
+                defined[node.name, body].append(path.relative_to(ROOT).as_posix())
+    copies = {name: paths for (name, _), paths in defined.items() if len(paths) > 1}
+    assert not copies, copies
