@@ -77,7 +77,7 @@ from negalign_cli.stages.vocab import (
 if TYPE_CHECKING:
     import torch
 else:  # imported when a model is built or something is computed: `import negalign_cli.api` stays light
-    torch = lazy_module("torch")
+    torch = lazy_module("torch", live=True)
 
 # What a single image's details hold besides the score columns of ``scores.parquet``.
 DETAIL_EXTRAS = ("s_final", "pred_class", "pred_name", "pred_score", "cam_valid", "fg_fraction")

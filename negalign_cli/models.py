@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 
     from negalign_cli.compute.vision import CamBatch, CamConfig, TowerPasses
 else:  # imported when a model is built or run: importing this module (the API's) stays light
-    torch = lazy_module("torch")
+    torch = lazy_module("torch", live=True)
 
 _T = TypeVar("_T")
 
