@@ -8,6 +8,7 @@ import contextlib
 import io
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -517,10 +518,15 @@ def test_toy_generate_refuses_a_folder_it_did_not_write(tmp_path):
     assert _toy(out, 2, 1).exit_code == 0
     outside = tmp_path / "outside.txt"
     outside.write_text("keep")
+    elsewhere = tmp_path / "elsewhere"  # a listed folder replaced by a link to another folder
+    elsewhere.mkdir()
+    (elsewhere / "minority.csv").write_text("keep")
+    shutil.rmtree(out / "groups")
+    (out / "groups").symlink_to(elsewhere)
     with (out / "toy_files.txt").open("a") as listing:
         listing.write(f"../outside.txt\n{outside}\n")
-    assert _toy(out, 2, 1).exit_code == 0
-    assert outside.read_text() == "keep"
+    one_line_error(_toy(out, 2, 1), "leads outside --out")  # nothing written through the link
+    assert outside.read_text() == "keep" and (elsewhere / "minority.csv").read_text() == "keep"
     help_text = " ".join(cli("toy", "generate", "--help").output.split())
     assert "toy_files.txt" in help_text and "refused" in help_text, help_text
 

@@ -90,14 +90,34 @@ class _FileList:
         self.files: list[str] = []
 
     def recorded(self) -> list[Path]:
-        """The files the previous run listed, inside ``out`` only (an entry that is absolute or
-        climbs out with ``..`` is ignored: the list is never a way to delete elsewhere)."""
+        """The files the previous run listed, inside ``out`` only (an entry that is absolute,
+        climbs out with ``..`` or lies in a folder that now links elsewhere is ignored: the list is
+        never a way to delete files outside ``out``)."""
         path = self.out / FILE_LIST
         entries = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
         safe = [e for e in entries if e and not Path(e).is_absolute() and ".." not in Path(e).parts]
-        return [self.out / entry for entry in safe]
+        root = self.out.resolve()
+        inside = {}  # folder -> whether it resolves inside out (asked once per folder)
+        kept = []
+        for entry in safe:
+            folder = (self.out / entry).parent
+            if folder not in inside:
+                inside[folder] = folder.resolve().is_relative_to(root)
+            if inside[folder]:
+                kept.append(self.out / entry)
+        return kept
 
     def add(self, paths: list[str]) -> None:
+        """Record ``paths`` (relative to ``out``), which are about to be written; refused where a
+        folder on the way is a link out of ``out`` (the toy world is written inside ``out`` only)."""
+        root = self.out.resolve()
+        for folder in {(self.out / p).parent for p in paths}:
+            existing = next((f for f in (folder, *folder.parents) if f.exists() or f.is_symlink()), None)
+            if existing is not None and not existing.resolve().is_relative_to(root):
+                raise NegalignError(
+                    f"{existing} leads outside --out {self.out} (a link): `negalign toy generate` writes "
+                    "only inside --out; remove the link"
+                )
         self.files.extend(paths)
         temporary = self.out / f".{FILE_LIST}.tmp"
         temporary.write_text("".join(f"{p}\n" for p in self.files), encoding="utf-8")
