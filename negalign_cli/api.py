@@ -659,7 +659,10 @@ class CLIPNegAlign:
                 "use_scale_stabilization (M3) needs ID statistics: call fit_calibration(id_images) "
                 "first, or pass calibration= (a results.json of `evaluate --scale-stabilize`)"
             )
-        calibration = (self.calibration_by_seed or {}).get(seed, self.calibration) if self.m3 else None
+        calibration = None
+        if self.m3:  # the seed's own statistics where fit_calibration fitted them per seed
+            by_seed = self.calibration_by_seed or {}
+            calibration = by_seed[seed] if seed is not None and seed in by_seed else self.calibration
         overflow = nonfinite_final(base, align, [lam], calibration) & np.isfinite(base) & np.isfinite(align)
         if overflow.any():
             raise NegalignError(

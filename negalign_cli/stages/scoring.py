@@ -422,7 +422,7 @@ def check_seeds(config: ScoreConfig) -> None:
         )
 
 
-def seed_columns(per_seed: Mapping[int, Mapping[str, Any]], seeded: Sequence[str]) -> dict[str, np.ndarray]:
+def seed_columns(per_seed: Mapping[int, Any], seeded: Sequence[str]) -> dict[str, np.ndarray]:
     """The columns ``score --group-seeds`` adds to the first seed's: ``<column>@seed<S>`` of each
     seeded column (``ScoreConfig.seeded_columns``) for each seed, seed by seed, from each seed's
     columns (a score frame, or ``compute_scores``'s output in the Python API)."""

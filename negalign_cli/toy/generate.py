@@ -141,7 +141,7 @@ def _clear_previous(out: Path) -> _FileList:
                 "folder, or remove this one yourself"
             )
         return listing
-    folders = set()
+    folders: set[Path] = set()
     for path in listing.recorded():
         if path.is_file() or path.is_symlink():
             path.unlink()
