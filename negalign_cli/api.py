@@ -24,21 +24,20 @@ import functools
 import json
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import pandas as pd
-import torch
 from PIL import Image
 
 from negalign_cli.cache.workspace import Workspace
+from negalign_cli.compute.cam_layout import CamConfig
 from negalign_cli.compute.evaluation import ALIGN, STAR, final_score, nonfinite_final
 from negalign_cli.compute.evaluation import fit_calibration as fit_statistics
-from negalign_cli.compute.score_columns import SCORE_COLUMNS
-from negalign_cli.compute.scores import ScoreConfig, compute_scores
-from negalign_cli.compute.vision import CamConfig
+from negalign_cli.compute.score_columns import SCORE_COLUMNS, seed_column
+from negalign_cli.compute.score_config import ScoreConfig
 from negalign_cli.defaults import (
     COMPILE_MODES,
     DEFAULT_COMPILE,
@@ -51,12 +50,21 @@ from negalign_cli.hashing import sha256_lines
 from negalign_cli.inputs.datasets import PIXEL_ARRAYS, TooLarge, load_rgb, to_rgb
 from negalign_cli.inputs.lexicon import load_lexicon
 from negalign_cli.inputs.words import WordList, load_classes, load_negatives
+from negalign_cli.lazy import lazy_module
 from negalign_cli.model_names import OPENAI_ARCHS  # OpenAI's names, the same map the CLI reads
 from negalign_cli.modelref import CHECKPOINT_SUFFIXES, PROJECT_MODELS, LazyModel, plan_model
 from negalign_cli.reporting import NullReporter, Reporter
 from negalign_cli.settings import resolve_cache_dir, resolve_device, resolve_precision
 from negalign_cli.stages import files
-from negalign_cli.stages.scoring import TextEncoder, check_config, check_request, score_inputs
+from negalign_cli.stages.scoring import (
+    TextEncoder,
+    check_config,
+    check_group_seeds,
+    check_request,
+    check_seeds,
+    score_inputs,
+    seed_columns,
+)
 from negalign_cli.stages.vocab import (
     NegativeVocab,
     VocabEntry,
@@ -65,6 +73,11 @@ from negalign_cli.stages.vocab import (
     split_scores,
     split_vocab,
 )
+
+if TYPE_CHECKING:
+    import torch
+else:  # imported when a model is built or something is computed: `import negalign_cli.api` stays light
+    torch = lazy_module("torch", live=True)
 
 # What a single image's details hold besides the score columns of ``scores.parquet``.
 DETAIL_EXTRAS = ("s_final", "pred_class", "pred_name", "pred_score", "cam_valid", "fg_fraction")
@@ -88,6 +101,7 @@ API_ARGUMENTS = {
     "--tau": "tau",
     "--groups": "groups",
     "--group-seed": "group_seed",
+    "--group-seeds": "group_seeds",
     "--neg-topk": "neg_topk",
     "--role-aware": "use_role_aware_negatives",
     "--role-aware-include-ambiguous": "role_aware_include_ambiguous",
@@ -198,7 +212,10 @@ class CLIPNegAlign:
     Unless ``negatives_split`` is given they are split at ``tau`` (cached; exported to
     ``output_folder/negatives_split``). M1 (``neg_topk``), M2 (``use_role_aware_negatives``) and
     M3 (``use_scale_stabilization``) shape S* and apply only with ``use_neglabel_star``; without it
-    S_final starts from S_NegLabel plain.
+    S_final starts from S_NegLabel plain. ``group_seeds`` (two or more, as ``score --group-seeds``)
+    scores every image once per NegLabel group seed: the columns are the first seed's, and each
+    column that depends on the grouping (S_final included) is also given per seed as
+    ``<column>@seed<S>``.
     """
 
     @_api_names
@@ -222,7 +239,8 @@ class CLIPNegAlign:
         bg_pool: str = "tokens",
         tau: float = DEFAULT_TAU,
         groups: int = 100,
-        group_seed: int = 0,
+        group_seed: int | None = None,
+        group_seeds: Sequence[int] | None = None,
         neg_topk: int | None = None,
         role_aware_include_ambiguous: bool = False,
         multimatch: bool = True,
@@ -257,15 +275,23 @@ class CLIPNegAlign:
         )
         self.cam_config.validate(10**6)  # names and ranges; the block is checked against the model below
         star = use_neglabel_star
+        seeds = check_group_seeds(group_seeds) if group_seeds is not None else None
+        if seeds is not None and group_seed is not None:
+            raise NegalignError("give either --group-seed or --group-seeds, not both")
         self.config = ScoreConfig(
             groups=groups,
-            group_seed=group_seed,
+            group_seed=seeds[0] if seeds else (group_seed or 0),
             neg_topk=neg_topk if star else None,
             role_aware=star and (use_role_aware_negatives or role_aware_include_ambiguous),
             include_ambiguous=star and role_aware_include_ambiguous,
             invalid_cam=invalid_cam,
         )
         check_config(self.config)  # groups=0 fails here, not at the first image
+        if seeds is not None:
+            check_seeds(self.config)
+        # the group seeds scored: ``group_seeds``, or the one seed; the statistics M3 fitted per seed
+        self.group_seeds: tuple[int, ...] | None = seeds
+        self.calibration_by_seed: dict[int, dict[str, dict[str, float]]] | None = None
         self.calibration = self._read_calibration(calibration)
         if batch_size < 1:
             raise NegalignError(f"batch_size must be at least 1 (got {batch_size})")
@@ -381,17 +407,31 @@ class CLIPNegAlign:
         """M3: fit the mean and standard deviation of S* and P_align on ID images (a batch tensor,
         PIL images, or an iterable of batches such as a DataLoader yielding ``(images, labels)``)
         and use them from now on. Rows whose S* or P_align is undefined are left out, as
-        ``evaluate`` does. Returns the statistics (the ``calibration`` block of ``results.json``)."""
+        ``evaluate`` does. Returns the statistics (the ``calibration`` block of ``results.json``).
+        With ``group_seeds``, each seed's S* gets its own statistics (``calibration_by_seed``, as
+        ``evaluate`` fits them per seed); the ones returned are the first seed's."""
         frame = self._frame(self._batches(id_images, "id_images"), final=False)
-        star = frame[STAR].to_numpy(dtype=np.float64)
-        align = frame[ALIGN].to_numpy(dtype=np.float64) if self.use_p_align else np.zeros_like(star)
-        keep = np.isfinite(star) & np.isfinite(align)
-        if keep.sum() < 2:
-            raise NegalignError(
-                f"fit_calibration needs at least 2 ID images with finite scores, got {keep.sum()}"
-            )
-        self.calibration = fit_statistics(star[keep], align[keep])
+        fitted = {}
+        for seed in self.group_seeds or (None,):
+            star = frame[self._seed_column(STAR, seed)].to_numpy(dtype=np.float64)
+            align = frame[ALIGN].to_numpy(dtype=np.float64) if self.use_p_align else np.zeros_like(star)
+            keep = np.isfinite(star) & np.isfinite(align)
+            if keep.sum() < 2:
+                raise NegalignError(
+                    f"fit_calibration needs at least 2 ID images with finite scores, got {keep.sum()}"
+                    + (f" for group seed {seed}" if seed is not None else "")
+                )
+            fitted[seed] = fit_statistics(star[keep], align[keep])
+        self.calibration = next(iter(fitted.values()))
+        self.calibration_by_seed = {seed: f for seed, f in fitted.items() if seed is not None} or None
         return self.calibration
+
+    def _seed_column(self, name: str, seed: int | None) -> str:
+        """The column of ``name`` as group seed ``seed`` scored it: ``<name>@seed<S>`` where
+        ``name`` depends on the grouping, else ``name`` (one seed: ``seed`` None)."""
+        if seed is not None and name in self.config.seeded_columns():
+            return seed_column(name, seed)
+        return name
 
     # ------------------------------------------------------------------ scoring
     @_api_names
@@ -419,7 +459,8 @@ class CLIPNegAlign:
         row = frame.iloc[0]
         if not return_details:
             return float(row["s_final"])
-        details: dict[str, Any] = {name: float(row[name]) for name in (*SCORE_COLUMNS, "s_final")}
+        seeded = [name for name in frame.columns if "@seed" in name]  # group_seeds: per seed
+        details: dict[str, Any] = {name: float(row[name]) for name in (*SCORE_COLUMNS, "s_final", *seeded)}
         details.update(
             pred_class=int(row["pred_class"]),
             pred_name=str(row["pred_name"]),
@@ -437,7 +478,8 @@ class CLIPNegAlign:
         """S_final of every image of ``batch`` (a ``(B, 3, H, W)`` tensor, a list of tensors or of
         PIL images, or an iterable of batches), processed ``batch_size`` images at a time. With
         ``return_details``: a DataFrame with one row per image and the columns of ``scores.parquet``
-        plus ``s_final``, ``pred_score`` and ``fg_fraction``."""
+        plus ``s_final``, ``pred_score`` and ``fg_fraction`` (with ``group_seeds``, also
+        ``<column>@seed<S>`` for each column that depends on the grouping, ``s_final`` included)."""
         frame = self._frame(self._batches(batch, "batch"))
         return frame if return_details else frame["s_final"].to_numpy()
 
@@ -574,7 +616,15 @@ class CLIPNegAlign:
             self.config,
             self._texts,
         )
-        columns = compute_scores(inputs, self.config, self._texts.pairs if self.multimatch else None)
+        from negalign_cli.compute.scores import compute_scores  # torch
+
+        # once per group seed, as `score --group-seeds` runs the score stage once per seed
+        seeds = self.group_seeds or (self.config.group_seed,)
+        pairs = self._texts.pairs if self.multimatch else None
+        per_seed = {
+            seed: compute_scores(inputs, replace(self.config, group_seed=seed), pairs) for seed in seeds
+        }
+        columns = per_seed[seeds[0]]
         frame = pd.DataFrame({name: columns[name] for name in SCORE_COLUMNS})
         frame.insert(0, "pred_class", columns["pred_class"])
         frame.insert(1, "pred_name", np.array(self.classes.words, dtype=object)[columns["pred_class"]])
@@ -582,12 +632,24 @@ class CLIPNegAlign:
         frame["cam_valid"] = cam_frame["cam_valid"].to_numpy() if cam_frame is not None else None
         frame["fg_fraction"] = extra[:, 2]
         frame["s_final"] = self._final(frame) if final else np.nan
+        if self.group_seeds:  # the columns `score --group-seeds` adds, then S_final of each seed
+            frame = frame.assign(**seed_columns(per_seed, self.config.seeded_columns()))
+            if self._seed_column(self._base_column, seeds[0]) != self._base_column:
+                for seed in seeds:
+                    frame[seed_column("s_final", seed)] = self._final(frame, seed) if final else np.nan
         if keep_maps:
             return frame, (np.concatenate(cams), np.concatenate(masks)) if cams else None
         return frame
 
-    def _final(self, frame: pd.DataFrame) -> np.ndarray:
-        base = frame[STAR if self.use_neglabel_star else "s_neglabel_plain"].to_numpy(dtype=np.float64)
+    @property
+    def _base_column(self) -> str:
+        """The score S_final starts from: S* or S_NegLabel plain."""
+        return STAR if self.use_neglabel_star else "s_neglabel_plain"
+
+    def _final(self, frame: pd.DataFrame, seed: int | None = None) -> np.ndarray:
+        """S_final from ``frame``'s columns (group seed ``seed``'s, with its M3 statistics where
+        fit_calibration fitted them per seed)."""
+        base = frame[self._seed_column(self._base_column, seed)].to_numpy(dtype=np.float64)
         if not self.use_p_align:
             align, lam = np.zeros_like(base), 0.0
         else:
@@ -597,7 +659,10 @@ class CLIPNegAlign:
                 "use_scale_stabilization (M3) needs ID statistics: call fit_calibration(id_images) "
                 "first, or pass calibration= (a results.json of `evaluate --scale-stabilize`)"
             )
-        calibration = self.calibration if self.m3 else None
+        calibration = None
+        if self.m3:  # the seed's own statistics where fit_calibration fitted them per seed
+            by_seed = self.calibration_by_seed or {}
+            calibration = by_seed[seed] if seed is not None and seed in by_seed else self.calibration
         overflow = nonfinite_final(base, align, [lam], calibration) & np.isfinite(base) & np.isfinite(align)
         if overflow.any():
             raise NegalignError(
@@ -618,6 +683,7 @@ class CLIPNegAlign:
             "classes": self.classes.source,
             "negatives": self.negatives.origin,
             "score": asdict(self.config),
+            "group_seeds": list(self.group_seeds) if self.group_seeds else None,
             "cam": asdict(self.cam_config),
             "use_neglabel_star": self.use_neglabel_star,
             "use_scale_stabilization": self.use_scale_stabilization,

@@ -24,6 +24,20 @@ class LazyModule(ModuleType):
         return getattr(module, attribute)
 
 
-def lazy_module(name: str) -> Any:
-    """``name`` (a module), imported on first attribute access."""
-    return LazyModule(name)
+class LiveModule(ModuleType):
+    """A stand-in for the module ``name`` that imports it when an attribute is first read and
+    reads every attribute from the module itself, each time: what is set on the module later (a
+    test's ``monkeypatch.setattr(torch, "compile", ...)``) is seen, as through ``import torch``."""
+
+    def __getattr__(self, attribute: str) -> Any:  # every attribute: none is kept here
+        module = self.__dict__.get("_module")
+        if module is None:
+            module = self.__dict__["_module"] = importlib.import_module(self.__name__)
+        return getattr(module, attribute)
+
+
+def lazy_module(name: str, *, live: bool = False) -> Any:
+    """``name`` (a module), imported on first attribute access. ``live``: every attribute is read
+    from the module (:class:`LiveModule`, for torch, whose attributes tests replace); else they are
+    copied on first use (:class:`LazyModule`: plain reads afterwards, for numpy on hot paths)."""
+    return LiveModule(name) if live else LazyModule(name)

@@ -24,12 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import torch
-
 from negalign_cli.assets import model_config_dir
 from negalign_cli.defaults import COMPILE_MODES, DEFAULT_COMPILE, DEFAULT_MODEL, DEFAULT_PRETRAINED
 from negalign_cli.errors import NegalignError
 from negalign_cli.hashing import canonical_json
+from negalign_cli.lazy import lazy_module
 from negalign_cli.model_names import resolve_model_name  # names, checked without torch
 from negalign_cli.modelref import (  # noqa: F401  (re-exported: the torch-free half lives there)
     CHECKPOINT_SUFFIXES,
@@ -46,7 +45,11 @@ from negalign_cli.modelref import (  # noqa: F401  (re-exported: the torch-free 
 from negalign_cli.reporting import NullReporter, Reporter
 
 if TYPE_CHECKING:
+    import torch
+
     from negalign_cli.compute.vision import CamBatch, CamConfig, TowerPasses
+else:  # imported when a model is built or run: importing this module (the API's) stays light
+    torch = lazy_module("torch", live=True)
 
 _T = TypeVar("_T")
 

@@ -46,6 +46,20 @@ def tiny_model():
     return load_model("negalign-tiny-test")
 
 
+@pytest.fixture(scope="module")
+def setup(tiny_model):
+    """The image tower's inputs for tests/test_vision.py and tests/test_gpu_paths.py: (the tiny
+    model's open_clip module, 6 random 32 px images, 3 random unit class vectors), made once per
+    module from seed 0."""
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(6, 3, 32, 32, generator=g)
+    classes = F.normalize(torch.randn(3, 64, generator=g), dim=-1)
+    return tiny_model.model, images, classes
+
+
 @pytest.fixture()
 def workspace(tmp_path):
     from negalign_cli.cache.workspace import Workspace

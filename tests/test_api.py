@@ -343,7 +343,8 @@ def test_import_stays_light_and_the_class_is_lazy():
         "print(CLIPNegAlign.__module__, 'torch' in sys.modules)\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    assert result.stdout.split() == ["False", "negalign_cli.api", "True"]
+    # the API module imports torch when a model is built or something is computed, not on import
+    assert result.stdout.split() == ["False", "negalign_cli.api", "False"]
 
 
 def test_labels_are_mined_and_saved_then_loaded(toy):

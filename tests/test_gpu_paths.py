@@ -35,14 +35,6 @@ from negalign_cli.reporting import RecordingReporter
 from tests.test_vision import numpy_foreground
 
 
-@pytest.fixture(scope="module")
-def setup(tiny_model):
-    g = torch.Generator().manual_seed(0)
-    images = torch.randn(6, 3, 32, 32, generator=g)
-    classes = F.normalize(torch.randn(3, 64, generator=g), dim=-1)
-    return tiny_model.model, images, classes
-
-
 # --------------------------------------------------------------------------- 1. two passes
 def hooked_cam_batch(model, images, class_features, config) -> CamBatch:
     """``cam_batch`` as it was before the two passes: one forward under autograd, the ln_1 output

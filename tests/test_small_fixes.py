@@ -8,6 +8,7 @@ import contextlib
 import io
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.faults.helpers import cli
+from tests.helpers import IMPORT_SPY
 from tests.helpers.images import make_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -343,3 +345,372 @@ def test_api_device_error_names_device_and_the_cli_keeps_its_option(tmp_path):
         CLIPNegAlign(**{**API_BASE, "device": "cuda"}, cache_dir=tmp_path / "c")
     # the same check from the command line names the option
     one_line_error(cli("embed", "texts", "--classes", "cifar10", "--device", "cuda"), "use --device cpu")
+
+
+# ==============================================================================================
+# Defects from earlier reviews (one section each; every test here failed on the code before its fix)
+# ==============================================================================================
+
+# --- 2. importing the Python API imports no torch ---------------------------------------------
+
+_API_IMPORT = (
+    IMPORT_SPY
+    + """
+import negalign_cli.api, negalign_cli.models
+print(json.dumps({"imported": {m: m in sys.modules for m in HEAVY}, "first": first}))
+"""
+)
+
+
+def test_importing_the_api_and_models_imports_no_torch():
+    """A fresh process (the import is the point): `import negalign_cli.api` (and `negalign_cli.models`)
+    import neither torch nor open_clip; their type hints still resolve (torch under TYPE_CHECKING,
+    bound on first use), here where torch is loaded."""
+    import json
+    import typing
+
+    heavy = ["torch", "open_clip"]
+    done = subprocess.run(
+        [sys.executable, "-c", _API_IMPORT, "{}", json.dumps(heavy)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.splitlines()[-1])
+    assert seen["imported"] == {"torch": False, "open_clip": False}, seen["first"]
+    from negalign_cli.api import CLIPNegAlign
+    from negalign_cli.models import LoadedModel
+
+    assert set(typing.get_type_hints(CLIPNegAlign._pixels)) == {"argument", "batch", "return"}
+    assert "torch" in str(typing.get_type_hints(LoadedModel)["device"])
+
+
+# --- 1. the Python API's group_seeds= is `score --group-seeds` ----------------------------------
+
+SEEDS = (0, 1, 2)
+
+
+def test_api_group_seeds_equal_the_cli_score_group_seeds(tmp_path):
+    """`score --group-seeds 0,1,2` and `CLIPNegAlign(group_seeds=[0, 1, 2])` on the same images
+    and settings: the same columns (the first seed's) and the same `<column>@seed<S>` per seed;
+    the API adds S_final per seed, from that seed's S*."""
+    import numpy as np
+    import pandas as pd
+
+    from negalign_cli import CLIPNegAlign
+    from negalign_cli.compute.score_columns import SCORE_COLUMNS
+    from tests.helpers.chain import model_chain
+
+    runs = model_chain(tmp_path)
+    for name in ("cam", "split-vocab"):
+        assert cli(*runs[name]).exit_code == 0, name
+    scored = cli(*runs["score"], "--group-seeds", ",".join(map(str, SEEDS)))
+    assert scored.exit_code == 0, scored.output
+    expected = pd.read_parquet(tmp_path / "scores" / "scores.parquet")
+    seeded = [c for c in expected.columns if "@seed" in c]
+    assert seeded, expected.columns  # the CLI wrote per-seed columns: this compares something
+    images = [p if Path(p).is_absolute() else tmp_path / "imgs" / p for p in expected["path"]]
+    with CLIPNegAlign(
+        train_dataset=tmp_path / "classes.txt", arch="negalign-tiny-test", device="cpu",
+        negatives_split=tmp_path / "split", groups=2, group_seeds=list(SEEDS),
+        use_role_aware_negatives=False, lambda_bg=0.5, cache_dir=tmp_path / "c",
+    ) as model:  # fmt: skip
+        table = model.detection_scores(images, return_details=True)
+        one = model.detection_score(None, orig_image=images[1], return_details=True)
+        assert model.settings()["group_seeds"] == list(SEEDS)
+    assert [c for c in table.columns if "@seed" in c and not c.startswith("s_final")] == seeded
+    for column in (*SCORE_COLUMNS, *seeded):
+        got, want = table[column].to_numpy(np.float64), expected[column].to_numpy(np.float64)
+        np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6, err_msg=column)
+    assert {c.split("@")[0] for c in seeded} >= {"s_neglabel_plain", "s_neglabel_star"}
+    assert not np.allclose(table["s_neglabel_plain@seed0"], table["s_neglabel_plain@seed1"])  # seeds differ
+    for seed in SEEDS:  # S_final of each seed: that seed's S* + λ·P_align
+        final = expected[f"s_neglabel_star@seed{seed}"] + 0.5 * expected["p_align"]
+        np.testing.assert_allclose(table[f"s_final@seed{seed}"], final, rtol=2e-6, atol=2e-6)
+    np.testing.assert_allclose(table["s_final"], table["s_final@seed0"])
+    assert one["s_neglabel_plain@seed2"] == pytest.approx(table["s_neglabel_plain@seed2"][1], rel=2e-6)
+
+
+@pytest.mark.parametrize(
+    "arguments,expected",
+    [
+        ({"group_seeds": [0, 1], "groups": 1}, "group_seeds= changes nothing with groups=1"),
+        ({"group_seeds": [0, 1], "group_seed": 3}, "give either group_seed= or group_seeds=, not both"),
+        ({"group_seeds": [4]}, "holds one seed"),
+        ({"group_seeds": [1, 1]}, "gives seed(s) 1 more than once"),
+        ({"group_seeds": [0, 1.5]}, "is not a list of integers"),
+    ],
+    ids=["one-group", "both", "one-seed", "twice", "not-whole"],
+)
+def test_api_group_seeds_errors_name_the_argument(tmp_path, arguments, expected):
+    """Refused before any model is built, as `score --group-seeds` refuses them."""
+    from negalign_cli import CLIPNegAlign
+    from negalign_cli.errors import NegalignError
+
+    with pytest.raises(NegalignError) as caught:
+        CLIPNegAlign(**{**API_BASE, "groups": 2, **arguments}, cache_dir=tmp_path / "c").close()
+    assert expected in str(caught.value) and "--group" not in str(caught.value), str(caught.value)
+
+
+# --- 3. `toy generate` into an earlier run's folder writes exactly the new set -----------------
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+def _toy(out: Path, n_id: int, n_ood: int):
+    return cli("toy", "generate", "--out", str(out), "--n-id", str(n_id), "--n-ood", str(n_ood), "-q")
+
+
+def test_toy_generate_again_removes_only_its_own_earlier_files(tmp_path):
+    """A second, smaller run into the same folder: the folder then holds what a run into an empty
+    folder writes (no stale image of the first run is listed), plus a user's own file, untouched;
+    ``toy_files.txt`` lists exactly the toy's files."""
+    from negalign_cli.inputs.listing import list_images
+
+    out, fresh = tmp_path / "toy", tmp_path / "fresh"
+    assert _toy(out, 6, 3).exit_code == 0
+    (out / "notes.md").write_text("my notes\n")  # the user's: not in toy_files.txt
+    (out / "id" / "images" / "mine").mkdir()
+    (out / "id" / "images" / "mine" / "keep.png").write_bytes(b"user")  # inside a toy folder, not the toy's
+    assert _toy(out, 2, 1).exit_code == 0
+    assert _toy(fresh, 2, 1).exit_code == 0
+    assert _files(out) == sorted([*_files(fresh), "notes.md", "id/images/mine/keep.png"])
+    listed = (out / "toy_files.txt").read_text().splitlines()
+    assert sorted(listed) == [f for f in _files(fresh) if f != "toy_files.txt"]
+    assert len(list_images(out / "ood_spurious" / "images").paths) == 1
+    assert (out / "notes.md").read_text() == "my notes\n"
+    folders = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_dir()}  # none left empty
+    assert folders == {p.relative_to(fresh).as_posix() for p in fresh.rglob("*") if p.is_dir()} | {
+        "id/images/mine"
+    }
+
+
+def test_toy_generate_refuses_a_folder_it_did_not_write(tmp_path):
+    """A non-empty folder without toy_files.txt is refused (one error line), nothing removed; a
+    toy_files.txt naming files outside the folder removes none of them; --help says so."""
+    from tests.faults.helpers import one_line_error
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("x")
+    one_line_error(_toy(mine, 2, 1), "is not empty and holds no toy_files.txt")
+    assert _files(mine) == ["thesis.tex"]
+    out = tmp_path / "toy"
+    assert _toy(out, 2, 1).exit_code == 0
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep")
+    elsewhere = tmp_path / "elsewhere"  # a listed folder replaced by a link to another folder
+    elsewhere.mkdir()
+    (elsewhere / "minority.csv").write_text("keep")
+    shutil.rmtree(out / "groups")
+    (out / "groups").symlink_to(elsewhere)
+    with (out / "toy_files.txt").open("a") as listing:
+        listing.write(f"../outside.txt\n{outside}\n")
+    one_line_error(_toy(out, 2, 1), "leads outside --out")  # nothing written through the link
+    assert outside.read_text() == "keep" and (elsewhere / "minority.csv").read_text() == "keep"
+    help_text = " ".join(cli("toy", "generate", "--help").output.split())
+    assert "toy_files.txt" in help_text and "refused" in help_text, help_text
+
+
+# --- 4. results.json is standard JSON ----------------------------------------------------------
+
+
+def _no_constants(name: str):
+    raise ValueError(f"results.json holds {name}, which standard JSON does not have")
+
+
+def test_results_json_is_standard_json_with_nonfinite_values_noted(tmp_path, placeholder_figures):
+    """A score column `evaluate` does not rank by (s_energy without --compare) holding inf: its
+    statistics were written as `Infinity`/`NaN`; now null, listed under `nonfinite` with their
+    value, which the project's readers (the hit's rendering, `report`, `--calibration`) put back."""
+    import json
+    import math
+
+    import numpy as np
+    import pandas as pd
+
+    from negalign_cli.stages.results_json import loads_results
+    from tests.helpers.synthetic import write_scores
+
+    ood = write_scores(tmp_path / "ood.parquet", 20, 1, shift=0.1)
+    frame = pd.read_parquet(ood)
+    frame.loc[3, "s_energy"] = np.inf
+    frame.to_parquet(ood, index=False)
+    ids = write_scores(tmp_path / "id.parquet", 20, 0, shift=0.3)
+    argv = [
+        "evaluate",
+        "--id",
+        str(ids),
+        "--ood",
+        f"far={ood}",
+        "--scale-stabilize",
+        "--cache-dir",
+        str(tmp_path / "c"),
+    ]
+    done = cli(*argv, "--out", str(tmp_path / "r"))
+    assert done.exit_code == 0, done.output
+    text = (tmp_path / "r" / "results.json").read_text()
+    results = json.loads(text, parse_constant=_no_constants)  # browsers' JSON.parse and jq read it
+    noted = {tuple(entry["path"]): entry["value"] for entry in results["nonfinite"]["values"]}
+    assert noted[("statistics", "ood:far", "s_energy_mean")] == "Infinity", noted
+    assert noted[("statistics", "ood:far", "s_energy_std")] == "NaN", noted
+    assert results["statistics"]["ood:far"]["s_energy_mean"] is None
+    restored = loads_results(text)
+    assert "nonfinite" not in restored and restored["statistics"]["ood:far"]["s_energy_mean"] == math.inf
+    assert math.isnan(restored["statistics"]["ood:far"]["s_energy_std"])
+    assert restored["statistics"]["id"] == results["statistics"]["id"]  # finite values as written
+    hit = cli(*argv, "--out", str(tmp_path / "r2"))  # the hit renders the stored results.json
+    assert hit.exit_code == 0 and "cache hit" in hit.output, hit.output
+    assert cli("report", str(tmp_path / "r"), "-q").exit_code == 0
+    again = cli(
+        *argv[:-2], "--calibration", str(tmp_path / "r" / "results.json"), "--cache-dir", str(tmp_path / "c")
+    )
+    assert again.exit_code == 0, again.output
+
+
+# --- 5. a cache hit leaves an unchanged --out export as it is ----------------------------------
+
+
+def _stats(folder: Path) -> dict[str, tuple[int, int, int]]:
+    return {
+        p.relative_to(folder).as_posix(): (p.stat().st_ino, p.stat().st_mtime_ns, p.stat().st_ctime_ns)
+        for p in folder.rglob("*")
+        if p.is_file()
+    }
+
+
+def test_a_cam_hit_does_not_copy_an_unchanged_export_again(tmp_path):
+    """`cam --out` on a hit used to replace every exported file (new inodes, new times); now an
+    exported file with the artifact's content is left alone (same inode, mtime and ctime), one that
+    was changed is restored, and a file the export no longer has is still removed."""
+    from tests.helpers.chain import model_chain
+
+    argv = model_chain(tmp_path)["cam"]
+    out = tmp_path / "cam"
+    assert cli(*argv).exit_code == 0
+    before = _stats(out)
+    assert "manifest.json" in before and len(before) > 2, before
+    (out / "scores.parquet").write_bytes(b"another stage's output, left by an earlier run")
+    hit = cli(*argv)
+    assert hit.exit_code == 0 and "cache hit" in hit.output, hit.output
+    assert _stats(out) == before  # scores.parquet removed, nothing else touched
+    changed = next(name for name in before if name.endswith(".npy"))
+    original = (out / changed).read_bytes()
+    (out / changed).write_bytes(original[:-1] + bytes([original[-1] ^ 1]))  # same size, other bytes
+    assert cli(*argv).exit_code == 0
+    assert (out / changed).read_bytes() == original
+    after = _stats(out)
+    assert {n: s for n, s in after.items() if n not in (changed, "manifest.json")} == {
+        n: s for n, s in before.items() if n not in (changed, "manifest.json")
+    }
+
+
+# --- 6. the stat cache keeps inodes (and devices) of 2**63 and more -----------------------------
+
+
+def test_stat_rows_round_trip_unsigned_64_bit_inodes():
+    """SQLite's INTEGER is signed: an inode ≥ 2**63 (NFS, overlayfs, FUSE) made the row insert raise
+    OverflowError; the row packing stores it as its two's complement and reads the same stat back."""
+    from negalign_cli.cache.statcache import _row_stat, _stat_row
+
+    for inode in (0, 2**63 - 1, 2**63, 2**63 + 7, 2**64 - 1):
+        seen = (10, -5, 7, inode, 2**64 - 2)
+        row = _stat_row(b"/x", seen, "ab" * 32)
+        assert all(-(2**63) <= v < 2**63 for v in row[1:6]), row
+        assert _row_stat(row) == seen
+
+
+def test_a_file_with_an_inode_beyond_int64_is_remembered(tmp_path, monkeypatch):
+    """Through the real stat.db: a file whose stat reports an inode ≥ 2**63 is hashed once,
+    recorded, and served from its row the next time; another inode is hashed again."""
+    import os
+
+    from negalign_cli.cache.statcache import StatCache
+
+    path = tmp_path / "a.bin"
+    path.write_bytes(b"x" * 100)
+    os.utime(path, ns=(10**18, 10**18))  # older than the racy window: it may be recorded
+    inode = {"value": 2**63 + 7}
+    real_stat = os.stat
+
+    class Stat:  # os.stat's answer for this file, with the inode a large file system gives
+        def __init__(self, result):
+            self.result = result
+
+        def __getattr__(self, name):
+            return inode["value"] if name == "st_ino" else getattr(self.result, name)
+
+    def stat(target, *args, **kwargs):
+        result = real_stat(target, *args, **kwargs)
+        return Stat(result) if os.fspath(target) == str(path) else result
+
+    monkeypatch.setattr(os, "stat", stat)
+    cache = StatCache(tmp_path / "stat.db")
+    first = cache.file_digests([str(path)])
+    assert first[0][0] is not None and cache.hashed == 1, first
+    assert cache.file_digests([str(path)]) == first and cache.hits == 1 and cache.hashed == 1
+    inode["value"] = 2**64 - 1  # another file at the same path: not served from the row
+    assert cache.file_digests([str(path)]) == first and cache.hashed == 2
+
+
+# --- 7. scikit-learn is a test dependency, not a runtime one -----------------------------------
+
+# The import names of the dev extra's packages that a runtime module could import by mistake.
+DEV_IMPORTS = {
+    "scikit-learn": "sklearn",
+    "pytest": "pytest",
+    "hypothesis": "hypothesis",
+    "grad-cam": "pytorch_grad_cam",
+}
+
+
+def _imported_roots(folder: Path) -> dict[str, str]:
+    """Top-level module name -> the first file under ``folder`` that imports it (any import statement)."""
+    found: dict[str, str] = {}
+    for path in sorted(folder.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            for name in names:
+                found.setdefault(name.split(".")[0], str(path.relative_to(ROOT)))
+    return found
+
+
+def test_scikit_learn_is_a_dev_dependency_that_no_runtime_module_imports():
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+
+    def names(requirements: list[str]) -> set[str]:
+        return {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower() for r in requirements}
+
+    runtime, dev = names(project["dependencies"]), names(project["optional-dependencies"]["dev"])
+    assert "scikit-learn" not in runtime and "scikit-learn" in dev
+    imported = _imported_roots(ROOT / "negalign_cli")  # what `pip install negalign` must provide
+    for package, module in DEV_IMPORTS.items():
+        if package not in runtime:
+            assert module not in imported, f"{imported[module]} imports {module} ({package}: a dev extra)"
+
+
+# --- 8. a fixture is written once (conftest), not copied into each test file ---------------------
+
+
+def test_no_two_test_modules_define_the_same_fixture():
+    """tests/test_gpu_paths.py copied test_vision.py's `setup` fixture (and two fault files their
+    `folder`): a fixture defined with the same name and the same body in two files is shared from a
+    conftest.py (or tests/helpers) instead."""
+    from collections import defaultdict
+
+    defined = defaultdict(list)
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.FunctionDef) and any(
+                "fixture" in ast.dump(d) for d in node.decorator_list
+            ):
+                body = ast.dump(ast.Module(body=node.body, type_ignores=[]))
+                defined[node.name, body].append(path.relative_to(ROOT).as_posix())
+    copies = {name: paths for (name, _), paths in defined.items() if len(paths) > 1}
+    assert not copies, copies

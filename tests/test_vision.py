@@ -17,14 +17,6 @@ from negalign_cli.compute.vision import (
 from negalign_cli.errors import NegalignError
 
 
-@pytest.fixture(scope="module")
-def setup(tiny_model):
-    g = torch.Generator().manual_seed(0)
-    images = torch.randn(6, 3, 32, 32, generator=g)
-    classes = F.normalize(torch.randn(3, 64, generator=g), dim=-1)
-    return tiny_model.model, images, classes
-
-
 def reference_cam(model, images, classes, block=-1, method="gradcam"):
     """Full backward through the whole network, retain_grad on the hooked ln_1 output."""
     store = {}

@@ -97,6 +97,27 @@ Digest = tuple[str | None, str]  # (sha256 hex, "") or (None, why not)
 Stat = tuple[int, int, int, int, int]  # size, mtime_ns, ctime_ns, inode, device
 
 
+_U64 = 1 << 64
+
+
+def _stat_row(key: bytes, seen: Stat, digest: str) -> tuple[Any, ...]:
+    """A row of the ``stat`` table. SQLite's INTEGER is a signed 64-bit number, and an inode or a
+    device number is an unsigned one (an inode can be ≥ 2**63 on NFS, overlayfs or FUSE file
+    systems): those two are stored as their two's complement (a negative number), read back by
+    :func:`_row_stat`."""
+    size, mtime_ns, ctime_ns, inode, device = seen
+    return (key, size, mtime_ns, ctime_ns, _signed(inode), _signed(device), digest, _checksum(key, digest))
+
+
+def _signed(value: int) -> int:
+    return value - _U64 if value >= _U64 >> 1 else value
+
+
+def _row_stat(row: Sequence[Any]) -> Stat:
+    """The stat a ``stat`` row (path, size, mtime_ns, ctime_ns, inode, device, ...) remembers."""
+    return (row[1], row[2], row[3], row[4] % _U64, row[5] % _U64)
+
+
 def _checksum(path: bytes, digest: str) -> bytes:
     """A row's checksum covers the path and the digest; the stat fields need none: a damaged one
     no longer matches the file's stat, so the file is hashed again."""
@@ -268,7 +289,7 @@ class StatCache:
                 continue
             key = keys[i]
             entry = known.get(key)
-            if entry is not None and entry[1:6] == seen and _checksum(key, entry[6]) == entry[7]:
+            if entry is not None and _row_stat(entry) == seen and _checksum(key, entry[6]) == entry[7]:
                 result[i] = (entry[6], "")
             else:
                 todo.append(i)
@@ -281,7 +302,7 @@ class StatCache:
             result[i] = (digest, reason)
             seen = stats[i]
             if digest is not None and seen is not None and seen[1] < racy:
-                rows.append((keys[i], *seen, digest, _checksum(keys[i], digest)))
+                rows.append(_stat_row(keys[i], seen, digest))
         if db is not None:
             try:
                 if rows:

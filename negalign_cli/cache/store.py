@@ -95,6 +95,8 @@ class Artifact:
     stage: str
     path: Path
     manifest: dict[str, Any]
+    # the store's: export() finds files already in --out by their stat (unchanged ones not re-read)
+    stat_cache: StatCache | None = field(default=None, compare=False, repr=False)
 
     def file(self, name: str) -> Path:
         if name not in self.manifest["outputs"]:
@@ -116,22 +118,32 @@ class Artifact:
 
         Files an earlier export left there that this artifact does not have are removed before the
         manifest is written: those the old manifest lists, and those named in ``known`` (the file
-        names any stage writes, for a folder whose manifest is gone). Nothing else is touched."""
+        names any stage writes, for a folder whose manifest is gone). Nothing else is touched.
+
+        A file already in ``out_dir`` with this artifact's content (its size, then its sha256, taken
+        through the stat cache: a file unchanged since it was last hashed is not read) is left as it
+        is, not copied again: a cache hit rewrites nothing in an unchanged ``--out``."""
         reporter = reporter or NullReporter()
         out = Path(out_dir)
         with writing(out):
             out.mkdir(parents=True, exist_ok=True)
             names = [*self.files, MANIFEST]
             previous = {*listed_outputs(out / MANIFEST), *known} - set(names)
+            unchanged = self._unchanged_in(out)
+            if set(names) <= unchanged:
+                removed = _remove_stale(out, previous)
+                self._removed(removed, out, reporter)
+                return [out / name for name in names]
             staging = Path(tempfile.mkdtemp(prefix=".negalign-export-", dir=out))
+        changed = [name for name in names if name not in unchanged or name == MANIFEST]
         try:
-            for name in names:
+            for name in changed:
                 target = staging / name
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with writing(out / name):
                     shutil.copyfile(self.path / name, target)
             (out / MANIFEST).unlink(missing_ok=True)  # the old manifest must not vouch for new files
-            for name in names[:-1]:
+            for name in changed[:-1]:
                 final = out / name
                 final.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(staging / name, final)
@@ -139,12 +151,37 @@ class Artifact:
             os.replace(staging / MANIFEST, out / MANIFEST)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        self._removed(removed, out, reporter)
+        return [out / name for name in names]
+
+    def _unchanged_in(self, out: Path) -> set[str]:
+        """The names (outputs, and the manifest) whose file in ``out`` already holds this
+        artifact's bytes: a plain file of the right size whose sha256 (from the stat cache where
+        its stat is unchanged) is the manifest's; the manifest itself, byte for byte."""
+        outputs = self.manifest["outputs"]
+        sized = []
+        for name in self.files:
+            path = out / name
+            with contextlib.suppress(OSError, KeyError, TypeError, ValueError):
+                if not path.is_symlink() and path.stat().st_size == int(outputs[name]["bytes"]):
+                    sized.append(name)
+        found = set()
+        with contextlib.suppress(OSError):
+            digests = sha256_files([out / name for name in sized], self.stat_cache)
+            found = {
+                name for name, digest in zip(sized, digests, strict=True) if digest == outputs[name]["sha256"]
+            }
+            manifest = out / MANIFEST
+            if not manifest.is_symlink() and manifest.read_bytes() == (self.path / MANIFEST).read_bytes():
+                found.add(MANIFEST)
+        return found
+
+    def _removed(self, removed: list[str], out: Path, reporter: Reporter) -> None:
         if removed:
             reporter.info(
                 f"removed {', '.join(removed)} from {out}: left by an earlier run, not part of this "
                 f"{self.stage} output"
             )
-        return [out / name for name in names]
 
 
 def listed_outputs(manifest: Path) -> list[str]:
@@ -369,7 +406,10 @@ class ArtifactStore:
         if record is None:  # complete on disk, not yet indexed (a run stopped between rename and index)
             with self._writing_index():
                 self.index[key] = self._record(key, manifest, folder)
-        return Artifact(key=key, stage=manifest["stage"], path=folder, manifest=manifest), None
+        artifact = Artifact(
+            key=key, stage=manifest["stage"], path=folder, manifest=manifest, stat_cache=self.stat_cache
+        )
+        return artifact, None
 
     def get(self, spec_or_key: StageSpec | str) -> Artifact | None:
         """The verified artifact for a spec or a full key, or None."""
@@ -460,7 +500,7 @@ class ArtifactStore:
             raise
         with self._writing_index():
             self.index[key] = self._record(key, manifest, final)
-        return Artifact(key=key, stage=spec.stage, path=final, manifest=manifest)
+        return Artifact(key=key, stage=spec.stage, path=final, manifest=manifest, stat_cache=self.stat_cache)
 
     def _writing_index(self) -> contextlib.AbstractContextManager[None]:
         return writing(self.root / "index")

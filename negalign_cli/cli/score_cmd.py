@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -308,6 +307,8 @@ def evaluate_command(
         benchmark=benchmark,
     )
     result = evaluate(request, Workspace.open(o.cache_root(cache_dir)), report)
-    results = json.loads(result.artifact.file(files.RESULTS).read_text(encoding="utf-8"))
+    from negalign_cli.stages.results_json import loads_results
+
+    results = loads_results(result.artifact.file(files.RESULTS).read_text(encoding="utf-8"))
     render_results(results)
     o.finish(result, out, "evaluate", report)

@@ -24,7 +24,15 @@ app = typer.Typer(
 @app.command("generate", epilog="Example: negalign toy generate --out toy --n-id 400 --n-ood 200")
 @guarded
 def generate(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the splits into.")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Folder to write the splits into: new, empty, or an earlier run's, whose files (listed "
+            "in its toy_files.txt, and only those) are removed first; any other non-empty folder is refused.",
+        ),
+    ],
     seed: Annotated[int, typer.Option("--seed", help="Seed of every random draw of the world.")] = 0,
     n_id: Annotated[int, typer.Option("--n-id", min=2, help="Images in the ID split.")] = 400,
     n_ood: Annotated[int, typer.Option("--n-ood", min=1, help="Images in each OOD split.")] = 200,

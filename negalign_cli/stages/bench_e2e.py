@@ -175,6 +175,7 @@ def _pipeline(model: Any, config: E2EConfig, data: Path, cache: Path, out: Path)
     from negalign_cli.stages import files
     from negalign_cli.stages.evaluation import EvaluateRequest, evaluate
     from negalign_cli.stages.images import cam_images, digest_images
+    from negalign_cli.stages.results_json import loads_results
     from negalign_cli.stages.scoring import open_image_set, score_images
     from negalign_cli.stages.text import embed_texts
 
@@ -255,7 +256,7 @@ def _pipeline(model: Any, config: E2EConfig, data: Path, cache: Path, out: Path)
     evaluated = timed("evaluate", lambda: evaluate(request, workspace))
     hits["evaluate"] = evaluated.hit
     evaluated.artifact.export(out / "results")
-    table = json.loads((out / "results" / files.RESULTS).read_text(encoding="utf-8"))
+    table = loads_results((out / "results" / files.RESULTS).read_text(encoding="utf-8"))
     total = time.perf_counter() - started
     return {"seconds": total, "stages": stages, "hits": hits, "methods": list(table.get("columns", {}))}
 

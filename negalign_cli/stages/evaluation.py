@@ -171,9 +171,11 @@ def _usable(frame: pd.DataFrame, column: str) -> bool:
 def load_calibration(path: Path, what: str | None = None) -> dict[str, dict[str, float]]:
     """M3 statistics from a JSON file (a results.json of ``evaluate --scale-stabilize``, or its
     ``calibration`` block alone); ``what`` names where it came from in errors (default: the path)."""
+    from negalign_cli.stages.results_json import loads_results
+
     what = what or str(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = loads_results(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise NegalignError(f"cannot read calibration file {what}: {str(exc).splitlines()[0][:120]}") from exc
     return parse_calibration(data, what)
@@ -1085,8 +1087,9 @@ def _write_outputs(
     changed."""
     from negalign_cli.stages import plots
     from negalign_cli.stages.figures import cached_figure
+    from negalign_cli.stages.results_json import dumps_results  # null for NaN/inf: standard JSON
 
-    (folder / files.RESULTS).write_text(json.dumps(results, indent=2, sort_keys=False), encoding="utf-8")
+    (folder / files.RESULTS).write_text(dumps_results(results), encoding="utf-8")
     pd.DataFrame(metric_rows).to_csv(folder / files.METRICS, index=False, float_format="%.4f")
     from negalign_cli.stages.paper_table import csv_rows, paper_table
 

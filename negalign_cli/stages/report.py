@@ -71,8 +71,11 @@ class ReportResult:
 
 
 def _read_json(path: Path, what: str) -> dict:
+    """A JSON file (a results.json's non-finite values put back: ``stages/results_json``)."""
+    from negalign_cli.stages.results_json import loads_results
+
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return loads_results(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise NegalignError(f"cannot read {what} {path}: {str(exc).splitlines()[0][:120]}") from exc
 

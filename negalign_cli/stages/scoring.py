@@ -14,10 +14,10 @@ The model fingerprint and the score configuration travel in the parquet metadata
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -382,14 +382,32 @@ def parse_group_seeds(text: str) -> tuple[int, ...]:
         seeds = tuple(int(part) for part in parts)
     except ValueError:
         raise NegalignError(f"cannot read --group-seeds {text!r}: {usage}") from None
+    return check_group_seeds(seeds, text)
+
+
+def check_group_seeds(seeds: Sequence[int], shown: str | None = None) -> tuple[int, ...]:
+    """Two or more distinct integer seeds (``--group-seeds``, the API's ``group_seeds=``), in the
+    order given; ``shown`` is how the caller wrote them (default: comma-separated)."""
+    usage = "give two or more distinct integer seeds, e.g. --group-seeds 0,1,2"
+    try:
+        whole = not isinstance(seeds, (str, bytes)) and all(
+            not isinstance(seed, bool) and int(seed) == seed for seed in seeds
+        )
+    except (TypeError, ValueError):
+        whole = False
+    if not whole:
+        raise NegalignError(f"--group-seeds {seeds!r} is not a list of integers: {usage}")
+    seeds = tuple(int(seed) for seed in seeds)
+    shown = shown if shown is not None else ",".join(map(str, seeds))
     duplicated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
     if duplicated:
         raise NegalignError(
             f"--group-seeds gives seed(s) {', '.join(map(str, duplicated))} more than once: {usage}"
         )
     if len(seeds) < 2:
+        count = "one seed" if seeds else "no seed"
         raise NegalignError(
-            f"--group-seeds {text!r} holds one seed, and a standard deviation needs two: {usage} "
+            f"--group-seeds {shown!r} holds {count}, and a standard deviation needs two: {usage} "
             "(or --group-seed S for one)"
         )
     return seeds
@@ -402,6 +420,17 @@ def check_seeds(config: ScoreConfig) -> None:
             f"--group-seeds changes nothing with --groups {config.groups}: every seed gives the same "
             "single group; use --groups 2 or more, or drop --group-seeds"
         )
+
+
+def seed_columns(per_seed: Mapping[int, Any], seeded: Sequence[str]) -> dict[str, np.ndarray]:
+    """The columns ``score --group-seeds`` adds to the first seed's: ``<column>@seed<S>`` of each
+    seeded column (``ScoreConfig.seeded_columns``) for each seed, seed by seed, from each seed's
+    columns (a score frame, or ``compute_scores``'s output in the Python API)."""
+    return {
+        seed_column(column, seed): np.asarray(columns[column])
+        for seed, columns in per_seed.items()
+        for column in seeded
+    }
 
 
 @dataclass(frozen=True)
@@ -458,12 +487,14 @@ def score_seeds(
 
     def compute(folder):
         frame = pd.read_parquet(first.file(files.SCORES))
+        frames = {}
         for seed, result in per_seed.items():
             other = frame if seed == seeds[0] else pd.read_parquet(result.artifact.file(files.SCORES))
             if not other["path"].equals(frame["path"]):
                 raise NegalignError(f"the score files of group seeds {seeds[0]} and {seed} list other images")
-            for column in seeded:
-                frame[seed_column(column, seed)] = other[column].to_numpy()
+            frames[seed] = other
+        for name, values in seed_columns(frames, seeded).items():
+            frame[name] = values
         metadata = read_score_metadata(first.file(files.SCORES))
         metadata["config"] = {**metadata.get("config", {}), "group_seeds": list(seeds)}
         metadata["seeded_columns"] = seeded

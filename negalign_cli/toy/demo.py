@@ -27,6 +27,7 @@ from negalign_cli.stages.evaluation import EvaluateRequest, evaluate
 from negalign_cli.stages.images import cam_images, digest_images
 from negalign_cli.stages.plots import write_cam_overlays
 from negalign_cli.stages.report import build_report
+from negalign_cli.stages.results_json import loads_results
 from negalign_cli.stages.scoring import open_image_set, score_images
 from negalign_cli.stages.vocab import VocabEntry, negatives_from_split, split_scores, split_vocab
 from negalign_cli.toy.generate import GROUPS, ID_TEST, ToySpec, generate_toy
@@ -133,7 +134,7 @@ def run_demo(
     evaluated = evaluate(request, workspace, reporter)
     steps.append(("evaluate", evaluated))
     evaluated.artifact.export(out / "results")
-    results = json.loads((out / "results" / files.RESULTS).read_text(encoding="utf-8"))
+    results = loads_results((out / "results" / files.RESULTS).read_text(encoding="utf-8"))
     overlays = []
     for name in ("id", *OOD_SETS):
         overlays += write_cam_overlays(

@@ -14,6 +14,11 @@ Layout of ``OUT/``::
     id_test.csv                the ID test set: ``id`` and ``id_minority`` (paths relative to OUT)
     groups/minority.csv        the minority-group ID images of id_test.csv (``evaluate --id-group``)
     README.md                  what was generated, with the seed
+    toy_files.txt              every file this run wrote (relative to OUT), written before the file
+
+A second run into the same ``OUT`` removes the files the first one listed in ``toy_files.txt``
+(and nothing else) before writing, so that ``OUT`` holds exactly the new set; a non-empty ``OUT``
+without that list is refused, never emptied.
 
 Splits: ``id`` (Waterbirds-like: each ID shape on its own background group ``correlation`` of the
 time), ``id_minority`` (the ID shapes on the other class's backgrounds only: still ID),
@@ -25,6 +30,7 @@ batches from the seed; this is for inspection).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,11 +78,91 @@ class ToySpec:
 
 
 MASKS = "masks"  # OUT/masks/<split>/...: the masks' tree, beside the splits
+FILE_LIST = "toy_files.txt"  # OUT/toy_files.txt: every file generate_toy wrote, one a line
+
+
+class _FileList:
+    """``OUT/toy_files.txt``: the files of the toy world in ``out``, each recorded before it is
+    written (so that the list always holds every file a run, even an interrupted one, left)."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.files: list[str] = []
+
+    def recorded(self) -> list[Path]:
+        """The files the previous run listed, inside ``out`` only (an entry that is absolute,
+        climbs out with ``..`` or lies in a folder that now links elsewhere is ignored: the list is
+        never a way to delete files outside ``out``)."""
+        path = self.out / FILE_LIST
+        entries = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+        safe = [e for e in entries if e and not Path(e).is_absolute() and ".." not in Path(e).parts]
+        root = self.out.resolve()
+        inside = {}  # folder -> whether it resolves inside out (asked once per folder)
+        kept = []
+        for entry in safe:
+            folder = (self.out / entry).parent
+            if folder not in inside:
+                inside[folder] = folder.resolve().is_relative_to(root)
+            if inside[folder]:
+                kept.append(self.out / entry)
+        return kept
+
+    def add(self, paths: list[str]) -> None:
+        """Record ``paths`` (relative to ``out``), which are about to be written; refused where a
+        folder on the way is a link out of ``out`` (the toy world is written inside ``out`` only)."""
+        root = self.out.resolve()
+        for folder in {(self.out / p).parent for p in paths}:
+            existing = next((f for f in (folder, *folder.parents) if f.exists() or f.is_symlink()), None)
+            if existing is not None and not existing.resolve().is_relative_to(root):
+                raise NegalignError(
+                    f"{existing} leads outside --out {self.out} (a link): `negalign toy generate` writes "
+                    "only inside --out; remove the link"
+                )
+        self.files.extend(paths)
+        temporary = self.out / f".{FILE_LIST}.tmp"
+        temporary.write_text("".join(f"{p}\n" for p in self.files), encoding="utf-8")
+        temporary.replace(self.out / FILE_LIST)
+
+
+def _clear_previous(out: Path) -> _FileList:
+    """Make ``out`` ready for a new toy world: created if missing; if it holds files, they must be a
+    previous run's (``toy_files.txt``), and only the files it lists are removed (then the folders
+    they leave empty); anything else in ``out`` stays. Raises NegalignError for a non-empty folder
+    without the list: it is not a toy folder, or one from before the list was kept."""
+    if out.exists() and not out.is_dir():
+        raise NegalignError(f"--out {out} is a file: give a folder for the toy benchmark")
+    out.mkdir(parents=True, exist_ok=True)
+    listing = _FileList(out)
+    if not (out / FILE_LIST).is_file():
+        if any(out.iterdir()):
+            raise NegalignError(
+                f"--out {out} is not empty and holds no {FILE_LIST} (the list of files `negalign toy "
+                "generate` wrote, which it alone removes before writing again): give a new or empty "
+                "folder, or remove this one yourself"
+            )
+        return listing
+    folders: set[Path] = set()
+    for path in listing.recorded():
+        if path.is_file() or path.is_symlink():
+            path.unlink()
+        folders.update(p for p in path.parents if out in p.parents)
+    for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):  # deepest first
+        if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
+            folder.rmdir()
+    listing.add([])  # the new list starts empty: the old files are gone
+    return listing
+
+
 ID_TEST = "id_test.csv"  # OUT/id_test.csv: the ID test set (id and id_minority)
 GROUPS = "groups"  # OUT/groups/<name>.csv: ID subgroups
 
 
-def _write(folder: Path, rows: list[dict], scenes) -> None:
+def _write(folder: Path, rows: list[dict], scenes, listing: _FileList) -> None:
+    split = folder.relative_to(listing.out).as_posix()
+    listing.add(
+        [f"{split}/{name}" for name in ("metadata.csv", "manifest.csv")]
+        + [os.path.normpath(f"{split}/{row[key]}") for row in rows for key in ("path", "mask")]
+    )
     for row, scene in zip(rows, scenes, strict=True):
         image_path, mask_path = folder / row["path"], folder / row["mask"]
         image_path.parent.mkdir(parents=True, exist_ok=True)
@@ -104,9 +190,10 @@ def _waterbirds_columns(row: dict, index: int, label_index: int, place: int) -> 
     }
 
 
-def _write_id_lists(out: Path) -> None:
+def _write_id_lists(out: Path, listing: _FileList) -> None:
     """``id_test.csv`` (every ID image: ``id`` then ``id_minority``) and ``groups/minority.csv``
     (its minority-group images), paths relative to the file's own folder as manifests are read."""
+    listing.add([ID_TEST, f"{GROUPS}/minority.csv"])
     frames = []
     for split in ("id", "id_minority"):
         meta = pd.read_csv(out / split / "metadata.csv", keep_default_na=False)
@@ -142,7 +229,7 @@ def generate_toy(out: str | Path, spec: ToySpec, reporter: Reporter | None = Non
         if shape not in SHAPES:
             raise NegalignError(f"unknown ID shape {shape!r}; shapes: {', '.join(SHAPES)}")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    listing = _clear_previous(out)
     counts: dict[str, int] = {}
 
     def split(name: str, n: int, draw) -> None:
@@ -154,7 +241,7 @@ def generate_toy(out: str | Path, spec: ToySpec, reporter: Reporter | None = Non
                 rows.append(row)
                 scenes.append(scene)
                 advance(1)
-        _write(out / name, rows, scenes)
+        _write(out / name, rows, scenes, listing)
         counts[name] = n
 
     def draw_id(index, rng):
@@ -204,7 +291,8 @@ def generate_toy(out: str | Path, spec: ToySpec, reporter: Reporter | None = Non
     split("ood_nonspurious", spec.n_ood, draw_other)
     if spec.n_train:
         split("train", spec.n_train, draw_train)
-    _write_id_lists(out)
+    _write_id_lists(out, listing)
+    listing.add(["classes.txt", "vocab.txt", "README.md"])
     (out / "classes.txt").write_text("\n".join(spec.id_shapes) + "\n", encoding="utf-8")
     vocab = spec.other_shapes + list(BACKGROUNDS) + list(DISTRACTORS)
     (out / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")

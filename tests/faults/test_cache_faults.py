@@ -23,11 +23,6 @@ from tests.faults.helpers import cli, one_line_error
 from tests.helpers.images import make_image_folder
 
 
-@pytest.fixture()
-def folder(tmp_path):
-    return make_image_folder(tmp_path / "imgs", per_class=4)  # 8 images
-
-
 def _listing(folder):
     return digest_images(list_images(folder))
 

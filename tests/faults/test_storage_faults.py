@@ -24,14 +24,8 @@ from negalign_cli.cache.store import ArtifactStore, StageSpec
 from negalign_cli.errors import NegalignError
 from negalign_cli.inputs.listing import digest_all
 from tests.faults.helpers import cli, one_line_error
-from tests.helpers.images import make_image_folder
 
 OLD_NS = 1_600_000_000 * 10**9  # a modification time long past: never "racy"
-
-
-@pytest.fixture()
-def folder(tmp_path):
-    return make_image_folder(tmp_path / "imgs", per_class=4)  # 8 images
 
 
 @contextlib.contextmanager
