@@ -79,13 +79,13 @@ def read_batch(job: Job, transform, max_pixels: int = DEFAULT_MAX_PIXELS) -> Rea
                 continue
         failures.append((index, reason))
     ends = np.cumsum([len(chunk) for chunk in chunks], dtype=np.int64)
-    data = torch.empty(int(ends[-1]) if len(ends) else 0, dtype=torch.uint8)
-    view, start = data.numpy(), 0
+    joined = torch.empty(int(ends[-1]) if len(ends) else 0, dtype=torch.uint8)
+    view, start = joined.numpy(), 0
     for chunk, end in zip(chunks, ends.tolist(), strict=True):  # one copy of each file's bytes
         view[start:end] = np.frombuffer(chunk, dtype=np.uint8)
         start = end
     pixels = torch.stack(tensors) if tensors else None
-    return ReadBatch(data, ends.tolist(), jpegs, pixels, decoded, failures, os.getpid())
+    return ReadBatch(joined, ends.tolist(), jpegs, pixels, decoded, failures, os.getpid())
 
 
 class _Reader:
@@ -127,12 +127,12 @@ class ReaderPool:
         self.workers = workers
         self.busy = False
         self._jobs = _Jobs()
-        self.loader = torch.utils.data.DataLoader(
+        self.loader: torch.utils.data.DataLoader[ReadBatch] = torch.utils.data.DataLoader(
             _Reader(transform, max_pixels),  # type: ignore[arg-type]  # a map-style dataset of jobs
             batch_size=None,
             sampler=self._jobs,
             num_workers=workers,
-            collate_fn=_same,
+            collate_fn=_same,  # type: ignore[arg-type]  # batch_size=None: each item is a whole batch
             persistent_workers=workers > 0,
             timeout=timeout if workers else 0,
         )
