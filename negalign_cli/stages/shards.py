@@ -777,12 +777,12 @@ class _RowWriter:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="negalign-merge-write")
 
     def submit(self, view: memoryview) -> Any:
-        """Hash and write ``view`` after the chunks submitted before (a future: wait for it
-        before reusing the buffer behind ``view``)."""
+        """Hash ``view`` here, then write it in the writer thread after the chunks submitted
+        before (a future: wait for it before reusing the buffer behind ``view``)."""
+        self.digest.update(view)
         return self.pool.submit(self._write, view)
 
     def _write(self, view: memoryview) -> None:
-        self.digest.update(view)
         while len(view):
             if self.direct and len(view) % _WRITE_CHUNK:
                 self._buffered()  # the unaligned tail
