@@ -749,17 +749,19 @@ def _merge_inputs(shards_dir: Path, plan: Plan, folders: list[Path], stat_cache:
 
 # A merged row file is written in chunks of this many bytes (a multiple of any file system's
 # direct-I/O alignment), straight from our buffer to the disk where the system allows it
-# (``O_DIRECT``): the copy into fresh page-cache pages cost 0.1-2.5 s of system time for 410 MB on
-# a VM (docs/performance.md), the disk write about 0.5 s of waiting, no CPU.
+# (``O_DIRECT``): the copy into fresh page-cache pages cost 1.9-3.9 s of system time for 410 MB on
+# a VM, the direct write about 0.3-0.5 s of waiting. The file is then not in the page cache: the
+# next command reads it from the disk (docs/performance.md, "a computed merge").
 _WRITE_CHUNK = 16 << 20
 _DIRECT = getattr(os, "O_DIRECT", 0)  # Linux; elsewhere every write goes through the page cache
 
 
 class _RowWriter:
-    """Writes and hashes one file chunk by chunk in a second thread (hashlib and ``os.write``
-    release the GIL: the next chunk is gathered meanwhile), through ``O_DIRECT`` where the file
-    system takes it; an aligned write it refuses (``EINVAL``) or a short one, and the unaligned
-    tail, go through the page cache. The bytes and their sha256 are the same either way."""
+    """Hashes one file's chunks as they are handed over and writes them in a second thread
+    (``os.write`` releases the GIL: the disk's time overlaps the gathering and hashing of the
+    next chunk), through ``O_DIRECT`` where the file system takes it; an aligned write it refuses
+    (``EINVAL``) or a short one, and the unaligned tail, go through the page cache. The bytes and
+    their sha256 are the same either way."""
 
     def __init__(self, path: Path) -> None:
         from concurrent.futures import ThreadPoolExecutor
@@ -813,7 +815,8 @@ def _save_rows(path: Path, parts: list[np.ndarray], from_shard: np.ndarray, from
     never gathered into a copy of the whole array: the rows are gathered chunk by chunk into one
     of two reused buffers (one ``np.take`` per stretch of rows from one shard) and written whole
     chunks at a time by :class:`_RowWriter`, which hashes them (the store need not read the file
-    back). Returns the sha256 of the bytes written."""
+    back). A row past the end of its shard's file is refused (the gather clips no index).
+    Returns the sha256 of the bytes written."""
     import mmap
 
     first = parts[0]
