@@ -485,26 +485,49 @@ def merge_shards(
     if expected is not None:
         check_plan(shards_dir, expected, ignore)
     _foreign_folders(shards_dir, plan)
-    missing = missing_shards(shards_dir, plan, workspace.store.stat_cache)
-    if missing:
-        shown = ", ".join(str(s.index) for s in missing[:10]) + (" …" if len(missing) > 10 else "")
-        raise NegalignError(
-            f"{len(missing)} of {plan.shards} shard(s) are not done (shard {shown}): rerun them "
-            "(finished shards are skipped), then merge"
-        )
     stat_cache = workspace.store.stat_cache
     folders = [shards_dir / Shard(i, plan.shards).name / "artifact" for i in range(plan.shards)]
-    inputs = _merge_inputs(shards_dir, plan, folders, stat_cache)
-    remembered = stat_cache.recall(inputs)
-    if remembered is not None:  # these exact inputs were merged before: that artifact, if intact
-        artifact = workspace.store.get(remembered.decode("ascii", "replace"))
-        if artifact is not None and artifact.stage == plan.stage:
-            reporter.info(f"cache hit: {plan.stage} {artifact.key[:12]} (the merge of these shards)")
-            return StageResult(artifact, hit=True)
-    with _system_arrow_pool():
-        result = _computed_merge(shards_dir, plan, folders, workspace, reporter)
+    with _verifying(shards_dir, plan, stat_cache) as verified:
+        try:
+            inputs = _merge_inputs(shards_dir, plan, folders, stat_cache)
+            remembered = stat_cache.recall(inputs)
+            if remembered is not None:  # these exact inputs were merged before: that artifact, if intact
+                artifact = workspace.store.get(remembered.decode("ascii", "replace"))
+                if artifact is not None and artifact.stage == plan.stage:
+                    verified()
+                    reporter.info(f"cache hit: {plan.stage} {artifact.key[:12]} (the merge of these shards)")
+                    return StageResult(artifact, hit=True)
+            with _system_arrow_pool():
+                result = _computed_merge(shards_dir, plan, folders, workspace, reporter, verified)
+        except Exception:
+            verified()  # a shard that is not done explains any failure of the work begun beside it
+            raise
     stat_cache.remember(inputs, result.artifact.key.encode("ascii"))
     return result
+
+
+@contextlib.contextmanager
+def _verifying(shards_dir: Path, plan: Plan, stat_cache: StatCache) -> Iterator[Callable[[], None]]:
+    """Verify every shard (``missing_shards``: their files hashed against their manifests, where
+    the stat cache cannot vouch for them) in a second thread, while the caller reads the plan's
+    list and the shards' tables (hashlib releases the GIL: on a fresh cache that hashing is a
+    quarter of a merge's CPU time). Yields the function that waits for it and raises the one-line
+    error when a shard is not done; nothing is stored before it has returned."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="negalign-merge-verify") as pool:
+        future = pool.submit(missing_shards, shards_dir, plan, stat_cache)
+
+        def verified() -> None:
+            missing = future.result()
+            if missing:
+                shown = ", ".join(str(s.index) for s in missing[:10]) + (" …" if len(missing) > 10 else "")
+                raise NegalignError(
+                    f"{len(missing)} of {plan.shards} shard(s) are not done (shard {shown}): rerun them "
+                    "(finished shards are skipped), then merge"
+                ) from None
+
+        yield verified
 
 
 @contextlib.contextmanager
@@ -524,9 +547,15 @@ def _system_arrow_pool() -> Iterator[None]:
 
 
 def _computed_merge(
-    shards_dir: Path, plan: Plan, folders: list[Path], workspace: Workspace, reporter: Reporter
+    shards_dir: Path,
+    plan: Plan,
+    folders: list[Path],
+    workspace: Workspace,
+    reporter: Reporter,
+    verified: Callable[[], None],
 ) -> StageResult:
-    """The merge itself (no remembered artifact): the image list, the shards' tables and rows."""
+    """The merge itself (no remembered artifact): the image list, the shards' tables and rows;
+    ``verified()`` (the shards' check) before anything is stored."""
     images = _read_images(shards_dir / PLAN_IMAGES)
     if images_digest(images) != plan.images or len(images) != plan.count:
         raise NegalignError(f"{shards_dir / PLAN_IMAGES} does not match {PLAN}: the shard folder is damaged")
@@ -562,7 +591,9 @@ def _computed_merge(
         merged.write(folder / files.IMAGE_TABLE, listing)
         return {**_merged_manifest(plan, manifests, merged.count, counts), WRITTEN_DIGESTS: hashed}
 
-    return workspace.store.run(plan.spec(listing.key), compute, reporter)
+    spec = plan.spec(listing.key)
+    verified()
+    return workspace.store.run(spec, compute, reporter)
 
 
 def read_table(path: Path) -> pa.Table:
