@@ -397,3 +397,51 @@ def test_a_computed_merge_imports_no_pandas(tmp_path):
     folder = _merged_folder(tmp_path / "c")
     for name in MERGED:
         assert (folder / name).read_bytes() == (whole / name).read_bytes(), name
+
+
+# ----------------------------------------------------------------------------- verified beside
+def test_the_shards_are_verified_while_their_tables_are_read(tmp_path, monkeypatch):
+    """Before: the shards' files were hashed (verified), then the tables read, one after the
+    other. After: the verification runs in a second thread while the main one reads and merges
+    the tables (the verification here waits until a table has been read: in one thread it would
+    wait in vain); the result is the one-process run's."""
+    import threading
+
+    runs, whole = _sharded_and_whole(tmp_path, ODD_RUNS["a shard with no row of its own"], 3, 8, "float32")
+    table_read = threading.Event()
+    overlapped: list[bool] = []
+    missing, read_table = shards.missing_shards, shards.read_table
+    monkeypatch.setattr(shards, "read_table", lambda path: table_read.set() or read_table(path))
+
+    def verify(*args, **kwargs):
+        overlapped.append(table_read.wait(timeout=5))
+        return missing(*args, **kwargs)
+
+    monkeypatch.setattr(shards, "missing_shards", verify)
+    merged = cli("merge", str(runs), "--cache-dir", str(tmp_path / "c"))
+    assert merged.exit_code == 0, merged.output
+    assert overlapped == [True]
+    for name in MERGED:
+        assert (_merged_folder(tmp_path / "c") / name).read_bytes() == (whole / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("damage", ["rows rewritten", "table deleted"])
+def test_a_damaged_shard_is_the_error_and_nothing_is_stored(tmp_path, damage):
+    """Whatever the work begun beside the verification met (a table that is gone, rows that
+    read fine), the error is the shard that is not done, and nothing is stored."""
+    runs, _ = _sharded_and_whole(
+        tmp_path, ODD_RUNS["duplicates across shards, runs of one row"], 2, 8, "float32"
+    )
+    artifact = runs / "shard-00001-of-00002" / "artifact"
+    if damage == "table deleted":
+        (artifact / files.IMAGE_TABLE).unlink()
+    else:
+        data = bytearray((artifact / files.IMAGE_EMBEDDINGS).read_bytes())
+        data[-4:] = bytes(b ^ 0xFF for b in data[-4:])
+        (artifact / files.IMAGE_EMBEDDINGS).write_bytes(bytes(data))
+    cache = tmp_path / "c"
+    one_line_error(
+        cli("merge", str(runs), "--cache-dir", str(cache)), "1 of 2 shard(s) are not done (shard 1)"
+    )
+    assert not (cache / "artifacts").exists() or not any((cache / "artifacts").rglob("*.npy"))
+    assert not (cache / "tmp").exists() or not any((cache / "tmp").iterdir())
