@@ -139,7 +139,6 @@ ODD_RUNS = {
         ("duplicates across shards, runs of one row", 96, "float32", 4096),  # rows across chunk ends
         ("a shard with no row of its own", 96, "float16", 4096 + 100),  # unaligned chunks: refused
         ("duplicates across shards, runs of one row", 1536, "float32", 4096),  # a row over a chunk
-        ("a shard with no row of its own", 96, "float32", None),  # one chunk (the default size)
     ],
 )
 def test_the_merged_files_are_one_runs_bytes(tmp_path, monkeypatch, case, dim, dtype, chunk):
@@ -148,8 +147,7 @@ def test_the_merged_files_are_one_runs_bytes(tmp_path, monkeypatch, case, dim, d
     are those of the one-process run, and pyarrow allocated from the system pool meanwhile."""
     import pyarrow as pa
 
-    if chunk is not None:
-        monkeypatch.setattr(shards, "_WRITE_CHUNK", chunk)
+    monkeypatch.setattr(shards, "_WRITE_CHUNK", chunk)
     pools: list[str] = []
     merge_tables = shards._merge_tables
     monkeypatch.setattr(
