@@ -21,6 +21,7 @@ same bytes), with no model and no recomputation.
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import hashlib
 import io
@@ -444,23 +445,13 @@ def _foreign_folders(shards_dir: Path, plan: Plan) -> None:
 
 def _check_slices(shards_dir: Path, plan: Plan, images: ImageList, tables: list[pa.Table]) -> None:
     """Each shard's rows must list exactly the images of its slice of the plan, in order."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     for index, table in enumerate(tables):
         shard = Shard(index, plan.shards)
         start, stop = shard.bounds(len(images))
         wanted = printable_paths(images.paths[start:stop])
-        paths = table.column("path").combine_chunks()
-        if (
-            len(paths) == len(wanted)
-            and pa.types.is_string(paths.type)
-            and paths.null_count == 0
-            and pc.all(pc.equal(paths, pa.array(wanted, type=paths.type))).as_py() is not False
-        ):
-            continue  # equal, compared in one pass
-        got = [str(p) for p in paths.to_pylist()]
-        if got != wanted:
+        # compared as Python lists: an Arrow array of `wanted` would import pandas (pa.array does)
+        got = table.column("path").to_pylist()
+        if got != wanted and (got := [str(p) for p in got]) != wanted:
             where = next((i for i, (a, b) in enumerate(zip(got, wanted, strict=False)) if a != b), None)
             detail = (
                 f"{len(got)} rows for the slice's {len(wanted)} images"
@@ -494,22 +485,77 @@ def merge_shards(
     if expected is not None:
         check_plan(shards_dir, expected, ignore)
     _foreign_folders(shards_dir, plan)
-    missing = missing_shards(shards_dir, plan, workspace.store.stat_cache)
-    if missing:
-        shown = ", ".join(str(s.index) for s in missing[:10]) + (" …" if len(missing) > 10 else "")
-        raise NegalignError(
-            f"{len(missing)} of {plan.shards} shard(s) are not done (shard {shown}): rerun them "
-            "(finished shards are skipped), then merge"
-        )
     stat_cache = workspace.store.stat_cache
     folders = [shards_dir / Shard(i, plan.shards).name / "artifact" for i in range(plan.shards)]
-    inputs = _merge_inputs(shards_dir, plan, folders, stat_cache)
-    remembered = stat_cache.recall(inputs)
-    if remembered is not None:  # these exact inputs were merged before: that artifact, if intact
-        artifact = workspace.store.get(remembered.decode("ascii", "replace"))
-        if artifact is not None and artifact.stage == plan.stage:
-            reporter.info(f"cache hit: {plan.stage} {artifact.key[:12]} (the merge of these shards)")
-            return StageResult(artifact, hit=True)
+    with _verifying(shards_dir, plan, stat_cache) as verified:
+        try:
+            inputs = _merge_inputs(shards_dir, plan, folders, stat_cache)
+            remembered = stat_cache.recall(inputs)
+            if remembered is not None:  # these exact inputs were merged before: that artifact, if intact
+                artifact = workspace.store.get(remembered.decode("ascii", "replace"))
+                if artifact is not None and artifact.stage == plan.stage:
+                    verified()
+                    reporter.info(f"cache hit: {plan.stage} {artifact.key[:12]} (the merge of these shards)")
+                    return StageResult(artifact, hit=True)
+            with _system_arrow_pool():
+                result = _computed_merge(shards_dir, plan, folders, workspace, reporter, verified)
+        except Exception:
+            verified()  # a shard that is not done explains any failure of the work begun beside it
+            raise
+    stat_cache.remember(inputs, result.artifact.key.encode("ascii"))
+    return result
+
+
+@contextlib.contextmanager
+def _verifying(shards_dir: Path, plan: Plan, stat_cache: StatCache) -> Iterator[Callable[[], None]]:
+    """Verify every shard (``missing_shards``: their files hashed against their manifests, where
+    the stat cache cannot vouch for them) in a second thread, while the caller reads the plan's
+    list and the shards' tables (hashlib releases the GIL: on a fresh cache that hashing is a
+    quarter of a merge's CPU time). Yields the function that waits for it and raises the one-line
+    error when a shard is not done; nothing is stored before it has returned."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="negalign-merge-verify") as pool:
+        future = pool.submit(missing_shards, shards_dir, plan, stat_cache)
+
+        def verified() -> None:
+            missing = future.result()
+            if missing:
+                shown = ", ".join(str(s.index) for s in missing[:10]) + (" …" if len(missing) > 10 else "")
+                raise NegalignError(
+                    f"{len(missing)} of {plan.shards} shard(s) are not done (shard {shown}): rerun them "
+                    "(finished shards are skipped), then merge"
+                ) from None
+
+        yield verified
+
+
+@contextlib.contextmanager
+def _system_arrow_pool() -> Iterator[None]:
+    """Within this block pyarrow allocates with the C library's malloc. Its default allocator
+    (mimalloc) takes 2 MiB pages and hands freed ones back to the system within milliseconds, then
+    takes and zeroes fresh ones again: 1.1-1.5 s of system time in a merge of 2 x 10^5 images on a
+    VM whose fresh pages are slow, 0.5 s with malloc (docs/performance.md)."""
+    import pyarrow as pa
+
+    previous = pa.default_memory_pool()
+    pa.set_memory_pool(pa.system_memory_pool())
+    try:
+        yield
+    finally:
+        pa.set_memory_pool(previous)
+
+
+def _computed_merge(
+    shards_dir: Path,
+    plan: Plan,
+    folders: list[Path],
+    workspace: Workspace,
+    reporter: Reporter,
+    verified: Callable[[], None],
+) -> StageResult:
+    """The merge itself (no remembered artifact): the image list, the shards' tables and rows;
+    ``verified()`` (the shards' check) before anything is stored."""
     images = _read_images(shards_dir / PLAN_IMAGES)
     if images_digest(images) != plan.images or len(images) != plan.count:
         raise NegalignError(f"{shards_dir / PLAN_IMAGES} does not match {PLAN}: the shard folder is damaged")
@@ -546,9 +592,8 @@ def merge_shards(
         return {**_merged_manifest(plan, manifests, merged.count, counts), WRITTEN_DIGESTS: hashed}
 
     spec = plan.spec(listing.key)
-    result = workspace.store.run(spec, compute, reporter)
-    stat_cache.remember(inputs, result.artifact.key.encode("ascii"))
-    return result
+    verified()
+    return workspace.store.run(spec, compute, reporter)
 
 
 def read_table(path: Path) -> pa.Table:
@@ -603,8 +648,12 @@ class _MergedTable:
             }
             image_table(listing, rows, failures).to_parquet(path, index=False)
             return
-        # the labels are the plan's, as in a one-process run (the paths were checked against it)
-        columns = {**self.columns, "label": pa.array(listing.images.labels, type=schema.field("label").type)}
+        # the labels are the plan's, as in a one-process run (the paths were checked against it):
+        # the shards' where they are equal (pa.array of a list imports pandas, half a second)
+        labels = pa.concat_arrays([t.column("label").combine_chunks() for t in self.tables])
+        if labels.to_pylist() != listing.images.labels:
+            labels = pa.array(listing.images.labels, type=schema.field("label").type)
+        columns = {**self.columns, "label": labels}
         arrays = [
             columns[field.name]
             if field.name in columns
@@ -626,16 +675,15 @@ def _merge_tables(tables: list[pa.Table]) -> _MergedTable:
     def column(name: str) -> pa.Array:
         return pa.concat_arrays([t.column(name).combine_chunks() for t in tables])
 
-    digest = pc.fill_null(column("digest").cast(pa.string()), "")
-    recorded = pc.fill_null(column("reason").cast(pa.string()), "")
-    ok = pc.fill_null(pc.equal(column("status").cast(pa.string()), "ok"), False).to_numpy(
-        zero_copy_only=False
-    )
-    local = column("row").to_numpy(zero_copy_only=False).astype(np.int64)
+    empty, ok_text, skipped, not_processed = _arrow_strings("", "ok", "skipped", "not processed")
+    digest = pc.fill_null(column("digest").cast(pa.string()), empty)
+    recorded = pc.fill_null(column("reason").cast(pa.string()), empty)
+    ok = _numpy(pc.equal(column("status").cast(pa.string()), ok_text))  # a null status: not ok
+    local = _numpy(column("row"))
     shard_of = np.repeat(np.arange(len(tables)), [len(t) for t in tables])
-    has = pc.not_equal(digest, "").to_numpy(zero_copy_only=False)
+    has = _numpy(pc.not_equal(digest, empty))
     encoded = digest.dictionary_encode()  # codes in order of first appearance
-    codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    codes = _numpy(encoded.indices)
     kinds = len(encoded.dictionary)
     done = np.zeros(kinds, dtype=bool)
     done[codes[ok & has]] = True  # digests some shard processed
@@ -653,13 +701,13 @@ def _merge_tables(tables: list[pa.Table]) -> _MergedTable:
     taken = np.arange(len(codes), dtype=np.int64)
     lost = has & ~is_row
     taken[lost] = last[codes[lost]]
-    reason = recorded.take(pa.array(taken))
-    reason = pc.if_else(pa.array(~has), pc.if_else(pc.equal(reason, ""), "not processed", reason), reason)
-    reason = pc.if_else(pa.array(is_row), "", reason)
-    status = pc.if_else(pa.array(is_row), "ok", "skipped")
+    reason = recorded.take(_arrow(taken))
+    reason = pc.if_else(_arrow(~has), pc.if_else(pc.equal(reason, empty), not_processed, reason), reason)
+    reason = pc.if_else(_arrow(is_row), empty, reason)
+    status = pc.if_else(_arrow(is_row), ok_text, skipped)
     schema = tables[0].schema
     columns = {
-        "row": pa.array(row, type=schema.field("row").type),
+        "row": _arrow(row).cast(schema.field("row").type),
         "status": status.cast(schema.field("status").type),
         "reason": reason.cast(schema.field("reason").type),
     }
@@ -667,6 +715,55 @@ def _merge_tables(tables: list[pa.Table]) -> _MergedTable:
     listed = [d if d else None for d in digests]
     reasons = [r if not d else "" for d, r in zip(digests, recorded.to_pylist(), strict=True)]
     return _MergedTable(tables, listed, reasons, shard_of[source], local[source], columns)
+
+
+# pyarrow imports pandas (~0.3-0.5 s) the first time it converts any Python or numpy value
+# (pa.array, pa.scalar, a str given to a compute function, Array.to_numpy): the merge moves its
+# arrays between numpy and Arrow through their buffers instead.
+def _arrow_strings(*values: str) -> list[pa.Scalar]:
+    """Arrow string scalars of a few constants."""
+    import pyarrow as pa
+
+    data = [value.encode("utf-8") for value in values]
+    offsets = np.cumsum([0, *map(len, data)], dtype=np.int32)
+    array = pa.Array.from_buffers(
+        pa.string(), len(data), [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(data))]
+    )
+    return [array[i] for i in range(len(data))]
+
+
+def _arrow(values: np.ndarray) -> pa.Array:
+    """A 1-D int64 or bool numpy array as an Arrow array (no nulls), sharing or packing its bytes."""
+    import pyarrow as pa
+
+    if values.dtype == np.bool_:
+        packed = np.packbits(values, bitorder="little")
+        return pa.Array.from_buffers(pa.bool_(), len(values), [None, pa.py_buffer(packed)])
+    ints = np.ascontiguousarray(values, dtype=np.int64)
+    return pa.Array.from_buffers(pa.int64(), len(ints), [None, pa.py_buffer(ints)])
+
+
+def _numpy(array: pa.Array) -> np.ndarray:
+    """A bool Arrow array as numpy bools (null: False), an integer one as int64 (null: -1)."""
+    import pyarrow as pa
+
+    n, at = len(array), array.offset
+
+    def bits(buffer: pa.Buffer | None, fill: bool) -> np.ndarray:
+        if buffer is None:
+            return np.full(n, fill)
+        return np.unpackbits(np.frombuffer(buffer, np.uint8), bitorder="little")[at : at + n].astype(bool)
+
+    if pa.types.is_boolean(array.type):
+        validity, data = array.buffers()
+        return bits(data, False) & bits(validity, True)
+    array = array.cast(pa.int64())
+    n, at = len(array), array.offset
+    validity, data = array.buffers()
+    if data is None:  # empty
+        return np.zeros(0, dtype=np.int64)
+    values = np.frombuffer(data, np.int64)[at : at + n]
+    return np.where(bits(validity, True), values, -1) if array.null_count else values.copy()
 
 
 _MERGE_INPUTS = 1  # what _merge_inputs covers; bump it when the merge reads anything else
@@ -681,35 +778,131 @@ def _merge_inputs(shards_dir: Path, plan: Plan, folders: list[Path], stat_cache:
     return f"merge {_MERGE_INPUTS} {sha256_json([plan.stage, plan.version, plan.digest, digests])}"
 
 
+# A merged row file is written in chunks of this many bytes (a multiple of any file system's
+# direct-I/O alignment), straight from our buffer to the disk where the system allows it
+# (``O_DIRECT``): the copy into fresh page-cache pages cost 1.9-3.9 s of system time for 410 MB on
+# a VM, the direct write about 0.3-0.5 s of waiting. The file is then not in the page cache: the
+# next command reads it from the disk (docs/performance.md, "a computed merge").
+_WRITE_CHUNK = 16 << 20
+_DIRECT = getattr(os, "O_DIRECT", 0)  # Linux; elsewhere every write goes through the page cache
+
+
+class _RowWriter:
+    """Hashes one file's chunks as they are handed over and writes them in a second thread
+    (``os.write`` releases the GIL: the disk's time overlaps the gathering and hashing of the
+    next chunk), through ``O_DIRECT`` where the file system takes it; an aligned write it refuses
+    (``EINVAL``) or a short one, and the unaligned tail, go through the page cache. The bytes and
+    their sha256 are the same either way."""
+
+    def __init__(self, path: Path) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.digest = hashlib.sha256()
+        self.direct = bool(_DIRECT)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+        try:
+            self.fd = os.open(path, flags | _DIRECT, 0o666)
+        except OSError as exc:
+            if not (self.direct and exc.errno == errno.EINVAL):
+                raise
+            self.direct = False  # a file system without direct I/O
+            self.fd = os.open(path, flags, 0o666)
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="negalign-merge-write")
+
+    def submit(self, view: memoryview) -> Any:
+        """Hash ``view`` here, then write it in the writer thread after the chunks submitted
+        before (a future: wait for it before reusing the buffer behind ``view``)."""
+        self.digest.update(view)
+        return self.pool.submit(self._write, view)
+
+    def _write(self, view: memoryview) -> None:
+        while len(view):
+            if self.direct and len(view) % _WRITE_CHUNK:
+                self._buffered()  # the unaligned tail
+            try:
+                written = os.write(self.fd, view)
+            except OSError as exc:
+                if not (self.direct and exc.errno == errno.EINVAL):
+                    raise
+                self._buffered()  # an alignment this file system will not take
+                continue
+            view = view[written:]
+            if len(view) and self.direct:
+                self._buffered()  # a short write: the rest is not aligned any more
+
+    def _buffered(self) -> None:
+        import fcntl
+
+        fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~_DIRECT)
+        self.direct = False
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)  # a write under way ends first
+        os.close(self.fd)
+
+
 def _save_rows(path: Path, parts: list[np.ndarray], from_shard: np.ndarray, from_row: np.ndarray) -> str:
     """``np.save`` of the rows ``parts[from_shard[k]][from_row[k]]`` (k in order), the same bytes,
-    written run by run: each stretch of consecutive rows of one shard is one write from its
-    memory map, never gathered into a copy of the whole array first. Returns the sha256 of the
-    bytes written (taken as they are written: the store need not read the file back)."""
+    never gathered into a copy of the whole array: the rows are gathered chunk by chunk into one
+    of two reused buffers (one ``np.take`` per stretch of rows from one shard) and written whole
+    chunks at a time by :class:`_RowWriter`, which hashes them (the store need not read the file
+    back). A row past the end of its shard's file is refused (the gather clips no index).
+    Returns the sha256 of the bytes written."""
+    import mmap
+
     first = parts[0]
     if any(p.dtype != first.dtype or p.shape[1:] != first.shape[1:] for p in parts):
         raise NegalignError(f"the shards' {path.name} files differ in shape or type: rerun the shards")
     count = len(from_shard)
+    lengths = np.array([len(p) for p in parts], dtype=np.int64)
+    if count and (from_row.min() < 0 or np.any(from_row >= lengths[from_shard])):
+        raise NegalignError(f"the shards' tables name rows their {path.name} files lack: rerun the shards")
     header = {
         "descr": np.lib.format.dtype_to_descr(first.dtype),
         "fortran_order": False,
         "shape": (count, *first.shape[1:]),
     }
-    # a new run where the shard changes or the next row is not the one after
-    breaks = np.flatnonzero((np.diff(from_shard) != 0) | (np.diff(from_row) != 1)) + 1
-    starts = np.concatenate([[0], breaks]).tolist() if count else []
-    stops = np.concatenate([breaks, [count]]).tolist() if count else []
     head = io.BytesIO()
     np.lib.format.write_array_header_1_0(head, header)
-    digest = hashlib.sha256(head.getvalue())
-    with open(path, "wb") as handle:
-        handle.write(head.getvalue())
-        for start, stop in zip(starts, stops, strict=True):
-            part, row = parts[int(from_shard[start])], int(from_row[start])
-            rows = np.ascontiguousarray(part[row : row + stop - start]).data
-            digest.update(rows)
-            handle.write(rows)
-    return digest.hexdigest()
+    row_shape = first.shape[1:]
+    row_bytes = first.dtype.itemsize * int(np.prod(row_shape, dtype=np.int64))
+    # a chunk is topped up with whole rows to _WRITE_CHUNK bytes or more; what passes its end
+    # starts the next one
+    size = _WRITE_CHUNK + max(row_bytes, len(head.getvalue()))
+    buffers = [mmap.mmap(-1, size), mmap.mmap(-1, size)]  # page-aligned, as direct I/O needs
+    pending: list[Any] = [None, None]
+    bounds = [*(np.flatnonzero(np.diff(from_shard) != 0) + 1).tolist(), count]  # where a shard's stretch ends
+    writer = _RowWriter(path)
+    try:
+        which, fill, k, stretch = 0, len(head.getvalue()), 0, 0
+        buffers[0][:fill] = head.getvalue()
+        while True:
+            buffer = memoryview(buffers[which])
+            more = -(-(_WRITE_CHUNK - fill) // row_bytes) if row_bytes else count
+            stop = k + min(count - k, max(0, more))
+            while k < stop:  # each stretch of one shard's rows in this chunk: one gather
+                while bounds[stretch] <= k:
+                    stretch += 1
+                end = min(stop, bounds[stretch])
+                into = np.frombuffer(buffer, first.dtype, (end - k) * row_bytes // first.dtype.itemsize, fill)
+                source = parts[int(from_shard[k])]
+                np.take(source, from_row[k:end], axis=0, out=into.reshape(end - k, *row_shape), mode="clip")
+                fill, k = fill + (end - k) * row_bytes, end
+            last = k == count and fill <= _WRITE_CHUNK
+            out = fill if last else _WRITE_CHUNK
+            pending[which] = writer.submit(buffer[:out])
+            other = 1 - which
+            if pending[other] is not None:
+                pending[other].result()  # the other buffer's chunk is written: it is free again
+                pending[other] = None
+            if last:
+                pending[which].result()
+                break
+            buffers[other][: fill - out] = buffers[which][out:fill]
+            which, fill = other, fill - out
+    finally:
+        writer.close()
+    return writer.digest.hexdigest()
 
 
 def _interleave_frames(frames: list[pd.DataFrame], from_shard: np.ndarray) -> pd.DataFrame:
