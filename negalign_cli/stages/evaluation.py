@@ -39,12 +39,14 @@ from negalign_cli.errors import NegalignError
 from negalign_cli.lazy import lazy_module
 from negalign_cli.reporting import NullReporter, RecordingReporter, Reporter
 from negalign_cli.stages import files
+from negalign_cli.stages.score_table import ScoreTable, as_table
 
 if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
     import pyarrow.parquet as pq
-else:  # a cache hit (a key, a lookup, a copy) imports none: they load when the stage computes
+else:  # a cache hit (a key, a lookup, a copy) imports none: they load when the stage computes;
+    # a miss reads parquet score files with pyarrow alone (stages/score_table.py): no pandas
     np, pd, pq = lazy_module("numpy"), lazy_module("pandas"), lazy_module("pyarrow.parquet")
 
 FITTED = "fitted on the ID set"  # the source of M3 statistics fitted by evaluate itself
@@ -156,16 +158,31 @@ class EvaluateRequest:
         }
 
 
-def _invalid_cam(frame: pd.DataFrame) -> np.ndarray:
+def read_score_table(path: Path) -> ScoreTable:
+    """A score file's rows for ``evaluate`` (parquet read by pyarrow alone; ``read_score_file``'s
+    checks and values)."""
+    return ScoreTable.read(path)
+
+
+def _invalid_cam(frame: ScoreTable) -> np.ndarray:
     """Rows whose ``cam_valid`` is False (a missing or empty column marks none)."""
     if "cam_valid" not in frame.columns:
         return np.zeros(len(frame), dtype=bool)
-    valid = frame["cam_valid"]
+    kind = frame.kind("cam_valid")
+    if kind == "bool":
+        return ~frame.bools("cam_valid")
+    if kind is not None:  # a number: False where 0 (NaN marks nothing), as astype(bool) reads it
+        return frame.numeric("cam_valid") == 0
+    valid = frame.series("cam_valid")
     return (valid.notna() & ~valid.fillna(True).astype(bool)).to_numpy()
 
 
-def _usable(frame: pd.DataFrame, column: str) -> bool:
-    return column in frame.columns and bool(pd.to_numeric(frame[column], errors="coerce").notna().any())
+def _usable(frame: ScoreTable, column: str) -> bool:
+    if column not in frame.columns:
+        return False
+    if frame.plain(column):
+        return not bool(np.isnan(frame.numeric(column)).all())
+    return bool(pd.to_numeric(frame.series(column), errors="coerce").notna().any())
 
 
 def load_calibration(path: Path, what: str | None = None) -> dict[str, dict[str, float]]:
@@ -332,10 +349,10 @@ class _Seeds:
     seeds: list[int]
     columns: list[str]
 
-    def frames(self, frames: dict[str, pd.DataFrame], seed: int) -> dict[str, pd.DataFrame]:
+    def frames(self, frames: dict[str, ScoreTable], seed: int) -> dict[str, ScoreTable]:
         """The score files as group seed ``seed`` scored them: its columns in the plain names."""
         return {
-            name: frame.assign(**{c: frame[seed_column(c, seed)] for c in self.columns})
+            name: frame.with_columns({c: seed_column(c, seed) for c in self.columns})
             for name, frame in frames.items()
         }
 
@@ -535,12 +552,12 @@ class _Run:
 
     results: dict
     rows: list[dict]  # metrics.csv's rows per OOD set
-    id_frame: pd.DataFrame
-    ood_frames: dict[str, pd.DataFrame]
+    id_frame: ScoreTable
+    ood_frames: dict[str, ScoreTable]
     selection: _Selection
 
 
-def _run(request: EvaluateRequest, frames: dict[str, pd.DataFrame], reporter: Reporter) -> _Run:
+def _run(request: EvaluateRequest, frames: dict[str, ScoreTable], reporter: Reporter) -> _Run:
     """results.json's content (and metrics.csv's rows) for the score files ``frames``."""
     frames = dict(frames)
     selection = _select(request, frames, reporter)
@@ -620,7 +637,7 @@ def _label_key(values: pd.Series) -> np.ndarray:
     return text.to_numpy(dtype=object)
 
 
-def id_accuracy(frame: pd.DataFrame) -> dict[str, Any]:
+def id_accuracy(frame: ScoreTable | pd.DataFrame) -> dict[str, Any]:
     """Zero-shot top-1 accuracy on the ID set, where the score file's ``label`` column (the
     ImageFolder class folder, or a manifest's label) says what each image is: labels that are all
     integers are class indices (OpenOOD's image lists), compared with ``pred_class``; otherwise
@@ -628,9 +645,31 @@ def id_accuracy(frame: pd.DataFrame) -> dict[str, Any]:
     when at least half the distinct labels name a class some image was predicted as (else they are
     not class names). ImageNet-1K's WordNet ids (``n01440764``) are class indices by their sorted
     order (:func:`_wnid_accuracy`). Returns ``{"top1", "n", "labels"}``, or
-    ``{"top1": None, "note"}`` saying what is missing."""
-    if "label" not in frame.columns or "pred_class" not in frame.columns:
+    ``{"top1": None, "note"}`` saying what is missing. Integer labels of a parquet file are
+    compared as arrays; other labels (names, WordNet ids) through pandas' string methods."""
+    table = as_table(frame)
+    if "label" not in table.columns or "pred_class" not in table.columns:
         return {"top1": None, "note": "the ID score file has no label or pred_class column"}
+    indices = _index_accuracy(table)
+    return indices if indices is not None else _frame_accuracy(table.to_frame())
+
+
+def _index_accuracy(table: ScoreTable) -> dict[str, Any] | None:
+    """``id_accuracy`` where the labels and ``pred_class`` are plain integer columns (class
+    indices: every label known, every one an integer), else None."""
+    if not (_signed_int(table, "label") and _signed_int(table, "pred_class")):
+        return None
+    hits = table.integers("label") == table.integers("pred_class")
+    return {"top1": float(hits.mean()), "n": len(table), "labels": "class indices"}
+
+
+def _signed_int(table: ScoreTable, column: str) -> bool:
+    kind = table.kind(column)
+    return kind is not None and kind.startswith("int") and not table.has_nulls(column)
+
+
+def _frame_accuracy(frame: pd.DataFrame) -> dict[str, Any]:
+    """``id_accuracy`` of a DataFrame with a label and a pred_class column."""
     labels = frame["label"]
     known = labels.notna() & (labels.astype(str).str.strip() != "")
     if not known.all():
@@ -721,13 +760,13 @@ def _column_descriptions(selection: _Selection) -> dict[str, dict[str, str]]:
     return out
 
 
-def _read_frames(request: EvaluateRequest) -> dict[str, pd.DataFrame]:
+def _read_frames(request: EvaluateRequest) -> dict[str, ScoreTable]:
     """The ID and OOD score files (ID first), refusing files made by different models, and files
     made with different score settings, classes or negatives unless --allow-mixed-settings."""
     from negalign_cli.stages.score_files import read_score_metadata  # pyarrow: not on a hit
 
-    frames = {ID_SET: read_score_file(request.id_path)}
-    frames.update({name: read_score_file(path) for name, path in request.oods})
+    frames = {ID_SET: read_score_table(request.id_path)}
+    frames.update({name: read_score_table(path) for name, path in request.oods})
     metadata = {name: read_score_metadata(path) for name, path in [(ID_SET, request.id_path), *request.oods]}
     models = {name: meta.get("model") for name, meta in metadata.items()}
     if len({m for m in models.values() if m}) > 1:
@@ -762,7 +801,7 @@ def _differing_settings(metadata: dict[str, dict]) -> list[str]:
     return out
 
 
-def _select(request: EvaluateRequest, frames: dict[str, pd.DataFrame], reporter: Reporter) -> _Selection:
+def _select(request: EvaluateRequest, frames: dict[str, ScoreTable], reporter: Reporter) -> _Selection:
     """Which columns are evaluated: --score, --lambda (NegAlign), --compare (the method table);
     with none of them, the method's own score: NegAlign where P_align exists, else NegLabel*."""
     negalign_ok = all(_usable(f, STAR) and _usable(f, ALIGN) for f in frames.values())
@@ -807,7 +846,7 @@ def _needed_columns(request: EvaluateRequest, selection: _Selection) -> list[str
 
 
 def _exclude_invalid_cams(
-    frames: dict[str, pd.DataFrame], selection: _Selection, reporter: Reporter
+    frames: dict[str, ScoreTable], selection: _Selection, reporter: Reporter
 ) -> tuple[dict[str, int], dict[str, int]]:
     """Count rows with an invalid CAM per set; under `score --invalid-cam exclude` their P_align is
     undefined and NegAlign cannot rank them, so they leave every method's evaluation (same rows)."""
@@ -816,22 +855,25 @@ def _exclude_invalid_cams(
         frame = frames[name]
         invalid = _invalid_cam(frame)
         cam_invalid[name] = int(invalid.sum())
-        gone = (
-            invalid & pd.to_numeric(frame[ALIGN], errors="coerce").isna().to_numpy()
-            if selection.negalign
-            else None
-        )
+        gone = invalid & _missing(frame, ALIGN) if selection.negalign else None
         excluded[name] = int(gone.sum()) if gone is not None else 0
         if gone is not None and gone.any():
             reporter.info(
                 f"{name}: {excluded[name]} row(s) with an invalid CAM excluded (--invalid-cam exclude)"
             )
-            frames[name] = frame[~gone]
+            frames[name] = frame.filter(~gone)
     return cam_invalid, excluded
 
 
+def _missing(frame: ScoreTable, column: str) -> np.ndarray:
+    """Rows where ``column`` holds no number (``pd.to_numeric(..., errors="coerce").isna()``)."""
+    if frame.plain(column):
+        return np.isnan(frame.numeric(column))
+    return pd.to_numeric(frame.series(column), errors="coerce").isna().to_numpy()
+
+
 def _drop_nonfinite(
-    frames: dict[str, pd.DataFrame],
+    frames: dict[str, ScoreTable],
     needed: list[str],
     drop: bool,
     reporter: Reporter,
@@ -841,8 +883,7 @@ def _drop_nonfinite(
     dropped = {}
     for name in list(frames):
         where = f"{name} ({paths[name]})" if paths else name
-        values = frames[name][needed].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
-        bad = ~np.isfinite(values).all(axis=1)
+        bad = _nonfinite_rows(frames[name], needed)
         if bad.any():
             if not drop:
                 raise NegalignError(
@@ -850,15 +891,26 @@ def _drop_nonfinite(
                     "pass --drop-nonfinite to leave them out"
                 )
             reporter.warn(f"{where}: left out {int(bad.sum())} row(s) with NaN/inf scores")
-            frames[name] = frames[name][~bad]
+            frames[name] = frames[name].filter(~bad)
         dropped[name] = int(bad.sum())
         if frames[name].empty:
             raise NegalignError(f"{where}: no rows left to evaluate")
     return dropped
 
 
+def _nonfinite_rows(frame: ScoreTable, needed: list[str]) -> np.ndarray:
+    """Rows with NaN/inf (or no number) in one of the columns ``needed``."""
+    if all(frame.plain(c) for c in needed):
+        bad = np.zeros(len(frame), dtype=bool)
+        for column in needed:  # a handful of columns, each vectorised over every row
+            bad |= ~np.isfinite(frame.numeric(column))
+        return bad
+    values = frame.to_frame()[needed].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+    return ~np.isfinite(values).all(axis=1)
+
+
 def _drop_overflow(
-    frames: dict[str, pd.DataFrame],
+    frames: dict[str, ScoreTable],
     lambdas: Sequence[float],
     calibration: dict | None,
     drop: bool,
@@ -882,23 +934,23 @@ def _drop_overflow(
                 at = [lam for lam in lambdas if nonfinite_final(star, align, [lam], calibration).any()]
                 raise NegalignError(
                     f"{where}: S_final = {combined} overflows to inf for {int(bad.sum())} row(s) at λ = "
-                    f"{', '.join(f'{lam:g}' for lam in at)} (first: row {frames[name].index[first]}, "
+                    f"{', '.join(f'{lam:g}' for lam in at)} (first: row {frames[name].row_label(first)}, "
                     f"{STAR}={star[first]:.4g}, {ALIGN}={align[first]:.4g}): finite scores too large to "
                     "combine; check how the file was made, or pass --drop-nonfinite to leave them out"
                 )
             reporter.warn(f"{where}: left out {int(bad.sum())} row(s) whose S_final = {combined} overflows")
-            frames[name] = frames[name][~bad]
+            frames[name] = frames[name].filter(~bad)
             if frames[name].empty:
                 raise NegalignError(f"{where}: no rows left to evaluate")
         dropped[name] = int(bad.sum())
     return dropped
 
 
-def _values(frame: pd.DataFrame, name: str) -> np.ndarray:
-    return pd.to_numeric(frame[name]).to_numpy(dtype=np.float64)
+def _values(frame: ScoreTable, name: str) -> np.ndarray:
+    return frame.numeric(name, errors="raise")
 
 
-def _calibration(request: EvaluateRequest, id_frame: pd.DataFrame) -> dict | None:
+def _calibration(request: EvaluateRequest, id_frame: ScoreTable) -> dict | None:
     """M3's statistics: from --calibration FILE, or fitted on the ID set; None without M3."""
     if request.calibration_path is not None:
         return {**load_calibration(request.calibration_path), "source": str(request.calibration_path)}
@@ -930,8 +982,8 @@ def _check_calibration(calibration: dict | None, paths: Mapping[str, Path]) -> N
 
 def _sweeps(
     request: EvaluateRequest,
-    id_frame: pd.DataFrame,
-    ood_frames: dict[str, pd.DataFrame],
+    id_frame: ScoreTable,
+    ood_frames: dict[str, ScoreTable],
     calibration: dict | None,
 ) -> dict[str, dict[float, dict]]:
     oods = {name: (_values(frame, STAR), _values(frame, ALIGN)) for name, frame in ood_frames.items()}
@@ -956,8 +1008,8 @@ def _choose_lambdas(request: EvaluateRequest, sweeps: dict[str, dict]) -> tuple[
 def _ood_block(
     request: EvaluateRequest,
     name: str,
-    id_frame: pd.DataFrame,
-    frame: pd.DataFrame,
+    id_frame: ScoreTable,
+    frame: ScoreTable,
     selection: _Selection,
     sweep: dict[float, dict] | None,
     lam: float | None,
@@ -1013,7 +1065,7 @@ def _group_paths(path: Path) -> list[str]:
 
 def _id_groups(
     request: EvaluateRequest,
-    id_frame: pd.DataFrame,
+    id_frame: ScoreTable,
     selection: _Selection,
     sweeps: dict[str, dict[float, dict]],
     mean: dict,
@@ -1023,7 +1075,7 @@ def _id_groups(
     95% of all ID images (NegAlign at every swept λ). Images are matched by their real path."""
     if "path" not in id_frame.columns:
         raise NegalignError("--id-group matches images by path, and the ID score file has no path column")
-    real = np.array([os.path.realpath(str(p)) for p in id_frame["path"]], dtype=object)
+    real = np.array([os.path.realpath(str(p)) for p in id_frame.series("path")], dtype=object)
     scores = {method: _values(id_frame, column) for method, column in selection.columns.items()}
     lambdas = sorted(next(iter(sweeps.values()))) if sweeps else []
     sweep_scores = {
@@ -1071,8 +1123,8 @@ def _write_outputs(
     request: EvaluateRequest,
     results: dict,
     metric_rows: list[dict],
-    id_frame: pd.DataFrame,
-    ood_frames: dict[str, pd.DataFrame],
+    id_frame: ScoreTable,
+    ood_frames: dict[str, ScoreTable],
     store: ArtifactStore | None = None,
     reporter: Reporter | None = None,
     figures: dict | None = None,
@@ -1084,13 +1136,15 @@ def _write_outputs(
     histograms of the stored columns whatever the λ grid, the ROC curves unless NegAlign's λ
     changed."""
     from negalign_cli.stages import plots
+    from negalign_cli.stages.csv_rows import write_rows_csv
     from negalign_cli.stages.figures import cached_figure
 
     (folder / files.RESULTS).write_text(json.dumps(results, indent=2, sort_keys=False), encoding="utf-8")
-    pd.DataFrame(metric_rows).to_csv(folder / files.METRICS, index=False, float_format="%.4f")
+    # what pd.DataFrame(rows).to_csv(path, index=False, ...) wrote, without importing pandas
+    write_rows_csv(folder / files.METRICS, metric_rows, float_format="%.4f")
     from negalign_cli.stages.paper_table import csv_rows, paper_table
 
-    pd.DataFrame(csv_rows(paper_table(results))).to_csv(folder / files.TABLE, index=False)
+    write_rows_csv(folder / files.TABLE, csv_rows(paper_table(results)))
     curves = roc_curves(figures or results, id_frame, ood_frames)
     roc = folder / files.ROC_PLOT
     cached_figure(store, "roc", curves, lambda path: plots.plot_roc(path, curves), roc, reporter)
@@ -1108,8 +1162,8 @@ def _write_outputs(
 def histogram_figure(
     store: ArtifactStore | None,
     target: Path,
-    id_frame: pd.DataFrame,
-    ood_frames: dict[str, pd.DataFrame],
+    id_frame: ScoreTable | pd.DataFrame,
+    ood_frames: Mapping[str, ScoreTable | pd.DataFrame],
     columns: list[str],
     reporter: Reporter | None = None,
 ) -> bool:
@@ -1118,24 +1172,31 @@ def histogram_figure(
     from negalign_cli.stages import plots
     from negalign_cli.stages.figures import cached_figure
 
-    def drawn(frame: pd.DataFrame) -> dict[str, np.ndarray]:  # the values the histograms bin
-        numeric = {c: pd.to_numeric(frame[c], errors="coerce") for c in columns}
-        return {c: values.to_numpy(dtype=np.float64, na_value=np.nan) for c, values in numeric.items()}
+    tables = {ID_SET: as_table(id_frame), **{name: as_table(f) for name, f in ood_frames.items()}}
+
+    def drawn(frame: ScoreTable) -> dict[str, np.ndarray]:  # the values the histograms bin
+        return {c: _drawn_values(frame, c) for c in columns}
+
+    def draw(path: Path) -> None:  # the DataFrames the histograms are drawn from (imports pandas)
+        frames = {name: table.to_frame() for name, table in tables.items()}
+        id_rows = frames.pop(ID_SET)
+        plots.plot_histograms(path, id_rows, frames, columns)
 
     material = {
         "columns": columns,
         "labels": {c: (known.label if (known := score_column(c)) else c) for c in columns},
-        "id": drawn(id_frame),
-        "ood": {name: drawn(frame) for name, frame in ood_frames.items()},
+        "id": drawn(tables[ID_SET]),
+        "ood": {name: drawn(frame) for name, frame in tables.items() if name != ID_SET},
     }
-    return cached_figure(
-        store,
-        "histograms",
-        material,
-        lambda path: plots.plot_histograms(path, id_frame, ood_frames, columns),
-        target,
-        reporter,
-    )
+    return cached_figure(store, "histograms", material, draw, target, reporter)
+
+
+def _drawn_values(frame: ScoreTable, column: str) -> np.ndarray:
+    """``pd.to_numeric(column, errors="coerce").to_numpy(float64, na_value=nan)``."""
+    if frame.plain(column):
+        return frame.numeric(column)
+    values = pd.to_numeric(frame.series(column), errors="coerce")
+    return values.to_numpy(dtype=np.float64, na_value=np.nan)
 
 
 def method_label(method: str, entry: dict) -> str:
@@ -1149,16 +1210,17 @@ def method_label(method: str, entry: dict) -> str:
     return method
 
 
-def method_scores(entry: dict, frame: pd.DataFrame, calibration: dict | None) -> np.ndarray:
+def method_scores(entry: dict, frame: ScoreTable | pd.DataFrame, calibration: dict | None) -> np.ndarray:
     """The scores one method entry of results.json gave the rows of ``frame``: its column, or for
     NegAlign S* + λ·P_align at the entry's λ (z-scored with M3's statistics when there are any)."""
+    frame = as_table(frame)
     if "lambda" in entry:
         return final_score(_values(frame, STAR), _values(frame, ALIGN), float(entry["lambda"]), calibration)
     return _values(frame, entry["column"])
 
 
 def roc_curves(
-    results: dict, id_frame: pd.DataFrame, ood_frames: dict[str, pd.DataFrame]
+    results: dict, id_frame: ScoreTable | pd.DataFrame, ood_frames: Mapping[str, ScoreTable | pd.DataFrame]
 ) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
     """OOD set → method label → (ID scores, OOD scores), every method of the table."""
     calibration = results.get("calibration")
@@ -1174,10 +1236,15 @@ def roc_curves(
     }
 
 
-def evaluated_rows(results: dict, frames: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+def evaluated_rows(results: dict, frames: Mapping[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
     """The rows of the score files (``frames``: "ID" and the OOD names) that ``evaluate`` kept,
     by the same rules (invalid CAMs under ``--invalid-cam exclude``, NaN/inf rows under
     ``--drop-nonfinite``), for figures drawn later from the same files."""
+    tables = {name: as_table(frame) for name, frame in frames.items()}
+    return {name: table.to_frame() for name, table in _evaluated_tables(results, tables).items()}
+
+
+def _evaluated_tables(results: dict, frames: dict[str, ScoreTable]) -> dict[str, ScoreTable]:
     first = next(iter(results["ood"].values()))["methods"]
     columns = {m: e["column"] for m, e in first.items() if m != NEGALIGN}
     selection = _Selection(columns, NEGALIGN in first)
@@ -1192,13 +1259,26 @@ def evaluated_rows(results: dict, frames: dict[str, pd.DataFrame]) -> dict[str, 
     return frames
 
 
-def _stat_columns(frame: pd.DataFrame) -> dict[str, np.ndarray]:
+def _stat_columns(frame: ScoreTable) -> dict[str, np.ndarray]:
     out = {}
     for name in SCORE_COLUMNS:
         if name in frame.columns:
-            out[name] = pd.to_numeric(frame[name], errors="coerce").to_numpy(dtype=np.float64)
-    if "cam_valid" in frame.columns and frame["cam_valid"].notna().any():
-        out["cam_valid"] = frame["cam_valid"].fillna(False).to_numpy(dtype=bool)
+            out[name] = frame.numeric(name)
+    if "cam_valid" not in frame.columns:
+        return out
+    kind = frame.kind("cam_valid")
+    if kind == "bool":
+        if len(frame):
+            out["cam_valid"] = frame.bools("cam_valid")
+    elif kind is not None:  # a number: True where not 0, NaN (a missing value) as False
+        values = frame.numeric("cam_valid")
+        known = ~np.isnan(values)
+        if known.any():
+            out["cam_valid"] = known & (values != 0)
+    else:
+        valid = frame.series("cam_valid")
+        if valid.notna().any():
+            out["cam_valid"] = valid.fillna(False).to_numpy(dtype=bool)
     return out
 
 
