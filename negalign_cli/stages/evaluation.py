@@ -180,6 +180,8 @@ def _invalid_cam(frame: ScoreTable) -> np.ndarray:
 def _usable(frame: ScoreTable, column: str) -> bool:
     if column not in frame.columns:
         return False
+    if column in frame.usable:  # known from the file's summary
+        return frame.usable[column]
     if frame.plain(column):
         return not bool(np.isnan(frame.numeric(column)).all())
     return bool(pd.to_numeric(frame.series(column), errors="coerce").notna().any())
@@ -251,7 +253,7 @@ def evaluate(request: EvaluateRequest, workspace: Workspace, reporter: Reporter 
         inputs[f"id-group:{name}"] = _group_digest(path, stat_cache)
     spec = StageSpec(EVALUATE_STAGE, EVALUATE_VERSION, request.params(), inputs)
     store = workspace.store
-    return store.run(spec, lambda folder: _evaluate(request, folder, reporter, store), reporter)
+    return store.run(spec, lambda folder: _evaluate(request, folder, reporter, store, inputs), reporter)
 
 
 def apply_benchmark(request: EvaluateRequest, reporter: Reporter) -> None:
@@ -511,25 +513,42 @@ class _Selection:
 
 
 def _evaluate(
-    request: EvaluateRequest, folder: Path, reporter: Reporter, store: ArtifactStore | None = None
+    request: EvaluateRequest,
+    folder: Path,
+    reporter: Reporter,
+    store: ArtifactStore | None = None,
+    digests: Mapping[str, str] | None = None,
 ) -> dict:
+    """``digests``: the score files' sha256 (the stage's inputs), for the summaries and figure
+    keys that name the files rather than hash their data."""
     from negalign_cli.heap import reused_heap
 
+    # read before: pyarrow's reader threads allocate far more slowly under the block's settings
+    frames = _read_frames(request, digests)
     with reused_heap():  # the sweep's full-length temporaries reuse freed memory: no page faults
-        return _evaluate_files(request, folder, reporter, store)
+        return _evaluate_files(request, folder, reporter, store, frames)
 
 
 def _evaluate_files(
-    request: EvaluateRequest, folder: Path, reporter: Reporter, store: ArtifactStore | None = None
+    request: EvaluateRequest,
+    folder: Path,
+    reporter: Reporter,
+    store: ArtifactStore | None = None,
+    frames: dict[str, ScoreTable] | None = None,
 ) -> dict:
-    frames = _read_frames(request)
+    frames = _read_frames(request) if frames is None else frames
     seeds = _group_seeds(request)
     if seeds is None:
-        run = _run(request, frames, reporter)
+        run = _run(request, frames, reporter, store)
         results, metric_rows, figures = run.results, _metric_rows(run), None
     else:  # every seed evaluated as its own score file would be, then mean ± std over the seeds
         runs = [
-            _run(request, seeds.frames(frames, seed), reporter if i == 0 else _SeedReporter(reporter, seed))
+            _run(
+                request,
+                seeds.frames(frames, seed),
+                reporter if i == 0 else _SeedReporter(reporter, seed),
+                store,
+            )
             for i, seed in enumerate(seeds.seeds)
         ]
         run = runs[0]  # the figures and statistics: the first seed's (its columns are the plain ones)
@@ -557,8 +576,15 @@ class _Run:
     selection: _Selection
 
 
-def _run(request: EvaluateRequest, frames: dict[str, ScoreTable], reporter: Reporter) -> _Run:
-    """results.json's content (and metrics.csv's rows) for the score files ``frames``."""
+def _run(
+    request: EvaluateRequest,
+    frames: dict[str, ScoreTable],
+    reporter: Reporter,
+    store: ArtifactStore | None = None,
+) -> _Run:
+    """results.json's content (and metrics.csv's rows) for the score files ``frames``; each
+    file's statistics (and the ID accuracy) from the cache (``store``) when its kept rows were
+    summarised before."""
     frames = dict(frames)
     selection = _select(request, frames, reporter)
     cam_invalid, excluded = _exclude_invalid_cams(frames, selection, reporter)
@@ -592,7 +618,8 @@ def _run(request: EvaluateRequest, frames: dict[str, ScoreTable], reporter: Repo
         },
         "ood": {},
     }
-    results["id"]["accuracy"] = id_accuracy(id_frame)
+    summaries = _summaries(request, frames, store, reporter)
+    results["id"]["accuracy"] = summaries[ID_SET]["accuracy"]
     results["columns"] = _column_descriptions(selection)
     if calibration is not None:
         results["calibration"] = calibration
@@ -600,7 +627,7 @@ def _run(request: EvaluateRequest, frames: dict[str, ScoreTable], reporter: Repo
         results["lambda_selection"] = {"rule": rule, "lambda": chosen}
     rows: list[dict] = []
     # each file's statistics once (they were computed per OOD block and again below)
-    stats = {name: statistics(_stat_columns(frame)) for name, frame in frames.items()}
+    stats = {name: summary["statistics"] for name, summary in summaries.items()}
     for name, frame in ood_frames.items():
         block = _ood_block(
             request, name, id_frame, frame, selection, sweeps.get(name), chosen.get(name), rows, stats
@@ -629,6 +656,59 @@ def _run(request: EvaluateRequest, frames: dict[str, ScoreTable], reporter: Repo
     for name in ood_frames:
         results["statistics"][f"ood:{name}"] = stats[name]
     return _Run(results, rows, id_frame, ood_frames, selection)
+
+
+# what evaluate keeps of each score file's kept rows that no λ changes: its statistics, which of
+# the columns drawn hold a number, the ID accuracy (1: first)
+SUMMARY_STAGE, SUMMARY_VERSION, SUMMARY = "evaluate-summary", 1, "summary.json"
+
+
+def _summaries(
+    request: EvaluateRequest,
+    frames: Mapping[str, ScoreTable],
+    store: ArtifactStore | None,
+    reporter: Reporter,
+) -> dict[str, dict[str, Any]]:
+    """Each set's ``statistics`` (and the ID set's ``accuracy``, and ``usable``: which score
+    columns hold a number) of its kept rows: an artifact keyed by the file's digest and the rows
+    kept, so a new λ grid neither computes them again nor reads the columns they need. Without a
+    store, or for a table whose file's digest is unknown, computed."""
+    from negalign_cli.stages.figures import _Quieter
+
+    checked = [c for c in dict.fromkeys((*METHODS.values(), ALIGN, request.score_column)) if c]
+    out = {}
+    for name, frame in frames.items():
+        accuracy = name == ID_SET
+
+        def summarise(frame: ScoreTable = frame, accuracy: bool = accuracy) -> dict[str, Any]:
+            summary: dict[str, Any] = {
+                "statistics": statistics(_stat_columns(frame)),
+                "usable": [c for c in checked if _usable(frame, c)],
+            }
+            return summary | ({"accuracy": id_accuracy(frame)} if accuracy else {})
+
+        if store is None or frame.digest is None:
+            summary = summarise()
+        else:
+            renamed = {c: frame.origin(c) for c in frame.columns if frame.origin(c) != c}  # group seeds
+            params = {
+                "evaluate": EVALUATE_VERSION,
+                "checked": checked,
+                "renamed": renamed,
+                "accuracy": accuracy,
+            }
+            spec = StageSpec(
+                SUMMARY_STAGE, SUMMARY_VERSION, params, {"file": frame.digest, "rows": frame.rows_digest()}
+            )
+
+            def compute(folder: Path, summarise=summarise) -> None:
+                (folder / SUMMARY).write_text(json.dumps(summarise()), encoding="utf-8")
+
+            result = store.run(spec, compute, _Quieter(reporter))
+            summary = json.loads(result.artifact.file(SUMMARY).read_text(encoding="utf-8"))
+        frame.usable.update({c: c in summary["usable"] for c in checked})
+        out[name] = summary
+    return out
 
 
 def _label_key(values: pd.Series) -> np.ndarray:
@@ -760,13 +840,14 @@ def _column_descriptions(selection: _Selection) -> dict[str, dict[str, str]]:
     return out
 
 
-def _read_frames(request: EvaluateRequest) -> dict[str, ScoreTable]:
+def _read_frames(request: EvaluateRequest, digests: Mapping[str, str] | None = None) -> dict[str, ScoreTable]:
     """The ID and OOD score files (ID first), refusing files made by different models, and files
     made with different score settings, classes or negatives unless --allow-mixed-settings."""
     from negalign_cli.stages.score_files import read_score_metadata  # pyarrow: not on a hit
 
-    frames = {ID_SET: read_score_table(request.id_path)}
-    frames.update({name: read_score_table(path) for name, path in request.oods})
+    known = digests or {}
+    frames = {ID_SET: ScoreTable.read(request.id_path, known.get("id"))}
+    frames.update({name: ScoreTable.read(path, known.get(f"ood:{name}")) for name, path in request.oods})
     metadata = {name: read_score_metadata(path) for name, path in [(ID_SET, request.id_path), *request.oods]}
     models = {name: meta.get("model") for name, meta in metadata.items()}
     if len({m for m in models.values() if m}) > 1:
@@ -1135,9 +1216,7 @@ def _write_outputs(
     The figures are copied from the cache (``store``) when their data are unchanged: the
     histograms of the stored columns whatever the λ grid, the ROC curves unless NegAlign's λ
     changed."""
-    from negalign_cli.stages import plots
     from negalign_cli.stages.csv_rows import write_rows_csv
-    from negalign_cli.stages.figures import cached_figure
 
     (folder / files.RESULTS).write_text(json.dumps(results, indent=2, sort_keys=False), encoding="utf-8")
     # what pd.DataFrame(rows).to_csv(path, index=False, ...) wrote, without importing pandas
@@ -1145,9 +1224,7 @@ def _write_outputs(
     from negalign_cli.stages.paper_table import csv_rows, paper_table
 
     write_rows_csv(folder / files.TABLE, csv_rows(paper_table(results)))
-    curves = roc_curves(figures or results, id_frame, ood_frames)
-    roc = folder / files.ROC_PLOT
-    cached_figure(store, "roc", curves, lambda path: plots.plot_roc(path, curves), roc, reporter)
+    roc_figure(store, folder / files.ROC_PLOT, figures or results, id_frame, ood_frames, reporter)
     frames = {ID_SET: id_frame, **ood_frames}
     components = [
         c
@@ -1174,8 +1251,10 @@ def histogram_figure(
 
     tables = {ID_SET: as_table(id_frame), **{name: as_table(f) for name, f in ood_frames.items()}}
 
-    def drawn(frame: ScoreTable) -> dict[str, np.ndarray]:  # the values the histograms bin
-        return {c: _drawn_values(frame, c) for c in columns}
+    named = all(t.digest is not None for t in tables.values())  # keyed by the files, not their data
+
+    def drawn(frame: ScoreTable) -> dict[str, Any]:  # the values the histograms bin
+        return {c: _column_token(frame, c, "drawn") if named else _drawn_values(frame, c) for c in columns}
 
     def draw(path: Path) -> None:  # the DataFrames the histograms are drawn from (imports pandas)
         frames = {name: table.to_frame() for name, table in tables.items()}
@@ -1189,6 +1268,61 @@ def histogram_figure(
         "ood": {name: drawn(frame) for name, frame in tables.items() if name != ID_SET},
     }
     return cached_figure(store, "histograms", material, draw, target, reporter)
+
+
+def roc_figure(
+    store: ArtifactStore | None,
+    target: Path,
+    results: dict,
+    id_frame: ScoreTable | pd.DataFrame,
+    ood_frames: Mapping[str, ScoreTable | pd.DataFrame],
+    reporter: Reporter | None = None,
+) -> bool:
+    """roc.png (``plots.plot_roc`` of ``roc_curves``) from the cache when the curves are those of
+    a figure drawn before, else drawn. The key names what the curves are computed from (each
+    file's digest, the kept rows, each method's column or λ and M3 statistics) when every file's
+    digest is known, else it hashes the curves. Returns whether it came from the cache."""
+    from negalign_cli.stages import plots
+    from negalign_cli.stages.figures import cached_figure
+
+    id_table = as_table(id_frame)
+    tables = {name: as_table(frame) for name, frame in ood_frames.items()}
+    if id_table.digest is not None and all(t.digest is not None for t in tables.values()):
+        material: Any = _roc_material(results, id_table, tables)
+    else:
+        material = roc_curves(results, id_table, tables)
+
+    def draw(path: Path) -> None:
+        plots.plot_roc(path, roc_curves(results, id_table, tables))
+
+    return cached_figure(store, "roc", material, draw, target, reporter)
+
+
+def _roc_material(results: dict, id_table: ScoreTable, tables: Mapping[str, ScoreTable]) -> dict[str, Any]:
+    """What ``roc_curves`` computes each curve from, without computing it (the figure's key)."""
+    calibration = results.get("calibration")
+    m3 = {c: calibration[c] for c in (STAR, ALIGN)} if calibration is not None else None
+
+    def scores(entry: dict, table: ScoreTable) -> Any:  # ``method_scores``' inputs
+        if "lambda" in entry:
+            parts = [_column_token(table, STAR, "values"), _column_token(table, ALIGN, "values")]
+            return {"final": parts, "lambda": float(entry["lambda"]), "m3": m3}
+        return _column_token(table, entry["column"], "values")
+
+    return {
+        name: {
+            method_label(method, entry): (scores(entry, id_table), scores(entry, table))
+            for method, entry in results["ood"][name]["methods"].items()
+        }
+        for name, table in tables.items()
+    }
+
+
+def _column_token(frame: ScoreTable, column: str, how: str) -> dict[str, str]:
+    """What a figure key records of column ``column``'s kept values (converted ``how``: "drawn"
+    by ``_drawn_values``, "values" by ``_values``): the file's digest, its column and the rows
+    kept, which determine them (the conversions are pinned by tests/test_lambda_grid_read.py)."""
+    return {"file": str(frame.digest), "column": frame.origin(column), "rows": frame.rows_digest(), "as": how}
 
 
 def _drawn_values(frame: ScoreTable, column: str) -> np.ndarray:
@@ -1241,10 +1375,11 @@ def evaluated_rows(results: dict, frames: Mapping[str, pd.DataFrame]) -> dict[st
     by the same rules (invalid CAMs under ``--invalid-cam exclude``, NaN/inf rows under
     ``--drop-nonfinite``), for figures drawn later from the same files."""
     tables = {name: as_table(frame) for name, frame in frames.items()}
-    return {name: table.to_frame() for name, table in _evaluated_tables(results, tables).items()}
+    return {name: table.to_frame() for name, table in evaluated_tables(results, tables).items()}
 
 
-def _evaluated_tables(results: dict, frames: dict[str, ScoreTable]) -> dict[str, ScoreTable]:
+def evaluated_tables(results: dict, frames: Mapping[str, ScoreTable]) -> dict[str, ScoreTable]:
+    """``evaluated_rows`` of ScoreTables (which know the rows of their files they keep)."""
     first = next(iter(results["ood"].values()))["methods"]
     columns = {m: e["column"] for m, e in first.items() if m != NEGALIGN}
     selection = _Selection(columns, NEGALIGN in first)

@@ -17,6 +17,7 @@ and :meth:`ScoreTable.to_frame` gives the DataFrame the old path had, for drawin
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -56,13 +57,39 @@ _ARROW_NUMPY = {"double": "float64", "float": "float32", "bool": "bool"} | {
 class _Source:
     """The columns of one file, shared by every view (filtered rows, renamed columns) of it."""
 
-    def __init__(self, path: Path | None, arrow: Any = None, frame: Any = None) -> None:
+    def __init__(
+        self, path: Path | None, schema: Any = None, frame: Any = None, digest: str | None = None
+    ) -> None:
         self.path = path
-        self.arrow = arrow  # a pyarrow Table, or None (then ``frame`` holds the rows)
+        self.schema = schema  # the parquet file's arrow schema, or None (then ``frame`` holds the rows)
+        self.digest = digest  # the file's sha256, when known: figure keys and summaries name it
         self._frame = frame
-        self.plain: dict[str, str] = {}  # column → its arrow type name, for the plain numeric ones
+        self.kinds: dict[str, str] = {}  # column → its arrow type name, for plain numeric types
+        self.arrow: dict[str, Any] = {}  # the columns read so far (a column is read when first used)
         self.numeric: dict[str, np.ndarray] = {}  # converted columns, every row of the file
         self.bools: dict[str, np.ndarray] = {}
+
+    def column(self, name: str) -> Any:
+        """Column ``name`` of the parquet file (a ChunkedArray), read on first use."""
+        if name not in self.arrow:
+            import pyarrow.parquet as pq
+
+            try:
+                with pq.ParquetFile(self.path) as handle:
+                    self.arrow[name] = handle.read(columns=[name]).column(0)
+            except Exception as exc:  # a damaged column chunk
+                raise NegalignError(
+                    f"cannot read score file {self.path}: {str(exc).splitlines()[0][:160]}"
+                ) from exc
+        return self.arrow[name]
+
+    def plain(self, name: str) -> str | None:
+        """The arrow type of column ``name`` when it is a plain number (a boolean one only
+        without nulls), else None."""
+        kind = self.kinds.get(name)
+        if kind == "bool" and self.column(name).null_count:
+            return None
+        return kind
 
     def frame(self) -> pd.DataFrame:
         """The file as the DataFrame path read it (``pd.read_parquet``), every row."""
@@ -82,27 +109,29 @@ class ScoreTable:
         self._origin = origin  # column → the source column holding its values (group seeds)
         self._n = n
         self._rows = rows  # kept positions in the file, or None for every row
+        self.usable: dict[str, bool] = {}  # column → whether it holds a number (a summary's, cached)
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_frame(cls, frame: pd.DataFrame) -> ScoreTable:
-        """A table over a DataFrame (its values converted by pandas, exactly as before)."""
+    def from_frame(cls, frame: pd.DataFrame, digest: str | None = None) -> ScoreTable:
+        """A table over a DataFrame (its values converted by pandas, exactly as before); ``digest``:
+        the sha256 of the file it was read from, if any."""
         names = list(frame.columns)
-        return cls(_Source(None, frame=frame), names, {c: c for c in names}, len(frame), None)
+        return cls(_Source(None, frame=frame, digest=digest), names, {c: c for c in names}, len(frame), None)
 
     @classmethod
-    def read(cls, path: Path) -> ScoreTable:
+    def read(cls, path: Path, digest: str | None = None) -> ScoreTable:
         """A score file: parquet by pyarrow, CSV/TSV by pandas. Refused as ``evaluate`` refuses
-        it: missing, unreadable or without rows."""
+        it: missing, unreadable or without rows. ``digest``: the file's sha256, when known."""
         if not path.is_file():
             raise NegalignError(f"score file not found: {path}")
         suffix = path.suffix.lower()
         try:
             if suffix in (".parquet", ".pq"):
-                table = _read_parquet(path)
+                table = _read_parquet(path, digest)
             else:
                 frame = pd.read_csv(path, sep="\t") if suffix in (".tsv", ".tab") else pd.read_csv(path)
-                table = cls.from_frame(frame)
+                table = cls.from_frame(frame, digest)
         except NegalignError:
             raise
         except Exception as exc:  # pandas/pyarrow raise many types for a broken file
@@ -129,9 +158,9 @@ class ScoreTable:
         """The DataFrame index label of the kept row at ``position`` (a stored RangeIndex's)."""
         row = int(self.rows[position])
         source = self._source
-        if source.arrow is None:
+        if source.schema is None:
             return source.frame().index[row]
-        return _range_label(source.arrow, row)
+        return _range_label(source.schema, row)
 
     def filter(self, keep: np.ndarray) -> ScoreTable:
         """The rows where the boolean mask ``keep`` is True (as ``frame[keep]``)."""
@@ -148,7 +177,7 @@ class ScoreTable:
     # ------------------------------------------------------------------ values
     def plain(self, name: str) -> bool:
         """Whether column ``name`` is a plain numeric one (converted without pandas)."""
-        return self._origin[name] in self._source.plain
+        return self._source.plain(self._origin[name]) is not None
 
     def numeric(self, name: str, errors: str = "coerce") -> np.ndarray:
         """``pd.to_numeric(frame[name], errors=errors).to_numpy(dtype=float64)`` of the kept rows
@@ -161,7 +190,7 @@ class ScoreTable:
         """A boolean column without nulls (``plain`` and of arrow type bool) as a bool array."""
         source, column = self._source, self._origin[name]
         if column not in source.bools:
-            array = _numpy(source.arrow.column(column))
+            array = _numpy(source.column(column))
             array.flags.writeable = False
             source.bools[column] = array
         return self._kept(source.bools[column])
@@ -169,15 +198,15 @@ class ScoreTable:
     def integers(self, name: str) -> np.ndarray:
         """A plain integer column's kept values as int64 (``to_numpy(dtype=int64)``); only for a
         column without nulls (``has_nulls``)."""
-        return self._kept(_numpy(self._source.arrow.column(self._origin[name]))).astype(np.int64)
+        return self._kept(_numpy(self._source.column(self._origin[name]))).astype(np.int64)
 
     def has_nulls(self, name: str) -> bool:
         """Whether a plain column holds a null in any row of the file (kept or not)."""
-        return bool(self._source.arrow.column(self._origin[name]).null_count)
+        return bool(self._source.column(self._origin[name]).null_count)
 
     def kind(self, name: str) -> str | None:
         """The arrow type of a plain column (``bool``, ``double``, ``int64`` …), None otherwise."""
-        return self._source.plain.get(self._origin[name])
+        return self._source.plain(self._origin[name])
 
     def series(self, name: str) -> pd.Series:
         """The kept rows of column ``name`` as the DataFrame path had them (imports pandas)."""
@@ -193,13 +222,28 @@ class ScoreTable:
             frame = frame.assign(**{new: frame[old] for new, old in renamed.items()})
         return frame if self._rows is None else frame.iloc[self._rows]
 
+    @property
+    def digest(self) -> str | None:
+        """The sha256 of the file the rows come from, when known."""
+        return self._source.digest
+
+    def origin(self, name: str) -> str:
+        """The file's column holding column ``name``'s values (another for a group seed's)."""
+        return self._origin[name]
+
+    def rows_digest(self) -> str:
+        """Which rows of the file are kept: ``all``, or the sha256 of their positions."""
+        if self._rows is None:
+            return "all"
+        return hashlib.sha256(np.ascontiguousarray(self._rows, dtype=np.int64).tobytes()).hexdigest()
+
     def _kept(self, full: np.ndarray) -> np.ndarray:
         return full if self._rows is None else full[self._rows]
 
     def _plain_numeric(self, column: str) -> np.ndarray:
         source = self._source
         if column not in source.numeric:
-            array = _numpy(source.arrow.column(column)).astype(np.float64, copy=False)
+            array = _numpy(source.column(column)).astype(np.float64, copy=False)
             array.flags.writeable = False
             source.numeric[column] = array
         return source.numeric[column]
@@ -252,17 +296,17 @@ def _pandas_metadata(schema: Any) -> dict | None:
     return meta if isinstance(meta, dict) else {"odd": True}
 
 
-def _read_parquet(path: Path) -> ScoreTable:
-    """A parquet score file through pyarrow (``ParquetFile.read``: ``pq.read_table`` imports
-    pandas). Files pandas would read into something other than plain named columns over a
-    RangeIndex (a stored index, column levels, non-string names, duplicated names) are read by
-    pandas, as before."""
+def _read_parquet(path: Path, digest: str | None = None) -> ScoreTable:
+    """A parquet score file through pyarrow (``ParquetFile``: ``pq.read_table`` imports pandas):
+    its schema now, each column when first used. Files pandas would read into something other
+    than plain named columns over a RangeIndex (a stored index, column levels, non-string names,
+    duplicated names) are read by pandas, as before."""
     import pyarrow.parquet as pq
 
     with pq.ParquetFile(path) as handle:
-        table = handle.read()
-    names = list(table.column_names)
-    meta = _pandas_metadata(table.schema)
+        schema, rows = handle.schema_arrow, handle.metadata.num_rows
+    names = list(schema.names)
+    meta = _pandas_metadata(schema)
     numpy_types: dict[str, str] = {}
     odd = len(set(names)) != len(names)
     if meta is not None:
@@ -279,20 +323,19 @@ def _read_parquet(path: Path) -> ScoreTable:
             if isinstance(field, str):
                 numpy_types[field] = str(entry.get("numpy_type"))
     if odd:
-        return ScoreTable.from_frame(pd.read_parquet(path))
-    source = _Source(path, arrow=table)
+        return ScoreTable.from_frame(pd.read_parquet(path), digest)
+    source = _Source(path, schema=schema, digest=digest)
     for name in names:
-        kind = str(table.schema.field(name).type)
-        plain = kind in _ARROW_NUMPY and (kind != "bool" or table.column(name).null_count == 0)
-        if plain and numpy_types.get(name, _ARROW_NUMPY[kind]) in _PLAIN_NUMPY:
-            source.plain[name] = str(kind)
-    return ScoreTable(source, names, {c: c for c in names}, table.num_rows, None)
+        kind = str(schema.field(name).type)
+        if kind in _ARROW_NUMPY and numpy_types.get(name, _ARROW_NUMPY[kind]) in _PLAIN_NUMPY:
+            source.kinds[name] = kind
+    return ScoreTable(source, names, {c: c for c in names}, rows, None)
 
 
-def _range_label(table: Any, row: int) -> int:
+def _range_label(schema: Any, row: int) -> int:
     """The index label pandas gives row ``row`` of a parquet file (its stored RangeIndex, else
     the position)."""
-    meta = _pandas_metadata(table.schema) or {}
+    meta = _pandas_metadata(schema) or {}
     for index in meta.get("index_columns") or []:
         if isinstance(index, dict) and index.get("kind") == "range":
             return int(index.get("start", 0)) + int(index.get("step", 1)) * row
