@@ -27,7 +27,6 @@ import pytest
 
 from negalign_cli.errors import NegalignError
 from negalign_cli.reporting import RecordingReporter
-from negalign_cli.stages import evaluation
 from negalign_cli.stages.csv_rows import rows_csv
 from negalign_cli.stages.evaluation import (
     EvaluateRequest,
@@ -184,7 +183,8 @@ def _outcome(paths: dict[str, Path], read, seeds: _Seeds | None = None, **option
         "said": reporter.messages,
         "roc": {s: {m: [a.tobytes() for a in pair] for m, pair in c.items()} for s, c in curves.items()},
         "histograms": {
-            name: {c: _drawn_values(t, c).tobytes() for c in SCORES if c in t.columns} for name, t in tables.items()
+            name: {c: _drawn_values(t, c).tobytes() for c in SCORES if c in t.columns}
+            for name, t in tables.items()
         },
         "kept": {name: t.to_frame().index.tolist() for name, t in tables.items()},
     }
@@ -292,7 +292,10 @@ def test_buffers_read_with_offsets_and_chunks():
     "rows",
     [
         [],
-        [{"ood": "a", "lambda": None, "auroc_pct": 99.123456}, {"ood": "b,c", "lambda": 0.5, "auroc_pct": 1 / 3}],
+        [
+            {"ood": "a", "lambda": None, "auroc_pct": 99.123456},
+            {"ood": "b,c", "lambda": 0.5, "auroc_pct": 1 / 3},
+        ],
         [{"group_seed": 1, "x": 2.0}, {"group_seed": 2, "x": float("nan")}],
         [{"a": 1}, {"a": None}, {"b": 'say "hi"\n'}],
         [{"flag": True}, {"flag": False}],
@@ -323,13 +326,20 @@ _NEW_GRID = IMPORT_SPY + textwrap.dedent(
 )
 
 
-def test_a_new_lambda_grid_imports_no_pandas_sklearn_nor_matplotlib(tmp_path):
+def test_a_new_lambda_grid_imports_no_pandas_sklearn_nor_matplotlib(tmp_path, data_figures):
     """`evaluate` computed here; then, in ONE fresh process, `evaluate` with a λ grid it has not
     seen (whose best λ is the same, so both figures come from the figure cache): the metrics are
     computed again from the parquet files, and none of HEAVY is imported. An import hook records
     where the first heavy import came from."""
     for name, seed, shift in (("id", 0, 1.0), ("a", 1, 0.0), ("b", 2, 0.4)):
-        write_scores(tmp_path / f"{name}.parquet", 60, seed, shift, label=np.arange(60) % 4, pred_class=np.arange(60) % 3)
+        write_scores(
+            tmp_path / f"{name}.parquet",
+            60,
+            seed,
+            shift,
+            label=np.arange(60) % 4,
+            pred_class=np.arange(60) % 3,
+        )
     argv = [
         "evaluate", "--id", str(tmp_path / "id.parquet"),
         "--ood", f"a={tmp_path / 'a.parquet'}", "--ood", f"b={tmp_path / 'b.parquet'}",
@@ -358,3 +368,96 @@ def test_a_new_lambda_grid_imports_no_pandas_sklearn_nor_matplotlib(tmp_path):
             assert new["ood"][name]["lambda_sweep"][lam] == old["ood"][name]["lambda_sweep"][lam]
     for name in ("roc.png", "score_hist.png"):  # not drawn: the same λ wins
         assert (tmp_path / "grid" / name).read_bytes() == (tmp_path / "first" / name).read_bytes()
+
+
+# ----------------------------------------------------------------------------- what a new grid reads
+@pytest.fixture()
+def data_figures(monkeypatch) -> None:
+    """The ROC and histogram "figures" are the digest of the data they are drawn from (cheap,
+    and a figure copied from the cache must hold the data a fresh draw would show)."""
+    from negalign_cli.stages import plots
+    from negalign_cli.stages.figures import data_digest
+
+    def roc(path, curves):
+        path.write_text(data_digest(curves))
+
+    def histograms(path, id_frame, ood_frames, columns, labels=None):
+        shown = {"id": id_frame[columns], "ood": {n: f[columns] for n, f in ood_frames.items()}}
+        path.write_text(data_digest(shown))
+
+    monkeypatch.setattr(plots, "plot_roc", roc)
+    monkeypatch.setattr(plots, "plot_histograms", histograms)
+
+
+def _columns_read(monkeypatch) -> list[str]:
+    from negalign_cli.stages import score_table
+
+    read: list[str] = []
+    original = score_table._Source.column
+
+    def column(self, name):
+        if name not in self.arrow:
+            read.append(name)
+        return original(self, name)
+
+    monkeypatch.setattr(score_table._Source, "column", column)
+    return read
+
+
+def test_a_new_grid_reads_only_the_columns_the_sweep_needs(tmp_path, monkeypatch, data_figures):
+    """Statistics, the ID accuracy and which columns hold a number are an `evaluate-summary`
+    artifact per file (its digest and kept rows), and the figures are keyed by the files: a new
+    λ grid reads S*, P_align and cam_valid of each file, nothing else, and writes the statistics
+    and accuracy a fresh evaluation (no cache) computes."""
+    paths = _write("class indices", tmp_path)
+    argv = ["evaluate", "--id", str(paths["ID"]), "--ood", f"a={paths['a']}", "--ood", f"b={paths['b']}"]
+    read = _columns_read(monkeypatch)
+    first = cli(
+        *argv, "--lambda", "0,1", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "first")
+    )
+    assert first.exit_code == 0, first.output
+    assert {"s_mcm", "label", "pred_class"} <= set(read)  # summarised: every column read
+    read.clear()
+    grid = cli(
+        *argv, "--lambda", "-1,0,1", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "grid")
+    )
+    assert grid.exit_code == 0, grid.output
+    assert sorted(read) == sorted(["s_neglabel_star", "p_align", "cam_valid"] * 3)
+    fresh = cli(
+        *argv, "--lambda", "-1,0,1", "--cache-dir", str(tmp_path / "fresh"), "--out", str(tmp_path / "f")
+    )
+    assert fresh.exit_code == 0, fresh.output
+    for name in ("results.json", "metrics.csv", "table.csv", "roc.png", "score_hist.png"):
+        assert (tmp_path / "grid" / name).read_bytes() == (tmp_path / "f" / name).read_bytes(), name
+
+
+def test_summaries_follow_the_rows_kept_and_the_file(tmp_path, data_figures):
+    """A grid that drops rows (S_final overflows at its λ, --drop-nonfinite) and an edited file
+    are summarised again, and their figures drawn again: outputs equal a fresh evaluation's."""
+    paths = _write("plain", tmp_path)
+    frame = _frame(30, 1, 0.0)
+    frame.loc[[3, 7], "p_align"] = 1e300  # finite, but S* + 1e10·P_align overflows
+    frame.to_parquet(paths["a"], index=False)
+    argv = ["evaluate", "--id", str(paths["ID"]), "--ood", f"a={paths['a']}", "--ood", f"b={paths['b']}"]
+    argv += ["--compare", "--drop-nonfinite"]
+
+    def outputs(lambdas: str, cache: str, out: str) -> dict:
+        done = cli(
+            *argv, "--lambda", lambdas, "--cache-dir", str(tmp_path / cache), "--out", str(tmp_path / out)
+        )
+        assert done.exit_code == 0, done.output
+        names = ("results.json", "metrics.csv", "roc.png", "score_hist.png")
+        return {n: (tmp_path / out / n).read_bytes() for n in names}
+
+    kept_all = outputs("0,1", "cache", "one")
+    dropped = outputs("0,1e10", "cache", "two")
+    assert json.loads(dropped["results.json"])["ood"]["a"]["n"] == 28
+    assert dropped == outputs("0,1e10", "fresh", "three")
+    assert dropped["score_hist.png"] != kept_all["score_hist.png"]
+    edited = _frame(30, 5, 0.0)
+    edited.to_parquet(paths["a"], index=False)
+    again = outputs("0,1", "cache", "four")
+    assert again == outputs("0,1", "fresh2", "five")
+    assert (
+        json.loads(again["results.json"])["statistics"] != json.loads(kept_all["results.json"])["statistics"]
+    )
