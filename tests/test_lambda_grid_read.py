@@ -98,6 +98,9 @@ def _odd(case: str, frame: pd.DataFrame, seed: int) -> pd.DataFrame | pa.Table:
         return table.set_column(table.schema.get_field_index("s_energy"), "s_energy", energy)
     elif case in ("row groups and a RangeIndex", "a stored index column"):
         frame.index = pd.RangeIndex(5, 5 + 3 * n, 3)
+    elif case == "S_final overflows":  # finite, but S* + 1e10·P_align is not: row label 5 + 3·4
+        frame.index = pd.RangeIndex(5, 5 + 3 * n, 3)
+        frame.iloc[4, frame.columns.get_loc("p_align")] = 1e300
     elif case == "duplicated column names":
         table = pa.Table.from_pandas(frame, preserve_index=False)
         return table.append_column("s_mcm", pa.array(frame["s_mcm"].to_numpy() + 1))
@@ -154,7 +157,7 @@ def _write(case: str, folder: Path, sizes=(40, 30, 25)) -> dict[str, Path]:
         if isinstance(data, pd.DataFrame):
             # a RangeIndex is stored as metadata (None), or as a column (True)
             data = pa.Table.from_pandas(data, preserve_index={"a stored index column": True}.get(case))
-        pq.write_table(data, path, row_group_size=7 if case == "row groups and a RangeIndex" else None)
+        pq.write_table(data, path, row_group_size=None if case == "plain" else 7)
     return paths
 
 
@@ -220,14 +223,19 @@ def test_the_array_path_equals_the_dataframe_path(case, tmp_path, monkeypatch):
         {"lambdas": [0.0, 1.0]},  # NaN refused without --drop-nonfinite
         {"lambdas": [0.0, 1.0], "scale_stabilize": True, "drop_nonfinite": True},
         {"score_column": "s_mcm"},
-        {"lambdas": [1e308], "drop_nonfinite": False},  # S_final overflows: the row named
+        {"lambdas": [0.0, 1e10]},  # S_final overflows: refused, naming the row by its index label
+        {"lambdas": [0.0, 1e10], "drop_nonfinite": True},
     ],
 )
 def test_refusals_and_options_are_the_dataframe_paths(options, tmp_path):
-    paths = _write("nan and inf, dropped", tmp_path)
-    if options.get("lambdas") == [1e308]:
-        paths = _write("row groups and a RangeIndex", tmp_path)
-    assert _outcome(paths, read_score_table, **options) == _outcome(paths, _old_read, **options)
+    overflow = options["lambdas"][-1] == 1e10 if "lambdas" in options else False
+    paths = _write("S_final overflows" if overflow else "nan and inf, dropped", tmp_path)
+    new = _outcome(paths, read_score_table, **options)
+    assert new == _outcome(paths, _old_read, **options)
+    if overflow and not options.get("drop_nonfinite"):
+        assert "first: row 17," in new["error"]
+    elif overflow:
+        assert json.loads(new["results"])["ood"]["a"]["dropped_nonfinite"] == 1
 
 
 def test_an_empty_set_is_refused_as_before(tmp_path):
