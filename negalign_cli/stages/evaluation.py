@@ -523,10 +523,8 @@ def _evaluate(
     keys that name the files rather than hash their data."""
     from negalign_cli.heap import reused_heap
 
-    # read before: pyarrow's reader threads allocate far more slowly under the block's settings
-    frames = _read_frames(request, digests)
     with reused_heap():  # the sweep's full-length temporaries reuse freed memory: no page faults
-        return _evaluate_files(request, folder, reporter, store, frames)
+        return _evaluate_files(request, folder, reporter, store, digests)
 
 
 def _evaluate_files(
@@ -534,9 +532,9 @@ def _evaluate_files(
     folder: Path,
     reporter: Reporter,
     store: ArtifactStore | None = None,
-    frames: dict[str, ScoreTable] | None = None,
+    digests: Mapping[str, str] | None = None,
 ) -> dict:
-    frames = _read_frames(request) if frames is None else frames
+    frames = _read_frames(request, digests)  # the files' schemas: each column is read when used
     seeds = _group_seeds(request)
     if seeds is None:
         run = _run(request, frames, reporter, store)
