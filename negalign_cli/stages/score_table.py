@@ -2,14 +2,15 @@
 
 ``evaluate`` needs a few columns of a score file as float64 arrays, a boolean mask or two and the
 rows it keeps. Reading a parquet file through pandas costs the import of pandas (~0.5 s) and a
-DataFrame of every column; a :class:`ScoreTable` reads the file with ``pyarrow.parquet`` and
-converts a column to numpy the first time it is asked for. Every value is the one the DataFrame
-path gave (``pd.read_parquet`` then ``pd.to_numeric(...).to_numpy(float64)``): columns of plain
-numeric types (floats, integers, booleans without nulls) are converted by pyarrow and numpy with
-the same casts; anything else (strings, nullable booleans, categories, pandas extension types, a
-stored index, duplicated names) goes through pandas itself, read the old way, so an odd file
-behaves exactly as before and only it pays for pandas. CSV and TSV files are read by pandas (its
-type inference is the file's meaning) and wrapped.
+DataFrame of every column; a :class:`ScoreTable` reads the file's schema with
+``pyarrow.parquet`` and a column the first time it is asked for, into numpy from its arrow buffers
+(pyarrow's own ``to_numpy`` imports pandas). Every value is the one the DataFrame path gave
+(``pd.read_parquet`` then ``pd.to_numeric(...).to_numpy(float64)``): columns of plain numeric
+types (floats, integers, booleans without nulls) hold the same values and numpy casts them as
+pandas did (a null is NaN, as pandas reads it); anything else (strings, nullable booleans,
+categories, pandas extension types, a stored index, duplicated names) goes through pandas itself,
+read the old way, so an odd file behaves exactly as before and only it pays for pandas. CSV and
+TSV files are read by pandas (its type inference is the file's meaning) and wrapped.
 
 Rows are filtered with :meth:`ScoreTable.filter` (a view: the kept positions of the file's rows),
 and :meth:`ScoreTable.to_frame` gives the DataFrame the old path had, for drawing.
@@ -33,7 +34,7 @@ else:  # an `evaluate` cache hit reads no score file
     np, pd = lazy_module("numpy"), lazy_module("pandas")
 
 # pandas' numpy dtypes a parquet column keeps when read back (pandas metadata ``numpy_type``):
-# for these, pyarrow's to_numpy and numpy's cast give the values pandas gives
+# for these, the arrow buffers and numpy's cast give the values pandas gives
 _PLAIN_NUMPY = {
     "float32",
     "float64",
