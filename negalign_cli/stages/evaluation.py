@@ -39,12 +39,14 @@ from negalign_cli.errors import NegalignError
 from negalign_cli.lazy import lazy_module
 from negalign_cli.reporting import NullReporter, RecordingReporter, Reporter
 from negalign_cli.stages import files
+from negalign_cli.stages.score_table import ScoreTable, as_table
 
 if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
     import pyarrow.parquet as pq
-else:  # a cache hit (a key, a lookup, a copy) imports none: they load when the stage computes
+else:  # a cache hit (a key, a lookup, a copy) imports none: they load when the stage computes;
+    # a miss reads parquet score files with pyarrow alone (stages/score_table.py): no pandas
     np, pd, pq = lazy_module("numpy"), lazy_module("pandas"), lazy_module("pyarrow.parquet")
 
 FITTED = "fitted on the ID set"  # the source of M3 statistics fitted by evaluate itself
@@ -156,16 +158,33 @@ class EvaluateRequest:
         }
 
 
-def _invalid_cam(frame: pd.DataFrame) -> np.ndarray:
+def read_score_table(path: Path) -> ScoreTable:
+    """A score file's rows for ``evaluate`` (parquet read by pyarrow alone; ``read_score_file``'s
+    checks and values)."""
+    return ScoreTable.read(path)
+
+
+def _invalid_cam(frame: ScoreTable) -> np.ndarray:
     """Rows whose ``cam_valid`` is False (a missing or empty column marks none)."""
     if "cam_valid" not in frame.columns:
         return np.zeros(len(frame), dtype=bool)
-    valid = frame["cam_valid"]
+    kind = frame.kind("cam_valid")
+    if kind == "bool":
+        return ~frame.bools("cam_valid")
+    if kind is not None:  # a number: False where 0 (NaN marks nothing), as astype(bool) reads it
+        return frame.numeric("cam_valid") == 0
+    valid = frame.series("cam_valid")
     return (valid.notna() & ~valid.fillna(True).astype(bool)).to_numpy()
 
 
-def _usable(frame: pd.DataFrame, column: str) -> bool:
-    return column in frame.columns and bool(pd.to_numeric(frame[column], errors="coerce").notna().any())
+def _usable(frame: ScoreTable, column: str) -> bool:
+    if column not in frame.columns:
+        return False
+    if column in frame.usable:  # known from the file's summary
+        return frame.usable[column]
+    if frame.plain(column):
+        return not bool(np.isnan(frame.numeric(column)).all())
+    return bool(pd.to_numeric(frame.series(column), errors="coerce").notna().any())
 
 
 def load_calibration(path: Path, what: str | None = None) -> dict[str, dict[str, float]]:
@@ -236,7 +255,7 @@ def evaluate(request: EvaluateRequest, workspace: Workspace, reporter: Reporter 
         inputs[f"id-group:{name}"] = _group_digest(path, stat_cache)
     spec = StageSpec(EVALUATE_STAGE, EVALUATE_VERSION, request.params(), inputs)
     store = workspace.store
-    return store.run(spec, lambda folder: _evaluate(request, folder, reporter, store), reporter)
+    return store.run(spec, lambda folder: _evaluate(request, folder, reporter, store, inputs), reporter)
 
 
 def apply_benchmark(request: EvaluateRequest, reporter: Reporter) -> None:
@@ -334,10 +353,10 @@ class _Seeds:
     seeds: list[int]
     columns: list[str]
 
-    def frames(self, frames: dict[str, pd.DataFrame], seed: int) -> dict[str, pd.DataFrame]:
+    def frames(self, frames: dict[str, ScoreTable], seed: int) -> dict[str, ScoreTable]:
         """The score files as group seed ``seed`` scored them: its columns in the plain names."""
         return {
-            name: frame.assign(**{c: frame[seed_column(c, seed)] for c in self.columns})
+            name: frame.with_columns({c: seed_column(c, seed) for c in self.columns})
             for name, frame in frames.items()
         }
 
@@ -496,25 +515,40 @@ class _Selection:
 
 
 def _evaluate(
-    request: EvaluateRequest, folder: Path, reporter: Reporter, store: ArtifactStore | None = None
+    request: EvaluateRequest,
+    folder: Path,
+    reporter: Reporter,
+    store: ArtifactStore | None = None,
+    digests: Mapping[str, str] | None = None,
 ) -> dict:
+    """``digests``: the score files' sha256 (the stage's inputs), for the summaries and figure
+    keys that name the files rather than hash their data."""
     from negalign_cli.heap import reused_heap
 
     with reused_heap():  # the sweep's full-length temporaries reuse freed memory: no page faults
-        return _evaluate_files(request, folder, reporter, store)
+        return _evaluate_files(request, folder, reporter, store, digests)
 
 
 def _evaluate_files(
-    request: EvaluateRequest, folder: Path, reporter: Reporter, store: ArtifactStore | None = None
+    request: EvaluateRequest,
+    folder: Path,
+    reporter: Reporter,
+    store: ArtifactStore | None = None,
+    digests: Mapping[str, str] | None = None,
 ) -> dict:
-    frames = _read_frames(request)
+    frames = _read_frames(request, digests)  # the files' schemas: each column is read when used
     seeds = _group_seeds(request)
     if seeds is None:
-        run = _run(request, frames, reporter)
+        run = _run(request, frames, reporter, store)
         results, metric_rows, figures = run.results, _metric_rows(run), None
     else:  # every seed evaluated as its own score file would be, then mean ± std over the seeds
         runs = [
-            _run(request, seeds.frames(frames, seed), reporter if i == 0 else _SeedReporter(reporter, seed))
+            _run(
+                request,
+                seeds.frames(frames, seed),
+                reporter if i == 0 else _SeedReporter(reporter, seed),
+                store,
+            )
             for i, seed in enumerate(seeds.seeds)
         ]
         run = runs[0]  # the figures and statistics: the first seed's (its columns are the plain ones)
@@ -537,13 +571,20 @@ class _Run:
 
     results: dict
     rows: list[dict]  # metrics.csv's rows per OOD set
-    id_frame: pd.DataFrame
-    ood_frames: dict[str, pd.DataFrame]
+    id_frame: ScoreTable
+    ood_frames: dict[str, ScoreTable]
     selection: _Selection
 
 
-def _run(request: EvaluateRequest, frames: dict[str, pd.DataFrame], reporter: Reporter) -> _Run:
-    """results.json's content (and metrics.csv's rows) for the score files ``frames``."""
+def _run(
+    request: EvaluateRequest,
+    frames: dict[str, ScoreTable],
+    reporter: Reporter,
+    store: ArtifactStore | None = None,
+) -> _Run:
+    """results.json's content (and metrics.csv's rows) for the score files ``frames``; each
+    file's statistics (and the ID accuracy) from the cache (``store``) when its kept rows were
+    summarised before."""
     frames = dict(frames)
     selection = _select(request, frames, reporter)
     cam_invalid, excluded = _exclude_invalid_cams(frames, selection, reporter)
@@ -577,7 +618,8 @@ def _run(request: EvaluateRequest, frames: dict[str, pd.DataFrame], reporter: Re
         },
         "ood": {},
     }
-    results["id"]["accuracy"] = id_accuracy(id_frame)
+    summaries = _summaries(request, frames, store, reporter)
+    results["id"]["accuracy"] = summaries[ID_SET]["accuracy"]
     results["columns"] = _column_descriptions(selection)
     if calibration is not None:
         results["calibration"] = calibration
@@ -585,7 +627,7 @@ def _run(request: EvaluateRequest, frames: dict[str, pd.DataFrame], reporter: Re
         results["lambda_selection"] = {"rule": rule, "lambda": chosen}
     rows: list[dict] = []
     # each file's statistics once (they were computed per OOD block and again below)
-    stats = {name: statistics(_stat_columns(frame)) for name, frame in frames.items()}
+    stats = {name: summary["statistics"] for name, summary in summaries.items()}
     for name, frame in ood_frames.items():
         block = _ood_block(
             request, name, id_frame, frame, selection, sweeps.get(name), chosen.get(name), rows, stats
@@ -616,13 +658,66 @@ def _run(request: EvaluateRequest, frames: dict[str, pd.DataFrame], reporter: Re
     return _Run(results, rows, id_frame, ood_frames, selection)
 
 
+# what evaluate keeps of each score file's kept rows that no λ changes: its statistics, which of
+# the columns drawn hold a number, the ID accuracy (1: first)
+SUMMARY_STAGE, SUMMARY_VERSION, SUMMARY = "evaluate-summary", 1, "summary.json"
+
+
+def _summaries(
+    request: EvaluateRequest,
+    frames: Mapping[str, ScoreTable],
+    store: ArtifactStore | None,
+    reporter: Reporter,
+) -> dict[str, dict[str, Any]]:
+    """Each set's ``statistics`` (and the ID set's ``accuracy``, and ``usable``: which score
+    columns hold a number) of its kept rows: an artifact keyed by the file's digest and the rows
+    kept, so a new λ grid neither computes them again nor reads the columns they need. Without a
+    store, or for a table whose file's digest is unknown, computed."""
+    from negalign_cli.stages.figures import _Quieter
+
+    checked = [c for c in dict.fromkeys((*METHODS.values(), ALIGN, request.score_column)) if c]
+    out = {}
+    for name, frame in frames.items():
+        accuracy = name == ID_SET
+
+        def summarise(frame: ScoreTable = frame, accuracy: bool = accuracy) -> dict[str, Any]:
+            summary: dict[str, Any] = {
+                "statistics": statistics(_stat_columns(frame)),
+                "usable": [c for c in checked if _usable(frame, c)],
+            }
+            return summary | ({"accuracy": id_accuracy(frame)} if accuracy else {})
+
+        if store is None or frame.digest is None:
+            summary = summarise()
+        else:
+            renamed = {c: frame.origin(c) for c in frame.columns if frame.origin(c) != c}  # group seeds
+            params = {
+                "evaluate": EVALUATE_VERSION,
+                "checked": checked,
+                "renamed": renamed,
+                "accuracy": accuracy,
+            }
+            spec = StageSpec(
+                SUMMARY_STAGE, SUMMARY_VERSION, params, {"file": frame.digest, "rows": frame.rows_digest()}
+            )
+
+            def compute(folder: Path, summarise=summarise) -> None:
+                (folder / SUMMARY).write_text(json.dumps(summarise()), encoding="utf-8")
+
+            result = store.run(spec, compute, _Quieter(reporter))
+            summary = json.loads(result.artifact.file(SUMMARY).read_text(encoding="utf-8"))
+        frame.usable.update({c: c in summary["usable"] for c in checked})
+        out[name] = summary
+    return out
+
+
 def _label_key(values: pd.Series) -> np.ndarray:
     """Class names compared loosely: lower case, ``_``/``-`` as spaces, outer spaces dropped."""
     text = values.astype(str).str.strip().str.lower().str.replace(r"[_\-\s]+", " ", regex=True)
     return text.to_numpy(dtype=object)
 
 
-def id_accuracy(frame: pd.DataFrame) -> dict[str, Any]:
+def id_accuracy(frame: ScoreTable | pd.DataFrame) -> dict[str, Any]:
     """Zero-shot top-1 accuracy on the ID set, where the score file's ``label`` column (the
     ImageFolder class folder, or a manifest's label) says what each image is: labels that are all
     integers are class indices (OpenOOD's image lists), compared with ``pred_class``; otherwise
@@ -630,9 +725,31 @@ def id_accuracy(frame: pd.DataFrame) -> dict[str, Any]:
     when at least half the distinct labels name a class some image was predicted as (else they are
     not class names). ImageNet-1K's WordNet ids (``n01440764``) are class indices by their sorted
     order (:func:`_wnid_accuracy`). Returns ``{"top1", "n", "labels"}``, or
-    ``{"top1": None, "note"}`` saying what is missing."""
-    if "label" not in frame.columns or "pred_class" not in frame.columns:
+    ``{"top1": None, "note"}`` saying what is missing. Integer labels of a parquet file are
+    compared as arrays; other labels (names, WordNet ids) through pandas' string methods."""
+    table = as_table(frame)
+    if "label" not in table.columns or "pred_class" not in table.columns:
         return {"top1": None, "note": "the ID score file has no label or pred_class column"}
+    indices = _index_accuracy(table)
+    return indices if indices is not None else _frame_accuracy(table.to_frame())
+
+
+def _index_accuracy(table: ScoreTable) -> dict[str, Any] | None:
+    """``id_accuracy`` where the labels and ``pred_class`` are plain integer columns (class
+    indices: every label known, every one an integer), else None."""
+    if not (_signed_int(table, "label") and _signed_int(table, "pred_class")):
+        return None
+    hits = table.integers("label") == table.integers("pred_class")
+    return {"top1": float(hits.mean()), "n": len(table), "labels": "class indices"}
+
+
+def _signed_int(table: ScoreTable, column: str) -> bool:
+    kind = table.kind(column)
+    return kind is not None and kind.startswith("int") and not table.has_nulls(column)
+
+
+def _frame_accuracy(frame: pd.DataFrame) -> dict[str, Any]:
+    """``id_accuracy`` of a DataFrame with a label and a pred_class column."""
     labels = frame["label"]
     known = labels.notna() & (labels.astype(str).str.strip() != "")
     if not known.all():
@@ -723,13 +840,14 @@ def _column_descriptions(selection: _Selection) -> dict[str, dict[str, str]]:
     return out
 
 
-def _read_frames(request: EvaluateRequest) -> dict[str, pd.DataFrame]:
+def _read_frames(request: EvaluateRequest, digests: Mapping[str, str] | None = None) -> dict[str, ScoreTable]:
     """The ID and OOD score files (ID first), refusing files made by different models, and files
     made with different score settings, classes or negatives unless --allow-mixed-settings."""
     from negalign_cli.stages.score_files import read_score_metadata  # pyarrow: not on a hit
 
-    frames = {ID_SET: read_score_file(request.id_path)}
-    frames.update({name: read_score_file(path) for name, path in request.oods})
+    known = digests or {}
+    frames = {ID_SET: ScoreTable.read(request.id_path, known.get("id"))}
+    frames.update({name: ScoreTable.read(path, known.get(f"ood:{name}")) for name, path in request.oods})
     metadata = {name: read_score_metadata(path) for name, path in [(ID_SET, request.id_path), *request.oods]}
     models = {name: meta.get("model") for name, meta in metadata.items()}
     if len({m for m in models.values() if m}) > 1:
@@ -764,7 +882,7 @@ def _differing_settings(metadata: dict[str, dict]) -> list[str]:
     return out
 
 
-def _select(request: EvaluateRequest, frames: dict[str, pd.DataFrame], reporter: Reporter) -> _Selection:
+def _select(request: EvaluateRequest, frames: dict[str, ScoreTable], reporter: Reporter) -> _Selection:
     """Which columns are evaluated: --score, --lambda (NegAlign), --compare (the method table);
     with none of them, the method's own score: NegAlign where P_align exists, else NegLabel*."""
     negalign_ok = all(_usable(f, STAR) and _usable(f, ALIGN) for f in frames.values())
@@ -809,7 +927,7 @@ def _needed_columns(request: EvaluateRequest, selection: _Selection) -> list[str
 
 
 def _exclude_invalid_cams(
-    frames: dict[str, pd.DataFrame], selection: _Selection, reporter: Reporter
+    frames: dict[str, ScoreTable], selection: _Selection, reporter: Reporter
 ) -> tuple[dict[str, int], dict[str, int]]:
     """Count rows with an invalid CAM per set; under `score --invalid-cam exclude` their P_align is
     undefined and NegAlign cannot rank them, so they leave every method's evaluation (same rows)."""
@@ -818,22 +936,25 @@ def _exclude_invalid_cams(
         frame = frames[name]
         invalid = _invalid_cam(frame)
         cam_invalid[name] = int(invalid.sum())
-        gone = (
-            invalid & pd.to_numeric(frame[ALIGN], errors="coerce").isna().to_numpy()
-            if selection.negalign
-            else None
-        )
+        gone = invalid & _missing(frame, ALIGN) if selection.negalign else None
         excluded[name] = int(gone.sum()) if gone is not None else 0
         if gone is not None and gone.any():
             reporter.info(
                 f"{name}: {excluded[name]} row(s) with an invalid CAM excluded (--invalid-cam exclude)"
             )
-            frames[name] = frame[~gone]
+            frames[name] = frame.filter(~gone)
     return cam_invalid, excluded
 
 
+def _missing(frame: ScoreTable, column: str) -> np.ndarray:
+    """Rows where ``column`` holds no number (``pd.to_numeric(..., errors="coerce").isna()``)."""
+    if frame.plain(column):
+        return np.isnan(frame.numeric(column))
+    return pd.to_numeric(frame.series(column), errors="coerce").isna().to_numpy()
+
+
 def _drop_nonfinite(
-    frames: dict[str, pd.DataFrame],
+    frames: dict[str, ScoreTable],
     needed: list[str],
     drop: bool,
     reporter: Reporter,
@@ -843,8 +964,7 @@ def _drop_nonfinite(
     dropped = {}
     for name in list(frames):
         where = f"{name} ({paths[name]})" if paths else name
-        values = frames[name][needed].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
-        bad = ~np.isfinite(values).all(axis=1)
+        bad = _nonfinite_rows(frames[name], needed)
         if bad.any():
             if not drop:
                 raise NegalignError(
@@ -852,15 +972,26 @@ def _drop_nonfinite(
                     "pass --drop-nonfinite to leave them out"
                 )
             reporter.warn(f"{where}: left out {int(bad.sum())} row(s) with NaN/inf scores")
-            frames[name] = frames[name][~bad]
+            frames[name] = frames[name].filter(~bad)
         dropped[name] = int(bad.sum())
         if frames[name].empty:
             raise NegalignError(f"{where}: no rows left to evaluate")
     return dropped
 
 
+def _nonfinite_rows(frame: ScoreTable, needed: list[str]) -> np.ndarray:
+    """Rows with NaN/inf (or no number) in one of the columns ``needed``."""
+    if all(frame.plain(c) for c in needed):
+        bad = np.zeros(len(frame), dtype=bool)
+        for column in needed:  # a handful of columns, each vectorised over every row
+            bad |= ~np.isfinite(frame.numeric(column))
+        return bad
+    values = frame.to_frame()[needed].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+    return ~np.isfinite(values).all(axis=1)
+
+
 def _drop_overflow(
-    frames: dict[str, pd.DataFrame],
+    frames: dict[str, ScoreTable],
     lambdas: Sequence[float],
     calibration: dict | None,
     drop: bool,
@@ -884,23 +1015,23 @@ def _drop_overflow(
                 at = [lam for lam in lambdas if nonfinite_final(star, align, [lam], calibration).any()]
                 raise NegalignError(
                     f"{where}: S_final = {combined} overflows to inf for {int(bad.sum())} row(s) at λ = "
-                    f"{', '.join(f'{lam:g}' for lam in at)} (first: row {frames[name].index[first]}, "
+                    f"{', '.join(f'{lam:g}' for lam in at)} (first: row {frames[name].row_label(first)}, "
                     f"{STAR}={star[first]:.4g}, {ALIGN}={align[first]:.4g}): finite scores too large to "
                     "combine; check how the file was made, or pass --drop-nonfinite to leave them out"
                 )
             reporter.warn(f"{where}: left out {int(bad.sum())} row(s) whose S_final = {combined} overflows")
-            frames[name] = frames[name][~bad]
+            frames[name] = frames[name].filter(~bad)
             if frames[name].empty:
                 raise NegalignError(f"{where}: no rows left to evaluate")
         dropped[name] = int(bad.sum())
     return dropped
 
 
-def _values(frame: pd.DataFrame, name: str) -> np.ndarray:
-    return pd.to_numeric(frame[name]).to_numpy(dtype=np.float64)
+def _values(frame: ScoreTable, name: str) -> np.ndarray:
+    return frame.numeric(name, errors="raise")
 
 
-def _calibration(request: EvaluateRequest, id_frame: pd.DataFrame) -> dict | None:
+def _calibration(request: EvaluateRequest, id_frame: ScoreTable) -> dict | None:
     """M3's statistics: from --calibration FILE, or fitted on the ID set; None without M3."""
     if request.calibration_path is not None:
         return {**load_calibration(request.calibration_path), "source": str(request.calibration_path)}
@@ -932,8 +1063,8 @@ def _check_calibration(calibration: dict | None, paths: Mapping[str, Path]) -> N
 
 def _sweeps(
     request: EvaluateRequest,
-    id_frame: pd.DataFrame,
-    ood_frames: dict[str, pd.DataFrame],
+    id_frame: ScoreTable,
+    ood_frames: dict[str, ScoreTable],
     calibration: dict | None,
 ) -> dict[str, dict[float, dict]]:
     oods = {name: (_values(frame, STAR), _values(frame, ALIGN)) for name, frame in ood_frames.items()}
@@ -958,8 +1089,8 @@ def _choose_lambdas(request: EvaluateRequest, sweeps: dict[str, dict]) -> tuple[
 def _ood_block(
     request: EvaluateRequest,
     name: str,
-    id_frame: pd.DataFrame,
-    frame: pd.DataFrame,
+    id_frame: ScoreTable,
+    frame: ScoreTable,
     selection: _Selection,
     sweep: dict[float, dict] | None,
     lam: float | None,
@@ -1015,7 +1146,7 @@ def _group_paths(path: Path) -> list[str]:
 
 def _id_groups(
     request: EvaluateRequest,
-    id_frame: pd.DataFrame,
+    id_frame: ScoreTable,
     selection: _Selection,
     sweeps: dict[str, dict[float, dict]],
     mean: dict,
@@ -1025,7 +1156,7 @@ def _id_groups(
     95% of all ID images (NegAlign at every swept λ). Images are matched by their real path."""
     if "path" not in id_frame.columns:
         raise NegalignError("--id-group matches images by path, and the ID score file has no path column")
-    real = np.array([os.path.realpath(str(p)) for p in id_frame["path"]], dtype=object)
+    real = np.array([os.path.realpath(str(p)) for p in id_frame.series("path")], dtype=object)
     scores = {method: _values(id_frame, column) for method, column in selection.columns.items()}
     lambdas = sorted(next(iter(sweeps.values()))) if sweeps else []
     sweep_scores = {
@@ -1073,8 +1204,8 @@ def _write_outputs(
     request: EvaluateRequest,
     results: dict,
     metric_rows: list[dict],
-    id_frame: pd.DataFrame,
-    ood_frames: dict[str, pd.DataFrame],
+    id_frame: ScoreTable,
+    ood_frames: dict[str, ScoreTable],
     store: ArtifactStore | None = None,
     reporter: Reporter | None = None,
     figures: dict | None = None,
@@ -1085,18 +1216,16 @@ def _write_outputs(
     The figures are copied from the cache (``store``) when their data are unchanged: the
     histograms of the stored columns whatever the λ grid, the ROC curves unless NegAlign's λ
     changed."""
-    from negalign_cli.stages import plots
-    from negalign_cli.stages.figures import cached_figure
+    from negalign_cli.stages.csv_rows import write_rows_csv
     from negalign_cli.stages.results_json import dumps_results  # null for NaN/inf: standard JSON
 
     (folder / files.RESULTS).write_text(dumps_results(results), encoding="utf-8")
-    pd.DataFrame(metric_rows).to_csv(folder / files.METRICS, index=False, float_format="%.4f")
+    # what pd.DataFrame(rows).to_csv(path, index=False, ...) wrote, without importing pandas
+    write_rows_csv(folder / files.METRICS, metric_rows, float_format="%.4f")
     from negalign_cli.stages.paper_table import csv_rows, paper_table
 
-    pd.DataFrame(csv_rows(paper_table(results))).to_csv(folder / files.TABLE, index=False)
-    curves = roc_curves(figures or results, id_frame, ood_frames)
-    roc = folder / files.ROC_PLOT
-    cached_figure(store, "roc", curves, lambda path: plots.plot_roc(path, curves), roc, reporter)
+    write_rows_csv(folder / files.TABLE, csv_rows(paper_table(results)))
+    roc_figure(store, folder / files.ROC_PLOT, figures or results, id_frame, ood_frames, reporter)
     frames = {ID_SET: id_frame, **ood_frames}
     components = [
         c
@@ -1111,8 +1240,8 @@ def _write_outputs(
 def histogram_figure(
     store: ArtifactStore | None,
     target: Path,
-    id_frame: pd.DataFrame,
-    ood_frames: dict[str, pd.DataFrame],
+    id_frame: ScoreTable | pd.DataFrame,
+    ood_frames: Mapping[str, ScoreTable | pd.DataFrame],
     columns: list[str],
     reporter: Reporter | None = None,
 ) -> bool:
@@ -1121,24 +1250,88 @@ def histogram_figure(
     from negalign_cli.stages import plots
     from negalign_cli.stages.figures import cached_figure
 
-    def drawn(frame: pd.DataFrame) -> dict[str, np.ndarray]:  # the values the histograms bin
-        numeric = {c: pd.to_numeric(frame[c], errors="coerce") for c in columns}
-        return {c: values.to_numpy(dtype=np.float64, na_value=np.nan) for c, values in numeric.items()}
+    tables = {ID_SET: as_table(id_frame), **{name: as_table(f) for name, f in ood_frames.items()}}
+
+    named = all(t.digest is not None for t in tables.values())  # keyed by the files, not their data
+
+    def drawn(frame: ScoreTable) -> dict[str, Any]:  # the values the histograms bin
+        return {c: _column_token(frame, c, "drawn") if named else _drawn_values(frame, c) for c in columns}
+
+    def draw(path: Path) -> None:  # the DataFrames the histograms are drawn from (imports pandas)
+        frames = {name: table.to_frame() for name, table in tables.items()}
+        id_rows = frames.pop(ID_SET)
+        plots.plot_histograms(path, id_rows, frames, columns)
 
     material = {
         "columns": columns,
         "labels": {c: (known.label if (known := score_column(c)) else c) for c in columns},
-        "id": drawn(id_frame),
-        "ood": {name: drawn(frame) for name, frame in ood_frames.items()},
+        "id": drawn(tables[ID_SET]),
+        "ood": {name: drawn(frame) for name, frame in tables.items() if name != ID_SET},
     }
-    return cached_figure(
-        store,
-        "histograms",
-        material,
-        lambda path: plots.plot_histograms(path, id_frame, ood_frames, columns),
-        target,
-        reporter,
-    )
+    return cached_figure(store, "histograms", material, draw, target, reporter)
+
+
+def roc_figure(
+    store: ArtifactStore | None,
+    target: Path,
+    results: dict,
+    id_frame: ScoreTable | pd.DataFrame,
+    ood_frames: Mapping[str, ScoreTable | pd.DataFrame],
+    reporter: Reporter | None = None,
+) -> bool:
+    """roc.png (``plots.plot_roc`` of ``roc_curves``) from the cache when the curves are those of
+    a figure drawn before, else drawn. The key names what the curves are computed from (each
+    file's digest, the kept rows, each method's column or λ and M3 statistics) when every file's
+    digest is known, else it hashes the curves. Returns whether it came from the cache."""
+    from negalign_cli.stages import plots
+    from negalign_cli.stages.figures import cached_figure
+
+    id_table = as_table(id_frame)
+    tables = {name: as_table(frame) for name, frame in ood_frames.items()}
+    if id_table.digest is not None and all(t.digest is not None for t in tables.values()):
+        material: Any = _roc_material(results, id_table, tables)
+    else:
+        material = roc_curves(results, id_table, tables)
+
+    def draw(path: Path) -> None:
+        plots.plot_roc(path, roc_curves(results, id_table, tables))
+
+    return cached_figure(store, "roc", material, draw, target, reporter)
+
+
+def _roc_material(results: dict, id_table: ScoreTable, tables: Mapping[str, ScoreTable]) -> dict[str, Any]:
+    """What ``roc_curves`` computes each curve from, without computing it (the figure's key)."""
+    calibration = results.get("calibration")
+    m3 = {c: calibration[c] for c in (STAR, ALIGN)} if calibration is not None else None
+
+    def scores(entry: dict, table: ScoreTable) -> Any:  # ``method_scores``' inputs
+        if "lambda" in entry:
+            parts = [_column_token(table, STAR, "values"), _column_token(table, ALIGN, "values")]
+            return {"final": parts, "lambda": float(entry["lambda"]), "m3": m3}
+        return _column_token(table, entry["column"], "values")
+
+    return {
+        name: {
+            method_label(method, entry): (scores(entry, id_table), scores(entry, table))
+            for method, entry in results["ood"][name]["methods"].items()
+        }
+        for name, table in tables.items()
+    }
+
+
+def _column_token(frame: ScoreTable, column: str, how: str) -> dict[str, str]:
+    """What a figure key records of column ``column``'s kept values (converted ``how``: "drawn"
+    by ``_drawn_values``, "values" by ``_values``): the file's digest, its column and the rows
+    kept, which determine them (the conversions are pinned by tests/test_lambda_grid_read.py)."""
+    return {"file": str(frame.digest), "column": frame.origin(column), "rows": frame.rows_digest(), "as": how}
+
+
+def _drawn_values(frame: ScoreTable, column: str) -> np.ndarray:
+    """``pd.to_numeric(column, errors="coerce").to_numpy(float64, na_value=nan)``."""
+    if frame.plain(column):
+        return frame.numeric(column)
+    values = pd.to_numeric(frame.series(column), errors="coerce")
+    return values.to_numpy(dtype=np.float64, na_value=np.nan)
 
 
 def method_label(method: str, entry: dict) -> str:
@@ -1152,16 +1345,17 @@ def method_label(method: str, entry: dict) -> str:
     return method
 
 
-def method_scores(entry: dict, frame: pd.DataFrame, calibration: dict | None) -> np.ndarray:
+def method_scores(entry: dict, frame: ScoreTable | pd.DataFrame, calibration: dict | None) -> np.ndarray:
     """The scores one method entry of results.json gave the rows of ``frame``: its column, or for
     NegAlign S* + λ·P_align at the entry's λ (z-scored with M3's statistics when there are any)."""
+    frame = as_table(frame)
     if "lambda" in entry:
         return final_score(_values(frame, STAR), _values(frame, ALIGN), float(entry["lambda"]), calibration)
     return _values(frame, entry["column"])
 
 
 def roc_curves(
-    results: dict, id_frame: pd.DataFrame, ood_frames: dict[str, pd.DataFrame]
+    results: dict, id_frame: ScoreTable | pd.DataFrame, ood_frames: Mapping[str, ScoreTable | pd.DataFrame]
 ) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
     """OOD set → method label → (ID scores, OOD scores), every method of the table."""
     calibration = results.get("calibration")
@@ -1177,10 +1371,16 @@ def roc_curves(
     }
 
 
-def evaluated_rows(results: dict, frames: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+def evaluated_rows(results: dict, frames: Mapping[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
     """The rows of the score files (``frames``: "ID" and the OOD names) that ``evaluate`` kept,
     by the same rules (invalid CAMs under ``--invalid-cam exclude``, NaN/inf rows under
     ``--drop-nonfinite``), for figures drawn later from the same files."""
+    tables = {name: as_table(frame) for name, frame in frames.items()}
+    return {name: table.to_frame() for name, table in evaluated_tables(results, tables).items()}
+
+
+def evaluated_tables(results: dict, frames: Mapping[str, ScoreTable]) -> dict[str, ScoreTable]:
+    """``evaluated_rows`` of ScoreTables (which know the rows of their files they keep)."""
     first = next(iter(results["ood"].values()))["methods"]
     columns = {m: e["column"] for m, e in first.items() if m != NEGALIGN}
     selection = _Selection(columns, NEGALIGN in first)
@@ -1195,13 +1395,26 @@ def evaluated_rows(results: dict, frames: dict[str, pd.DataFrame]) -> dict[str, 
     return frames
 
 
-def _stat_columns(frame: pd.DataFrame) -> dict[str, np.ndarray]:
+def _stat_columns(frame: ScoreTable) -> dict[str, np.ndarray]:
     out = {}
     for name in SCORE_COLUMNS:
         if name in frame.columns:
-            out[name] = pd.to_numeric(frame[name], errors="coerce").to_numpy(dtype=np.float64)
-    if "cam_valid" in frame.columns and frame["cam_valid"].notna().any():
-        out["cam_valid"] = frame["cam_valid"].fillna(False).to_numpy(dtype=bool)
+            out[name] = frame.numeric(name)
+    if "cam_valid" not in frame.columns:
+        return out
+    kind = frame.kind("cam_valid")
+    if kind == "bool":
+        if len(frame):
+            out["cam_valid"] = frame.bools("cam_valid")
+    elif kind is not None:  # a number: True where not 0, NaN (a missing value) as False
+        values = frame.numeric("cam_valid")
+        known = ~np.isnan(values)
+        if known.any():
+            out["cam_valid"] = known & (values != 0)
+    else:
+        valid = frame.series("cam_valid")
+        if valid.notna().any():
+            out["cam_valid"] = valid.fillna(False).to_numpy(dtype=bool)
     return out
 
 

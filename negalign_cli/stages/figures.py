@@ -14,12 +14,12 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from negalign_cli.cache.store import StageSpec
 from negalign_cli.reporting import NullReporter, Reporter
@@ -42,10 +42,11 @@ def data_digest(material: Any) -> str:
 
 
 def _feed(digest: Any, value: Any) -> None:
-    if isinstance(value, pd.DataFrame):
+    pd = sys.modules.get("pandas")  # a frame or series exists only once pandas is imported
+    if pd is not None and isinstance(value, pd.DataFrame):
         digest.update(b"frame")
         _feed(digest, {str(c): value[c].to_numpy() for c in value.columns})
-    elif isinstance(value, pd.Series):
+    elif pd is not None and isinstance(value, pd.Series):
         _feed(digest, value.to_numpy())
     elif isinstance(value, np.ndarray):
         if value.dtype.hasobject:

@@ -13,10 +13,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import pandas as pd
+
+from negalign_cli.lazy import lazy_module
+
+if TYPE_CHECKING:
+    import pandas as pd
+else:  # `evaluate` imports this module to draw a figure the cache may already hold
+    pd = lazy_module("pandas")
 
 FIGURE_DPI = 100  # one PNG pixel per CSS pixel in report.html
 PAGE_WIDTH_IN = 10.0  # 1000 px: the report's column (report.html.j2 gives figures this width)

@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -37,6 +37,9 @@ from negalign_cli.defaults import DEFAULT_REPORT_CELLS, NEGALIGN
 from negalign_cli.errors import NegalignError
 from negalign_cli.reporting import NullReporter, Reporter
 from negalign_cli.stages import files
+
+if TYPE_CHECKING:
+    from negalign_cli.stages.score_table import ScoreTable
 
 # (key in results.json, column title, higher is better)
 METRICS: tuple[tuple[str, str, bool], ...] = (
@@ -57,6 +60,7 @@ class ScoreSet:
     path: Path | None = None
     digest: str | None = None  # what evaluate's manifest recorded
     frame: pd.DataFrame | None = None
+    table: ScoreTable | None = None  # the same rows, with the file's digest
     manifest: dict = field(default_factory=dict)  # the score artifact's manifest.json
     cam_folder: Path | None = None
     cam_manifest: dict = field(default_factory=dict)
@@ -103,7 +107,8 @@ def load_score_sets(
     """ID then each OOD set, each with its frame (the rows evaluate kept) and CAM folder when found.
     Each score file is checked against the digest evaluate recorded (through ``stat_cache``: an
     unchanged file is not read for it)."""
-    from negalign_cli.stages.evaluation import evaluated_rows, read_score_file
+    from negalign_cli.stages.evaluation import evaluated_tables, read_score_file
+    from negalign_cli.stages.score_table import ScoreTable
 
     bases = _bases(results_dir)
     inputs = evaluate_manifest.get("inputs", {})
@@ -134,11 +139,12 @@ def load_score_sets(
             entry.cam_folder = cam_folder
             if (cam_folder / MANIFEST).is_file():
                 entry.cam_manifest = _read_json(cam_folder / MANIFEST, "cam manifest")
-    found = {s.name: s.frame for s in sets if s.frame is not None}
+    found = {s.name: ScoreTable.from_frame(s.frame, s.digest) for s in sets if s.frame is not None}
     if len(found) == len(sets):
-        kept = evaluated_rows(results, found)
+        kept = evaluated_tables(results, found)  # knowing their files: figure keys name them
         for entry in sets:
-            entry.frame = kept[entry.name]
+            entry.table = kept[entry.name]
+            entry.frame = entry.table.to_frame()
     return sets
 
 
@@ -403,7 +409,7 @@ def _figures(
     the cache (``store``) when one was drawn from the same data, else drawn."""
     from negalign_cli.compute.evaluation import ALIGN
     from negalign_cli.stages import plots
-    from negalign_cli.stages.evaluation import histogram_figure, roc_curves
+    from negalign_cli.stages.evaluation import histogram_figure, roc_figure
     from negalign_cli.stages.figures import cached_figure
 
     convention = results["metrics_convention"]
@@ -434,11 +440,11 @@ def _figures(
     else:
         notes.append("no λ sweep in results.json (NegAlign was not evaluated): no λ curve")
     frames = {s.name: s.frame for s in sets if s.frame is not None}
+    tables = {s.name: s.table if s.table is not None else s.frame for s in sets if s.frame is not None}
     if len(frames) == len(sets):
         id_frame = frames.pop("ID")
-        curves = roc_curves(results, id_frame, frames)
-        roc = folder / files.ROC_PLOT
-        cached_figure(store, "roc", curves, lambda path: plots.plot_roc(path, curves), roc, reporter)
+        id_table = tables.pop("ID")
+        roc_figure(store, folder / files.ROC_PLOT, results, id_table, tables, reporter)
         advance(1)
         figures["roc"] = {
             "file": files.ROC_PLOT,
@@ -456,7 +462,7 @@ def _figures(
             for c in dict.fromkeys(columns)
             if all(pd.to_numeric(f[c], errors="coerce").notna().any() for f in [id_frame, *frames.values()])
         ]
-        histogram_figure(store, folder / files.HISTOGRAM_PLOT, id_frame, frames, usable, reporter)
+        histogram_figure(store, folder / files.HISTOGRAM_PLOT, id_table, tables, usable, reporter)
         advance(1)
         figures["histograms"] = {
             "file": files.HISTOGRAM_PLOT,

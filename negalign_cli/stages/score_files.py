@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+if TYPE_CHECKING:  # written by `score`; `evaluate` reads the metadata without pandas
+    import pandas as pd
 
 METADATA_KEY = b"negalign"
 
