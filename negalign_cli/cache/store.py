@@ -157,13 +157,19 @@ class Artifact:
     def _unchanged_in(self, out: Path) -> set[str]:
         """The names (outputs, and the manifest) whose file in ``out`` already holds this
         artifact's bytes: a plain file of the right size whose sha256 (from the stat cache where
-        its stat is unchanged) is the manifest's; the manifest itself, byte for byte."""
+        its stat is unchanged) is the manifest's; the manifest itself, byte for byte. A hard link to
+        the cache's own file is not one: it is replaced by a copy, so that editing --out never
+        edits the cache."""
         outputs = self.manifest["outputs"]
         sized = []
         for name in self.files:
             path = out / name
             with contextlib.suppress(OSError, KeyError, TypeError, ValueError):
-                if not path.is_symlink() and path.stat().st_size == int(outputs[name]["bytes"]):
+                if (
+                    not path.is_symlink()
+                    and path.stat().st_size == int(outputs[name]["bytes"])
+                    and not os.path.samefile(path, self.path / name)  # a hard link to the cache's file
+                ):
                     sized.append(name)
         found = set()
         with contextlib.suppress(OSError):
@@ -172,7 +178,11 @@ class Artifact:
                 name for name, digest in zip(sized, digests, strict=True) if digest == outputs[name]["sha256"]
             }
             manifest = out / MANIFEST
-            if not manifest.is_symlink() and manifest.read_bytes() == (self.path / MANIFEST).read_bytes():
+            if (
+                not manifest.is_symlink()
+                and not os.path.samefile(manifest, self.path / MANIFEST)
+                and manifest.read_bytes() == (self.path / MANIFEST).read_bytes()
+            ):
                 found.add(MANIFEST)
         return found
 
