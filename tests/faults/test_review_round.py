@@ -42,3 +42,43 @@ def test_an_export_does_not_leave_an_out_file_sharing_the_caches_inode(tmp_path)
         handle.write("a note\n")
     assert cached.read_text(encoding="utf-8") == "a,b\n1,2\n"
     assert store.get(SPEC) is not None  # the artifact still verifies
+
+
+# --- 2. a results.json trimmed by hand (jq) is still read ---------------------------------------
+
+
+def test_a_trimmed_results_json_with_its_nonfinite_block_is_a_calibration_file(tmp_path, placeholder_figures):
+    """``--calibration`` takes a results.json or its calibration block. A results.json cut down
+    with jq (``jq '{calibration, nonfinite}'``) keeps a ``nonfinite`` block whose paths name values
+    no longer in the file: reading it raised KeyError ("unexpected KeyError ... please report it",
+    exit 1). Now a listed value whose place is gone is passed over, and the statistics are used;
+    a malformed block is one `cannot read calibration file` line."""
+    import json
+
+    import numpy as np
+    import pandas as pd
+
+    from tests.faults.helpers import cli, one_line_error
+    from tests.helpers.synthetic import write_scores
+
+    ood = write_scores(tmp_path / "ood.parquet", 20, 1, shift=0.1)
+    frame = pd.read_parquet(ood)
+    frame.loc[3, "s_energy"] = np.inf  # a statistic of s_energy is inf: results.json has a nonfinite block
+    frame.to_parquet(ood, index=False)
+    ids = write_scores(tmp_path / "id.parquet", 20, 0, shift=0.3)
+    argv = ["evaluate", "--id", str(ids), "--ood", f"far={ood}", "--scale-stabilize"]
+    argv += ["--cache-dir", str(tmp_path / "c")]
+    done = cli(*argv, "--out", str(tmp_path / "r"))
+    assert done.exit_code == 0, done.output
+    results = json.loads((tmp_path / "r" / "results.json").read_text(encoding="utf-8"))
+    assert results["nonfinite"]["values"], results.get("nonfinite")
+    trimmed = tmp_path / "calibration.json"
+    trimmed.write_text(json.dumps({"calibration": results["calibration"], "nonfinite": results["nonfinite"]}))
+    again = cli(*argv, "--calibration", str(trimmed), "--out", str(tmp_path / "r2"))
+    assert again.exit_code == 0, again.output
+    used = json.loads((tmp_path / "r2" / "results.json").read_text(encoding="utf-8"))["calibration"]
+    assert {k: used[k] for k in results["calibration"] if k != "source"} == {
+        k: v for k, v in results["calibration"].items() if k != "source"
+    }
+    trimmed.write_text(json.dumps({"calibration": results["calibration"], "nonfinite": {"values": [7]}}))
+    one_line_error(cli(*argv, "--calibration", str(trimmed)), "cannot read calibration file")
