@@ -168,7 +168,7 @@ class Artifact:
                 if (
                     not path.is_symlink()
                     and path.stat().st_size == int(outputs[name]["bytes"])
-                    and not os.path.samefile(path, self.path / name)  # a hard link to the cache's file
+                    and not _hard_link(path, self.path / name)
                 ):
                     sized.append(name)
         found = set()
@@ -180,7 +180,7 @@ class Artifact:
             manifest = out / MANIFEST
             if (
                 not manifest.is_symlink()
-                and not os.path.samefile(manifest, self.path / MANIFEST)
+                and not _hard_link(manifest, self.path / MANIFEST)
                 and manifest.read_bytes() == (self.path / MANIFEST).read_bytes()
             ):
                 found.add(MANIFEST)
@@ -201,6 +201,13 @@ def listed_outputs(manifest: Path) -> list[str]:
     except (OSError, ValueError, KeyError, TypeError):
         return []
     return [name for name in outputs if isinstance(name, str)] if isinstance(outputs, dict) else []
+
+
+def _hard_link(path: Path, cached: Path) -> bool:
+    """Whether ``path`` is another name of the cache's file ``cached`` (the same inode, reached
+    by another folder): editing it would edit the cache. The cache's folder itself (``--out``
+    naming it) is not."""
+    return os.path.samefile(path, cached) and path.parent.resolve() != cached.parent.resolve()
 
 
 def _remove_stale(out: Path, names: Iterable[str]) -> list[str]:

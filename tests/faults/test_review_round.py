@@ -82,3 +82,16 @@ def test_a_trimmed_results_json_with_its_nonfinite_block_is_a_calibration_file(t
     }
     trimmed.write_text(json.dumps({"calibration": results["calibration"], "nonfinite": {"values": [7]}}))
     one_line_error(cli(*argv, "--calibration", str(trimmed)), "cannot read calibration file")
+
+
+def test_an_export_into_the_artifacts_own_folder_rewrites_nothing(tmp_path):
+    """--out naming the cache's artifact folder itself (through a link): its files are the
+    artifact's, not copies sharing its inodes, so nothing is rewritten (no moment without the
+    cache's manifest)."""
+    store = ArtifactStore(tmp_path / "cache")
+    artifact = store.run(SPEC, _compute).artifact
+    (tmp_path / "out").symlink_to(artifact.path)
+    before = {p.name: p.stat().st_ino for p in artifact.path.iterdir()}
+    artifact.export(tmp_path / "out")
+    assert {p.name: p.stat().st_ino for p in artifact.path.iterdir()} == before
+    assert store.get(SPEC) is not None
