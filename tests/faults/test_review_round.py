@@ -95,3 +95,34 @@ def test_an_export_into_the_artifacts_own_folder_rewrites_nothing(tmp_path):
     artifact.export(tmp_path / "out")
     assert {p.name: p.stat().st_ino for p in artifact.path.iterdir()} == before
     assert store.get(SPEC) is not None
+
+
+# --- 3. evaluate's score file is read from one open file ----------------------------------------
+
+
+def test_a_score_file_replaced_while_evaluate_reads_it_is_not_mixed_in(tmp_path):
+    """evaluate reads a parquet score file's columns when first used. Each column used to open
+    the path again, so a file replaced there meanwhile (`score --out` rerun into the same folder,
+    an os.replace) gave S* from the old file and P_align from the new one, the same row count and
+    no error, cached under the old file's digest. Now every column (and the DataFrame path's
+    frame) comes from the file opened first."""
+    import numpy as np
+    import pandas as pd
+
+    from negalign_cli.stages.score_table import ScoreTable
+
+    old = pd.DataFrame(
+        {"s_neglabel_star": np.arange(6.0), "p_align": np.arange(6.0) / 10, "pred_name": list("abcdef")}
+    )
+    new = old.assign(
+        s_neglabel_star=-old["s_neglabel_star"], p_align=-old["p_align"], pred_name=list("uvwxyz")
+    )
+    path = tmp_path / "scores.parquet"
+    old.to_parquet(path, index=False)
+    new.to_parquet(tmp_path / "new.parquet", index=False)
+    table = ScoreTable.read(path)
+    assert table.numeric("s_neglabel_star").tolist() == old["s_neglabel_star"].tolist()
+    os.replace(tmp_path / "new.parquet", path)  # a new `score --out` into the same folder
+    assert table.numeric("p_align").tolist() == old["p_align"].tolist()
+    assert table.series("pred_name").tolist() == list("abcdef")  # the DataFrame path's columns too
+    assert table.filter(np.arange(6) % 2 == 0).to_frame()["p_align"].tolist() == [0.0, 0.2, 0.4]
