@@ -3,7 +3,8 @@
 ``evaluate`` needs a few columns of a score file as float64 arrays, a boolean mask or two and the
 rows it keeps. Reading a parquet file through pandas costs the import of pandas (~0.5 s) and a
 DataFrame of every column; a :class:`ScoreTable` reads the file's schema with
-``pyarrow.parquet`` and a column the first time it is asked for, into numpy from its arrow buffers
+``pyarrow.parquet`` and a column the first time it is asked for (from the file opened then: a file
+replaced at its path meanwhile is never mixed in), into numpy from its arrow buffers
 (pyarrow's own ``to_numpy`` imports pandas). Every value is the one the DataFrame path gave
 (``pd.read_parquet`` then ``pd.to_numeric(...).to_numpy(float64)``): columns of plain numeric
 types (floats, integers, booleans without nulls) hold the same values and numpy casts them as
