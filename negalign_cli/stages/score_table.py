@@ -316,8 +316,12 @@ def _read_parquet(path: Path, digest: str | None = None) -> ScoreTable:
     import pyarrow.parquet as pq
 
     opened = pa.OSFile(str(path))  # kept open: the columns read later come from this file
-    with pq.ParquetFile(opened) as handle:  # (a ParquetFile given an open file leaves it open)
-        schema, rows = handle.schema_arrow, handle.metadata.num_rows
+    try:
+        with pq.ParquetFile(opened) as handle:  # (a ParquetFile given an open file leaves it open)
+            schema, rows = handle.schema_arrow, handle.metadata.num_rows
+    except BaseException:  # not a parquet file: the error is reported, the file closed now
+        opened.close()
+        raise
     names = list(schema.names)
     meta = _pandas_metadata(schema)
     numpy_types: dict[str, str] = {}
