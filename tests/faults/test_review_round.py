@@ -3,6 +3,7 @@ standard results.json, unchanged exports): each test failed on the code before i
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -126,3 +127,66 @@ def test_a_score_file_replaced_while_evaluate_reads_it_is_not_mixed_in(tmp_path)
     assert table.numeric("p_align").tolist() == old["p_align"].tolist()
     assert table.series("pred_name").tolist() == list("abcdef")  # the DataFrame path's columns too
     assert table.filter(np.arange(6) % 2 == 0).to_frame()["p_align"].tolist() == [0.0, 0.2, 0.4]
+
+
+# --- 4. a FIFO named manifest.json in --out ------------------------------------------------------
+
+
+def test_an_export_over_a_fifo_named_manifest_json_does_not_block(tmp_path):
+    """--out's manifest.json was read with a plain open (the old one's list of outputs, and the
+    unchanged-export check): a FIFO there blocked the export forever. It is read only when it is a
+    regular file (``open_regular``): the FIFO is replaced by the manifest, the outputs exported."""
+    import threading
+
+    store = ArtifactStore(tmp_path / "cache")
+    artifact = store.run(SPEC, _compute).artifact
+    out = tmp_path / "out"
+    out.mkdir()
+    os.mkfifo(out / "manifest.json")
+    failed: list[BaseException] = []
+
+    def export() -> None:
+        try:
+            artifact.export(out)
+        except BaseException as exc:  # reported below
+            failed.append(exc)
+
+    worker = threading.Thread(target=export, daemon=True)
+    worker.start()
+    worker.join(10)
+    blocked = worker.is_alive()
+    if blocked:  # let the blocked open end (a writer opens the FIFO), so no thread is left behind
+        os.close(os.open(out / "manifest.json", os.O_WRONLY | os.O_NONBLOCK))
+        worker.join(10)
+    assert not blocked, "export blocked on a FIFO named manifest.json in --out"
+    assert not failed, failed
+    assert (out / "manifest.json").read_bytes() == (artifact.path / "manifest.json").read_bytes()
+    assert (out / "metrics.csv").read_bytes() == (artifact.path / "metrics.csv").read_bytes()
+
+
+def test_evaluate_out_over_a_fifo_named_manifest_json_does_not_block(tmp_path, placeholder_figures):
+    """The same through the CLI: `evaluate --out` read the folder's old manifest.json (its key,
+    for the figures drawn there) with a plain open too."""
+    import threading
+
+    from tests.faults.helpers import cli
+    from tests.helpers.synthetic import write_scores
+
+    ids = write_scores(tmp_path / "id.parquet", 20, 0, shift=0.3)
+    ood = write_scores(tmp_path / "ood.parquet", 20, 1, shift=0.1)
+    out = tmp_path / "r"
+    out.mkdir()
+    os.mkfifo(out / "manifest.json")
+    done: list = []
+    argv = ["evaluate", "--id", str(ids), "--ood", f"far={ood}", "--cache-dir", str(tmp_path / "c")]
+    worker = threading.Thread(target=lambda: done.append(cli(*argv, "--out", str(out))), daemon=True)
+    worker.start()
+    worker.join(20)
+    blocked = worker.is_alive()
+    while worker.is_alive():  # unblock each plain open of the FIFO, so no thread is left behind
+        with contextlib.suppress(OSError):
+            os.close(os.open(out / "manifest.json", os.O_WRONLY | os.O_NONBLOCK))
+        worker.join(1)
+    assert not blocked, "evaluate --out blocked on a FIFO named manifest.json"
+    assert done and done[0].exit_code == 0, done[0].output if done else None
+    assert (out / "manifest.json").is_file() and (out / "results.json").is_file()
