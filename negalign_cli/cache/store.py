@@ -42,7 +42,7 @@ from negalign_cli import __version__
 from negalign_cli.cache.diskfull import disk_full, is_disk_full, writing
 from negalign_cli.cache.statcache import STAT_CACHE, StatCache, sha256_files
 from negalign_cli.errors import NegalignError
-from negalign_cli.hashing import canonical_json, sha256_text
+from negalign_cli.hashing import canonical_json, open_regular, sha256_text
 from negalign_cli.reporting import NullReporter, Reporter
 
 MANIFEST = "manifest.json"
@@ -157,13 +157,19 @@ class Artifact:
     def _unchanged_in(self, out: Path) -> set[str]:
         """The names (outputs, and the manifest) whose file in ``out`` already holds this
         artifact's bytes: a plain file of the right size whose sha256 (from the stat cache where
-        its stat is unchanged) is the manifest's; the manifest itself, byte for byte."""
+        its stat is unchanged) is the manifest's; the manifest itself, byte for byte. A hard link to
+        the cache's own file is not one: it is replaced by a copy, so that editing --out never
+        edits the cache."""
         outputs = self.manifest["outputs"]
         sized = []
         for name in self.files:
             path = out / name
             with contextlib.suppress(OSError, KeyError, TypeError, ValueError):
-                if not path.is_symlink() and path.stat().st_size == int(outputs[name]["bytes"]):
+                if (
+                    not path.is_symlink()
+                    and path.stat().st_size == int(outputs[name]["bytes"])
+                    and not _hard_link(path, self.path / name)
+                ):
                     sized.append(name)
         found = set()
         with contextlib.suppress(OSError):
@@ -172,7 +178,11 @@ class Artifact:
                 name for name, digest in zip(sized, digests, strict=True) if digest == outputs[name]["sha256"]
             }
             manifest = out / MANIFEST
-            if not manifest.is_symlink() and manifest.read_bytes() == (self.path / MANIFEST).read_bytes():
+            if (
+                not manifest.is_symlink()
+                and not _hard_link(manifest, self.path / MANIFEST)
+                and _read_regular(manifest) == (self.path / MANIFEST).read_bytes()
+            ):
                 found.add(MANIFEST)
         return found
 
@@ -185,12 +195,27 @@ class Artifact:
 
 
 def listed_outputs(manifest: Path) -> list[str]:
-    """The outputs an existing manifest.json lists (none if it is missing or unreadable)."""
+    """The outputs an existing manifest.json lists (none if it is missing, unreadable or not a
+    regular file: a FIFO there would block the read forever)."""
     try:
-        outputs = json.loads(manifest.read_text(encoding="utf-8"))["outputs"]
+        with open_regular(manifest) as handle:
+            outputs = json.loads(handle.read().decode("utf-8"))["outputs"]
     except (OSError, ValueError, KeyError, TypeError):
         return []
     return [name for name in outputs if isinstance(name, str)] if isinstance(outputs, dict) else []
+
+
+def _read_regular(path: Path) -> bytes:
+    """A file's bytes; OSError (``NotRegularFile``) for a FIFO, a device or a folder."""
+    with open_regular(path) as handle:
+        return handle.read()
+
+
+def _hard_link(path: Path, cached: Path) -> bool:
+    """Whether ``path`` is another name of the cache's file ``cached`` (the same inode, reached
+    by another folder): editing it would edit the cache. The cache's folder itself (``--out``
+    naming it) is not."""
+    return os.path.samefile(path, cached) and path.parent.resolve() != cached.parent.resolve()
 
 
 def _remove_stale(out: Path, names: Iterable[str]) -> list[str]:

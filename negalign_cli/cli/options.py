@@ -333,8 +333,11 @@ def finish(
 def _manifest_key(path: Path) -> str | None:
     import json
 
+    from negalign_cli.hashing import open_regular  # a FIFO there is passed over, never opened
+
     try:
-        key = json.loads(path.read_text(encoding="utf-8")).get("key")
+        with open_regular(path) as handle:
+            key = json.loads(handle.read().decode("utf-8")).get("key")
     except (OSError, ValueError, AttributeError):
         return None
     return key if isinstance(key, str) else None

@@ -46,13 +46,27 @@ def dumps_results(results: dict[str, Any]) -> str:
 
 def loads_results(text: str) -> Any:
     """A results.json's content with the values its ``nonfinite`` block lists put back (and the
-    block removed); JSON without that block is returned as it reads."""
+    block removed); JSON without that block is returned as it reads. A listed value whose place
+    is no longer in the file (a results.json cut down by hand, ``jq '{calibration, nonfinite}'``)
+    is passed over; a block that is not a list of paths and values raises ValueError."""
     results = json.loads(text)
     block = results.pop(NONFINITE, None) if isinstance(results, dict) else None
-    for entry in (block or {}).get("values", []):
-        *parents, last = entry["path"]
+    values = block.get("values", []) if isinstance(block, dict) else block
+    if values is not None and not isinstance(values, list):
+        raise ValueError(f"its {NONFINITE!r} block is not a list of paths and values")
+    for entry in values or []:
+        try:
+            *parents, last = entry["path"]
+            value = float(entry["value"])  # "NaN", "Infinity", "-Infinity"
+        except (KeyError, TypeError, ValueError):
+            shown = str(entry)[:60]
+            raise ValueError(f"its {NONFINITE!r} block holds {shown}, not a path and a value") from None
         target = results
-        for key in parents:
-            target = target[key]
-        target[last] = float(entry["value"])  # "NaN", "Infinity", "-Infinity"
+        try:
+            for key in parents:
+                target = target[key]
+            if target[last] is None:  # still the null written in its place
+                target[last] = value
+        except (KeyError, IndexError, TypeError):
+            continue  # that place is not in this file any more
     return results

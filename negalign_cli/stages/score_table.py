@@ -3,7 +3,8 @@
 ``evaluate`` needs a few columns of a score file as float64 arrays, a boolean mask or two and the
 rows it keeps. Reading a parquet file through pandas costs the import of pandas (~0.5 s) and a
 DataFrame of every column; a :class:`ScoreTable` reads the file's schema with
-``pyarrow.parquet`` and a column the first time it is asked for, into numpy from its arrow buffers
+``pyarrow.parquet`` and a column the first time it is asked for (from the file opened then: a file
+replaced at its path meanwhile is never mixed in), into numpy from its arrow buffers
 (pyarrow's own ``to_numpy`` imports pandas). Every value is the one the DataFrame path gave
 (``pd.read_parquet`` then ``pd.to_numeric(...).to_numpy(float64)``): columns of plain numeric
 types (floats, integers, booleans without nulls) hold the same values and numpy casts them as
@@ -59,9 +60,17 @@ class _Source:
     """The columns of one file, shared by every view (filtered rows, renamed columns) of it."""
 
     def __init__(
-        self, path: Path | None, schema: Any = None, frame: Any = None, digest: str | None = None
+        self,
+        path: Path | None,
+        schema: Any = None,
+        frame: Any = None,
+        digest: str | None = None,
+        handle: Any = None,
     ) -> None:
         self.path = path
+        # the file, opened once (a pyarrow NativeFile): every column and the frame are read from
+        # it, so a file replaced at ``path`` meanwhile (a new `score --out`) is never mixed in
+        self.handle = handle
         self.schema = schema  # the parquet file's arrow schema, or None (then ``frame`` holds the rows)
         self.digest = digest  # the file's sha256, when known: figure keys and summaries name it
         self._frame = frame
@@ -76,7 +85,7 @@ class _Source:
             import pyarrow.parquet as pq
 
             try:
-                with pq.ParquetFile(self.path) as handle:
+                with pq.ParquetFile(self.handle if self.handle is not None else self.path) as handle:
                     self.arrow[name] = handle.read(columns=[name]).column(0)
             except Exception as exc:  # a damaged column chunk
                 raise NegalignError(
@@ -96,7 +105,7 @@ class _Source:
         """The file as the DataFrame path read it (``pd.read_parquet``), every row."""
         if self._frame is None:
             assert self.path is not None  # a table made from a frame has one
-            self._frame = pd.read_parquet(self.path)
+            self._frame = pd.read_parquet(self.handle if self.handle is not None else self.path)
         return self._frame
 
 
@@ -303,10 +312,16 @@ def _read_parquet(path: Path, digest: str | None = None) -> ScoreTable:
     its schema now, each column when first used. Files pandas would read into something other
     than plain named columns over a RangeIndex (a stored index, column levels, non-string names,
     duplicated names) are read by pandas, as before."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    with pq.ParquetFile(path) as handle:
-        schema, rows = handle.schema_arrow, handle.metadata.num_rows
+    opened = pa.OSFile(str(path))  # kept open: the columns read later come from this file
+    try:
+        with pq.ParquetFile(opened) as handle:  # (a ParquetFile given an open file leaves it open)
+            schema, rows = handle.schema_arrow, handle.metadata.num_rows
+    except BaseException:  # not a parquet file: the error is reported, the file closed now
+        opened.close()
+        raise
     names = list(schema.names)
     meta = _pandas_metadata(schema)
     numpy_types: dict[str, str] = {}
@@ -325,8 +340,8 @@ def _read_parquet(path: Path, digest: str | None = None) -> ScoreTable:
             if isinstance(field, str):
                 numpy_types[field] = str(entry.get("numpy_type"))
     if odd:
-        return ScoreTable.from_frame(pd.read_parquet(path), digest)
-    source = _Source(path, schema=schema, digest=digest)
+        return ScoreTable.from_frame(pd.read_parquet(opened), digest)
+    source = _Source(path, schema=schema, digest=digest, handle=opened)
     for name in names:
         kind = str(schema.field(name).type)
         if kind in _ARROW_NUMPY and numpy_types.get(name, _ARROW_NUMPY[kind]) in _PLAIN_NUMPY:
