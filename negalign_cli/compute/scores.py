@@ -484,11 +484,12 @@ def compute_scores(
 BLOCK_FLOATS = 1 << 20
 
 
-def block_rows(floats_per_row: int, device: torch.device, rows: int, budget: int = BLOCK_FLOATS) -> int:
-    """Rows per block of the passes after a chunk's matmuls (see ``BLOCK_FLOATS``); a chunk's
-    ``rows`` on a GPU."""
+def block_rows(floats_per_row: int, device: torch.device, rows: int, budget: int | None = None) -> int:
+    """Rows per block of the passes after a chunk's matmuls (``budget`` floats, by default
+    ``BLOCK_FLOATS``); a chunk's ``rows`` on a GPU."""
     if device.type != "cpu":
         return max(1, rows)
+    budget = BLOCK_FLOATS if budget is None else budget
     return max(1, min(rows, budget // max(1, floats_per_row)))
 
 
