@@ -552,7 +552,7 @@ class _Workspace:
             class_maxima=empty(step, 2, 1),
             classes64=empty(block, 2, n_classes, dtype=torch.float64),
             class_sums=empty(step, 2, dtype=torch.float64),
-            scales=exp2_scales(config.mcm_temperature, classes.double()),
+            scales=exp2_scales(config.mcm_temperature, device),
             largest=empty(step),
             predicted=empty(step, dtype=torch.int64),
             top_classes=(empty(step, top_k[0]), empty(step, top_k[0], dtype=torch.int64)),
@@ -639,13 +639,13 @@ def mcm_and_energy_sums(
     by ~1e-16 of itself."""
     torch.amax(cosines_and_logits, dim=-1, keepdim=True, out=maxima)
     both = scratch.copy_(cosines_and_logits).sub_(maxima)  # exact: as in float64 throughout
-    scales = exp2_scales(temperature, scratch) if scales is None else scales
+    scales = exp2_scales(temperature, scratch.device) if scales is None else scales
     torch.sum(both.mul_(scales).exp2_(), dim=-1, out=sums)
 
 
-def exp2_scales(temperature: float, like: torch.Tensor) -> torch.Tensor:
-    """(2, 1) [log₂e / T, log₂e]: the factors of the cosine and the logit terms before exp2."""
-    return torch.tensor([[LOG2_E / temperature], [LOG2_E]], dtype=like.dtype, device=like.device)
+def exp2_scales(temperature: float, device: torch.device | None = None) -> torch.Tensor:
+    """(2, 1) float64 [log₂e / T, log₂e]: the factors of the cosine and the logit terms before exp2."""
+    return torch.tensor([[LOG2_E / temperature], [LOG2_E]], dtype=torch.float64, device=device)
 
 
 def mcm_and_energy(
@@ -788,8 +788,8 @@ def _block_passes(
         column_candidates(
             block, k, kept, config.groups, maxes, (best[rows], candidates[rows], scratch[:n]), work.starts
         )
-    # exp(l) as 2^(l·log₂e): several times faster; the product's float32 rounding moves a term by
-    # at most ~5e-6 of itself at |l| = 100 (float32's own log Σ exp rounds at ~1e-6 there)
+    # exp(l) as 2^(l·log₂e): several times faster; rounding the float32 product (and log₂e) moves a
+    # term by at most ~7e-6 of itself at |l| = 100, ~2e-6 at 20–40 (docs/maths.md)
     exps = torch.mul(block, LOG2_E, out=work.exps[:n]).exp2_()
     torch.sum(_blocks(exps[:, :kept], config.groups), dim=-1, out=work.sums[rows])
     if grouped_star and work.star is not None and work.star_sums is not None:
