@@ -21,6 +21,7 @@ from negalign_cli.compute.scores import (
     mcm_and_energy,
     rank_candidates,
     top_columns,
+    unit_rows,
 )
 from tests.test_scoring_speed_paths import brute_force, extreme_inputs, unit
 
@@ -202,3 +203,37 @@ def test_block_rows_fit_the_budget_on_a_cpu_and_take_the_chunk_elsewhere():
     assert block_rows(26_000, torch.device("cpu"), 3) == 3
     assert block_rows(10**9, torch.device("cpu"), 3050) == 1
     assert block_rows(26_000, torch.device("meta"), 3050) == 3050  # a GPU: launches, not caches
+
+
+@FAST
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    tied=st.integers(1, 8),
+    k=st.integers(1, 6),
+    rows=st.sampled_from([1, 4, 64]),
+)
+def test_pred_class_is_the_first_of_tied_maxima(seed, tied, k, rows):
+    """pred_class and MaxLogit come from the top classes where that is exact (fewer than k classes
+    tied with the largest logit) and from torch.max otherwise: numpy's argmax (the first of tied
+    maxima) and max either way, with 1 to 8 identical class features (exactly tied logits)."""
+    generator = torch.Generator().manual_seed(seed)
+    n, n_classes, m = 9, 12, 20
+    classes = unit(n_classes, seed % 1000 + 5)
+    classes[3 : 3 + tied] = classes[3]  # identical prompts: their logits tie exactly
+    images = torch.nn.functional.normalize(
+        classes[3] + 0.3 * torch.randn(n, classes.shape[1], generator=generator), dim=1
+    )
+    images[::2] = torch.nn.functional.normalize(torch.randn(5, classes.shape[1], generator=generator), dim=1)
+    inputs = ScoreInputs(
+        images=images.numpy(),
+        classes=classes,
+        negatives=unit(m, seed % 1000 + 6),
+        class_names=[f"c{i}" for i in range(n_classes)],
+        negative_names=[f"n{i}" for i in range(m)],
+    )
+    got = scores_with_blocks(inputs, ScoreConfig(groups=4, multimatch_pos=k), rows)
+    pair = torch.empty(n, 2, n_classes)  # the class logits as scoring computes them, in float32
+    torch.matmul(unit_rows(inputs.images, 0, n), classes.T, out=pair[:, 0])
+    expected = torch.mul(pair[:, 0], 100.0, out=pair[:, 1]).numpy()
+    np.testing.assert_array_equal(got["pred_class"], expected.argmax(axis=1))
+    np.testing.assert_array_equal(got["s_maxlogit"], expected.max(axis=1).astype(np.float64))

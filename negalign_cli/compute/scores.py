@@ -777,9 +777,19 @@ def _block_passes(
         work.scales,
     )
     pos_logits = block_pair[:, 1]
-    torch.max(pos_logits, dim=-1, out=(work.largest[rows], work.predicted[rows]))
     values, indices = work.top_classes
-    torch.topk(pos_logits, values.shape[1], dim=-1, out=(values[rows], indices[rows]))
+    top, columns = values[rows], indices[rows]
+    torch.topk(pos_logits, values.shape[1], dim=-1, out=(top, columns))
+    # MaxLogit and pred_class (the first of tied maxima) from the top classes: every class tied
+    # with the largest logit is among them unless the last is tied too (or NaN); those blocks, and
+    # every block on a GPU (no host sync there), take torch.max
+    if pos_logits.device.type == "cpu" and bool((top[:, -1] < top[:, 0]).all()):
+        work.largest[rows] = top[:, 0]
+        torch.amin(
+            torch.where(top == top[:, :1], columns, pos_logits.shape[1]), dim=-1, out=work.predicted[rows]
+        )
+    else:
+        torch.max(pos_logits, dim=-1, out=(work.largest[rows], work.predicted[rows]))
     block = logits[rows]
     maxes = torch.amax(_blocks(block[:, :kept], config.groups), dim=-1, out=work.maxes[rows])
     if work.candidates is not None:
