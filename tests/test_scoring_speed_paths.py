@@ -207,18 +207,36 @@ def census_per_chunk(config: ScoreConfig, size_of) -> tuple[list[str], list[str]
     return census.passes, census.fresh, n // rows
 
 
-def test_a_chunk_reads_its_negative_logits_three_times():
-    """Block maxima, exp, block sums (plus the gather of the top-k candidates): no subtraction
-    pass, no torch.logsumexp over n×M (it was max, subtract, exp, sum)."""
-    passes, _, chunks = census_per_chunk(ScoreConfig(groups=10), lambda rows, k, m: rows * m)
-    assert sorted(passes) == sorted(["amax", "exp_", "sum", "gather"] * chunks), passes
+BLOCK = 10  # rows per block of the block passes in the census below (a chunk is 30 rows)
+
+
+def census_per_block(config: ScoreConfig, size_of) -> tuple[list[str], list[str], int]:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(scores_module, "BLOCK_FLOATS", BLOCK * (2 * 1200 + 6 * 200))  # see census_per_chunk
+        passes, fresh, chunks = census_per_chunk(config, size_of)
+    return passes, fresh, chunks * 30 // BLOCK
+
+
+def test_a_chunk_reads_its_negative_logits_once_per_block():
+    """Each block of a chunk's negative logits is read by its block maxima (which pick the top-k
+    candidates, copied by one index_select) and by the exp, taken into a block buffer as
+    2^(l·log₂e) (mul, exp2_) and summed per group; nothing else reads them, and no operator
+    passes over a whole chunk of them (it was block maxima, exp in place and block sums over the
+    whole chunk; before that max, subtract, exp, sum)."""
+    passes, _, blocks = census_per_block(ScoreConfig(groups=10), lambda rows, k, m: BLOCK * m)
+    chunks = blocks * BLOCK // 30
+    # per chunk: ranking the top-k candidates and P_align's top-k of b·N_bg (n × |N_bg|)
+    assert passes.count("topk") == 2 * chunks
+    assert [p for p in passes if p != "topk"] == ["amax", "index_select", "mul", "exp2_", "sum"] * blocks
+    whole, _, _ = census_per_block(ScoreConfig(groups=10), lambda rows, k, m: rows * m)
+    assert set(whole) == {"index_select"}, whole  # its input is a view of the rows; it reads k blocks a row
 
 
 def test_m2_sums_its_columns_from_the_same_exp():
-    passes, _, chunks = census_per_chunk(
-        ScoreConfig(groups=10, role_aware=True), lambda rows, k, m: rows * m // 2
+    passes, _, blocks = census_per_block(
+        ScoreConfig(groups=10, role_aware=True), lambda rows, k, m: BLOCK * m // 2
     )
-    assert passes.count("exp_") == chunks  # one exp for the plain and the M2 groups
+    assert passes.count("exp2_") == blocks  # one exp for the plain and the M2 groups
     assert "sub_" not in passes and "sub" not in passes and "logsumexp" not in passes
 
 

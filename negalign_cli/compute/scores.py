@@ -104,10 +104,65 @@ def top_columns(
     values equal a full top-k exactly; among exactly tied values the chosen columns may differ."""
     if groups <= k or kept == 0:
         return torch.topk(logits, k, dim=-1)
-    blocks = _blocks(logits[:, :kept], groups)
-    width = blocks.shape[-1]
-    best_blocks = (blocks.amax(dim=-1) if maxes is None else maxes).topk(k, dim=-1).indices  # (n, k)
-    candidates = torch.gather(blocks, 1, best_blocks.unsqueeze(-1).expand(-1, -1, width)).flatten(1)
+    if maxes is None:
+        maxes = _blocks(logits[:, :kept], groups).amax(dim=-1)
+    best_blocks, candidates = column_candidates(logits, k, kept, groups, maxes)
+    return rank_candidates(candidates, best_blocks, kept // groups, logits, kept)
+
+
+def column_candidates(
+    logits: torch.Tensor,
+    k: int,
+    kept: int,
+    groups: int,
+    maxes: torch.Tensor,
+    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    starts: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`top_columns`' candidates: the k blocks of largest maxima (n, k) and their columns
+    (n, k·width), written into ``out`` (best blocks, candidates, an (n, k) float scratch) when
+    given (``starts``: see :func:`copy_blocks`). The columns after ``kept`` are candidates too
+    (:func:`rank_candidates` reads them)."""
+    n, width = logits.shape[0], kept // groups
+    if out is None:
+        out = (
+            torch.empty(n, k, dtype=torch.int64, device=logits.device),
+            logits.new_empty(n, k * width),
+            logits.new_empty(n, k),
+        )
+    best_blocks, candidates, scratch = out
+    torch.topk(maxes, k, dim=-1, out=(scratch, best_blocks))
+    copy_blocks(logits, best_blocks, width, candidates, starts)
+    return best_blocks, candidates
+
+
+def copy_blocks(
+    rows: torch.Tensor,
+    blocks: torch.Tensor,
+    width: int,
+    out: torch.Tensor,
+    starts: torch.Tensor | None = None,
+) -> None:
+    """``out[i, j·width : (j+1)·width] = rows[i, b·width : (b+1)·width]`` for b = ``blocks[i, j]``:
+    one ``index_select`` of whole blocks from a view in which every offset of ``rows``' storage
+    starts a row of ``width`` (a memory copy per block; ``torch.gather`` indexes every element, ten
+    times slower on a CPU). ``rows`` (n, M) has unit column stride; ``out`` is contiguous;
+    ``starts``: the rows' offsets ``i · rows.stride(0)`` (n, 1), if the caller keeps them."""
+    n, k = blocks.shape
+    stride = rows.stride(0)
+    windows = rows.as_strided(((n - 1) * stride + rows.shape[1] - width + 1, width), (1, 1))
+    if starts is None:
+        starts = torch.arange(0, n * stride, stride, device=rows.device).unsqueeze(1)
+    offsets = torch.add(starts[:n], blocks, alpha=width)
+    torch.index_select(windows, 0, offsets.view(-1), out=out.view(n * k, width))
+
+
+def rank_candidates(
+    candidates: torch.Tensor, best_blocks: torch.Tensor, width: int, logits: torch.Tensor, kept: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top k (values, columns) among :func:`column_candidates`' candidates and the columns of
+    ``logits`` after ``kept``; k = the blocks taken."""
+    k = best_blocks.shape[1]
     if kept < logits.shape[1]:
         candidates = torch.cat([candidates, logits[:, kept:]], dim=1)
     values, order = torch.topk(candidates, k, dim=-1)
@@ -401,7 +456,7 @@ def compute_scores(
     out["pred_class"] = np.empty(n_images, dtype=np.int64)
     matched = torch.full((n_images,), float("nan"), dtype=torch.float64, device=device)
     step = min(chunk_rows(negatives.shape[0] + classes.shape[0]), max(1, n_images))
-    work = _Workspace.allocate(step, classes, layout, config, background_negatives)
+    work = _Workspace.allocate(step, classes, layout, config, background_negatives, (k_pos, k_neg))
     columns_to_negatives = layout.layout.to(device)
     for start in range(0, n_images, step):
         rows = slice(start, min(start + step, n_images))
@@ -421,23 +476,51 @@ def compute_scores(
     return out
 
 
+# The passes after a chunk's matmuls run on blocks of its rows small enough to stay in cache while
+# every pass reads them (``BLOCK_FLOATS`` floats of a block's negative logits, exp and class
+# terms): the logits are read from memory once, and their exp goes to a block-sized buffer, never
+# written back. Over whole chunks each pass went to memory (about 120 MB per chunk at 10,000
+# negatives) and the exp wrote it back. On a GPU a chunk is one block (launches, not caches, cost).
+BLOCK_FLOATS = 1 << 20
+
+
+def block_rows(floats_per_row: int, device: torch.device, rows: int, budget: int | None = None) -> int:
+    """Rows per block of the passes after a chunk's matmuls (``budget`` floats, by default
+    ``BLOCK_FLOATS``); a chunk's ``rows`` on a GPU."""
+    if device.type != "cpu":
+        return max(1, rows)
+    budget = BLOCK_FLOATS if budget is None else budget
+    return max(1, min(rows, budget // max(1, floats_per_row)))
+
+
 @dataclass
 class _Workspace:
     """The buffers every chunk reuses: large fresh blocks are fresh pages every time, and touching
-    them first cost more than the arithmetic on them (a CPU measurement)."""
+    them first cost more than the arithmetic on them (a CPU measurement). Per-row results span a
+    chunk (``step`` rows); scratch space spans a block (``block`` rows, see ``block_rows``)."""
 
     x: torch.Tensor  # (step, D) unit image rows
     scaled: torch.Tensor  # (step, D) 100·x
     classes: torch.Tensor  # (step, 2, K) float32: cosines x·P, logits 100·cos
-    classes64: torch.Tensor  # (step, 2, K) float64: MCM's and Energy's exp, one pass for both
-    negatives: torch.Tensor  # (step, M) negative logits, then their exp
+    class_maxima: torch.Tensor  # (step, 2, 1) float32: each row's largest cosine and logit
+    classes64: torch.Tensor  # (block, 2, K) float64: MCM's and Energy's exp, one pass for both
+    class_sums: torch.Tensor  # (step, 2) float64: their sums
+    scales: torch.Tensor  # (2, 1) float64: their factors before exp2 (``exp2_scales``)
+    largest: torch.Tensor  # (step,) float32: the largest class logit (MaxLogit)
+    predicted: torch.Tensor  # (step,) int64: its class, the first of tied maxima
+    top_classes: tuple[torch.Tensor, torch.Tensor]  # (step, k_pos) the top classes' logits, indices
+    negatives: torch.Tensor  # (step, M) negative logits (they stay: top-k and M1 read them)
+    exps: torch.Tensor  # (block, M) a block's exp of them
     maxes: torch.Tensor  # (step, G) block maxima of the grouped columns
     sums: torch.Tensor  # (step, G) block sums of exp
+    candidates: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # the top-k negatives' candidates
+    starts: torch.Tensor  # (block, 1) the offsets of a block's rows of negative logits
     star_columns: torch.Tensor | None  # M2's columns, on the device
-    star: torch.Tensor | None  # (step, |M2 columns|) their exp, gathered
+    star: torch.Tensor | None  # (block, |M2 columns|) their exp, gathered
     star_sums: torch.Tensor | None  # (step, G)
     background: torch.Tensor | None  # (step, D) unit background rows
     background_logits: torch.Tensor | None  # (step, |N_bg|) b·N_bg
+    block: int  # rows per block
     gathered: torch.Tensor | None = None  # multi-matching's pair features of a slice of images
 
     @classmethod
@@ -448,9 +531,15 @@ class _Workspace:
         layout: NegativeLayout,
         config: ScoreConfig,
         background_negatives: torch.Tensor | None,
+        top_k: tuple[int, int] = (1, 1),
     ) -> _Workspace:
         device, (n_classes, dim) = classes.device, classes.shape
         grouped_star = layout.star_columns is not None and config.neg_topk is None
+        n_negatives = layout.weights.shape[1]
+        # per row of a block: the negative logits and their exp, 2K float32 and 2K float64 class terms
+        block = block_rows(2 * n_negatives + 6 * n_classes, device, step)
+        k_neg = top_k[1]
+        width = layout.kept // config.groups
 
         def empty(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
             return torch.empty(*shape, dtype=dtype, device=device)
@@ -460,17 +549,33 @@ class _Workspace:
             x=empty(step, dim),
             scaled=empty(step, dim),
             classes=empty(step, 2, n_classes),
-            classes64=empty(step, 2, n_classes, dtype=torch.float64),
-            negatives=empty(step, layout.weights.shape[1]),
+            class_maxima=empty(step, 2, 1),
+            classes64=empty(block, 2, n_classes, dtype=torch.float64),
+            class_sums=empty(step, 2, dtype=torch.float64),
+            scales=exp2_scales(config.mcm_temperature, device),
+            largest=empty(step),
+            predicted=empty(step, dtype=torch.int64),
+            top_classes=(empty(step, top_k[0]), empty(step, top_k[0], dtype=torch.int64)),
+            negatives=empty(step, n_negatives),
+            exps=empty(block, n_negatives),
             maxes=empty(step, config.groups),
             sums=empty(step, config.groups),
+            candidates=None
+            if config.groups <= k_neg or layout.kept == 0
+            else (
+                empty(step, k_neg, dtype=torch.int64),
+                empty(step, k_neg * width),
+                empty(block, k_neg),
+            ),
+            starts=torch.arange(0, block * n_negatives, n_negatives, device=device).unsqueeze(1),
             star_columns=star_columns,
-            star=empty(step, star_columns.shape[0]) if grouped_star and star_columns is not None else None,
+            star=empty(block, star_columns.shape[0]) if grouped_star and star_columns is not None else None,
             star_sums=empty(step, config.groups) if grouped_star else None,
             background=None if background_negatives is None else empty(step, dim),
             background_logits=None
             if background_negatives is None
             else empty(step, background_negatives.shape[0]),
+            block=block,
         )
 
 
@@ -515,21 +620,45 @@ def one_thread(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+LOG2_E = 1.0 / math.log(2.0)
+
+
+def mcm_and_energy_sums(
+    cosines_and_logits: torch.Tensor,
+    scratch: torch.Tensor,
+    maxima: torch.Tensor,
+    sums: torch.Tensor,
+    temperature: float = 1.0,
+    scales: torch.Tensor | None = None,
+) -> None:
+    """MCM's and Energy's float64 sums of exp for (n, 2, K) [cosines, logits], with one conversion,
+    one subtraction, one multiplication, one exp and one sum for both: ``maxima`` (n, 2, 1) gets
+    each row's largest cosine and logit, ``sums`` (n, 2) Σ_k exp((c_k − max c) / T) and
+    Σ_k exp(l_k − max l); ``scratch`` is (n, 2, K) float64. exp(d) is taken as 2^(d·log₂e): torch's
+    exp2 is several times faster than its exp, and in float64 the product's rounding moves a term
+    by ~1e-16 of itself."""
+    torch.amax(cosines_and_logits, dim=-1, keepdim=True, out=maxima)
+    both = scratch.copy_(cosines_and_logits).sub_(maxima)  # exact: as in float64 throughout
+    scales = exp2_scales(temperature, scratch.device) if scales is None else scales
+    torch.sum(both.mul_(scales).exp2_(), dim=-1, out=sums)
+
+
+def exp2_scales(temperature: float, device: torch.device | None = None) -> torch.Tensor:
+    """(2, 1) float64 [log₂e / T, log₂e]: the factors of the cosine and the logit terms before exp2."""
+    return torch.tensor([[LOG2_E / temperature], [LOG2_E]], dtype=torch.float64, device=device)
+
+
 def mcm_and_energy(
     cosines_and_logits: torch.Tensor, scratch: torch.Tensor, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """MCM and Energy of (n, 2, K) [cosines, logits] in float64, with one conversion, one
-    subtraction, one exp and one sum for both (into ``scratch``, the same shape in float64):
+    """MCM and Energy of (n, 2, K) [cosines, logits] in float64 (:func:`mcm_and_energy_sums`):
     max_k softmax(c / T)_k = 1 / Σ_k exp((c_k − max c) / T) and LSE(l) = max l + log Σ exp(l_k − max l),
-    :func:`mcm` and :func:`energy` up to the order of the float64 sums."""
-    top = cosines_and_logits.amax(dim=-1, keepdim=True).double()  # the max is exact in any dtype
-    both = torch.sub(cosines_and_logits, top, out=scratch)  # float32 promoted exactly, then subtracted
-    if temperature != 1.0:
-        both[:, 0].div_(temperature)
-    sums = both.exp_().sum(dim=-1)  # (n, 2)
-    s_mcm = sums[:, 0].reciprocal()
-    s_energy = sums[:, 1].log().add_(top[:, 1, 0])
-    return s_mcm, s_energy
+    :func:`mcm` and :func:`energy` up to the order of the float64 sums and ~1e-16 per term."""
+    n = cosines_and_logits.shape[0]
+    maxima = cosines_and_logits.new_empty(n, 2, 1)
+    sums = scratch.new_empty(n, 2)
+    mcm_and_energy_sums(cosines_and_logits, scratch, maxima, sums, temperature)
+    return sums[:, 0].reciprocal(), sums[:, 1].log().add_(maxima[:, 1, 0])
 
 
 def _score_chunk(
@@ -545,30 +674,47 @@ def _score_chunk(
 ) -> tuple[torch.Tensor, _TopMatches]:
     """The scores of one chunk of images, written into ``out`` at ``rows``; returns the chunk's
     unit embeddings and its top ``top_k`` (classes, negatives) for multi-matching, on the device
-    (negatives as columns of the layout). Two matmuls (classes, negatives) into ``work``'s buffers;
-    everything that reads the negative logits runs before they are replaced by their exp, from
-    which every grouped log-sum-exp (plain and M2) is summed."""
+    (negatives as columns of the layout). Two matmuls (classes, negatives) into ``work``'s buffers,
+    then every pass over their results block by block (:func:`_block_passes`), one exp of the
+    negative logits giving every grouped log-sum-exp (plain and M2)."""
     n = rows.stop - rows.start
     device = work.negatives.device
-    x = unit_rows(inputs.images, rows.start, rows.stop, work.x).to(device, non_blocking=True)
+    with one_thread(device):  # n × D: too small for a rendezvous of both threads to pay
+        x = unit_rows(inputs.images, rows.start, rows.stop, work.x).to(device, non_blocking=True)
+        scaled = torch.mul(
+            x, LOGIT_SCALE, out=work.scaled[:n]
+        )  # scaling the rows first saves a pass over n×M
     pair = work.classes[:n]
-    cos_pos, pos_logits = pair[:, 0], pair[:, 1]
-    torch.matmul(x, classes.T, out=cos_pos)
-    torch.mul(cos_pos, LOGIT_SCALE, out=pos_logits)
+    torch.matmul(x, classes.T, out=pair[:, 0])
     logits = work.negatives[:n]
-    scaled = torch.mul(x, LOGIT_SCALE, out=work.scaled[:n])  # scaling the rows first saves a pass over n×M
     torch.matmul(scaled, layout.weights, out=logits)
-    largest, predicted = pos_logits.max(dim=-1)  # the first of tied maxima, as argmax
+    grouped_star = config.neg_topk is None and work.star is not None
+    # on one thread: each pass over a block takes tens of microseconds, and a parallel operator that
+    # short is mostly the rendezvous of both threads, which on a busy machine waits for a
+    # descheduled thread (measured on 2 loaded cores: a chunk's block passes took 55 ms on 2 threads
+    # when both ran, 0.8–4 s when the machine was loaded, and 60 ms on 1 thread either way)
+    with one_thread(device):
+        for start in range(0, n, work.block):
+            part = slice(start, min(start + work.block, n))
+            _block_passes(work, pair, logits, part, layout.kept, config, grouped_star)
+    pos_logits = pair[:, 1]
+    predicted = work.predicted[:n]
     out["pred_class"][rows] = predicted.cpu().numpy()
-    s_mcm, pos_lse = mcm_and_energy(pair, work.classes64[:n], config.mcm_temperature)
+    sums64 = work.class_sums[:n]
+    s_mcm = sums64[:, 0].reciprocal()  # max_k softmax(c / T)_k = 1 / Σ_k exp((c_k − max c) / T)
+    pos_lse = sums64[:, 1].log().add_(work.class_maxima[:n, 1, 0])  # max l + log Σ exp(l − max l)
     out["s_mcm"][rows] = s_mcm.cpu().numpy()
     out["s_energy"][rows] = pos_lse.cpu().numpy()  # Energy is the classes' log-sum-exp NegLabel needs
-    out["s_maxlogit"][rows] = largest.double().cpu().numpy()  # = max_logit(): the max is exact in any dtype
-    maxes = torch.amax(_blocks(logits[:, : layout.kept], config.groups), dim=-1, out=work.maxes[:n])
-    top_classes = torch.topk(pos_logits, top_k[0], dim=-1).indices
+    out["s_maxlogit"][rows] = work.largest[:n].double().cpu().numpy()  # the max is exact in any dtype
     with one_thread(device):
-        values, columns = top_columns(logits, top_k[1], layout.kept, config.groups, maxes)
-    top = _TopMatches(top_classes, columns, values)
+        if work.candidates is None:
+            values, columns = top_columns(logits, top_k[1], layout.kept, config.groups, work.maxes[:n])
+        else:
+            best, candidates, _ = work.candidates
+            values, columns = rank_candidates(
+                candidates[:n], best[:n], layout.kept // config.groups, logits, layout.kept
+            )
+    top = _TopMatches(work.top_classes[1][:n], columns, values)
     star = None
     if config.neg_topk is not None and not config.star_is_plain:  # M1 reads the logits themselves
         star_logits = logits if layout.star_columns is None else logits[:, layout.star_columns]
@@ -576,20 +722,13 @@ def _score_chunk(
 
     def exact(columns: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
         def recompute(bad: torch.Tensor) -> torch.Tensor:  # rows outside exp's safe range (rare)
-            again = torch.matmul(scaled[bad], layout.weights)
-            grouped = again[:, : layout.kept] if columns is None else again[:, columns]
+            grouped = logits[bad][:, : layout.kept] if columns is None else logits[bad][:, columns]
             return group_logsumexp(grouped, config.groups)
 
         return recompute
 
-    exps = logits.exp_()  # the logits are not read after this
-    sums = torch.sum(_blocks(exps[:, : layout.kept], config.groups), dim=-1, out=work.sums[:n])
-    star_sums = None
-    if star is None and work.star is not None and work.star_sums is not None:
-        assert work.star_columns is not None
-        # M2's columns, gathered in their own group order
-        gathered = torch.index_select(exps, 1, work.star_columns, out=work.star[:n])
-        star_sums = torch.sum(_blocks(gathered, config.groups), dim=-1, out=work.star_sums[:n])
+    sums = work.sums[:n]
+    star_sums = work.star_sums[:n] if grouped_star and work.star_sums is not None else None
     classes_lse = pos_lse.unsqueeze(-1)
     with one_thread(device):
         plain = sigmoid_of_difference(classes_lse, log_of_block_sums(sums, exact(None))).mean(dim=-1)
@@ -609,6 +748,64 @@ def _score_chunk(
         out["s_bg_pos"][rows] = s_pos.cpu().numpy()
         out["s_bg_neg"][rows] = s_neg.cpu().numpy()
     return x, top
+
+
+def _block_passes(
+    work: _Workspace,
+    pair: torch.Tensor,
+    logits: torch.Tensor,
+    rows: slice,
+    kept: int,
+    config: ScoreConfig,
+    grouped_star: bool,
+) -> None:
+    """Everything that reads a chunk's matmul results, on the block ``rows`` of them (in cache
+    while these run; see ``BLOCK_FLOATS``), into ``work``'s per-row buffers: the class logits
+    100·cos beside the cosines, MCM's and Energy's sums of exp (:func:`mcm_and_energy_sums`), the
+    largest class logit and its class, the top classes, the negative logits' block maxima and the
+    top-k negatives' candidates, their exp into a block buffer (the logits stay), its block sums and
+    M2's."""
+    n = rows.stop - rows.start
+    block_pair = pair[rows]
+    torch.mul(block_pair[:, 0], LOGIT_SCALE, out=block_pair[:, 1])
+    mcm_and_energy_sums(
+        block_pair,
+        work.classes64[:n],
+        work.class_maxima[rows],
+        work.class_sums[rows],
+        config.mcm_temperature,
+        work.scales,
+    )
+    pos_logits = block_pair[:, 1]
+    values, indices = work.top_classes
+    top, columns = values[rows], indices[rows]
+    torch.topk(pos_logits, values.shape[1], dim=-1, out=(top, columns))
+    # MaxLogit and pred_class (the first of tied maxima) from the top classes: every class tied
+    # with the largest logit is among them unless the last is tied too (or NaN); those blocks, and
+    # every block on a GPU (no host sync there), take torch.max
+    if pos_logits.device.type == "cpu" and bool((top[:, -1] < top[:, 0]).all()):
+        work.largest[rows] = top[:, 0]
+        torch.amin(
+            torch.where(top == top[:, :1], columns, pos_logits.shape[1]), dim=-1, out=work.predicted[rows]
+        )
+    else:
+        torch.max(pos_logits, dim=-1, out=(work.largest[rows], work.predicted[rows]))
+    block = logits[rows]
+    maxes = torch.amax(_blocks(block[:, :kept], config.groups), dim=-1, out=work.maxes[rows])
+    if work.candidates is not None:
+        best, candidates, scratch = work.candidates
+        k = best.shape[1]
+        column_candidates(
+            block, k, kept, config.groups, maxes, (best[rows], candidates[rows], scratch[:n]), work.starts
+        )
+    # exp(l) as 2^(l·log₂e): several times faster; rounding the float32 product (and log₂e) moves a
+    # term by at most ~7e-6 of itself at |l| = 100, ~2e-6 at 20–40 (docs/maths.md)
+    exps = torch.mul(block, LOG2_E, out=work.exps[:n]).exp2_()
+    torch.sum(_blocks(exps[:, :kept], config.groups), dim=-1, out=work.sums[rows])
+    if grouped_star and work.star is not None and work.star_sums is not None:
+        assert work.star_columns is not None
+        gathered = torch.index_select(exps, 1, work.star_columns, out=work.star[:n])  # in M2's group order
+        torch.sum(_blocks(gathered, config.groups), dim=-1, out=work.star_sums[rows])
 
 
 def _multimatch_chunk(
