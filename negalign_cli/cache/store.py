@@ -42,7 +42,7 @@ from negalign_cli import __version__
 from negalign_cli.cache.diskfull import disk_full, is_disk_full, writing
 from negalign_cli.cache.statcache import STAT_CACHE, StatCache, sha256_files
 from negalign_cli.errors import NegalignError
-from negalign_cli.hashing import canonical_json, open_regular, sha256_text
+from negalign_cli.hashing import canonical_json, read_regular, sha256_text
 from negalign_cli.reporting import NullReporter, Reporter
 
 MANIFEST = "manifest.json"
@@ -181,7 +181,7 @@ class Artifact:
             if (
                 not manifest.is_symlink()
                 and not _hard_link(manifest, self.path / MANIFEST)
-                and _read_regular(manifest) == (self.path / MANIFEST).read_bytes()
+                and read_regular(manifest) == (self.path / MANIFEST).read_bytes()
             ):
                 found.add(MANIFEST)
         return found
@@ -198,17 +198,10 @@ def listed_outputs(manifest: Path) -> list[str]:
     """The outputs an existing manifest.json lists (none if it is missing, unreadable or not a
     regular file: a FIFO there would block the read forever)."""
     try:
-        with open_regular(manifest) as handle:
-            outputs = json.loads(handle.read().decode("utf-8"))["outputs"]
+        outputs = json.loads(read_regular(manifest).decode("utf-8"))["outputs"]
     except (OSError, ValueError, KeyError, TypeError):
         return []
     return [name for name in outputs if isinstance(name, str)] if isinstance(outputs, dict) else []
-
-
-def _read_regular(path: Path) -> bytes:
-    """A file's bytes; OSError (``NotRegularFile``) for a FIFO, a device or a folder."""
-    with open_regular(path) as handle:
-        return handle.read()
 
 
 def _hard_link(path: Path, cached: Path) -> bool:

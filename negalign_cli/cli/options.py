@@ -333,11 +333,10 @@ def finish(
 def _manifest_key(path: Path) -> str | None:
     import json
 
-    from negalign_cli.hashing import open_regular  # a FIFO there is passed over, never opened
+    from negalign_cli.hashing import read_regular  # a FIFO there is passed over, never opened
 
     try:
-        with open_regular(path) as handle:
-            key = json.loads(handle.read().decode("utf-8")).get("key")
+        key = json.loads(read_regular(path).decode("utf-8")).get("key")
     except (OSError, ValueError, AttributeError):
         return None
     return key if isinstance(key, str) else None
