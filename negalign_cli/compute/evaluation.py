@@ -30,7 +30,8 @@ def mean_std(values: np.ndarray) -> tuple[float, float]:
     peak = float(finite.max()) if finite.size else 0.0
     scale = peak if peak > 1e150 else 1.0
     scaled = values / scale if scale != 1.0 else values
-    return float(np.nanmean(scaled)) * scale, float(np.nanstd(scaled)) * scale
+    with np.errstate(invalid="ignore"):  # ±inf among the scores: the std is NaN (inf - inf), said quietly
+        return float(np.nanmean(scaled)) * scale, float(np.nanstd(scaled)) * scale
 
 
 def fit_calibration(star: np.ndarray, align: np.ndarray) -> dict[str, dict[str, float]]:
