@@ -40,27 +40,14 @@ from negalign_cli.stages.evaluation import (
 from negalign_cli.stages.score_table import ScoreTable, _numpy
 from tests.faults.helpers import cli
 from tests.helpers import IMPORT_SPY
-from tests.helpers.synthetic import write_scores
+from tests.helpers.synthetic import score_frame, write_scores
 
 ROOT = Path(__file__).resolve().parents[1]
 SCORES = ("s_mcm", "s_energy", "s_maxlogit", "s_neglabel_plain", "s_neglabel_star", "s_multimatch", "p_align")
 
 
 def _frame(n: int, seed: int, shift: float) -> pd.DataFrame:
-    rng = np.random.default_rng(seed)
-    return pd.DataFrame(
-        {
-            "s_mcm": rng.uniform(0, 1, n) + shift * 0.1,
-            "s_energy": rng.normal(30 + 5 * shift, 2, n),
-            "s_maxlogit": rng.normal(28 + 5 * shift, 2, n),
-            "s_neglabel_plain": rng.normal(0.5 + shift, 0.2, n),
-            "s_neglabel_star": rng.normal(0.5 + shift, 0.2, n),
-            "s_multimatch": rng.uniform(0, 1, n),
-            "p_align": rng.normal(shift, 0.1, n),
-            "cam_valid": rng.uniform(size=n) > 0.2,
-            "s_negrefine": rng.normal(shift, 1, n),
-        }
-    )
+    return score_frame(n, seed, shift, invalid=0.2)
 
 
 def _odd(case: str, frame: pd.DataFrame, seed: int) -> pd.DataFrame | pa.Table:

@@ -68,7 +68,9 @@ def write_manifest(folder: Path, model: str | None = None) -> None:
     (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
-def write_scores(path: Path, n: int, seed: int, shift: float, **extra_columns) -> Path:
+def score_frame(n: int, seed: int, shift: float, invalid: float = 0.1) -> pd.DataFrame:
+    """Every score column of scores.parquet for ``n`` images: random, separable by ``shift``; about
+    ``invalid`` of the rows without a valid CAM."""
     rng = np.random.default_rng(seed)
     frame = pd.DataFrame(
         {
@@ -79,10 +81,15 @@ def write_scores(path: Path, n: int, seed: int, shift: float, **extra_columns) -
             "s_neglabel_star": rng.normal(0.5 + shift, 0.2, n),
             "s_multimatch": rng.uniform(0, 1, n),
             "p_align": rng.normal(shift, 0.1, n),
-            "cam_valid": rng.uniform(size=n) > 0.1,
+            "cam_valid": rng.uniform(size=n) > invalid,
         }
     )
     frame["s_negrefine"] = frame["s_neglabel_plain"] + 2 * frame["s_multimatch"]
+    return frame
+
+
+def write_scores(path: Path, n: int, seed: int, shift: float, **extra_columns) -> Path:
+    frame = score_frame(n, seed, shift)
     for name, values in extra_columns.items():
         frame[name] = values
     if path.suffix == ".csv":
