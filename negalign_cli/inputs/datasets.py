@@ -212,32 +212,6 @@ def is_jpeg_name(path: str | Member) -> bool:
     return suffix in JPEG_SUFFIXES
 
 
-class RawDataset(Dataset):
-    """One file at a time as :mod:`negalign_cli.inputs.reader` reads it: the bytes of a JPEG for
-    the batched decoder (:func:`read_jpeg`), any other file decoded here with PIL."""
-
-    def __init__(
-        self, paths: Sequence[str | Member], transform, max_pixels: int = DEFAULT_MAX_PIXELS
-    ) -> None:
-        self.paths = paths
-        self.pil = ImageDataset(paths, transform, max_pixels)
-        self.max_pixels = max_pixels
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int):
-        path = self.paths[index]
-        kind, data, reason = read_jpeg(path, self.max_pixels) if is_jpeg_name(path) else ("pil", None, "")
-        if kind == "pil":
-            return self.pil[index] + ("decoded",)
-        if data is None:
-            return index, None, reason, "raw"
-        import torch
-
-        return index, torch.frombuffer(bytearray(data), dtype=torch.uint8), "", "raw"
-
-
 def jpeg_decoder():
     """Batched JPEG decoding (nvJPEG on CUDA): TorchCodec's ``decode_jpeg`` where it is installed
     (torchvision's image decoding is deprecated since 0.29; TorchCodec 0.17 works with torch

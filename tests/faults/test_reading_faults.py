@@ -280,13 +280,23 @@ def test_a_fifo_in_a_waterbirds_list(tmp_path):
 def test_a_file_that_becomes_a_fifo_after_hashing(tmp_path, tiny_model):
     """Decoding reads a path again: a file swapped for a FIFO since it was hashed is skipped
     (a passing reason, retried by the next run), with either decoder."""
-    from negalign_cli.inputs.datasets import ImageDataset, RawDataset
+    from negalign_cli.inputs.datasets import ImageDataset
     from negalign_cli.inputs.listing import is_transient
+    from negalign_cli.inputs.reader import read_batch
 
     fifo = _fifo(tmp_path / "pipe.jpg")
     transform = tiny_model.image_transform()
-    for dataset in (ImageDataset([str(fifo)], transform), RawDataset([str(fifo)], transform)):
-        index, tensor, reason = _bounded([fifo], lambda d=dataset: d[0])[:3]
+
+    def pil():
+        return ImageDataset([str(fifo)], transform)[0]
+
+    def batched():  # the reader pool's job (--decode torch): (index, decoded tensor or None, reason)
+        read = read_batch((0, (str(fifo),)), transform)
+        assert not read.jpegs and not read.decoded, read
+        return (*read.failures[0][:1], None, read.failures[0][1])
+
+    for read in (pil, batched):
+        index, tensor, reason = _bounded([fifo], read)[:3]
         assert tensor is None and reason == "not a regular file (fifo)" and is_transient(reason)
 
 
