@@ -139,3 +139,57 @@ def test_garbage_over_the_database_hashes_everything(tmp_path, files):
     spy = Spy()
     StatCache(tmp_path / "stat.db").digests(files, spy.bind(files))
     assert spy.read == []  # a fresh database took its place
+
+
+def test_two_threads_opening_a_fresh_database_lose_no_rows(tmp_path, files):
+    """Two connections creating stat.db at the same moment: SQLite answers one of them "database
+    is locked" at once (switching to WAL takes no busy wait). That is a busy database, not a damaged
+    one: it was once set aside, losing the rows the other connection had just written (a merge's
+    verification thread beside its main thread lost its shard digests that way)."""
+    import threading
+
+    for trial in range(60):
+        cache = StatCache(tmp_path / f"c{trial}" / "stat.db")
+        barrier = threading.Barrier(2)
+
+        def digest(paths, cache=cache, barrier=barrier):
+            barrier.wait()
+            cache.digests(paths, Spy().bind(paths))
+
+        threads = [threading.Thread(target=digest, args=(part,)) for part in (files[:2], files[2:])]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not list((tmp_path / f"c{trial}").glob("*.damaged-*")), trial
+        spy = Spy()
+        StatCache(tmp_path / f"c{trial}" / "stat.db").digests(files, spy.bind(files))
+        assert spy.read == [], trial
+
+
+def test_a_locked_database_is_not_set_aside(tmp_path, files, monkeypatch):
+    """ "database is locked" on every try: the files are hashed, nothing is remembered, and the
+    database (another process's rows) is left where it is."""
+    StatCache(tmp_path / "stat.db").digests(files[:1], Spy().bind(files[:1]))
+    real = sqlite3.connect
+
+    class Locked:
+        def __init__(self, *args, **kwargs):
+            self.db = real(*args, **kwargs)
+
+        def execute(self, sql, *args):
+            raise sqlite3.OperationalError("database is locked")
+
+        def close(self):
+            self.db.close()
+
+    monkeypatch.setattr("negalign_cli.cache.statcache.time.sleep", lambda s: None)
+    monkeypatch.setattr(sqlite3, "connect", Locked)
+    spy = Spy()
+    got = StatCache(tmp_path / "stat.db").digests(files, spy.bind(files))
+    assert len(spy.read) == 5 and got[1] == (sha(b"content 1"), "")
+    monkeypatch.setattr(sqlite3, "connect", real)
+    assert not list(tmp_path.glob("*.damaged-*"))
+    spy = Spy()
+    StatCache(tmp_path / "stat.db").digests(files, spy.bind(files))
+    assert spy.read == files[1:]  # the first file's row survived

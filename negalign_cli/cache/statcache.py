@@ -33,6 +33,9 @@ and writes its own batch. Rows are evicted oldest first past ``BATCH_BUDGET`` by
 
 The database is a cache of a cache: if it cannot be read it is set aside and every file is hashed.
 A full disk is not damage: it is an error naming stat.db (the database is left as it is).
+A locked database ("database is locked", which SQLite can answer at once while another connection
+creates the file or switches it to WAL) is not damage either: the connection is tried again, and
+after that the files are hashed without it.
 Schema 2 added ``ctime_ns``; rows of schema 1 are dropped when the database is opened.
 """
 
@@ -179,6 +182,15 @@ def _upgrade(db: sqlite3.Connection) -> None:
         raise
 
 
+_BUSY_TRIES = 20  # connections answered "database is locked" before working without the cache
+
+
+def _is_busy(exc: sqlite3.DatabaseError) -> bool:
+    """Whether ``exc`` says the database is locked by another connection (not damaged)."""
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    return name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "database is locked" in str(exc)
+
+
 class StatCache:
     """``<cache>/stat.db``: digests of files by their stat."""
 
@@ -188,7 +200,8 @@ class StatCache:
         self.hashed = 0
 
     def _connect(self) -> sqlite3.Connection | None:
-        for attempt in range(2):
+        set_aside = False
+        for attempt in range(_BUSY_TRIES):
             db = None
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -203,8 +216,16 @@ class StatCache:
                     db.close()
                 if is_disk_full(exc, self.path):
                     raise disk_full(self.path) from exc  # full, not damaged: left as it is
-                if attempt == 0:
-                    self._set_aside()
+                if _is_busy(exc):
+                    # another connection is creating the database or switching it to WAL (SQLite
+                    # answers that at once, without its busy wait): busy, not damaged. Setting it
+                    # aside here lost the rows the other connection had just written.
+                    time.sleep(0.01 * (attempt + 1))
+                    continue
+                if set_aside:
+                    return None
+                self._set_aside()
+                set_aside = True
             except OSError as exc:
                 if is_disk_full(exc):
                     raise disk_full(self.path) from exc
@@ -262,7 +283,8 @@ class StatCache:
                 db = None
                 if is_disk_full(exc, self.path):
                     raise disk_full(self.path) from exc
-                self._set_aside()
+                if not _is_busy(exc):  # locked by another connection: hash these, keep the database
+                    self._set_aside()
         # path -> (path, size, mtime_ns, ctime_ns, inode, device, digest, checksum)
         known: dict[bytes, tuple[Any, ...]] = {}
         if db is not None and any(left):
@@ -281,7 +303,8 @@ class StatCache:
                 db = None
                 if is_disk_full(exc, self.path):
                     raise disk_full(self.path) from exc
-                self._set_aside()
+                if not _is_busy(exc):  # locked by another connection: hash these, keep the database
+                    self._set_aside()
         todo: list[int] = []
         for i in [i for i, unserved in enumerate(left) if unserved]:
             seen = stats[i]
