@@ -25,9 +25,7 @@ help:
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(TORCH_PINS)
-	$(BIN)/python -m pip install -q -e '.[dev]' $(TORCH_PINS)
+	@bash scripts/install.sh $(BIN) "$(TORCH_PINS)"
 	@touch $(STAMP)
 
 install: $(STAMP)
