@@ -15,7 +15,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -163,7 +162,7 @@ def test_launch_refuses_weights_its_child_process_cannot_build_in_one_line(tmp_p
 def test_make_imagenet_then_a_new_tau_on_the_toy_world(tmp_path):
     """The real pipeline on the toy world (the suite's one real `make imagenet`: its numbers against
     scikit-learn, then the plans `make -n` prints), then TAU=0.1 (the toy's roles do not move:
-    |r| ≥ 0.33), timed as a whole process beside `python -c "import torch"`; then a τ that moves
+    |r| ≥ 0.33: only split-vocab runs, without torch); then a τ that moves
     words."""
     from negalign_cli.toy.demo import TOY_TAU
     from negalign_cli.toy.generate import ToySpec, generate_toy
@@ -227,18 +226,12 @@ def test_make_imagenet_then_a_new_tau_on_the_toy_world(tmp_path):
     assert ran(make("imagenet-results", *knobs, f"TAU={TOY_TAU}", "LAMBDAS=0,1", dry=True)) == ["evaluate"]
     assert mtimes(runs) == before  # dry runs write nothing
 
-    started = time.perf_counter()
+    # its speed beside `python -c "import torch"` is benchmarks/pipeline_rerun.py's figure (a timed
+    # assertion on a loaded CI machine would be noise); here: what ran, and that nothing imported torch
     rerun = make("imagenet", *knobs, "TAU=0.1")
-    seconds = time.perf_counter() - started
-    torch = []
-    for _ in range(3):
-        started = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "import torch"], check=True)
-        torch.append(time.perf_counter() - started)
     assert ran(rerun) == ["split-vocab"], rerun
     assert "torch-imported=True" not in rerun
     assert mtimes(runs) == before and (runs / "results" / "results.json").read_bytes() == results
-    assert seconds <= 3 * statistics.median(torch), (seconds, torch)
 
     # a τ above some words' |r|: they turn ambiguous, and score, evaluate and report run for real
     moved = make("imagenet", *knobs, "TAU=0.45")
