@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -155,3 +156,29 @@ def placeholder_figures(request, monkeypatch):
         from tests.helpers import placeholder_figures as patch_figures
 
         patch_figures(monkeypatch)
+
+
+# Wall seconds of the files with long real runs in one session of every test on 2 cores (3 workers,
+# 2026-12-04): only the order in which pytest-xdist hands out files uses them, longest first.
+_LONG_FILES = {
+    "test_pipeline_incremental.py": 150,
+    "test_launch_slurm.py": 100,
+    "test_launch.py": 90,
+    "test_interruptions.py": 55,
+    "test_pipelines.py": 46,
+    "test_gpu_paths.py": 46,
+    "test_small_fixes.py": 40,
+    "test_report_browser.py": 35,
+}
+
+
+def pytest_collection_modifyitems(items):
+    """The files with long real runs first, longest first (then the other files marked ``ci`` or
+    ``slow``), so that pytest-xdist, which hands out whole files in collection order (``--dist
+    loadfile --no-loadscope-reorder``), starts them while the short tests fill the other workers,
+    instead of leaving one of them for the end."""
+    weight: dict[Path, float] = {}
+    for item in items:
+        rank = 2 if item.get_closest_marker("ci") else 1 if item.get_closest_marker("slow") else 0
+        weight[item.path] = max(weight.get(item.path, 0), _LONG_FILES.get(item.path.name, rank))
+    items.sort(key=lambda item: -weight[item.path])  # stable: each file keeps its own order

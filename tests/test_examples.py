@@ -1,12 +1,13 @@
 """Every script in examples/ runs on the toy world, and what it prints or writes agrees with the
-files the pipeline wrote (numbers recomputed here). The bash scripts' plans (the negalign commands
-they run, with their flags) are checked with a recording NEGALIGN in the suite; the real runs of
-the bash scripts are marked `ci` (`make test-ci`, which CI runs); api_usage.py runs in-process."""
+files the pipeline wrote (numbers recomputed here). Here: the bash scripts' plans (the negalign
+commands they run, with their flags, checked with a recording NEGALIGN) and api_usage.py, in-process.
+The real runs of the bash scripts (marked `ci`) follow the real `make waterbirds` and `make imagenet`
+runs, whose steps they are, on the same data and cache: tests/test_pipelines.py (waterbirds.sh and
+plot_scores.py) and tests/test_pipeline_incremental.py (imagenet.sh and ablation.sh)."""
 
 from __future__ import annotations
 
 import json
-import os
 import runpy
 import subprocess
 import sys
@@ -15,12 +16,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from sklearn.metrics import roc_auc_score
 
 from negalign_cli.toy.demo import TOY_TAU
 from negalign_cli.toy.generate import ToySpec, generate_toy
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+from tests.helpers.pipelines import EXAMPLES, auroc, example_env, run_example
 
 
 @pytest.fixture(scope="module")
@@ -32,66 +31,11 @@ def toy(tmp_path_factory):
 
 def toy_env(toy: Path) -> dict[str, str]:
     """The toy model card's settings for the scripts' knobs (examples/common.sh)."""
-    return {
-        **os.environ,
-        "NEGALIGN": f"{sys.executable} -m negalign_cli",
-        "PYTHON": sys.executable,
-        "MODEL": "negalign-toy",
-        "DEVICE": "cpu",
-        "WORKERS": "0",
-        "TAU": str(TOY_TAU),
-        "NEG_GROUPS": "1",
-        "CAM_METHOD": "gradxact",
-        "NOUNS": str(toy / "toy/vocab.txt"),
-        "ADJS": "",
-        "CLASSES": str(toy / "toy/classes.txt"),
-        "CACHE": str(toy / "cache"),
-        "NEGALIGN_CACHE": str(toy / "cache"),
-        "HF_HUB_OFFLINE": "1",
-        "COLUMNS": "200",
-    }
+    return example_env(toy / "toy", toy / "cache", f"{sys.executable} -m negalign_cli")
 
 
 def run(toy: Path, *command: str, **env: str) -> str:
-    result = subprocess.run(command, capture_output=True, text=True, env={**toy_env(toy), **env}, cwd=toy)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout
-
-
-def auroc(id_scores, ood_scores) -> float:
-    labels = np.r_[np.ones(len(id_scores)), np.zeros(len(ood_scores))]
-    return float(roc_auc_score(labels, np.r_[id_scores, ood_scores]))
-
-
-@pytest.mark.slow
-@pytest.mark.ci
-def test_waterbirds_script_then_the_notebook_plot(toy):
-    data = toy / "toy"
-    run(
-        toy,
-        "bash",
-        str(EXAMPLES / "waterbirds.sh"),
-        str(data / "id"),
-        str(data / "ood_spurious/images"),
-        "wb",
-    )
-    results = json.loads((toy / "wb/results/results.json").read_text())
-    id_frame = pd.read_parquet(toy / "wb/scores/id/scores.parquet")
-    ood_frame = pd.read_parquet(toy / "wb/scores/placesbg/scores.parquet")
-    assert len(id_frame) == results["id"]["n"] == 10  # metadata.csv's test split
-    methods = results["ood"]["placesbg"]["methods"]
-    assert methods["NegLabel*"]["metrics"]["neglabel"]["auroc"] == pytest.approx(
-        auroc(id_frame["s_neglabel_star"], ood_frame["s_neglabel_star"])
-    )
-
-    output = run(toy, sys.executable, str(EXAMPLES / "plot_scores.py"), "wb", "plot.png")
-    assert (toy / "plot.png").stat().st_size > 10_000
-    lam = methods["NegAlign"]["lambda"]
-    id_final = id_frame["s_neglabel_star"] + lam * id_frame["p_align"]
-    threshold = np.quantile(id_final, 0.05)
-    ood_share = ((ood_frame["s_neglabel_star"] + lam * ood_frame["p_align"]) < threshold).mean()
-    assert f"threshold {threshold:.4f}" in output
-    assert f"'OOD: placesbg': {ood_share}" in output
+    return run_example(toy, {**toy_env(toy), **env}, *command)
 
 
 def plan(toy: Path, tmp_path: Path, script: str, *args: str, **env: str) -> list[list[str]]:
@@ -179,51 +123,6 @@ def test_example_plans(toy, tmp_path):
         env={**toy_env(toy), "NEGALIGN": "true", "MODS": "m9"},
     )  # fmt: skip
     assert bad.returncode == 2 and "unknown switch set m9" in bad.stderr
-
-
-@pytest.mark.slow
-@pytest.mark.ci
-def test_imagenet_and_ablation_scripts(toy):
-    data = toy / "toy"
-    run(
-        toy,
-        "bash",
-        str(EXAMPLES / "imagenet.sh"),
-        str(data / "id/manifest.csv"),
-        f"far={data / 'ood_nonspurious/images'}",
-    )
-    results = json.loads((toy / "runs/imagenet/results/results.json").read_text())
-    assert results["id"]["n"] == 20 and list(results["ood"]) == ["far"]
-    assert {"MCM", "NegLabel", "NegRefine", "NegLabel*", "NegAlign"} <= set(results["ood"]["far"]["methods"])
-
-    output = run(
-        toy,
-        "bash",
-        str(EXAMPLES / "ablation.sh"),
-        str(data / "id/metadata.csv"),
-        str(data / "ood_spurious/images"),
-        "abl",
-        CAM_METHODS="gradxact",
-        BLOCKS="-1",
-        MODS="m1m2",
-    )
-    table = pd.read_csv(toy / "abl/ablation.tsv", sep="\t")
-    assert len(table) == 2  # 1 method × 1 block × 1 switch set (M1 + M2) × M3 off/on (kept small: CPU time)
-    assert set(zip(table["switches"], table["m3"], strict=True)) == {("m1m2", "off"), ("m1m2", "on")}
-    assert (table["cam_method"] == "gradxact").all() and (table["block"] == -1).all()
-    for switches in ("m1m2",):
-        scores = toy / f"abl/runs/gradxact-1-{switches}/scores"
-        id_frame = pd.read_parquet(scores / "id/scores.parquet")
-        ood_frame = pd.read_parquet(scores / "ood/scores.parquet")
-        expected = auroc(id_frame["s_neglabel_star"], ood_frame["s_neglabel_star"])
-        rows = table[table["switches"] == switches]
-        np.testing.assert_allclose(rows["neglabel_star_auroc"], expected, atol=5e-5)  # printed to 4 places
-        off = rows[rows["m3"] == "off"].iloc[0]
-        final = lambda f, lam=off["negalign_lambda"]: f["s_neglabel_star"] + lam * f["p_align"]  # noqa: E731
-        assert off["negalign_auroc"] == pytest.approx(auroc(final(id_frame), final(ood_frame)), abs=5e-5)
-    assert "gradxact\t-1\tm1m2\ton" in output
-    # M3 changes NegAlign's scale, not NegLabel*'s ranking
-    assert table["neglabel_star_auroc"].nunique() == 1
 
 
 def test_api_script(toy, monkeypatch, capsys):

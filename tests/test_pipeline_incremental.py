@@ -5,7 +5,8 @@ same, with no torch imported), and the launch driver's plan-only check without t
 The cheap tests build a finished `make imagenet` state without running the model steps: the
 split is real (`split-vocab` with the tiny model, its r-scores cached in this process), the other
 steps are marked up to date by `make -t` (GNU make's own "touch"). The full real run on the toy
-world, timed beside `import torch`, is marked ci."""
+world is marked ci (its time beside `import torch` is benchmarks/pipeline_rerun.py's figure), and
+so are examples/imagenet.sh and examples/ablation.sh after it, on its data and cache."""
 
 from __future__ import annotations
 
@@ -14,27 +15,27 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from tests.faults.helpers import cli, one_line_error
 from tests.helpers.images import make_image_folder
-from tests.helpers.pipelines import check_methods
+from tests.helpers.pipelines import (
+    EXAMPLES,
+    auroc,
+    check_methods,
+    example_env,
+    run_example,
+    torch_steps,
+    witness,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
 
-# `negalign ARGS` as `python -m negalign_cli` runs it; says on stderr whether torch was imported
-WITNESS = """import runpy, sys
-sys.argv = ["negalign", *sys.argv[1:]]
-try:
-    runpy.run_module("negalign_cli", run_name="__main__", alter_sys=True)
-finally:
-    sys.stderr.write("[witness] %s torch-imported=%s\\n" % (sys.argv[1], "torch" in sys.modules))
-"""
 STEPS = ("split", "cam/id", "cam/ood-a", "cam/ood-b", "scores/id", "scores/ood-a", "scores/ood-b")
 
 
@@ -76,7 +77,6 @@ def finished(tmp_path_factory):
     roles)]."""
     root = tmp_path_factory.mktemp("incremental")
     (root / "nouns.txt").write_text("ocean\nforest\nsand\nteapot\nlamp\ncup\nkettle\nsky\n")
-    (root / "negalign_witness.py").write_text(WITNESS)
     # the r-scores, cached here: the split-vocab runs below only threshold them
     filled = cli(
         "split-vocab", "--nouns", str(root / "nouns.txt"), "--tau", "0", "--device", "cpu",
@@ -87,7 +87,7 @@ def finished(tmp_path_factory):
     assert r[0] > 0  # every word is obj or bg below min |r|, ambiguous above max |r|
     taus = [f"{r[0] / 4:.6g}", f"{r[0] / 2:.6g}", f"{r[-1] * 2:.6g}"]
     knobs = [
-        f"NEGALIGN={sys.executable} {root / 'negalign_witness.py'}",
+        f"NEGALIGN={witness(root)}",
         "PIPELINE_SETUP=",
         "MODEL=negalign-tiny-test",
         "DEVICE=cpu",
@@ -157,21 +157,19 @@ def test_launch_refuses_weights_its_child_process_cannot_build_in_one_line(tmp_p
 
 
 # ----------------------------------------------------------------------------- the full real run
-@pytest.mark.ci
-@pytest.mark.slow
-def test_make_imagenet_then_a_new_tau_on_the_toy_world(tmp_path):
-    """The real pipeline on the toy world (the suite's one real `make imagenet`: its numbers against
-    scikit-learn, then the plans `make -n` prints), then TAU=0.1 (the toy's roles do not move:
-    |r| ≥ 0.33: only split-vocab runs, without torch); then a τ that moves
-    words."""
+@pytest.fixture(scope="module")
+def made_imagenet(tmp_path_factory):
+    """The real `make imagenet` on the toy world (the suite's one): (its folder, make's knobs, what
+    make printed, the results.json it wrote). The toy and the cache are shared by the tests below,
+    which only add to them."""
     from negalign_cli.toy.demo import TOY_TAU
     from negalign_cli.toy.generate import ToySpec, generate_toy
 
+    tmp_path = tmp_path_factory.mktemp("imagenet")
     toy = tmp_path / "toy"
     generate_toy(toy, ToySpec(n_id=30, n_ood=12))
-    (tmp_path / "negalign_witness.py").write_text(WITNESS)
     knobs = [
-        f"NEGALIGN={sys.executable} {tmp_path / 'negalign_witness.py'}",
+        f"NEGALIGN={witness(tmp_path)}",
         "PIPELINE_SETUP=",
         "MODEL=negalign-toy",
         "DEVICE=cpu",
@@ -186,7 +184,19 @@ def test_make_imagenet_then_a_new_tau_on_the_toy_world(tmp_path):
         f"OOD=spurious={toy / 'ood_spurious' / 'images'} nonspurious={toy / 'ood_nonspurious' / 'images'}",
         f"IMAGENET_CLASSES={toy / 'classes.txt'}",
     ]
-    first = make("imagenet", *knobs, f"TAU={TOY_TAU}")
+    printed = make("imagenet", *knobs, f"TAU={TOY_TAU}")
+    return tmp_path, knobs, printed, (tmp_path / "runs/imagenet/results/results.json").read_bytes()
+
+
+@pytest.mark.ci
+@pytest.mark.slow
+def test_make_imagenet_then_a_new_tau_on_the_toy_world(made_imagenet):
+    """The real pipeline on the toy world (its numbers against scikit-learn, then the plans
+    `make -n` prints), then TAU=0.1 (the toy's roles do not move: |r| ≥ 0.33: only split-vocab
+    runs, without torch); then a τ that moves words."""
+    from negalign_cli.toy.demo import TOY_TAU
+
+    tmp_path, knobs, first, _ = made_imagenet
     assert ran(first) == sorted(["split-vocab", *["cam", "score"] * 3, "evaluate", "report"])
     runs = tmp_path / "runs" / "imagenet"
     results = (runs / "results" / "results.json").read_bytes()
@@ -238,3 +248,49 @@ def test_make_imagenet_then_a_new_tau_on_the_toy_world(tmp_path):
     assert ran(moved) == sorted(["split-vocab", "score", "score", "score", "evaluate", "report"]), moved
     assert "torch-imported=True" not in moved.split("negalign_witness.py score")[0]  # the split alone
     assert (runs / "results" / "results.json").read_bytes() != results
+
+
+@pytest.mark.ci
+@pytest.mark.slow
+def test_imagenet_script_is_make_imagenet_step_by_step_then_the_ablation_script(made_imagenet):
+    """examples/imagenet.sh runs the steps of `make imagenet` one by one: on the same data and cache,
+    after make, every step is a cache hit (no process imports torch) and its results are make's.
+    Then examples/ablation.sh on one combination (its grid is the plan test's, in
+    tests/test_examples.py): its table against scikit-learn on its own score files."""
+    tmp_path, _, _, made = made_imagenet
+    data = tmp_path / "toy"
+    env = example_env(data, tmp_path / "cache", witness(tmp_path), OUT="script/imagenet")
+    sets = [f"spurious={data / 'ood_spurious/images'}", f"nonspurious={data / 'ood_nonspurious/images'}"]
+    output = run_example(
+        tmp_path, env, "bash", str(EXAMPLES / "imagenet.sh"), str(data / "id/manifest.csv"), *sets
+    )
+    assert output.count("[witness]") == 8 and torch_steps(output) == [], output
+    results = json.loads((tmp_path / "script/imagenet/results/results.json").read_text())
+    made = json.loads(made)
+    assert results["id"]["n"] == 30 and list(results["ood"]) == ["spurious", "nonspurious"]
+    assert results["ood"] == made["ood"] and results["mean"] == made["mean"]
+
+    ablation = [
+        str(EXAMPLES / "ablation.sh"),
+        str(data / "id/metadata.csv"),
+        str(data / "ood_spurious/images"),
+    ]
+    output = run_example(
+        tmp_path, {**env, "CAM_METHODS": "gradxact", "BLOCKS": "-1", "MODS": "m1m2"}, "bash", *ablation, "abl"
+    )
+    table = pd.read_csv(tmp_path / "abl/ablation.tsv", sep="\t")
+    assert len(table) == 2  # 1 method × 1 block × 1 switch set (M1 + M2) × M3 off/on (kept small: CPU time)
+    assert set(zip(table["switches"], table["m3"], strict=True)) == {("m1m2", "off"), ("m1m2", "on")}
+    assert (table["cam_method"] == "gradxact").all() and (table["block"] == -1).all()
+    scores = tmp_path / "abl/runs/gradxact-1-m1m2/scores"
+    id_frame = pd.read_parquet(scores / "id/scores.parquet")
+    ood_frame = pd.read_parquet(scores / "ood/scores.parquet")
+    assert len(id_frame) == 15  # metadata.csv's test split
+    expected = auroc(id_frame["s_neglabel_star"], ood_frame["s_neglabel_star"])
+    np.testing.assert_allclose(table["neglabel_star_auroc"], expected, atol=5e-5)  # printed to 4 places
+    off = table[table["m3"] == "off"].iloc[0]
+    final = lambda f, lam=off["negalign_lambda"]: f["s_neglabel_star"] + lam * f["p_align"]  # noqa: E731
+    assert off["negalign_auroc"] == pytest.approx(auroc(final(id_frame), final(ood_frame)), abs=5e-5)
+    assert "gradxact\t-1\tm1m2\ton" in output
+    # M3 changes NegAlign's scale, not NegLabel*'s ranking
+    assert table["neglabel_star_auroc"].nunique() == 1

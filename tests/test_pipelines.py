@@ -11,12 +11,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from negalign_cli.toy.demo import TOY_TAU
 from negalign_cli.toy.generate import ToySpec, generate_toy
-from tests.helpers.pipelines import check_methods
+from tests.helpers.pipelines import (
+    EXAMPLES,
+    auroc,
+    check_methods,
+    example_env,
+    run_example,
+    torch_steps,
+    witness,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
@@ -77,20 +86,32 @@ def toy_knobs(toy: Path) -> list[str]:
     ]
 
 
-@pytest.mark.slow
-def test_make_waterbirds_on_the_toy_world(toy):
+def waterbirds_knobs(toy: Path) -> list[str]:
     data = toy / "toy"
-    classes = str(data / "classes.txt")
-    waterbirds = [
+    return [
         *toy_knobs(toy),
         f"WATERBIRDS={data / 'id'}",
         f"PLACESBG={data / 'ood_spurious' / 'images'}",
-        f"WATERBIRDS_CLASSES={classes}",
+        f"WATERBIRDS_CLASSES={data / 'classes.txt'}",
     ]
-    plan = make("waterbirds-results", *waterbirds, dry=True)
+
+
+@pytest.fixture(scope="module")
+def made_waterbirds(toy):
+    """The real `make waterbirds-results` on the toy world (the suite's one), and the plan `make -n`
+    printed before it."""
+    plan = make("waterbirds-results", *waterbirds_knobs(toy), dry=True)
+    make("waterbirds-results", *waterbirds_knobs(toy))
+    return plan
+
+
+@pytest.mark.slow
+def test_make_waterbirds_on_the_toy_world(toy, made_waterbirds):
+    data = toy / "toy"
+    waterbirds = waterbirds_knobs(toy)
+    plan = made_waterbirds
     assert commands(plan) == sorted(["split-vocab", "cam", "score", "cam", "score", "evaluate"])
     assert "--split test" in plan and str(data / "id" / "metadata.csv") in plan
-    make("waterbirds-results", *waterbirds)
     runs = toy / "runs" / "waterbirds"
     assert len(out_folders(plan)) == 6
     assert_every_manifest(out_folders(plan))
@@ -116,6 +137,38 @@ def test_make_waterbirds_on_the_toy_world(toy):
     report_plan = make("waterbirds", *waterbirds, dry=True)
     assert commands(report_plan) == ["report"]
     assert f"report {runs / 'results'} --out {runs / 'report'}" in report_plan
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_waterbirds_script_is_make_waterbirds_step_by_step_then_the_notebook_plot(toy, made_waterbirds):
+    """examples/waterbirds.sh runs the steps of `make waterbirds` one by one: on the same data and
+    cache, after make, every one of its steps is a cache hit (no process imports torch) and its
+    results are make's; then examples/plot_scores.py on its score files."""
+    data = toy / "toy"
+    env = example_env(data, toy / "cache", witness(toy))
+    script = [str(EXAMPLES / "waterbirds.sh"), str(data / "id"), str(data / "ood_spurious/images"), "wb"]
+    output = run_example(toy, env, "bash", *script)
+    assert output.count("[witness]") == 6 and torch_steps(output) == [], output
+    results = json.loads((toy / "wb/results/results.json").read_text())
+    made = json.loads((toy / "runs/waterbirds/results/results.json").read_text())
+    assert results["id"] == made["id"] and results["ood"] == made["ood"]
+    id_frame = pd.read_parquet(toy / "wb/scores/id/scores.parquet")
+    ood_frame = pd.read_parquet(toy / "wb/scores/placesbg/scores.parquet")
+    assert len(id_frame) == results["id"]["n"] == 15  # metadata.csv's test split
+    methods = results["ood"]["placesbg"]["methods"]
+    assert methods["NegLabel*"]["metrics"]["neglabel"]["auroc"] == pytest.approx(
+        auroc(id_frame["s_neglabel_star"], ood_frame["s_neglabel_star"])
+    )
+
+    output = run_example(toy, env, sys.executable, str(EXAMPLES / "plot_scores.py"), "wb", "plot.png")
+    assert (toy / "plot.png").stat().st_size > 10_000
+    lam = methods["NegAlign"]["lambda"]
+    id_final = id_frame["s_neglabel_star"] + lam * id_frame["p_align"]
+    threshold = np.quantile(id_final, 0.05)
+    ood_share = ((ood_frame["s_neglabel_star"] + lam * ood_frame["p_align"]) < threshold).mean()
+    assert f"threshold {threshold:.4f}" in output
+    assert f"'OOD: placesbg': {ood_share}" in output
 
 
 def imagenet_knobs(toy: Path) -> list[str]:
