@@ -9,7 +9,8 @@
 # with (find-links, index URLs, constraints: pip config list and PIP_* variables) are handed to it.
 # Bytecode is compiled at install (--compile-bytecode), as pip does: where PYTHONDONTWRITEBYTECODE
 # is set, nothing compiles it later, and every process would compile torch again (an import of torch
-# and open_clip took 10 s instead of 4.5 s). Should uv be missing or fail, pip does the install.
+# and open_clip took 10 s instead of 4.5 s); negalign_cli's own modules are compiled too. Should uv be
+# missing or fail, pip does the install.
 set -euo pipefail
 BIN=$1
 read -r -a PINS <<<"$2"
@@ -19,8 +20,11 @@ if [ "${NEGALIGN_INSTALL_WITH:-uv}" = uv ] && "$PY" -m pip install -q uv 2>/dev/
     # unsafe-best-match: the newest fitting version from any source, as pip chooses
     if "$BIN/uv" pip install -q --python "$PY" --index-strategy unsafe-best-match --compile-bytecode "${SOURCES[@]}" \
         -e '.[dev]' "${PINS[@]}"; then
-        exit 0
+        INSTALLED=uv
+    else
+        echo "install: uv failed; installing with pip instead" >&2
     fi
-    echo "install: uv failed; installing with pip instead" >&2
 fi
-"$PY" -m pip install -q -e '.[dev]' "${PINS[@]}"
+[ -n "${INSTALLED:-}" ] || "$PY" -m pip install -q -e '.[dev]' "${PINS[@]}"
+# The package itself is installed in editable mode, from this folder, which neither installer compiles.
+"$PY" -m compileall -q negalign_cli >/dev/null

@@ -270,14 +270,17 @@ def test_imagenet_script_is_make_imagenet_step_by_step_then_the_ablation_script(
     assert results["id"]["n"] == 30 and list(results["ood"]) == ["spurious", "nonspurious"]
     assert results["ood"] == made["ood"] and results["mean"] == made["mean"]
 
+    # the ablation on make's sets and block: its cam steps are hits too; only score with M1 (a
+    # --neg-topk make did not ask for) computes
     ablation = [
         str(EXAMPLES / "ablation.sh"),
-        str(data / "id/metadata.csv"),
+        str(data / "id/manifest.csv"),
         str(data / "ood_spurious/images"),
     ]
     output = run_example(
         tmp_path, {**env, "CAM_METHODS": "gradxact", "BLOCKS": "-1", "MODS": "m1m2"}, "bash", *ablation, "abl"
     )
+    assert output.count("[witness]") == 7 and torch_steps(output) == ["score", "score"], output
     table = pd.read_csv(tmp_path / "abl/ablation.tsv", sep="\t")
     assert len(table) == 2  # 1 method × 1 block × 1 switch set (M1 + M2) × M3 off/on (kept small: CPU time)
     assert set(zip(table["switches"], table["m3"], strict=True)) == {("m1m2", "off"), ("m1m2", "on")}
@@ -285,7 +288,7 @@ def test_imagenet_script_is_make_imagenet_step_by_step_then_the_ablation_script(
     scores = tmp_path / "abl/runs/gradxact-1-m1m2/scores"
     id_frame = pd.read_parquet(scores / "id/scores.parquet")
     ood_frame = pd.read_parquet(scores / "ood/scores.parquet")
-    assert len(id_frame) == 15  # metadata.csv's test split
+    assert len(id_frame) == 30
     expected = auroc(id_frame["s_neglabel_star"], ood_frame["s_neglabel_star"])
     np.testing.assert_allclose(table["neglabel_star_auroc"], expected, atol=5e-5)  # printed to 4 places
     off = table[table["m3"] == "off"].iloc[0]
