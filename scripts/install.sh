@@ -15,16 +15,25 @@ set -euo pipefail
 BIN=$1
 read -r -a PINS <<<"$2"
 PY="$BIN/python"
+# NEGALIGN_BYTECODE=lazy leaves the compiling to the first import of each module: only for a run
+# that writes bytecode (PYTHONDONTWRITEBYTECODE unset), as .ci/run does; the first processes then
+# compile what they import, and nothing else is compiled.
+UV_COMPILE=(--compile-bytecode)
+PIP_COMPILE=()
+if [ "${NEGALIGN_BYTECODE:-}" = lazy ]; then
+    UV_COMPILE=()
+    PIP_COMPILE=(--no-compile)
+fi
 if [ "${NEGALIGN_INSTALL_WITH:-uv}" = uv ] && "$PY" -m pip install -q uv 2>/dev/null; then
     mapfile -t SOURCES < <("$PY" -m pip config list | "$PY" scripts/pip_sources.py)
     # unsafe-best-match: the newest fitting version from any source, as pip chooses
-    if "$BIN/uv" pip install -q --python "$PY" --index-strategy unsafe-best-match --compile-bytecode "${SOURCES[@]}" \
+    if "$BIN/uv" pip install -q --python "$PY" --index-strategy unsafe-best-match "${UV_COMPILE[@]}" "${SOURCES[@]}" \
         -e '.[dev]' "${PINS[@]}"; then
         INSTALLED=uv
     else
         echo "install: uv failed; installing with pip instead" >&2
     fi
 fi
-[ -n "${INSTALLED:-}" ] || "$PY" -m pip install -q -e '.[dev]' "${PINS[@]}"
+[ -n "${INSTALLED:-}" ] || "$PY" -m pip install -q "${PIP_COMPILE[@]}" -e '.[dev]' "${PINS[@]}"
 # The package itself is installed in editable mode, from this folder, which neither installer compiles.
-"$PY" -m compileall -q negalign_cli >/dev/null
+[ "${NEGALIGN_BYTECODE:-}" = lazy ] || "$PY" -m compileall -q negalign_cli >/dev/null
