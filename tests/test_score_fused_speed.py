@@ -138,8 +138,9 @@ def test_mcm_and_energy_equal_float64_numpy(n, k, temperature, ties, seed):
 
 # ----------------------------------------------------------------------------- the whole path
 def scores_with_blocks(inputs: ScoreInputs, config: ScoreConfig, rows: int | None) -> dict[str, np.ndarray]:
-    """compute_scores with blocks of ``rows`` rows (None: the default budget)."""
+    """compute_scores' torch passes with blocks of ``rows`` rows (None: the default budget)."""
     with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(scores_module, "native_passes", lambda: None)
         if rows is not None:
             n_classes, n_negatives = inputs.classes.shape[0], inputs.negatives.shape[0]
             patch.setattr(scores_module, "BLOCK_FLOATS", rows * (2 * n_negatives + 6 * n_classes))

@@ -179,7 +179,9 @@ class Census(TorchDispatchMode):
         return result
 
 
-def census_per_chunk(config: ScoreConfig, size_of) -> tuple[list[str], list[str], int]:
+def census_per_chunk(config: ScoreConfig, size_of, native: bool = False) -> tuple[list[str], list[str], int]:
+    """The torch operators of one chunk, with scoring's torch passes (the block passes), or with
+    ``native`` its C passes where they load."""
     n, k, m = 90, 200, 1200
     inputs = ScoreInputs(
         images=unit(n, 11, 32).numpy(),
@@ -203,6 +205,8 @@ def census_per_chunk(config: ScoreConfig, size_of) -> tuple[list[str], list[str]
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(scores_module.chunk_rows, "__defaults__", (rows * (k + m),))
         patch.setattr(scores_module, "_score_chunk", counted)
+        if not native:
+            patch.setattr(scores_module, "native_passes", lambda: None)
         compute_scores(inputs, config)
     return census.passes, census.fresh, n // rows
 

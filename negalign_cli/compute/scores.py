@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from negalign_cli.compute.native import ScorePasses
+from negalign_cli.compute.native import load as native_passes
 from negalign_cli.compute.score_columns import SCORE_COLUMNS, pair_text  # the registry, torch-free
 from negalign_cli.compute.score_config import ScoreConfig as ScoreConfig  # torch-free: planning reads it
 
@@ -522,6 +524,8 @@ class _Workspace:
     background_logits: torch.Tensor | None  # (step, |N_bg|) b·N_bg
     block: int  # rows per block
     gathered: torch.Tensor | None = None  # multi-matching's pair features of a slice of images
+    native: ScorePasses | None = None  # the fused C passes (CPU), which replace the block passes
+    top_negatives: tuple[torch.Tensor, torch.Tensor] | None = None  # (step, k) their top-k negatives
 
     @classmethod
     def allocate(
@@ -545,7 +549,12 @@ class _Workspace:
             return torch.empty(*shape, dtype=dtype, device=device)
 
         star_columns = layout.star_columns.to(device) if layout.star_columns is not None else None
+        native = native_passes() if device.type == "cpu" and top_k[0] >= 1 else None
         return cls(
+            native=native,
+            top_negatives=None
+            if native is None or k_neg < 1
+            else (empty(step, k_neg), empty(step, k_neg, dtype=torch.int64)),
             x=empty(step, dim),
             scaled=empty(step, dim),
             classes=empty(step, 2, n_classes),
@@ -561,7 +570,7 @@ class _Workspace:
             maxes=empty(step, config.groups),
             sums=empty(step, config.groups),
             candidates=None
-            if config.groups <= k_neg or layout.kept == 0
+            if native is not None or config.groups <= k_neg or layout.kept == 0
             else (
                 empty(step, k_neg, dtype=torch.int64),
                 empty(step, k_neg * width),
@@ -693,10 +702,13 @@ def _score_chunk(
     # short is mostly the rendezvous of both threads, which on a busy machine waits for a
     # descheduled thread (measured on 2 loaded cores: a chunk's block passes took 55 ms on 2 threads
     # when both ran, 0.8–4 s when the machine was loaded, and 60 ms on 1 thread either way)
-    with one_thread(device):
-        for start in range(0, n, work.block):
-            part = slice(start, min(start + work.block, n))
-            _block_passes(work, pair, logits, part, layout.kept, config, grouped_star)
+    if work.native is not None:
+        _native_passes(work, work.native, pair, logits, layout.kept, config, grouped_star)
+    else:
+        with one_thread(device):
+            for start in range(0, n, work.block):
+                part = slice(start, min(start + work.block, n))
+                _block_passes(work, pair, logits, part, layout.kept, config, grouped_star)
     pos_logits = pair[:, 1]
     predicted = work.predicted[:n]
     out["pred_class"][rows] = predicted.cpu().numpy()
@@ -707,7 +719,9 @@ def _score_chunk(
     out["s_energy"][rows] = pos_lse.cpu().numpy()  # Energy is the classes' log-sum-exp NegLabel needs
     out["s_maxlogit"][rows] = work.largest[:n].double().cpu().numpy()  # the max is exact in any dtype
     with one_thread(device):
-        if work.candidates is None:
+        if work.top_negatives is not None:
+            values, columns = work.top_negatives[0][:n], work.top_negatives[1][:n]
+        elif work.candidates is None:
             values, columns = top_columns(logits, top_k[1], layout.kept, config.groups, work.maxes[:n])
         else:
             best, candidates, _ = work.candidates
@@ -748,6 +762,40 @@ def _score_chunk(
         out["s_bg_pos"][rows] = s_pos.cpu().numpy()
         out["s_bg_neg"][rows] = s_neg.cpu().numpy()
     return x, top
+
+
+def _native_passes(
+    work: _Workspace,
+    native: ScorePasses,
+    pair: torch.Tensor,
+    logits: torch.Tensor,
+    kept: int,
+    config: ScoreConfig,
+    grouped_star: bool,
+) -> None:
+    """:func:`_block_passes`' results from the fused C passes (``compute/native.py``), each row
+    read once, the rows split over the CPU threads: the class logits, MCM's and Energy's float64
+    sums, the top classes (MaxLogit and ``pred_class``: the first of them, the smallest class of
+    the tied largest), the negative logits' group maxima and sums of exp (M2's too) and the top-k
+    negatives."""
+    n = pair.shape[0]
+    native.class_pass(
+        pair,
+        LOGIT_SCALE,
+        (LOG2_E / config.mcm_temperature, LOG2_E),
+        work.class_maxima[:n].view(n, 2),
+        work.class_sums[:n],
+        (work.top_classes[0][:n], work.top_classes[1][:n]),
+    )
+    star = None
+    if grouped_star and work.star_columns is not None and work.star_sums is not None:
+        star = (work.star_columns, work.star_sums[:n])
+    top = None
+    if work.top_negatives is not None:
+        top = (work.top_negatives[0][:n], work.top_negatives[1][:n])
+    native.negative_pass(logits, kept, config.groups, LOG2_E, work.maxes[:n], work.sums[:n], star, top)
+    work.largest[:n].copy_(work.top_classes[0][:n, 0])
+    work.predicted[:n].copy_(work.top_classes[1][:n, 0])
 
 
 def _block_passes(
