@@ -344,6 +344,17 @@ def test_a_compiler_that_fails_is_reported_not_raised(fresh_loader, monkeypatch,
     assert not any(fresh_loader.glob("*.so"))
 
 
+def test_an_unwritable_kernel_folder_is_reported_not_raised(fresh_loader, monkeypatch, tmp_path):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("NEGALIGN_KERNEL_DIR", str(blocked / "kernels"))
+    if compiler() is None:
+        pytest.skip("no C compiler on this machine")
+    assert native_module.load() is None
+    assert "compiling the scoring kernels failed" in native_module.why_not()
+    assert native_module.describe().startswith("torch operators (")
+
+
 def test_native_off_by_environment(fresh_loader, monkeypatch):
     monkeypatch.setenv("NEGALIGN_NATIVE", "0")
     assert native_module.load() is None and "NEGALIGN_NATIVE=0" in native_module.why_not()

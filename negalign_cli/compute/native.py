@@ -290,6 +290,15 @@ def why_not() -> str:
     return _reason[0]
 
 
+def describe() -> str:
+    """Which passes scoring runs after its matmuls on a CPU, for ``-v`` and the bench's JSON."""
+    passes = load()
+    if passes is None:
+        return f"torch operators ({why_not()})"
+    threads = "OpenMP threads" if passes.openmp else "Python threads"
+    return f"fused C passes on {threads} ({passes.path})"
+
+
 def _load() -> ScorePasses:
     if os.environ.get(NATIVE_ENV, "1").strip().lower() in ("0", "off", "false", "no"):
         raise NativeUnavailable(f"{NATIVE_ENV}=0")
@@ -304,7 +313,10 @@ def _load() -> ScorePasses:
     target = kernel_dir() / f"score_passes-{digest.hexdigest()[:24]}.so"
     for attempt in range(2):
         if not target.exists():
-            why = _compile(cc, source, target)
+            try:
+                why = _compile(cc, source, target)
+            except OSError as error:  # a read-only or full kernel folder
+                why = f"{target.parent}: {error.strerror or error}"
             if why is not None:
                 raise NativeUnavailable(f"compiling the scoring kernels failed: {why}")
         try:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from negalign_cli import __version__
+from negalign_cli.compute.native import describe as describe_score_passes
 from negalign_cli.compute.score_columns import pair_text
 from negalign_cli.compute.scores import (
     LOGIT_SCALE,
@@ -386,6 +387,7 @@ def environment(model: LoadedModel) -> dict[str, Any]:
         "device": str(device),
         "device_name": name,
         "cpu_threads": torch.get_num_threads(),
+        "score_passes": describe_score_passes() if device.type == "cpu" else "torch operators",
         "model": model.name,
         "weights": model.weights,
         "quick_gelu": bool(model.config.get("quick_gelu", False)),

@@ -344,6 +344,10 @@ def score_images(
         label = f"scoring images: {image_set.name} ({len(embeddings)} distinct" + (
             f", {len(table)} paths)" if len(table) != len(embeddings) else ")"
         )
+        if model.device.type == "cpu":
+            from negalign_cli.compute.native import describe
+
+            reporter.debug(f"scoring's passes after its matmuls: {describe()}")
         with reporter.progress(label, len(embeddings)) as advance:
             columns = compute_scores(
                 inputs_, config, texts.pairs if multimatch else None, on_chunk=advance, device=model.device
