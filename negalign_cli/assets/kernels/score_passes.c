@@ -170,17 +170,33 @@ static inline void top_reset(int64_t k, float* values, int64_t* indices) {
     }
 }
 
-/* the top k of values[0..n) by ranks_before; the scan skips runs of LANES whose maximum cannot
- * enter (the common case once the list is full) */
+/* any lane of v not below `least` (or NaN): a value of the run may enter the top k */
+static inline int any_enters(vfloat v, float least) {
+    vint enters = ~(v < least);
+    int32_t lanes[LANES];
+    memcpy(lanes, &enters, sizeof lanes);
+    int32_t any = 0;
+    for (int l = 0; l < LANES; l++) any |= lanes[l];
+    return any != 0;
+}
+
+#define RUN (4 * LANES)
+
+/* the top k of values[0..n) by ranks_before, into the sorted lists top/index (indices offset by
+ * `offset`); runs of RUN values none of which can enter (the common case once the lists are
+ * full: all below the least kept value) are passed over after one vector test */
 static void top_k_of(const float* values, int64_t n, int64_t offset, int64_t k, float* top,
                      int64_t* index) {
     int64_t j = 0;
-    for (; j + LANES <= n; j += LANES) {
+    for (; j + RUN <= n; j += RUN) {
         float least = top[k - 1];
-        int enters = 0; /* a value not below the least kept one, or NaN: compare it in order */
-        for (int l = 0; l < LANES; l++) enters |= !(values[j + l] < least);
-        if (!enters) continue;
-        for (int l = 0; l < LANES; l++) top_insert(values[j + l], offset + j + l, k, top, index);
+        vfloat run = load_lanes(values + j);
+        for (int q = 1; q < RUN / LANES; q++) { /* NaN-preserving: a NaN lane stays NaN */
+            vfloat x = load_lanes(values + j + q * LANES);
+            run = select_lanes((x > run) | (x != x), x, run);
+        }
+        if (!any_enters(run, least)) continue;
+        for (int l = 0; l < RUN; l++) top_insert(values[j + l], offset + j + l, k, top, index);
     }
     for (; j < n; j++) top_insert(values[j], offset + j, k, top, index);
 }
