@@ -698,7 +698,9 @@ def _score_chunk(
     logits = work.negatives[:n]
     torch.matmul(scaled, layout.weights, out=logits)
     grouped_star = config.neg_topk is None and work.star is not None
-    # on one thread: each pass over a block takes tens of microseconds, and a parallel operator that
+    # the C passes where they load (compute/native.py: every pass in one loop per row, the rows on
+    # torch's OpenMP threads); else the torch passes block by block, on one thread: each pass over
+    # a block takes tens of microseconds, and a parallel operator that
     # short is mostly the rendezvous of both threads, which on a busy machine waits for a
     # descheduled thread (measured on 2 loaded cores: a chunk's block passes took 55 ms on 2 threads
     # when both ran, 0.8–4 s when the machine was loaded, and 60 ms on 1 thread either way)

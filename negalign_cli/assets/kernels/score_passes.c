@@ -202,7 +202,7 @@ static void top_k_of(const float* values, int64_t n, int64_t offset, int64_t k, 
 }
 
 /* Σ e[0..w) in LANES lanes (element j in lane j % LANES), the lanes summed by sum_lanes; e must
- * stay readable for LANES floats past w (the row buffers are padded) */
+ * stay readable for LANES floats past w (the exp buffers are padded) */
 static float run_sum(const float* e, int64_t w) {
     vfloat acc = {0};
     int64_t j = 0;
@@ -211,9 +211,9 @@ static float run_sum(const float* e, int64_t w) {
     return sum_lanes(acc);
 }
 
-/* the maximum of v[0..w) (v readable for LANES floats past w), NaN ignored: the callers give
- * NaN where the matching sum is NaN, as torch.amax propagates it (a NaN value makes its exp and
- * every sum over it NaN) */
+/* the maximum of v[0..w) (nothing past w is read), NaN ignored: the callers give NaN where the
+ * matching sum is NaN, as torch.amax propagates it (a NaN value makes its exp and every sum over
+ * it NaN) */
 static float run_max(const float* v, int64_t w) {
     vfloat m = (vfloat){0} - INFINITY;
     int64_t j = 0;
@@ -221,18 +221,11 @@ static float run_max(const float* v, int64_t w) {
         vfloat x = load_lanes(v + j);
         m = select_lanes(x > m, x, m);
     }
-    if (j < w) {
-        vfloat x = load_lanes(v + j);
-        m = select_lanes((x > m) & (LANE_INDEX < (int32_t)(w - j)), x, m);
-    }
-    return max_lanes(m);
+    float out = max_lanes(m);
+    for (; j < w; j++) out = v[j] > out ? v[j] : out;
+    return out;
 }
 
-/* Class terms of rows [0, rows) of a (rows, 2, K) float32 buffer whose [i, 0, :] holds the
- * cosines: [i, 1, :] = logit_scale * cosine (as torch.mul); maxima (rows, 2) the largest cosine
- * and logit; sums (rows, 2) float64 Σ_k 2^((c_k - max c) * scales[0]) and Σ_k 2^((l_k - max l) *
- * scales[1]); the top k logits (values, class indices) by ranks_before (so [i, 0] is the largest
- * logit and the first class holding it). */
 /* 1 when built with OpenMP: the passes then split their rows over the OpenMP threads (torch's
  * own pool when this library resolves to the libgomp torch loaded) */
 int negalign_openmp(void) {
@@ -254,16 +247,12 @@ static int team(int64_t rows, int threads) {
 
 static void class_row(float* pair, int64_t i, int64_t K, float logit_scale, double scale_cos,
                       double scale_logit, float* maxima, double* sums, int64_t k, float* top_values,
-                      int64_t* top_indices, float** values) {
+                      int64_t* top_indices) {
     float* cos = pair + i * 2 * K;
     float* logit = cos + K;
-    for (int64_t j = 0; j < K; j++) {
-        values[0][j] = cos[j];
-        values[1][j] = cos[j] * logit_scale;
-    }
-    memcpy(logit, values[1], sizeof(float) * (size_t)K);
+    for (int64_t j = 0; j < K; j++) logit[j] = cos[j] * logit_scale;
     for (int t = 0; t < 2; t++) {
-        const float* v = values[t];
+        const float* v = t == 0 ? cos : logit;
         double scale = t == 0 ? scale_cos : scale_logit;
         float m = run_max(v, K);
         double md = (double)m;
@@ -287,31 +276,15 @@ static void class_row(float* pair, int64_t i, int64_t K, float logit_scale, doub
  * cosines: [i, 1, :] = logit_scale * cosine (as torch.mul); maxima (rows, 2) the largest cosine
  * and logit; sums (rows, 2) float64 Σ_k 2^((c_k - max c) * scales[0]) and Σ_k 2^((l_k - max l) *
  * scales[1]); the top k logits (values, class indices) by ranks_before (so [i, 0] is the largest
- * logit and the first class holding it). Up to `threads` OpenMP threads. Returns 0, or -1 if
- * memory ran out. */
+ * logit and the first class holding it). Up to `threads` OpenMP threads. Returns 0. */
 int negalign_class_pass(float* pair, int64_t rows, int64_t K, float logit_scale, double scale_cos,
                         double scale_logit, float* maxima, double* sums, int64_t k, float* top_values,
                         int64_t* top_indices, int threads) {
-    int failed = 0;
     (void)threads;
-#pragma omp parallel num_threads(team(rows, threads)) reduction(| : failed)
-    {
-        float* padded = malloc(sizeof(float) * (size_t)(2 * (K + LANES)));
-        float* values[2] = {padded, padded ? padded + K + LANES : NULL};
-        if (padded)
-            for (int l = 0; l < LANES; l++) values[0][K + l] = values[1][K + l] = 0.0f;
-#pragma omp for schedule(static)
-        for (int64_t i = 0; i < rows; i++) {
-            if (!padded) {
-                failed = 1;
-                continue;
-            }
-            class_row(pair, i, K, logit_scale, scale_cos, scale_logit, maxima, sums, k, top_values,
-                      top_indices, values);
-        }
-        free(padded);
-    }
-    return failed ? -1 : 0;
+#pragma omp parallel for num_threads(team(rows, threads)) schedule(static)
+    for (int64_t i = 0; i < rows; i++)
+        class_row(pair, i, K, logit_scale, scale_cos, scale_logit, maxima, sums, k, top_values, top_indices);
+    return 0;
 }
 
 /* Negative terms of rows [0, rows) of a (rows, ld) float32 buffer of negative logits (M columns
@@ -322,7 +295,7 @@ int negalign_class_pass(float* pair, int64_t rows, int64_t K, float logit_scale,
  * k runs of largest maxima (ranks_before on the maxima) and the columns after `kept`. Returns 0,
  * or -1 if memory ran out. */
 struct negative_buffers {
-    float *e, *row, *gathered, *best;
+    float *e, *gathered, *best;
     int64_t* best_group;
 };
 
@@ -335,14 +308,11 @@ static void negative_row(const float* logits, int64_t i, int64_t ld, int64_t M, 
     const float* v = logits + i * ld;
     float* mx = maxes + i * groups;
     float* sm = sums + i * groups;
-    float *e = b->e, *row = b->row;
-    for (int64_t j = 0; j < M; j++) {
-        row[j] = v[j];
-        e[j] = exp2f_fast(v[j] * scale);
-    }
+    float* e = b->e;
+    for (int64_t j = 0; j < M; j++) e[j] = exp2f_fast(v[j] * scale);
     for (int64_t g = 0; g < groups; g++) {
         sm[g] = run_sum(e + g * width, width);
-        mx[g] = sm[g] == sm[g] ? run_max(row + g * width, width) : NAN;
+        mx[g] = sm[g] == sm[g] ? run_max(v + g * width, width) : NAN;
     }
     if (star_sums && n_star > 0) {
         for (int64_t j = 0; j < n_star; j++) b->gathered[j] = e[star[j]];
@@ -358,9 +328,9 @@ static void negative_row(const float* logits, int64_t i, int64_t ld, int64_t M, 
         top_reset(k, tv, tc);
         for (int64_t r = 0; r < runs; r++) {
             int64_t g = b->best_group[r];
-            top_k_of(row + g * width, width, g * width, k, tv, tc);
+            top_k_of(v + g * width, width, g * width, k, tv, tc);
         }
-        top_k_of(row + kept, M - kept, kept, k, tv, tc);
+        top_k_of(v + kept, M - kept, kept, k, tv, tc);
     }
 }
 
@@ -381,13 +351,12 @@ int negalign_negative_pass(const float* logits, int64_t rows, int64_t ld, int64_
     {
         struct negative_buffers b;
         b.e = malloc(sizeof(float) * (size_t)(M + LANES));
-        b.row = malloc(sizeof(float) * (size_t)(M + LANES));
         b.gathered = malloc(sizeof(float) * (size_t)(n_star + LANES));
         b.best = malloc(sizeof(float) * (size_t)(k > 0 ? k : 1));
         b.best_group = malloc(sizeof(int64_t) * (size_t)(k > 0 ? k : 1));
-        int ok = b.e && b.row && b.gathered && b.best && b.best_group;
+        int ok = b.e && b.gathered && b.best && b.best_group;
         if (ok)
-            for (int l = 0; l < LANES; l++) b.e[M + l] = b.row[M + l] = b.gathered[n_star + l] = 0.0f;
+            for (int l = 0; l < LANES; l++) b.e[M + l] = b.gathered[n_star + l] = 0.0f;
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < rows; i++) {
             if (!ok) {
@@ -398,7 +367,6 @@ int negalign_negative_pass(const float* logits, int64_t rows, int64_t ld, int64_
                          top_values, top_columns, &b);
         }
         free(b.e);
-        free(b.row);
         free(b.gathered);
         free(b.best);
         free(b.best_group);
