@@ -287,13 +287,8 @@ int negalign_class_pass(float* pair, int64_t rows, int64_t K, float logit_scale,
     return 0;
 }
 
-/* Negative terms of rows [0, rows) of a (rows, ld) float32 buffer of negative logits (M columns
- * used, the first `kept` in `groups` runs of kept / groups): maxes (rows, groups) each run's
- * maximum; sums (rows, groups) each run's Σ 2^(l * scale); with star (n_star column indices, in
- * their group order), star_sums (rows, groups) the same sums over runs of n_star / groups of
- * those columns; with k > 0, the top k logits (values, columns) by ranks_before, found among the
- * k runs of largest maxima (ranks_before on the maxima) and the columns after `kept`. Returns 0,
- * or -1 if memory ran out. */
+/* one thread's buffers for the negative pass: a row's exp (padded), M2's gathered exp (padded),
+ * the best groups */
 struct negative_buffers {
     float *e, *gathered, *best;
     int64_t* best_group;
