@@ -196,9 +196,12 @@ def test_the_class_pass_keeps_nan_rows_nan(passes):
     assert not torch.isnan(sums[0]).any() and top[1][1, 0].item() == 3  # NaN first, as torch.topk
 
 
-def test_the_passes_do_not_depend_on_the_thread_count(passes):
+@pytest.mark.parametrize("openmp", [True, False], ids=["openmp", "python-threads"])
+def test_the_passes_do_not_depend_on_the_thread_count(passes, openmp, monkeypatch):
     """Rows are split over the threads and each row's arithmetic is fixed: 1, 2 and 3 threads give
-    the same bits."""
+    the same bits, on OpenMP's threads or (a library built without OpenMP) on Python threads."""
+    if not openmp:
+        monkeypatch.setattr(passes, "openmp", False)
     g = torch.Generator().manual_seed(5)
     logits = torch.randn(301, 1000, generator=g) * 20
     cos = torch.rand(301, 2, 200, generator=g)

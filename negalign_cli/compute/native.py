@@ -124,13 +124,21 @@ class ScorePasses:
         self.library.negalign_openmp.restype = ctypes.c_int
         self.openmp = bool(self.library.negalign_openmp())
 
-    def _split(self, run: Callable[[int, int, int], None], n: int) -> None:
-        """Every row through ``run(lo, hi, threads)``: one call on torch's thread count (OpenMP),
-        or parts on as many Python threads."""
+    def _rows(self, call: Callable[[int, int, int], int], n: int, what: str) -> None:
+        """Every row through ``call(lo, hi, threads)`` (0: done, else out of memory): one call on
+        torch's thread count (OpenMP), or parts on as many Python threads."""
+        failed: list[int] = []
+
+        def run(lo: int, hi: int, threads: int) -> None:
+            if call(lo, hi, threads):
+                failed.append(1)
+
         if self.openmp:
             run(0, n, torch.get_num_threads())
         else:
             _python_threads(run, n, torch.get_num_threads())
+        if failed:
+            raise MemoryError(f"the {what} pass could not allocate its row buffers")
 
     def class_pass(
         self,
@@ -156,19 +164,14 @@ class ScorePasses:
         if k < 1:
             raise ValueError("the class pass needs k >= 1")
 
-        failed: list[int] = []
-
-        def run(lo: int, hi: int, threads: int) -> None:
-            code = self._classes(
+        self._rows(
+            lambda lo, hi, threads: self._classes(
                 _at(pair, lo), hi - lo, k_classes, logit_scale, scales[0], scales[1],
                 _at(maxima, lo), _at(sums, lo), k, _at(values, lo), _at(indices, lo), threads,
-            )  # fmt: skip
-            if code:
-                failed.append(code)
-
-        self._split(run, n)
-        if failed:
-            raise MemoryError("the class pass could not allocate its row buffers")
+            ),
+            n,
+            "class",
+        )  # fmt: skip
 
     def negative_pass(
         self,
@@ -206,21 +209,16 @@ class ScorePasses:
             k = values.shape[1]
             _check(values, torch.float32, (n, k))
             _check(indices, torch.int64, (n, k))
-        failed: list[int] = []
-
-        def run(lo: int, hi: int, threads: int) -> None:
-            code = self._negatives(
-                _at(logits, lo), hi - lo, logits.stride(0), m, kept, groups, scale,
-                None if columns is None else columns.data_ptr(), n_star,
+        star_at = None if columns is None else columns.data_ptr()
+        self._rows(
+            lambda lo, hi, threads: self._negatives(
+                _at(logits, lo), hi - lo, logits.stride(0), m, kept, groups, scale, star_at, n_star,
                 _at(maxes, lo), _at(sums, lo), _at(star_sums, lo), k, _at(values, lo), _at(indices, lo),
                 threads,
-            )  # fmt: skip
-            if code:
-                failed.append(code)
-
-        self._split(run, n)
-        if failed:
-            raise MemoryError("the negative pass could not allocate its row buffers")
+            ),
+            n,
+            "negative",
+        )  # fmt: skip
 
 
 def _check(tensor: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...] | torch.Size) -> None:
