@@ -32,8 +32,10 @@ def negalign(*args: str) -> subprocess.CompletedProcess:
 
 
 def interrupt(markers: Path, after: int, sig: int, *args: str) -> int:
-    """Run slowly, send ``sig`` once ``after`` batches are done; returns the exit code."""
+    """Run slowly, send ``sig`` once ``after`` batches are done (the run waits there for it);
+    returns the exit code."""
     markers.mkdir(parents=True, exist_ok=True)
+    (markers / "hold-at").write_text(str(after))
     process = subprocess.Popen(
         [sys.executable, str(SLOW), str(markers), *args],
         env=ENV,

@@ -3,7 +3,9 @@
 usage: python slow_negalign.py MARKER_DIR negalign-args...
 
 Every image batch (embedding or Grad-CAM) and every text batch sleeps 0.15 s and then touches
-MARKER_DIR/batch-<n>, so a test can send a signal after a chosen number of finished batches.
+MARKER_DIR/batch-<n>, so a test can send a signal after a chosen number of finished batches. With
+MARKER_DIR/hold-at holding N, the run waits after batch N until the signal comes: on a loaded
+machine the test could otherwise be scheduled after the run had finished its last batches.
 """
 
 from __future__ import annotations
@@ -21,12 +23,19 @@ MARKERS = Path(sys.argv[1])
 COUNTER = itertools.count(1)
 
 
+HOLD = MARKERS / "hold-at"
+HOLD_AT = int(HOLD.read_text()) if HOLD.exists() else None
+
+
 def slow(function):
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
         result = function(*args, **kwargs)
         time.sleep(0.15)
-        (MARKERS / f"batch-{next(COUNTER)}").touch()
+        batch = next(COUNTER)
+        (MARKERS / f"batch-{batch}").touch()
+        if batch == HOLD_AT:
+            time.sleep(120)  # the test's signal ends this wait (or the test's own timeout fails it)
         return result
 
     return wrapper
