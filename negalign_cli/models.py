@@ -383,9 +383,10 @@ _TRUE = ("1", "ON", "YES", "TRUE")
 def hub_cache_dir() -> Path:
     """The Hugging Face hub cache as the environment names it now (huggingface_hub reads it once,
     when imported): HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub."""
+    from negalign_cli.settings import user_cache_home
+
     env = os.environ
-    cache_home = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    home = env.get("HF_HOME") or os.path.join(cache_home, "huggingface")
+    home = env.get("HF_HOME") or os.path.join(user_cache_home(), "huggingface")
     folder = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
     return Path(os.path.expandvars(os.path.expanduser(folder)))
 

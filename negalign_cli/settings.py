@@ -38,6 +38,11 @@ def resolve_cache_dir(cache_dir: str | Path | None = None) -> Path:
     return path
 
 
+def user_cache_home() -> Path:
+    """The user's cache folder for tools: ``$XDG_CACHE_HOME``, else ``~/.cache``."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"))
+
+
 SCRATCH = "scratch"  # under the cache root: one folder of temporary files per running command
 SCRATCH_OWNER = ".owner.lock"  # held by the command for its lifetime: gc removes only free folders
 _held: dict[str, Any] = {}  # the owner locks of this process (kept referenced, so they stay held)

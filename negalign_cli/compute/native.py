@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from negalign_cli.settings import user_cache_home
+
 NATIVE_ENV = "NEGALIGN_NATIVE"  # 0: scoring's torch operators only
 KERNEL_DIR_ENV = "NEGALIGN_KERNEL_DIR"
 SOURCE = "score_passes.c"
@@ -51,8 +53,7 @@ def kernel_dir() -> Path:
     folder = os.environ.get(KERNEL_DIR_ENV)
     if folder:
         return Path(folder).expanduser()
-    cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(cache_home) / "negalign" / "kernels"
+    return user_cache_home() / "negalign" / "kernels"
 
 
 def compiler() -> str | None:
