@@ -366,6 +366,24 @@ def test_an_unwritable_kernel_folder_is_reported_not_raised(fresh_loader, monkey
     assert native_module.describe().startswith("torch operators (")
 
 
+def test_a_full_disk_under_the_kernel_folder_falls_back(needs_compiler, fresh_loader, monkeypatch, tmp_path):
+    """The kernel folder on a real tmpfs with no room left: the build fails (ENOSPC), nothing
+    half-written stays behind, and scoring runs its torch passes."""
+    from tests.faults.test_storage_faults import fill, tmpfs
+
+    disk = tmp_path / "disk"
+    with tmpfs(disk, "1m"):
+        fill(disk)
+        monkeypatch.setenv("NEGALIGN_KERNEL_DIR", str(disk / "kernels"))
+        assert native_module.load() is None
+        assert "compiling the scoring kernels failed" in native_module.why_not()
+        left = [p.name for p in (disk / "kernels").iterdir()] if (disk / "kernels").exists() else []
+        assert left == []
+        monkeypatch.setattr(scores_module, "native_passes", native_module.load)
+        got = compute_scores(some_inputs(n=50), ScoreConfig(groups=10))
+        assert np.isfinite(got["s_neglabel_plain"]).all()
+
+
 def test_native_off_by_environment(fresh_loader, monkeypatch):
     monkeypatch.setenv("NEGALIGN_NATIVE", "0")
     assert native_module.load() is None and "NEGALIGN_NATIVE=0" in native_module.why_not()
