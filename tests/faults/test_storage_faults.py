@@ -9,9 +9,12 @@ from __future__ import annotations
 import contextlib
 import gc
 import hashlib
+import itertools
 import os
 import shutil
 import subprocess
+import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,21 +31,68 @@ from tests.faults.helpers import cli, one_line_error
 OLD_NS = 1_600_000_000 * 10**9  # a modification time long past: never "racy"
 
 
-@contextlib.contextmanager
-def tmpfs(path: Path, size: str = "1m") -> Iterator[Path]:
-    """A real tmpfs of ``size`` mounted at ``path`` (skipped where mounting is not allowed)."""
-    path.mkdir(parents=True, exist_ok=True)
+def _mount(path: Path, size: str) -> None:
     mounted = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True
     )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+
+
+def _unmount(path: Path) -> None:
+    if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def _mount_on_device(path: Path, size: str, device: int, seconds: float = 30.0) -> None:
+    """Mount a fresh tmpfs at ``path`` whose ``st_dev`` is ``device``.
+
+    Anonymous device numbers belong to the whole kernel and go to the lowest free one, so a tmpfs
+    mounted meanwhile by a parallel test (or another container) can take the number a re-created
+    file system would have had. Each lower number handed to us is held by a spare mount until the
+    wanted one comes; when someone else holds it, the spares are let go and the wait starts again.
+    The wanted mount reaches ``path`` by a bind mount, which keeps its device and inodes."""
+    spares = Path(tempfile.mkdtemp(prefix=".spare-tmpfs-", dir=path.parent))
+    deadline = time.monotonic() + seconds
+    held: list[Path] = []
+    try:
+        for i in itertools.count():
+            spare = spares / str(i)
+            spare.mkdir()
+            _mount(spare, size)
+            held.append(spare)
+            got = os.minor(os.stat(spare).st_dev)
+            if got == os.minor(device):
+                subprocess.run(["mount", "--bind", str(spare), str(path)], check=True)
+                return
+            if got > os.minor(device) or len(held) > 256:
+                for mount in held:
+                    _unmount(mount)
+                held.clear()
+                if time.monotonic() > deadline:
+                    pytest.fail(f"device {os.minor(device)} stayed taken by another mount for {seconds:.0f} s")
+                time.sleep(0.05)
+    finally:
+        for mount in held:
+            _unmount(mount)
+        shutil.rmtree(spares)
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str = "1m", device: int | None = None) -> Iterator[Path]:
+    """A real tmpfs of ``size`` mounted at ``path`` (skipped where mounting is not allowed); with
+    ``device``, a fresh one on that device number, as a file system re-created at the same path
+    gets when nothing else mounts in between."""
+    path.mkdir(parents=True, exist_ok=True)
+    if device is None:
+        _mount(path, size)
+    else:
+        _mount_on_device(path, size, device)
     try:
         yield path
     finally:
         gc.collect()  # in-process commands' database connections close, as at a process's end
-        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(path)], check=True)
+        _unmount(path)
 
 
 def fill(mount: Path, leave: int = 0) -> None:
@@ -196,7 +246,7 @@ def test_the_stat_cache_sees_files_on_a_re_created_tmpfs(tmp_path):
         first = copy_in(old)
         assert digests() == [hashlib.sha256(x).hexdigest() for x in old]
         assert StatCache(stat_db).digests(paths, lambda todo: pytest.fail("hashed again"))  # remembered
-    with tmpfs(data, "16m"):
+    with tmpfs(data, "16m", device=first[0][3]):
         second = copy_in(new)
         assert second == first  # the scenario: every field of the old key is the same
         assert digests() == [hashlib.sha256(x).hexdigest() for x in new]
@@ -227,7 +277,8 @@ def test_embed_images_on_a_re_created_tmpfs_embeds_the_new_pictures(tmp_path):
         pictures(100)
         first = embed()
         assert first.exit_code == 0 and "encoded 8, cached 0" in first.output, first.output
-    with tmpfs(data, "16m"):
+        device = os.stat(data).st_dev
+    with tmpfs(data, "16m", device=device):
         pictures(200)
         second = embed()
         assert second.exit_code == 0 and "encoded 8, cached 0" in second.output, second.output
