@@ -70,7 +70,9 @@ def _mount_on_device(path: Path, size: str, device: int, seconds: float = 30.0) 
                     _unmount(mount)
                 held.clear()
                 if time.monotonic() > deadline:
-                    pytest.fail(f"device {os.minor(device)} stayed taken by another mount for {seconds:.0f} s")
+                    pytest.fail(
+                        f"device {os.minor(device)} stayed taken by another mount for {seconds:.0f} s"
+                    )
                 time.sleep(0.05)
     finally:
         for mount in held:
