@@ -39,7 +39,7 @@ from negalign_cli.errors import NegalignError
 from negalign_cli.lazy import lazy_module
 from negalign_cli.reporting import NullReporter, RecordingReporter, Reporter
 from negalign_cli.stages import files
-from negalign_cli.stages.score_table import ScoreTable, as_table
+from negalign_cli.stages.score_table import CSV_SEPARATORS, ScoreTable, as_table, score_file_format
 
 if TYPE_CHECKING:
     import numpy as np
@@ -108,13 +108,9 @@ def parse_ood_groups(items: list[str] | None) -> list[tuple[str, list[str]]]:
 def read_score_file(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise NegalignError(f"score file not found: {path}")
+    kind = score_file_format(path)
     try:
-        if path.suffix.lower() in (".parquet", ".pq"):
-            frame = pd.read_parquet(path)
-        elif path.suffix.lower() in (".tsv", ".tab"):
-            frame = pd.read_csv(path, sep="\t")
-        else:
-            frame = pd.read_csv(path)
+        frame = pd.read_parquet(path) if kind == "parquet" else pd.read_csv(path, sep=CSV_SEPARATORS[kind])
     except Exception as exc:  # pandas/pyarrow raise many types for a broken file
         raise NegalignError(f"cannot read score file {path}: {str(exc).splitlines()[0][:160]}") from exc
     if frame.empty:
@@ -155,7 +151,15 @@ class EvaluateRequest:
             # only when given, so that the keys of earlier evaluations stay valid
             **({"ood_groups": {name: sets for name, sets in self.groups}} if self.groups else {}),
             **({"benchmark": self.benchmark} if self.benchmark else {}),
+            **({"formats": formats} if (formats := self.read_as()) else {}),
         }
+
+    def read_as(self) -> dict[str, str]:
+        """The score files not read as parquet, and how they are read: the same bytes named .csv
+        and .tsv are different tables (parquet, the usual case, is left out: earlier keys hold)."""
+        files = [("id", self.id_path), *((f"ood:{name}", path) for name, path in self.oods)]
+        kinds = {key: score_file_format(path) for key, path in files}
+        return {key: kind for key, kind in kinds.items() if kind != "parquet"}
 
 
 def read_score_table(path: Path) -> ScoreTable:
@@ -698,7 +702,10 @@ def _summaries(
                 "accuracy": accuracy,
             }
             spec = StageSpec(
-                SUMMARY_STAGE, SUMMARY_VERSION, params, {"file": frame.digest, "rows": frame.rows_digest()}
+                SUMMARY_STAGE,
+                SUMMARY_VERSION,
+                params,
+                {"file": str(frame.file_key), "rows": frame.rows_digest()},
             )
 
             def compute(folder: Path, summarise=summarise) -> None:
@@ -1323,7 +1330,12 @@ def _column_token(frame: ScoreTable, column: str, how: str) -> dict[str, str]:
     """What a figure key records of column ``column``'s kept values (converted ``how``: "drawn"
     by ``_drawn_values``, "values" by ``_values``): the file's digest, its column and the rows
     kept, which determine them (the conversions are pinned by tests/test_lambda_grid_read.py)."""
-    return {"file": str(frame.digest), "column": frame.origin(column), "rows": frame.rows_digest(), "as": how}
+    return {
+        "file": str(frame.file_key),
+        "column": frame.origin(column),
+        "rows": frame.rows_digest(),
+        "as": how,
+    }
 
 
 def _drawn_values(frame: ScoreTable, column: str) -> np.ndarray:

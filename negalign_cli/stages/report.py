@@ -108,7 +108,7 @@ def load_score_sets(
     Each score file is checked against the digest evaluate recorded (through ``stat_cache``: an
     unchanged file is not read for it)."""
     from negalign_cli.stages.evaluation import evaluated_tables, read_score_file
-    from negalign_cli.stages.score_table import ScoreTable
+    from negalign_cli.stages.score_table import ScoreTable, score_file_format
 
     bases = _bases(results_dir)
     inputs = evaluate_manifest.get("inputs", {})
@@ -139,7 +139,11 @@ def load_score_sets(
             entry.cam_folder = cam_folder
             if (cam_folder / MANIFEST).is_file():
                 entry.cam_manifest = _read_json(cam_folder / MANIFEST, "cam manifest")
-    found = {s.name: ScoreTable.from_frame(s.frame, s.digest) for s in sets if s.frame is not None}
+    found = {
+        s.name: ScoreTable.from_frame(s.frame, s.digest, score_file_format(s.path) if s.path else None)
+        for s in sets
+        if s.frame is not None
+    }
     if len(found) == len(sets):
         kept = evaluated_tables(results, found)  # knowing their files: figure keys name them
         for entry in sets:

@@ -66,8 +66,10 @@ class _Source:
         frame: Any = None,
         digest: str | None = None,
         handle: Any = None,
+        format: str | None = None,
     ) -> None:
         self.path = path
+        self.format = format  # how the file's bytes were read (``score_file_format``), when known
         # the file, opened once (a pyarrow NativeFile): every column and the frame are read from
         # it, so a file replaced at ``path`` meanwhile (a new `score --out`) is never mixed in
         self.handle = handle
@@ -124,11 +126,14 @@ class ScoreTable:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_frame(cls, frame: pd.DataFrame, digest: str | None = None) -> ScoreTable:
+    def from_frame(
+        cls, frame: pd.DataFrame, digest: str | None = None, format: str | None = None
+    ) -> ScoreTable:
         """A table over a DataFrame (its values converted by pandas, exactly as before); ``digest``:
-        the sha256 of the file it was read from, if any."""
+        the sha256 of the file it was read from, if any, and ``format``: how it was read."""
         names = list(frame.columns)
-        return cls(_Source(None, frame=frame, digest=digest), names, {c: c for c in names}, len(frame), None)
+        source = _Source(None, frame=frame, digest=digest, format=format)
+        return cls(source, names, {c: c for c in names}, len(frame), None)
 
     @classmethod
     def read(cls, path: Path, digest: str | None = None) -> ScoreTable:
@@ -136,13 +141,12 @@ class ScoreTable:
         it: missing, unreadable or without rows. ``digest``: the file's sha256, when known."""
         if not path.is_file():
             raise NegalignError(f"score file not found: {path}")
-        suffix = path.suffix.lower()
+        kind = score_file_format(path)
         try:
-            if suffix in (".parquet", ".pq"):
+            if kind == "parquet":
                 table = _read_parquet(path, digest)
             else:
-                frame = pd.read_csv(path, sep="\t") if suffix in (".tsv", ".tab") else pd.read_csv(path)
-                table = cls.from_frame(frame, digest)
+                table = cls.from_frame(pd.read_csv(path, sep=CSV_SEPARATORS[kind]), digest, kind)
         except NegalignError:
             raise
         except Exception as exc:  # pandas/pyarrow raise many types for a broken file
@@ -238,6 +242,13 @@ class ScoreTable:
         """The sha256 of the file the rows come from, when known."""
         return self._source.digest
 
+    @property
+    def file_key(self) -> str | None:
+        """What a cache key records of the file: its sha256 and, unless parquet, how it was read
+        (the same bytes named .csv and .tsv are different tables). None when the digest is unknown."""
+        digest, kind = self._source.digest, self._source.format
+        return digest if digest is None or kind in (None, "parquet") else f"{kind}:{digest}"
+
     def origin(self, name: str) -> str:
         """The file's column holding column ``name``'s values (another for a group seed's)."""
         return self._origin[name]
@@ -307,6 +318,16 @@ def _pandas_metadata(schema: Any) -> dict | None:
     return meta if isinstance(meta, dict) else {"odd": True}
 
 
+CSV_SEPARATORS = {"csv": ",", "tsv": "\t"}
+
+
+def score_file_format(path: Path) -> str:
+    """How a score file's bytes are read, by its suffix: ``parquet`` (.parquet, .pq), ``tsv``
+    (.tsv, .tab) or ``csv`` (any other name)."""
+    suffix = path.suffix.lower()
+    return "parquet" if suffix in (".parquet", ".pq") else "tsv" if suffix in (".tsv", ".tab") else "csv"
+
+
 def _read_parquet(path: Path, digest: str | None = None) -> ScoreTable:
     """A parquet score file through pyarrow (``ParquetFile``: ``pq.read_table`` imports pandas):
     its schema now, each column when first used. Files pandas would read into something other
@@ -340,8 +361,8 @@ def _read_parquet(path: Path, digest: str | None = None) -> ScoreTable:
             if isinstance(field, str):
                 numpy_types[field] = str(entry.get("numpy_type"))
     if odd:
-        return ScoreTable.from_frame(pd.read_parquet(opened), digest)
-    source = _Source(path, schema=schema, digest=digest, handle=opened)
+        return ScoreTable.from_frame(pd.read_parquet(opened), digest, "parquet")
+    source = _Source(path, schema=schema, digest=digest, handle=opened, format="parquet")
     for name in names:
         kind = str(schema.field(name).type)
         if kind in _ARROW_NUMPY and numpy_types.get(name, _ARROW_NUMPY[kind]) in _PLAIN_NUMPY:

@@ -447,3 +447,24 @@ def test_a_missing_calibration_file_is_one_line(scores, tmp_path):
         str(tmp_path / "nope.json"),
     )
     one_line_error(done, "--calibration file not found")
+
+
+def test_the_same_bytes_under_another_format_are_read_again(scores, tmp_path):
+    """The cache key names how each score file is read: tab-separated bytes evaluated as
+    ``.tsv`` and then given again under ``.csv`` names are read as CSV (one column, no scores:
+    refused), not served the TSV evaluation's results. Before: exit 0 from the cache."""
+    tsv = {}
+    for name in ("id", "near"):
+        frame = pd.read_parquet(scores[name])
+        tsv[name] = tmp_path / f"{name}.tsv"
+        frame.to_csv(tsv[name], sep="\t", index=False)
+    first = _evaluate(
+        tmp_path, "--id", str(tsv["id"]), "--ood", f"near={tsv['near']}", "--out", str(tmp_path / "a")
+    )
+    assert first.exit_code == 0, first.output
+    csv = {name: shutil.copy(path, tmp_path / f"{name}-copy.csv") for name, path in tsv.items()}
+    again = _evaluate(
+        tmp_path, "--id", str(csv["id"]), "--ood", f"near={csv['near']}", "--out", str(tmp_path / "b")
+    )
+    one_line_error(again, "no negalign score columns")
+    assert not (tmp_path / "b" / "results.json").exists()
