@@ -385,17 +385,26 @@ class CLIPNegAlign:
         }
 
     # ------------------------------------------------------------------ calibration (M3)
-    @staticmethod
     def _read_calibration(
-        calibration: Mapping[str, Mapping[str, float]] | str | Path | None,
+        self, calibration: Mapping[str, Mapping[str, float]] | str | Path | None
     ) -> dict[str, dict[str, float]] | None:
-        from negalign_cli.stages.evaluation import load_calibration, parse_calibration
+        """``calibration=``'s statistics; with ``group_seeds``, each seed's too (``calibration_by_seed``)
+        where it is a results.json of group-seeded scores, which holds them per seed."""
+        from negalign_cli.stages.evaluation import parse_calibration, read_calibration
 
         if calibration is None:
             return None
+        what = "calibration="
         if isinstance(calibration, (str, Path)):
-            return load_calibration(Path(calibration).expanduser(), f"calibration={str(calibration)!r}")
-        return parse_calibration(calibration, "calibration=")
+            what = f"calibration={str(calibration)!r}"
+            data = read_calibration(Path(calibration).expanduser(), what)
+        else:
+            data = calibration
+        if self.group_seeds is not None:
+            self.calibration_by_seed = {
+                seed: parse_calibration(data, what, seed) for seed in self.group_seeds
+            }
+        return parse_calibration(data, what)
 
     @property
     def m3(self) -> bool:

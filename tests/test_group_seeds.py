@@ -246,3 +246,28 @@ def test_files_with_other_seeds_are_refused(seeded):
     one_line_error(result, "group_seeds")
     result = cli(*argv, "--compare", "--allow-mixed-settings", *seeded["cache"])
     one_line_error(result, "made with different --group-seeds (ID: 0,1,2; far: one seed)")
+
+
+def test_a_calibration_file_gives_each_seed_its_own_statistics(seeded):
+    """`--calibration results.json` of group-seeded score files evaluated with --scale-stabilize:
+    each seed's S* is z-scored with that seed's statistics (``calibration_by_seed``), so the
+    evaluation equals the one that fitted them. Before: the first seed's for every seed, and
+    NegAlign's metrics for seeds 1 and 2 moved."""
+    root = seeded["root"]
+    argv = [*seeded["evaluate"], "--scale-stabilize", "--out", str(root / "e-m3")]
+    _ok(cli(*argv))
+    fitted = json.loads((root / "e-m3" / "results.json").read_text())
+    by_seed = fitted["calibration_by_seed"]
+    assert by_seed["1"] != by_seed["0"]  # the seeds' S* differ: one set of statistics would show
+    argv = [*seeded["evaluate"], "--calibration", str(root / "e-m3" / "results.json")]
+    _ok(cli(*argv, "--out", str(root / "e-cal")))
+    given = json.loads((root / "e-cal" / "results.json").read_text())
+    strip = lambda c: {s: {k: v for k, v in stats.items() if k != "source"} for s, stats in c.items()}  # noqa: E731
+    assert strip(given["calibration_by_seed"]) == strip(by_seed)
+    assert given["group_seeds"]["per_seed"] == fitted["group_seeds"]["per_seed"]
+    # statistics of other seeds than the files': refused, in one line
+    (root / "other.json").write_text(
+        json.dumps({"calibration_by_seed": {"5": by_seed["0"], "6": by_seed["1"]}})
+    )
+    argv = [*seeded["evaluate"], "--calibration", str(root / "other.json"), "--out", str(root / "e-other")]
+    one_line_error(cli(*argv), "holds M3 statistics for group seed(s) 5, 6, not for seed 0")

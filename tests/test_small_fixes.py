@@ -398,6 +398,7 @@ def test_api_group_seeds_equal_the_cli_score_group_seeds(tmp_path):
 
     from negalign_cli import CLIPNegAlign
     from negalign_cli.compute.score_columns import SCORE_COLUMNS
+    from negalign_cli.errors import NegalignError
     from tests.helpers.chain import model_chain
 
     runs = model_chain(tmp_path)
@@ -428,6 +429,33 @@ def test_api_group_seeds_equal_the_cli_score_group_seeds(tmp_path):
         np.testing.assert_allclose(table[f"s_final@seed{seed}"], final, rtol=2e-6, atol=2e-6)
     np.testing.assert_allclose(table["s_final"], table["s_final@seed0"])
     assert one["s_neglabel_plain@seed2"] == pytest.approx(table["s_neglabel_plain@seed2"][1], rel=2e-6)
+
+    # calibration= a results.json of group-seeded scores: each seed's S_final with its own statistics
+    stats = {
+        str(seed): {
+            "s_neglabel_star": {"mean": 0.1 * seed, "std": 1.0 + seed},
+            "p_align": {"mean": 0.0, "std": 2.0},
+        }
+        for seed in SEEDS
+    }
+    with CLIPNegAlign(
+        train_dataset=tmp_path / "classes.txt", arch="negalign-tiny-test", device="cpu",
+        negatives_split=tmp_path / "split", groups=2, group_seeds=list(SEEDS),
+        use_role_aware_negatives=False, lambda_bg=0.5, cache_dir=tmp_path / "c",
+        use_scale_stabilization=True, calibration={"calibration": stats["0"], "calibration_by_seed": stats},
+    ) as model:  # fmt: skip
+        m3 = model.detection_scores(images, return_details=True)
+    for seed in SEEDS:
+        star, align = stats[str(seed)]["s_neglabel_star"], stats[str(seed)]["p_align"]
+        z = (expected[f"s_neglabel_star@seed{seed}"] - star["mean"]) / star["std"]
+        final = z + 0.5 * (expected["p_align"] - align["mean"]) / align["std"]
+        np.testing.assert_allclose(m3[f"s_final@seed{seed}"], final, rtol=2e-6, atol=2e-6)
+    with pytest.raises(NegalignError, match="not for seed 0"):
+        CLIPNegAlign(
+            train_dataset=tmp_path / "classes.txt", arch="negalign-tiny-test", device="cpu",
+            negatives_split=tmp_path / "split", groups=2, group_seeds=list(SEEDS),
+            use_scale_stabilization=True, calibration={"calibration_by_seed": {"7": stats["0"]}},
+        )  # fmt: skip
 
 
 @pytest.mark.parametrize(

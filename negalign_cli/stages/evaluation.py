@@ -191,22 +191,42 @@ def _usable(frame: ScoreTable, column: str) -> bool:
     return bool(pd.to_numeric(frame.series(column), errors="coerce").notna().any())
 
 
-def load_calibration(path: Path, what: str | None = None) -> dict[str, dict[str, float]]:
+def load_calibration(
+    path: Path, what: str | None = None, seed: int | None = None
+) -> dict[str, dict[str, float]]:
     """M3 statistics from a JSON file (a results.json of ``evaluate --scale-stabilize``, or its
-    ``calibration`` block alone); ``what`` names where it came from in errors (default: the path)."""
+    ``calibration`` block alone); ``what`` names where it came from in errors (default: the path);
+    ``seed``: a group seed's own statistics, as ``parse_calibration``."""
+    return parse_calibration(read_calibration(path, what), what or str(path), seed)
+
+
+def read_calibration(path: Path, what: str | None = None) -> Any:
+    """A calibration file's JSON, unparsed (``parse_calibration`` takes it)."""
     from negalign_cli.stages.results_json import loads_results
 
-    what = what or str(path)
     try:
-        data = loads_results(path.read_text(encoding="utf-8"))
+        return loads_results(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise NegalignError(f"cannot read calibration file {what}: {str(exc).splitlines()[0][:120]}") from exc
-    return parse_calibration(data, what)
+        raise NegalignError(
+            f"cannot read calibration file {what or path}: {str(exc).splitlines()[0][:120]}"
+        ) from exc
 
 
-def parse_calibration(data: Any, what: str) -> dict[str, dict[str, float]]:
+def parse_calibration(data: Any, what: str, seed: int | None = None) -> dict[str, dict[str, float]]:
     """M3 statistics (mean and std of S* and P_align) from a mapping, or from a results.json's
-    ``calibration`` block; refused unless finite with non-negative std. ``what`` names the source."""
+    ``calibration`` block; refused unless finite with non-negative std. ``what`` names the source.
+
+    ``seed``: the statistics of group seed ``seed``, from the ``calibration_by_seed`` block a
+    results.json of group-seeded score files holds (its ``calibration`` is the first seed's only);
+    refused when that block lacks the seed. A file with one calibration gives it for every seed."""
+    by_seed = data.get("calibration_by_seed") if isinstance(data, Mapping) else None
+    if seed is not None and isinstance(by_seed, Mapping):
+        if str(seed) not in by_seed:
+            raise NegalignError(
+                f"{what} holds M3 statistics for group seed(s) {', '.join(map(str, by_seed))}, not for "
+                f"seed {seed} of these score files: calibrate on ID scores made with the same --group-seeds"
+            )
+        return parse_calibration(by_seed[str(seed)], f"{what} (group seed {seed})")
     if isinstance(data, Mapping) and isinstance(data.get("calibration"), Mapping):
         data = data["calibration"]
     try:
@@ -552,6 +572,7 @@ def _evaluate_files(
                 seeds.frames(frames, seed),
                 reporter if i == 0 else _SeedReporter(reporter, seed),
                 store,
+                seed,
             )
             for i, seed in enumerate(seeds.seeds)
         ]
@@ -585,10 +606,11 @@ def _run(
     frames: dict[str, ScoreTable],
     reporter: Reporter,
     store: ArtifactStore | None = None,
+    seed: int | None = None,
 ) -> _Run:
-    """results.json's content (and metrics.csv's rows) for the score files ``frames``; each
-    file's statistics (and the ID accuracy) from the cache (``store``) when its kept rows were
-    summarised before."""
+    """results.json's content (and metrics.csv's rows) for the score files ``frames`` (as group
+    seed ``seed`` scored them, if any); each file's statistics (and the ID accuracy) from the
+    cache (``store``) when its kept rows were summarised before."""
     frames = dict(frames)
     selection = _select(request, frames, reporter)
     cam_invalid, excluded = _exclude_invalid_cams(frames, selection, reporter)
@@ -596,7 +618,7 @@ def _run(
     dropped = _drop_nonfinite(
         frames, _needed_columns(request, selection), request.drop_nonfinite, reporter, paths
     )
-    calibration = _calibration(request, frames[ID_SET]) if selection.negalign else None
+    calibration = _calibration(request, frames[ID_SET], seed) if selection.negalign else None
     if selection.negalign:
         _check_calibration(calibration, paths)
         overflow = _drop_overflow(
@@ -1038,10 +1060,12 @@ def _values(frame: ScoreTable, name: str) -> np.ndarray:
     return frame.numeric(name, errors="raise")
 
 
-def _calibration(request: EvaluateRequest, id_frame: ScoreTable) -> dict | None:
-    """M3's statistics: from --calibration FILE, or fitted on the ID set; None without M3."""
+def _calibration(request: EvaluateRequest, id_frame: ScoreTable, seed: int | None = None) -> dict | None:
+    """M3's statistics: from --calibration FILE (group seed ``seed``'s where the file has them per
+    seed), or fitted on the ID set; None without M3."""
     if request.calibration_path is not None:
-        return {**load_calibration(request.calibration_path), "source": str(request.calibration_path)}
+        path = request.calibration_path
+        return {**load_calibration(path, seed=seed), "source": str(path)}
     if request.scale_stabilize:
         return {
             **fit_calibration(_values(id_frame, STAR), _values(id_frame, ALIGN)),
