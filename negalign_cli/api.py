@@ -291,8 +291,8 @@ class CLIPNegAlign:
             check_seeds(self.config)
         # the group seeds scored: ``group_seeds``, or the one seed; the statistics M3 fitted per seed
         self.group_seeds: tuple[int, ...] | None = seeds
-        self.calibration_by_seed: dict[int, dict[str, dict[str, float]]] | None = None
-        self.calibration = self._read_calibration(calibration)
+        self.calibration_by_seed: dict[int, dict[str, dict[str, float]]] | None
+        self.calibration, self.calibration_by_seed = self._read_calibration(calibration, seeds)
         if batch_size < 1:
             raise NegalignError(f"batch_size must be at least 1 (got {batch_size})")
         if not np.isfinite(self.lambda_bg):
@@ -385,26 +385,25 @@ class CLIPNegAlign:
         }
 
     # ------------------------------------------------------------------ calibration (M3)
+    @staticmethod
     def _read_calibration(
-        self, calibration: Mapping[str, Mapping[str, float]] | str | Path | None
-    ) -> dict[str, dict[str, float]] | None:
-        """``calibration=``'s statistics; with ``group_seeds``, each seed's too (``calibration_by_seed``)
-        where it is a results.json of group-seeded scores, which holds them per seed."""
+        calibration: Mapping[str, Mapping[str, float]] | str | Path | None,
+        seeds: Sequence[int] | None = None,
+    ) -> tuple[dict[str, dict[str, float]] | None, dict[int, dict[str, dict[str, float]]] | None]:
+        """``calibration=``'s statistics and, with group ``seeds``, each seed's (``calibration_by_seed``:
+        a results.json of group-seeded scores holds them per seed; one calibration serves every seed)."""
         from negalign_cli.stages.evaluation import parse_calibration, read_calibration
 
         if calibration is None:
-            return None
+            return None, None
         what = "calibration="
         if isinstance(calibration, (str, Path)):
             what = f"calibration={str(calibration)!r}"
             data = read_calibration(Path(calibration).expanduser(), what)
         else:
             data = calibration
-        if self.group_seeds is not None:
-            self.calibration_by_seed = {
-                seed: parse_calibration(data, what, seed) for seed in self.group_seeds
-            }
-        return parse_calibration(data, what)
+        by_seed = {seed: parse_calibration(data, what, seed) for seed in seeds} if seeds is not None else None
+        return parse_calibration(data, what), by_seed
 
     @property
     def m3(self) -> bool:

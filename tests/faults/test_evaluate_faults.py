@@ -406,10 +406,16 @@ def test_a_good_calibration_and_a_results_json_are_taken(api, tmp_path, scores):
     from negalign_cli import CLIPNegAlign
 
     stats = {"s_neglabel_star": {"mean": 0.5, "std": 0.1}, "p_align": {"mean": 0.0, "std": 0.2}}
-    assert CLIPNegAlign._read_calibration(stats) == stats
-    assert CLIPNegAlign._read_calibration({"calibration": {**stats, "source": "x"}}) == stats
+    assert CLIPNegAlign._read_calibration(stats) == (stats, None)
+    assert CLIPNegAlign._read_calibration({"calibration": {**stats, "source": "x"}}) == (stats, None)
     (tmp_path / "results.json").write_text(json.dumps({"calibration": stats, "ood": {}}))
-    assert CLIPNegAlign._read_calibration(tmp_path / "results.json") == stats
+    assert CLIPNegAlign._read_calibration(tmp_path / "results.json") == (stats, None)
+    # one calibration serves every group seed; a results.json's per-seed statistics go seed by seed
+    assert CLIPNegAlign._read_calibration(stats, [0, 1]) == (stats, {0: stats, 1: stats})
+    other = {"s_neglabel_star": {"mean": 0.7, "std": 0.3}, "p_align": stats["p_align"]}
+    seeded = {"calibration": stats, "calibration_by_seed": {"0": stats, "1": other}}
+    (tmp_path / "seeded.json").write_text(json.dumps(seeded))
+    assert CLIPNegAlign._read_calibration(tmp_path / "seeded.json", [0, 1]) == (stats, {0: stats, 1: other})
 
 
 def test_the_apis_final_score_never_overflows_silently(api):
