@@ -29,21 +29,32 @@ SLOW_SITE = Path(__file__).resolve().parent / "helpers" / "slow_site"
 WAIT = 600  # seconds: the CI machine is small and shared; the data is tiny
 
 
+_UNREACHABLE: list[str] = []  # a controller found not answering once (sinfo takes ~10 s to say so)
+
+
 def _cluster_problem(wait: float = 120.0) -> str | None:
     """Why the SLURM tests cannot run here, or None. A node still busy with an earlier test's
-    tasks is waited for."""
+    tasks is waited for; a controller that does not answer is not."""
     if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
         return (
             "no SLURM here (sinfo/sbatch not on PATH); `scripts/slurm-setup.sh start` starts a one-node one"
         )
+    if _UNREACHABLE:
+        return _UNREACHABLE[0]
     deadline = time.monotonic() + wait
     while True:
         try:
-            states = subprocess.run(
+            asked = subprocess.run(
                 ["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30, check=False
-            ).stdout.split()
+            )
         except (OSError, subprocess.TimeoutExpired) as exc:
             return f"sinfo failed ({exc})"
+        if asked.returncode != 0:  # no controller to ask: waiting would not bring one (was: 2 min)
+            _UNREACHABLE.append(
+                f"sinfo failed: {asked.stderr.strip()[:160]}; `scripts/slurm-setup.sh start` starts one"
+            )
+            return _UNREACHABLE[0]
+        states = asked.stdout.split()
         if "idle" in states:
             return None
         if time.monotonic() > deadline:
