@@ -265,6 +265,23 @@ def test_a_calibration_file_gives_each_seed_its_own_statistics(seeded):
     strip = lambda c: {s: {k: v for k, v in stats.items() if k != "source"} for s, stats in c.items()}  # noqa: E731
     assert strip(given["calibration_by_seed"]) == strip(by_seed)
     assert given["group_seeds"]["per_seed"] == fitted["group_seeds"]["per_seed"]
+    # a file of one seed (`score --group-seed 1`) takes that seed's statistics, as fitting on it gives
+    alone = [root / f"s-{name}1" / "scores.parquet" for name in ("id", "ood")]
+    argv = [
+        "evaluate",
+        "--id",
+        str(alone[0]),
+        "--ood",
+        f"far={alone[1]}",
+        *seeded["cache"],
+        "--lambda",
+        "0.2",
+    ]
+    _ok(cli(*argv, "--calibration", str(root / "e-m3" / "results.json"), "--out", str(root / "e-one")))
+    _ok(cli(*argv, "--scale-stabilize", "--out", str(root / "e-one-fit")))
+    one, fit = (json.loads((root / f / "results.json").read_text()) for f in ("e-one", "e-one-fit"))
+    assert strip({"1": one["calibration"]}) == strip({"1": by_seed["1"]}) == strip({"1": fit["calibration"]})
+    assert one["ood"]["far"]["methods"] == fit["ood"]["far"]["methods"]
     # statistics of other seeds than the files': refused, in one line
     (root / "other.json").write_text(
         json.dumps({"calibration_by_seed": {"5": by_seed["0"], "6": by_seed["1"]}})

@@ -216,9 +216,10 @@ def parse_calibration(data: Any, what: str, seed: int | None = None) -> dict[str
     """M3 statistics (mean and std of S* and P_align) from a mapping, or from a results.json's
     ``calibration`` block; refused unless finite with non-negative std. ``what`` names the source.
 
-    ``seed``: the statistics of group seed ``seed``, from the ``calibration_by_seed`` block a
-    results.json of group-seeded score files holds (its ``calibration`` is the first seed's only);
-    refused when that block lacks the seed. A file with one calibration gives it for every seed."""
+    ``seed``: the statistics of group seed ``seed`` (the seed a score file was made with), from the
+    ``calibration_by_seed`` block a results.json of group-seeded score files holds (its
+    ``calibration`` is the first seed's only); refused when that block lacks the seed. A file with
+    one calibration gives it for every seed."""
     by_seed = data.get("calibration_by_seed") if isinstance(data, Mapping) else None
     if seed is not None and isinstance(by_seed, Mapping):
         if str(seed) not in by_seed:
@@ -1065,6 +1066,7 @@ def _calibration(request: EvaluateRequest, id_frame: ScoreTable, seed: int | Non
     seed), or fitted on the ID set; None without M3."""
     if request.calibration_path is not None:
         path = request.calibration_path
+        seed = seed if seed is not None else _recorded_seed(request.id_path)
         return {**load_calibration(path, seed=seed), "source": str(path)}
     if request.scale_stabilize:
         return {
@@ -1072,6 +1074,15 @@ def _calibration(request: EvaluateRequest, id_frame: ScoreTable, seed: int | Non
             "source": FITTED,
         }
     return None
+
+
+def _recorded_seed(path: Path) -> int | None:
+    """The group seed a score file of one seed was made with (``score --group-seed S``; 0 by
+    default), or None where the file does not say (CSV files, files of earlier versions)."""
+    from negalign_cli.stages.score_files import read_score_metadata  # pyarrow: not on a hit
+
+    seed = (read_score_metadata(path).get("config") or {}).get("group_seed")
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
 
 
 def _lambdas(request: EvaluateRequest) -> list[float]:
