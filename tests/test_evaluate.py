@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -382,6 +383,13 @@ def test_id_group_rejection_per_method(files, workspace, tmp_path):
     cut = np.sort(mcm)[::-1][int(np.ceil(0.95 * len(mcm))) - 1]
     assert group["rejected"]["MCM"] == pytest.approx(np.mean(mcm[in_group] < cut))
     assert len({round(v, 6) for v in group["rejected"].values()}) > 1  # the methods differ on this data
+    # the same manifest bytes in another folder list other images: not the cached group (before: a hit)
+    elsewhere = tmp_path / "copy" / "groups" / "minority.csv"
+    elsewhere.parent.mkdir(parents=True)
+    shutil.copy(manifest, elsewhere)
+    request.id_groups = [("minority", elsewhere)]
+    with pytest.raises(NegalignError, match="none of its 44 image"):
+        evaluate(request, workspace)
 
 
 def test_id_group_errors(files, workspace, tmp_path):

@@ -1170,9 +1170,12 @@ def _file_digest(path: Path, stat_cache: StatCache | None = None) -> str:
 
 
 def _group_digest(path: Path, stat_cache: StatCache | None = None) -> str:
-    """What the cache key records of a group: the file's bytes, or the image list of a folder."""
+    """What the cache key records of a group: the image list of a folder; of a manifest, its bytes
+    and the real paths it lists (they are relative to its folder: the same bytes elsewhere are
+    another group)."""
     if path.is_file():
-        return _file_digest(path, stat_cache)
+        listed = "\n".join(_group_paths(path))
+        return hashlib.sha256(f"{_file_digest(path, stat_cache)}\n{listed}".encode()).hexdigest()
     if path.is_dir():
         return hashlib.sha256("\n".join(_group_paths(path)).encode()).hexdigest()
     raise NegalignError(f"--id-group file not found: {path}")
