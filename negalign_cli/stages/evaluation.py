@@ -151,15 +151,19 @@ class EvaluateRequest:
             # only when given, so that the keys of earlier evaluations stay valid
             **({"ood_groups": {name: sets for name, sets in self.groups}} if self.groups else {}),
             **({"benchmark": self.benchmark} if self.benchmark else {}),
-            **({"formats": formats} if (formats := self.read_as()) else {}),
+            "paths": self.paths(),
         }
 
-    def read_as(self) -> dict[str, str]:
-        """The score files not read as parquet, and how they are read: the same bytes named .csv
-        and .tsv are different tables (parquet, the usual case, is left out: earlier keys hold)."""
+    def paths(self) -> dict[str, str]:
+        """Each file as given, as results.json records it: a result names the files it was asked
+        about (the same bytes at another path are another result, whose report finds its files),
+        and a score file's name says how it is read (the same bytes named .csv and .tsv are
+        different tables)."""
         files = [("id", self.id_path), *((f"ood:{name}", path) for name, path in self.oods)]
-        kinds = {key: score_file_format(path) for key, path in files}
-        return {key: kind for key, kind in kinds.items() if kind != "parquet"}
+        files += [(f"id-group:{name}", path) for name, path in self.id_groups]
+        if self.calibration_path is not None:
+            files.append(("calibration", self.calibration_path))
+        return {key: str(path) for key, path in files}
 
 
 def read_score_table(path: Path) -> ScoreTable:

@@ -474,3 +474,35 @@ def test_the_same_bytes_under_another_format_are_read_again(scores, tmp_path):
     )
     one_line_error(again, "no negalign score columns")
     assert not (tmp_path / "b" / "results.json").exists()
+
+
+def test_a_copy_of_the_score_files_is_evaluated_under_its_own_paths(scores, tmp_path):
+    """The same bytes at other paths: results.json names the files this run was given, and the
+    report finds them after the first files are gone. Before: a cache hit whose results.json named
+    the first run's files; its report left out the ROC curves and histograms ("not found")."""
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    moved = {name: shutil.copy(path, copies / Path(path).name) for name, path in scores.items()}
+
+    def args(files):
+        return ["--id", str(files["id"]), "--ood", f"near={files['near']}", "--ood", f"far={files['far']}"]
+
+    assert _evaluate(tmp_path, *args(scores), "--out", str(tmp_path / "first")).exit_code == 0
+    second = _evaluate(tmp_path, *args(moved), "--out", str(tmp_path / "second"))
+    assert second.exit_code == 0, second.output
+    results = json.loads((tmp_path / "second" / "results.json").read_text())
+    assert results["id"]["file"] == str(moved["id"]) and results["ood"]["far"]["file"] == str(moved["far"])
+    first = json.loads((tmp_path / "first" / "results.json").read_text())
+    assert results["ood"]["near"]["methods"] == first["ood"]["near"]["methods"]  # the same numbers
+    for path in scores.values():
+        Path(path).unlink()
+    report = cli(
+        "report",
+        str(tmp_path / "second"),
+        "--out",
+        str(tmp_path / "report"),
+        "--cache-dir",
+        str(tmp_path / "c"),
+    )
+    assert report.exit_code == 0 and "not found" not in report.output, report.output
+    assert (tmp_path / "report" / "figures" / "roc.png").is_file()
