@@ -137,6 +137,23 @@ def test_missing_set_warns(tmp_path, mos):
     assert "expects the OOD set Textures" in result.output
 
 
+def test_one_benchmark_set_given_twice_is_one_line(tmp_path, mos):
+    """`Textures` and its alias `dtd` both given: the published mean (the paper's 4 sets) and the
+    run's (5 columns, Textures twice) would differ in what they average. Before: exit 0, no word."""
+    args = [
+        "evaluate",
+        "--id",
+        str(mos["id"]),
+        "--benchmark",
+        "imagenet-mos",
+        "--cache-dir",
+        str(tmp_path / "c"),
+    ]
+    args += [f"--ood={name}={path}" for name, path in mos.items() if name != "id"]
+    line = one_line_error(cli(*args, f"--ood=Textures={mos['dtd']}"), "two --ood names match one set")
+    assert "dtd and Textures are both Textures" in line
+
+
 def test_unknown_benchmark_is_one_line(tmp_path, mos):
     args = ["evaluate", "--id", str(mos["id"]), "--ood", f"SUN={mos['SUN']}", "--benchmark", "imagenet-moss"]
     one_line_error(cli(*args, "--cache-dir", str(tmp_path / "cache")), "unknown benchmark 'imagenet-moss'")

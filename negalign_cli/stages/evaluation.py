@@ -296,6 +296,16 @@ def apply_benchmark(request: EvaluateRequest, reporter: Reporter) -> None:
     preset = get_preset(request.benchmark or "")
     request.benchmark = preset.name
     matched = match_sets(preset, [name for name, _ in request.oods])
+    given: dict[str, list[str]] = {}
+    for name, spec_name in matched.items():
+        given.setdefault(spec_name, []).append(name)
+    twice = {spec_name: names for spec_name, names in given.items() if len(names) > 1}
+    if twice:
+        shown = "; ".join(f"{' and '.join(names)} are both {spec_name}" for spec_name, names in twice.items())
+        raise NegalignError(
+            f"--benchmark {preset.name}: two --ood names match one set of the benchmark ({shown}): "
+            "its means would count that set twice; give each set once"
+        )
     for spec in preset.ood_sets:
         if spec.name not in matched.values() and not spec.optional:
             reporter.warn(
