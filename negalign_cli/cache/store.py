@@ -108,7 +108,11 @@ class Artifact:
         return sorted(self.manifest["outputs"])
 
     def export(
-        self, out_dir: str | Path, known: Iterable[str] = (), reporter: Reporter | None = None
+        self,
+        out_dir: str | Path,
+        known: Iterable[str] = (),
+        reporter: Reporter | None = None,
+        inputs: Iterable[str | Path] = (),
     ) -> list[Path]:
         """Copy the outputs and the manifest into ``out_dir`` (the user-facing ``--out``).
 
@@ -120,6 +124,9 @@ class Artifact:
         manifest is written: those the old manifest lists, and those named in ``known`` (the file
         names any stage writes, for a folder whose manifest is gone). Nothing else is touched.
 
+        Refused, before anything is written, where one of ``inputs`` (the files the command read:
+        ``--out`` naming the folder of its inputs) would be replaced or removed.
+
         A file already in ``out_dir`` with this artifact's content (its size, then its sha256, taken
         through the stat cache: a file unchanged since it was last hashed is not read) is left as it
         is, not copied again: a cache hit rewrites nothing in an unchanged ``--out``."""
@@ -129,6 +136,7 @@ class Artifact:
             out.mkdir(parents=True, exist_ok=True)
             names = [*self.files, MANIFEST]
             previous = {*listed_outputs(out / MANIFEST), *known} - set(names)
+            self._refuse_overwriting(out, {*names, *previous}, inputs)
             unchanged = self._unchanged_in(out)
             if set(names) <= unchanged:
                 removed = _remove_stale(out, previous)
@@ -153,6 +161,17 @@ class Artifact:
             shutil.rmtree(staging, ignore_errors=True)
         self._removed(removed, out, reporter)
         return [out / name for name in names]
+
+    def _refuse_overwriting(self, out: Path, touched: set[str], inputs: Iterable[str | Path]) -> None:
+        """Refuse an export that would replace or remove one of ``inputs`` (files the command read)."""
+        folder = out.resolve()
+        for given in inputs:
+            path = Path(given).expanduser().resolve()
+            if path.parent == folder and path.name in touched and path.is_file():
+                raise NegalignError(
+                    f"--out {out} holds {path.name}, an input of this {self.stage}: writing the output "
+                    "there would replace or remove it; give another folder"
+                )
 
     def _unchanged_in(self, out: Path) -> set[str]:
         """The names (outputs, and the manifest) whose file in ``out`` already holds this

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterable
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -305,12 +306,18 @@ def duplicates_note(counts: dict) -> str:
 
 
 def finish(
-    result, out: Path | None, label: str, report: RichReporter | None = None, redraws: tuple[str, ...] = ()
+    result,
+    out: Path | None,
+    label: str,
+    report: RichReporter | None = None,
+    redraws: tuple[str, ...] = (),
+    inputs: Iterable[Path] = (),
 ) -> None:
     """Export the artifact to ``--out`` (or say where it is): the last line of most commands. Files
     an earlier run left in ``--out`` that this artifact lacks are removed (stage outputs only);
     what was drawn there from another artifact (a report, CAM overlays) is named in a warning,
-    unless the command draws it again now (``redraws``)."""
+    unless the command draws it again now (``redraws``). An export that would replace or remove
+    one of ``inputs`` (the files the command read) is refused."""
     from negalign_cli.cache.store import MANIFEST
     from negalign_cli.cli.console import stdout
     from negalign_cli.stages import files
@@ -320,7 +327,7 @@ def finish(
         return
     report = report or RichReporter()
     before = _manifest_key(out / MANIFEST)
-    written = result.artifact.export(out, known=files.ARTIFACT_FILES, reporter=report)
+    written = result.artifact.export(out, known=files.ARTIFACT_FILES, reporter=report, inputs=inputs)
     stdout().print(f"wrote {', '.join(p.name for p in written)} to {out}")
     drawn = sorted(name for name in files.RENDERED - set(redraws) if (out / name).exists())
     if drawn and before != result.artifact.key:

@@ -180,7 +180,8 @@ def score(
     stdout().print(
         f"score {result.artifact.key[:12]}{hit}: {counts['images']} images scored{invalid}{scored}"
     )
-    o.finish(result, out, "score", report)
+    folders = {image_set.folder, *filter(None, [image_set.cam_folder])}  # what was read: never replaced
+    o.finish(result, out, "score", report, inputs=[p for f in folders for p in f.iterdir() if p.is_file()])
 
 
 @guarded
@@ -311,4 +312,5 @@ def evaluate_command(
 
     results = loads_results(result.artifact.file(files.RESULTS).read_text(encoding="utf-8"))
     render_results(results)
-    o.finish(result, out, "evaluate", report)
+    read = [request.id_path, *(path for _, path in request.oods), *(path for _, path in request.id_groups)]
+    o.finish(result, out, "evaluate", report, inputs=[*read, *filter(None, [request.calibration_path])])

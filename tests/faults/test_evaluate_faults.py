@@ -506,3 +506,15 @@ def test_a_copy_of_the_score_files_is_evaluated_under_its_own_paths(scores, tmp_
     )
     assert report.exit_code == 0 and "not found" not in report.output, report.output
     assert (tmp_path / "report" / "figures" / "roc.png").is_file()
+
+
+def test_evaluate_out_into_the_folder_of_its_score_files_keeps_them(scores, tmp_path):
+    """`evaluate --out` the folder holding its ID file `scores.parquet` (a name stages write) used
+    to delete it after reading it ("left by an earlier run"); it is refused in one line."""
+    folder = tmp_path / "collected"
+    folder.mkdir()
+    id_file = shutil.copy(scores["id"], folder / "scores.parquet")
+    near = shutil.copy(scores["near"], folder / "near.parquet")
+    done = _evaluate(tmp_path, "--id", str(id_file), "--ood", f"near={near}", "--out", str(folder))
+    one_line_error(done, "holds scores.parquet, an input of this evaluate")
+    assert sorted(p.name for p in folder.iterdir()) == ["near.parquet", "scores.parquet"]

@@ -273,3 +273,46 @@ def test_every_file_name_is_classed_for_exports():
     named = {value for key, value in vars(files).items() if key.isupper() and isinstance(value, str)}
     assert named <= files.ARTIFACT_FILES | files.RENDERED, named - files.ARTIFACT_FILES - files.RENDERED
     assert not files.ARTIFACT_FILES & files.RENDERED
+
+
+def test_export_refuses_to_replace_or_remove_its_own_inputs(tmp_path):
+    """`score --out <its cam folder>` deleted the CAM outputs it had just read, and `evaluate --out
+    <its score folder>` the ID score file; an export over the command's inputs is refused before
+    anything is written. Other files of another stage's output go as before (a reused --out)."""
+
+    def compute(folder):
+        (folder / "results.json").write_text("{}\n")
+
+    artifact = ArtifactStore(tmp_path / "cache").run(StageSpec("evaluate", 1, {}), compute).artifact
+    scored = tmp_path / "scored"  # another stage's output, with its manifest
+    scored.mkdir()
+    (scored / "scores.parquet").write_text("scores")
+    (scored / MANIFEST).write_text(json.dumps({"stage": "score", "outputs": {"scores.parquet": {}}}))
+    with pytest.raises(NegalignError, match="holds scores.parquet, an input of this evaluate"):
+        artifact.export(scored, inputs=[scored / "scores.parquet"])
+    assert sorted(p.name for p in scored.iterdir()) == [MANIFEST, "scores.parquet"]
+    collected = tmp_path / "collected"  # score files gathered by hand: no manifest
+    collected.mkdir()
+    (collected / "scores.parquet").write_text("scores")
+    (collected / "ood.parquet").write_text("ood")
+    inputs = [collected / "ood.parquet", collected / "scores.parquet"]
+    with pytest.raises(NegalignError, match="holds scores.parquet, an input of this evaluate"):
+        artifact.export(collected, known={"scores.parquet"}, inputs=inputs)
+    assert sorted(p.name for p in collected.iterdir()) == ["ood.parquet", "scores.parquet"]
+    # inputs the export leaves alone do not stop it; without them, the reused --out is replaced
+    artifact.export(collected, known={"scores.parquet"}, inputs=[collected / "ood.parquet"])
+    assert sorted(p.name for p in collected.iterdir()) == [MANIFEST, "ood.parquet", "results.json"]
+    artifact.export(scored, inputs=[tmp_path / "elsewhere" / "scores.parquet"])
+    assert sorted(p.name for p in scored.iterdir()) == [MANIFEST, "results.json"]
+
+
+def test_score_out_into_its_cam_folder_keeps_the_cam_outputs(world, tmp_path):
+    """`score --images-dir X --out X` deleted the embeddings and CAM outputs it had just read."""
+    folder = tmp_path / "cam"
+    shutil.copytree(world / "cam_a", folder)
+    before = sorted(p.name for p in folder.iterdir())
+    done = _score(
+        world, folder, "classes_a.txt", "--negatives-split", str(world / "split_tiny"), "--out", str(folder)
+    )
+    one_line_error(done, "an input of this score: writing the output there would replace or remove it")
+    assert sorted(p.name for p in folder.iterdir()) == before
