@@ -24,6 +24,7 @@ from negalign_cli.stages.evaluation import (
     parse_ood_groups,
     roc_curves,
 )
+from tests.faults.helpers import cli
 from tests.helpers import in_process
 from tests.helpers.synthetic import write_scores
 
@@ -455,3 +456,93 @@ def test_find_mask_layouts(tmp_path):
         other / "metadata.csv", index=False
     )
     assert find_mask(other / "images" / "a" / "0.png") == other / "elsewhere" / "0.png"
+
+
+def _cam_folder(folder: Path, seed: int) -> str:
+    """A CAM folder whose manifest lists its cams.npy and cam.parquet; returns cam.parquet's sha256."""
+    import hashlib
+
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "cams.npy", np.random.default_rng(seed).random((4, 2, 2)))
+    pd.DataFrame({"pred_name": [f"class {seed}"] * 4}).to_parquet(folder / "cam.parquet")
+    digests = {n: hashlib.sha256((folder / n).read_bytes()).hexdigest() for n in ("cams.npy", "cam.parquet")}
+    outputs = {name: {"sha256": digest, "bytes": 0} for name, digest in digests.items()}
+    (folder / "manifest.json").write_text(json.dumps({"stage": "cam", "outputs": outputs}))
+    return digests["cam.parquet"]
+
+
+def test_the_cam_grid_uses_only_the_cam_outputs_that_were_scored(tmp_path):
+    """A CAM folder is used only when its files are those its manifest lists and its cam.parquet the
+    one the scores were computed from. Before: `cam` run again into the folder, or another set's
+    folder named by the manifest beside gathered score files, captioned and overlaid other CAMs."""
+    from negalign_cli.stages.report import _lists_output, _scored_cams
+
+    scored = _cam_folder(tmp_path / "cam", 1)
+    other = _cam_folder(tmp_path / "other", 2)
+    manifest = {"images_dir": str(tmp_path / "cam"), "inputs": {"cam": scored}}
+    folder, cam_manifest, problem = _scored_cams(manifest, [tmp_path], None)
+    assert folder == tmp_path / "cam" and cam_manifest["stage"] == "cam" and problem is None
+    # `score --cam-dir`: the CAM folder is recorded apart from the embeddings' folder
+    moved = {"images_dir": str(tmp_path / "emb"), "cam_dir": str(tmp_path / "cam"), "inputs": {"cam": scored}}
+    assert _scored_cams(moved, [tmp_path], None)[0] == tmp_path / "cam"
+    # another set's CAM outputs (the manifest of another score file)
+    _, _, problem = _scored_cams({**manifest, "images_dir": str(tmp_path / "other")}, [tmp_path], None)
+    assert (
+        problem == f"the CAM outputs in {tmp_path / 'other'} are not the ones its scores were computed from"
+    )
+    assert other != scored
+    # the folder's CAMs made again since (its manifest now lists the new files)
+    shutil.rmtree(tmp_path / "cam")
+    _cam_folder(tmp_path / "cam", 3)
+    assert _scored_cams(manifest, [tmp_path], None)[0] is None
+    # a file edited under its manifest, and a folder without one
+    _cam_folder(tmp_path / "cam", 1)
+    np.save(tmp_path / "cam" / "cams.npy", np.zeros((4, 2, 2)))
+    assert "are not the ones" in str(_scored_cams(manifest, [tmp_path], None)[2])
+    (tmp_path / "cam" / "manifest.json").unlink()
+    assert "have no manifest to check them against" in str(_scored_cams(manifest, [tmp_path], None)[2])
+    assert _scored_cams({"inputs": {}}, [tmp_path], None) == (None, {}, None)  # none recorded: none found
+    assert _lists_output({"outputs": {"scores.parquet": {"sha256": "ab"}}}, "ab")
+    assert not _lists_output({"outputs": {"scores.parquet": {"sha256": "ab"}}}, "cd")
+    assert not _lists_output({"outputs": ["ab"]}, "ab")
+
+
+@pytest.mark.slow
+def test_gathered_score_files_do_not_borrow_a_neighbours_cams(toy_run, tmp_path):
+    """Score files copied into one folder beside one set's manifest.json: the other set's rows get
+    no CAM cells (before: the ID set's CAMs and captions over the OOD images) and a note says why."""
+    demo = toy_run / "demo"
+    folder = tmp_path / "collected"
+    folder.mkdir()
+    for name in ("scores.parquet", "manifest.json"):
+        shutil.copy(demo / "scores" / "id" / name, folder / name)
+    shutil.copy(demo / "scores" / "ood_nonspurious" / "scores.parquet", folder / "nons.parquet")
+    cache = ["--cache-dir", str(tmp_path / "c")]
+    argv = ["evaluate", "--id", str(folder / "scores.parquet"), "--ood", f"nons={folder / 'nons.parquet'}"]
+    assert cli(*argv, "--out", str(tmp_path / "res"), *cache).exit_code == 0
+    done = cli("report", str(tmp_path / "res"), "--out", str(tmp_path / "rep"), *cache)
+    assert done.exit_code == 0, done.output
+    markdown = (tmp_path / "rep" / "report.md").read_text().replace("\\_", "_")  # markdown's escapes
+    assert f"nons: the manifest.json beside {folder / 'nons.parquet'} is another score file's" in markdown
+    assert "ID: " not in markdown.split("## Left out")[1].split("##")[0]  # the ID set's CAMs are its own
+
+
+def test_a_missing_score_file_leaves_the_others_rows_as_evaluate_kept_them(score_files, tmp_path, workspace):
+    """The CAM grid ranks each found set's rows as evaluate kept them even when another set's file
+    is gone. Before: with one file missing, every set kept its dropped rows (NaN scores ranked)."""
+    from negalign_cli.stages.report import load_score_sets
+
+    frame = pd.read_parquet(score_files["ssb"])
+    frame.loc[[3, 50, 77], "s_neglabel_star"] = np.nan
+    frame.to_parquet(score_files["ssb"], index=False)
+    oods = [("ssb", score_files["ssb"]), ("ninco", score_files["ninco"])]
+    request = EvaluateRequest(score_files["id"], oods, lambdas=[0.0, 1.0], drop_nonfinite=True)
+    result = evaluate(request, workspace)
+    results = json.loads(result.artifact.file("results.json").read_text())
+    assert results["ood"]["ssb"]["n"] == len(frame) - 3
+    score_files["ninco"].unlink()
+    sets = load_score_sets(results, result.artifact.manifest, tmp_path)
+    found = {s.name: s for s in sets}
+    assert found["ninco"].frame is None and "not found" in str(found["ninco"].problem)
+    assert len(found["ssb"].frame) == len(frame) - 3 and found["ssb"].frame["s_neglabel_star"].notna().all()
+    assert len(found["ID"].frame) == results["id"]["n"]

@@ -65,6 +65,7 @@ class ScoreSet:
     cam_folder: Path | None = None
     cam_manifest: dict = field(default_factory=dict)
     problem: str | None = None
+    cam_problem: str | None = None  # why CAM outputs found beside it are not used
 
 
 @dataclass
@@ -128,28 +129,63 @@ def load_score_sets(
         entry.frame = read_score_file(entry.path)
         manifest_path = entry.path.parent / MANIFEST
         if manifest_path.is_file():
-            entry.manifest = _read_json(manifest_path, "score manifest")
-        cam = entry.manifest.get("images_dir")
-        cam_folder = _locate(cam, bases) if cam else None
-        if (
-            cam_folder is not None
-            and (cam_folder / files.CAMS).is_file()
-            and (cam_folder / files.CAM_TABLE).is_file()
-        ):
-            entry.cam_folder = cam_folder
-            if (cam_folder / MANIFEST).is_file():
-                entry.cam_manifest = _read_json(cam_folder / MANIFEST, "cam manifest")
+            manifest = _read_json(manifest_path, "score manifest")
+            digest = entry.digest or sha256_files([entry.path], stat_cache)[0]
+            if _lists_output(manifest, digest):
+                entry.manifest = manifest
+            else:  # score files gathered in one folder: the manifest there is another file's
+                entry.cam_problem = f"the manifest.json beside {entry.path} is another score file's"
+        if entry.manifest:
+            entry.cam_folder, entry.cam_manifest, entry.cam_problem = _scored_cams(
+                entry.manifest, bases, stat_cache
+            )
     found = {
         s.name: ScoreTable.from_frame(s.frame, s.digest, score_file_format(s.path) if s.path else None)
         for s in sets
         if s.frame is not None
     }
-    if len(found) == len(sets):
+    if found:  # each set's rows as evaluate kept them (a set whose file is missing has none to keep)
         kept = evaluated_tables(results, found)  # knowing their files: figure keys name them
         for entry in sets:
-            entry.table = kept[entry.name]
-            entry.frame = entry.table.to_frame()
+            if entry.name in kept:
+                entry.table = kept[entry.name]
+                entry.frame = entry.table.to_frame()
     return sets
+
+
+def _lists_output(manifest: dict, digest: str) -> bool:
+    """Whether an artifact's manifest lists an output of sha256 ``digest``."""
+    outputs = manifest.get("outputs")
+    return isinstance(outputs, dict) and any(
+        isinstance(entry, dict) and entry.get("sha256") == digest for entry in outputs.values()
+    )
+
+
+def _scored_cams(
+    manifest: dict, bases: list[Path], stat_cache: StatCache | None
+) -> tuple[Path | None, dict, str | None]:
+    """The CAM folder a score artifact was computed from (its manifest's ``cam_dir``, else its
+    ``images_dir``), its manifest, and why it is not used: its cams.npy and cam.parquet must be
+    the files its manifest lists, and that cam.parquet the one the scores were computed from (a
+    `cam` run again into the folder, or another set's folder, would caption and overlay other
+    images' CAMs). (None, {}, None): no CAM outputs recorded or found."""
+    recorded = manifest.get("cam_dir") or manifest.get("images_dir")
+    folder = _locate(recorded, bases) if isinstance(recorded, str) and recorded else None
+    if folder is None or not (folder / files.CAMS).is_file() or not (folder / files.CAM_TABLE).is_file():
+        return None, {}, None
+    cam_manifest = _read_json(folder / MANIFEST, "cam manifest") if (folder / MANIFEST).is_file() else {}
+    outputs = cam_manifest.get("outputs")
+    entries = [
+        outputs.get(name) if isinstance(outputs, dict) else None for name in (files.CAMS, files.CAM_TABLE)
+    ]
+    listed = [entry.get("sha256") if isinstance(entry, dict) else None for entry in entries]
+    scored = (manifest.get("inputs") or {}).get("cam")
+    if None in listed or scored is None:
+        return None, {}, f"the CAM outputs in {folder} have no manifest to check them against"
+    found = sha256_files([folder / files.CAMS, folder / files.CAM_TABLE], stat_cache)
+    if found != listed or listed[1] != scored:
+        return None, {}, f"the CAM outputs in {folder} are not the ones its scores were computed from"
+    return folder, cam_manifest, None
 
 
 # --- the method table -------------------------------------------------------------------------
@@ -314,9 +350,8 @@ def _cam_picks(
     bases = _bases(Path.cwd())
     for entry in sets:
         if entry.frame is None or entry.cam_folder is None:
-            notes.append(
-                f"{entry.name}: no CAM outputs found beside its score file; left out of the CAM grid"
-            )
+            why = entry.cam_problem or "no CAM outputs found beside its score file"
+            notes.append(f"{entry.name}: {why}; left out of the CAM grid")
             continue
         method, chosen = _main_entry(results, None if entry.name == "ID" else entry.name)
         scores = method_scores(chosen, entry.frame, results.get("calibration"))

@@ -372,7 +372,12 @@ def score_images(
             counts["background_negatives"] = int(inputs_.background_indices.numel())
             counts["cam_valid"] = int(frame["cam_valid"].sum())
             counts["cam_invalid"] = int((~frame["cam_valid"].astype(bool)).sum())
-        return {"counts": counts, "model": model.describe(), "images_dir": str(image_set.folder)}
+        cam_dir = (
+            {"cam_dir": str(image_set.cam_folder)}
+            if image_set.cam_folder not in (None, image_set.folder)
+            else {}
+        )
+        return {"counts": counts, "model": model.describe(), "images_dir": str(image_set.folder), **cam_dir}
 
     return workspace.store.run(spec, compute, reporter)
 
