@@ -272,7 +272,9 @@ def test_report_without_the_score_files(score_files, tmp_path, workspace):
     """A results folder whose score files are gone still gives the table (and says what is missing)."""
     request = EvaluateRequest(score_files["id"], [("ssb", score_files["ssb"])], lambdas=[0.0, 1.0])
     evaluate(request, workspace).artifact.export(tmp_path / "results")
-    score_files["ssb"].unlink()
+    first = runner.invoke(app, ["report", str(tmp_path / "results"), "--out", str(tmp_path / "rep")])
+    assert first.exit_code == 0 and (tmp_path / "rep" / "figures" / "roc.png").is_file(), first.output
+    score_files["ssb"].unlink()  # the same --out again: the earlier report's ROC curves must not stay
     result = runner.invoke(app, ["report", str(tmp_path / "results"), "--out", str(tmp_path / "rep")])
     assert result.exit_code == 0, result.output
     markdown = (tmp_path / "rep" / "report.md").read_text()

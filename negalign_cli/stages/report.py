@@ -102,6 +102,10 @@ def _bases(results_dir: Path) -> list[Path]:
     return [results_dir, *list(results_dir.parents)[:4]]
 
 
+# every figure a report draws (those it cannot draw this time are removed from --out's figures/)
+REPORT_FIGURES = (files.LAMBDA_PLOT, files.ROC_PLOT, files.HISTOGRAM_PLOT, files.CAM_GRID_PLOT)
+
+
 def load_score_sets(
     results: dict, evaluate_manifest: dict, results_dir: Path, stat_cache: StatCache | None = None
 ) -> list[ScoreSet]:
@@ -767,6 +771,9 @@ def build_report(
         for name in names:
             os.replace(staging / name, out / name)
             written.append(out / name)
+        drawn = {figure["file"] for figure in figures.values()}
+        for name in sorted(set(REPORT_FIGURES) - drawn):  # an earlier report's figure: not this one's
+            (target_figures / name).unlink(missing_ok=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     for note in notes:
