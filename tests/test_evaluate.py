@@ -113,6 +113,12 @@ def test_select_lambda_on_a_validation_set(files, workspace):
     assert results["lambda_selection"]["lambda"] == {"near": lam, "far": lam}
     assert "near" in results["lambda_selection"]["rule"]
     assert results["ood"]["far"]["methods"]["NegAlign"]["lambda"] == lam
+    # the mean still averages the validation set, and the rule says so (and how to average the rest)
+    assert "'near' still counts in the mean; --ood-group test=SET" in results["lambda_selection"]["rule"]
+    both = [results["ood"][s]["methods"]["NegAlign"]["metrics"]["neglabel"]["auroc"] for s in ("near", "far")]
+    assert results["mean"]["methods"]["NegAlign"]["metrics"]["neglabel"]["auroc"] == pytest.approx(
+        np.mean(both)
+    )
 
 
 def test_m3_scale_stabilize(files, workspace, tmp_path):

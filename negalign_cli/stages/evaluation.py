@@ -1135,9 +1135,11 @@ def _choose_lambdas(request: EvaluateRequest, sweeps: dict[str, dict]) -> tuple[
         return {}, None
     if request.select_on is not None:
         lam = best_lambda(sweeps[request.select_on], request.convention)
-        return {
-            name: lam for name in sweeps
-        }, f"best AUROC on the OOD set {request.select_on!r}, applied to every set"
+        return {name: lam for name in sweeps}, (
+            f"best AUROC on the OOD set {request.select_on!r}, applied to every set "
+            f"({request.select_on!r} still counts in the mean; --ood-group test=SET,... gives a mean over "
+            "the test sets alone)"
+        )
     chosen = {name: best_lambda(sweep, request.convention) for name, sweep in sweeps.items()}
     return chosen, "best AUROC on each test OOD set (the method's published protocol; optimistic)"
 
