@@ -4,6 +4,7 @@ holds the bytes a fresh draw gives, and an edited one is caught by the store and
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -216,8 +217,21 @@ def cam_world(tmp_path: Path) -> dict[str, Path]:
         out[name] = write_scores(score_folder / "scores.parquet", n, seed, shift)
         frame = pd.read_parquet(out[name]).assign(path=paths, row=np.arange(n))
         frame.to_parquet(out[name], index=False)
-        (score_folder / "manifest.json").write_text(json.dumps({"images_dir": str(cam_folder)}))
+        listed = {name: _listed(cam_folder / name) for name in ("cams.npy", "cam.parquet")}
+        (cam_folder / "manifest.json").write_text(json.dumps({"stage": "cam", "outputs": listed}))
+        manifest = {
+            "stage": "score",
+            "images_dir": str(cam_folder),
+            "inputs": {"cam": listed["cam.parquet"]["sha256"]},
+            "outputs": {"scores.parquet": _listed(out[name])},
+        }
+        (score_folder / "manifest.json").write_text(json.dumps(manifest))
     return out
+
+
+def _listed(path: Path) -> dict:
+    """A manifest's entry for the file ``path`` (report uses only CAM files its manifests vouch for)."""
+    return {"sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "bytes": path.stat().st_size}
 
 
 def test_cam_grid_is_cached_by_its_images(tmp_path, drawn, monkeypatch):
