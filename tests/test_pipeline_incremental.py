@@ -30,6 +30,7 @@ from tests.helpers.pipelines import (
     example_env,
     run_example,
     torch_steps,
+    unnamed,
     witness,
 )
 
@@ -254,7 +255,8 @@ def test_make_imagenet_then_a_new_tau_on_the_toy_world(made_imagenet):
 @pytest.mark.slow
 def test_imagenet_script_is_make_imagenet_step_by_step_then_the_ablation_script(made_imagenet):
     """examples/imagenet.sh runs the steps of `make imagenet` one by one: on the same data and cache,
-    after make, every step is a cache hit (no process imports torch) and its results are make's.
+    after make, every step that needs the model is a cache hit (no process imports torch) and its
+    results are make's.
     Then examples/ablation.sh on one combination (its grid is the plan test's, in
     tests/test_examples.py): its table against scikit-learn on its own score files."""
     tmp_path, _, _, made = made_imagenet
@@ -269,7 +271,6 @@ def test_imagenet_script_is_make_imagenet_step_by_step_then_the_ablation_script(
     made = json.loads(made)
     assert results["id"]["n"] == 30 and list(results["ood"]) == ["spurious", "nonspurious"]
     # the same numbers; each results.json names its own score files (a hit used to name make's)
-    unnamed = lambda sets: {n: {k: v for k, v in b.items() if k != "file"} for n, b in sets.items()}  # noqa: E731
     assert unnamed(results["ood"]) == unnamed(made["ood"]) and results["mean"] == made["mean"]
     assert results["ood"]["spurious"]["file"] == "script/imagenet/scores/ood-spurious/scores.parquet"
 

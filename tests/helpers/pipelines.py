@@ -20,6 +20,12 @@ def auroc(id_scores, ood_scores) -> float:
     return float(roc_auc_score(labels, np.r_[id_scores, ood_scores]))
 
 
+def unnamed(blocks: dict[str, dict]) -> dict[str, dict]:
+    """results.json's per-set blocks without the score file each names (runs of the same data in
+    other folders name their own files)."""
+    return {name: {k: v for k, v in block.items() if k != "file"} for name, block in blocks.items()}
+
+
 def check_methods(results: dict, runs: Path, sets: dict[str, str]) -> None:
     """Every method's AUROC in results.json against scikit-learn on the score files."""
     id_frame = pd.read_parquet(runs / "scores" / "id" / "scores.parquet")
