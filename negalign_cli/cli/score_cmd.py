@@ -83,7 +83,7 @@ def score(
         bool, typer.Option("--multimatch/--no-multimatch", help="NegRefine multi-matching.")
     ] = True,
     mcm_temperature: Annotated[
-        float, typer.Option("--mcm-temperature", help="MCM softmax temperature.")
+        float, typer.Option("--mcm-temperature", help="MCM softmax temperature (a finite number above 0).")
     ] = 1.0,
     invalid_cam: Annotated[
         str,

@@ -256,6 +256,11 @@ def check_config(config: ScoreConfig) -> None:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise NegalignError(f"{option} must be a whole number of at least 1 (got {value!r})")
+    temperature = config.mcm_temperature  # MCM's softmax: below 0 it would rank the least similar class
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.integer, np.floating)):
+        raise NegalignError(f"--mcm-temperature must be a number (got {temperature!r})")
+    if not np.isfinite(temperature) or temperature <= 0:
+        raise NegalignError(f"--mcm-temperature must be a finite number above 0 (got {temperature!r})")
 
 
 def check_request(negatives: NegativeVocab, config: ScoreConfig, *, has_cam: bool = False) -> None:

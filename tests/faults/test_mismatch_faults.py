@@ -316,3 +316,12 @@ def test_score_out_into_its_cam_folder_keeps_the_cam_outputs(world, tmp_path):
     )
     one_line_error(done, "an input of this score: writing the output there would replace or remove it")
     assert sorted(p.name for p in folder.iterdir()) == before
+
+
+@pytest.mark.parametrize("temperature", ["-1", "0", "nan", "inf"])
+def test_score_refuses_an_mcm_temperature_that_is_not_above_zero(world, temperature):
+    """A negative temperature made MCM the least similar class's probability (1 - p for two
+    classes), exit 0; 0, nan and inf crashed as "unexpected". One line, before any weight loads."""
+    split = ("--negatives-split", str(world / "split_tiny"))
+    done = _score(world, world / "cam_a", "classes_a.txt", *split, "--mcm-temperature", temperature)
+    one_line_error(done, "--mcm-temperature must be a finite number above 0")
