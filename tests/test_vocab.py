@@ -221,6 +221,18 @@ def test_bundled_lexicon():
     assert "noun.animal" not in lexicon.files
 
 
+def test_a_lexicon_file_with_a_bom_and_odd_spacing(tmp_path):
+    """A BOM (a Windows editor's UTF-8) is not part of the first word, and runs of spaces or
+    underscores read as one space, as in every other word list. Before: "\ufeffbirds" was not the
+    class "birds" and stayed a negative."""
+    (tmp_path / "noun.artifact.txt").write_bytes(
+        "\ufeffbirds\r\nsea  horse\nsea__lion\n\n teapot \n".encode()
+    )
+    (tmp_path / "adj.all.txt").write_text("red\n")
+    lexicon = load_lexicon(tmp_path)
+    assert lexicon.files["noun.artifact"] == ("birds", "sea horse", "sea lion", "teapot")
+
+
 @pytest.mark.skipif(
     not (SHARED / "neglabel-wordnet-lexicon").is_dir(), reason="reference lexicon not present"
 )

@@ -123,8 +123,8 @@ def bundled_lexicon_dir() -> Path:
 def load_lexicon(folder: str | Path | None = None) -> Lexicon:
     """A folder of ``<lexname>.txt`` files (NegLabel's ``txtfiles/`` or the bundled copy).
 
-    Only files named ``noun.*.txt`` or ``adj.*.txt`` are read; ``_`` is read as a space, lines
-    are stripped, blank lines skipped.
+    Only files named ``noun.*.txt`` or ``adj.*.txt`` are read (UTF-8, a BOM ignored); ``_`` is
+    read as a space, runs of spaces as one, lines are stripped, blank lines skipped.
     """
     path = Path(folder).expanduser() if folder is not None else bundled_lexicon_dir()
     if not path.is_dir():
@@ -135,10 +135,13 @@ def load_lexicon(folder: str | Path | None = None) -> Lexicon:
         if not name.startswith(("noun.", "adj.")):
             continue
         try:
-            text = file.read_text(encoding="utf-8")
+            text = file.read_text(encoding="utf-8-sig")  # a BOM is not part of the first word
         except UnicodeDecodeError as exc:
             raise NegalignError(f"lexicon file {file} is not UTF-8 text") from exc
-        words = tuple(w for w in (line.replace("_", " ").strip() for line in text.splitlines()) if w)
+        # spaces collapsed as in every other word list, so "sea  horse" is the class "sea horse"
+        words = tuple(
+            w for w in (" ".join(line.replace("_", " ").split()) for line in text.splitlines()) if w
+        )
         files[name] = words
     if not files:
         raise NegalignError(f"lexicon folder {path} holds no noun.*.txt or adj.*.txt files")
