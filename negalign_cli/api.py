@@ -371,6 +371,8 @@ class CLIPNegAlign:
             "adj": self.output_folder / files.NEG_LABELS_ADJ if self.output_folder else None,
         }
         if load_saved and any(path is not None and path.is_file() for path in saved.values()):
+            assert self.output_folder is not None
+            self._check_saved_labels(self.output_folder)
             self.reporter.info(f"negative labels from {self.output_folder}")
             return {source: _nonempty(path, self.reporter) for source, path in saved.items()}
         self.reporter.info("mining negative labels (NegLabel's recipe) for the ID classes")
@@ -383,6 +385,34 @@ class CLIPNegAlign:
             "noun": _nonempty(mined.file(files.NEG_LABELS_NOUN), self.reporter),
             "adj": _nonempty(mined.file(files.NEG_LABELS_ADJ), self.reporter),
         }
+
+    def _check_saved_labels(self, folder: Path) -> None:
+        """Negative labels this API mined into ``folder`` for other ID classes or another model are
+        refused (one of them may be a class now; mining drops those). Lists placed there by hand
+        (no `mine-negatives` manifest beside them) are the user's, and taken as they are."""
+        from negalign_cli.cache.store import MANIFEST
+        from negalign_cli.stages.vocab import MINE_STAGE
+
+        try:
+            manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return
+        if not isinstance(manifest, dict) or manifest.get("stage") != MINE_STAGE:
+            return
+        inputs = manifest.get("inputs") or {}
+        other = [
+            what
+            for what, key, now in (
+                ("other ID classes", "classes", self.classes.digest),
+                ("another model", "model", self.model.fingerprint),
+            )
+            if inputs.get(key) not in (None, now)
+        ]
+        if other:
+            raise NegalignError(
+                f"load_saved_labels=True: the negative labels in {folder} were mined for "
+                f"{' and '.join(other)}: give another output_folder=, or load_saved_labels=False"
+            )
 
     # ------------------------------------------------------------------ calibration (M3)
     @staticmethod

@@ -394,3 +394,11 @@ def test_labels_are_mined_and_saved_then_loaded(toy):
     assert "mining" not in second.text() and f"negative labels from {output}" in second.text()
     assert again.negatives == model.negatives
     again.close()
+    # labels mined there for other ID classes are refused (a negative may be a class now), before
+    # any text is encoded; lists put there by hand (no mine-negatives manifest) are taken as given
+    with pytest.raises(NegalignError, match="were mined for other ID classes: give another output_folder"):
+        CLIPNegAlign(load_saved_labels=True, **{**settings, "train_dataset": ["lamp", "star"]})
+    (output / "manifest.json").unlink()
+    by_hand = CLIPNegAlign(load_saved_labels=True, **{**settings, "train_dataset": ["lamp", "star"]})
+    assert by_hand.negatives.words == (*mined_nouns, *mined_adjs)
+    by_hand.close()
