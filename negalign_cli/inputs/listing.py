@@ -399,11 +399,14 @@ def _from_manifest(path: Path, data_root: str | Path | None) -> ImageList:
         label_column = next((header.index(c) for c in ("label", "class", "y") if c in header), -1)
         rows = rows[1:]
     problems: dict[int, str] = {}
+    first: dict[str, int] = {}  # each path's first entry: a path listed again is skipped, not scored twice
     for number, row in enumerate(rows, start=1):
         name = row[path_column].strip() if len(row) > path_column else ""
+        full = Path(name) if Path(name).is_absolute() else root / name
         if not name:
             problems[len(paths)] = f"manifest entry {number} has no path"
-        full = Path(name) if Path(name).is_absolute() else root / name
+        elif (seen := first.setdefault(os.path.normpath(full), number)) != number:
+            problems[len(paths)] = f"manifest entry {number} lists {name} again (entry {seen})"
         paths.append(str(full))
         labels.append(row[label_column].strip() if 0 <= label_column < len(row) else "")
     return ImageList(str(path), paths, labels, {}, problems)

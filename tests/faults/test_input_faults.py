@@ -201,6 +201,11 @@ def test_manifest_oddities(tmp_path, manifest):
     )
     assert result.exit_code == 0, result.output
     table = pd.read_parquet(tmp_path / "o" / files.IMAGE_TABLE)
+    if "{a},x\n{a},x" in manifest:  # a path listed twice: skipped the second time, not scored twice
+        assert table["status"].tolist() == ["ok", "skipped", "ok"], table
+        assert table["reason"][1] == f"manifest entry 2 lists {a} again (entry 1)"
+        assert "1 skipped" in " ".join(result.output.split())
+        table = table[table["status"] == "ok"]
     assert (table["status"] == "ok").all() and set(table["label"]) == {"x", "y"}
     assert folder.exists()
 
