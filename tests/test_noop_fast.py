@@ -44,10 +44,10 @@ def walks(monkeypatch):
     calls: list[str] = []
     original = listing._walk
 
-    def counted(root, prefix, found, folders=None):
+    def counted(root, prefix, found, *more):
         if not prefix:
             calls.append(root)
-        return original(root, prefix, found, folders)
+        return original(root, prefix, found, *more)
 
     monkeypatch.setattr(listing, "_walk", counted)
     monkeypatch.setattr(listing, "RACY_SECONDS", 0.0)  # the racy guard has its own test

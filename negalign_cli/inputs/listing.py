@@ -182,12 +182,18 @@ def _walk(
     prefix: tuple[str, ...],
     found: Found,
     folders: Folders | None = None,
+    real: str | None = None,
+    linked: bool = False,
 ) -> None:
-    """Image files under ``root`` as (relative parts, is a symlink, "" or what the entry is when it
-    is no regular file: ``fifo``, ``socket``, a device); like ``Path.rglob('*')``, the walk does not
-    descend into symlinked folders. A FIFO or a device named like an image is listed (and skipped
-    with its reason, never opened); a folder named like one is not. With ``folders``, each folder's
-    stat is taken before it is read."""
+    """Image files under ``root`` as (relative parts, reached through a symlink, "" or what the
+    entry is when it is no regular file: ``fifo``, ``socket``, a device). A symlinked folder is
+    followed (once: a link back to a folder it is in is not), and what it holds is marked as
+    reached through a symlink, so a target outside the root is skipped with its reason unless
+    ``--allow-outside-root``, and the listing is not remembered (a target can change while its
+    link does not). A FIFO or a device named like an image is listed (and skipped with its
+    reason, never opened); a folder named like one is not. With ``folders``, each folder's stat is
+    taken before it is read. ``real``: ``root``'s real path (resolved once, at the top)."""
+    real = os.path.realpath(root) if real is None else real
     if folders is not None:
         st = os.stat(root)
         folders.append((prefix, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev))
@@ -195,18 +201,23 @@ def _walk(
         for entry in entries:
             name = entry.name
             try:
-                if entry.is_dir() and not entry.is_symlink():
-                    _walk(entry.path, (*prefix, name), found, folders)
+                if entry.is_dir():
+                    if not entry.is_symlink():
+                        _walk(entry.path, (*prefix, name), found, folders, os.path.join(real, name), linked)
+                        continue
+                    target = os.path.realpath(entry.path)
+                    if os.path.commonpath([target, real]) != target:  # not a folder the walk is in
+                        _walk(entry.path, (*prefix, name), found, folders, target, True)
                     continue
                 dot = name.rfind(".")
                 # os.path.splitext's rule: the leading dots of a name start no extension
                 if dot > 0 and name[dot:].lower() in IMAGE_SUFFIXES and name[:dot].strip("."):
+                    link = linked or entry.is_symlink()
                     if entry.is_file():
-                        found.append(((*prefix, name), entry.is_symlink(), ""))
+                        found.append(((*prefix, name), link, ""))
                     elif not entry.is_dir():  # a FIFO, socket or device (a broken link raises)
-                        kind = file_kind(entry.stat().st_mode)
-                        found.append(((*prefix, name), entry.is_symlink(), kind))
-            except OSError:
+                        found.append(((*prefix, name), link, file_kind(entry.stat().st_mode)))
+            except (OSError, ValueError):  # ValueError: commonpath of paths on other drives
                 continue
 
 
@@ -217,8 +228,9 @@ def _walk(
 # What a file holds is not the listing's business: every file's own stat is checked by the stat
 # cache. Guards: a walk during which a folder was modified less than RACY_SECONDS before it was read
 # is not remembered (a change in the same timestamp tick would not move its mtime); nor is a folder
-# holding a symlink named like an image (its target can change while its folder does not).
-_WALK_FORMAT = 1  # what a remembered walk holds; bump it when the walk's rules change
+# holding a symlink named like an image, or a symlinked folder (a target can change while its
+# folder does not).
+_WALK_FORMAT = 2  # what a remembered walk holds; bump it when the walk's rules change (2: links followed)
 
 
 def _walk_name(base: str) -> str:

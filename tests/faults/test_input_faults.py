@@ -238,6 +238,35 @@ def test_paths_outside_the_data_root_are_refused(tmp_path):
     assert (table["status"] == "ok").sum() == 3  # passwd is read but is no image
 
 
+def test_symlinked_class_folders_are_followed_or_refused_with_a_reason(tmp_path):
+    """A class folder that is a symlink: inside the data root it is read; outside it, its images are
+    refused and counted (--allow-outside-root reads them); a link back up the tree is not walked
+    again. Before: such a folder vanished from the set, with no skip, reason or count."""
+    data = tmp_path / "data"
+    make_image_folder(data / "imgs", per_class=2)  # birds/, boats/
+    (data / "store" / "cars").mkdir(parents=True)
+    for i in range(2):
+        rgb(40 + i).save(data / "store" / "cars" / f"{i}.png")
+    (tmp_path / "far" / "trains").mkdir(parents=True)
+    rgb(50).save(tmp_path / "far" / "trains" / "0.png")
+    os.symlink(data / "store" / "cars", data / "imgs" / "cars")  # inside the data root (imgs' parent)
+    os.symlink(tmp_path / "far" / "trains", data / "imgs" / "trains")  # outside it
+    os.symlink(data / "imgs", data / "imgs" / "birds" / "loop")  # back up the tree
+    base = ["embed", "images", "--workers", "0", "--cache-dir", str(tmp_path / "c")]
+    done = cli(*base, "--images", str(data), "--out", str(tmp_path / "o"))
+    assert done.exit_code == 0, done.output
+    assert "1 listed path(s) lead outside the data root" in done.output
+    table = pd.read_parquet(tmp_path / "o" / files.IMAGE_TABLE)
+    listed = dict(zip(table["path"].map(lambda p: os.path.relpath(p, data)), table["status"], strict=True))
+    assert listed == {
+        "imgs/birds/0.jpg": "ok", "imgs/birds/1.png": "ok", "imgs/boats/0.jpg": "ok", "imgs/boats/1.png": "ok",
+        "imgs/cars/0.png": "ok", "imgs/cars/1.png": "ok", "imgs/trains/0.png": "skipped",
+        "store/cars/0.png": "ok", "store/cars/1.png": "ok",
+    }  # fmt: skip
+    allowed = cli(*base, "--images", str(data), "--allow-outside-root", "--out", str(tmp_path / "a"))
+    assert (pd.read_parquet(tmp_path / "a" / files.IMAGE_TABLE)["status"] == "ok").all(), allowed.output
+
+
 def test_waterbirds_blank_rows_keep_labels_as_written(tmp_path):
     root = tmp_path / "wb"
     (root / "a").mkdir(parents=True)
