@@ -230,7 +230,8 @@ def _walk(
 # is not remembered (a change in the same timestamp tick would not move its mtime); nor is a folder
 # holding a symlink named like an image, or a symlinked folder (a target can change while its
 # folder does not).
-_WALK_FORMAT = 2  # what a remembered walk holds; bump it when the walk's rules change (2: links followed)
+_WALK_FORMAT = 2  # what a remembered walk holds; bump it when the walk's rules change (2: links
+# followed, each image in a folder labelled by it)
 
 
 def _walk_name(base: str) -> str:
@@ -262,10 +263,11 @@ class _Listed:
 
 def _listed(found: Found) -> _Listed:
     found.sort(key=lambda item: item[0])
-    image_folder = bool(found) and all(len(parts) >= 2 for parts, _, _ in found)
     return _Listed(
         [os.sep.join(parts) for parts, _, _ in found],
-        [parts[0] if image_folder else "" for parts, _, _ in found],
+        # ImageFolder's rule: the first folder is the label (an image beside the class folders has
+        # none; before, one such image took every image's label away)
+        [parts[0] if len(parts) >= 2 else "" for parts, _, _ in found],
         {i: kind for i, (_, _, kind) in enumerate(found) if kind},
         [i for i, (_, link, _) in enumerate(found) if link],
     )

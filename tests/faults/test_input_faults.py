@@ -267,6 +267,22 @@ def test_symlinked_class_folders_are_followed_or_refused_with_a_reason(tmp_path)
     assert (pd.read_parquet(tmp_path / "a" / files.IMAGE_TABLE)["status"] == "ok").all(), allowed.output
 
 
+def test_an_image_beside_the_class_folders_keeps_the_others_labels(tmp_path):
+    """ImageFolder's labels come from each image's first folder; one stray image at the top has
+    none. Before: that image took every label away (and evaluate's ID accuracy with them)."""
+    from negalign_cli.inputs.listing import list_images
+
+    folder = make_image_folder(tmp_path / "imgs", per_class=1)
+    rgb(30).save(folder / "thumb.png")
+    listed = list_images(folder)
+    labels = dict(zip((os.path.relpath(p, folder) for p in listed.paths), listed.labels, strict=True))
+    assert labels == {"birds/0.jpg": "birds", "boats/0.jpg": "boats", "thumb.png": ""}
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    rgb(31).save(flat / "a.png")
+    assert list_images(flat).labels == [""]
+
+
 def test_waterbirds_blank_rows_keep_labels_as_written(tmp_path):
     root = tmp_path / "wb"
     (root / "a").mkdir(parents=True)
