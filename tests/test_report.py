@@ -468,7 +468,7 @@ def _cam_folder(folder: Path, seed: int) -> str:
     np.save(folder / "cams.npy", np.random.default_rng(seed).random((4, 2, 2)))
     pd.DataFrame({"pred_name": [f"class {seed}"] * 4}).to_parquet(folder / "cam.parquet")
     digests = {n: hashlib.sha256((folder / n).read_bytes()).hexdigest() for n in ("cams.npy", "cam.parquet")}
-    outputs = {name: {"sha256": digest, "bytes": 0} for name, digest in digests.items()}
+    outputs = {name: {"sha256": d, "bytes": (folder / name).stat().st_size} for name, d in digests.items()}
     (folder / "manifest.json").write_text(json.dumps({"stage": "cam", "outputs": outputs}))
     return digests["cam.parquet"]
 

@@ -312,5 +312,4 @@ def evaluate_command(
 
     results = loads_results(result.artifact.file(files.RESULTS).read_text(encoding="utf-8"))
     render_results(results)
-    read = [request.id_path, *(path for _, path in request.oods), *(path for _, path in request.id_groups)]
-    o.finish(result, out, "evaluate", report, inputs=[*read, *filter(None, [request.calibration_path])])
+    o.finish(result, out, "evaluate", report, inputs=[Path(p) for p in request.paths().values()])

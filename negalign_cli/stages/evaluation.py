@@ -281,7 +281,7 @@ def evaluate(request: EvaluateRequest, workspace: Workspace, reporter: Reporter 
             raise NegalignError(f"--calibration file not found: {request.calibration_path}")
         inputs["calibration"] = _file_digest(request.calibration_path, stat_cache)
     for name, path in request.id_groups:
-        inputs[f"id-group:{name}"] = _group_digest(path, stat_cache)
+        inputs[f"id-group:{name}"] = _group_digest(path)
     spec = StageSpec(EVALUATE_STAGE, EVALUATE_VERSION, request.params(), inputs)
     store = workspace.store
     return store.run(spec, lambda folder: _evaluate(request, folder, reporter, store, inputs), reporter)
@@ -1185,16 +1185,13 @@ def _file_digest(path: Path, stat_cache: StatCache | None = None) -> str:
     return sha256_files([path], stat_cache)[0]
 
 
-def _group_digest(path: Path, stat_cache: StatCache | None = None) -> str:
-    """What the cache key records of a group: the image list of a folder; of a manifest, its bytes
-    and the real paths it lists (they are relative to its folder: the same bytes elsewhere are
-    another group)."""
-    if path.is_file():
-        listed = "\n".join(_group_paths(path))
-        return hashlib.sha256(f"{_file_digest(path, stat_cache)}\n{listed}".encode()).hexdigest()
-    if path.is_dir():
-        return hashlib.sha256("\n".join(_group_paths(path)).encode()).hexdigest()
-    raise NegalignError(f"--id-group file not found: {path}")
+def _group_digest(path: Path) -> str:
+    """What the cache key records of a group (a manifest or a folder): the real paths it lists,
+    all that its result depends on (a manifest's paths are relative to its folder: the same bytes
+    elsewhere are another group)."""
+    if not path.exists():
+        raise NegalignError(f"--id-group file not found: {path}")
+    return hashlib.sha256("\n".join(_group_paths(path)).encode()).hexdigest()
 
 
 def _group_paths(path: Path) -> list[str]:

@@ -177,17 +177,11 @@ def _scored_cams(
     folder = _locate(recorded, bases) if isinstance(recorded, str) and recorded else None
     if folder is None or not (folder / files.CAMS).is_file() or not (folder / files.CAM_TABLE).is_file():
         return None, {}, None
-    cam_manifest = _read_json(folder / MANIFEST, "cam manifest") if (folder / MANIFEST).is_file() else {}
-    outputs = cam_manifest.get("outputs")
-    entries = [
-        outputs.get(name) if isinstance(outputs, dict) else None for name in (files.CAMS, files.CAM_TABLE)
-    ]
-    listed = [entry.get("sha256") if isinstance(entry, dict) else None for entry in entries]
+    cam_manifest, _ = verify_folder(folder, (files.CAMS, files.CAM_TABLE), stat_cache)  # sizes, sha256
     scored = (manifest.get("inputs") or {}).get("cam")
-    if None in listed or scored is None:
+    if scored is None or (cam_manifest is None and not (folder / MANIFEST).is_file()):
         return None, {}, f"the CAM outputs in {folder} have no manifest to check them against"
-    found = sha256_files([folder / files.CAMS, folder / files.CAM_TABLE], stat_cache)
-    if found != listed or listed[1] != scored:
+    if cam_manifest is None or cam_manifest["outputs"][files.CAM_TABLE].get("sha256") != scored:
         return None, {}, f"the CAM outputs in {folder} are not the ones its scores were computed from"
     return folder, cam_manifest, None
 
